@@ -1,0 +1,600 @@
+"""Colorization pre-training (Larsson et al., CVPR 2017) and colorizing photos with the result.
+
+    python colorize.py --arch vgg16                                  # the built-in demo world
+    python colorize.py -a vgg16 --data /imagenet/train /places205 --out runs/vgg16
+    torchrun --nproc_per_node=8 colorize.py -a resnet152 --data /imagenet/train /places205
+    python colorize.py -a vgg16 --out runs/vgg16 --resume            # continue after a crash
+    python colorize.py --colorize photo.jpg folder/ --checkpoint runs/vgg16/checkpoint.pt
+
+Training reads uint8 crops from Pillow workers and does all float work on the device: Lab,
+the lightness input, P random pixels per image (sparse hypercolumns) and their 7x7 histogram
+targets. On CUDA: bf16 autocast, torch.compile, channels_last, TF32. On a CPU: float32, eager,
+and smaller defaults so the demo finishes in minutes. A run writes to --out: checkpoint.pt
+(atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import lab
+from models import MODELS, build_model, sample_points
+
+HERE = Path(__file__).resolve().parent
+DEMO_ROOT = HERE / 'data' / 'demo'
+PAPER_SAMPLES = 16_000_000  # the authors' VGG-16 schedule: 2M iterations x 8 images
+# Defaults that depend on the machine and on the data (see README, "Defaults").
+GPU_DEFAULTS = dict(crop=224, batch_size=128, steps=None, demo_steps=2000)
+CPU_DEFAULTS = dict(crop=96, batch_size=8, steps=None, demo_steps=150)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
+
+
+# --- Arguments ----------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-a', '--arch', default='vgg16', choices=sorted(MODELS), help='trunk architecture')
+    p.add_argument('--loss', default='huechroma', choices=lab.LOSSES,
+                   help='huechroma: hue and chroma histograms (the paper); l2: (a, b) regression; '
+                        'ab: joint ab histogram (Zhang et al. style)')
+    p.add_argument('--data', nargs='+', metavar='ROOT',
+                   help='image folders (scanned recursively) or .txt lists of paths; default: the demo world')
+    p.add_argument('--val-data', nargs='+', metavar='ROOT',
+                   help='held-out image folders or lists; default: the demo val set, or --holdout images '
+                        'set aside from --data')
+    p.add_argument('--holdout', type=int, default=256, help='images set aside from --data for validation')
+    p.add_argument('--subset', type=int, metavar='N', help='train on a fixed random subset of N images (RQ3)')
+    p.add_argument('--out', type=Path, help='run folder; default runs/<arch>-<loss>')
+    p.add_argument('--steps', type=int, help='training steps; default: 16M images / global batch with --data '
+                   '(the paper), 2000 (GPU) or 150 (CPU) on the demo')
+    p.add_argument('--batch-size', type=int, help='images per GPU per step (default 128 on GPU, 8 on CPU)')
+    p.add_argument('--lr', type=float, help='peak learning rate; default 1e-3 * global batch / 8 '
+                   '(the paper used 1e-3 at batch 8)')
+    p.add_argument('--lr-milestones', type=float, nargs='+', default=[0.5, 0.75, 0.875],
+                   help='fractions of --steps where the lr drops x0.1 (the paper: 1.0M, 1.5M, 1.75M of 2M)')
+    p.add_argument('--warmup', type=int, help='linear lr warm-up steps (default 2%% of --steps)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (not on biases)')
+    p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 96 on CPU)')
+    p.add_argument('--short-side', type=int, nargs=2, metavar=('LO', 'HI'),
+                   help='random short-side resize range before cropping (default crop x [1, 1.7], the '
+                        "paper's 352-600 for a 352 crop)")
+    p.add_argument('--points', type=int, default=128, help='sampled pixels per image (sparse hypercolumns)')
+    p.add_argument('--border', type=int, help='pixels kept clear of the crop edge (default crop / 7: 32 at 224)')
+    p.add_argument('--target-window', type=int, default=7, help='side of the target histogram window; 1 = one-hot')
+    p.add_argument('--lightness-weight', action='store_true',
+                   help="multiply the loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did")
+    p.add_argument('--width', type=float, default=1.0, help='channel width multiplier (< 1 only for smoke tests)')
+    p.add_argument('--fc-dim', type=int, default=4096, help='fc6/fc7 channels of VGG-16 and AlexNet')
+    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model (default: on for CUDA, off on CPU)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentation and pixels')
+    p.add_argument('--workers', type=int, help='data loader processes per GPU (default min(8, cores); 1 on CPU)')
+    p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
+                   help='continue from CKPT (default: <out>/checkpoint.pt)')
+    p.add_argument('--log-every', type=int, default=None, help='steps between progress lines (default ~50 lines)')
+    p.add_argument('--eval-every', type=int, default=None, help='steps between evaluations (default ~5 per run)')
+    p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')
+    p.add_argument('--max-bad-share', type=float, default=0.01,
+                   help='stop when more than this share of images is unreadable')
+    p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
+    p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world is generated')
+    # Colorizing photos.
+    p.add_argument('--colorize', nargs='+', metavar='PATH', help='colorize these images or folders, then exit')
+    p.add_argument('--checkpoint', type=Path, help='trained checkpoint for --colorize')
+    p.add_argument('--output', type=Path, default=Path('colorized'), help='folder for colorized images')
+    p.add_argument('--max-side', type=int, default=1024,
+                   help='--colorize: the network sees the image scaled down to this longest side (the '
+                        'colour is upsampled and put on the full-resolution lightness)')
+    return p.parse_args(argv)
+
+
+# --- Devices, precision, distributed ------------------------------------------------------------
+
+def setup_device(args):
+    """Returns (device, rank, world_size, local_rank); starts the process group under torchrun."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {args.device} asked for CUDA, but torch.cuda.is_available() is False')
+        if world > 1:
+            device = torch.device('cuda', local)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return device, rank, world, local
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain float32 elsewhere (tests run anywhere)."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+
+
+def fill_defaults(args, device, world):
+    """Machine- and data-dependent defaults; prints what it shrank on a CPU."""
+    d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
+    args.crop = args.crop or d['crop']
+    args.batch_size = args.batch_size or d['batch_size']
+    global_batch = args.batch_size * world
+    if args.steps is None:
+        args.steps = d['demo_steps'] if args.data is None else math.ceil(PAPER_SAMPLES / global_batch)
+    args.lr = args.lr if args.lr is not None else 1e-3 * global_batch / 8
+    args.warmup = args.warmup if args.warmup is not None else max(1, round(0.02 * args.steps))
+    args.short_side = args.short_side or [args.crop, round(args.crop * 600 / 352)]
+    args.border = args.border if args.border is not None else args.crop // 7
+    args.compile = device.type == 'cuda' if args.compile is None else args.compile
+    args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == 'cuda' else 1)
+    args.log_every = args.log_every or max(1, args.steps // 50)
+    args.eval_every = args.eval_every or max(1, args.steps // 5)
+    args.save_every = args.save_every or args.eval_every
+    args.out = args.out or HERE / 'runs' / f'{args.arch}-{args.loss}'
+    if args.crop <= 2 * args.border:
+        raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
+                        f'use a smaller --border or a larger --crop')
+    if args.short_side[0] > args.short_side[1]:
+        raise UserError(f'--short-side {args.short_side[0]} {args.short_side[1]}: LO must not exceed HI')
+    for name in ('steps', 'batch_size', 'points', 'crop'):
+        if getattr(args, name) <= 0:
+            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    return args
+
+
+def lr_at(step, args):
+    """Linear warm-up, then x0.1 at each milestone (fractions of the run)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * 0.1 ** sum(step >= m * args.steps for m in args.lr_milestones)
+
+
+def step_seed(seed, step, rank):
+    """Each step's randomness (pixels, dropout) is a function of (seed, step, rank): resuming is exact."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63)
+
+
+# --- Data ---------------------------------------------------------------------------------------
+
+def image_sources(args, master):
+    """Returns (train paths, val paths), generating the demo world if no --data is given."""
+    cache = args.out / 'cache'
+    if args.data is None:
+        if master:
+            data.ensure_demo(args.demo_root)
+        if dist.is_initialized():
+            dist.barrier()
+        if master:
+            print(f'no --data given: training on the demo world in {args.demo_root}')
+        train = data.find_images([args.demo_root / 'train'])
+        val = data.find_images([args.demo_root / 'val'])
+    else:
+        try:
+            train = data.find_images(args.data, cache_dir=cache)
+            val = data.find_images(args.val_data, cache_dir=cache) if args.val_data else None
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        if val is None:
+            if len(train) <= 2 * args.holdout:
+                raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '
+                                f'for validation; pass --val-data or a smaller --holdout')
+            held = set(data.subset(train, args.holdout, seed=12345))
+            val = sorted(held)
+            train = [p for p in train if p not in held]
+    if args.subset:
+        if args.subset > len(train):
+            raise UserError(f'--subset {args.subset} asks for more images than the {len(train)} found')
+        train = data.subset(train, args.subset, seed=0)
+    return train, val
+
+
+def load_val_images(paths, crop, limit=256):
+    """A fixed held-out batch: centre crops, uint8 (N, 3, crop, crop), unreadable/gray images skipped."""
+    images = []
+    for path in paths:
+        if len(images) == limit:
+            break
+        try:
+            rgb = data.center_crop(data.load_rgb(path, min_short_side=crop), crop, crop)
+        except data.BadImage as e:
+            print(f'warning: skipping held-out image: {e}', file=sys.stderr)
+            continue
+        if not data.is_grayscale(rgb):
+            images.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+    if not images:
+        raise UserError(f'no usable colour images among the {len(paths)} held-out images')
+    return torch.stack(images)
+
+
+def make_loader(paths, args, rank, world, start_step, device):
+    dataset = data.ColorImages(paths, args.crop, tuple(args.short_side), flip=True)
+    sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
+                                   seed=args.seed, start_step=start_step)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None)
+
+
+def prepare(images, args, device, points=None, generator=None):
+    """uint8 (B, 3, H, W) on the host -> network input, sampled pixels and their targets, on the device."""
+    rgb = images.to(device, non_blocking=True)
+    lab_img = lab.rgb_to_lab(rgb)
+    x = lab.lightness_input(lab_img).contiguous(memory_format=torch.channels_last)
+    if points is None:
+        B, _, H, W = rgb.shape
+        points = sample_points(B, H, W, args.points, args.border, generator=generator, device=device)
+    targets = lab.make_targets(args.loss, lab_img, points, window=args.target_window)
+    return x, points, targets, lab_img
+
+
+# --- Model and checkpoints ----------------------------------------------------------------------
+
+def model_config(args):
+    return dict(arch=args.arch, loss=args.loss, width=args.width, fc_dim=args.fc_dim)
+
+
+def make_model(config):
+    kwargs = dict(width=config['width'])
+    if config['arch'] in ('vgg16', 'alexnet'):
+        kwargs['fc_dim'] = config['fc_dim']
+    return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
+
+
+def save_checkpoint(path, model, optimizer, step, args, counts):
+    """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one."""
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 config=model_config(args), args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 rng=dict(cpu=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                 data=dict(seed=args.seed, step=step), counts=counts)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Reads a checkpoint written by save_checkpoint (never runs code from it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} does not exist; train one with `python colorize.py --out DIR` '
+                        f'(it writes DIR/checkpoint.pt)')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and why, no traceback
+        raise UserError(f'checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                        f'is it a complete file written by colorize.py?') from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'config' not in ckpt:
+        raise UserError(f'{path} is not a colorize.py checkpoint (expected a dict with "model" and "config")')
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f'checkpoint {path} does not match the model: missing {missing[:3]}..., '
+                        f'unexpected {unexpected[:3]}... ({len(missing)} missing, {len(unexpected)} unexpected)')
+
+
+def git_commit():
+    try:
+        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --- Evaluation ---------------------------------------------------------------------------------
+
+def predict_ab(model, lightness, loss_kind):
+    """Dense colour prediction: L (B, 1, H, W) in [0, 100] -> (a, b) (B, 2, H, W) in Lab units.
+
+    The network sees (L - 50) / 50; its stride-4 prediction (cell i sits at pixel 4i + 1.5) is
+    decoded and upsampled bilinearly to the input's resolution.
+    """
+    x = ((lightness - lab.L_CENTER) / lab.L_SCALE).contiguous(memory_format=torch.channels_last)
+    logits = model.dense(x)  # (B, D, ceil(H/4), ceil(W/4))
+    ab = lab.decode(loss_kind, logits, dim=1)
+    H, W = lightness.shape[-2:]
+    return F.interpolate(ab, scale_factor=4, mode='bilinear', align_corners=False)[..., :H, :W]
+
+
+def colorize_dense(model, lightness, loss_kind):
+    """L (B, 1, H, W) in [0, 100] -> RGB (B, 3, H, W) in [0, 1], keeping the input's own L."""
+    return lab.lab_to_rgb(torch.cat([lightness.float(), predict_ab(model, lightness, loss_kind)], 1))
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of images in [0, 1], averaged over images."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+    return (-10 * torch.log10(mse)).mean()
+
+
+@torch.no_grad()
+def evaluate(model, val_images, args, device, chunk=32):
+    """Validation loss at fixed pixels, and PSNR / ab RMSE of dense colorizations vs predicting gray."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(1234)
+    sums = dict(loss=0.0, psnr=0.0, psnr_gray=0.0, ab_rmse=0.0, ab_rmse_gray=0.0)
+    for i in range(0, len(val_images), chunk):
+        batch = val_images[i:i + chunk]
+        x, points, targets, lab_img = prepare(batch, args, device, generator=gen)
+        with autocast(device):
+            total, _ = lab.color_loss(args.loss, model(x, points), targets)
+            rgb_pred = colorize_dense(model, lab_img[:, :1], args.loss)
+        truth = batch.to(device).float() / 255.0
+        gray = lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
+        ab_pred = lab.rgb_to_lab(rgb_pred)[:, 1:]
+        n = len(batch)
+        sums['loss'] += total.item() * n
+        sums['psnr'] += psnr(rgb_pred, truth).item() * n
+        sums['psnr_gray'] += psnr(gray, truth).item() * n
+        sums['ab_rmse'] += ((ab_pred - lab_img[:, 1:]) ** 2).mean().sqrt().item() * n
+        sums['ab_rmse_gray'] += (lab_img[:, 1:] ** 2).mean().sqrt().item() * n
+    model.train()
+    return {k: v / len(val_images) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def write_grid(model, images, args, device, path):
+    """PNG grid, one row per held-out image: gray input | prediction | truth."""
+    model.eval()
+    lab_img = lab.rgb_to_lab(images.to(device))
+    with autocast(device):
+        pred = colorize_dense(model, lab_img[:, :1], args.loss)
+    model.train()
+    gray = lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
+    truth = images.to(device).float() / 255
+    rows = torch.cat([gray, pred.float(), truth], dim=3)  # (N, 3, H, 3W)
+    grid = torch.cat(list(rows), dim=1)  # (3, N*H, 3W)
+    array = (grid.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# --- Training -----------------------------------------------------------------------------------
+
+def parameter_groups(model, weight_decay):
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def train(args):
+    device, rank, world, _ = setup_device(args)
+    master = rank == 0
+    fill_defaults(args, device, world)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = None
+    if args.resume:
+        path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
+        ckpt = load_checkpoint(path)
+        saved = ckpt['config']
+        if (saved['arch'], saved['loss']) != (args.arch, args.loss):
+            raise UserError(f'{path} was trained with --arch {saved["arch"]} --loss {saved["loss"]}; '
+                            f'resume with those flags')
+        args.width, args.fc_dim = saved['width'], saved['fc_dim']
+    train_paths, val_paths = image_sources(args, master)
+    if master:
+        print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}; '
+              f'arch {args.arch}, loss {args.loss}, crop {args.crop}, batch {args.batch_size}x{world}, '
+              f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else
+              ' (CPU: small defaults so the demo finishes in minutes; a GPU runs 224 crops, batch 128)'))
+
+    torch.manual_seed(args.seed)
+    model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    start, counts = 0, dict(seen=0, bad=0, gray=0)
+    if ckpt is not None:
+        load_model_state(model, ckpt['model'], args.resume)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start, counts = ckpt['step'], dict(ckpt.get('counts', counts))
+        torch.set_rng_state(ckpt['rng']['cpu'])
+        if device.type == 'cuda' and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        if master:
+            print(f'resumed from {args.resume if args.resume != "auto" else args.out / "checkpoint.pt"} at step {start}')
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    fast_model = torch.compile(model) if args.compile else model
+
+    val_images = load_val_images(val_paths, args.crop) if master else None
+    if master:
+        write_run_info(args, device, world, len(train_paths), len(val_paths))
+    loader = make_loader(train_paths, args, rank, world, start, device)
+    log = open(args.out / 'log.jsonl', 'a') if master else None
+    if master and start == 0:
+        report(log, dict(step=0, **evaluate(raw_model, val_images, args, device)), args)
+        write_grid(raw_model, val_images[:8], args, device, args.out / 'samples' / 'step_000000.png')
+
+    running = torch.zeros(4, device=device)  # loss sum, part sums (up to 2), count
+    t0, step = time.perf_counter(), start
+    for images, status in loader:
+        if step >= args.steps:
+            break
+        torch.manual_seed(step_seed(args.seed, step, rank))
+        counts['seen'] += len(status)
+        counts['bad'] += int((status == 1).sum())
+        counts['gray'] += int((status == 2).sum())
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(step, args)
+        x, points, targets, _ = prepare(images, args, device)
+        valid = (status == 0).to(device, non_blocking=True)
+        with autocast(device):
+            total, parts = lab.color_loss(args.loss, fast_model(x, points), targets, valid=valid,
+                                          use_lightness_weight=args.lightness_weight)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        step += 1
+        part_values = list(parts.values())
+        running += torch.stack([total.detach(), *[v.detach() for v in part_values],
+                                *[total.new_zeros(())] * (2 - len(part_values)), total.new_ones(())])
+
+        if step % args.log_every == 0 or step == args.steps:
+            check_bad_share(counts, args, world, device)
+            if master:
+                sums = running.tolist()  # the one host sync per log line
+                elapsed = time.perf_counter() - t0
+                rate = (step - start) * args.batch_size * world / elapsed
+                entry = dict(step=step, loss=sums[0] / sums[3], lr=lr_at(step - 1, args), img_per_s=rate,
+                             **{k: sums[1 + i] / sums[3] for i, k in enumerate(parts)},
+                             peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
+                             bad=counts['bad'], gray=counts['gray'])
+                eta = (args.steps - step) * args.batch_size * world / max(rate, 1e-9)
+                print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} ('
+                      + ' '.join(f'{k} {entry[k]:.4f}' for k in parts) + f') | lr {entry["lr"]:.2e} | '
+                      f'{rate:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
+                log.write(json.dumps(entry) + '\n')
+                log.flush()
+            running.zero_()
+        if step % args.eval_every == 0 or step == args.steps:
+            if master:
+                metrics = evaluate(raw_model, val_images, args, device)
+                report(log, dict(step=step, **metrics), args)
+                write_grid(raw_model, val_images[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
+        if step % args.save_every == 0 or step == args.steps:
+            if master:
+                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts)
+        if args.exit_after is not None and step >= args.exit_after:
+            break
+    if master:
+        print(f'done: step {step}; {counts["bad"]} unreadable and {counts["gray"]} grayscale images of '
+              f'{counts["seen"]} read were given zero weight; checkpoint {args.out / "checkpoint.pt"}')
+        log.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return raw_model
+
+
+def check_bad_share(counts, args, world, device):
+    """Stop the run (every rank) when too many images are unreadable."""
+    seen_bad = torch.tensor([counts['seen'], counts['bad']], dtype=torch.float64)
+    if world > 1:
+        seen_bad = seen_bad.to(device)
+        dist.all_reduce(seen_bad)
+    seen, bad = seen_bad.tolist()
+    if seen >= 100 and bad / seen > args.max_bad_share:
+        raise UserError(f'{int(bad)} of {int(seen)} images read so far were unreadable (more than '
+                        f'--max-bad-share {args.max_bad_share}); see the warnings above for the files')
+
+
+def report(log, metrics, args):
+    print(f'eval step {metrics["step"]}: val loss {metrics["loss"]:.4f} | PSNR {metrics["psnr"]:.2f} dB '
+          f'(gray {metrics["psnr_gray"]:.2f}) | ab RMSE {metrics["ab_rmse"]:.2f} (gray {metrics["ab_rmse_gray"]:.2f})',
+          flush=True)
+    log.write(json.dumps(dict(eval=True, **metrics)) + '\n')
+    log.flush()
+
+
+def write_run_info(args, device, world, n_train, n_val):
+    info = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                torch=torch.__version__, python=sys.version.split()[0], device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+                world_size=world, git_commit=git_commit(), train_images=n_train, val_images=n_val,
+                started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    tmp = args.out / 'run.json.tmp'
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, args.out / 'run.json')
+
+
+def format_seconds(s):
+    s = int(s)
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+# --- Colorizing photos --------------------------------------------------------------------------
+
+def colorize_files(args):
+    if args.checkpoint is None:
+        raise UserError('--colorize needs --checkpoint CKPT (a checkpoint.pt written by training)')
+    device = torch.device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    ckpt = load_checkpoint(args.checkpoint)
+    config = ckpt['config']
+    if config.get('objective', 'colorize') != 'colorize':
+        raise UserError(f'{args.checkpoint} was trained for {config["objective"]}, not colorization')
+    model = make_model(config)
+    load_model_state(model, ckpt['model'], args.checkpoint)
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    paths = []
+    for item in args.colorize:
+        p = Path(item)
+        if p.is_dir():
+            paths += data.find_images([p])
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise UserError(f'--colorize {item}: no such file or folder')
+    args.output.mkdir(parents=True, exist_ok=True)
+    done = failed = 0
+    for path in paths:
+        try:
+            rgb = data.load_rgb(path)  # EXIF orientation applied; grayscale becomes 3 equal channels
+        except data.BadImage as e:
+            print(f'warning: skipping {e}', file=sys.stderr)
+            failed += 1
+            continue
+        out = colorize_array(model, rgb, config['loss'], device, args.max_side)
+        target = args.output / (Path(path).stem + '.png')
+        Image.fromarray(out).save(target)
+        print(f'{path} -> {target}')
+        done += 1
+    print(f'colorized {done} image(s) into {args.output}' + (f'; {failed} unreadable skipped' if failed else ''))
+
+
+@torch.no_grad()
+def colorize_array(model, rgb, loss_kind, device, max_side=1024):
+    """uint8 (H, W, 3) -> colorized uint8 (H, W, 3) at full resolution with the input's own lightness."""
+    full = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
+    L = lab.rgb_to_lab(full)[:, :1]  # (1, 1, H, W)
+    H, W = L.shape[-2:]
+    scale = min(1.0, max_side / max(H, W))
+    small = L if scale == 1.0 else F.interpolate(L, size=(max(1, round(H * scale)), max(1, round(W * scale))),
+                                                 mode='bilinear', align_corners=False, antialias=True)
+    with autocast(device):
+        ab = predict_ab(model, small, loss_kind)
+    if scale != 1.0:
+        ab = F.interpolate(ab, size=(H, W), mode='bilinear', align_corners=False)
+    out = lab.lab_to_rgb(torch.cat([L, ab], 1))[0]
+    return (out * 255 + 0.5).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.colorize:
+            colorize_files(args)
+        else:
+            train(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

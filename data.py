@@ -1,0 +1,1298 @@
+"""Images for colorization pre-training and PASCAL VOC transfer, plus a procedural demo world.
+
+Unlabeled sources (pre-training): `find_images` lists image files under folders (ImageNet's
+train/nXXXXXXXX/*.JPEG, Places205's nested a/abbey/*.jpg, any folder) or in .txt lists, with an
+optional per-root cache; `ColorImages` decodes, flags and augments them in DataLoader workers and
+returns uint8 only (all float work happens later, on the device); `InfiniteSampler` feeds it
+`(index, sample_seed)` pairs so that a run resumed at step s reads exactly the batches an
+uninterrupted run would have read.
+
+VOC (transfer): `voc_classification` reads VOC2007 ImageSets/Main, `voc_segmentation` reads
+VOC2012 ImageSets/Segmentation (or the SBD-augmented train_aug set), `load_label` reads the
+class-index PNGs.
+
+Demo world: `ensure_demo(root)` writes, once, a small ImageNet-style folder of procedural
+photos in which colour follows from what things are, and a VOC2007/VOC2012 devkit of the same
+world, so that every command of the project runs end to end without downloads:
+
+    python data.py demo                       # -> data/demo/{train,val,VOCdevkit} next to this file
+    python data.py scan /data/imagenet/train /data/places205 --cache-dir runs/cache
+
+Only torch, numpy, Pillow and the standard library are used; importing does no work.
+"""
+import argparse
+import concurrent.futures
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+VOC_CLASSES = (
+    'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
+    'train', 'tvmonitor')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  # any letter case
+
+# ColorImages statuses; the trainer weights status != STATUS_OK images by zero.
+STATUS_OK, STATUS_BAD, STATUS_GRAY = 0, 1, 2
+STATUS_NAMES = ('ok', 'bad', 'gray')
+
+DEFAULT_DEMO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'demo')
+
+
+def _voc_colormap(n=256):
+    """The VOC devkit's label colour map (VOClabelcolormap.m): bit 3j, 3j+1, 3j+2 of the class
+    index become bit 7-j of R, G, B."""
+    i = np.arange(n)
+    cmap = np.zeros((n, 3), np.int64)
+    for j in range(8):
+        for ch in range(3):
+            cmap[:, ch] |= ((i >> (3 * j + ch)) & 1) << (7 - j)
+    return cmap.astype(np.uint8)
+
+
+VOC_PALETTE = _voc_colormap()  # (256, 3) uint8; index 0 background, 1..20 VOC_CLASSES, 255 void
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding images
+
+_CACHE_VERSION = 1
+_RACY_NS = 2_000_000_000  # directory mtimes this close to the scan are not trusted (coarse clocks)
+
+
+def find_images(roots, cache_dir=None, log=print):
+    """Sorted, de-duplicated list of image paths from `roots` (a path or a list of paths).
+
+    A root is either a folder, scanned recursively (extensions IMAGE_EXTENSIONS in any letter
+    case; names starting with '.' skipped; symlinked folders followed, each real folder visited
+    once), or a .txt file with one image path per line (relative paths are relative to the txt
+    file's folder; blank lines and lines starting with '#' ignored).
+
+    With `cache_dir`, each folder root's listing is cached in cache_dir/images-<hash of the
+    absolute root>.json together with the mtime of every scanned folder. The cache is reused
+    while all those mtimes are unchanged (checked by stat, no listing): adding or removing a
+    file or subfolder changes its parent's mtime and triggers a rescan. Editing a file in place
+    does not, and need not. A scan is not cached when a folder changed less than 2 s before it
+    (file-system clocks are coarse, so a later change could keep the same mtime).
+    """
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    if not roots:
+        raise ValueError('find_images: expected at least one image folder or .txt list, got none')
+    paths = []
+    for root in roots:
+        root = os.path.abspath(os.fspath(root))
+        t0 = time.perf_counter()
+        if os.path.isfile(root) and root.lower().endswith('.txt'):
+            found, how = _read_list(root), 'listed'
+        elif os.path.isdir(root):
+            found, how = _scan_cached(root, cache_dir, log)
+        elif os.path.exists(root):
+            raise ValueError(f'image root {root} is a file but not a .txt list: expected a folder '
+                             'of images or a .txt file with one image path per line')
+        else:
+            raise ValueError(f'image root {root} does not exist: expected a folder of images '
+                             '(scanned recursively) or a .txt file with one image path per line')
+        log(f'{len(found):,} images {how} in {root} ({time.perf_counter() - t0:.1f} s)')
+        paths.extend(found)
+    return sorted(set(paths))
+
+
+def _read_list(txt):
+    base = os.path.dirname(txt)
+    with open(txt, encoding='utf-8') as f:
+        lines = [s.strip() for s in f]
+    entries = [s for s in lines if s and not s.startswith('#')]
+    if not entries:
+        raise ValueError(f'image list {txt} holds no paths: expected one image path per line '
+                         '(relative to the list\'s folder), found only blank or # lines')
+    paths = [os.path.normpath(os.path.join(base, s)) for s in entries]
+    # A wrong base folder makes every line wrong; catch that here rather than as 100% bad files.
+    if not os.path.exists(paths[0]):
+        raise ValueError(f'image list {txt}: its first entry {entries[0]!r} resolves to '
+                         f'{paths[0]}, which does not exist; relative paths are taken from the '
+                         'list\'s folder')
+    return paths
+
+
+def _scan(root):
+    """Walk `root`; returns (image paths, [(folder, mtime_ns)], count of other files, examples)."""
+    files, dirs, seen = [], [], set()
+    n_other, other_examples = 0, []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        st = os.stat(d)  # before listing, so a change during the listing invalidates the cache
+        if (st.st_dev, st.st_ino) in seen:  # symlink cycle or a folder linked twice
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.append((d, st.st_mtime_ns))
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            if e.name.startswith('.'):
+                continue
+            if e.is_dir():  # follows symlinks
+                subdirs.append(e.path)
+            elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(e.path)
+            else:
+                n_other += 1
+                if len(other_examples) < 3:
+                    other_examples.append(os.path.relpath(e.path, root))
+        stack.extend(reversed(subdirs))  # depth first, in name order: deterministic
+    return files, dirs, n_other, other_examples
+
+
+def _cache_path(cache_dir, root):
+    return os.path.join(cache_dir, f'images-{hashlib.sha1(root.encode()).hexdigest()[:16]}.json')
+
+
+def _load_cache(path, root, log):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            cache = json.load(f)
+        if cache.get('version') != _CACHE_VERSION or cache.get('root') != root:
+            return None
+    except (OSError, ValueError) as e:
+        log(f'ignoring unreadable image cache {path} ({e}); rescanning {root}')
+        return None
+    for d, mtime in cache['dirs']:
+        try:
+            if os.stat(os.path.join(root, d)).st_mtime_ns != mtime:
+                return None
+        except OSError:
+            return None
+    return [os.path.join(root, p) for p in cache['files']]
+
+
+def _scan_cached(root, cache_dir, log):
+    cache_file = _cache_path(cache_dir, root) if cache_dir else None
+    if cache_file:
+        cached = _load_cache(cache_file, root, log)
+        if cached is not None:
+            return cached, 'cached'
+    start_ns = time.time_ns()
+    files, dirs, n_other, examples = _scan(root)
+    if not files:
+        seen = f'{n_other} other files (e.g. {", ".join(examples)})' if n_other else 'no files'
+        raise ValueError(f'no images under {root}: expected files ending in '
+                         f'{"/".join(IMAGE_EXTENSIONS)} (any case) in it or its subfolders; '
+                         f'found {seen} in {len(dirs)} folders')
+    if cache_file:
+        racy = [d for d, mtime in dirs if mtime >= start_ns - _RACY_NS]
+        if racy:
+            log(f'not caching the listing of {root}: {racy[0]} changed less than 2 s ago')
+        else:
+            rel = lambda p: os.path.relpath(p, root)  # noqa: E731
+            _write_json_atomic(cache_file, {
+                'version': _CACHE_VERSION, 'root': root,
+                'dirs': [[rel(d), mtime] for d, mtime in dirs],
+                'files': [rel(p) for p in files]})
+    return files, 'scanned'
+
+
+def _write_json_atomic(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def subset(paths, n, seed=0):
+    """A fixed random subset of `n` of `paths`, sorted. One permutation of the sorted input per
+    seed, of which the first n are taken: the same (n, seed) gives the same subset, and for one
+    seed the subsets are nested (the 1000-subset contains the 100-subset)."""
+    paths = sorted(paths)
+    if not 0 <= n <= len(paths):
+        raise ValueError(f'subset: asked for {n} images, but only {len(paths)} are available')
+    perm = np.random.default_rng(seed).permutation(len(paths))
+    return sorted(paths[i] for i in perm[:n])
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+class BadImage(ValueError):
+    """A file that cannot be decoded into an image; `path` and `reason` say which and why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f'{path}: {reason}')
+        self.path, self.reason = path, reason
+
+
+def load_rgb(path, min_short_side=None):
+    """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied.
+
+    With `min_short_side`, large JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8 through
+    Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
+    naming the file and the reason for empty, missing, truncated, unidentifiable or undecodable
+    files. See `pil_to_rgb` for how each mode becomes RGB.
+    """
+    path = os.fspath(path)
+    # Pillow would otherwise pad a truncated file with gray and return it as if it were fine.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(path, 'empty file (0 bytes)')
+        with Image.open(path) as im:
+            if min_short_side and im.format == 'JPEG':
+                w, h = im.size
+                scale = min_short_side / min(w, h)
+                if scale < 1:
+                    im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return pil_to_rgb(im)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage(path, 'no such file') from None
+    except UnidentifiedImageError:
+        raise BadImage(path, 'not an image (Pillow cannot identify its format)') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError...
+        raise BadImage(path, f'cannot decode ({type(e).__name__}: {e})') from e
+
+
+def pil_to_rgb(im):
+    """RGB uint8 (H, W, 3) from a loaded PIL image of any mode.
+
+    1, L, P, RGB, CMYK, YCbCr: Pillow's own conversion. LA, La, PA, RGBA, RGBa, and P or L or RGB
+    with a transparency key: composited over white. I;16* (16-bit): v / 257, i.e. the 16-bit range
+    mapped onto 0..255 without clipping. I (32-bit) and F: 0..1 -> x255 (F only), 0..255 as is,
+    0..65535 -> /257, any other range min-max stretched to 0..255.
+    """
+    mode = im.mode
+    if mode.startswith('I;16'):
+        a = np.asarray(im).astype(np.float32) / 257.0
+        return _gray_to_rgb(a)
+    if mode in ('I', 'F'):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == 'F' and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif lo >= 0 and hi <= 255:
+            pass
+        elif lo >= 0 and hi <= 65535:
+            a = a / 257.0
+        else:
+            a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+        return _gray_to_rgb(a)
+    if mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa') or 'transparency' in im.info:
+        rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        out = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.ascontiguousarray(np.round(out).astype(np.uint8))
+    if mode != 'RGB':
+        im = im.convert('RGB')
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _gray_to_rgb(a):
+    g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def is_grayscale(rgb, tol=6, quantile=0.99):
+    """True if the image has negligible colour: the `quantile` (99th percentile) over pixels of
+    max(|R-G|, |G-B|, |R-B|) (= max - min over the channels) is <= `tol` levels of 255. Scans of
+    black-and-white photos and gray JPEGs stored as RGB (channels differ by JPEG noise of a few
+    levels) pass; a photo with colour on more than 1% of its pixels does not. Large images are
+    read on a strided grid of about 256x256 pixels."""
+    h, w = rgb.shape[:2]
+    step = max(1, min(h, w) // 256)
+    x = rgb[::step, ::step].astype(np.int16)
+    spread = x.max(axis=2) - x.min(axis=2)
+    return bool(np.quantile(spread, quantile) <= tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+
+def _resize_short(rgb, short_side):
+    h, w = rgb.shape[:2]
+    if min(h, w) == short_side:
+        return rgb
+    if h <= w:
+        nh, nw = short_side, max(1, round(w * short_side / h))
+    else:
+        nh, nw = max(1, round(h * short_side / w)), short_side
+    return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+
+
+def _pad_to(rgb, crop):
+    """Zero-pad (centred) so both sides are >= crop."""
+    h, w = rgb.shape[:2]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    if ph == 0 and pw == 0:
+        return rgb
+    return np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+
+
+def random_crop(rgb, crop, short_side_range, flip, rng):
+    """Training augmentation: resize (bilinear) so the short side is an integer drawn from
+    U[lo, hi] (inclusive), zero-pad (centred) if smaller than `crop`, take a random crop x crop
+    window, flip horizontally with p = 0.5 if `flip`. uint8 (H, W, 3) -> uint8 (crop, crop, 3).
+    The draws from `rng` (np.random.Generator) are the same in number whatever the image."""
+    lo, hi = short_side_range
+    short = int(rng.integers(lo, hi + 1))
+    u_y, u_x, u_flip = rng.random(3)
+    x = _pad_to(_resize_short(rgb, short), crop)
+    h, w = x.shape[:2]
+    y0, x0 = int(u_y * (h - crop + 1)), int(u_x * (w - crop + 1))
+    x = x[y0:y0 + crop, x0:x0 + crop]
+    if flip and u_flip < 0.5:
+        x = x[:, ::-1]
+    return np.ascontiguousarray(x)
+
+
+def center_crop(rgb, crop, short_side):
+    """Validation view: resize so the short side is `short_side`, zero-pad if needed, take the
+    central crop x crop window. uint8 (H, W, 3) -> uint8 (crop, crop, 3)."""
+    x = _pad_to(_resize_short(rgb, short_side), crop)
+    h, w = x.shape[:2]
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    return np.ascontiguousarray(x[y0:y0 + crop, x0:x0 + crop])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset and sampler
+
+class ColorImages(torch.utils.data.Dataset):
+    """Unlabeled colour photos for colorization, decoded and augmented in DataLoader workers.
+
+    dataset[(index, sample_seed)] -> (uint8 tensor (3, crop, crop), status), where sample_seed
+    (from InfiniteSampler) alone drives the augmentation, so results do not depend on the number
+    or order of workers. status: STATUS_OK (0); STATUS_BAD (1): the file could not be decoded,
+    the image is all zeros and a warning naming the file and reason goes to stderr; STATUS_GRAY
+    (2): the source image is grayscale (is_grayscale; only if `min_colorful`), image returned as is.
+
+    train=True: random_crop with a short side in `short_side_range` and flips. train=False: the
+    deterministic validation view, center_crop at short side `short_side_range` (an int, or the
+    low end of a range), no flip; a plain int index is accepted too.
+    """
+
+    def __init__(self, paths, crop, short_side_range, flip=True, min_colorful=True, train=True):
+        if isinstance(short_side_range, int):
+            short_side_range = (short_side_range, short_side_range)
+        lo, hi = (int(s) for s in short_side_range)
+        if not 0 < lo <= hi:
+            raise ValueError('short_side_range must be (lo, hi) with 0 < lo <= hi, '
+                             f'got {short_side_range}')
+        self.crop, self.lo, self.hi = int(crop), lo, hi
+        self.flip, self.min_colorful, self.train = flip and train, min_colorful, train
+        # Paths as one byte buffer + offsets, not a list of str: with millions of files, forked
+        # workers would otherwise copy the list page by page as reference counts are touched.
+        encoded = [os.fspath(p).encode('utf-8', 'surrogateescape') for p in paths]
+        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self._buffer = np.frombuffer(b''.join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self._offsets) - 1
+
+    def path(self, index):
+        a, b = self._offsets[index], self._offsets[index + 1]
+        return self._buffer[a:b].tobytes().decode('utf-8', 'surrogateescape')
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, sample_seed = item
+        elif not self.train:
+            index, sample_seed = item, 0
+        else:
+            raise TypeError('ColorImages(train=True) takes (index, sample_seed) pairs; feed it '
+                            'from InfiniteSampler (DataLoader(..., sampler=InfiniteSampler(...)))')
+        path = self.path(int(index))
+        try:
+            # Decode at least as large as the largest short side the augmentation asks for.
+            rgb = load_rgb(path, min_short_side=self.hi)
+        except BadImage as e:
+            print(f'warning: bad image {e.path} ({e.reason}); returned as zeros with status 1',
+                  file=sys.stderr, flush=True)
+            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), STATUS_BAD
+        status = STATUS_GRAY if self.min_colorful and is_grayscale(rgb) else STATUS_OK
+        if self.train:
+            out = random_crop(rgb, self.crop, (self.lo, self.hi), self.flip,
+                              np.random.default_rng(sample_seed))
+        else:
+            out = center_crop(rgb, self.crop, self.lo)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), status
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def augment_seed(seed, epoch, position):
+    """The augmentation seed of the sample at `position` of `epoch`'s permutation: a 63-bit hash
+    of (seed, epoch, position)."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (epoch & _MASK64))
+    return _splitmix64(h ^ (position & _MASK64)) >> 1
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless (index, sample_seed) pairs for one rank, batch after batch, from step `start_step`.
+
+    Epoch e is the permutation torch.randperm(n) drawn with seed * 1000003 + e. Each epoch has
+    steps_per_epoch = (n // world_size) // batch_size steps (the remainder is dropped so ranks
+    stay in step); step k of the epoch reads positions [k * world_size * batch_size, ...) of the
+    permutation, of which rank r takes the r-th block of batch_size. Global step s therefore
+    reads positions fixed by (s, rank) alone: resuming at s reproduces an uninterrupted run, and
+    the union over ranks is the same as one rank with world_size * batch_size. Use with
+    DataLoader(dataset, batch_size=batch_size, sampler=this); it has no len().
+    """
+
+    def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, start_step=0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank must be in [0, {world_size}), got {rank}')
+        share = n // world_size
+        if share < batch_size:
+            raise ValueError(f'InfiniteSampler: {n} images over {world_size} ranks gives each rank '
+                             f'{share} per epoch, fewer than one batch of {batch_size}; use more '
+                             'images or a smaller batch')
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.start_step = seed, start_step
+        self.steps_per_epoch = share // batch_size
+        self._perm_epoch, self._perm = None, None
+
+    def permutation(self, epoch):
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm
+
+    def batch(self, step):
+        """The (index, sample_seed) pairs this rank reads at global step `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        start = (k * self.world_size + self.rank) * self.batch_size
+        perm = self.permutation(epoch)
+        return [(int(perm[p]), augment_seed(self.seed, epoch, p))
+                for p in range(start, start + self.batch_size)]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield from self.batch(step)
+            step += 1
+
+
+def bad_share_exceeded(n_bad, n_seen, max_share, min_seen=200):
+    """True when more than `max_share` of the images seen were bad files (after `min_seen`
+    images, so that one early bad file does not stop a run)."""
+    return n_seen >= min_seen and n_bad > max_share * n_seen
+
+
+class StatusCounter:
+    """Accumulates ColorImages statuses over batches; str() gives a one-line report."""
+
+    def __init__(self):
+        self.counts = [0] * len(STATUS_NAMES)
+
+    def update(self, status):
+        """status: int tensor (B,) of STATUS_* values."""
+        c = torch.bincount(status.reshape(-1).long().cpu(), minlength=len(STATUS_NAMES)).tolist()
+        self.counts = [a + b for a, b in zip(self.counts, c)]
+        return self
+
+    @property
+    def seen(self):
+        return sum(self.counts)
+
+    @property
+    def bad(self):
+        return self.counts[STATUS_BAD]
+
+    @property
+    def gray(self):
+        return self.counts[STATUS_GRAY]
+
+    def exceeded(self, max_share, min_seen=200):
+        return bad_share_exceeded(self.bad, self.seen, max_share, min_seen)
+
+    def state_dict(self):
+        return {'counts': list(self.counts)}
+
+    def load_state_dict(self, state):
+        self.counts = list(state['counts'])
+
+    def __str__(self):
+        n = max(self.seen, 1)
+        parts = ', '.join(f'{name} {c:,} ({100 * c / n:.2f}%)'
+                          for name, c in zip(STATUS_NAMES, self.counts))
+        return f'images {self.seen:,}: {parts}'
+
+
+# ----------------------------------------------------------------------------------------------
+# VOC readers
+
+def _voc_dir(root, year):
+    """Accept VOCdevkit/VOC<year> itself, VOCdevkit, or the folder above it."""
+    root = os.fspath(root)
+    voc = f'VOC{year}'
+    for cand in (root, os.path.join(root, voc), os.path.join(root, 'VOCdevkit', voc)):
+        if os.path.isdir(os.path.join(cand, 'ImageSets')):
+            return cand
+    return root
+
+
+def voc_classification(voc2007_root, split):
+    """VOC2007 classification set `split` (train, val, trainval, test).
+
+    Returns (image paths, int8 array (N, 20) of labels in {1, -1, 0} in VOC_CLASSES order):
+    1 present, -1 absent, 0 only 'difficult' instances (ignored in loss and AP). Reads
+    ImageSets/Main/<class>_<split>.txt as distributed ('000005 -1' lines, one or more spaces).
+    """
+    root = _voc_dir(voc2007_root, 2007)
+    ids, labels = None, []
+    for cls in VOC_CLASSES:
+        path = os.path.join(root, 'ImageSets', 'Main', f'{cls}_{split}.txt')
+        if not os.path.exists(path):
+            hint = ('extract VOCtest_06-Nov-2007.tar' if split == 'test' else
+                    'extract VOCtrainval_06-Nov-2007.tar')
+            raise FileNotFoundError(
+                f'{path} not found: expected the VOC2007 devkit layout <root>/ImageSets/Main/'
+                f'<class>_{split}.txt under {os.fspath(voc2007_root)}; {hint} there (or run '
+                '`python data.py demo` for the demo world)')
+        rows = {}
+        order = []
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
+                    raise ValueError(f'{path}:{lineno}: expected "<image id> <1|-1|0>", '
+                                     f'found {line.strip()!r}')
+                rows[parts[0]] = int(parts[1])
+                order.append(parts[0])
+        if ids is None:
+            ids = order
+        elif set(rows) != set(ids):
+            raise ValueError(f'{path} lists different images than {VOC_CLASSES[0]}_{split}.txt '
+                             f'({len(rows)} vs {len(ids)} ids); the devkit files must agree')
+        labels.append([rows[i] for i in ids])
+    paths = [os.path.join(root, 'JPEGImages', f'{i}.jpg') for i in ids]
+    return paths, np.array(labels, dtype=np.int8).T.copy()
+
+
+def voc_segmentation(voc2012_root, split, augmented=False):
+    """VOC2012 segmentation set: list of (image path, label PNG path).
+
+    split 'train', 'val', 'trainval': ImageSets/Segmentation/<split>.txt and SegmentationClass/.
+    split 'train_aug' (or 'train' with augmented=True): the SBD-augmented set in its common form,
+    SegmentationClassAug/<id>.png and the list ImageSets/Segmentation/train_aug.txt (or
+    train_aug.txt at the VOC2012 root), whose lines are ids or '/JPEGImages/x.jpg
+    /SegmentationClassAug/x.png' pairs. train_aug must not overlap val.
+    """
+    root = _voc_dir(voc2012_root, 2012)
+    if augmented and split == 'train':
+        split = 'train_aug'
+    if split == 'train_aug':
+        lists = [os.path.join(root, 'ImageSets', 'Segmentation', 'train_aug.txt'),
+                 os.path.join(root, 'train_aug.txt')]
+        list_path = next((p for p in lists if os.path.exists(p)), None)
+        if list_path is None or not os.path.isdir(os.path.join(root, 'SegmentationClassAug')):
+            raise FileNotFoundError(
+                f'train_aug needs {lists[0]} (or {lists[1]}) and '
+                f'{os.path.join(root, "SegmentationClassAug")}/; '
+                'get SegmentationClassAug and train_aug.txt (SBD-augmented VOC, 10,582 images) and '
+                'put them there, or use split "train"')
+        label_dir = 'SegmentationClassAug'
+    else:
+        list_path = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
+        if not os.path.exists(list_path):
+            raise FileNotFoundError(
+                f'{list_path} not found: expected the VOC2012 devkit layout <root>/ImageSets/'
+                f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; extract '
+                'VOCtrainval_11-May-2012.tar there (or run `python data.py demo` for the demo '
+                'world)')
+        label_dir = 'SegmentationClass'
+    pairs = []
+    with open(list_path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 2:
+                pairs.append(tuple(os.path.join(root, p.lstrip('/')) for p in parts))
+            elif len(parts) == 1:
+                pairs.append((os.path.join(root, 'JPEGImages', f'{parts[0]}.jpg'),
+                              os.path.join(root, label_dir, f'{parts[0]}.png')))
+    if not pairs:
+        raise ValueError(f'{list_path} lists no images')
+    missing = [p for pair in pairs for p in pair if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f'{len(missing)} files listed in {list_path} are missing, e.g. '
+                                f'{missing[0]}; the images go in JPEGImages/, labels in '
+                                f'{label_dir}/')
+    if split == 'train_aug':
+        val_list = os.path.join(root, 'ImageSets', 'Segmentation', 'val.txt')
+        if os.path.exists(val_list):
+            with open(val_list) as f:
+                val_ids = {s.strip() for s in f if s.strip()}
+            aug_ids = {os.path.splitext(os.path.basename(img))[0] for img, _ in pairs}
+            overlap = aug_ids & val_ids
+            if overlap:
+                raise ValueError(f'{list_path} contains {len(overlap)} images of the val set (e.g. '
+                                 f'{sorted(overlap)[0]}): training on them would inflate val mIU; '
+                                 'use the standard train_aug list, which excludes VOC2012 val')
+    return pairs
+
+
+def load_label(path):
+    """Class indices uint8 (H, W) from a VOC label PNG: palette PNGs (SegmentationClass) read as
+    indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore."""
+    with Image.open(path) as im:
+        if im.mode not in ('P', 'L'):
+            raise ValueError(f'{path}: expected a palette (P) or 8-bit gray (L) PNG of class '
+                             f'indices, found mode {im.mode}; map colours to indices with '
+                             'VOC_PALETTE')
+        return np.array(im, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo world
+#
+# Colour model. Every pixel is (g, A, B): g is the gray level the pixel has in the grayscale
+# photo (an sRGB value in [0, 1]); (A, B) is a colour offset relative to its luminance, in a
+# plane orthogonal to the Rec. 709 luminance weights in linear RGB. Linear RGB = Y * (1 + A u + B v)
+# with Y = lin(g), so luminance -- and hence L*, which is a function of luminance only -- is
+# exactly g's whatever the hue: lightness carries shape and texture, never hue by itself.
+
+_LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 / sRGB luminance weights (linear RGB)
+
+
+@functools.lru_cache(maxsize=None)
+def _opponent_basis():
+    """Orthonormal u, v spanning the plane of linear-RGB offsets with zero luminance."""
+    u = np.array([1.0, 0.0, 0.0]) - _LUMA * (_LUMA[0] / (_LUMA @ _LUMA))
+    u /= np.linalg.norm(u)
+    v = np.cross(_LUMA, u)
+    v /= np.linalg.norm(v)
+    return u.astype(np.float32), v.astype(np.float32)
+
+
+def _srgb_to_linear(c):
+    return np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+
+
+@functools.lru_cache(maxsize=None)
+def _srgb_luts():
+    """Tables for the sRGB transfer function: gray level g (4096 steps) -> linear (floored at
+    1e-5, to divide by), and linear (65536 steps) -> 8-bit sRGB; steps far below one level."""
+    to_lin = np.maximum(_srgb_to_linear(np.linspace(0, 1, 4096)), 1e-5).astype(np.float32)
+    lin = np.linspace(0, 1, 65536)
+    srgb = np.where(lin > 0.0031308, 1.055 * np.power(np.maximum(lin, 0.0031308), 1 / 2.4) - 0.055,
+                    lin * 12.92)
+    return to_lin, np.round(np.clip(srgb, 0, 1) * 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _chroma_of(rgb8):
+    """(A, B) relative colour offset of an sRGB colour (0..255 triple)."""
+    u, v = _opponent_basis()
+    lin = _srgb_to_linear(np.asarray(rgb8, np.float64) / 255.0)
+    d = lin / max(lin @ _LUMA, 1e-6) - 1.0
+    return float(d @ u), float(d @ v)
+
+
+def _compose_rgb(g, ca, cb):
+    """uint8 (H, W, 3) from gray level g and colour offsets (A, B), all (H, W) float32.
+    The colour is scaled down where it would leave the RGB cube, keeping luminance exact.
+    (In-place arithmetic: this runs on every pixel of thousands of images.)"""
+    u, v = _opponent_basis()
+    to_lin, to_srgb8 = _srgb_luts()
+    t = np.clip(g, 0, 1)
+    t *= 4095
+    t += 0.5
+    y = np.take(to_lin, t.astype(np.int32))
+    d = []  # per channel (H, W): linear RGB_i = y * (1 + d_i)
+    for i in range(3):
+        di = ca * u[i]
+        di += cb * v[i]
+        d.append(di)
+    dmax = np.maximum(np.maximum(d[0], d[1]), d[2])  # >= 0, as the luminance of d is 0
+    dmin = np.minimum(np.minimum(d[0], d[1]), d[2])  # <= 0
+    # The largest f <= 1 with y * (1 + f d_i) in [0, 1] for every channel, times y.
+    fy = 1.0 / y
+    fy -= 1.0
+    fy /= np.maximum(dmax, 1e-9, out=dmax)
+    np.minimum(fy, -1.0 / np.minimum(dmin, -1e-9, out=dmin), out=fy)
+    np.minimum(fy, 1.0, out=fy)
+    fy *= y
+    out = np.empty(g.shape + (3,), np.uint8)
+    for i in range(3):
+        lin = d[i]
+        lin *= fy
+        lin += y
+        np.clip(lin, 0, 1, out=lin)
+        lin *= 65535
+        lin += 0.5
+        out[..., i] = np.take(to_srgb8, lin.astype(np.int32))
+    return out
+
+
+# Per class: shape, lightness texture (kind, parameter), base gray level, texture amplitude,
+# main colour, second colour (where the texture is high) or None, mean orientation (degrees).
+_CLASS_LOOKS = {
+    'aeroplane':   ('cross',      ('stripes', 3.0),  0.62, 0.25, (230, 230, 235), (205, 35, 45), 0),
+    'bicycle':     ('dumbbell',   ('rings', 4.0),    0.45, 0.30, (40, 90, 200), None, 0),
+    'bird':        ('triangle',   ('noise', 5),      0.55, 0.30, (240, 200, 30), None, 90),
+    'boat':        ('semicircle', ('bands', 2.5),    0.50, 0.35, (200, 40, 40), (235, 235, 235), 0),
+    'bottle':      ('capsule',    ('gradient', 0.0), 0.45, 0.35, (40, 150, 60), None, 90),
+    'bus':         ('rectangle',  ('grid', 3.0),     0.60, 0.30, (245, 170, 20), (70, 70, 80), 0),
+    'car':         ('trapezoid',  ('gradient', 90.), 0.45, 0.20, (190, 20, 60), None, 0),
+    'cat':         ('star',       ('stripes', 4.0),  0.55, 0.30, (225, 120, 40), None, 0),
+    'chair':       ('lshape',     ('waves', 5.0),    0.50, 0.25, (140, 70, 160), None, 0),
+    'cow':         ('ellipse',    ('spots', 4),      0.55, 0.45, (120, 70, 40), (240, 240, 230), 0),
+    'diningtable': ('tshape',     ('rings', 3.0),    0.45, 0.25, (150, 95, 50), None, 0),
+    'dog':         ('crescent',   ('noise', 3),      0.55, 0.25, (205, 170, 110), None, 0),
+    'horse':       ('arrow',      ('gradient', 90.), 0.40, 0.30, (110, 50, 30), None, 0),
+    'motorbike':   ('ring',       ('checker', 4.0),  0.45, 0.35, (220, 40, 160), (40, 40, 45), 0),
+    'person':      ('hexagon',    ('split', 90.),    0.55, 0.30, (225, 170, 140), (40, 70, 150), 0),
+    'pottedplant': ('flower',     ('rings', 2.0),    0.45, 0.30, (50, 160, 70), (190, 90, 50), 0),
+    'sheep':       ('cloud',      ('dots', 5.0),     0.65, 0.20, (235, 230, 210), None, 0),
+    'sofa':        ('ushape',     ('checker', 6.0),  0.50, 0.20, (30, 150, 160), None, 0),
+    'train':       ('chevron',    ('hatch', 4.0),    0.45, 0.30, (170, 30, 30), (120, 120, 130), 0),
+    'tvmonitor':   ('frame',      ('waves', 3.0),    0.35, 0.20, (35, 35, 40), (60, 120, 220), 0),
+}
+# Backgrounds: name -> main colour (textures in _background).
+_BACKGROUNDS = {
+    'sky': (90, 150, 230), 'grass': (70, 150, 50), 'sand': (220, 195, 140),
+    'brick': (170, 70, 50), 'concrete': (125, 125, 128), 'water': (30, 120, 150),
+    'horizon': (90, 150, 230),
+}
+
+
+def _box(p, q, cx, cy, hx, hy):
+    return np.maximum(np.abs(p - cx) - hx, np.abs(q - cy) - hy)
+
+
+def _norm(p, q):
+    return np.sqrt(p * p + q * q)  # np.hypot is several times slower
+
+
+def _frac(x):
+    return x - np.floor(x)  # np.mod is 50x slower
+
+
+def _polygon(p, q, k):
+    """Regular k-gon of circumradius 1 as the intersection of k half-planes."""
+    d = None
+    for j in range(k):
+        t = 2 * np.pi * (j + 0.5) / k
+        e = p * math.cos(t) + q * math.sin(t)
+        d = e if d is None else np.maximum(d, e)
+    return d - math.cos(math.pi / k)
+
+
+def _shape_distance(shape, p, q):
+    """Approximate signed distance (in object radii; < 0 inside) of a shape of radius ~1."""
+    if shape in ('star', 'flower', 'cloud'):
+        r = _norm(p, q)
+        c = p / np.maximum(r, 1e-6)  # cos(phi); cos(k phi) by Chebyshev polynomials (no arctan2)
+        c2 = c * c
+        if shape == 'star':  # five sharp points: cos(5 phi) raised to a power
+            lobes = (0.5 + 0.5 * c * (5 + c2 * (-20 + 16 * c2))) ** 3
+            return (r - (0.42 + 0.58 * lobes)) * 0.5
+        if shape == 'flower':  # six round petals
+            return (r - (0.72 + 0.28 * (-1 + c2 * (18 + c2 * (-48 + 32 * c2))))) * 0.7
+        cos10 = -1 + c2 * (50 + c2 * (-400 + c2 * (1120 + c2 * (-1280 + 512 * c2))))
+        return (r - (0.86 + 0.14 * cos10)) * 0.8
+    if shape == 'ellipse':
+        return (_norm(p, q / 0.62) - 1.0) * 0.62
+    if shape == 'rectangle':
+        return _box(p, q, 0, 0, 1.0, 0.5)
+    if shape == 'triangle':
+        return _polygon(p, q, 3)
+    if shape == 'hexagon':
+        return _polygon(p, q, 6)
+    if shape == 'ring':
+        return np.abs(_norm(p, q) - 0.72) - 0.28
+    if shape == 'frame':
+        return np.abs(np.maximum(np.abs(p), np.abs(q) / 0.8) - 0.75) - 0.22
+    if shape == 'cross':
+        return np.minimum(_box(p, q, 0, 0, 1.0, 0.24), _box(p, q, -0.25, 0, 0.24, 0.8))
+    if shape == 'crescent':
+        return np.maximum(_norm(p, q) - 1.0, 0.82 - _norm(p - 0.5, q))
+    if shape == 'semicircle':
+        q2 = q - 0.4
+        return np.maximum(_norm(p, q2) - 1.0, q2)
+    if shape == 'capsule':
+        return _norm(np.maximum(np.abs(p) - 0.62, 0), q) - 0.36
+    if shape == 'dumbbell':
+        wheels = np.minimum(_norm(p - 0.55, q), _norm(p + 0.55, q)) - 0.42
+        return np.minimum(wheels, _box(p, q, 0, 0, 0.55, 0.08))
+    if shape == 'trapezoid':
+        return np.maximum(np.abs(q) - 0.55, (np.abs(p) - (0.6 + 0.36 * (q + 0.55))) * 0.9)
+    if shape == 'lshape':
+        return np.minimum(_box(p, q, -0.6, 0, 0.3, 1.0), _box(p, q, 0.05, 0.7, 0.95, 0.3))
+    if shape == 'tshape':
+        return np.minimum(_box(p, q, 0, -0.72, 1.0, 0.26), _box(p, q, 0, 0.2, 0.24, 0.8))
+    if shape == 'ushape':
+        sides = np.minimum(_box(p, q, -0.72, 0, 0.26, 0.9), _box(p, q, 0.72, 0, 0.26, 0.9))
+        return np.minimum(sides, _box(p, q, 0, 0.66, 0.98, 0.26))
+    if shape == 'arrow':
+        head = np.maximum(0.15 - p, (np.abs(q) - (1.0 - p) * 0.8) * 0.8)
+        return np.minimum(_box(p, q, -0.42, 0, 0.6, 0.18), head)
+    if shape == 'chevron':
+        return np.maximum(np.abs(p + 0.35 - 0.8 * np.abs(q)) * 0.78 - 0.24, np.abs(q) - 0.9)
+    raise ValueError(f'unknown shape {shape}')
+
+
+def _lattice_noise(rng, x, y, cells):
+    """Smooth value noise in [0, 1] at coordinates x, y in [0, cells] (any shape)."""
+    grid = rng.random((cells + 2, cells + 2)).astype(np.float32)
+    x = np.clip(x, 0, cells)
+    y = np.clip(y, 0, cells)
+    fx, fy = _frac(x), _frac(y)
+    ix, iy = (x - fx).astype(np.int32), (y - fy).astype(np.int32)
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+    flat = iy * (cells + 2) + ix
+    g = grid.ravel()
+    top = np.take(g, flat) * (1 - fx) + np.take(g, flat + 1) * fx
+    bottom = np.take(g, flat + cells + 2) * (1 - fx) + np.take(g, flat + cells + 3) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _texture(kind, param, p, q, rng):
+    """Texture value in [0, 1] in object coordinates (p, q), radius ~1."""
+    tau = 2 * np.pi
+    if kind == 'stripes':
+        return 0.5 + 0.5 * np.sin(tau * param * (0.8 * p + 0.6 * q))
+    if kind == 'bands':
+        return np.clip(0.5 + 3 * np.sin(tau * param * q), 0, 1)
+    if kind == 'rings':
+        return 0.5 + 0.5 * np.sin(tau * param * _norm(p, q))
+    if kind == 'checker':
+        return np.clip(0.5 + 3 * np.sin(np.pi * param * p) * np.sin(np.pi * param * q), 0, 1)
+    if kind == 'dots':
+        fp, fq = _frac(param * p) - 0.5, _frac(param * q) - 0.5
+        return np.clip((0.3 - _norm(fp, fq)) * 10 + 0.5, 0, 1)
+    if kind == 'grid':
+        fp, fq = np.abs(_frac(param * p) - 0.5), np.abs(_frac(param * q) - 0.5)
+        return np.clip((0.3 - np.maximum(fp, fq)) * 12 + 0.5, 0, 1)
+    if kind == 'waves':
+        return 0.5 + 0.5 * np.sin(tau * param * (p + 0.12 * np.sin(tau * 1.5 * q)))
+    if kind == 'hatch':
+        a = np.abs(_frac(param * (p + q)) - 0.5)
+        b = np.abs(_frac(param * (p - q)) - 0.5)
+        return np.clip((0.12 - np.minimum(a, b)) * 12 + 0.5, 0, 1)
+    if kind in ('gradient', 'split'):
+        a = np.deg2rad(param)
+        s = p * np.cos(a) + q * np.sin(a)
+        return np.clip(0.5 + (0.5 if kind == 'gradient' else 5.0) * s, 0, 1)
+    if kind == 'noise':
+        return _lattice_noise(rng, (p + 1.2) * param / 2.4, (q + 1.2) * param / 2.4, param)
+    if kind == 'spots':
+        n = _lattice_noise(rng, (p + 1.2) * param / 2.4, (q + 1.2) * param / 2.4, param)
+        return np.clip((n - 0.55) * 8 + 0.5, 0, 1)
+    raise ValueError(f'unknown texture {kind}')
+
+
+def _smooth_noise(rng, h, w, cell):
+    """(h, w) float32 noise in about [0, 1], smooth over `cell` pixels."""
+    small = rng.random((max(2, h // cell + 2), max(2, w // cell + 2))).astype(np.float32)
+    return np.asarray(Image.fromarray(small, 'F').resize((w, h), Image.BILINEAR))
+
+
+def _jitter_colour(rgb8, rng, hue_jitter=0.2, chroma_range=(0.75, 1.2)):
+    a, b = _chroma_of(rgb8)
+    t = rng.uniform(-hue_jitter, hue_jitter)
+    s = rng.uniform(*chroma_range)
+    return (s * (a * math.cos(t) - b * math.sin(t)), s * (a * math.sin(t) + b * math.cos(t)))
+
+
+def _background(name, rng, h, w):
+    """Gray level and colour offsets (each (h, w) float32, fresh) of a background."""
+    yy = np.linspace(0, 1, h, dtype=np.float32)[:, None]  # (h, 1)
+    xx = np.linspace(0, 1, w, dtype=np.float32)[None, :]  # (1, w)
+    ca, cb = _jitter_colour(_BACKGROUNDS[name], rng)
+    shift = rng.uniform(-0.08, 0.08)
+    chroma = None  # (h, w) colour strength, None for 1 everywhere
+    if name in ('sky', 'horizon'):
+        cloud = _smooth_noise(rng, h, w, 24) - 0.5
+        cloud *= 3
+        np.clip(cloud, 0, 1, out=cloud)
+        g = 0.62 + 0.18 * yy + 0.2 * cloud
+        chroma = 1 - cloud
+        if name == 'horizon':
+            wave = np.sin(xx * rng.uniform(3, 9) + rng.uniform(0, 6))
+            line = rng.uniform(0.35, 0.7) + 0.03 * wave
+            ground = yy > line
+            ga, gb = _jitter_colour(_BACKGROUNDS['grass'], rng)
+            n = _smooth_noise(rng, h, w, 3)
+            g = np.where(ground, 0.35 + 0.25 * n, g)
+            chroma[ground] = 1.0
+            ca = np.where(ground, np.float32(ga), np.float32(ca))
+            cb = np.where(ground, np.float32(gb), np.float32(cb))
+    elif name == 'grass':
+        g = 0.3 + 0.25 * _smooth_noise(rng, h, w, 3) + 0.2 * _smooth_noise(rng, h, w, 40)
+    elif name == 'sand':
+        g = 0.58 + 0.07 * np.sin(2 * np.pi * (yy * rng.uniform(6, 14) + 0.1 * np.sin(9 * xx))) \
+            + 0.1 * _smooth_noise(rng, h, w, 2)
+    elif name == 'brick':
+        bh = int(rng.integers(10, 18))
+        bw = bh * 2.5
+        row = np.arange(h, dtype=np.float32)[:, None] // bh  # (h, 1)
+        xs = np.arange(w, dtype=np.float32)[None, :] + (row % 2) * np.float32(bw / 2)  # (h, w)
+        col = np.floor(xs / bw)
+        mortar = (np.arange(h)[:, None] % bh < 2) | (xs - col * bw < 2)
+        per_brick = _frac((row * 1000 + col) * np.float32(0.618034)) - 0.5
+        g = np.where(mortar, 0.7, 0.4 + 0.12 * per_brick + 0.06 * _smooth_noise(rng, h, w, 2))
+        chroma = np.where(mortar, np.float32(0.05), np.float32(1.0))
+    elif name == 'concrete':
+        g = 0.45 + 0.15 * _smooth_noise(rng, h, w, 2) + 0.1 * _smooth_noise(rng, h, w, 30)
+        ca, cb = 0.3 * ca, 0.3 * cb
+    elif name == 'water':
+        ripple = yy * rng.uniform(8, 16) + 0.3 * _smooth_noise(rng, h, w, 20)
+        g = 0.35 + 0.12 * np.sin(2 * np.pi * ripple) + 0.1 * yy
+    else:
+        raise ValueError(f'unknown background {name}')
+    g = g.astype(np.float32, copy=False)
+    g += np.float32(shift)
+    if chroma is None:
+        return g, np.full((h, w), ca, np.float32), np.full((h, w), cb, np.float32)
+    ca, cb = chroma * ca, chroma * cb
+    return g, ca.astype(np.float32, copy=False), cb.astype(np.float32, copy=False)
+
+
+def _render_scene(rng, h, w):
+    """One demo photo. Returns rgb uint8 (h, w, 3), class map uint8 (h, w) (0 background,
+    1..20 = VOC_CLASSES), and per instance (class index 0..19, visible pixels, difficult)."""
+    bg = list(_BACKGROUNDS)[rng.integers(len(_BACKGROUNDS))]
+    g, ca, cb = _background(bg, rng, h, w)
+    inst = np.full((h, w), -1, np.int16)
+    n_obj = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
+    classes, full_areas = [], []
+    side = min(h, w)
+    for i in range(n_obj):
+        k = int(rng.integers(len(VOC_CLASSES)))
+        shape, (tex, param), base, amp, col1, col2, orient = _CLASS_LOOKS[VOC_CLASSES[k]]
+        radius = rng.uniform(3, 6) if rng.random() < 0.15 else rng.uniform(0.12, 0.42) * side
+        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+        theta = np.deg2rad(orient) + rng.uniform(-0.4, 0.4) + (np.pi if rng.random() < 0.5 else 0)
+        # Bounding box of the whole (unclipped) object, for its full area.
+        ext = radius * 1.1 + 1
+        y0, y1 = int(math.floor(cy - ext)), int(math.ceil(cy + ext))
+        x0, x1 = int(math.floor(cx - ext)), int(math.ceil(cx + ext))
+        dy = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy)[:, None]
+        dx = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx)[None, :]
+        c, s = math.cos(theta), math.sin(theta)
+        p = (c * dx + s * dy) / radius
+        q = (-s * dx + c * dy) / radius
+        alpha = np.clip(0.5 - _shape_distance(shape, p, q) * radius, 0, 1)  # anti-aliased edge
+        full_areas.append(int((alpha >= 0.5).sum()))
+        classes.append(k)
+        # In-frame part.
+        fy0, fy1, fx0, fx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        if fy0 >= fy1 or fx0 >= fx1:
+            continue
+        sl = (slice(fy0 - y0, fy1 - y0), slice(fx0 - x0, fx1 - x0))
+        frame = (slice(fy0, fy1), slice(fx0, fx1))
+        a, p, q = alpha[sl], p[sl], q[sl]
+        t = _texture(tex, param, p, q, rng).astype(np.float32)
+        obj_g = base + rng.uniform(-0.15, 0.15) + amp * (t - 0.5)
+        a1, b1 = _jitter_colour(col1, rng)
+        if col2 is not None:
+            a2, b2 = _jitter_colour(col2, rng)
+            obj_a, obj_b = a1 + (a2 - a1) * t, b1 + (b2 - b1) * t
+        else:
+            obj_a, obj_b = a1, b1
+        for layer, value in ((g, obj_g), (ca, obj_a), (cb, obj_b)):
+            view = layer[frame]
+            view += (value - view) * a  # alpha blend in place
+        inst[frame][a >= 0.5] = i
+    visible = np.bincount(inst[inst >= 0].ravel(), minlength=n_obj)
+    instances = []
+    for i, k in enumerate(classes):
+        if visible[i] == 0:
+            continue
+        # VOC's 'difficult': too small or too hidden to recognise.
+        difficult = visible[i] < 0.003 * h * w or visible[i] < 0.25 * full_areas[i]
+        instances.append((k, int(visible[i]), bool(difficult)))
+    label = np.where(inst >= 0, np.asarray(classes + [0], np.uint8)[inst] + 1, 0).astype(np.uint8)
+    return _compose_rgb(g, ca, cb), label, instances
+
+
+def _scene(seed, stream, index, size_range):
+    """Scene number `index` of `stream`: depends on nothing else, so generation order and the
+    number of worker processes do not change a single byte."""
+    rng = np.random.default_rng([seed, stream, index])
+    lo, hi = size_range
+    h, w = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+    return _render_scene(rng, h, w)
+
+
+def _colour_tables():
+    """Build the cached colour tables now (see ensure_demo)."""
+    _opponent_basis()
+    _srgb_luts()
+    for look in _CLASS_LOOKS.values():
+        for colour in look[4:6]:
+            if colour is not None:
+                _chroma_of(colour)
+    for colour in _BACKGROUNDS.values():
+        _chroma_of(colour)
+
+
+def _wnid(k):
+    return f'n{k + 1:08d}'
+
+
+def _image_labels(instances):
+    """VOC image-level labels (20,) from instances: 1 if a non-difficult instance is present,
+    0 if only difficult ones, -1 if none."""
+    lab = np.full(len(VOC_CLASSES), -1, np.int8)
+    for k, _, difficult in instances:
+        lab[k] = 1 if not difficult else max(lab[k], 0)
+    return lab
+
+
+def _void_band(label, radius):
+    """255 on pixels within `radius` of a pixel of another class, as VOC marks object outlines."""
+    h, w = label.shape
+    padded = np.pad(label, radius, mode='edge')
+    band = np.zeros((h, w), bool)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if 0 < dy * dy + dx * dx <= radius * radius:
+                band |= padded[radius + dy:radius + dy + h, radius + dx:radius + dx + w] != label
+    return np.where(band, 255, label).astype(np.uint8)
+
+
+def _render_job(job):
+    """Render and write scenes [start, stop) of one stream; runs in worker processes.
+    kind 'world': ImageNet layout; 'voc07': JPEG only, returns image labels; 'voc12': JPEG and
+    label PNG."""
+    kind, out_dir, seed, stream, start, stop, size_range, quality = job
+    labels = []
+    for i in range(start, stop):
+        rgb, label, instances = _scene(seed, stream, i, size_range)
+        if kind == 'world':
+            k = max(instances, key=lambda x: x[1])[0] if instances else 0  # dominant class
+            path = os.path.join(out_dir, _wnid(k), f'{_wnid(k)}_{i}.JPEG')
+        elif kind == 'voc07':
+            labels.append(_image_labels(instances))
+            path = os.path.join(out_dir, 'JPEGImages', f'{i + 1:06d}.jpg')
+        else:
+            name = f'2012_{i + 1:06d}'
+            path = os.path.join(out_dir, 'JPEGImages', f'{name}.jpg')
+            png = Image.fromarray(_void_band(label, max(1, round(min(label.shape) / 100))), 'P')
+            png.putpalette(VOC_PALETTE.tobytes())
+            png.save(os.path.join(out_dir, 'SegmentationClass', f'{name}.png'))
+        Image.fromarray(rgb).save(path, 'JPEG', quality=quality)
+    return labels
+
+
+def _run_jobs(kind, out_dir, seed, stream, n, size_range, quality, pool, chunk=64):
+    jobs = [(kind, out_dir, seed, stream, i, min(i + chunk, n), size_range, quality)
+            for i in range(0, n, chunk)]
+    results = pool.map(_render_job, jobs) if pool is not None else map(_render_job, jobs)
+    return [lab for labels in results for lab in labels]
+
+
+def make_demo_world(root, n_train=4000, n_val=200, seed=0, size_range=(160, 256), quality=90,
+                    pool=None):
+    """ImageNet-style demo folder: root/{train,val}/<wnid>/<wnid>_<i>.JPEG, the wnid
+    (n00000001 .. n00000020, VOC_CLASSES order) naming the class covering most pixels. Images
+    are h x w, h and w each drawn from `size_range`. `pool`: an optional
+    concurrent.futures executor to render in."""
+    for split, n, stream in (('train', n_train, 0), ('val', n_val, 1)):
+        for k in range(len(VOC_CLASSES)):
+            os.makedirs(os.path.join(root, split, _wnid(k)), exist_ok=True)
+        _run_jobs('world', os.path.join(root, split), seed, stream, n, size_range, quality, pool)
+    return {'train': os.path.join(root, 'train'), 'val': os.path.join(root, 'val')}
+
+
+def _write_lines(path, lines):
+    with open(path, 'w') as f:
+        f.write(''.join(f'{s}\n' for s in lines))
+
+
+def make_demo_voc(root, n_trainval_2007=600, n_test_2007=300, n_train_2012=600, n_val_2012=200,
+                  seed=1, size_range=(160, 256), quality=90, pool=None):
+    """VOC devkit of the demo world (other scenes than make_demo_world's):
+    root/VOCdevkit/VOC2007: JPEGImages/<6 digits>.jpg, ImageSets/Main/<class>_<split>.txt
+    ('000005 -1' lines; 1 / -1 / 0 = difficult) and <split>.txt for train, val, trainval, test;
+    root/VOCdevkit/VOC2012: JPEGImages/2012_<6 digits>.jpg, SegmentationClass/*.png (palette
+    PNGs, VOC colour map, 255 on a band along object outlines), ImageSets/Segmentation/
+    {train,val,trainval}.txt."""
+    voc07 = os.path.join(root, 'VOCdevkit', 'VOC2007')
+    main = os.path.join(voc07, 'ImageSets', 'Main')
+    for d in (os.path.join(voc07, 'JPEGImages'), main):
+        os.makedirs(d, exist_ok=True)
+    n07 = n_trainval_2007 + n_test_2007
+    labels = _run_jobs('voc07', voc07, seed, 2, n07, size_range, quality, pool)
+    ids = [f'{i + 1:06d}' for i in range(n07)]
+    is_train = np.zeros(n_trainval_2007, bool)
+    order = np.random.default_rng([seed, 2]).permutation(n_trainval_2007)
+    is_train[order[:n_trainval_2007 // 2]] = True
+    splits = {'train': [i for i in range(n_trainval_2007) if is_train[i]],
+              'val': [i for i in range(n_trainval_2007) if not is_train[i]],
+              'trainval': list(range(n_trainval_2007)),
+              'test': list(range(n_trainval_2007, n07))}
+    for split, members in splits.items():
+        _write_lines(os.path.join(main, f'{split}.txt'), [ids[i] for i in members])
+        for k, cls in enumerate(VOC_CLASSES):
+            # The devkit's own format, '%s %2d': positives read '000007  1'.
+            _write_lines(os.path.join(main, f'{cls}_{split}.txt'),
+                         [f'{ids[i]} {int(labels[i][k]):2d}' for i in members])
+
+    voc12 = os.path.join(root, 'VOCdevkit', 'VOC2012')
+    seg = os.path.join(voc12, 'ImageSets', 'Segmentation')
+    for d in (os.path.join(voc12, 'JPEGImages'), os.path.join(voc12, 'SegmentationClass'), seg):
+        os.makedirs(d, exist_ok=True)
+    n12 = n_train_2012 + n_val_2012
+    _run_jobs('voc12', voc12, seed, 3, n12, size_range, quality, pool)
+    ids12 = [f'2012_{i + 1:06d}' for i in range(n12)]
+    _write_lines(os.path.join(seg, 'train.txt'), ids12[:n_train_2012])
+    _write_lines(os.path.join(seg, 'val.txt'), ids12[n_train_2012:])
+    _write_lines(os.path.join(seg, 'trainval.txt'), ids12)
+    return {'voc2007': voc07, 'voc2012': voc12}
+
+
+_DEMO_MARKER = 'DEMO_COMPLETE.json'
+_DEMO_VERSION = 1
+
+
+def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007=600,
+                n_test_2007=300, n_train_2012=600, n_val_2012=200, seed=0, workers=None, log=print):
+    """Generate the demo world under `root` unless it is already complete; returns its paths
+    {'root', 'train', 'val', 'voc2007', 'voc2012'}.
+
+    Generation goes to a temporary sibling folder renamed to `root` once complete (its marker
+    DEMO_COMPLETE.json written last), so an interrupted run never leaves a world that looks
+    complete; several processes calling it at once is safe (one rename wins). `workers`:
+    processes to render in (default: the CPU count, at most 8; 1 = in this process).
+    """
+    root = os.path.abspath(os.fspath(root))
+    params = {'version': _DEMO_VERSION, 'n_train': n_train, 'n_val': n_val,
+              'n_trainval_2007': n_trainval_2007, 'n_test_2007': n_test_2007,
+              'n_train_2012': n_train_2012, 'n_val_2012': n_val_2012, 'seed': seed}
+    paths = {'root': root, 'train': os.path.join(root, 'train'), 'val': os.path.join(root, 'val'),
+             'voc2007': os.path.join(root, 'VOCdevkit', 'VOC2007'),
+             'voc2012': os.path.join(root, 'VOCdevkit', 'VOC2012')}
+    if _demo_complete(root, params):
+        return paths
+    if os.path.exists(root) and os.listdir(root):
+        raise ValueError(f'{root} exists and is not empty, but holds no complete demo world '
+                         f'({_DEMO_MARKER} missing); delete it or pick another folder')
+    parent, name = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp(parent, name)
+    tmp = os.path.join(parent, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    total = n_train + n_val + n_trainval_2007 + n_test_2007 + n_train_2012 + n_val_2012
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if total >= 1000 else 1
+    t0 = time.perf_counter()
+    pool = None
+    try:
+        if workers > 1:
+            # fork where there is fork: a spawned worker would spend seconds importing torch.
+            # Forking is safe even if torch's thread pools run here: the workers use numpy
+            # element-wise code and Pillow only, and the colour tables (the one use of BLAS)
+            # are built before the fork.
+            _colour_tables()
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+        make_demo_world(tmp, n_train, n_val, seed=seed, pool=pool)
+        make_demo_voc(tmp, n_trainval_2007, n_test_2007, n_train_2012, n_val_2012, seed=seed + 1,
+                      pool=pool)
+        _write_json_atomic(os.path.join(tmp, _DEMO_MARKER), params)
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _demo_complete(root, params):  # not a concurrent call that finished first
+                raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f'generated the demo world in {root} ({time.perf_counter() - t0:.1f} s): '
+        f'{n_train} train + {n_val} val images (ImageNet layout), VOC2007 {n_trainval_2007} '
+        f'trainval + {n_test_2007} test, VOC2012 segmentation {n_train_2012} train + '
+        f'{n_val_2012} val')
+    return paths
+
+
+def _demo_complete(root, params):
+    marker = os.path.join(root, _DEMO_MARKER)
+    if not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        found = json.load(f)
+    if found != params:
+        raise ValueError(f'the demo world in {root} was generated with {found}, but {params} was '
+                         'asked for; delete the folder to regenerate, or pick another folder')
+    return True
+
+
+def _remove_stale_tmp(parent, name):
+    """Delete temporary folders left by interrupted generations on this host."""
+    prefix = f'.{name}.tmp-{socket.gethostname()}-'
+    for entry in os.listdir(parent):
+        if not entry.startswith(prefix):
+            continue
+        try:
+            pid = int(entry[len(prefix):])
+            os.kill(pid, 0)  # raises if no such process: the folder is stale
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description='Data utilities: generate the demo world, or list '
+                                 'and cache the images of pre-training folders.')
+    sub = ap.add_subparsers(dest='cmd', required=True)
+    demo = sub.add_parser('demo', help='generate the procedural demo world (once)')
+    demo.add_argument('--root', default=DEFAULT_DEMO_ROOT, help='folder to write the demo world to')
+    demo.add_argument('--n-train', type=int, default=4000, help='pre-training images')
+    demo.add_argument('--n-val', type=int, default=200, help='held-out pre-training images')
+    scan = sub.add_parser('scan', help='list the images under folders or .txt lists and cache '
+                          'the listing')
+    scan.add_argument('roots', nargs='+', help='image folders or .txt lists of image paths')
+    scan.add_argument('--cache-dir', default=None, help='folder for the listing cache')
+    args = ap.parse_args(argv)
+    if args.cmd == 'demo':
+        ensure_demo(args.root, n_train=args.n_train, n_val=args.n_val)
+    else:
+        try:
+            paths = find_images(args.roots, args.cache_dir)
+        except ValueError as e:  # a wrong path: the message says what to do, no traceback needed
+            ap.error(str(e))
+        print(f'{len(paths):,} images in total')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,399 @@
+"""Colour maths for colorization: sRGB <-> CIE L*a*b* <-> LCh, the binned targets, the losses, decoding.
+
+Hand-written in torch (no colour library): sRGB per IEC 61966-2-1 with the D65 white point,
+CIE 1976 L*a*b*, and the hue/chroma (LCh_ab) histograms of Larsson et al. (CVPR 2017). Every
+function works on any device, is differentiable where it makes sense, and computes in float32
+even under autocast (float64 stays float64). This file imports only torch and math: copy it.
+
+Shapes: images are (..., 3, H, W) with channels in dim -3; sampled pixels are (B, P, 2) integer
+(y, x) coordinates; network outputs at sampled pixels are (B, P, D).
+
+    import lab
+    lab_img = lab.rgb_to_lab(rgb)                      # rgb in [0, 1] -> L in [0, 100]
+    x = lab.lightness_input(lab_img)                   # (B, 1, H, W), about zero mean
+    t = lab.make_targets('huechroma', lab_img, points) # targets at the sampled pixels
+    total, parts = lab.color_loss('huechroma', logits, t)
+    ab = lab.decode('huechroma', logits)               # (B, P, 2) in Lab units
+    rgb = lab.lab_to_rgb(torch.cat([L, ab_map], 1))
+
+Used by colorize.py (pre-training, colorizing) and finetune_voc.py (L*a*b* input).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --- Constants: the one home of every number below. ------------------------------------------
+
+WHITE_D65 = (0.95047, 1.0, 1.08883)  # XYZ of the reference white, Y = 1
+RGB_TO_XYZ = (  # linear sRGB (D65) -> XYZ, IEC 61966-2-1
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
+LAB_EPSILON = (6.0 / 29.0) ** 3  # f(t) switches from cube root to the linear segment here
+LAB_KAPPA = 3.0 * (6.0 / 29.0) ** 2  # slope denominator of the linear segment: t / KAPPA + 4/29
+
+L_CENTER, L_SCALE = 50.0, 50.0  # network input: (L - 50) / 50, L in [0, 100] -> [-1, 1]
+AB_SCALE = 50.0  # a*, b* fed as input (finetune --input lab) are divided by this
+
+HUE_BINS = 32  # uniform on the circle, bin k covers [k, k+1) * 2 pi / 32
+CHROMA_BINS = 32  # uniform on [0, CHROMA_MAX], chroma above goes to the last bin
+CHROMA_MAX = 128.0  # Lab units
+HUE_WEIGHT = 5.0  # lambda_H in front of the chroma-weighted hue KL term
+HUE_FADE_R = 0.96  # decoding: chroma *= min(R / 0.96, 1), R = hue histogram resultant length
+AB_GRID = 10.0  # joint ab histogram: cell size in Lab units, cell centres at multiples of 10
+AB_SIGMA = 5.0  # joint ab histogram: Gaussian soft assignment to neighbouring cells
+AB_TEMPERATURE = 0.38  # joint ab decoding: annealed mean temperature (Zhang et al. 2016)
+L2_SCALE = 128.0  # l2 loss regresses (a, b) / L2_SCALE
+LOSSES = ('huechroma', 'l2', 'ab')
+
+
+def _inverse3(m):
+    """Inverse of a 3x3 matrix given as nested tuples, in Python floats (exact to double precision)."""
+    (a, b, c), (d, e, f), (g, h, i) = m
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return (
+        ((e * i - f * h) / det, (c * h - b * i) / det, (b * f - c * e) / det),
+        ((f * g - d * i) / det, (a * i - c * g) / det, (c * d - a * f) / det),
+        ((d * h - e * g) / det, (b * g - a * h) / det, (a * e - b * d) / det),
+    )
+
+
+XYZ_TO_RGB = _inverse3(RGB_TO_XYZ)
+
+
+# --- sRGB <-> Lab ------------------------------------------------------------------------------
+
+def _float(x):
+    """float64 stays float64; everything else (uint8, half, bfloat16, float32) becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _no_autocast(x):
+    return torch.autocast(x.device.type, enabled=False) if x.device.type in ('cuda', 'cpu') else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _matmul3(m, x):
+    """Apply a 3x3 matrix (nested tuples) to the channel dim -3 of x (..., 3, H, W)."""
+    w = torch.tensor(m, dtype=x.dtype, device=x.device)
+    return torch.einsum('ij,...jhw->...ihw', w, x)
+
+
+def srgb_to_linear(c):
+    """Gamma-encoded sRGB in [0, 1] -> linear light. Exact IEC 61966-2-1 piecewise curve."""
+    # Clamp inside the power branch so that torch.where never differentiates a NaN.
+    power = ((c.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4
+    return torch.where(c > 0.04045, power, c / 12.92)
+
+
+def linear_to_srgb(c):
+    """Linear light -> gamma-encoded sRGB; the exact inverse of srgb_to_linear."""
+    power = 1.055 * c.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055
+    return torch.where(c > 0.0031308, power, c * 12.92)
+
+
+def _f(t):
+    return torch.where(t > LAB_EPSILON, t.clamp(min=LAB_EPSILON) ** (1.0 / 3.0), t / LAB_KAPPA + 4.0 / 29.0)
+
+
+def _f_inv(t):
+    return torch.where(t > 6.0 / 29.0, t ** 3, LAB_KAPPA * (t - 4.0 / 29.0))
+
+
+def rgb_to_lab(rgb):
+    """sRGB (..., 3, H, W) in [0, 1] (gamma-encoded; uint8 is read as /255) -> L*a*b* (..., 3, H, W).
+
+    L in [0, 100]; a, b roughly in [-128, 128]. Float32 under autocast, float64 if given float64.
+    """
+    if rgb.shape[-3] != 3:
+        raise ValueError(f'rgb_to_lab expects 3 channels in dim -3, got shape {tuple(rgb.shape)}')
+    with _no_autocast(rgb):
+        x = _float(rgb) / 255.0 if rgb.dtype == torch.uint8 else _float(rgb)
+        xyz = _matmul3(RGB_TO_XYZ, srgb_to_linear(x))
+        white = torch.tensor(WHITE_D65, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        fx, fy, fz = _f(xyz / white).unbind(-3)
+        return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=-3)
+
+
+def lab_to_rgb(lab, clip=True):
+    """L*a*b* (..., 3, H, W) -> gamma-encoded sRGB (..., 3, H, W), clipped to [0, 1] unless clip=False.
+
+    Out-of-gamut colours give values outside [0, 1] when clip=False.
+    """
+    if lab.shape[-3] != 3:
+        raise ValueError(f'lab_to_rgb expects 3 channels in dim -3, got shape {tuple(lab.shape)}')
+    with _no_autocast(lab):
+        lab = _float(lab)
+        L, a, b = lab.unbind(-3)
+        fy = (L + 16.0) / 116.0
+        f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=-3)
+        white = torch.tensor(WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+        rgb = linear_to_srgb(_matmul3(XYZ_TO_RGB, _f_inv(f) * white))
+        return rgb.clamp(0.0, 1.0) if clip else rgb
+
+
+def lab_to_lch(lab):
+    """L*a*b* -> LCh_ab (..., 3, H, W): L unchanged, C = |ab| >= 0, h = atan2(b, a) in [0, 2 pi)."""
+    with _no_autocast(lab):
+        L, a, b = _float(lab).unbind(-3)
+        h = torch.remainder(torch.atan2(b, a), 2 * math.pi)
+        return torch.stack([L, torch.hypot(a, b), h], dim=-3)
+
+
+def lch_to_lab(lch):
+    """LCh_ab (..., 3, H, W), h in radians -> L*a*b*."""
+    with _no_autocast(lch):
+        L, C, h = _float(lch).unbind(-3)
+        return torch.stack([L, C * torch.cos(h), C * torch.sin(h)], dim=-3)
+
+
+def lightness_input(lab):
+    """The network input: (L - 50) / 50 as (..., 1, H, W), L in [0, 100] -> [-1, 1]."""
+    return (lab[..., :1, :, :] - L_CENTER) / L_SCALE
+
+
+def lab_input(lab):
+    """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W)."""
+    scale = torch.tensor([L_SCALE, AB_SCALE, AB_SCALE], dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    shift = torch.tensor([L_CENTER, 0.0, 0.0], dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    return (lab - shift) / scale
+
+
+# --- Bins and targets ---------------------------------------------------------------------------
+
+def hue_bin(h):
+    """Hue in radians [0, 2 pi) -> bin index in [0, HUE_BINS); wraps around 2 pi."""
+    return torch.floor(h * (HUE_BINS / (2 * math.pi))).long().remainder(HUE_BINS)
+
+
+def chroma_bin(c):
+    """Chroma in Lab units -> bin index in [0, CHROMA_BINS); chroma >= CHROMA_MAX lands in the last bin."""
+    return torch.floor(c * (CHROMA_BINS / CHROMA_MAX)).long().clamp(0, CHROMA_BINS - 1)
+
+
+def hue_centers(dtype=torch.float32, device=None):
+    return (torch.arange(HUE_BINS, dtype=dtype, device=device) + 0.5) * (2 * math.pi / HUE_BINS)
+
+
+def chroma_centers(dtype=torch.float32, device=None):
+    return (torch.arange(CHROMA_BINS, dtype=dtype, device=device) + 0.5) * (CHROMA_MAX / CHROMA_BINS)
+
+
+_AB_GAMUT = {}
+
+
+def ab_gamut():
+    """The joint ab classes: centres (Q, 2) of the AB_GRID cells that some 8-bit sRGB colour falls in.
+
+    Every ab that the sRGB cube reaches is reached on its surface (the L-segment through a point of
+    the projection ends on the surface), so enumerating the six faces at 8-bit steps is exact.
+    Returns (centres (Q, 2) float32, lookup (G, G) int64 mapping a grid cell to its class or -1,
+    offset): cell (i, j) has centre ((i - offset) * AB_GRID, (j - offset) * AB_GRID).
+    """
+    if 'centres' not in _AB_GAMUT:
+        v = torch.arange(256, dtype=torch.float64) / 255.0
+        u, w = torch.meshgrid(v, v, indexing='ij')
+        faces = []
+        for axis in range(3):
+            for side in (0.0, 1.0):
+                chans = [u, w]
+                chans.insert(axis, torch.full_like(u, side))
+                faces.append(torch.stack(chans, 0).reshape(3, -1, 1))
+        lab = rgb_to_lab(torch.cat(faces, 1))
+        offset = int(math.ceil(130 / AB_GRID))
+        idx = torch.round(lab[1:, :, 0] / AB_GRID).long() + offset  # (2, N)
+        size = 2 * offset + 1
+        hit = torch.zeros(size * size, dtype=torch.bool)
+        hit[idx[0] * size + idx[1]] = True
+        lookup = torch.full((size * size,), -1, dtype=torch.long)
+        cells = hit.nonzero().squeeze(1)
+        lookup[cells] = torch.arange(len(cells))
+        centres = torch.stack([cells // size - offset, cells % size - offset], 1).float() * AB_GRID
+        # For colours outside sRGB (possible in Lab, not in photos): the nearest gamut cell of each cell.
+        grid = torch.stack(torch.meshgrid(*[torch.arange(size) - offset] * 2, indexing='ij'), -1).float() * AB_GRID
+        nearest = torch.cdist(grid.view(-1, 2), centres).argmin(1)
+        _AB_GAMUT.update(centres=centres, lookup=lookup.view(size, size), offset=offset,
+                         nearest=nearest.view(size, size))
+    return _AB_GAMUT['centres'], _AB_GAMUT['lookup'], _AB_GAMUT['offset']
+
+
+def output_dim(kind):
+    """Number of network outputs per pixel for a loss kind."""
+    if kind == 'huechroma':
+        return HUE_BINS + CHROMA_BINS
+    if kind == 'l2':
+        return 2
+    if kind == 'ab':
+        return len(ab_gamut()[0])
+    raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+
+
+def _window_gather(maps, points, window):
+    """Read (B, C, H, W) maps at a window x window neighbourhood of each point (B, P, 2).
+
+    Returns (B, P, window * window, C); coordinates beyond the image are clamped to its edge.
+    """
+    B, C, H, W = maps.shape
+    r = torch.arange(window, device=maps.device) - window // 2
+    dy, dx = torch.meshgrid(r, r, indexing='ij')
+    y = (points[..., 0:1].long() + dy.reshape(1, 1, -1)).clamp(0, H - 1)  # (B, P, K)
+    x = (points[..., 1:2].long() + dx.reshape(1, 1, -1)).clamp(0, W - 1)
+    flat = maps.reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+    index = (y * W + x).reshape(B, -1, 1).expand(-1, -1, C)
+    return flat.gather(1, index).reshape(B, points.shape[1], window * window, C)
+
+
+def _histogram(bins, n):
+    """Normalised histogram (B, P, n) of integer bins (B, P, K): each of the K entries adds 1/K."""
+    out = torch.zeros(*bins.shape[:2], n, device=bins.device)
+    return out.scatter_add_(2, bins, torch.full(bins.shape, 1.0 / bins.shape[2], device=bins.device))
+
+
+def make_targets(kind, lab, points, window=7):
+    """Targets of a loss kind at sampled pixels.
+
+    lab: (B, 3, H, W) the true colours; points: (B, P, 2) integer (y, x); window: side of the
+    square neighbourhood whose normalised bin histogram is the target (1 = one-hot of the pixel).
+    Returns a dict of float32 tensors; all have leading dims (B, P):
+      huechroma: hue (B, P, 32), chroma (B, P, 32), hue_weight (B, P) = centre chroma / 128 clipped
+                 to 1, lightness (B, P) = centre L / 100.
+      l2: ab (B, P, 2) = centre (a, b) / L2_SCALE, lightness.
+      ab: ab (B, P, Q) soft histogram over the gamut cells, lightness.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f'target window must be a positive odd number, got {window}')
+    with _no_autocast(lab):
+        lab = lab.float()
+        centre = _window_gather(lab, points, 1)[:, :, 0]  # (B, P, 3)
+        lightness = centre[..., 0] / 100.0
+        if kind == 'huechroma':
+            lch = lab_to_lch(lab)
+            bins = torch.stack([hue_bin(lch[:, 2]), chroma_bin(lch[:, 1])], 1)  # (B, 2, H, W)
+            win = _window_gather(bins, points, window)  # (B, P, K, 2)
+            c = torch.hypot(centre[..., 1], centre[..., 2])
+            return dict(hue=_histogram(win[..., 0], HUE_BINS), chroma=_histogram(win[..., 1], CHROMA_BINS),
+                        hue_weight=(c / CHROMA_MAX).clamp(max=1.0), lightness=lightness)
+        if kind == 'l2':
+            return dict(ab=centre[..., 1:] / L2_SCALE, lightness=lightness)
+        if kind == 'ab':
+            return dict(ab=_ab_soft(_window_gather(lab[:, 1:], points, window)), lightness=lightness)
+    raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+
+
+def _ab_soft(ab):
+    """Soft joint-ab histogram (B, P, Q) of the window colours ab (B, P, K, 2).
+
+    Each colour spreads Gaussian weights (sigma = AB_SIGMA) over the in-gamut cells among the 3x3
+    grid cells around it (which hold its nearest cells), normalised per colour; a colour with no
+    gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the K
+    colours are averaged.
+    """
+    centres, lookup, offset = ab_gamut()
+    lookup, nearest = lookup.to(ab.device), _AB_GAMUT['nearest'].to(ab.device)
+    size = lookup.shape[0]
+    B, P, K, _ = ab.shape
+    cell = torch.round(ab / AB_GRID).long()  # (B, P, K, 2)
+    r = torch.tensor([-1, 0, 1], device=ab.device)
+    nb = torch.stack(torch.meshgrid(r, r, indexing='ij'), -1).reshape(9, 2)
+    cand = (cell.unsqueeze(3) + nb).clamp(-offset, offset)  # (B, P, K, 9, 2)
+    cls = lookup[cand[..., 0] + offset, cand[..., 1] + offset]  # (B, P, K, 9), -1 = out of gamut
+    d2 = ((cand.float() * AB_GRID - ab.unsqueeze(3)) ** 2).sum(-1)
+    w = torch.exp(-d2 / (2 * AB_SIGMA ** 2)) * (cls >= 0)
+    total = w.sum(-1, keepdim=True)
+    own = cell.clamp(-offset, offset) + offset
+    cls = torch.cat([cls, nearest[own[..., 0], own[..., 1]].unsqueeze(-1)], -1)  # (B, P, K, 10)
+    w = torch.cat([w, (total == 0).to(w.dtype)], -1) / total.clamp(min=1e-30).where(total > 0, 1.0) / K
+    out = torch.zeros(B, P, len(centres), device=ab.device)
+    return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10))
+
+
+# --- Losses -------------------------------------------------------------------------------------
+
+def _kl(target, logits):
+    """KL(target || softmax(logits)) over the last dim, in float32; 0 log 0 = 0."""
+    logp = F.log_softmax(_float(logits), dim=-1)
+    return (torch.xlogy(target, target) - target * logp).sum(-1)
+
+
+def lightness_weight(lightness):
+    """The original's w(L) = min(3L, 1, 3(1 - L)), L in [0, 1]: dark and bright pixels count less."""
+    return torch.minimum(torch.minimum(3 * lightness, torch.ones_like(lightness)), 3 * (1 - lightness)).clamp(min=0)
+
+
+def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False):
+    """The colorization loss, averaged over sampled pixels of valid images.
+
+    logits: (B, P, D) network outputs (any float dtype); targets: from make_targets; valid: (B,)
+    0/1 weights per image (grayscale or unreadable images get 0) or None. use_lightness_weight
+    multiplies the per-pixel loss by w(L) (the original Caffe recipe did so for the chroma term).
+    Returns (total, parts): a scalar tensor and a dict of named scalar tensors (no host sync).
+    """
+    B, P = logits.shape[:2]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = torch.ones(B, P, dtype=dtype, device=logits.device) if valid is None else valid.to(dtype).view(B, 1).expand(B, P)
+    lw = lightness_weight(targets['lightness']) if use_lightness_weight else 1.0
+    norm = w.sum().clamp(min=1.0)
+    if kind == 'huechroma':
+        chroma = (_kl(targets['chroma'], logits[..., HUE_BINS:]) * lw * w).sum() / norm
+        hue = (HUE_WEIGHT * targets['hue_weight'] * _kl(targets['hue'], logits[..., :HUE_BINS]) * w).sum() / norm
+        return chroma + hue, {'chroma': chroma, 'hue': hue}
+    if kind == 'l2':
+        l2 = (((_float(logits) - targets['ab']) ** 2).sum(-1) * lw * w).sum() / norm
+        return l2, {'l2': l2}
+    if kind == 'ab':
+        ab = (_kl(targets['ab'], logits) * lw * w).sum() / norm
+        return ab, {'ab': ab}
+    raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+
+
+# --- Decoding -----------------------------------------------------------------------------------
+
+def decode(kind, logits, dim=-1):
+    """Network outputs -> predicted (a, b) in Lab units, with the output channels at `dim`.
+
+    logits: (B, P, D) with dim=-1, or (B, D, h, w) with dim=1. Returns the same shape with 2
+    channels (a, b) at `dim`, float32.
+      huechroma: hue = circular mean of the hue histogram; chroma = median of the chroma
+                 histogram times min(R / 0.96, 1), R = resultant length of the hue histogram.
+      ab: annealed mean (T = 0.38) of the cell centres.  l2: the regressed (a, b).
+    """
+    z = _float(logits).movedim(dim, -1)
+    if kind == 'huechroma':
+        p_hue = F.softmax(z[..., :HUE_BINS], -1)
+        p_chroma = F.softmax(z[..., HUE_BINS:], -1)
+        theta = hue_centers(device=z.device)
+        x = (p_hue * torch.cos(theta)).sum(-1)
+        y = (p_hue * torch.sin(theta)).sum(-1)
+        h = torch.atan2(y, x)
+        resultant = torch.hypot(x, y)
+        chroma = histogram_median(p_chroma) * (CHROMA_MAX / CHROMA_BINS)
+        chroma = chroma * (resultant / HUE_FADE_R).clamp(max=1.0)
+        ab = torch.stack([chroma * torch.cos(h), chroma * torch.sin(h)], -1)
+    elif kind == 'l2':
+        ab = z * L2_SCALE
+    elif kind == 'ab':
+        centres = ab_gamut()[0].to(z.device)
+        p = F.softmax(F.log_softmax(z, -1) / AB_TEMPERATURE, -1)
+        ab = p @ centres
+    else:
+        raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+    return ab.movedim(-1, dim)
+
+
+def histogram_median(p):
+    """Median of histograms p (..., n) over bins of unit width on [0, n), linearly interpolated
+    inside the bin where the cumulative sum crosses 1/2."""
+    cdf = p.cumsum(-1)
+    k = (cdf < 0.5).sum(-1, keepdim=True).clamp(max=p.shape[-1] - 1)
+    before = torch.where(k > 0, cdf.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(k, dtype=p.dtype))
+    mass = p.gather(-1, k).clamp(min=1e-12)
+    return (k.to(p.dtype) + ((0.5 - before) / mass).clamp(0.0, 1.0)).squeeze(-1)

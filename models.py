@@ -1,0 +1,441 @@
+"""Hypercolumn networks for colorization and its transfer (Larsson et al., CVPR 2017).
+
+A trunk (AlexNet, VGG-16, ResNet-50/152) maps a lightness image to a list of feature maps
+("taps"); a hypercolumn is every tap read at the same pixel by bilinear interpolation and
+concatenated; a small head (Linear -> ReLU -> Dropout -> Linear) turns each hypercolumn into
+logits. Training reads hypercolumns at a few random pixels per image (`forward`); inference
+evaluates the head on the whole stride-4 grid (`dense`). Before transfer, BatchNorm is folded
+into the convolutions (`fold_batchnorm`).
+
+This file imports only torch and the standard library: copy it into another project as is.
+Attribute names are the checkpoint format (paper / Caffe layer names):
+`trunk.conv1_1.conv.weight`, `trunk.conv1_1.bn.running_mean`, `trunk.res4b35.branch2c.conv.weight`,
+`head.fc1.weight`, `head.out.weight`.
+
+Usage (colorize.py pre-trains with it, finetune_voc.py transfers it)::
+
+    import torch
+    from models import build_model, fold_batchnorm, sample_points
+
+    model = build_model('vgg16', out_dim=64)           # 32 hue + 32 chroma logits
+    x = torch.randn(8, 1, 224, 224)                     # L*/50 - 1, (B, 1, H, W)
+    points = sample_points(8, 224, 224, count=128, border=32)   # (B, P, 2) int64 (y, x)
+    logits = model(x, points)                           # (8, 128, 64)
+    with torch.no_grad():
+        grid = model.eval().dense(x)                    # (8, 64, 56, 56), stride 4
+    deploy = fold_batchnorm(model)                      # BN folded into the convs
+
+Small models for tests: `build_model('resnet152', 64, width=1/16, head_dim=32)`; full-size shapes
+without allocating: build inside `with torch.device('meta'):`.
+"""
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _scaled(channels, width):
+    """Channel count `channels` times the width multiplier, at least 1."""
+    return max(1, round(channels * width))
+
+
+class ConvBN(nn.Module):
+    """Conv2d -> BatchNorm2d (or Identity) -> ReLU (optional).
+
+    (B, in_channels, H, W) -> (B, out_channels, H', W'). `affine=False` is the paper's BN without
+    scale/shift after a conv with bias (VGG-16, AlexNet); `affine=True` is standard ResNet BN after
+    a bias-free conv. `batchnorm=False` builds a conv with bias and an Identity in place of `bn`,
+    so a folded model (see `fold_batchnorm`) has the same keys.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, *,
+                 batchnorm=True, affine=False, relu=True):
+        super().__init__()
+        self.out_channels = out_channels
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              bias=not (batchnorm and affine))
+        self.bn = nn.BatchNorm2d(out_channels, affine=affine) if batchnorm else nn.Identity()
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.relu else x
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with Caffe branch names, stride on the 3x3 conv (torchvision, "v1.5").
+
+    (B, in_channels, H, W) -> (B, out_channels, H/stride, W/stride). BN here is affine after a
+    bias-free conv (standard ResNet): the paper's non-affine BN after a bias-free conv would leave
+    the layer with no learnable shift at all.
+    """
+
+    def __init__(self, in_channels, mid_channels, out_channels, stride, batchnorm):
+        super().__init__()
+        self.out_channels = out_channels
+        bn = dict(batchnorm=batchnorm, affine=True)
+        self.branch2a = ConvBN(in_channels, mid_channels, 1, **bn)
+        self.branch2b = ConvBN(mid_channels, mid_channels, 3, stride, 1, **bn)
+        self.branch2c = ConvBN(mid_channels, out_channels, 1, relu=False, **bn)
+        projection = stride != 1 or in_channels != out_channels
+        self.branch1 = ConvBN(in_channels, out_channels, 1, stride, relu=False, **bn) if projection else None
+
+    def forward(self, x):
+        shortcut = x if self.branch1 is None else self.branch1(x)
+        return F.relu(self.branch2c(self.branch2b(self.branch2a(x))) + shortcut)
+
+
+class Trunk(nn.Module):
+    """A chain of named layers; the outputs of some of them (the taps) form the hypercolumn.
+
+    forward(x): x (B, in_channels, H, W) -> list over taps of (B, tap_channels[t], h_t, w_t),
+    h_t ~ H / tap_strides[t] (pooling rounds down; the extended-FOV pools round up). Taps are read
+    after ReLU, in `tap_names` order; the last one is the deepest feature, for global pooling.
+    Built by the factories `alexnet`, `vgg16`, `resnet50`, `resnet152`.
+    """
+
+    def __init__(self, in_channels, tap_input):
+        super().__init__()
+        self.in_channels = in_channels
+        self.tap_input = tap_input
+        self.steps = []  # (module name, tap name or None) in execution order
+        self.tap_names, self.tap_channels, self.tap_strides = [], [], []
+        self.out_channels, self.out_stride = in_channels, 1  # of the last step appended
+        if tap_input:
+            self._record_tap('input')
+
+    @property
+    def hypercolumn_channels(self):
+        return sum(self.tap_channels)
+
+    def _record_tap(self, name):
+        self.tap_names.append(name)
+        self.tap_channels.append(self.out_channels)
+        self.tap_strides.append(self.out_stride)
+
+    def append(self, name, module, *, stride=1, tap=None):
+        """Run `module` next (registered as `name` unless already there: fc_dropout runs twice).
+
+        `stride`: how much the module downsamples; `tap`: the name under which its output joins
+        the hypercolumn, or None. A module with an `out_channels` attribute (ConvBN, Bottleneck)
+        sets the channel count of what follows.
+        """
+        if name not in self._modules:
+            self.add_module(name, module)
+        self.steps.append((name, tap))
+        self.out_channels = getattr(module, 'out_channels', self.out_channels)
+        self.out_stride *= stride
+        if tap is not None:
+            self._record_tap(tap)
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        taps = [x] if self.tap_input else []
+        for name, tap in self.steps:
+            x = self._modules[name](x)
+            if tap is not None:
+                taps.append(x)
+        return taps
+
+
+def _append_extended_fov(trunk, width, batchnorm, affine):
+    """The paper's "extended field of view": (2x2 max-pool -> 3x3 conv 1024) twice, both tapped.
+
+    The pools round up (ceil_mode) so that small inputs keep at least a 1x1 map.
+    """
+    channels = _scaled(1024, width)
+    for i in (1, 2):
+        trunk.append(f'fov{i}_pool', nn.MaxPool2d(2, 2, ceil_mode=True), stride=2)
+        trunk.append(f'fov{i}', ConvBN(trunk.out_channels, channels, 3, padding=1,
+                                       batchnorm=batchnorm, affine=affine), tap=f'fov{i}')
+
+
+def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=False):
+    """VGG-16 trunk: torchvision's conv stack, fc6 = 7x7 conv (pad 3) on pool5, fc7 = 1x1 conv.
+
+    Taps (stride): input (1), conv1_1, conv1_2 (1), conv2_x (2), conv3_x (4), conv4_x (8),
+    conv5_x (16), fc6, fc7 (32) [, fov1 (64), fov2 (128)]; 12,417 channels at full size.
+    `fc_dim` is the absolute channel count of fc6/fc7 (not scaled by `width`).
+    `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps.
+    """
+    trunk = Trunk(in_channels, tap_input=True)
+    bn = dict(batchnorm=batchnorm, affine=False)
+    for stage, (channels, convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)], 1):
+        if stage > 1:
+            trunk.append(f'pool{stage - 1}', nn.MaxPool2d(2, 2), stride=2)
+        for i in range(1, convs + 1):
+            name = f'conv{stage}_{i}'
+            trunk.append(name, ConvBN(trunk.out_channels, _scaled(channels, width), 3, padding=1, **bn), tap=name)
+    trunk.append('pool5', nn.MaxPool2d(2, 2), stride=2)
+    fc_dropout = nn.Dropout(0.0)
+    trunk.append('fc6', ConvBN(trunk.out_channels, fc_dim, 7, padding=3, **bn))
+    trunk.append('fc_dropout', fc_dropout, tap='fc6')
+    trunk.append('fc7', ConvBN(fc_dim, fc_dim, 1, **bn))
+    trunk.append('fc_dropout', fc_dropout, tap='fc7')
+    if extended_fov:
+        _append_extended_fov(trunk, width, batchnorm, affine=False)
+    trunk.init_weights()
+    return trunk
+
+
+def alexnet(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=False):
+    """AlexNet trunk: torchvision's channels and kernels, paddings for exact strides.
+
+    conv1 11x11/4 pad 5, 3x3/2 max-pools pad 1, so a 224 input gives 56 (conv1), 28 (conv2),
+    14 (conv3-5), 7 (pool5, fc6, fc7). fc6 is a 6x6 conv (its weight reshapes to torchvision's
+    Linear(256*6*6, 4096)) on pool5 zero-padded 2 before / 3 after, which keeps 7x7.
+    Taps (stride): input (1), conv1 (4), conv2 (8), conv3, conv4, conv5 (16), fc6, fc7 (32)
+    [, fov1 (64), fov2 (128)]; 9,345 channels at full size. `fc_dim`, `fc_dropout` as in `vgg16`.
+    """
+    trunk = Trunk(in_channels, tap_input=True)
+    bn = dict(batchnorm=batchnorm, affine=False)
+    trunk.append('conv1', ConvBN(in_channels, _scaled(64, width), 11, 4, 5, **bn), stride=4, tap='conv1')
+    trunk.append('pool1', nn.MaxPool2d(3, 2, 1), stride=2)
+    trunk.append('conv2', ConvBN(trunk.out_channels, _scaled(192, width), 5, padding=2, **bn), tap='conv2')
+    trunk.append('pool2', nn.MaxPool2d(3, 2, 1), stride=2)
+    for name, channels in [('conv3', 384), ('conv4', 256), ('conv5', 256)]:
+        trunk.append(name, ConvBN(trunk.out_channels, _scaled(channels, width), 3, padding=1, **bn), tap=name)
+    trunk.append('pool5', nn.MaxPool2d(3, 2, 1), stride=2)
+    fc_dropout = nn.Dropout(0.0)
+    trunk.append('pad6', nn.ZeroPad2d((2, 3, 2, 3)))  # (left, right, top, bottom): 6x6 conv keeps the size
+    trunk.append('fc6', ConvBN(trunk.out_channels, fc_dim, 6, **bn))
+    trunk.append('fc_dropout', fc_dropout, tap='fc6')
+    trunk.append('fc7', ConvBN(fc_dim, fc_dim, 1, **bn))
+    trunk.append('fc_dropout', fc_dropout, tap='fc7')
+    if extended_fov:
+        _append_extended_fov(trunk, width, batchnorm, affine=False)
+    trunk.init_weights()
+    return trunk
+
+
+def _resnet(blocks, numbered_stages, taps, in_channels, width, batchnorm, extended_fov):
+    """ResNet trunk with Caffe names: conv1, res2a.., res3a, res3b1.. (numbered stages) or res3b.."""
+    trunk = Trunk(in_channels, tap_input=False)
+    trunk.append('conv1', ConvBN(in_channels, _scaled(64, width), 7, 2, 3, batchnorm=batchnorm, affine=True),
+                 stride=2, tap='conv1')
+    trunk.append('pool1', nn.MaxPool2d(3, 2, 1), stride=2)
+    for stage, count in zip((2, 3, 4, 5), blocks):
+        mid, out = _scaled(64 << (stage - 2), width), _scaled(256 << (stage - 2), width)
+        for i in range(count):
+            if i == 0:
+                name = f'res{stage}a'
+            elif stage in numbered_stages:
+                name = f'res{stage}b{i}'
+            else:
+                name = f'res{stage}' + 'abcdefghijklmnopqrstuvwxyz'[i]
+            stride = 2 if i == 0 and stage > 2 else 1
+            trunk.append(name, Bottleneck(trunk.out_channels, mid, out, stride, batchnorm),
+                         stride=stride, tap=name if name in taps else None)
+    missing = set(taps) - set(trunk.tap_names)
+    assert not missing, f'tap names {sorted(missing)} are not layers of this ResNet'
+    if extended_fov:
+        _append_extended_fov(trunk, width, batchnorm, affine=True)
+    trunk.init_weights()
+    return trunk
+
+
+def resnet152(in_channels=1, width=1.0, batchnorm=True, extended_fov=False):
+    """ResNet-152 trunk (blocks 3, 8, 36, 3), torchvision layout, Caffe names.
+
+    Taps (stride): conv1 (2), res2a, res2b, res2c (4), res3b1, res3b4, res3b7 (8),
+    res4b5, res4b10, ..., res4b35 (16), res5c (32) [, fov1 (64), fov2 (128)]; 11,584 channels.
+    """
+    taps = ['conv1', 'res2a', 'res2b', 'res2c', 'res3b1', 'res3b4', 'res3b7',
+            *[f'res4b{i}' for i in range(5, 36, 5)], 'res5c']
+    return _resnet((3, 8, 36, 3), (3, 4), taps, in_channels, width, batchnorm, extended_fov)
+
+
+def resnet50(in_channels=1, width=1.0, batchnorm=True, extended_fov=False):
+    """ResNet-50 trunk (blocks 3, 4, 6, 3), torchvision layout, Caffe names (res3a..d, res4a..f).
+
+    Taps (stride): conv1 (2), res2a..c (4), res3b, res3d (8), res4b, res4d, res4f (16),
+    res5c (32) [, fov1 (64), fov2 (128)]; 6,976 channels.
+    """
+    taps = ['conv1', 'res2a', 'res2b', 'res2c', 'res3b', 'res3d', 'res4b', 'res4d', 'res4f', 'res5c']
+    return _resnet((3, 4, 6, 3), (), taps, in_channels, width, batchnorm, extended_fov)
+
+
+MODELS = {'alexnet': alexnet, 'vgg16': vgg16, 'resnet50': resnet50, 'resnet152': resnet152}
+
+
+def _source_index(pixel, stride, size):
+    """Bilinear neighbours in a map of `size` cells at `stride` for float pixel positions.
+
+    pixel: float tensor, input-image pixel coordinates (integer = pixel centre). The map position
+    is (pixel + 0.5) / stride - 0.5, clamped to [0, size - 1], as in F.interpolate(...,
+    align_corners=False). Returns (i0, i1) int64 and the weight of i1 (same shape as `pixel`).
+    """
+    position = ((pixel + 0.5) / stride - 0.5).clamp(0, size - 1)
+    i0 = position.floor()
+    weight = position - i0
+    i0 = i0.long()
+    return i0, (i0 + 1).clamp(max=size - 1), weight
+
+
+def _lerp(a, b, weight):
+    # Written out rather than torch.lerp so that bf16 values with fp32 weights promote to fp32.
+    return a * (1 - weight) + b * weight
+
+
+def sample_bilinear(feature, points, stride):
+    """Read a feature map at input-image pixels by bilinear interpolation.
+
+    feature: (B, C, h, w), contiguous or channels_last, the map of a layer with `stride` (pixels
+    per cell). points: (B, P, 2) pixel coordinates (y, x) of the input image, int or float
+    (integer = pixel centre). Returns (B, P, C) in feature's dtype, equal to
+    F.interpolate(feature, size=(h*stride, w*stride), mode='bilinear', align_corners=False)
+    [b, :, y, x] at integer pixels. Differentiable with respect to `feature`.
+    """
+    B, C, h, w = feature.shape
+    if points.dim() != 3 or points.shape[0] != B or points.shape[2] != 2:
+        raise ValueError(f'points must be (B={B}, P, 2) pixel coordinates (y, x), got {tuple(points.shape)}')
+    dtype = torch.promote_types(feature.dtype, torch.float32)
+    points = points.to(dtype)
+    y0, y1, wy = _source_index(points[..., 0], stride, h)  # (B, P) each
+    x0, x1, wx = _source_index(points[..., 1], stride, w)
+    flat = feature.permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view for channels_last
+    batch = torch.arange(B, device=feature.device)[:, None]  # (B, 1)
+    wx = wx[..., None]  # (B, P, 1)
+    top = _lerp(flat[batch, y0 * w + x0], flat[batch, y0 * w + x1], wx)  # (B, P, C)
+    bottom = _lerp(flat[batch, y1 * w + x0], flat[batch, y1 * w + x1], wx)
+    return _lerp(top, bottom, wy[..., None]).to(feature.dtype)
+
+
+def _resample_to_grid(feature, stride, grid_stride, grid_size):
+    """Separable bilinear resampling of a (B, C, h, w) map at `stride` to the grid at `grid_stride`.
+
+    Grid cell (i, j) is the pixel position (grid_stride * i + (grid_stride - 1) / 2, same for j),
+    read with the coordinate rule of `sample_bilinear`. Returns (B, C, *grid_size), in at least fp32.
+    """
+    for dim, n in zip((2, 3), grid_size):
+        pixel = torch.arange(n, device=feature.device, dtype=torch.float32) * grid_stride + (grid_stride - 1) / 2
+        i0, i1, weight = _source_index(pixel, stride, feature.shape[dim])
+        weight = weight.view((1, 1, n, 1) if dim == 2 else (1, 1, 1, n))
+        feature = _lerp(feature.index_select(dim, i0), feature.index_select(dim, i1), weight)
+    return feature
+
+
+class HypercolumnNet(nn.Module):
+    """Trunk + per-pixel head on hypercolumns.
+
+    head: fc1 Linear(hypercolumn_channels, head_dim) -> ReLU -> Dropout(dropout) -> out
+    Linear(head_dim, out_dim). Inputs x are (B, trunk.in_channels, H, W) images, points (B, P, 2)
+    (y, x) pixel coordinates as for `sample_bilinear`.
+    """
+
+    def __init__(self, trunk, out_dim, head_dim=1024, dropout=0.5):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Sequential(OrderedDict(
+            fc1=nn.Linear(trunk.hypercolumn_channels, head_dim),
+            relu=nn.ReLU(),
+            dropout=nn.Dropout(dropout),
+            out=nn.Linear(head_dim, out_dim),
+        ))
+        nn.init.kaiming_normal_(self.head.fc1.weight, nonlinearity='relu')
+        nn.init.zeros_(self.head.fc1.bias)
+        nn.init.normal_(self.head.out.weight, std=0.01)
+        nn.init.zeros_(self.head.out.bias)
+
+    def hypercolumns(self, x, points):
+        """(B, C_in, H, W), (B, P, 2) -> (B, P, hypercolumn_channels), taps in trunk order."""
+        maps = self.trunk(x)
+        return torch.cat([sample_bilinear(m, points, s) for m, s in zip(maps, self.trunk.tap_strides)], dim=-1)
+
+    def forward(self, x, points):
+        """(B, C_in, H, W), (B, P, 2) -> (B, P, out_dim) logits at the points."""
+        return self.head(self.hypercolumns(x, points))
+
+    def dense(self, x, stride=4):
+        """The head on every cell of the stride-`stride` grid: (B, out_dim, ceil(H/s), ceil(W/s)).
+
+        Cell (i, j) is the pixel position (s*i + (s-1)/2, s*j + (s-1)/2), so in eval mode
+        dense(x)[:, :, i, j] == forward(x, [[4i + 1.5, 4j + 1.5]]) for s = 4, and bilinear
+        upsampling by s (align_corners=False) gives a full-resolution map. The full hypercolumn
+        is never formed: fc1 is linear, so fc1(hypercolumn) = bias + sum over taps of its column
+        block W_t applied to the tap. Coarse taps get W_t at their own resolution and the
+        head_dim-channel result is resampled; finer taps are resampled first.
+        """
+        H, W = x.shape[-2:]
+        grid_size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
+        fc1, out = self.head.fc1, self.head.out
+        hidden = fc1.bias.view(1, -1, 1, 1)
+        start = 0
+        for feature, tap_stride in zip(self.trunk(x), self.trunk.tap_strides):
+            columns = fc1.weight[:, start:start + feature.shape[1], None, None]  # (head_dim, C_t, 1, 1)
+            start += feature.shape[1]
+            if tap_stride < stride:
+                feature = _resample_to_grid(feature, tap_stride, stride, grid_size)
+                hidden = hidden + F.conv2d(feature, columns)
+            else:
+                hidden = hidden + _resample_to_grid(F.conv2d(feature, columns), tap_stride, stride, grid_size)
+        hidden = self.head.dropout(self.head.relu(hidden))
+        return F.conv2d(hidden, out.weight[:, :, None, None], out.bias)
+
+
+def build_model(arch, out_dim, head_dim=1024, dropout=0.5, **trunk_kwargs):
+    """HypercolumnNet on MODELS[arch](**trunk_kwargs) (in_channels, width, fc_dim, batchnorm, extended_fov)."""
+    if arch not in MODELS:
+        raise ValueError(f'unknown arch {arch!r}: choose one of {sorted(MODELS)}')
+    return HypercolumnNet(MODELS[arch](**trunk_kwargs), out_dim, head_dim, dropout)
+
+
+def sample_points(batch, height, width, count, border, generator=None, device=None):
+    """`count` random pixels per image, uniform on [border, height-border) x [border, width-border).
+
+    Returns (batch, count, 2) int64 (y, x). The generator's device draws the numbers; the result
+    is moved to `device` (default: the generator's device, else the default device).
+    """
+    if border < 0 or height - 2 * border < 1 or width - 2 * border < 1:
+        raise ValueError(f'a border of {border} px leaves no pixel to sample in a {height}x{width} image; '
+                         f'use a border in [0, {(min(height, width) - 1) // 2}] or larger images')
+    draw_device = generator.device if generator is not None else device
+    y = torch.randint(border, height - border, (batch, count), generator=generator, device=draw_device)
+    x = torch.randint(border, width - border, (batch, count), generator=generator, device=draw_device)
+    points = torch.stack([y, x], dim=-1)  # (B, P, 2)
+    return points if device is None else points.to(device)
+
+
+def _fold_into_conv(conv, bn):
+    """Fold eval-mode `bn` into the preceding `conv` in place (conv gains a bias if it had none)."""
+    if bn.running_var is None:
+        raise ValueError('cannot fold a BatchNorm without running statistics (track_running_stats=False)')
+    dtype = torch.promote_types(conv.weight.dtype, torch.float32)  # fold in at least fp32
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)  # 1 / sigma
+        shift = -bn.running_mean.to(dtype) * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(dtype) * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight.to(dtype), shift * bn.weight.to(dtype) + bn.bias.to(dtype)
+        conv.weight.copy_(conv.weight.to(dtype) * scale.view(-1, 1, 1, 1))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(shift)
+
+
+def fold_batchnorm(model):
+    """A deep copy of `model` with every ConvBN's BatchNorm folded into its conv and replaced by Identity.
+
+    Non-affine BN: W' = W / sigma, b' = (b - mu) / sigma, sigma = sqrt(running_var + eps); affine BN
+    also scales by gamma and shifts by beta. The copy computes what `model.eval()` computes, and its
+    state dict loads into the same architecture built with batchnorm=False.
+    """
+    folded = copy.deepcopy(model)
+    for module in list(folded.modules()):
+        if isinstance(module, ConvBN) and isinstance(module.bn, nn.BatchNorm2d):
+            _fold_into_conv(module.conv, module.bn)
+            module.bn = nn.Identity()
+    left = [name for name, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise ValueError(f'BatchNorm layers {left} do not follow a conv inside a ConvBN, so they cannot be folded')
+    return folded
