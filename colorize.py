@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 DEMO_ROOT = HERE / 'data' / 'demo'
 PAPER_SAMPLES = 16_000_000  # the authors' VGG-16 schedule: 2M iterations x 8 images
 # Defaults that depend on the machine and on the data (see README, "Defaults").
-GPU_DEFAULTS = dict(crop=224, batch_size=128, steps=None, demo_steps=2000)
-CPU_DEFAULTS = dict(crop=96, batch_size=8, steps=None, demo_steps=150)
+GPU_DEFAULTS = dict(crop=224, batch_size=128, demo_steps=2000, fc_dim=4096, holdout=256)
+CPU_DEFAULTS = dict(crop=64, batch_size=8, demo_steps=100, fc_dim=1024, holdout=64)
 
 
 class UserError(Exception):
@@ -56,11 +56,12 @@ def parse_args(argv=None):
     p.add_argument('--val-data', nargs='+', metavar='ROOT',
                    help='held-out image folders or lists; default: the demo val set, or --holdout images '
                         'set aside from --data')
-    p.add_argument('--holdout', type=int, default=256, help='images set aside from --data for validation')
+    p.add_argument('--holdout', type=int, help='held-out images for validation (default 256; 64 on CPU), '
+                   'set aside from --data when no --val-data is given')
     p.add_argument('--subset', type=int, metavar='N', help='train on a fixed random subset of N images (RQ3)')
     p.add_argument('--out', type=Path, help='run folder; default runs/<arch>-<loss>')
     p.add_argument('--steps', type=int, help='training steps; default: 16M images / global batch with --data '
-                   '(the paper), 2000 (GPU) or 150 (CPU) on the demo')
+                   '(the paper), 2000 (GPU) or 100 (CPU) on the demo')
     p.add_argument('--batch-size', type=int, help='images per GPU per step (default 128 on GPU, 8 on CPU)')
     p.add_argument('--lr', type=float, help='peak learning rate; default 1e-3 * global batch / 8 '
                    '(the paper used 1e-3 at batch 8)')
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, help='linear lr warm-up steps (default 2%% of --steps)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (not on biases)')
-    p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 96 on CPU)')
+    p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 64 on CPU)')
     p.add_argument('--short-side', type=int, nargs=2, metavar=('LO', 'HI'),
                    help='random short-side resize range before cropping (default crop x [1, 1.7], the '
                         "paper's 352-600 for a 352 crop)")
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument('--lightness-weight', action='store_true',
                    help="multiply the loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did")
     p.add_argument('--width', type=float, default=1.0, help='channel width multiplier (< 1 only for smoke tests)')
-    p.add_argument('--fc-dim', type=int, default=4096, help='fc6/fc7 channels of VGG-16 and AlexNet')
+    p.add_argument('--fc-dim', type=int, help='fc6/fc7 channels of VGG-16 and AlexNet (default 4096; 1024 on CPU)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on for CUDA, off on CPU)')
@@ -138,6 +139,8 @@ def fill_defaults(args, device, world):
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
     args.crop = args.crop or d['crop']
     args.batch_size = args.batch_size or d['batch_size']
+    args.fc_dim = args.fc_dim or d['fc_dim']
+    args.holdout = args.holdout or d['holdout']
     global_batch = args.batch_size * world
     if args.steps is None:
         args.steps = d['demo_steps'] if args.data is None else math.ceil(PAPER_SAMPLES / global_batch)
@@ -220,7 +223,7 @@ def load_val_images(paths, crop, limit=256):
             print(f'warning: skipping held-out image: {e}', file=sys.stderr)
             continue
         if not data.is_grayscale(rgb):
-            images.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
     if not images:
         raise UserError(f'no usable colour images among the {len(paths)} held-out images')
     return torch.stack(images)
@@ -261,13 +264,13 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
-def save_checkpoint(path, model, optimizer, step, args, counts):
+def save_checkpoint(path, model, optimizer, step, args, counter):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 data=dict(seed=args.seed, step=step), counts=counts)
+                 data=dict(seed=args.seed, step=step), counts=counter.state_dict())
     tmp = path.with_name(path.name + '.tmp')
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -290,7 +293,12 @@ def load_checkpoint(path):
 
 
 def load_model_state(model, state, path):
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        shapes = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
+        raise UserError(f'checkpoint {path} does not match the model its config describes: '
+                        f'{shapes[0] if shapes else str(e).splitlines()[0]}') from None
     if missing or unexpected:
         raise UserError(f'checkpoint {path} does not match the model: missing {missing[:3]}..., '
                         f'unexpected {unexpected[:3]}... ({len(missing)} missing, {len(unexpected)} unexpected)')
@@ -404,11 +412,12 @@ def train(args):
     torch.manual_seed(args.seed)
     model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    start, counts = 0, dict(seen=0, bad=0, gray=0)
+    start, counter = 0, data.StatusCounter()
     if ckpt is not None:
         load_model_state(model, ckpt['model'], args.resume)
         optimizer.load_state_dict(ckpt['optimizer'])
-        start, counts = ckpt['step'], dict(ckpt.get('counts', counts))
+        start = ckpt['step']
+        counter.load_state_dict(ckpt['counts'])
         torch.set_rng_state(ckpt['rng']['cpu'])
         if device.type == 'cuda' and ckpt['rng']['cuda']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
@@ -419,7 +428,7 @@ def train(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     fast_model = torch.compile(model) if args.compile else model
 
-    val_images = load_val_images(val_paths, args.crop) if master else None
+    val_images = load_val_images(val_paths, args.crop, limit=args.holdout) if master else None
     if master:
         write_run_info(args, device, world, len(train_paths), len(val_paths))
     loader = make_loader(train_paths, args, rank, world, start, device)
@@ -434,9 +443,7 @@ def train(args):
         if step >= args.steps:
             break
         torch.manual_seed(step_seed(args.seed, step, rank))
-        counts['seen'] += len(status)
-        counts['bad'] += int((status == 1).sum())
-        counts['gray'] += int((status == 2).sum())
+        counter.update(status)  # host-side: the statuses never left the CPU
         for group in optimizer.param_groups:
             group['lr'] = lr_at(step, args)
         x, points, targets, _ = prepare(images, args, device)
@@ -453,7 +460,7 @@ def train(args):
                                 *[total.new_zeros(())] * (2 - len(part_values)), total.new_ones(())])
 
         if step % args.log_every == 0 or step == args.steps:
-            check_bad_share(counts, args, world, device)
+            check_bad_share(counter, args, world, device)
             if master:
                 sums = running.tolist()  # the one host sync per log line
                 elapsed = time.perf_counter() - t0
@@ -461,7 +468,7 @@ def train(args):
                 entry = dict(step=step, loss=sums[0] / sums[3], lr=lr_at(step - 1, args), img_per_s=rate,
                              **{k: sums[1 + i] / sums[3] for i, k in enumerate(parts)},
                              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
-                             bad=counts['bad'], gray=counts['gray'])
+                             bad=counter.bad, gray=counter.gray)
                 eta = (args.steps - step) * args.batch_size * world / max(rate, 1e-9)
                 print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} ('
                       + ' '.join(f'{k} {entry[k]:.4f}' for k in parts) + f') | lr {entry["lr"]:.2e} | '
@@ -476,27 +483,27 @@ def train(args):
                 write_grid(raw_model, val_images[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
         if step % args.save_every == 0 or step == args.steps:
             if master:
-                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts)
+                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter)
         if args.exit_after is not None and step >= args.exit_after:
             break
     if master:
-        print(f'done: step {step}; {counts["bad"]} unreadable and {counts["gray"]} grayscale images of '
-              f'{counts["seen"]} read were given zero weight; checkpoint {args.out / "checkpoint.pt"}')
+        print(f'done: step {step}; {counter} (unreadable and grayscale images had zero weight); '
+              f'checkpoint {args.out / "checkpoint.pt"}')
         log.close()
     if dist.is_initialized():
         dist.barrier()
     return raw_model
 
 
-def check_bad_share(counts, args, world, device):
-    """Stop the run (every rank) when too many images are unreadable."""
-    seen_bad = torch.tensor([counts['seen'], counts['bad']], dtype=torch.float64)
+def check_bad_share(counter, args, world, device):
+    """Stop the run (every rank at the same step) when too many images are unreadable."""
+    seen, bad = counter.seen, counter.bad
     if world > 1:
-        seen_bad = seen_bad.to(device)
-        dist.all_reduce(seen_bad)
-    seen, bad = seen_bad.tolist()
-    if seen >= 100 and bad / seen > args.max_bad_share:
-        raise UserError(f'{int(bad)} of {int(seen)} images read so far were unreadable (more than '
+        both = torch.tensor([seen, bad], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        seen, bad = (int(v) for v in both.tolist())
+    if data.bad_share_exceeded(bad, seen, args.max_bad_share, min_seen=100):
+        raise UserError(f'{bad} of {seen} images read so far were unreadable (more than '
                         f'--max-bad-share {args.max_bad_share}); see the warnings above for the files')
 
 
@@ -572,8 +579,12 @@ def colorize_array(model, rgb, loss_kind, device, max_side=1024):
     scale = min(1.0, max_side / max(H, W))
     small = L if scale == 1.0 else F.interpolate(L, size=(max(1, round(H * scale)), max(1, round(W * scale))),
                                                  mode='bilinear', align_corners=False, antialias=True)
+    # Pad to a multiple of the deepest stride (edge pixels repeated): every tap then tiles the
+    # image exactly, and images smaller than the trunk's receptive grid still work.
+    h, w = small.shape[-2:]
+    padded = F.pad(small, (0, -w % 32, 0, -h % 32), mode='replicate')
     with autocast(device):
-        ab = predict_ab(model, small, loss_kind)
+        ab = predict_ab(model, padded, loss_kind)[..., :h, :w]
     if scale != 1.0:
         ab = F.interpolate(ab, size=(H, W), mode='bilinear', align_corners=False)
     out = lab.lab_to_rgb(torch.cat([L, ab], 1))[0]

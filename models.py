@@ -60,8 +60,26 @@ class ConvBN(nn.Module):
         self.relu = relu
 
     def forward(self, x):
-        x = self.bn(self.conv(x))
+        x = self.bn(_conv(self.conv, x))
         return F.relu(x) if self.relu else x
+
+
+def _conv(conv, x):
+    """conv(x), computed as unfold + matmul on a CPU when the kernel covers the whole map.
+
+    That is fc6 (7x7 on VGG's 3x3-7x7 pool5): oneDNN's weight gradient for it is 10-50x slower
+    than the same product as a matmul. Same parameters, same result; GPUs keep cuDNN.
+    """
+    k = conv.kernel_size
+    if x.device.type != 'cpu' or k[0] < min(x.shape[-2:]) or conv.stride != (1, 1) or conv.groups != 1:
+        return conv(x)
+    B, _, H, W = x.shape
+    cols = F.unfold(x, k, dilation=conv.dilation, padding=conv.padding)  # (B, C*kh*kw, L)
+    out = conv.weight.flatten(1) @ cols  # (B, C_out, L)
+    if conv.bias is not None:
+        out = out + conv.bias[:, None]
+    h = H + 2 * conv.padding[0] - conv.dilation[0] * (k[0] - 1)
+    return out.view(B, -1, h, W + 2 * conv.padding[1] - conv.dilation[1] * (k[1] - 1))
 
 
 class Bottleneck(nn.Module):
@@ -315,6 +333,13 @@ def _resample_to_grid(feature, stride, grid_stride, grid_size):
     Grid cell (i, j) is the pixel position (grid_stride * i + (grid_stride - 1) / 2, same for j),
     read with the coordinate rule of `sample_bilinear`. Returns (B, C, *grid_size), in at least fp32.
     """
+    h, w = feature.shape[-2:]
+    if h * stride == grid_size[0] * grid_stride and w * stride == grid_size[1] * grid_stride:
+        # The map tiles the grid exactly (input sides divisible by both strides): the same rule
+        # as F.interpolate's, which is far faster than the gathers below.
+        return F.interpolate(feature.to(torch.promote_types(feature.dtype, torch.float32)), size=grid_size,
+                             mode='bilinear', align_corners=False)
+    feature = feature.contiguous()
     for dim, n in zip((2, 3), grid_size):
         pixel = torch.arange(n, device=feature.device, dtype=torch.float32) * grid_stride + (grid_stride - 1) / 2
         i0, i1, weight = _source_index(pixel, stride, feature.shape[dim])
