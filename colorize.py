@@ -48,6 +48,12 @@ class UserError(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-a', '--arch', default='vgg16', choices=sorted(MODELS), help='trunk architecture')
+    p.add_argument('--objective', default='colorize', choices=('colorize', 'classify'),
+                   help='colorize: the paper\'s pre-training; classify: the same trunk, loop and checkpoints '
+                        'trained as a classifier on an ImageNet-layout folder (label = folder name), the '
+                        'supervised baseline of RQ1/RQ3')
+    p.add_argument('--classes', type=int, metavar='K',
+                   help='--objective classify: a fixed random subset of K classes (folders)')
     p.add_argument('--loss', default='huechroma', choices=lab.LOSSES,
                    help='huechroma: hue and chroma histograms (the paper); l2: (a, b) regression; '
                         'ab: joint ab histogram (Zhang et al. style)')
@@ -95,6 +101,11 @@ def parse_args(argv=None):
                    help='stop when more than this share of images is unreadable')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world is generated')
+    p.add_argument('--benchmark', action='store_true',
+                   help='time training steps (synthetic data and the real loader; compiled and eager; '
+                        'the same trunk as a classifier as baseline) instead of training')
+    p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps (compilation)')
+    p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps')
     # Colorizing photos.
     p.add_argument('--colorize', nargs='+', metavar='PATH', help='colorize these images or folders, then exit')
     p.add_argument('--checkpoint', type=Path, help='trained checkpoint for --colorize')
@@ -204,17 +215,23 @@ def image_sources(args, master):
             held = set(data.subset(train, args.holdout, seed=12345))
             val = sorted(held)
             train = [p for p in train if p not in held]
-    if args.subset:
-        if args.subset > len(train):
-            raise UserError(f'--subset {args.subset} asks for more images than the {len(train)} found')
-        train = data.subset(train, args.subset, seed=0)
     return train, val
 
 
-def load_val_images(paths, crop, limit=256):
-    """A fixed held-out batch: centre crops, uint8 (N, 3, crop, crop), unreadable/gray images skipped."""
-    images = []
-    for path in paths:
+def take_subset(args, train):
+    """--subset N: a fixed random subset of the training images (RQ3); nested across N."""
+    if not args.subset:
+        return train
+    if args.subset > len(train):
+        raise UserError(f'--subset {args.subset} asks for more images than the {len(train)} found')
+    return data.subset(train, args.subset, seed=0)
+
+
+def load_val_images(paths, crop, limit=256, keep_gray=False):
+    """A fixed held-out batch: centre crops, uint8 (N, 3, crop, crop), and the indices of the
+    paths used; unreadable images (and grayscale ones, which have no colour to predict) skipped."""
+    images, used = [], []
+    for i, path in enumerate(paths):
         if len(images) == limit:
             break
         try:
@@ -222,15 +239,56 @@ def load_val_images(paths, crop, limit=256):
         except data.BadImage as e:
             print(f'warning: skipping held-out image: {e}', file=sys.stderr)
             continue
-        if not data.is_grayscale(rgb):
+        if keep_gray or not data.is_grayscale(rgb):
             images.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
+            used.append(i)
     if not images:
-        raise UserError(f'no usable colour images among the {len(paths)} held-out images')
-    return torch.stack(images)
+        raise UserError(f'no usable {"" if keep_gray else "colour "}images among the {len(paths)} held-out images')
+    return torch.stack(images), used
 
 
-def make_loader(paths, args, rank, world, start_step, device):
-    dataset = data.ColorImages(paths, args.crop, tuple(args.short_side), flip=True)
+class Labeled(torch.utils.data.Dataset):
+    """ColorImages with a class label per image: item -> (image, status, label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        image, status = self.images[item]
+        return image, status, self.labels[item[0]]
+
+
+def class_labels(args, train, val):
+    """--objective classify: label = name of the image's folder (ImageNet train layout); with
+    --classes K, a fixed random subset of K classes (nested: the 10-class subset holds the 5-class one)."""
+    def folder(p):
+        return os.path.basename(os.path.dirname(p))
+    names = sorted({folder(p) for p in train})
+    if len(names) < 2:
+        raise UserError(f'--objective classify needs images in one folder per class (ImageNet train layout); '
+                        f'found {len(names)} folder(s) under --data')
+    if args.classes:
+        if args.classes > len(names):
+            raise UserError(f'--classes {args.classes} asks for more classes than the {len(names)} folders found')
+        names = sorted(data.subset(names, args.classes, seed=1))
+    index = {n: i for i, n in enumerate(names)}
+    train = [p for p in train if folder(p) in index]
+    val = [p for p in val if folder(p) in index]
+    if not val:
+        raise UserError('--objective classify: no held-out image belongs to the training classes; '
+                        'give --val-data with the same class folders, or use --holdout')
+    return dict(names=names, train_paths=train, val_paths=val,
+                train=[index[folder(p)] for p in train], val=[index[folder(p)] for p in val])
+
+
+def make_loader(paths, args, rank, world, start_step, device, labels=None):
+    dataset = data.ColorImages(paths, args.crop, tuple(args.short_side), flip=True,
+                               min_colorful=args.objective == 'colorize')
+    if labels is not None:
+        dataset = Labeled(dataset, labels)
     sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
                                    seed=args.seed, start_step=start_step)
     return torch.utils.data.DataLoader(
@@ -253,14 +311,33 @@ def prepare(images, args, device, points=None, generator=None):
 
 # --- Model and checkpoints ----------------------------------------------------------------------
 
+class Classifier(torch.nn.Module):
+    """The in-run baseline: the same trunk as a plain 1000-way classifier (global average pool of
+    the deepest tap, one linear layer), trained with cross-entropy on the same batches."""
+
+    def __init__(self, trunk, classes=1000):
+        super().__init__()
+        self.trunk = trunk
+        self.fc = torch.nn.Linear(trunk.tap_channels[-1], classes)
+
+    def forward(self, x):
+        return self.fc(self.trunk(x)[-1].mean((2, 3)))
+
+
 def model_config(args):
-    return dict(arch=args.arch, loss=args.loss, width=args.width, fc_dim=args.fc_dim)
+    config = dict(arch=args.arch, objective=args.objective, loss=args.loss, width=args.width, fc_dim=args.fc_dim)
+    if args.objective == 'classify':
+        config['classes'] = list(args.class_names)
+    return config
 
 
 def make_model(config):
+    """The network a checkpoint's config describes: a HypercolumnNet (colorize) or a Classifier."""
     kwargs = dict(width=config['width'])
     if config['arch'] in ('vgg16', 'alexnet'):
         kwargs['fc_dim'] = config['fc_dim']
+    if config.get('objective', 'colorize') == 'classify':
+        return Classifier(MODELS[config['arch']](**kwargs), len(config['classes']))
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
@@ -382,6 +459,50 @@ def write_grid(model, images, args, device, path):
 
 # --- Training -----------------------------------------------------------------------------------
 
+def train_step(model, optimizer, images, status, args, device):
+    """One SGD step on a uint8 batch (B, 3, H, W) with statuses (B,); returns (loss, parts), no sync."""
+    x, points, targets, _ = prepare(images, args, device)
+    valid = (status == data.STATUS_OK).to(device, non_blocking=True)
+    with autocast(device):
+        total, parts = lab.color_loss(args.loss, model(x, points), targets, valid=valid,
+                                      use_lightness_weight=args.lightness_weight)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return total, parts
+
+
+def classify_step(model, optimizer, images, status, labels, args, device):
+    """One SGD step of the supervised baseline on the lightness of the images; bad files weigh 0."""
+    x = lab.lightness_input(lab.rgb_to_lab(images.to(device, non_blocking=True))).contiguous(
+        memory_format=torch.channels_last)
+    valid = (status != data.STATUS_BAD).to(device, non_blocking=True).float()
+    with autocast(device):
+        logits = model(x)
+    ce = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction='none')
+    total = (ce * valid).sum() / valid.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return total, {'ce': total}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, images, labels, args, device, chunk=64):
+    model.eval()
+    loss = correct = 0.0
+    for i in range(0, len(images), chunk):
+        x = lab.lightness_input(lab.rgb_to_lab(images[i:i + chunk].to(device))).contiguous(
+            memory_format=torch.channels_last)
+        y = labels[i:i + chunk].to(device)
+        with autocast(device):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction='sum').item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train()
+    return dict(loss=loss / len(images), top1=correct / len(images))
+
+
 def parameter_groups(model, weight_decay):
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -398,14 +519,23 @@ def train(args):
         path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
         ckpt = load_checkpoint(path)
         saved = ckpt['config']
-        if (saved['arch'], saved['loss']) != (args.arch, args.loss):
-            raise UserError(f'{path} was trained with --arch {saved["arch"]} --loss {saved["loss"]}; '
-                            f'resume with those flags')
+        asked = dict(arch=args.arch, objective=args.objective, loss=args.loss)
+        found = {k: saved.get(k, 'colorize') for k in asked}
+        if found != asked:
+            raise UserError(f'{path} was trained with ' + ' '.join(f'--{k} {v}' for k, v in found.items())
+                            + '; resume with those flags')
         args.width, args.fc_dim = saved['width'], saved['fc_dim']
     train_paths, val_paths = image_sources(args, master)
+    labels = None
+    if args.objective == 'classify':
+        labels = class_labels(args, take_subset(args, train_paths), val_paths)
+        train_paths, val_paths, args.class_names = labels['train_paths'], labels['val_paths'], labels['names']
+    else:
+        train_paths = take_subset(args, train_paths)
     if master:
+        task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
         print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}; '
-              f'arch {args.arch}, loss {args.loss}, crop {args.crop}, batch {args.batch_size}x{world}, '
+              f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
               f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else
               ' (CPU: small defaults so the demo finishes in minutes; a GPU runs 224 crops, batch 128)'))
 
@@ -428,45 +558,42 @@ def train(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     fast_model = torch.compile(model) if args.compile else model
 
-    val_images = load_val_images(val_paths, args.crop, limit=args.holdout) if master else None
+    classify = args.objective == 'classify'
+    val = None
     if master:
+        images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify)
+        val = (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
         write_run_info(args, device, world, len(train_paths), len(val_paths))
-    loader = make_loader(train_paths, args, rank, world, start, device)
+    loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
     log = open(args.out / 'log.jsonl', 'a') if master else None
     if master and start == 0:
-        report(log, dict(step=0, **evaluate(raw_model, val_images, args, device)), args)
-        write_grid(raw_model, val_images[:8], args, device, args.out / 'samples' / 'step_000000.png')
+        evaluate_and_show(raw_model, val, args, device, log, 0)
 
-    running = torch.zeros(4, device=device)  # loss sum, part sums (up to 2), count
+    running, since_log = 0, 0  # on-device sums of [loss, *parts]
     t0, step = time.perf_counter(), start
-    for images, status in loader:
+    for batch in loader:
         if step >= args.steps:
             break
         torch.manual_seed(step_seed(args.seed, step, rank))
-        counter.update(status)  # host-side: the statuses never left the CPU
+        counter.update(batch[1])  # host-side: the statuses never left the CPU
         for group in optimizer.param_groups:
             group['lr'] = lr_at(step, args)
-        x, points, targets, _ = prepare(images, args, device)
-        valid = (status == 0).to(device, non_blocking=True)
-        with autocast(device):
-            total, parts = lab.color_loss(args.loss, fast_model(x, points), targets, valid=valid,
-                                          use_lightness_weight=args.lightness_weight)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        if classify:
+            total, parts = classify_step(fast_model, optimizer, *batch, args, device)
+        else:
+            total, parts = train_step(fast_model, optimizer, *batch, args, device)
         step += 1
-        part_values = list(parts.values())
-        running += torch.stack([total.detach(), *[v.detach() for v in part_values],
-                                *[total.new_zeros(())] * (2 - len(part_values)), total.new_ones(())])
+        running = running + torch.stack([total.detach(), *[v.detach() for v in parts.values()]])
+        since_log += 1
 
         if step % args.log_every == 0 or step == args.steps:
             check_bad_share(counter, args, world, device)
             if master:
-                sums = running.tolist()  # the one host sync per log line
+                sums = [v / since_log for v in running.tolist()]  # the one host sync per log line
                 elapsed = time.perf_counter() - t0
                 rate = (step - start) * args.batch_size * world / elapsed
-                entry = dict(step=step, loss=sums[0] / sums[3], lr=lr_at(step - 1, args), img_per_s=rate,
-                             **{k: sums[1 + i] / sums[3] for i, k in enumerate(parts)},
+                entry = dict(step=step, loss=sums[0], lr=lr_at(step - 1, args), img_per_s=rate,
+                             **{k: sums[1 + i] for i, k in enumerate(parts)},
                              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
                              bad=counter.bad, gray=counter.gray)
                 eta = (args.steps - step) * args.batch_size * world / max(rate, 1e-9)
@@ -475,19 +602,17 @@ def train(args):
                       f'{rate:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
                 log.write(json.dumps(entry) + '\n')
                 log.flush()
-            running.zero_()
+            running, since_log = 0, 0
         if step % args.eval_every == 0 or step == args.steps:
             if master:
-                metrics = evaluate(raw_model, val_images, args, device)
-                report(log, dict(step=step, **metrics), args)
-                write_grid(raw_model, val_images[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
+                evaluate_and_show(raw_model, val, args, device, log, step)
         if step % args.save_every == 0 or step == args.steps:
             if master:
                 save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter)
         if args.exit_after is not None and step >= args.exit_after:
             break
     if master:
-        print(f'done: step {step}; {counter} (unreadable and grayscale images had zero weight); '
+        print(f'done: step {step}; {counter} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
               f'checkpoint {args.out / "checkpoint.pt"}')
         log.close()
     if dist.is_initialized():
@@ -507,11 +632,18 @@ def check_bad_share(counter, args, world, device):
                         f'--max-bad-share {args.max_bad_share}); see the warnings above for the files')
 
 
-def report(log, metrics, args):
-    print(f'eval step {metrics["step"]}: val loss {metrics["loss"]:.4f} | PSNR {metrics["psnr"]:.2f} dB '
-          f'(gray {metrics["psnr_gray"]:.2f}) | ab RMSE {metrics["ab_rmse"]:.2f} (gray {metrics["ab_rmse_gray"]:.2f})',
-          flush=True)
-    log.write(json.dumps(dict(eval=True, **metrics)) + '\n')
+def evaluate_and_show(model, val, args, device, log, step):
+    """Held-out metrics to stdout and log.jsonl; for colorization also the sample grid PNG."""
+    if args.objective == 'classify':
+        metrics = evaluate_classifier(model, *val, args, device)
+        print(f'eval step {step}: val loss {metrics["loss"]:.4f} | top-1 {100 * metrics["top1"]:.2f}%', flush=True)
+    else:
+        metrics = evaluate(model, val, args, device)
+        print(f'eval step {step}: val loss {metrics["loss"]:.4f} | PSNR {metrics["psnr"]:.2f} dB '
+              f'(gray {metrics["psnr_gray"]:.2f}) | ab RMSE {metrics["ab_rmse"]:.2f} '
+              f'(gray {metrics["ab_rmse_gray"]:.2f})', flush=True)
+        write_grid(model, val[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
+    log.write(json.dumps(dict(eval=True, step=step, **metrics)) + '\n')
     log.flush()
 
 
@@ -529,6 +661,110 @@ def write_run_info(args, device, world, n_train, n_val):
 def format_seconds(s):
     s = int(s)
     return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+# --- Benchmark ------------------------------------------------------------------------------
+
+def _timed(step, batches, warmup, iters, device):
+    """Seconds per step over `iters` steps after `warmup` (which absorbs compilation); one sync at
+    each end of the timed span, none inside it."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step(*next(it))
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step(*next(it))
+    return (time.perf_counter() - t0) / iters, 0.0
+
+
+def _flops_per_image(step, batch, batch_size):
+    """Forward + backward FLOPs of one step (matmuls and convolutions), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(*batch)
+    return counter.get_total_flops() / batch_size
+
+
+def _repeat(batch):
+    while True:
+        yield batch
+
+
+def benchmark(args):
+    """Training throughput: synthetic device-resident data (compiled and eager, colorizer and the
+    same trunk as a classifier), then end to end through the real loader. Writes benchmark.json."""
+    device, rank, world, _ = setup_device(args)
+    fill_defaults(args, device, world)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.objective = 'colorize'  # the classifier baseline is built below from the same trunk
+    B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
+    print(f'benchmark: {args.arch} loss {args.loss}, batch {B}, crop {args.crop}, {args.points} points, '
+          f'device {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, torch {torch.__version__}')
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (B, 3, args.crop, args.crop), dtype=torch.uint8, generator=gen).to(device)
+    status = torch.zeros(B, dtype=torch.long)
+    labels = torch.randint(0, 1000, (B,), generator=gen)
+    rows = []
+    for compiled in ([True, False] if args.compile else [False]):
+        for name in ('colorizer', 'classifier'):
+            torch.manual_seed(args.seed)
+            net = make_model(model_config(args))
+            if name == 'classifier':
+                net = Classifier(net.trunk)
+            net = net.to(device).to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
+            fast = torch.compile(net) if compiled else net
+            if name == 'colorizer':
+                step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
+                eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
+            else:
+                step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
+                eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
+            flops = _flops_per_image(eager_step, batch, B)
+            seconds, mem = _timed(step, _repeat(batch), warmup, iters, device)
+            rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
+                             ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
+                             tflops=flops * B / seconds / 1e12, peak_mem_gb=mem))
+            print_row(rows[-1])
+            del net, fast, opt
+    # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
+    train_paths = take_subset(args, image_sources(args, rank == 0)[0])
+    torch.manual_seed(args.seed)
+    net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
+    fast = torch.compile(net) if args.compile else net
+    loader = make_loader(train_paths, args, rank, world, 0, device)
+    seconds, mem = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), loader, warmup, iters, device)
+    flops = rows[0]['gflops_per_img'] * 1e9
+    rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
+                     img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
+                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem))
+    print_row(rows[-1])
+    ratio = rows[0]['tflops'] / rows[1]['tflops']
+    print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
+          f'loader / synthetic img/s: {rows[-1]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
+    info = dict(rows=rows, arch=args.arch, loss=args.loss, batch=B, crop=args.crop, points=args.points,
+                device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+                torch=torch.__version__, git_commit=git_commit())
+    (args.out / 'benchmark.json').write_text(json.dumps(info, indent=2))
+    return rows
+
+
+def print_row(r):
+    print(f'{r["model"]:10s} {r["data"]:22s} {"compiled" if r["compiled"] else "eager":8s} '
+          f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
+          f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB', flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------
@@ -596,6 +832,8 @@ def main(argv=None):
     try:
         if args.colorize:
             colorize_files(args)
+        elif args.benchmark:
+            benchmark(args)
         else:
             train(args)
     except UserError as e:

@@ -82,10 +82,11 @@ class _Null:
         return False
 
 
-def _matmul3(m, x):
-    """Apply a 3x3 matrix (nested tuples) to the channel dim -3 of x (..., 3, H, W)."""
-    w = torch.tensor(m, dtype=x.dtype, device=x.device)
-    return torch.einsum('ij,...jhw->...ihw', w, x)
+def _matmul3(m, x, scale=(1.0, 1.0, 1.0)):
+    """Apply a 3x3 matrix (nested tuples) to the channel dim -3 of x (..., 3, H, W), then divide
+    output channel i by scale[i]. Python-float constants: no host-to-device copy (and sync) per call."""
+    c0, c1, c2 = x.unbind(-3)
+    return torch.stack([(r[0] * c0 + r[1] * c1 + r[2] * c2) / s for r, s in zip(m, scale)], dim=-3)
 
 
 def srgb_to_linear(c):
@@ -118,9 +119,7 @@ def rgb_to_lab(rgb):
         raise ValueError(f'rgb_to_lab expects 3 channels in dim -3, got shape {tuple(rgb.shape)}')
     with _no_autocast(rgb):
         x = _float(rgb) / 255.0 if rgb.dtype == torch.uint8 else _float(rgb)
-        xyz = _matmul3(RGB_TO_XYZ, srgb_to_linear(x))
-        white = torch.tensor(WHITE_D65, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        fx, fy, fz = _f(xyz / white).unbind(-3)
+        fx, fy, fz = _f(_matmul3(RGB_TO_XYZ, srgb_to_linear(x), scale=WHITE_D65)).unbind(-3)
         return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=-3)
 
 
@@ -135,9 +134,9 @@ def lab_to_rgb(lab, clip=True):
         lab = _float(lab)
         L, a, b = lab.unbind(-3)
         fy = (L + 16.0) / 116.0
-        f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=-3)
-        white = torch.tensor(WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
-        rgb = linear_to_srgb(_matmul3(XYZ_TO_RGB, _f_inv(f) * white))
+        xyz = torch.stack([_f_inv(fy + a / 500.0) * WHITE_D65[0], _f_inv(fy) * WHITE_D65[1],
+                           _f_inv(fy - b / 200.0) * WHITE_D65[2]], dim=-3)
+        rgb = linear_to_srgb(_matmul3(XYZ_TO_RGB, xyz))
         return rgb.clamp(0.0, 1.0) if clip else rgb
 
 
@@ -163,9 +162,8 @@ def lightness_input(lab):
 
 def lab_input(lab):
     """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W)."""
-    scale = torch.tensor([L_SCALE, AB_SCALE, AB_SCALE], dtype=lab.dtype, device=lab.device).view(3, 1, 1)
-    shift = torch.tensor([L_CENTER, 0.0, 0.0], dtype=lab.dtype, device=lab.device).view(3, 1, 1)
-    return (lab - shift) / scale
+    L, a, b = lab.unbind(-3)
+    return torch.stack([(L - L_CENTER) / L_SCALE, a / AB_SCALE, b / AB_SCALE], dim=-3)
 
 
 # --- Bins and targets ---------------------------------------------------------------------------
@@ -224,6 +222,15 @@ def ab_gamut():
         _AB_GAMUT.update(centres=centres, lookup=lookup.view(size, size), offset=offset,
                          nearest=nearest.view(size, size))
     return _AB_GAMUT['centres'], _AB_GAMUT['lookup'], _AB_GAMUT['offset']
+
+
+def _gamut_on(device):
+    """(centres, lookup, nearest) on `device`, copied there once (no per-step host-to-device copy)."""
+    key = ('device', str(device))
+    if key not in _AB_GAMUT:
+        centres, lookup, _ = ab_gamut()
+        _AB_GAMUT[key] = tuple(t.to(device) for t in (centres, lookup, _AB_GAMUT['nearest']))
+    return _AB_GAMUT[key]
 
 
 def output_dim(kind):
@@ -297,12 +304,11 @@ def _ab_soft(ab):
     gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the K
     colours are averaged.
     """
-    centres, lookup, offset = ab_gamut()
-    lookup, nearest = lookup.to(ab.device), _AB_GAMUT['nearest'].to(ab.device)
-    size = lookup.shape[0]
+    offset = ab_gamut()[2]
+    centres, lookup, nearest = _gamut_on(ab.device)
     B, P, K, _ = ab.shape
     cell = torch.round(ab / AB_GRID).long()  # (B, P, K, 2)
-    r = torch.tensor([-1, 0, 1], device=ab.device)
+    r = torch.arange(-1, 2, device=ab.device)
     nb = torch.stack(torch.meshgrid(r, r, indexing='ij'), -1).reshape(9, 2)
     cand = (cell.unsqueeze(3) + nb).clamp(-offset, offset)  # (B, P, K, 9, 2)
     cls = lookup[cand[..., 0] + offset, cand[..., 1] + offset]  # (B, P, K, 9), -1 = out of gamut
@@ -381,7 +387,7 @@ def decode(kind, logits, dim=-1):
     elif kind == 'l2':
         ab = z * L2_SCALE
     elif kind == 'ab':
-        centres = ab_gamut()[0].to(z.device)
+        centres = _gamut_on(z.device)[0]
         p = F.softmax(F.log_softmax(z, -1) / AB_TEMPERATURE, -1)
         ab = p @ centres
     else:

@@ -216,3 +216,66 @@ def test_lr_schedule_by_hand():
     args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
     got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
     assert got == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_benchmark_mode_tiny(folders, tmp_path, capsys):
+    train, val = folders
+    out = tmp_path / 'bench'
+    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2')) == 0
+    rows = json.loads((out / 'benchmark.json').read_text())['rows']
+    assert [(r['model'], r['data'].split()[0]) for r in rows] == [
+        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader')]
+    assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
+    # FLOPs per image of the classifier against a hand count: VGG-16 at width 1/16 on a 32 crop,
+    # (c_in, c_out, kernel, map side) per conv, 2 FLOPs per multiply-add; a training step is the
+    # forward, the weight gradient and the input gradient (3x), except conv1_1's input gradient.
+    convs = [(1, 4, 3, 32), (4, 4, 3, 32), (4, 8, 3, 16), (8, 8, 3, 16), (8, 16, 3, 8), (16, 16, 3, 8),
+             (16, 16, 3, 8), (16, 32, 3, 4), (32, 32, 3, 4), (32, 32, 3, 4), (32, 32, 3, 2), (32, 32, 3, 2),
+             (32, 32, 3, 2), (32, 16, 7, 1), (16, 16, 1, 1)]
+    forward = sum(2 * ci * co * k * k * s * s for ci, co, k, s in convs) + 2 * 16 * 1000
+    by_hand = 3 * forward - 2 * 1 * 4 * 9 * 32 * 32
+    assert rows[1]['gflops_per_img'] * 1e9 == pytest.approx(by_hand, rel=1e-6)
+    assert rows[0]['gflops_per_img'] > rows[1]['gflops_per_img']  # the colorizer adds its head
+    assert 'colorizer / classifier FLOP rate' in capsys.readouterr().out
+
+
+def test_objective_classify_runs_with_folder_labels(tmp_path):
+    """The supervised baseline: same loop and checkpoints, label = folder name."""
+    root = tmp_path / 'imagenet'
+    rng = np.random.default_rng(7)
+    for k, level in enumerate((40, 128, 215)):
+        for split, n in (('train', 8), ('val', 3)):
+            folder = root / split / f'n{k:08d}'
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(level + rng.normal(0, 10, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f'{i}.png')
+    argv = tiny_args(root / 'train', root / 'val', tmp_path / 'cls', '--objective', 'classify', '--steps', '6',
+                     '--classes', '3')
+    assert colorize.main(argv) == 0
+    evals = [json.loads(line) for line in (tmp_path / 'cls' / 'log.jsonl').read_text().splitlines()
+             if '"eval"' in line]
+    assert [e['step'] for e in evals] == [0, 6] and all(0 <= e['top1'] <= 1 for e in evals)
+    ckpt = _state(tmp_path / 'cls' / 'checkpoint.pt')
+    assert ckpt['config']['objective'] == 'classify' and ckpt['config']['classes'] == [f'n{k:08d}' for k in range(3)]
+    assert {k.split('.')[0] for k in ckpt['model']} == {'trunk', 'fc'}
+    # Labels: the index of the image's folder among the sorted class folders.
+    args = colorize.parse_args(['--data', str(root / 'train'), '--val-data', str(root / 'val'), '--out', str(tmp_path)])
+    labels = colorize.class_labels(args, *colorize.image_sources(args, True))
+    assert [int(Path(p).parent.name[1:]) for p in labels['train_paths']] == labels['train']
+    assert [int(Path(p).parent.name[1:]) for p in labels['val_paths']] == labels['val']
+    # --classes K: a fixed subset of the folders, nested in the larger subsets.
+    two = colorize.class_labels(colorize.parse_args(['--classes', '2']), labels['train_paths'], labels['val_paths'])
+    assert len(two['names']) == 2 and set(two['names']) < set(labels['names'])
+    assert all(Path(p).parent.name in two['names'] for p in two['train_paths'] + two['val_paths'])
+
+
+def test_evaluate_classifier_top1_by_hand():
+    class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
+        def forward(self, x):
+            m = x.mean((1, 2, 3))
+            return torch.stack([-m, m], 1) * 10
+    images = torch.stack([torch.full((3, 8, 8), v, dtype=torch.uint8) for v in (10, 20, 240, 250)])
+    labels = torch.tensor([0, 1, 1, 1])  # the second is mislabelled: 3 of 4 right
+    metrics = colorize.evaluate_classifier(Fixed(), images, labels, None, torch.device('cpu'))
+    assert metrics['top1'] == 0.75
