@@ -18,16 +18,32 @@ world, so that every command of the project runs end to end without downloads:
     python data.py demo                       # -> data/demo/{train,val,VOCdevkit} next to this file
     python data.py scan /data/imagenet/train /data/places205 --cache-dir runs/cache
 
+Packs (`pack_images`): decoding full-size photos is the bottleneck of pre-training, so the
+images can be decoded, shrunk to a short side of 256 and re-encoded once, into a few large shard
+files with an index, then read without per-image file opens (resumable; run it again to finish):
+
+    python data.py pack --data /data/imagenet/train --out /data/packs/imagenet-256 --short-side 256
+    python colorize.py --data /data/packs/imagenet-256 ...
+
+find_images turns a pack root into one pseudo-path per image, PACK/index.npy/<i>/<folder>/<name>
+(entry i; <folder>/<name> are those of the source, so class folders and file names read from
+paths stay meaningful; never a real file, as index.npy is a file in a pack), which load_rgb and
+ColorImages decode from the memory-mapped shards; bad files are reported under their original
+paths.
+
 Only torch, numpy, Pillow and the standard library are used; importing does no work.
 """
 import argparse
+import collections
 import concurrent.futures
 import functools
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -85,6 +101,12 @@ def find_images(roots, cache_dir=None, log=print):
     file or subfolder changes its parent's mtime and triggers a rescan. Editing a file in place
     does not, and need not. A scan is not cached when a folder changed less than 2 s before it
     (file-system clocks are coarse, so a later change could keep the same mtime).
+
+    A root that is a pack folder (`python data.py pack`, see pack_images) gives one pseudo-path
+    per packed image, root/index.npy/<i>/<folder>/<name> (i zero-padded to 9 digits; the source's
+    folder and file name, e.g. .../index.npy/000000000/n01440764/n01440764_10026.JPEG), which
+    load_rgb and ColorImages read from the pack; an incomplete pack raises ValueError with the
+    command that finishes it.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
@@ -96,6 +118,8 @@ def find_images(roots, cache_dir=None, log=print):
         t0 = time.perf_counter()
         if os.path.isfile(root) and root.lower().endswith('.txt'):
             found, how = _read_list(root), 'listed'
+        elif os.path.isdir(root) and _pack_state(root) is not None:
+            found, how = pack_paths(root), 'packed'
         elif os.path.isdir(root):
             found, how = _scan_cached(root, cache_dir, log)
         elif os.path.exists(root):
@@ -243,14 +267,28 @@ def load_rgb(path, min_short_side=None):
     Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
     naming the file and the reason for empty, missing, truncated, unidentifiable or undecodable
     files. See `pil_to_rgb` for how each mode becomes RGB.
+
+    A pack pseudo-path (PACK/index.npy/<i>/..., see `pack_paths`) decodes entry i of the pack from
+    its memory-mapped shard; for an entry that was bad when packed, BadImage names the original
+    source file and the reason recorded then.
     """
     path = os.fspath(path)
+    entry = packed_entry(path)
+    if entry is not None:
+        reader, i = entry
+        return reader.load_rgb(i, min_short_side)
+    return _decode(path, path, min_short_side)
+
+
+def _decode(source, name, min_short_side=None):
+    """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
+    `name`."""
     # Pillow would otherwise pad a truncated file with gray and return it as if it were fine.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        if os.path.getsize(path) == 0:
-            raise BadImage(path, 'empty file (0 bytes)')
-        with Image.open(path) as im:
+        if isinstance(source, str) and os.path.getsize(source) == 0:
+            raise BadImage(name, 'empty file (0 bytes)')
+        with Image.open(source) as im:
             if min_short_side and im.format == 'JPEG':
                 w, h = im.size
                 scale = min_short_side / min(w, h)
@@ -262,13 +300,13 @@ def load_rgb(path, min_short_side=None):
     except BadImage:
         raise
     except FileNotFoundError:
-        raise BadImage(path, 'no such file') from None
+        raise BadImage(name, 'no such file') from None
     except UnidentifiedImageError:
-        raise BadImage(path, 'not an image (Pillow cannot identify its format)') from None
+        raise BadImage(name, 'not an image (Pillow cannot identify its format)') from None
     except MemoryError:
         raise
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError...
-        raise BadImage(path, f'cannot decode ({type(e).__name__}: {e})') from e
+        raise BadImage(name, f'cannot decode ({type(e).__name__}: {e})') from e
 
 
 def pil_to_rgb(im):
@@ -326,14 +364,19 @@ def is_grayscale(rgb, tol=6, quantile=0.99):
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 
+def _short_side_size(h, w, short_side):
+    """(height, width) with the short side `short_side` and the aspect ratio kept, the long side
+    rounded to the nearest integer (at least 1)."""
+    if h <= w:
+        return short_side, max(1, round(w * short_side / h))
+    return max(1, round(h * short_side / w)), short_side
+
+
 def _resize_short(rgb, short_side):
     h, w = rgb.shape[:2]
     if min(h, w) == short_side:
         return rgb
-    if h <= w:
-        nh, nw = short_side, max(1, round(w * short_side / h))
-    else:
-        nh, nw = max(1, round(h * short_side / w)), short_side
+    nh, nw = _short_side_size(h, w, short_side)
     return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
 
 
@@ -383,6 +426,8 @@ class ColorImages(torch.utils.data.Dataset):
     or order of workers. status: STATUS_OK (0); STATUS_BAD (1): the file could not be decoded,
     the image is all zeros and a warning naming the file and reason goes to stderr; STATUS_GRAY
     (2): the source image is grayscale (is_grayscale; only if `min_colorful`), image returned as is.
+    Paths may be pack pseudo-paths (find_images on a pack): those are read from the pack, their
+    gray flag is the one stored when packing, and bad ones are named by their source file.
 
     train=True: random_crop with a short side in `short_side_range` and flips. train=False: the
     deterministic validation view, center_crop at short side `short_side_range` (an int, or the
@@ -400,16 +445,13 @@ class ColorImages(torch.utils.data.Dataset):
         self.flip, self.min_colorful, self.train = flip and train, min_colorful, train
         # Paths as one byte buffer + offsets, not a list of str: with millions of files, forked
         # workers would otherwise copy the list page by page as reference counts are touched.
-        encoded = [os.fspath(p).encode('utf-8', 'surrogateescape') for p in paths]
-        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
-        self._buffer = np.frombuffer(b''.join(encoded), dtype=np.uint8)
+        self._offsets, self._buffer = _encode_strings(paths)
 
     def __len__(self):
         return len(self._offsets) - 1
 
     def path(self, index):
-        a, b = self._offsets[index], self._offsets[index + 1]
-        return self._buffer[a:b].tobytes().decode('utf-8', 'surrogateescape')
+        return _decode_string(self._offsets, self._buffer, index)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -420,14 +462,21 @@ class ColorImages(torch.utils.data.Dataset):
             raise TypeError('ColorImages(train=True) takes (index, sample_seed) pairs; feed it '
                             'from InfiniteSampler (DataLoader(..., sampler=InfiniteSampler(...)))')
         path = self.path(int(index))
+        entry = packed_entry(path)
         try:
             # Decode at least as large as the largest short side the augmentation asks for.
-            rgb = load_rgb(path, min_short_side=self.hi)
+            if entry is None:
+                rgb, gray = load_rgb(path, min_short_side=self.hi), None
+            else:  # a packed image: its gray flag was computed when packing
+                reader, i = entry
+                rgb, gray = reader.load_rgb(i, min_short_side=self.hi), reader.is_gray(i)
         except BadImage as e:
             print(f'warning: bad image {e.path} ({e.reason}); returned as zeros with status 1',
                   file=sys.stderr, flush=True)
             return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), STATUS_BAD
-        status = STATUS_GRAY if self.min_colorful and is_grayscale(rgb) else STATUS_OK
+        if self.min_colorful and gray is None:
+            gray = is_grayscale(rgb)
+        status = STATUS_GRAY if self.min_colorful and gray else STATUS_OK
         if self.train:
             out = random_crop(rgb, self.crop, (self.lo, self.hi), self.flip,
                               np.random.default_rng(sample_seed))
@@ -544,6 +593,498 @@ class StatusCounter:
         parts = ', '.join(f'{name} {c:,} ({100 * c / n:.2f}%)'
                           for name, c in zip(STATUS_NAMES, self.counts))
         return f'images {self.seen:,}: {parts}'
+
+
+# ----------------------------------------------------------------------------------------------
+# Packs: pre-resized JPEG bytes in a few large files, for training without per-image file opens
+
+_PACK_VERSION = 1
+_PACK_INDEX = 'index.npy'
+_PACK_NAMES, _PACK_NAME_OFFSETS = 'names.bin', 'names-offsets.npy'
+_PACK_BAD = 'bad.jsonl'
+_PACK_PROGRESS, _PACK_COMPLETE = 'progress.json', 'complete.json'
+_PACK_FILES = (_PACK_INDEX, _PACK_NAMES, _PACK_NAME_OFFSETS, _PACK_BAD, _PACK_PROGRESS,
+               _PACK_COMPLETE)
+PACK_SHARD_BYTES = 4 << 30  # a new shard once the current one would grow past 4 GiB
+_PACK_COLUMNS = ('shard', 'offset', 'length', 'status')  # index.npy columns, int64
+
+
+def _shard_name(k):
+    return f'shard-{k:05d}.bin'
+
+
+def _is_shard_name(name):
+    return (name.startswith('shard-') and name.endswith('.bin') and len(name) == 15
+            and name[6:11].isdigit())
+
+
+def _encode_strings(strings):
+    """Strings as (int64 offsets (N + 1,), uint8 buffer): string i is buffer[offsets[i]:
+    offsets[i + 1]] in UTF-8 (surrogateescape, so any file name round-trips)."""
+    encoded = [os.fspath(s).encode('utf-8', 'surrogateescape') for s in strings]
+    offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+    return offsets, np.frombuffer(b''.join(encoded), dtype=np.uint8)
+
+
+def _decode_string(offsets, buffer, i):
+    a, b = int(offsets[i]), int(offsets[i + 1])
+    return bytes(buffer[a:b]).decode('utf-8', 'surrogateescape')
+
+
+def shrink_to_short_side(rgb, short_side):
+    """uint8 (H, W, 3) -> uint8 (h, w, 3) with min(h, w) == short_side, the aspect ratio kept (long
+    side rounded), by Pillow: Image.fromarray(rgb).resize((w, h), Image.LANCZOS,
+    reducing_gap=3.0), i.e. a box reduce() by an integer factor first when shrinking more than
+    3x, then LANCZOS. Images whose short side is <= short_side are returned as they are (never
+    upscaled)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) <= short_side:
+        return rgb
+    nh, nw = _short_side_size(h, w, short_side)
+    return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.LANCZOS, reducing_gap=3.0))
+
+
+def _pack_one(path, short_side, quality):
+    """(status, JPEG bytes, reason) of one source image; see pack_images."""
+    try:
+        rgb = load_rgb(path, min_short_side=short_side)
+    except BadImage as e:
+        return STATUS_BAD, b'', e.reason
+    rgb = shrink_to_short_side(rgb, short_side)
+    status = STATUS_GRAY if is_grayscale(rgb) else STATUS_OK
+    buf = io.BytesIO()
+    try:  # e.g. a panorama whose long side passes JPEG's 65,535 pixels
+        Image.fromarray(rgb).save(buf, 'JPEG', quality=quality)
+    except (OSError, ValueError) as e:
+        return STATUS_BAD, b'', f'cannot re-encode as JPEG ({type(e).__name__}: {e})'
+    return status, buf.getvalue(), ''
+
+
+def _pack_task(task):
+    """Runs in worker processes: [(status, JPEG bytes, reason)] for task = (paths, short side,
+    quality)."""
+    paths, short_side, quality = task
+    return [_pack_one(p, short_side, quality) for p in paths]
+
+
+def _process_pool(workers):
+    """A pool of `workers` processes: fork where there is fork (a spawned worker would spend
+    seconds importing torch), else spawn. The callers' workers use numpy and Pillow only."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+
+
+def _ordered_map(fn, args, pool, window):
+    """fn(a) for a in `args`, in order; with a pool, at most `window` calls in flight (so the
+    results of millions of images never pile up in memory)."""
+    if pool is None:
+        yield from map(fn, args)
+        return
+    pending = collections.deque()
+    for a in args:
+        pending.append(pool.submit(fn, a))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read_json(path):
+    """The JSON object in `path`, or None if there is no such file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); it belongs to a pack: delete the '
+                         'pack folder and pack again') from None
+
+
+def _pack_command(root, params):
+    """The `python data.py pack` command line that makes (or finishes) the pack `root`."""
+    return ' '.join(['python data.py pack --data', *map(shlex.quote, params['roots']),
+                     '--out', shlex.quote(root), '--short-side', str(params['short_side']),
+                     '--quality', str(params['quality'])])
+
+
+def _pack_state(root):
+    """'complete', 'incomplete' (packing started, not finished) or None (not a pack)."""
+    if not os.path.isfile(os.path.join(root, _PACK_INDEX)):
+        return None
+    if os.path.exists(os.path.join(root, _PACK_COMPLETE)):
+        return 'complete'
+    if os.path.exists(os.path.join(root, _PACK_PROGRESS)):
+        return 'incomplete'
+    return None
+
+
+def _incomplete_pack_error(root):
+    progress = _read_json(os.path.join(root, _PACK_PROGRESS))
+    return ValueError(f'pack {root} is incomplete ({progress["done"]:,} of '
+                      f'{progress["total"]:,} images packed): run `'
+                      f'{_pack_command(root, progress["params"])}` again to finish it')
+
+
+def _source_tail(source):
+    """(folder name, file name) of a source path, as repeated at the end of its pseudo-path."""
+    folder, name = os.path.split(source)
+    return os.path.basename(folder) or '_', name
+
+
+def pack_paths(root):
+    """The pseudo-paths of the images of the complete pack `root`, in index order (so sorted):
+    root/index.npy/<i>/<folder>/<name>, i zero-padded to 9 digits, <folder>/<name> the last two
+    components of the image's source path. Raises ValueError if the pack is incomplete."""
+    reader = PackReader(root)
+    width = max(9, len(str(len(reader) - 1)))  # zero-padded, so that sorting keeps the order
+    head = os.path.join(reader.root, _PACK_INDEX)
+    return [os.path.join(head, f'{i:0{width}d}', *_source_tail(source))
+            for i, source in enumerate(reader.sources())]
+
+
+class PackReader:
+    """Random access to a complete pack (see pack_images): source names, statuses and JPEG bytes
+    from memory-mapped files, each shard mapped on first use. Pickles as its folder alone, so a
+    copy in another process maps the files itself. Most code reaches it through load_rgb or
+    ColorImages with pseudo-paths (`packed_entry`) rather than directly."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(os.fspath(root))
+        state = _pack_state(self.root)
+        if state == 'incomplete':
+            raise _incomplete_pack_error(self.root)
+        if state is None:
+            raise ValueError(f'{self.root} is not a pack: expected a folder written by '
+                             '`python data.py pack`')
+        self.info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
+        if self.info.get('version') != _PACK_VERSION:
+            raise ValueError(f'pack {self.root} has format version {self.info.get("version")}, '
+                             f'this data.py reads version {_PACK_VERSION}: pack the images again')
+        n = self.info['total']
+        self.index = np.load(os.path.join(self.root, _PACK_INDEX), mmap_mode='r')  # (N, 4) int64
+        self._offsets = np.load(os.path.join(self.root, _PACK_NAME_OFFSETS), mmap_mode='r')
+        self._names = np.memmap(os.path.join(self.root, _PACK_NAMES), np.uint8, 'r')
+        if self.index.shape != (n, len(_PACK_COLUMNS)) or self._offsets.shape != (n + 1,):
+            raise ValueError(f'pack {self.root} is damaged: {_PACK_COMPLETE} says {n} images, '
+                             f'but {_PACK_INDEX} has shape {self.index.shape} and '
+                             f'{_PACK_NAME_OFFSETS} {self._offsets.shape}; pack again')
+        for k, length in enumerate(self.info['shards']):
+            path = os.path.join(self.root, _shard_name(k))
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size is None or size < length:
+                raise ValueError(f'pack {self.root} is damaged: {path} holds {size} bytes, '
+                                 f'{length} expected; pack again')
+        self._shards = [None] * len(self.info['shards'])
+        self._reasons = None
+
+    def __reduce__(self):  # never pickle the memory maps
+        return PackReader, (self.root,)
+
+    def __len__(self):
+        return len(self.index)
+
+    def source(self, i):
+        """The path of the file image i was packed from."""
+        return _decode_string(self._offsets, self._names, i)
+
+    def sources(self):
+        """All source paths, in index order (faster than source(i) for each i)."""
+        with open(os.path.join(self.root, _PACK_NAMES), 'rb') as f:
+            buffer = f.read()
+        offsets = self._offsets.tolist()
+        return [buffer[a:b].decode('utf-8', 'surrogateescape')
+                for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def status(self, i):
+        return int(self.index[i, 3])
+
+    def is_gray(self, i):
+        return self.status(i) == STATUS_GRAY
+
+    def reason(self, i):
+        """Why image i could not be packed ('' if it was)."""
+        if self._reasons is None:
+            with open(os.path.join(self.root, _PACK_BAD), encoding='utf-8') as f:
+                rows = [json.loads(line) for line in f]
+            self._reasons = {r['index']: r['reason'] for r in rows}
+        return self._reasons.get(i, '')
+
+    def jpeg(self, i):
+        """The stored JPEG bytes of image i (a read-only view of its shard; empty if bad)."""
+        shard, offset, length, _ = (int(v) for v in self.index[i])
+        if length == 0:
+            return memoryview(b'')
+        if self._shards[shard] is None:
+            self._shards[shard] = np.memmap(os.path.join(self.root, _shard_name(shard)),
+                                            np.uint8, 'r')
+        return memoryview(self._shards[shard][offset:offset + length])
+
+    def load_rgb(self, i, min_short_side=None):
+        """Image i as load_rgb decodes it: RGB uint8 (H, W, 3). Raises BadImage naming the
+        source file for images that were bad when packed (with the reason recorded then) or
+        whose stored bytes do not decode."""
+        if self.status(i) == STATUS_BAD:
+            raise BadImage(self.source(i), f'{self.reason(i)}; recorded when packing {self.root}')
+        try:
+            return _decode(io.BytesIO(self.jpeg(i)), self.source(i), min_short_side)
+        except BadImage as e:
+            raise BadImage(e.path, f'{e.reason}; in its packed copy, entry {i} of {self.root}'
+                           ) from e
+
+
+# (process id, pack folder) -> PackReader. Each process maps the shards itself, once, on first
+# use: DataLoader workers (forked or spawned) never share or pickle a memory map.
+_OPEN_PACKS = {}
+
+
+def packed_entry(path):
+    """(PackReader, i) if `path` is a pseudo-path PACK/index.npy/<i>/<folder>/<name> into a pack
+    (see pack_paths), else None. Such a string can name no real file: in a pack, index.npy is a
+    file, not a folder. Raises ValueError for a pseudo-path into an incomplete pack, past its
+    end, or whose <folder>/<name> is not that of entry i's source (a list from another pack)."""
+    rest, name = os.path.split(path)
+    rest, folder = os.path.split(rest)
+    head, digits = os.path.split(rest)
+    root, index_name = os.path.split(head)
+    if index_name != _PACK_INDEX or not (digits.isascii() and digits.isdigit()):
+        return None
+    key = (os.getpid(), root)
+    reader = _OPEN_PACKS.get(key)
+    if reader is None:
+        if _pack_state(root) is None:  # a real folder that happens to be called index.npy
+            return None
+        reader = _OPEN_PACKS[key] = PackReader(root)
+    i = int(digits)
+    if i >= len(reader) or _source_tail(reader.source(i)) != (folder, name):
+        found = (f'entry {i} is {reader.source(i)}' if i < len(reader) else
+                 f'it holds only {len(reader):,} images')
+        raise ValueError(f'{path} does not match the pack {reader.root}: {found}; was the pack '
+                         'made again since this image list was made? List it again')
+    return reader, i
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+    if seconds >= 60:
+        return f'{seconds // 60} min {seconds % 60:02d} s'
+    return f'{seconds} s'
+
+
+class _PackWriter:
+    """Appends packed images to the shards, index and bad-file list of a pack being written;
+    commit() makes everything so far durable and records it in progress.json."""
+
+    def __init__(self, root, progress, shard_bytes):
+        self.root, self.progress, self.shard_bytes = root, progress, shard_bytes
+        self.shards = list(progress['shards'])
+        self.counts = list(progress['counts'])
+        # Undo whatever an interrupted run wrote after its last commit.
+        for k, length in enumerate(self.shards):
+            self._truncate(os.path.join(root, _shard_name(k)), length)
+        for name in os.listdir(root):
+            if _is_shard_name(name) and int(name[6:11]) >= len(self.shards):
+                os.remove(os.path.join(root, name))
+        self._truncate(os.path.join(root, _PACK_BAD), progress['bad_bytes'])
+        self.index = np.load(os.path.join(root, _PACK_INDEX), mmap_mode='r+')
+        self.shard = open(os.path.join(root, _shard_name(len(self.shards) - 1)), 'ab')
+        self.bad = open(os.path.join(root, _PACK_BAD), 'ab')
+
+    def _truncate(self, path, length):
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size is None or size < length:
+            raise ValueError(f'pack {self.root} is damaged: {path} holds {size} bytes, fewer '
+                             f'than the {length} that {_PACK_PROGRESS} records; delete '
+                             f'{self.root} and pack again')
+        if size > length:
+            os.truncate(path, length)
+
+    def add(self, i, status, blob, reason):
+        k = len(self.shards) - 1
+        if blob and self.shards[k] and self.shards[k] + len(blob) > self.shard_bytes:
+            self._sync(self.shard)
+            self.shard.close()
+            self.shards.append(0)
+            k += 1
+            self.shard = open(os.path.join(self.root, _shard_name(k)), 'ab')
+        self.shard.write(blob)
+        self.index[i] = (k, self.shards[k], len(blob), status)
+        self.shards[k] += len(blob)
+        self.counts[status] += 1
+        if status == STATUS_BAD:
+            self.bad.write((json.dumps({'index': i, 'reason': reason}) + '\n').encode('utf-8'))
+
+    @staticmethod
+    def _sync(f):
+        f.flush()
+        os.fsync(f.fileno())
+
+    def commit(self, done):
+        """Images [0, done) are written: make them durable, then record it atomically."""
+        self._sync(self.shard)
+        self._sync(self.bad)
+        self.index.flush()
+        self.progress.update(done=done, shards=list(self.shards), counts=list(self.counts),
+                             bad_bytes=self.bad.tell())
+        _write_json_atomic(os.path.join(self.root, _PACK_PROGRESS), self.progress)
+
+    def close(self):
+        self.shard.close()
+        self.bad.close()
+        del self.index
+
+
+def _pack_start(root, params, paths):
+    """Lay out an empty pack for `paths` in `root` (no pack files in it yet, or only those of a
+    start that was interrupted before its first progress.json); returns the progress dict."""
+    os.makedirs(root, exist_ok=True)
+    leftovers = sorted(os.listdir(root))
+    foreign = [n for n in leftovers
+               if not (n.split('.tmp-')[0] in _PACK_FILES or _is_shard_name(n))]
+    if foreign:
+        raise ValueError(f'{root} exists and holds files that are not part of a pack (e.g. '
+                         f'{foreign[0]}): pack into a new or empty folder')
+    for name in leftovers:
+        os.remove(os.path.join(root, name))
+    offsets, buffer = _encode_strings(paths)
+    with open(os.path.join(root, _PACK_NAMES), 'wb') as f:
+        f.write(buffer.tobytes())
+    np.save(os.path.join(root, _PACK_NAME_OFFSETS), offsets)
+    index = np.lib.format.open_memmap(os.path.join(root, _PACK_INDEX), mode='w+', dtype=np.int64,
+                                      shape=(len(paths), len(_PACK_COLUMNS)))
+    index.flush()
+    del index
+    for name in (_shard_name(0), _PACK_BAD):
+        open(os.path.join(root, name), 'wb').close()
+    progress = {'version': _PACK_VERSION, 'params': params, 'total': len(paths), 'done': 0,
+                'shards': [0], 'bad_bytes': 0, 'counts': [0] * len(STATUS_NAMES)}
+    _write_json_atomic(os.path.join(root, _PACK_PROGRESS), progress)
+    return progress
+
+
+def _check_pack_params(root, found, params):
+    if found.get('version') != _PACK_VERSION:
+        raise ValueError(f'{root} holds a pack of format version {found.get("version")}, but '
+                         f'this data.py writes version {_PACK_VERSION}: pack into another '
+                         f'folder, or delete {root} to repack')
+    old = found['params']
+    flags = {'roots': '--data', 'short_side': '--short-side', 'quality': '--quality'}
+    diffs = [f'{flag} {_cli_value(old.get(k))} (asked: {_cli_value(params[k])})'
+             for k, flag in flags.items() if old.get(k) != params[k]]
+    if diffs:
+        raise ValueError(f'{root} holds a pack made with other arguments: {"; ".join(diffs)}. '
+                         f'Pack into another folder, or delete {root} to repack')
+
+
+def _cli_value(v):
+    return ' '.join(map(shlex.quote, v)) if isinstance(v, list) else str(v)
+
+
+def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None, chunk=8192,
+                task_size=16, shard_bytes=PACK_SHARD_BYTES, log=print, log_every=5.0):
+    """Pack the images under `roots` (folders or .txt lists, as for find_images) into the folder
+    `out`, pre-resized, for training with `--data out`; returns the complete.json dict.
+
+    Each source is decoded by load_rgb (any mode, EXIF orientation; JPEGs drafted to the
+    smallest 1/2^k scale whose short side is still >= short_side), shrunk by
+    shrink_to_short_side (LANCZOS; never upscaled), flagged gray by is_grayscale of the shrunk
+    pixels, and encoded as JPEG at `quality` (Pillow's default 4:2:0 chroma subsampling).
+    Files that fail to decode are recorded as bad with their reason. The folder holds:
+
+        shard-00000.bin, ...  the JPEG bytes back to back; a new shard once one would pass
+                              `shard_bytes` (4 GiB)
+        index.npy             int64 (N, 4): shard, offset, length, status per image, in the
+                              sorted order of find_images (np.load(..., mmap_mode='r'));
+                              status STATUS_OK, STATUS_GRAY (still stored) or STATUS_BAD
+                              (length 0, nothing stored)
+        names.bin, names-offsets.npy  the source paths: UTF-8 (surrogateescape) back to back,
+                              int64 (N + 1,) offsets; path i = names[off[i]:off[i + 1]]
+        bad.jsonl             {"index": i, "reason": "..."} per bad image
+        progress.json         params (roots, short_side, quality), done, shard lengths, ...
+        complete.json         written last: params, total, shard lengths, status counts
+
+    Work proceeds in chunks of `chunk` images, in order, over `workers` processes (default: all
+    cores; 1 = in this process) in tasks of `task_size` images; after each chunk the shards are
+    synced and progress.json replaced atomically. Run again with the same arguments, it truncates
+    the files to the recorded lengths and continues (the listing is the one saved at the start);
+    on a complete pack it does nothing. Other arguments on an existing pack raise ValueError.
+
+    Training reads a pack through pseudo-paths (pack_paths, which find_images returns for a
+    pack root): out/index.npy/<i>/<folder>/<name>, which load_rgb and ColorImages decode from
+    the shards; <folder>/<name> repeat the source's last two path components, so that code that
+    reads class folders or file names from paths sees those of the source.
+    """
+    out = os.path.abspath(os.fspath(out))
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    params = {'roots': sorted({os.path.abspath(os.fspath(r)) for r in roots}),
+              'short_side': int(short_side), 'quality': int(quality)}
+    if params['short_side'] < 1 or not 1 <= params['quality'] <= 100:
+        raise ValueError(f'pack: expected short_side >= 1 and quality in 1..100, got '
+                         f'{short_side} and {quality}')
+    if out in params['roots']:
+        raise ValueError(f'pack: --out {out} is also one of the --data roots; pick another folder')
+    complete = _read_json(os.path.join(out, _PACK_COMPLETE))
+    if complete is not None:
+        _check_pack_params(out, complete, params)
+        log(f'pack {out} is already complete ({complete["total"]:,} images, made with the same '
+            'arguments): nothing to do')
+        return complete
+    progress = _read_json(os.path.join(out, _PACK_PROGRESS))
+    if progress is not None:
+        _check_pack_params(out, progress, params)
+        log(f'resuming the pack in {out} at {progress["done"]:,}/{progress["total"]:,} images '
+            '(the image list saved when it started)')
+    else:
+        paths = find_images(params['roots'], cache_dir, log)
+        progress = _pack_start(out, params, paths)
+        del paths
+    total, start = progress['total'], progress['done']
+    offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
+    names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
+    # Tasks never straddle chunks: the end of a task may be the end of a chunk, to commit.
+    spans = [(t0, min(t0 + task_size, c0 + chunk, total), min(c0 + chunk, total))
+             for c0 in range(start, total, chunk)
+             for t0 in range(c0, min(c0 + chunk, total), task_size)]
+    tasks = (([_decode_string(offsets, names, i) for i in range(t0, t1)], short_side, quality)
+             for t0, t1, _ in spans)
+    workers = workers or os.cpu_count() or 1
+    writer = _PackWriter(out, progress, shard_bytes)
+    pool = None
+    t_start = t_log = time.perf_counter()
+    try:
+        if workers > 1 and total - start > task_size:
+            pool = _process_pool(workers)
+        results = _ordered_map(_pack_task, tasks, pool, window=4 * workers)
+        for (t0, t1, chunk_end), packed in zip(spans, results):
+            for i, (status, blob, reason) in zip(range(t0, t1), packed):
+                writer.add(i, status, blob, reason)
+            if t1 == chunk_end:
+                writer.commit(t1)
+            now = time.perf_counter()
+            if now - t_log >= log_every:
+                t_log = now
+                rate = (t1 - start) / max(now - t_start, 1e-9)
+                log(f'pack: {t1:,}/{total:,} images ({100 * t1 / total:.1f}%), {rate:,.0f} img/s, '
+                    f'ETA {_duration((total - t1) / rate)}, {writer.counts[STATUS_BAD]:,} bad, '
+                    f'{writer.counts[STATUS_GRAY]:,} gray')
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        writer.close()
+    counts = dict(zip(STATUS_NAMES, writer.counts))
+    info = {'version': _PACK_VERSION, 'params': params, 'total': total,
+            'shards': writer.shards, 'counts': counts}
+    _write_json_atomic(os.path.join(out, _PACK_COMPLETE), info)
+    bad_note = f' (reasons in {os.path.join(out, _PACK_BAD)})' if counts['bad'] else ''
+    log(f'packed {total:,} images into {out} in {_duration(time.perf_counter() - t_start)}: '
+        f'{counts["ok"]:,} ok, {counts["gray"]:,} gray, {counts["bad"]:,} bad{bad_note}; '
+        f'{sum(writer.shards) / 1e9:.2f} GB in {len(writer.shards)} shard(s). '
+        f'Train with --data {shlex.quote(out)}')
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1217,9 +1758,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
             # element-wise code and Pillow only, and the colour tables (the one use of BLAS)
             # are built before the fork.
             _colour_tables()
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
-            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+            pool = _process_pool(workers)
         make_demo_world(tmp, n_train, n_val, seed=seed, pool=pool)
         make_demo_voc(tmp, n_trainval_2007, n_test_2007, n_train_2012, n_val_2012, seed=seed + 1,
                       pool=pool)
@@ -1283,15 +1822,32 @@ def main(argv=None):
                           'the listing')
     scan.add_argument('roots', nargs='+', help='image folders or .txt lists of image paths')
     scan.add_argument('--cache-dir', default=None, help='folder for the listing cache')
+    pack = sub.add_parser('pack', help='decode, shrink and re-encode images into a few large '
+                          'shard files for training with --data PACK (resumable)')
+    pack.add_argument('--data', nargs='+', required=True, metavar='ROOT',
+                      help='image folders (scanned recursively) or .txt lists of image paths, '
+                      'as given to colorize.py --data')
+    pack.add_argument('--out', required=True, help='pack folder to write (new, empty, or a pack '
+                      'made with the same arguments, which is finished or left as it is)')
+    pack.add_argument('--short-side', type=int, required=True,
+                      help='shrink each image so its short side is this many pixels (smaller '
+                      'images are kept as they are), e.g. 256')
+    pack.add_argument('--quality', type=int, default=90, help='JPEG quality of the packed images')
+    pack.add_argument('--workers', type=int, default=None,
+                      help='decoding processes (default: all CPU cores; 1 = in this process)')
+    pack.add_argument('--cache-dir', default=None, help='folder for the listing cache')
     args = ap.parse_args(argv)
-    if args.cmd == 'demo':
-        ensure_demo(args.root, n_train=args.n_train, n_val=args.n_val)
-    else:
-        try:
+    try:  # a wrong path or argument: the message says what to do, no traceback needed
+        if args.cmd == 'demo':
+            ensure_demo(args.root, n_train=args.n_train, n_val=args.n_val)
+        elif args.cmd == 'scan':
             paths = find_images(args.roots, args.cache_dir)
-        except ValueError as e:  # a wrong path: the message says what to do, no traceback needed
-            ap.error(str(e))
-        print(f'{len(paths):,} images in total')
+            print(f'{len(paths):,} images in total')
+        else:
+            pack_images(args.data, args.out, args.short_side, quality=args.quality,
+                        workers=args.workers, cache_dir=args.cache_dir)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 if __name__ == '__main__':

@@ -1,12 +1,15 @@
 """Tests of data.py (CPU, seconds): python -m pytest -q test_data_part.py"""
 import io
+import json
+import math
 import os
+import pickle
 import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 
@@ -550,3 +553,250 @@ def test_ensure_demo_idempotent_and_atomic(demo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.ensure_demo(root, n_train=4, n_val=1, log=lines.append, **SMALL_VOC)
     assert not root.exists() and os.listdir(tmp_path) == []  # no half world, no temp folder
+
+
+# ----------------------------------------------------------------------------------------------
+# packs
+
+
+def _quiet(_):
+    pass
+
+
+def _reference_packed_jpeg(path, short_side, quality):
+    """The bytes a pack should hold for `path`, by the Pillow calls pack_images documents: draft
+    a JPEG to the smallest 1/2^k scale with short side >= short_side, EXIF transpose, RGB,
+    LANCZOS (reducing_gap 3) to the short side unless already <= it, JPEG at `quality`."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.format == 'JPEG' and short_side < min(w, h):
+            s = short_side / min(w, h)
+            im.draft('RGB', (math.ceil(w * s), math.ceil(h * s)))
+        rgb = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+    im = Image.fromarray(rgb)
+    w, h = im.size
+    if min(w, h) > short_side:
+        size = (round(w * short_side / h), short_side) if h <= w else (short_side, round(h * short_side / w))
+        im = im.resize(size, Image.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, 'JPEG', quality=quality)
+    return buf.getvalue()
+
+
+def _smooth_rgb(h, w, seed):
+    """A photo-like image: smooth colour ramps plus mild noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 255 // (h + w)], -1)
+    return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _pack_sources(root):
+    """Sources of every kind; returns {name: path} (bad files included)."""
+    root.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 200 x 100 stored, 100 x 200 shown
+    gray = np.repeat(_smooth_rgb(100, 90, 3)[..., :1], 3, axis=2)
+    src = {'big_jpeg': _write_rgb(root / 'a' / 'big.jpg', _smooth_rgb(200, 300, 0), fmt='JPEG', quality=95),
+           'png': _write_rgb(root / 'a' / 'tall.png', _smooth_rgb(130, 90, 1), fmt='PNG'),
+           'small': _write_rgb(root / 'b' / 'small.jpg', _smooth_rgb(50, 40, 2), fmt='JPEG'),
+           'rotated': _write_rgb(root / 'b' / 'rot.jpg', _smooth_rgb(100, 200, 4), fmt='JPEG',
+                                 exif=exif.tobytes()),
+           'gray': _write_rgb(root / 'c' / 'gray.png', np.ascontiguousarray(gray[..., 0]), fmt='PNG')}
+    for kind, path in _bad_files(root).items():
+        src[f'bad_{kind}'] = path
+    return src
+
+
+def _pack_files(pack):
+    """{file name: bytes} of every file of a pack."""
+    return {n: (pack / n).read_bytes() for n in sorted(os.listdir(pack))}
+
+
+def test_pack_round_trip_matches_reference(tmp_path):
+    src = _pack_sources(tmp_path / 'src')
+    pack = tmp_path / 'pack'
+    lines = []
+    info = data.pack_images([tmp_path / 'src'], pack, short_side=64, quality=85, workers=2,
+                            shard_bytes=6000, log=lines.append)
+    assert info['total'] == len(src) and info['counts'] == {'ok': 4, 'bad': 4, 'gray': 1}
+    assert 'packed 9 images' in lines[-1] and '4 bad' in lines[-1]
+    assert len(info['shards']) >= 2  # several shards, to read across them
+    paths = data.find_images(pack, log=_quiet)
+    sources = sorted(src.values())  # find_images order
+    # Pseudo-paths: entry i, then the source's folder and file name (class folders stay readable).
+    assert paths == [os.path.join(str(pack), 'index.npy', f'{i:09d}', os.path.basename(os.path.dirname(s)),
+                                  os.path.basename(s)) for i, s in enumerate(sources)]
+    with pytest.raises(ValueError, match='does not match the pack'):
+        data.load_rgb(paths[0].replace(os.path.basename(sources[0]), 'other.jpg'))
+    # The on-disk format, read with numpy alone.
+    index = np.load(pack / 'index.npy', mmap_mode='r')
+    offsets = np.load(pack / 'names-offsets.npy')
+    names = (pack / 'names.bin').read_bytes()
+    assert [names[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])] == sources
+    assert index.shape == (len(sources), 4) and index.dtype == np.int64
+    shards = [(pack / f'shard-{k:05d}.bin').read_bytes() for k in range(len(info['shards']))]
+    assert [len(b) for b in shards] == info['shards']
+    by_name = {v: k for k, v in src.items()}
+    for i, (source, path) in enumerate(zip(sources, paths)):
+        shard, offset, length, status = (int(v) for v in index[i])
+        kind = by_name[source]
+        if kind.startswith('bad_'):
+            assert status == data.STATUS_BAD and length == 0
+            continue
+        expected = _reference_packed_jpeg(source, 64, 85)
+        assert shards[shard][offset:offset + length] == expected, kind
+        rgb = data.load_rgb(path)
+        assert np.array_equal(rgb, np.asarray(Image.open(io.BytesIO(expected)).convert('RGB'))), kind
+        assert status == (data.STATUS_GRAY if kind == 'gray' else data.STATUS_OK), kind
+    shapes = {by_name[s]: data.load_rgb(p).shape for s, p in zip(sources, paths) if 'bad' not in by_name[s]}
+    assert shapes == {'big_jpeg': (64, 96, 3), 'png': (92, 64, 3), 'small': (50, 40, 3),
+                      'rotated': (128, 64, 3), 'gray': (71, 64, 3)}
+    # Decoding with a smaller short side drafts the stored JPEG, as for files.
+    assert data.load_rgb(paths[sources.index(src['big_jpeg'])], min_short_side=30).shape == (32, 48, 3)
+
+
+def test_pack_bad_and_gray_through_color_images(tmp_path, capsys):
+    src = _pack_sources(tmp_path / 'src')
+    pack = tmp_path / 'pack'
+    data.pack_images([tmp_path / 'src'], pack, short_side=64, workers=1, log=_quiet)
+    paths = data.find_images(pack, log=_quiet)
+    reasons = [json.loads(line) for line in (pack / 'bad.jsonl').read_text().splitlines()]
+    sources = sorted(src.values())
+    bad = {src[k] for k in src if k.startswith('bad_')}
+    assert {sources[r['index']] for r in reasons} == bad and all(r['reason'] for r in reasons)
+    with pytest.raises(data.BadImage) as err:
+        data.load_rgb(paths[sources.index(src['bad_zero'])])
+    assert err.value.path == src['bad_zero'] and 'empty file' in err.value.reason
+    ds = data.ColorImages(paths, crop=32, short_side_range=(36, 48))
+    capsys.readouterr()
+    for i, source in enumerate(sources):
+        img, status = ds[(i, 7)]
+        if source in bad:
+            assert status == data.STATUS_BAD and img.sum() == 0
+            warning = capsys.readouterr().err
+            reason = next(r['reason'] for r in reasons if r['index'] == i)
+            assert source in warning and reason in warning
+        else:
+            assert status == (data.STATUS_GRAY if source == src['gray'] else data.STATUS_OK)
+    # The stored flag is what ColorImages reports (it does not recompute): flip one and see.
+    k = sources.index(src['png'])
+    np.load(pack / 'index.npy', mmap_mode='r+')[k, 3] = data.STATUS_GRAY
+    fresh = data.ColorImages([paths[k]], 32, (36, 48))
+    data._OPEN_PACKS.clear()  # reopen the pack, as a new process would
+    assert fresh[(0, 0)][1] == data.STATUS_GRAY
+
+
+def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
+    root = tmp_path / 'src'
+    for i in range(11):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60 + 7 * i, 90, i), fmt='JPEG')
+    (root / '05b.jpg').write_text('not a picture')
+    whole, part = tmp_path / 'whole', tmp_path / 'part'
+    kw = dict(short_side=48, workers=1, chunk=4, task_size=2, shard_bytes=1, log=_quiet)
+    data.pack_images([root], whole, **kw)  # shard_bytes=1: one shard per image
+
+    calls = []
+    real_task = data._pack_task
+
+    def interrupted(task):
+        calls.append(len(task[0]))
+        if len(calls) == 4:  # chunk 1's second task: chunk 1's first task is written, not committed
+            raise KeyboardInterrupt
+        return real_task(task)
+
+    monkeypatch.setattr(data, '_pack_task', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.pack_images([root], part, **kw)
+    monkeypatch.undo()
+    progress = json.loads((part / 'progress.json').read_text())
+    assert progress['done'] == 4 and not (part / 'complete.json').exists()
+    on_disk = [n for n in os.listdir(part) if n.startswith('shard-')]
+    assert len(on_disk) > len(progress['shards'])  # images written after the last commit
+    # A killed process can leave a partly written image too.
+    with open(part / f'shard-{len(progress["shards"]) + 1:05d}.bin', 'ab') as f:
+        f.write(b'\xff\xd8 half an image')
+    with open(part / 'bad.jsonl', 'a') as f:
+        f.write('{"index": 99, "rea')
+    # Training from it, or reading one of its images, says how to finish it.
+    for fn in (lambda: data.find_images(part, log=_quiet),
+               lambda: data.load_rgb(os.path.join(str(part), 'index.npy', '000000000', 'src', '00.jpg'))):
+        with pytest.raises(ValueError, match='is incomplete') as err:
+            fn()
+        assert f'python data.py pack --data {root} --out {part} --short-side 48' in str(err.value)
+    lines = []
+    data.pack_images([root], part, **dict(kw, workers=2, chunk=3, log=lines.append))
+    assert 'resuming' in lines[0] and '4/12' in lines[0]
+    assert _pack_files(part).keys() == _pack_files(whole).keys()
+    for name, content in _pack_files(whole).items():
+        if name != 'progress.json':  # also equal, but for its chunk-size-dependent history
+            assert _pack_files(part)[name] == content, name
+    # Again on the complete pack: a no-op that says so; other arguments: a clear error.
+    mtimes = {n: os.stat(part / n).st_mtime_ns for n in os.listdir(part)}
+    lines.clear()
+    data.pack_images([root], part, **dict(kw, log=lines.append))
+    assert lines == [f'pack {part} is already complete (12 images, made with the same arguments): '
+                     'nothing to do']
+    assert {n: os.stat(part / n).st_mtime_ns for n in os.listdir(part)} == mtimes
+    with pytest.raises(ValueError, match=r'other arguments: --short-side 48 \(asked: 40\)'):
+        data.pack_images([root], part, **dict(kw, short_side=40))
+    with pytest.raises(ValueError, match='other arguments: --data'):
+        data.pack_images([root, tmp_path / 'whole'], part, **kw)
+
+
+def test_pack_end_to_end_with_subset_and_loader(tmp_path):
+    root, raw = tmp_path / 'src', tmp_path / 'raw'
+    for i in range(12):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(70 + 9 * i, 120, i), fmt='JPEG')
+    raw_paths = [_write_rgb(raw / f'r{i}.png', _smooth_rgb(50, 60, 20 + i), fmt='PNG') for i in range(3)]
+    pack = tmp_path / 'pack'
+    data.main(['pack', '--data', str(root), '--out', str(pack), '--short-side', '64', '--workers', '2'])
+    paths = data.find_images([pack, raw], log=_quiet)  # a pack and a folder together
+    assert len(paths) == 15 and set(raw_paths) < set(paths)
+    held = set(data.subset(paths, 4, seed=12345))  # colorize.py's holdout
+    train = data.subset([p for p in paths if p not in held], 8, seed=0)
+    assert len(train) == 8 and not held & set(train)
+    # The same images as plain files holding the packed bytes decode to the same batches.
+    reader = data.PackReader(pack)
+    extracted = []
+    for p in train:
+        entry = data.packed_entry(p)
+        if entry is None:
+            extracted.append(p)
+            continue
+        out = tmp_path / 'extracted' / f'{entry[1]}.jpg'
+        out.parent.mkdir(exist_ok=True)
+        out.write_bytes(bytes(reader.jpeg(entry[1])))
+        extracted.append(str(out))
+    ds = data.ColorImages(train, crop=16, short_side_range=(20, 30))  # drafts the packed JPEGs
+    ref = data.ColorImages(extracted, crop=16, short_side_range=(20, 30))
+    sampler = data.InfiniteSampler(len(ds), batch_size=4, seed=3)
+    batches = {}
+    for name, dataset, workers in (('pack', ds, 0), ('pack, 2 workers', ds, 2), ('files', ref, 0)):
+        it = iter(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers))
+        batches[name] = [next(it) for _ in range(3)]
+        del it
+    for name in ('pack, 2 workers', 'files'):
+        for (x0, s0), (x1, s1) in zip(batches['pack'], batches[name]):
+            assert torch.equal(x0, x1) and torch.equal(s0, s1), name
+    # Neither the dataset nor a reader carries a memory map when pickled.
+    assert len(pickle.dumps(ds)) < 4096
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.root == str(pack) and bytes(copy.jpeg(0)) == bytes(reader.jpeg(0))
+
+
+def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
+    # A real folder called index.npy is not a pack: its files are read as files.
+    real = _write_rgb(tmp_path / 'photos' / 'index.npy' / '000000001' / 'a' / 'b.png', _smooth_rgb(20, 30, 0))
+    assert data.packed_entry(real) is None
+    assert data.load_rgb(real).shape == (20, 30, 3)
+    src = tmp_path / 'src'
+    _write_rgb(src / 'x.jpg', fmt='JPEG')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='not part of a pack'):
+        data.pack_images([src], other, short_side=8, log=_quiet)
+    assert os.listdir(other) == ['notes.txt']
+    with pytest.raises(SystemExit):  # the CLI: a usage error, not a traceback
+        data.main(['pack', '--data', str(src), '--out', str(src), '--short-side', '8'])
