@@ -1,0 +1,1194 @@
+"""Fine-tune a colorization network on PASCAL VOC (Larsson et al., CVPR 2017, section 6 and 7 of DESIGN.md).
+
+    python finetune_voc.py --task cls --init runs/vgg16-huechroma/checkpoint.pt      # the demo world's VOC
+    python finetune_voc.py --task cls --init CKPT --voc-root /data/VOCdevkit --out runs/cls-vgg16
+    python finetune_voc.py --task seg --init CKPT --voc-root /data/VOCdevkit --train-split train_aug
+    python finetune_voc.py --task seg --init CKPT --extended-fov                      # the paper's best
+    python finetune_voc.py --task cls --init random -a alexnet                        # RQ1: random init
+    python finetune_voc.py --task cls --init vgg16_imagenet.pth                       # RQ1: ImageNet labels
+    python finetune_voc.py --task seg --init CKPT --label-fraction 0.1                # RQ3: 10% of the labels
+    python finetune_voc.py --task cls --init CKPT --feature-shift                     # RQ4: CKA per layer
+    python finetune_voc.py --task cls --init CKPT --freeze                            # linear probe
+    python finetune_voc.py --out runs/cls-vgg16 --resume                              # continue after a crash
+    python finetune_voc.py --export vgg16_color.pth --init CKPT                       # torchvision weights
+
+--init takes a colorize.py checkpoint (BatchNorm folded, colorization head dropped), `random`
+(Kaiming), or a state_dict in torchvision's naming (alexnet, vgg16, resnet50, resnet152), whose
+RGB conv1 is converted to our lightness input. Classification: random scale U[0.5, 2], 224 crops,
+multi-label BCE on a new 20-way layer over the global-average-pooled deepest tap; test = mean
+logits of 10 random crops, AP both as the VOC2007 11-point interpolated AP and as the
+non-interpolated AP. Segmentation: sparse hypercolumns (128 pixels per 448 crop), new head; test
+= dense prediction at stride 4 over the whole val set, mIU from one confusion matrix. A run writes
+to --out: checkpoint.pt (atomic, resumable), log.jsonl, results.json (metrics, init, flags, torch,
+device, git commit) and with --feature-shift feature_shift.json. On CUDA: bf16 autocast,
+torch.compile, channels_last, TF32; on a CPU: float32, eager and small defaults.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import data
+import lab
+from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
+from colorize import (DEMO_ROOT, UserError, autocast, format_seconds, git_commit, load_checkpoint,
+                      make_model as make_colorization_model, setup_device, step_seed)
+from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
+
+HERE = Path(__file__).resolve().parent
+SEG_CLASSES = ('background',) + tuple(data.VOC_CLASSES)
+IGNORE = 255  # VOC's "void" label: outlines and unlabelled pixels
+EVAL_SEED = 1234  # test-time crops and held-out images: the same for every run, so runs compare
+
+# Protocol defaults (DESIGN.md section 6). lr milestones are fractions of --steps: cls halves
+# every 10k of 80k, seg drops x0.1 at 22.5k and 30k of 40k.
+TASK_DEFAULTS = {
+    'cls': dict(train_split='trainval', test_split='test', crop=224, batch_size=16, steps=80_000,
+                lr=1e-3, lr_milestones=[k / 8 for k in range(1, 8)], lr_gamma=0.5, weight_decay=5e-4,
+                clip_grad=10.0, input='lab', test_crops=10, test_images=0, demo_steps=2000),
+    'seg': dict(train_split='train', test_split='val', crop=448, batch_size=10, steps=40_000,
+                lr=1e-3, lr_milestones=[22.5 / 40, 30 / 40], lr_gamma=0.1, weight_decay=5e-4,
+                clip_grad=0.0, input='gray', test_crops=1, test_images=0, demo_steps=2000),
+}
+# A CPU shrinks crop, batch and the test (crops; seg: 50 of the val images, ~1.5 s each at full
+# resolution for VGG-16 on 2 cores) so that the demo finishes in minutes; on the demo world (no
+# --voc-root) the run is short on any device (demo_steps).
+CPU_DEFAULTS = {'cls': dict(crop=64, batch_size=8, test_crops=2, demo_steps=100),
+                'seg': dict(crop=128, batch_size=4, test_images=50, demo_steps=50)}
+
+# L* as an affine function of gamma-encoded sRGB in [0, 1]: L ~ k0 + kR R + kG G + kB B. Least
+# squares of lab.rgb_to_lab's L* over all 17^3 = 4913 colours of the grid {0, 1/16, ..., 1}^3
+# (least squares on the columns [1, R, G, B]). |error| over that grid: max 19.4, mean 3.8 L* units
+# (worst at saturated colours, since L* is far from additive in R, G, B); on the 256 grays: max
+# 12.0 (at black), mean 6.2. Used to fold the RGB input of torchvision's networks into our
+# lightness conv1 and back; test_finetune_part.py measures it.
+L_FROM_RGB = (10.765438, 23.061646, 62.671641, 8.704467)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation, RGB in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_BN_EPS = 1e-5  # nn.BatchNorm2d's default, used by torchvision's ResNets
+TORCHVISION_FINAL = {'alexnet': 'classifier.6', 'vgg16': 'classifier.6', 'resnet50': 'fc', 'resnet152': 'fc'}
+
+
+# --- Arguments ----------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--task', choices=['cls', 'seg'], help='cls: VOC2007 classification (default); '
+                   'seg: VOC2012 segmentation')
+    p.add_argument('-a', '--arch', choices=sorted(MODELS),
+                   help="trunk architecture (default: the --init checkpoint's, else vgg16)")
+    p.add_argument('--init', help='initial weights: a colorize.py checkpoint, "random" (Kaiming), or a '
+                   "state_dict file in torchvision's naming (ImageNet-supervised weights)")
+    p.add_argument('--input', choices=['lab', 'gray'], help='lab: (L-50)/50, a/50, b/50 with the a, b '
+                   'conv1 weights starting at zero; gray: (L-50)/50 only (default: lab for cls, gray for seg)')
+    p.add_argument('--voc-root', help='a VOCdevkit folder holding VOC2007 (cls) or VOC2012 (seg); default: '
+                   "the demo world's VOC-layout set, generated on first use under --demo-root")
+    p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world lives / is generated')
+    p.add_argument('--out', type=Path, help='run folder (default runs/voc-<task>-<arch>-<init name>)')
+    p.add_argument('--train-split', help='training split (default trainval for cls, train for seg; '
+                   'train_aug = train + SBD when SegmentationClassAug and train_aug.txt are present)')
+    p.add_argument('--test-split', help='evaluation split (default test for cls, val for seg)')
+    p.add_argument('--steps', type=int, help='training iterations (default 80k cls, 40k seg; on the demo world '
+                   '2000, or on a CPU 100 cls / 50 seg)')
+    p.add_argument('--batch-size', type=int, help='images per step (default 16 cls, 10 seg; 8 / 4 on a CPU)')
+    p.add_argument('--lr', type=float, help='initial learning rate (default 1e-3)')
+    p.add_argument('--lr-milestones', type=float, nargs='+', metavar='FRAC',
+                   help='fractions of --steps where the lr is multiplied by --lr-gamma '
+                        '(default cls 1/8, 2/8, ..., 7/8; seg 0.5625, 0.75)')
+    p.add_argument('--lr-gamma', type=float, help='lr factor at each milestone (default 0.5 cls, 0.1 seg)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--weight-decay', type=float, help='weight decay, not on biases (default 5e-4)')
+    p.add_argument('--clip-grad', type=float, help='gradient-norm clip, 0 = off (default 10 cls, off seg)')
+    p.add_argument('--dropout', type=float, default=0.5,
+                   help='dropout on fc6/fc7 (cls, AlexNet/VGG) or in the hypercolumn head (seg)')
+    p.add_argument('--crop', type=int, help='training crop side (default 224 cls, 448 seg; 64 / 128 on a CPU)')
+    p.add_argument('--scale', type=float, nargs=2, default=[0.5, 2.0], metavar=('LO', 'HI'),
+                   help='random image scale factor range before cropping')
+    p.add_argument('--test-crops', type=int, help='cls: random crops averaged per test image (default 10; 2 on a CPU)')
+    p.add_argument('--test-images', type=int, help='evaluate on a fixed random subset of this many test images, '
+                   '0 = all (default all; 50 for seg on a CPU, where dense prediction is slow)')
+    p.add_argument('--points', type=int, default=128, help='seg: sampled pixels per image (sparse hypercolumns)')
+    p.add_argument('--head-dim', type=int, default=1024, help='seg: hidden width of the hypercolumn head')
+    p.add_argument('--extended-fov', action='store_true',
+                   help='two extra trunk layers (2x2 pool, 3x3 conv 1024, twice), tapped, newly initialised')
+    p.add_argument('--width', type=float, help='channel width multiplier for --init random (default 1; '
+                   "a checkpoint's own width wins)")
+    p.add_argument('--fc-dim', type=int, help="fc6/fc7 channels for --init random (default: colorize.py's, "
+                   '4096 on CUDA, 1024 on a CPU)')
+    p.add_argument('--label-fraction', type=float, help='RQ3: train on this fixed random share of the '
+                   'training images (chosen by --label-seed, not --seed)')
+    p.add_argument('--label-seed', type=int, default=0, help='seed of the --label-fraction subset')
+    p.add_argument('--feature-shift', action='store_true', help='RQ4: after training, linear CKA per '
+                   'trunk layer between the initial and the fine-tuned network on held-out images')
+    p.add_argument('--shift-images', type=int, default=64, help='held-out images for --feature-shift')
+    p.add_argument('--shift-pool', type=int, default=4,
+                   help='--feature-shift: each map is average-pooled to this side before CKA')
+    p.add_argument('--freeze', action='store_true', help='linear probe: train only the new layers on a '
+                   'frozen trunk (verified unchanged after training)')
+    p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model for training (default: on for CUDA, off on CPU)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the init, data order, augmentation and pixels')
+    p.add_argument('--workers', type=int, help='data loader processes (default min(8, cores) on CUDA, 1 on CPU)')
+    p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
+                   help='continue from CKPT (default: <out>/checkpoint.pt); model flags come from it')
+    p.add_argument('--log-every', type=int, help='steps between progress lines (default ~50 lines)')
+    p.add_argument('--save-every', type=int, help='steps between checkpoints (default ~10 per run)')
+    p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
+    p.add_argument('--export', type=Path, metavar='PATH', help="write --init's trunk (BN folded) as a "
+                   "torchvision state_dict for -a's architecture, then exit")
+    return p.parse_args(argv)
+
+
+# Flags that define the model or the data a checkpoint was trained on: --resume takes them from it.
+RESUMED_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'train_split', 'test_split', 'extended_fov',
+                 'width', 'fc_dim', 'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop',
+                 'batch_size', 'steps', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'clip_grad',
+                 'dropout', 'scale', 'points', 'test_crops', 'test_images', 'momentum')
+MODEL_FLAGS = ('task', 'arch', 'init', 'input', 'extended_fov', 'width', 'fc_dim', 'head_dim', 'freeze')
+
+
+def fill_defaults(args, device):
+    """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges."""
+    args.task = args.task or 'cls'
+    task, cpu = TASK_DEFAULTS[args.task], CPU_DEFAULTS[args.task] if device.type != 'cuda' else {}
+    for name in ('train_split', 'test_split', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'clip_grad', 'input'):
+        if getattr(args, name) is None:
+            setattr(args, name, task[name])
+    for name in ('crop', 'batch_size', 'test_crops', 'test_images'):
+        if getattr(args, name) is None:
+            setattr(args, name, cpu.get(name, task[name]))
+    if args.steps is None:
+        args.steps = task['steps'] if args.voc_root is not None else cpu.get('demo_steps', task['demo_steps'])
+    args.compile = device.type == 'cuda' if args.compile is None else args.compile
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 1
+    args.log_every = args.log_every or max(1, args.steps // 50)
+    args.save_every = args.save_every or max(1, args.steps // 10)
+    for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):
+        if getattr(args, name) <= 0:
+            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.test_images < 0:
+        raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
+    if not 0 < args.scale[0] <= args.scale[1]:
+        raise UserError(f'--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI')
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
+    return args
+
+
+def lr_at(step, args):
+    """The learning rate of step `step`: --lr times --lr-gamma per milestone passed (fractions of --steps)."""
+    return args.lr * args.lr_gamma ** sum(step >= m * args.steps for m in args.lr_milestones)
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+def average_precision(scores, labels, eleven_point=False):
+    """Average precision of one class (1-D inputs) or of each column (2-D (N, K) inputs -> (K,)).
+
+    scores: real numbers, higher = more confident; labels: 1 positive, -1 negative, 0 "difficult"
+    (removed before ranking, so its score changes nothing, as in the VOC devkit). Samples with
+    equal scores form one threshold step (as scikit-learn does), so the result does not depend on
+    their order. eleven_point=False: the non-interpolated AP of scikit-learn's
+    average_precision_score, sum over threshold steps of (R_n - R_{n-1}) * P_n. eleven_point=True:
+    the official VOC2007 AP, the mean over t in {0, 0.1, ..., 1} of the highest precision at a
+    recall >= t (0 if none). A class with no positive sample has no AP: nan (mean_ap skips it).
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.shape != labels.shape:
+        raise ValueError(f'scores {scores.shape} and labels {labels.shape} must have the same shape')
+    if scores.ndim == 2:
+        return np.array([average_precision(scores[:, k], labels[:, k], eleven_point) for k in range(scores.shape[1])])
+    if not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError(f'labels must be 1, -1 or 0 (difficult), found {sorted(set(labels.tolist()))}')
+    if not np.isfinite(scores).all():
+        raise ValueError('scores contain nan or inf')
+    keep = labels != 0
+    s, positive = scores[keep], labels[keep] > 0
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float('nan')
+    order = np.argsort(-s, kind='stable')
+    s, positive = s[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last sample of each run of equal scores
+    tp = np.cumsum(positive)[last]
+    precision, recall = tp / (last + 1), tp / n_pos
+    if eleven_point:
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_ap(aps):
+    """mAP: the mean over classes that have an AP (classes with no positives, nan, are skipped)."""
+    aps = np.asarray(aps, dtype=np.float64)
+    return float(np.nanmean(aps)) if np.isfinite(aps).any() else float('nan')
+
+
+def multilabel_loss(logits, labels):
+    """Binary cross-entropy with logits (B, K) over labels (B, K) in {1, -1, 0}; 0 (difficult) is ignored.
+
+    Summed over classes, averaged over images, as Caffe's SigmoidCrossEntropyLoss (divided by the
+    batch size) did in the protocol's reference code: lr 1e-3 assumes that scale, 20x that of a
+    mean over all B * 20 labels.
+    """
+    weight = (labels != 0).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, (labels > 0).to(logits.dtype), weight=weight, reduction='sum')
+    return loss / logits.shape[0]
+
+
+def confusion_matrix(pred, label, num_classes=21, ignore=255):
+    """Confusion counts (num_classes, num_classes), rows = true class, columns = predicted class.
+
+    pred, label: integer arrays of the same shape (torch tensors on any device, or numpy arrays);
+    pixels whose label is `ignore` are skipped. Returns int64 of the input's kind (numpy in, numpy
+    out). Any other label or prediction outside [0, num_classes) is an error.
+    """
+    as_numpy = isinstance(pred, np.ndarray) or isinstance(label, np.ndarray)
+    pred = torch.as_tensor(pred)
+    label = torch.as_tensor(label, device=pred.device)
+    if pred.shape != label.shape:
+        raise ValueError(f'pred {tuple(pred.shape)} and label {tuple(label.shape)} must have the same shape')
+    pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
+    valid = label != ignore
+    pred, label = pred[valid], label[valid]
+    if len(label) and (label.min() < 0 or label.max() >= num_classes or pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f'labels and predictions must be in [0, {num_classes}) or {ignore} (ignored); found '
+                         f'labels {label.min().item()}..{label.max().item()}, '
+                         f'predictions {pred.min().item()}..{pred.max().item()}')
+    conf = torch.bincount(label * num_classes + pred, minlength=num_classes * num_classes)
+    conf = conf.reshape(num_classes, num_classes)  # (true, predicted)
+    return conf.cpu().numpy() if as_numpy else conf
+
+
+def segmentation_scores(conf):
+    """Scores of a confusion matrix (rows true, columns predicted) -> dict(miou, pixel_acc, iou).
+
+    iou[k] = TP / (TP + FP + FN) per class; a class absent from the labels and never predicted has
+    no IoU (nan) and is left out of miou, the mean over the others. pixel_acc = trace / total.
+    """
+    conf = np.asarray(torch.as_tensor(conf).cpu(), dtype=np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid='ignore', divide='ignore'):
+        iou = np.where(union > 0, tp / union, np.nan)
+    total = conf.sum()
+    return dict(miou=mean_ap(iou), pixel_acc=float(tp.sum() / total) if total else float('nan'), iou=iou.tolist())
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019) between two representations of the same N samples.
+
+    x: (N, D1), y: (N, D2), torch or numpy. Features are centred over samples; with Gram matrices
+    K = X X^T and L = Y Y^T, CKA = <K, L>_F / (||K||_F ||L||_F) in [0, 1], computed in float64.
+    1 for identical (or orthogonally transformed, or isotropically scaled) features; nan when one
+    side is constant over the samples.
+    """
+    x, y = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).double() for v in (x, y))
+    if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
+        raise ValueError(f'linear_cka needs (N, D) matrices with the same N, got {tuple(x.shape)} and {tuple(y.shape)}')
+    x, y = x - x.mean(0), y - y.mean(0)
+    k, l = x @ x.T, y @ y.T  # (N, N): cheap however wide the features are
+    denom = (k.norm() * l.norm()).item()
+    return (k * l).sum().item() / denom if denom > 0 else float('nan')
+
+
+# --- Models -------------------------------------------------------------------------------------
+
+class VOCClassifier(nn.Module):
+    """Trunk -> global average pool of the deepest tap -> `classifier` Linear(C, 20): (B, C_in, H, W) -> (B, 20)."""
+
+    def __init__(self, trunk, num_classes=20):
+        super().__init__()
+        self.trunk = trunk
+        self.classifier = nn.Linear(trunk.tap_channels[-1], num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x):
+        return self.classifier(self.trunk(x)[-1].mean((2, 3)))
+
+
+def trunk_kwargs(arch, width, fc_dim):
+    kwargs = dict(width=width)
+    if arch in ('alexnet', 'vgg16'):
+        kwargs['fc_dim'] = fc_dim
+    return kwargs
+
+
+def build_transfer_model(task, arch, in_channels=1, width=1.0, fc_dim=4096, extended_fov=False,
+                         head_dim=1024, dropout=0.5):
+    """The BN-free network fine-tuned on VOC: VOCClassifier (cls) or HypercolumnNet(trunk, 21) (seg)."""
+    trunk = MODELS[arch](in_channels=in_channels, batchnorm=False, extended_fov=extended_fov,
+                         **trunk_kwargs(arch, width, fc_dim))
+    if task == 'cls':
+        if hasattr(trunk, 'fc_dropout'):  # AlexNet, VGG-16: dropout after fc6 and fc7
+            trunk.fc_dropout.p = dropout
+        return VOCClassifier(trunk)
+    return HypercolumnNet(trunk, len(SEG_CLASSES), head_dim=head_dim, dropout=dropout)
+
+
+def first_conv_name(trunk):
+    """Name of the trunk's first convolution (the one that sees the input), e.g. 'conv1_1.conv'."""
+    return next(name for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def new_layer_keys(model):
+    """Keys of `model` that no pre-trained trunk provides: the classifier / head and the fov layers."""
+    return {k for k in model.state_dict() if not k.startswith('trunk.') or re.match(r'trunk\.fov\d+\.', k)}
+
+
+def check_keys(missing, unexpected, expected_missing, source, expected_unexpected=()):
+    """The explicit key assert of a transfer load: missing and unexpected keys must be exactly the expected."""
+    missing, unexpected = set(missing), set(unexpected)
+    if missing != set(expected_missing) or unexpected != set(expected_unexpected):
+        wrong_missing = sorted(missing - set(expected_missing))
+        not_missing = sorted(set(expected_missing) - missing)
+        wrong_unexpected = sorted(unexpected - set(expected_unexpected))
+        raise UserError(f'{source} does not fit the model: keys it lacks {wrong_missing[:4]} '
+                        f'({len(wrong_missing)}), keys it has that the model does not {wrong_unexpected[:4]} '
+                        f'({len(wrong_unexpected)}), new layers it unexpectedly provides {not_missing[:4]}; '
+                        f'is it for this --arch and trunk?')
+
+
+def gray_to_lab_state(state, trunk):
+    """A gray-input model's state dict -> the same model with L*a*b* input, a* and b* starting at zero.
+
+    The first conv gets zero weights for a*, b* (input channels 1, 2); a hypercolumn head that
+    taps the input gets zero fc1 columns for them. The lab model then computes on lab_input
+    exactly what the gray model computes on lightness_input.
+    """
+    state = OrderedDict(state)
+    key = f'trunk.{first_conv_name(trunk)}.weight'
+    w = state[key]  # (O, 1, k, k)
+    state[key] = torch.cat([w, w.new_zeros(w.shape[0], 2, *w.shape[2:])], 1)  # (O, 3, k, k)
+    if 'head.fc1.weight' in state and trunk.tap_input:
+        w = state['head.fc1.weight']  # (hidden, hypercolumn): the input tap's columns come first
+        state['head.fc1.weight'] = torch.cat([w[:, :1], w.new_zeros(w.shape[0], 2), w[:, 1:]], 1)
+    return state
+
+
+def make_finetune_model(task, arch, trunk_state, source, input_kind='gray', width=1.0, fc_dim=4096,
+                        extended_fov=False, head_dim=1024, dropout=0.5, seed=0):
+    """Transfer model with `trunk_state` (a BN-free 1-channel trunk's state_dict) loaded.
+
+    The new layers are initialised from `seed` in a gray-input model, so gray and lab models start
+    identical (see gray_to_lab_state). Raises UserError unless the keys left missing are exactly
+    the new layers and no key is left over.
+    """
+    torch.manual_seed(seed)
+    model = build_transfer_model(task, arch, 1, width, fc_dim, extended_fov, head_dim, dropout)
+    state = {f'trunk.{k}': v for k, v in trunk_state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch: name the first one, no traceback
+        detail = next((line.strip() for line in str(e).splitlines() if 'size mismatch' in line), str(e).splitlines()[0])
+        raise UserError(f'{source} does not fit a {arch} trunk of width {width}: {detail}') from None
+    check_keys(missing, unexpected, new_layer_keys(model), source)
+    if input_kind == 'gray':
+        return model
+    lab_model = build_transfer_model(task, arch, 3, width, fc_dim, extended_fov, head_dim, dropout)
+    lab_model.load_state_dict(gray_to_lab_state(model.state_dict(), model.trunk))
+    return lab_model
+
+
+# --- Initial weights ----------------------------------------------------------------------------
+
+def read_weights(path):
+    """torch.load a weights file safely (no code runs), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'--init {path}: no such file; pass a colorize.py checkpoint, "random", or a '
+                        f'torchvision state_dict file')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which and why
+        raise UserError(f'--init {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                        f'is it a complete checkpoint or state_dict?') from None
+
+
+def colorization_trunk(ckpt, source):
+    """A colorize.py checkpoint dict -> (BN-folded 1-channel trunk state_dict, the checkpoint's config).
+
+    The pre-training model is rebuilt from the checkpoint's config and loaded strictly, BatchNorm
+    is folded with the running statistics, and the pre-training head is dropped: the colorization
+    head (head.fc1, head.out), or the classifier layer (fc) of `colorize.py --objective classify`.
+    """
+    config = ckpt['config']
+    objective = config.get('objective', 'colorize')
+    if objective not in PRETRAINING_HEADS:
+        raise UserError(f'{source} is a {objective} checkpoint (fine-tuned by this script), not a pre-training '
+                        f'one; pass the checkpoint.pt written by colorize.py')
+    try:
+        model = make_colorization_model(config)
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f'{source}: its weights do not fit the model its config describes ({config}): '
+                        f'{type(e).__name__}: {str(e).splitlines()[0]}') from None
+    if missing or unexpected:
+        raise UserError(f'{source}: its weights do not fit a {config["arch"]} {objective} model of width '
+                        f'{config["width"]}: missing {sorted(missing)[:4]} ({len(missing)}), unexpected '
+                        f'{sorted(unexpected)[:4]} ({len(unexpected)}); is it a complete colorize.py checkpoint?')
+    state = fold_batchnorm(model.eval()).state_dict()
+    head = sorted(k for k in state if not k.startswith('trunk.'))
+    if head != PRETRAINING_HEADS[objective]:
+        raise UserError(f'{source}: expected the {objective} head {PRETRAINING_HEADS[objective]} beside the '
+                        f'trunk, found {head}')
+    return OrderedDict((k[len('trunk.'):], v) for k, v in state.items() if k.startswith('trunk.')), config
+
+
+# The keys beside `trunk.` in a colorize.py checkpoint, per --objective: dropped before transfer.
+PRETRAINING_HEADS = {
+    'colorize': ['head.fc1.bias', 'head.fc1.weight', 'head.out.bias', 'head.out.weight'],
+    'classify': ['fc.bias', 'fc.weight'],
+}
+
+
+def random_trunk(arch, width, fc_dim, seed):
+    """Kaiming-initialised (fan-out, zero biases; models.Trunk.init_weights) BN-free 1-channel trunk."""
+    torch.manual_seed(seed)
+    return MODELS[arch](in_channels=1, batchnorm=False, **trunk_kwargs(arch, width, fc_dim)).state_dict()
+
+
+def initial_trunk(args, random_fc_dim=4096):
+    """The trunk --init names, as (state_dict of a BN-free 1-channel trunk, info dict).
+
+    Resolves args.arch, args.width, args.fc_dim from the source and checks them against the flags;
+    `random_fc_dim` is the fc6/fc7 width of --init random without --fc-dim.
+    """
+    if args.init is None:
+        raise UserError('--init is required: a colorize.py checkpoint (runs/<arch>-<loss>/checkpoint.pt), '
+                        '"random", or a torchvision state_dict file')
+    if args.init == 'random':
+        args.arch = args.arch or 'vgg16'
+        args.width = args.width or 1.0
+        args.fc_dim = args.fc_dim or random_fc_dim
+        return random_trunk(args.arch, args.width, args.fc_dim, args.seed), dict(kind='random')
+    obj = read_weights(args.init)
+    if isinstance(obj, dict) and 'model' in obj and 'config' in obj:
+        state, config = colorization_trunk(obj, f'--init {args.init}')
+        resolve(args, 'arch', config['arch'], args.init)
+        resolve(args, 'width', config['width'], args.init)
+        resolve(args, 'fc_dim', config['fc_dim'], args.init)
+        return state, dict(kind='colorization', path=str(args.init), config=config, step=obj.get('step'))
+    if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+        state, arch = trunk_from_torchvision(obj, args.arch, f'--init {args.init}')
+        conv1 = state[torchvision_key_map(arch)[0][0] + '.weight']
+        width = conv1.shape[0] / 64
+        resolve(args, 'arch', arch, args.init)
+        resolve(args, 'width', width, args.init)
+        fc = torchvision_key_map(arch)[-1][0] + '.weight' if arch in ('alexnet', 'vgg16') else None
+        resolve(args, 'fc_dim', state[fc].shape[0] if fc else 4096, args.init)
+        return state, dict(kind='torchvision', path=str(args.init))
+    raise UserError(f'--init {args.init} is neither a colorize.py checkpoint (a dict with "model" and "config") '
+                    f'nor a state_dict of tensors')
+
+
+def resolve(args, name, value, source):
+    """Take a model property from the --init source; a flag that says otherwise is an error."""
+    given = getattr(args, name)
+    if given is not None and given != value and not (isinstance(value, float) and math.isclose(given, value)):
+        raise UserError(f'--{name.replace("_", "-")} {given} contradicts {source}, which has {value}; '
+                        f'omit the flag or pass {value}')
+    setattr(args, name, value)
+
+
+# --- torchvision export and import --------------------------------------------------------------
+
+def _resnet_blocks(arch):
+    """Our bottleneck names by stage, in order: {2: ['res2a', 'res2b', 'res2c'], 3: [...], ...}."""
+    with torch.device('meta'):  # names only: nothing is allocated
+        trunk = MODELS[arch](in_channels=1, width=1 / 64, batchnorm=False)
+    stages = {}
+    for name, module in trunk.named_children():
+        if isinstance(module, Bottleneck):
+            stages.setdefault(int(name[3]), []).append(name)
+    return stages
+
+
+def torchvision_key_map(arch):
+    """[(our module, torchvision module(s), kind)] for arch's trunk, first conv first.
+
+    kind 'conv': conv with bias <-> conv with bias; ('fc', k): our k x k conv <-> torchvision's
+    Linear (weight reshaped, flattening order (C, k, k) as after torchvision's avgpool + flatten);
+    'conv_bn': our conv with bias <-> torchvision's bias-free conv + BatchNorm (a pair of names).
+    """
+    if arch == 'vgg16':
+        names = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
+                 'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
+        index = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+        return ([(f'{n}.conv', f'features.{i}', 'conv') for n, i in zip(names, index)]
+                + [('fc6.conv', 'classifier.0', ('fc', 7)), ('fc7.conv', 'classifier.3', ('fc', 1))])
+    if arch == 'alexnet':
+        return ([(f'{n}.conv', f'features.{i}', 'conv') for n, i in zip(['conv1', 'conv2', 'conv3', 'conv4', 'conv5'],
+                                                                       [0, 3, 6, 8, 10])]
+                + [('fc6.conv', 'classifier.1', ('fc', 6)), ('fc7.conv', 'classifier.4', ('fc', 1))])
+    if arch in ('resnet50', 'resnet152'):
+        entries = [('conv1.conv', ('conv1', 'bn1'), 'conv_bn')]
+        for stage, blocks in _resnet_blocks(arch).items():
+            for i, block in enumerate(blocks):
+                tv = f'layer{stage - 1}.{i}'
+                for k, branch in enumerate(['branch2a', 'branch2b', 'branch2c'], 1):
+                    entries.append((f'{block}.{branch}.conv', (f'{tv}.conv{k}', f'{tv}.bn{k}'), 'conv_bn'))
+                if i == 0:  # the projection shortcut
+                    entries.append((f'{block}.branch1.conv', (f'{tv}.downsample.0', f'{tv}.downsample.1'), 'conv_bn'))
+        return entries
+    raise ValueError(f'no torchvision key map for {arch!r}; choose one of {sorted(MODELS)}')
+
+
+def torchvision_keys(arch):
+    """The trunk keys torchvision's model has (all but the final 1000-way layer), in order."""
+    keys = []
+    for _, tv, kind in torchvision_key_map(arch):
+        if kind == 'conv_bn':
+            keys += [f'{tv[0]}.weight'] + [f'{tv[1]}.{s}' for s in
+                                           ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')]
+        else:
+            keys += [f'{tv}.weight', f'{tv}.bias']
+    return keys
+
+
+def _light_consts(device, dtype):
+    k = torch.tensor(L_FROM_RGB, dtype=dtype, device=device)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device)
+    return k[0], k[1:], mean, torch.tensor(IMAGENET_STD, dtype=dtype, device=device)
+
+
+def rgb_conv_from_lightness(weight, bias):
+    """Our conv1 on u = (L - 50) / 50 -> the conv on torchvision's input x_c = (rgb_c - mean_c) / std_c.
+
+    With L ~ k0 + sum_c k_c rgb_c (L_FROM_RGB): u = (k0 - 50 + sum_c k_c mean_c) / 50 + sum_c
+    (k_c std_c / 50) x_c, so W_c = W k_c std_c / 50 and b' = b + sum(W) (k0 - 50 + sum_c k_c mean_c) / 50.
+    weight (O, 1, k, k), bias (O,) -> (O, 3, k, k), (O,). Exact away from the border only: zero
+    padding means L = 50 for us, RGB = the ImageNet mean (L ~ 48) for torchvision.
+    """
+    k0, k, mean, std = _light_consts(weight.device, weight.dtype)
+    w = weight * (k * std / 50).view(1, 3, 1, 1)  # (O, 1, k, k) -> (O, 3, k, k)
+    b = bias + weight.sum((1, 2, 3)) * (k0 - 50 + (k * mean).sum()) / 50
+    return w, b
+
+
+def lightness_conv_from_rgb(weight, bias):
+    """torchvision's conv1 on normalised RGB -> ours on (L - 50) / 50; the inverse of rgb_conv_from_lightness.
+
+    A gray pixel has rgb_c = g for all c, and L ~ k0 + K g (K = sum_c k_c), so x_c = (50 u + 50 -
+    k0) / (K std_c) - mean_c / std_c: W = (50 / K) sum_c W_c / std_c, b' = b + sum_c sum(W_c)
+    ((50 - k0) / K - mean_c) / std_c. weight (O, 3, k, k) -> (O, 1, k, k). Colour enters through
+    the lightness only: --input lab then starts a*, b* at zero like every init.
+    """
+    k0, k, mean, std = _light_consts(weight.device, weight.dtype)
+    total = k.sum()
+    w = (weight / std.view(1, 3, 1, 1)).sum(1, keepdim=True) * (50 / total)  # (O, 3, k, k) -> (O, 1, k, k)
+    b = bias + (weight.sum((2, 3)) * (((50 - k0) / total - mean) / std)).sum(1)
+    return w, b
+
+
+def export_torchvision(trunk_state, arch):
+    """Our BN-free 1-channel trunk state_dict -> a state_dict that torchvision's `arch()` loads.
+
+    Names and shapes are torchvision's; the final 1000-way layer is absent, so
+    `torchvision.models.vgg16().load_state_dict(sd, strict=False)` reports exactly
+    classifier.6.weight and classifier.6.bias missing (resnet: fc.weight, fc.bias). The network
+    takes RGB in [0, 1] normalised with the ImageNet mean/std: conv1 folds the affine RGB -> L*
+    approximation L_FROM_RGB (see rgb_conv_from_lightness). ResNet convs have no bias in
+    torchvision: each folded bias b goes to the BatchNorm after it as weight 1, bias b, running
+    mean 0, running variance 1 - eps (so that var + eps = 1). Notes: torchvision's AlexNet conv1
+    pads 2 where ours pads 5, so its conv1 grid is shifted by 3 pixels; torchvision's fc6 sees
+    pool5 adaptively pooled to 7x7 (VGG) / 6x6 (AlexNet) where ours is a convolution.
+    Works on meta tensors (shapes only).
+    """
+    key_map = torchvision_key_map(arch)
+    expected = {f'{ours}.{s}' for ours, _, _ in key_map for s in ('weight', 'bias')}
+    if set(trunk_state) != expected:
+        raise UserError(f'the trunk does not match torchvision {arch}: '
+                        f'missing {sorted(expected - set(trunk_state))[:4]}, '
+                        f'unexpected {sorted(set(trunk_state) - expected)[:4]} (an --extended-fov or BatchNorm trunk?)')
+    out = OrderedDict()
+    for i, (ours, tv, kind) in enumerate(key_map):
+        w, b = trunk_state[f'{ours}.weight'], trunk_state[f'{ours}.bias']
+        if i == 0:
+            if w.shape[1] != 1:
+                raise UserError(f'export expects a lightness (1-channel) conv1, found {w.shape[1]} input channels')
+            w, b = rgb_conv_from_lightness(w, b)
+        if kind == 'conv_bn':
+            out[f'{tv[0]}.weight'] = w
+            out[f'{tv[1]}.weight'] = torch.ones_like(b)
+            out[f'{tv[1]}.bias'] = b
+            out[f'{tv[1]}.running_mean'] = torch.zeros_like(b)
+            out[f'{tv[1]}.running_var'] = torch.full_like(b, 1 - TORCHVISION_BN_EPS)
+            out[f'{tv[1]}.num_batches_tracked'] = torch.zeros((), dtype=torch.long, device=b.device)
+        else:
+            out[f'{tv}.weight'] = w.reshape(w.shape[0], -1) if kind != 'conv' else w  # (O, C, k, k) -> (O, C*k*k)
+            out[f'{tv}.bias'] = b
+    return out
+
+
+def trunk_from_torchvision(sd, arch=None, source='state_dict'):
+    """A torchvision state_dict (alexnet, vgg16, resnet50, resnet152) -> (our BN-free 1-channel trunk state, arch).
+
+    The inverse of export_torchvision: BatchNorm folded into the convs, Linear fc6/fc7 reshaped to
+    convs, the RGB conv1 turned into a lightness conv1 (lightness_conv_from_rgb). The keys must be
+    exactly torchvision's (num_batches_tracked and the final 1000-way layer may be absent).
+    """
+    if sd and all(k.startswith('module.') for k in sd):  # saved from DataParallel / DDP
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    detected = detect_torchvision_arch(sd, source)
+    if arch is not None and arch != detected:
+        raise UserError(f'{source} holds torchvision {detected} weights, but -a {arch} was given; '
+                        f'omit -a or pass {detected}')
+    final = TORCHVISION_FINAL[detected]
+    required = [k for k in torchvision_keys(detected) if not k.endswith('num_batches_tracked')]
+    optional = ({k for k in torchvision_keys(detected) if k.endswith('num_batches_tracked')}
+                | {f'{final}.weight', f'{final}.bias'})
+    missing, unexpected = sorted(set(required) - set(sd)), sorted(set(sd) - set(required) - optional)
+    if missing or unexpected:
+        raise UserError(f'{source} is not a torchvision {detected} state_dict: missing {missing[:4]} ({len(missing)}), '
+                        f'unexpected {unexpected[:4]} ({len(unexpected)})')
+    state = OrderedDict()
+    for i, (ours, tv, kind) in enumerate(torchvision_key_map(detected)):
+        if kind == 'conv_bn':
+            w = sd[f'{tv[0]}.weight'].float()
+            bn = {s: sd[f'{tv[1]}.{s}'].float() for s in ('weight', 'bias', 'running_mean', 'running_var')}
+            scale = bn['weight'] / torch.sqrt(bn['running_var'] + TORCHVISION_BN_EPS)
+            w, b = w * scale.view(-1, 1, 1, 1), bn['bias'] - bn['running_mean'] * scale
+        else:
+            w, b = sd[f'{tv}.weight'].float(), sd[f'{tv}.bias'].float()
+            if kind != 'conv':
+                k = kind[1]
+                w = w.reshape(w.shape[0], -1, k, k)  # (O, C*k*k) -> (O, C, k, k)
+        if i == 0:
+            if w.shape[1] != 3:
+                raise UserError(f'{source}: conv1 has {w.shape[1]} input channels, expected RGB (3)')
+            w, b = lightness_conv_from_rgb(w, b)
+        state[f'{ours}.weight'], state[f'{ours}.bias'] = w.contiguous(), b.contiguous()
+    return state, detected
+
+
+def detect_torchvision_arch(sd, source):
+    if 'layer4.0.conv1.weight' in sd:
+        blocks = len({k.split('.')[1] for k in sd if k.startswith('layer3.')})
+        arch = {6: 'resnet50', 36: 'resnet152'}.get(blocks)
+        if arch is None:
+            raise UserError(f'{source}: a ResNet with {blocks} blocks in layer3; only resnet50 (6) and '
+                            f'resnet152 (36) are supported')
+        return arch
+    if 'features.28.weight' in sd:
+        return 'vgg16'
+    if 'features.10.weight' in sd and 'classifier.1.weight' in sd:
+        return 'alexnet'
+    raise UserError(f'{source} is neither a colorize.py checkpoint nor a torchvision alexnet/vgg16/resnet50/resnet152 '
+                    f'state_dict (first keys: {list(sd)[:3]})')
+
+
+def export(args):
+    """--export PATH --init CKPT: write the trunk as a torchvision state_dict."""
+    state, info = initial_trunk(args)
+    sd = export_torchvision(state, args.arch)
+    args.export.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.export.with_name(args.export.name + '.tmp')
+    torch.save(sd, tmp)
+    os.replace(tmp, args.export)
+    final = TORCHVISION_FINAL[args.arch]
+    print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): torchvision.models.{args.arch}()'
+          f'.load_state_dict(torch.load(PATH), strict=False) leaves exactly {final}.weight, {final}.bias missing. '
+          f'Input: RGB in [0, 1] normalised with mean {IMAGENET_MEAN}, std {IMAGENET_STD}; conv1 folds '
+          f'L* ~ {L_FROM_RGB[0]:.2f} + {L_FROM_RGB[1]:.2f} R + {L_FROM_RGB[2]:.2f} G + {L_FROM_RGB[3]:.2f} B.')
+    if args.width != 1.0:
+        print(f'note: width {args.width:g} is not the full-size network; torchvision {args.arch}() will not load it')
+
+
+# --- Data ---------------------------------------------------------------------------------------
+
+def random_scale_crop(rgb, label, crop, scale, rng, flip=True):
+    """Scale the image by U[scale], zero-pad (labels: 255) to at least crop, random crop, flip.
+
+    rgb uint8 (H, W, 3), label uint8 (H, W) or None -> uint8 (crop, crop, 3), (crop, crop) or None.
+    An image smaller than the crop lands at a random place in it. Always the same number of draws.
+    """
+    s = rng.uniform(*scale)
+    u_y, u_x, u_flip = rng.random(3)
+    H, W = rgb.shape[:2]
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    if label is not None:
+        label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))  # class indices: no blending
+    out = np.zeros((crop, crop, 3), np.uint8)
+    out_label = np.full((crop, crop), IGNORE, np.uint8)
+    (src_y, dst_y, n_y), (src_x, dst_x, n_x) = (_crop_window(size, crop, u) for size, u in ((h, u_y), (w, u_x)))
+    out[dst_y:dst_y + n_y, dst_x:dst_x + n_x] = rgb[src_y:src_y + n_y, src_x:src_x + n_x]
+    if label is not None:
+        out_label[dst_y:dst_y + n_y, dst_x:dst_x + n_x] = label[src_y:src_y + n_y, src_x:src_x + n_x]
+    if flip and u_flip < 0.5:
+        out, out_label = out[:, ::-1], out_label[:, ::-1]
+    return np.ascontiguousarray(out), (np.ascontiguousarray(out_label) if label is not None else None)
+
+
+def _crop_window(size, crop, u):
+    """(source start, destination start, length) along one axis for a random crop at u in [0, 1)."""
+    if size >= crop:
+        return int(u * (size - crop + 1)), 0, crop
+    return 0, int(u * (crop - size + 1)), size
+
+
+def _load(path):
+    try:
+        return data.load_rgb(path)
+    except data.BadImage as e:
+        raise UserError(f'cannot read VOC image {e}; re-extract the dataset') from None
+
+
+class VOCClassification(torch.utils.data.Dataset):
+    """VOC2007 images with their 20 labels, decoded and augmented in workers; uint8 out.
+
+    views=None (training): dataset[(index, sample_seed)] -> (uint8 (3, crop, crop), int8 (20,)).
+    views=V (test): dataset[index] -> (uint8 (V, 3, crop, crop), int8 (20,)), V random crops drawn
+    with a seed fixed per image (EVAL_SEED), the same in every run.
+    """
+
+    def __init__(self, paths, labels, crop, scale, views=None):
+        self.paths, self.labels = list(paths), torch.from_numpy(labels)
+        self.crop, self.scale, self.views = crop, scale, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, seed = item if self.views is None else (item, (EVAL_SEED, item))
+        rgb = _load(self.paths[index])
+        rng = np.random.default_rng(seed)
+        crops = [random_scale_crop(rgb, None, self.crop, self.scale, rng)[0] for _ in range(self.views or 1)]
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (V, crop, crop, 3) -> (V, 3, crop, crop)
+        return (x[0] if self.views is None else x), self.labels[index]
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """VOC2012 (image, label) pairs.
+
+    train=True: dataset[(index, sample_seed)] -> (uint8 (3, crop, crop), uint8 (crop, crop)),
+    random scale, crop (pad 0 / label 255) and flip. train=False: dataset[index] -> the whole
+    image uint8 (3, H, W) and its label uint8 (H, W).
+    """
+
+    def __init__(self, pairs, crop=None, scale=None, train=True):
+        self.pairs, self.crop, self.scale, self.train = list(pairs), crop, scale, train
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, seed = item if self.train else (item, None)
+        image_path, label_path = self.pairs[index]
+        rgb, label = _load(image_path), data.load_label(label_path)
+        if rgb.shape[:2] != label.shape:
+            raise UserError(f'{label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is '
+                            f'{rgb.shape[1]}x{rgb.shape[0]}; labels must match their images')
+        if self.train:
+            rgb, label = random_scale_crop(rgb, label, self.crop, self.scale, np.random.default_rng(seed))
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return image, torch.from_numpy(np.ascontiguousarray(label))
+
+
+def voc_sets(args):
+    """(training set, test set) for the task, after --label-fraction; UserError for missing data."""
+    if args.voc_root is None:
+        try:
+            demo = data.ensure_demo(args.demo_root)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        root = os.path.join(demo['root'], 'VOCdevkit')
+        print(f"no --voc-root given: using the demo world's VOC-layout set in {root} (generated on first use)")
+    else:
+        root = args.voc_root
+    try:
+        if args.task == 'cls':
+            train_paths, train_labels = data.voc_classification(root, args.train_split)
+            test_paths, test_labels = data.voc_classification(root, args.test_split)
+            train = list(zip(train_paths, train_labels))
+            test = list(zip(test_paths, test_labels))
+        else:
+            train = data.voc_segmentation(root, args.train_split)
+            test = data.voc_segmentation(root, args.test_split)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    missing = [p for p, _ in train + test if not os.path.exists(p)]
+    if missing:
+        raise UserError(f'{len(missing)} images listed in the VOC sets are missing, e.g. {missing[0]}; '
+                        f'extract JPEGImages completely')
+    if args.label_fraction is not None:
+        n = max(1, round(args.label_fraction * len(train)))
+        keep = set(data.subset(range(len(train)), n, seed=args.label_seed))
+        train = [train[i] for i in sorted(keep)]
+    if 0 < args.test_images < len(test):
+        print(f'evaluating on {args.test_images} of the {len(test)} {args.test_split} images (--test-images; '
+              f'0 = all, as the paper)')
+        keep = set(data.subset(range(len(test)), args.test_images, seed=EVAL_SEED))
+        test = [test[i] for i in sorted(keep)]
+    if len(train) < args.batch_size:
+        raise UserError(f'{len(train)} training images are fewer than one batch of {args.batch_size}; '
+                        f'use a smaller --batch-size or a larger --label-fraction')
+    return train, test
+
+
+def _paths_and_labels(items):
+    return [p for p, _ in items], np.stack([labels for _, labels in items]).astype(np.int8)  # (N, 20)
+
+
+def make_datasets(args, train, test):
+    if args.task == 'cls':
+        return (VOCClassification(*_paths_and_labels(train), args.crop, tuple(args.scale)),
+                VOCClassification(*_paths_and_labels(test), args.crop, tuple(args.scale), views=args.test_crops))
+    return (VOCSegmentation(train, args.crop, tuple(args.scale), train=True), VOCSegmentation(test, train=False))
+
+
+def network_input(images, input_kind, device):
+    """uint8 RGB (..., 3, H, W) -> the network input on `device`: lab (3 channels) or gray (1)."""
+    lab_img = lab.rgb_to_lab(images.to(device, non_blocking=True))
+    x = lab.lab_input(lab_img) if input_kind == 'lab' else lab.lightness_input(lab_img)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' and x.dim() == 4 else x
+
+
+# --- Training -----------------------------------------------------------------------------------
+
+def train_loss(model, batch, args, device):
+    """The task's loss on one training batch (a scalar tensor)."""
+    images, target = batch
+    x = network_input(images, args.input, device)
+    target = target.to(device, non_blocking=True)
+    if args.task == 'cls':
+        with autocast(device):
+            logits = model(x)
+        return multilabel_loss(logits.float(), target)
+    B, _, H, W = x.shape
+    points = sample_points(B, H, W, args.points, border=0, device=device)  # pixels on padding are 255: ignored
+    labels = target.long()[torch.arange(B, device=device)[:, None], points[..., 0], points[..., 1]]  # (B, P)
+    with autocast(device):
+        logits = model(x, points)  # (B, P, 21)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction='sum')
+    return loss / (labels != IGNORE).sum().clamp(min=1)
+
+
+def parameter_groups(model, weight_decay):
+    """Trainable parameters only (--freeze leaves the trunk out); no weight decay on biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
+
+
+def set_train_mode(model, freeze):
+    model.train()
+    if freeze:
+        model.trunk.eval()  # frozen features: no dropout inside the trunk either
+    return model
+
+
+def save_checkpoint(path, model, optimizer, step, args, init_info):
+    """One dict, written to a temp file and renamed (a crash mid-write never corrupts the last one)."""
+    config = dict(objective=f'voc-{args.task}', task=args.task, arch=args.arch, width=args.width, fc_dim=args.fc_dim,
+                  input=args.input, extended_fov=args.extended_fov, head_dim=args.head_dim)
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
+                 args=plain_args(args), init=init_info,
+                 rng=dict(cpu=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def plain_args(args):
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def read_resume(args):
+    """Load the --resume checkpoint and take the model and data flags from it."""
+    if args.resume == 'auto' and args.out is None:
+        raise UserError('--resume needs --out DIR (the run folder) or the checkpoint path: --resume CKPT')
+    path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
+    args.out = args.out or path.parent
+    if not path.is_file():
+        raise UserError(f'--resume: {path} does not exist; start the run without --resume (or pass --out of a run)')
+    ckpt = load_checkpoint(path)
+    saved, defaults = ckpt['args'], vars(parse_args([]))
+    if not str(ckpt['config'].get('objective', '')).startswith('voc-'):
+        raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
+    for name in RESUMED_FLAGS:
+        given = getattr(args, name)
+        if name in MODEL_FLAGS and given not in (None, False) and given != saved[name]:
+            raise UserError(f'--resume {path} was trained with --{name.replace("_", "-")} {saved[name]}, '
+                            f'not {given}; drop the flag or start a new --out')
+        if given is None or given is False or given == defaults[name]:
+            setattr(args, name, saved[name])
+    args.resume_path = path
+    return ckpt
+
+
+def make_loader(dataset, args, device, start_step):
+    sampler = data.InfiniteSampler(len(dataset), args.batch_size, seed=args.seed, start_step=start_step)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0)
+
+
+def train(model, train_set, args, device, init_info, ckpt=None):
+    """SGD on the task loss from the checkpoint's step (or 0) to --steps; returns the step reached."""
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start = ckpt['step']
+        print(f'resumed from {args.resume_path} at step {start}')
+    fast_model = torch.compile(model) if args.compile else model
+    trainable = [p for group in optimizer.param_groups for p in group['params']]
+    log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
+    running, t0, step = torch.zeros(2, device=device), time.perf_counter(), start
+    set_train_mode(model, args.freeze)
+    loader = make_loader(train_set, args, device, start) if start < args.steps else []
+    for batch in loader:
+        if step >= args.steps:
+            break
+        torch.manual_seed(step_seed(args.seed, step, 0))  # pixels and dropout: a function of (seed, step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(step, args)
+        loss = train_loss(fast_model, batch, args, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        optimizer.step()
+        step += 1
+        running += torch.stack([loss.detach(), loss.new_ones(())])
+        if step % args.log_every == 0 or step == args.steps:
+            loss_sum, count = running.tolist()  # the one host sync per log line
+            running.zero_()
+            rate = (step - start) * args.batch_size / (time.perf_counter() - t0)
+            memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+            entry = dict(step=step, loss=loss_sum / count, lr=lr_at(step - 1, args), img_per_s=rate, peak_mem_gb=memory)
+            print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} | lr {entry["lr"]:.2e} | {rate:.1f} img/s | '
+                  f'ETA {format_seconds((args.steps - step) * args.batch_size / max(rate, 1e-9))} | '
+                  f'mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
+            log.write(json.dumps(entry) + '\n')
+            log.flush()
+        stop = args.exit_after is not None and step >= args.exit_after
+        if step % args.save_every == 0 or step == args.steps or stop:
+            save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info)
+        if stop:
+            break
+    log.close()
+    return step
+
+
+def check_frozen(model, initial_state):
+    """--freeze: fail loudly if any trunk weight differs from its initial value."""
+    changed = [k for k, v in model.trunk.state_dict().items() if not torch.equal(v.cpu(), initial_state[f'trunk.{k}'])]
+    if changed:
+        raise RuntimeError(f'--freeze: {len(changed)} frozen trunk tensors changed during training, e.g. '
+                           f'{changed[:3]}; this is a bug in the freezing code')
+
+
+# --- Evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_classification(model, test_set, args, device):
+    """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers)
+    scores, labels = [], []
+    for images, target in loader:
+        B, V = images.shape[:2]
+        x = network_input(images.flatten(0, 1), args.input, device)  # (B*V, C, crop, crop)
+        with autocast(device):
+            logits = model(x)
+        scores.append(logits.float().view(B, V, -1).mean(1).cpu())  # (B, 20)
+        labels.append(target)
+    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    ap11, ap = average_precision(scores, labels, eleven_point=True), average_precision(scores, labels)
+    names = data.VOC_CLASSES
+    print(f'VOC2007 {args.test_split} classification, {len(scores)} images x {args.test_crops} crops')
+    print(f'{"class":<14}{"AP VOC07 11-point":>19}{"AP non-interpolated":>21}')
+    for name, a, b in zip(names, ap11, ap):
+        print(f'{name:<14}{100 * a:>19.1f}{100 * b:>21.1f}')
+    results = dict(map_voc07_11point=mean_ap(ap11), map_noninterpolated=mean_ap(ap),
+                   ap_voc07_11point=dict(zip(names, ap11.tolist())), ap_noninterpolated=dict(zip(names, ap.tolist())),
+                   test_images=len(scores), test_crops=args.test_crops)
+    print(f'{"mAP":<14}{100 * results["map_voc07_11point"]:>19.1f}{100 * results["map_noninterpolated"]:>21.1f}'
+          '   (11-point: the official VOC2007 measure; non-interpolated: scikit-learn average_precision_score)')
+    return results
+
+
+@torch.no_grad()
+def predict_segmentation(model, images, input_kind, device):
+    """uint8 (B, 3, H, W) -> class map (B, H, W): dense head at stride 4, bilinear x4, cropped, argmax."""
+    x = network_input(images, input_kind, device)
+    H, W = x.shape[-2:]
+    with autocast(device):
+        logits = model.dense(x, stride=4)  # (B, 21, ceil(H/4), ceil(W/4)); cell i sits at pixel 4i + 1.5
+    logits = F.interpolate(logits.float(), scale_factor=4, mode='bilinear', align_corners=False)[..., :H, :W]
+    return logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, test_set, args, device):
+    """Dense prediction over the whole test set, one image at a time; mIU from one confusion matrix."""
+    model.eval()
+    # Every image size would trigger a new cuDNN autotuning round: slower than it saves here.
+    torch.backends.cudnn.benchmark = False
+    loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers)
+    conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
+    for image, label in loader:
+        conf += confusion_matrix(predict_segmentation(model, image, args.input, device), label.to(device),
+                                 len(SEG_CLASSES), IGNORE)
+    scores = segmentation_scores(conf)
+    print(f'VOC2012 {args.test_split} segmentation, {len(test_set)} images')
+    print(f'{"class":<14}{"IoU":>8}')
+    for name, iou in zip(SEG_CLASSES, scores['iou']):
+        print(f'{name:<14}{100 * iou:>8.1f}')
+    print(f'mIU {100 * scores["miou"]:.1f} | pixel accuracy {100 * scores["pixel_acc"]:.1f}')
+    return dict(miou=scores['miou'], pixel_acc=scores['pixel_acc'], iou=dict(zip(SEG_CLASSES, scores['iou'])),
+                test_images=len(test_set), confusion=conf.cpu().tolist())
+
+
+# --- Feature shift (RQ4) ------------------------------------------------------------------------
+
+@torch.no_grad()
+def trunk_features(trunk, images, input_kind, device, pool=4, chunk=16):
+    """Each tap except the input, average-pooled to pool x pool: {tap name: (N, C * pool * pool) float32, CPU}."""
+    trunk.eval()
+    out = {}
+    for i in range(0, len(images), chunk):
+        x = network_input(images[i:i + chunk], input_kind, device)
+        with autocast(device):
+            maps = trunk(x)
+        for name, m in zip(trunk.tap_names, maps):
+            if name != 'input':
+                out.setdefault(name, []).append(F.adaptive_avg_pool2d(m.float(), pool).flatten(1).cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def feature_shift(trunk_before, trunk_after, images, input_kind, device, pool=4):
+    """{tap name: linear CKA between the two trunks' features on the same images}, trunk order."""
+    before = trunk_features(trunk_before, images, input_kind, device, pool)
+    after = trunk_features(trunk_after, images, input_kind, device, pool)
+    return {name: linear_cka(before[name], after[name]) for name in before}
+
+
+def held_out_images(test_items, n, crop):
+    """The first n (by a fixed shuffle) test images as centre crops: uint8 (n, 3, crop, crop)."""
+    paths = sorted(item[0] for item in test_items)
+    chosen = data.subset(paths, min(n, len(paths)), seed=EVAL_SEED)
+    crops = [data.center_crop(_load(p), crop, crop) for p in chosen]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (n, crop, crop, 3) -> (n, 3, crop, crop)
+
+
+# --- Main ---------------------------------------------------------------------------------------
+
+def run(args):
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise UserError('finetune_voc.py trains on one device (the paper batches are small); '
+                        'run it with python, not torchrun')
+    device, _, _, _ = setup_device(args)
+    ckpt = read_resume(args) if args.resume else None
+    args.task = args.task or 'cls'
+    # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
+    colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
+    trunk_state, init_info = initial_trunk(args, colorize_defaults['fc_dim'])
+    fill_defaults(args, device)
+    init_name = init_info['kind']
+    if init_name == 'colorization':  # the colorize.py run folder, e.g. vgg16-huechroma
+        init_name = Path(args.init).parent.name or init_name
+    args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_items, test_items = voc_sets(args)
+    train_set, test_set = make_datasets(args, train_items, test_items)
+    print(f'{args.task}: {len(train_set)} training images ({args.train_split}'
+          + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
+          + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init, '
+          f'input {args.input}'
+          + (', frozen trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
+          + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
+          + ('' if device.type == 'cuda' else
+             ' (CPU: small crop, batch and test crops so the demo finishes in minutes)'))
+
+    model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', args.input, args.width,
+                                args.fc_dim, args.extended_fov, args.head_dim, args.dropout, args.seed)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.freeze:
+        model.trunk.requires_grad_(False)
+    model = model.to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    step = train(model, train_set, args, device, init_info, ckpt)
+    if args.exit_after is not None and step < args.steps:
+        print(f'stopped at step {step} (--exit-after); continue with --resume')
+        return None
+    if args.freeze:
+        check_frozen(model, initial_state)
+    evaluate = evaluate_classification if args.task == 'cls' else evaluate_segmentation
+    results = dict(task=args.task, metrics=evaluate(model, test_set, args, device), steps=step)
+    if args.feature_shift:
+        results['feature_shift'] = run_feature_shift(model, initial_state, test_items, args, device)
+    results.update(init=init_info, args=plain_args(args), torch=torch.__version__, python=sys.version.split()[0],
+                   device=str(device),
+                   device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+                   git_commit=git_commit(), train_images=len(train_set), test_images=len(test_set),
+                   finished=time.strftime('%Y-%m-%d %H:%M:%S'))
+    write_json(args.out / 'results.json', results)
+    print(f'results in {args.out / "results.json"}')
+    return results
+
+
+def run_feature_shift(model, initial_state, test_items, args, device):
+    before = copy.deepcopy(model)
+    before.load_state_dict(initial_state)
+    images = held_out_images(test_items, args.shift_images, args.crop)
+    shift = feature_shift(before.trunk, model.trunk, images, args.input, device, args.shift_pool)
+    print(f'feature shift (linear CKA, initial vs fine-tuned, {len(images)} held-out images, maps pooled to '
+          f'{args.shift_pool}x{args.shift_pool}; 1 = unchanged)')
+    for name, value in shift.items():
+        print(f'{name:<12}{value:>8.4f}')
+    write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool))
+    return shift
+
+
+def write_json(path, obj):
+    """Atomic JSON; nan (no AP / IoU for a class) becomes null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(clean(obj), indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.export:
+            export(args)
+        else:
+            run(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

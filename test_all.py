@@ -1,0 +1,2251 @@
+"""The tests: CPU only, about a minute on 2 cores. Run: python -m pytest -q test_all.py
+
+Reference values come from outside the code under test: published L*a*b* values of the sRGB
+primaries, a second formulation of the CIE formulas, finite differences (gradcheck),
+F.interpolate for bilinear sampling, torchvision's layer definitions and parameter counts written
+out by hand, hand-computed AP, IoU, FLOP and histogram examples, independent decodes with Pillow.
+TEST_COMPILE=1 also traces a model with torch.compile(fullgraph=True).
+"""
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+import colorize
+import data
+import finetune_voc as ft
+import lab
+from models import (MODELS, ConvBN, HypercolumnNet, alexnet, build_model, fold_batchnorm, resnet50,
+                    resnet152, sample_bilinear, sample_points, vgg16)
+
+
+# ================================================================================================
+# lab.py: colour conversion, targets, losses, decoding
+# ================================================================================================
+
+SRGB_LAB_TABLE = [
+    ((255, 0, 0), (53.2408, 80.0925, 67.2032)),
+    ((0, 255, 0), (87.7347, -86.1827, 83.1793)),
+    ((0, 0, 255), (32.2970, 79.1875, -107.8602)),
+    ((0, 255, 255), (91.1132, -48.0875, -14.1312)),
+    ((255, 0, 255), (60.3242, 98.2343, -60.8249)),
+    ((255, 255, 0), (97.1393, -21.5537, 94.4780)),
+    ((255, 255, 255), (100.0, 0.0, 0.0)),
+    ((128, 128, 128), (53.5850, 0.0, 0.0)),
+    ((0, 0, 0), (0.0, 0.0, 0.0)),
+]
+
+
+def _pixels(rows, dtype=torch.float64):
+    """(N, 3) values -> (3, N, 1) image."""
+    return torch.tensor(rows, dtype=dtype).T.reshape(3, -1, 1)
+
+
+def test_rgb_to_lab_matches_published_values():
+    rgb = _pixels([c for c, _ in SRGB_LAB_TABLE]) / 255
+    want = _pixels([v for _, v in SRGB_LAB_TABLE])
+    torch.testing.assert_close(lab.rgb_to_lab(rgb), want, atol=2e-3, rtol=0)
+    # uint8 input is read as value / 255
+    got8 = lab.rgb_to_lab(_pixels([c for c, _ in SRGB_LAB_TABLE], torch.uint8))
+    torch.testing.assert_close(got8, want.float(), atol=2e-3, rtol=0)
+
+
+def _lab_second_formula(rgb):
+    """CIE's own formulation (kappa = 24389/27, epsilon = 216/24389, Lindbloom) in float64,
+    written independently of lab.py: a second formula to compare against."""
+    def lin(c):
+        return torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    r, g, b = lin(rgb).unbind(0)
+    X = (0.4124564 * r + 0.3575761 * g + 0.1804375 * b) / 0.95047
+    Y = 0.2126729 * r + 0.7151522 * g + 0.0721750 * b
+    Z = (0.0193339 * r + 0.1191920 * g + 0.9503041 * b) / 1.08883
+    eps, kappa = 216 / 24389, 24389 / 27
+
+    def f(t):
+        return torch.where(t > eps, t.clamp(min=0) ** (1 / 3), (kappa * t + 16) / 116)
+    fx, fy, fz = f(X), f(Y), f(Z)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], 0)
+
+
+def test_rgb_to_lab_matches_second_formula_on_random_colours():
+    rgb = torch.rand(3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rgb[:, 0, :8] = torch.linspace(0, 0.01, 8, dtype=torch.float64)  # the linear segments
+    torch.testing.assert_close(lab.rgb_to_lab(rgb), _lab_second_formula(rgb), atol=1e-9, rtol=0)
+
+
+def test_round_trip_all_8bit_colours_float64():
+    v = torch.arange(256, dtype=torch.float64) / 255
+    g, b = torch.meshgrid(v, v, indexing='ij')
+    worst = 0.0
+    for r in range(0, 256, 1):  # 256 slices of 65,536 colours: all 16.7M
+        rgb = torch.stack([torch.full_like(g, r / 255), g, b], 0)
+        back = lab.lab_to_rgb(lab.rgb_to_lab(rgb), clip=False)
+        worst = max(worst, (back - rgb).abs().max().item())
+    assert worst < 1e-4
+
+
+def test_lab_to_rgb_clips_unless_asked():
+    out_of_gamut = _pixels([(50.0, 120.0, 0.0)])
+    assert lab.lab_to_rgb(out_of_gamut).min() >= 0 and lab.lab_to_rgb(out_of_gamut).max() <= 1
+    raw = lab.lab_to_rgb(out_of_gamut, clip=False)
+    assert raw.min() < 0 or raw.max() > 1
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    rgb = (torch.rand(2, 3, 4, 4, dtype=torch.float64, generator=gen) * 0.9 + 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lab.rgb_to_lab, (rgb,))
+    lab_ = torch.stack([torch.rand(2, 4, 4, dtype=torch.float64, generator=gen) * 80 + 10,
+                        torch.rand(2, 4, 4, dtype=torch.float64, generator=gen) * 40 - 20,
+                        torch.rand(2, 4, 4, dtype=torch.float64, generator=gen) * 40 - 20], 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: lab.lab_to_rgb(x, clip=False), (lab_,))
+    # Gradients stay finite at black, exactly where the power branches have infinite slope.
+    black = torch.zeros(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    lab.rgb_to_lab(black).sum().backward()
+    assert torch.isfinite(black.grad).all()
+
+
+def test_float32_under_autocast():
+    rgb = torch.rand(2, 3, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = lab.rgb_to_lab(rgb.bfloat16())
+        back = lab.lab_to_rgb(out)
+    assert out.dtype == torch.float32 and back.dtype == torch.float32
+    torch.testing.assert_close(out, lab.rgb_to_lab(rgb.bfloat16().float()))
+    assert lab.rgb_to_lab(rgb.double()).dtype == torch.float64
+
+
+def test_lch_round_trip_and_ranges():
+    lab_ = _pixels([(50, 10, 0), (50, 0, 10), (50, -10, 0), (50, 0, -10), (50, 3, 4)])
+    lch = lab.lab_to_lch(lab_)
+    torch.testing.assert_close(lch[1, :, 0], torch.tensor([10, 10, 10, 10, 5.0], dtype=torch.float64))
+    want_h = torch.tensor([0, math.pi / 2, math.pi, 3 * math.pi / 2, math.atan2(4, 3)], dtype=torch.float64)
+    torch.testing.assert_close(lch[2, :, 0], want_h)
+    torch.testing.assert_close(lab.lch_to_lab(lch), lab_)
+
+
+def test_lightness_input_range():
+    lab_ = _pixels([(0, 0, 0), (50, 0, 0), (100, 0, 0)]).unsqueeze(0)
+    torch.testing.assert_close(lab.lightness_input(lab_).flatten(), torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
+
+
+# --- lab.py: bins and targets -------------------------------------------------------------------
+
+def _uniform_lab(B, H, W, L, a, b):
+    return torch.stack([torch.full((B, H, W), float(v)) for v in (L, a, b)], 1)
+
+
+def test_hue_bins_wrap_and_chroma_clips():
+    two_pi = 2 * math.pi
+    h = torch.tensor([0.0, two_pi / 32 - 1e-4, two_pi / 32 + 1e-4, two_pi - 1e-4, two_pi])
+    assert lab.hue_bin(h).tolist() == [0, 0, 1, 31, 0]
+    c = torch.tensor([0.0, 3.99, 4.01, 127.9, 128.0, 300.0])
+    assert lab.chroma_bin(c).tolist() == [0, 0, 1, 31, 31, 31]
+
+
+def test_uniform_patch_gives_one_hot_targets():
+    # hue 8.5 * 2pi/32 (the middle of bin 8), chroma 22 -> bin 5 (covers [20, 24)).
+    h = 8.5 * 2 * math.pi / 32
+    img = _uniform_lab(2, 32, 32, 60, 22 * math.cos(h), 22 * math.sin(h))
+    img[:, 1, 0, 0] = -50  # a differing pixel far outside every window
+    points = torch.tensor([[[16, 16], [10, 20]], [[8, 8], [20, 12]]])
+    t = lab.make_targets('huechroma', img, points, window=7)
+    assert t['hue'].shape == (2, 2, 32) and t['chroma'].shape == (2, 2, 32)
+    want_hue, want_chroma = torch.zeros(2, 2, 32), torch.zeros(2, 2, 32)
+    want_hue[..., 8] = 1
+    want_chroma[..., 5] = 1
+    torch.testing.assert_close(t['hue'], want_hue)
+    torch.testing.assert_close(t['chroma'], want_chroma)
+    torch.testing.assert_close(t['hue_weight'], torch.full((2, 2), 22 / 128))
+    torch.testing.assert_close(t['lightness'], torch.full((2, 2), 0.6))
+
+
+def test_window_histogram_counts_by_hand():
+    # Left of column 10 red-ish (a=40, b=0: hue bin 0), from column 10 on blue-ish (a=0, b=-40:
+    # hue 3pi/2 -> bin 24). A 7x7 window centred at column 10 spans columns 7..13: 3 red, 4 blue.
+    img = _uniform_lab(1, 20, 20, 50, 40.0, 0.0)
+    img[:, 1, :, 10:] = 0.0
+    img[:, 2, :, 10:] = -40.0
+    t = lab.make_targets('huechroma', img, torch.tensor([[[10, 10]]]), window=7)
+    assert t['hue'][0, 0, 0].item() == pytest.approx(21 / 49)
+    assert t['hue'][0, 0, 24].item() == pytest.approx(28 / 49)
+    assert t['chroma'][0, 0, 10].item() == pytest.approx(1.0)  # chroma 40 -> bin 10 everywhere
+    for kind in ('huechroma', 'ab'):
+        t = lab.make_targets(kind, torch.randn(2, 3, 16, 16) * 40, torch.randint(0, 16, (2, 5, 2)), window=5)
+        for key in ('hue', 'chroma') if kind == 'huechroma' else ('ab',):
+            torch.testing.assert_close(t[key].sum(-1), torch.ones(2, 5))
+    # window 1 is one-hot
+    one = lab.make_targets('huechroma', img, torch.tensor([[[10, 9]]]), window=1)
+    assert one['hue'][0, 0, 0].item() == 1.0
+
+
+def test_target_window_must_be_odd():
+    with pytest.raises(ValueError, match='odd'):
+        lab.make_targets('huechroma', _uniform_lab(1, 8, 8, 50, 0, 0), torch.zeros(1, 1, 2, dtype=torch.long), 4)
+
+
+def test_ab_gamut_cells_are_reached_by_srgb():
+    centres, lookup, offset = lab.ab_gamut()
+    # primaries' ab fall in a gamut cell; a far-out colour does not
+    for rgb, (L, a, b) in SRGB_LAB_TABLE:
+        assert lookup[round(a / 10) + offset, round(b / 10) + offset] >= 0
+    assert lookup[offset + 12, offset + 12] == -1  # (a, b) = (120, 120) is beyond sRGB
+    assert lookup[offset, offset] >= 0 and 200 < len(centres) < 400
+    assert lab.output_dim('ab') == len(centres)
+
+
+# --- lab.py: losses ----------------------------------------------------------------------------
+
+def test_kl_loss_zero_at_target_and_hand_value():
+    gen = torch.Generator().manual_seed(0)
+    B, P = 2, 3
+    hue = torch.softmax(torch.randn(B, P, 32, generator=gen), -1)
+    chroma = torch.softmax(torch.randn(B, P, 32, generator=gen), -1)
+    t = dict(hue=hue, chroma=chroma, hue_weight=torch.rand(B, P, generator=gen), lightness=torch.rand(B, P))
+    logits = torch.cat([hue.log(), chroma.log()], -1)
+    total, parts = lab.color_loss('huechroma', logits, t)
+    assert abs(total.item()) < 1e-5 and set(parts) == {'hue', 'chroma'}
+    # Hand example: uniform prediction over 32 bins; chroma target half/half on two bins: KL =
+    # log(32/2); hue target one-hot: KL = log 32; hue weight 0.5 -> 5 * 0.5 * log 32.
+    hue1 = torch.zeros(1, 1, 32)
+    hue1[..., 3] = 1
+    chroma1 = torch.zeros(1, 1, 32)
+    chroma1[..., [1, 2]] = 0.5
+    t1 = dict(hue=hue1, chroma=chroma1, hue_weight=torch.tensor([[0.5]]), lightness=torch.tensor([[0.5]]))
+    total, parts = lab.color_loss('huechroma', torch.zeros(1, 1, 64), t1)
+    assert parts['chroma'].item() == pytest.approx(math.log(16), rel=1e-6)
+    assert parts['hue'].item() == pytest.approx(2.5 * math.log(32), rel=1e-6)
+    # w(L) at L = 0.5 is min(1.5, 1, 1.5) = 1; at L = 0.1 it is 0.3
+    t1['lightness'] = torch.tensor([[0.1]])
+    _, parts = lab.color_loss('huechroma', torch.zeros(1, 1, 64), t1, use_lightness_weight=True)
+    assert parts['chroma'].item() == pytest.approx(0.3 * math.log(16), rel=1e-5)
+
+
+def test_invalid_images_do_not_count():
+    t = dict(ab=torch.zeros(2, 4, 2), lightness=torch.full((2, 4), 0.5))
+    logits = torch.zeros(2, 4, 2)
+    logits[1] = 10.0  # a wildly wrong prediction on an image marked invalid
+    total, _ = lab.color_loss('l2', logits, t, valid=torch.tensor([1, 0]))
+    assert total.item() == 0.0
+    total, _ = lab.color_loss('l2', logits, t, valid=torch.tensor([0, 1]))
+    assert total.item() == pytest.approx(200.0)  # (10^2 + 10^2) per point, mean over 4 points
+
+
+@pytest.mark.parametrize('kind', lab.LOSSES)
+def test_loss_gradient_matches_finite_differences(kind):
+    gen = torch.Generator().manual_seed(2)
+    lab_img = torch.stack([torch.rand(2, 12, 12, generator=gen) * 80 + 10,
+                           torch.randn(2, 12, 12, generator=gen) * 30,
+                           torch.randn(2, 12, 12, generator=gen) * 30], 1)
+    points = torch.randint(0, 12, (2, 3, 2), generator=gen)
+    t = {k: v.double() for k, v in lab.make_targets(kind, lab_img, points, window=3).items()}
+    logits = torch.randn(2, 3, lab.output_dim(kind), dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: lab.color_loss(kind, z, t, use_lightness_weight=True)[0], (logits,))
+
+
+@pytest.mark.parametrize('kind', lab.LOSSES)
+def test_decoding_the_encoding_returns_the_colour(kind):
+    # sRGB colours (every photo colour is one), saturated and muted, all round the hue circle.
+    rgb = torch.rand(3, 1, 200, generator=torch.Generator().manual_seed(3))
+    img = lab.rgb_to_lab(rgb)
+    img = img[:, :, torch.hypot(img[1, 0], img[2, 0]) > 10].unsqueeze(0)  # hue needs some chroma
+    n = img.shape[-1]
+    a, b = img[0, 1, 0], img[0, 2, 0]
+    c, h = torch.hypot(a, b), torch.atan2(b, a) % (2 * math.pi)
+    points = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], -1).unsqueeze(0)
+    t = lab.make_targets(kind, img, points, window=1)
+    if kind == 'huechroma':
+        logits = torch.cat([t['hue'], t['chroma']], -1).clamp(min=1e-9).log()
+    elif kind == 'ab':
+        logits = t['ab'].clamp(min=1e-9).log()
+    else:
+        logits = t['ab']
+    ab = lab.decode(kind, logits)[0]  # (n, 2)
+    err = torch.hypot(ab[:, 0] - a, ab[:, 1] - b)
+    if kind == 'huechroma':
+        # within one bin: chroma bin width 4, plus the hue half-bin arc at that chroma
+        got_c, got_h = torch.hypot(ab[:, 0], ab[:, 1]), torch.atan2(ab[:, 1], ab[:, 0]) % (2 * math.pi)
+        assert ((got_c - c).abs() <= 128 / 32).all()
+        dh = torch.remainder(got_h - h + math.pi, 2 * math.pi) - math.pi
+        assert (dh.abs() <= 2 * math.pi / 32).all()
+    elif kind == 'ab':
+        assert (err <= 10.0).all()
+    else:
+        assert err.max() < 1e-4
+
+
+def test_decode_dense_layout_and_hue_fading():
+    logits = torch.zeros(1, 64, 2, 3)  # (B, D, h, w): uniform hue histogram -> R = 0 -> gray
+    ab = lab.decode('huechroma', logits, dim=1)
+    assert ab.shape == (1, 2, 2, 3)
+    assert ab.abs().max() < 1e-4
+
+
+def test_histogram_median_by_hand():
+    p = torch.tensor([[0.1, 0.2, 0.4, 0.3], [0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    # row 0: cdf 0.1, 0.3, 0.7 -> crosses in bin 2 at (0.5 - 0.3) / 0.4 = 0.5 -> 2.5
+    # row 1: all mass in bin 2 -> 2.5; row 2: cdf hits 0.5 exactly at the end of bin 0 -> 1.0
+    torch.testing.assert_close(lab.histogram_median(p), torch.tensor([2.5, 2.5, 1.0]))
+
+
+# ================================================================================================
+# models.py: trunks, sparse and dense hypercolumns, BatchNorm folding
+# ================================================================================================
+
+ARCHS = ['alexnet', 'vgg16', 'resnet50', 'resnet152']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: OpenMP synchronisation costs more than it saves, and on a busy 2-core
+    # machine it made single tests 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(arch, **kwargs):
+    """A model small enough for CPU tests: 1/16 width, 16-wide fc6/fc7 and head."""
+    fc = dict(fc_dim=16) if arch in ('alexnet', 'vgg16') else {}
+    return build_model(arch, out_dim=5, head_dim=16, width=1 / 16, **fc, **kwargs)
+
+
+def close(actual, expected, rel=1e-5):
+    """Max abs difference within rel times the reference's scale (at least 1)."""
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale, f'max error {err:.3g} > {rel:.0e} x scale {scale:.3g}'
+
+
+def upsample_reference(feature, stride, points):
+    """What dense bilinear upsampling of `feature` by `stride` holds at integer pixels: (B, P, C)."""
+    B, C, h, w = feature.shape
+    up = F.interpolate(feature, size=(h * stride, w * stride), mode='bilinear', align_corners=False)
+    batch = torch.arange(B)[:, None]
+    return up[batch, :, points[..., 0], points[..., 1]]  # (B, P, C)
+
+
+def random_pixels(B, H, W, P, generator):
+    """(B, P + 4, 2) int64 pixels including the four image corners."""
+    y = torch.randint(0, H, (B, P), generator=generator)
+    x = torch.randint(0, W, (B, P), generator=generator)
+    corners = torch.tensor([[0, 0], [0, W - 1], [H - 1, 0], [H - 1, W - 1]]).expand(B, 4, 2)
+    return torch.cat([torch.stack([y, x], -1), corners], dim=1)
+
+
+# ---------------------------------------------------------------- sample_bilinear
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('stride', [1, 2, 4, 8, 16, 32])
+def test_sample_bilinear_matches_interpolate(stride, memory_format):
+    g = torch.Generator().manual_seed(stride)
+    feature = torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=memory_format)
+    points = random_pixels(2, 5 * stride, 7 * stride, 40, g)
+    expected = upsample_reference(feature, stride, points)
+    torch.testing.assert_close(sample_bilinear(feature, points, stride), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample_bilinear(feature, points.float(), stride), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('stride', [1, 4, 32])
+def test_sample_bilinear_between_pixels(stride):
+    # Upsampling by 2*stride puts its pixel k at our (fractional) pixel k/2 - 0.25.
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 3, 4, 6, generator=g)
+    fine = random_pixels(2, 4 * 2 * stride, 6 * 2 * stride, 40, g)
+    expected = upsample_reference(feature, 2 * stride, fine)
+    torch.testing.assert_close(sample_bilinear(feature, fine / 2 - 0.25, stride), expected, rtol=0, atol=1e-6)
+
+
+def test_sample_bilinear_gradient_matches_interpolate():
+    g = torch.Generator().manual_seed(1)
+    feature = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+    points = random_pixels(2, 40, 48, 30, g)
+    weights = torch.randn(2, 34, 3, dtype=torch.float64, generator=g)
+    ours = feature.detach().clone().requires_grad_()
+    (sample_bilinear(ours, points, 8) * weights).sum().backward()
+    reference = feature.detach().clone().requires_grad_()
+    (upsample_reference(reference, 8, points) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert ours.grad.abs().sum() > 0
+
+
+def test_sample_bilinear_keeps_low_precision_dtype():
+    feature = torch.randn(1, 4, 6, 6).to(torch.bfloat16)
+    points = torch.tensor([[[0, 0], [10, 17], [23, 23]]])
+    out = sample_bilinear(feature, points, 4)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 4)
+    torch.testing.assert_close(out.float(), upsample_reference(feature.float(), 4, points), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- sample_points
+
+def test_sample_points_range_and_determinism():
+    points = sample_points(3, 40, 50, 2000, border=8, generator=torch.Generator().manual_seed(5))
+    assert points.shape == (3, 2000, 2) and points.dtype == torch.int64
+    y, x = points[..., 0], points[..., 1]
+    assert y.min() == 8 and y.max() == 40 - 8 - 1  # 2000 draws over 24 values hit both ends
+    assert x.min() == 8 and x.max() == 50 - 8 - 1
+    again = sample_points(3, 40, 50, 2000, border=8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(points, again)
+    other = sample_points(3, 40, 50, 2000, border=8, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(points, other)
+
+
+def test_sample_points_border_leaving_one_pixel():
+    points = sample_points(2, 9, 21, 5, border=4)
+    assert (points[..., 0] == 4).all()
+
+
+@pytest.mark.parametrize('height, width, border', [(64, 64, 32), (100, 20, 10), (10, 10, -1)])
+def test_sample_points_impossible_border(height, width, border):
+    with pytest.raises(ValueError, match='border'):
+        sample_points(1, height, width, 8, border)
+
+
+# ---------------------------------------------------------------- full-size shapes (meta device)
+
+# Hand arithmetic from DESIGN.md's tap lists and the torchvision channel counts.
+FULL_HYPERCOLUMN = {
+    'vgg16': 1 + 2 * 64 + 2 * 128 + 3 * 256 + 3 * 512 + 3 * 512 + 2 * 4096,  # 12417
+    'alexnet': 1 + 64 + 192 + 384 + 256 + 256 + 2 * 4096,  # 9345
+    'resnet50': 64 + 3 * 256 + 2 * 512 + 3 * 1024 + 2048,  # 6976
+    'resnet152': 64 + 3 * 256 + 3 * 512 + 7 * 1024 + 2048,  # 11584
+}
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_full_size_shapes(arch):
+    # One meta-device forward per arch (each costs ~1 s for ResNet-152): the extended-FOV trunk's
+    # maps are the plain trunk's taps followed by fov1 and fov2.
+    assert FULL_HYPERCOLUMN['vgg16'] == 12417
+    with torch.device('meta'):
+        model = build_model(arch, out_dim=64)
+        extended = MODELS[arch](extended_fov=True)
+        maps = extended(torch.empty(2, 1, 224, 224))
+    trunk = model.trunk
+    assert trunk.hypercolumn_channels == FULL_HYPERCOLUMN[arch]
+    assert model.head.fc1.weight.shape == (1024, FULL_HYPERCOLUMN[arch])
+    assert extended.tap_names == trunk.tap_names + ['fov1', 'fov2']
+    assert extended.tap_strides == trunk.tap_strides + [64, 128]
+    assert extended.tap_channels == trunk.tap_channels + [1024, 1024]
+    assert extended.hypercolumn_channels == FULL_HYPERCOLUMN[arch] + 2 * 1024
+    assert len(maps) == len(extended.tap_names)
+    for name, m, channels, stride in zip(trunk.tap_names, maps, trunk.tap_channels, trunk.tap_strides):
+        assert m.shape == (2, channels, 224 // stride, 224 // stride), name
+    assert maps[-3].shape[-1] == 7  # fc7 / res5c, the deepest plain feature
+    # 7x7 -> 2x2 pool (rounding up) -> 4x4 -> 2x2
+    assert maps[-2].shape == (2, 1024, 4, 4) and maps[-1].shape == (2, 1024, 2, 2)
+
+
+def test_full_size_outputs():
+    # Meta-device forwards cost ~1 s for a ResNet; the tiny models check the other archs' outputs.
+    with torch.device('meta'):
+        model = build_model('vgg16', out_dim=64)
+        x = torch.empty(2, 1, 224, 224)
+        logits = model(x, torch.zeros(2, 128, 2, dtype=torch.int64))
+        grid = model.dense(x)
+    assert logits.shape == (2, 128, 64) and grid.shape == (2, 64, 56, 56)
+
+
+def test_full_size_tap_lists():
+    with torch.device('meta'):
+        v, a, r50, r152 = vgg16(), alexnet(), resnet50(), resnet152()
+    assert v.tap_strides == [1, 1, 1, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16, 32, 32]
+    assert a.tap_names == ['input', 'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7']
+    assert a.tap_strides == [1, 4, 8, 16, 16, 16, 32, 32]
+    assert r152.tap_names == ['conv1', 'res2a', 'res2b', 'res2c', 'res3b1', 'res3b4', 'res3b7', 'res4b5',
+                              'res4b10', 'res4b15', 'res4b20', 'res4b25', 'res4b30', 'res4b35', 'res5c']
+    assert r152.tap_strides == [2, 4, 4, 4, 8, 8, 8] + [16] * 7 + [32]
+    assert r50.tap_names == ['conv1', 'res2a', 'res2b', 'res2c', 'res3b', 'res3d', 'res4b', 'res4d', 'res4f',
+                             'res5c']
+
+
+def test_checkpoint_key_names():
+    with torch.device('meta'):
+        keys = {arch: set(build_model(arch, 64).state_dict()) for arch in ARCHS}
+        plain = set(build_model('resnet50', 64, batchnorm=False).state_dict())
+    assert {'trunk.conv1_1.conv.weight', 'trunk.conv1_1.conv.bias', 'trunk.conv1_1.bn.running_mean',
+            'trunk.fc6.conv.weight', 'trunk.fc7.bn.running_var', 'head.fc1.weight', 'head.out.weight',
+            'head.out.bias'} <= keys['vgg16']
+    assert 'trunk.conv1_1.bn.weight' not in keys['vgg16']  # BN without scale/shift
+    assert {'trunk.conv1.conv.weight', 'trunk.conv5.bn.running_mean', 'trunk.fc7.conv.weight'} <= keys['alexnet']
+    assert {'trunk.res3b7.branch2b.conv.weight', 'trunk.res4b35.branch2c.bn.weight',
+            'trunk.res5a.branch1.conv.weight', 'trunk.res5c.branch2a.bn.running_var'} <= keys['resnet152']
+    assert 'trunk.res2a.branch2a.conv.bias' not in keys['resnet152']
+    assert {'trunk.res3d.branch2a.conv.weight', 'trunk.res4f.branch2c.conv.weight'} <= keys['resnet50']
+    assert 'trunk.res2b.branch1.conv.weight' not in keys['resnet50']  # identity shortcut
+    assert 'trunk.res2a.branch2a.conv.bias' in plain and not any('.bn.' in k for k in plain)
+
+
+# ---------------------------------------------------------------- torchvision weight shapes
+
+def torchvision_vgg16_shapes():
+    """torchvision.models.vgg16: features convs (cfg 'D') and classifier Linear weights as convs."""
+    cfg = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    shapes, c = [], 3
+    for out in cfg:
+        shapes.append((out, c, 3, 3))
+        c = out
+    # classifier[0] Linear(512*7*7, 4096) viewed (4096, 512, 7, 7); classifier[3] Linear(4096, 4096)
+    return shapes + [(4096, 512, 7, 7), (4096, 4096, 1, 1)]
+
+
+def torchvision_alexnet_shapes():
+    """torchvision.models.alexnet: features Conv2d(3,64,11), (64,192,5), (192,384,3), (384,256,3),
+    (256,256,3); classifier Linear(256*6*6, 4096), Linear(4096, 4096)."""
+    return [(64, 3, 11, 11), (192, 64, 5, 5), (384, 192, 3, 3), (256, 384, 3, 3), (256, 256, 3, 3),
+            (4096, 256, 6, 6), (4096, 4096, 1, 1)]
+
+
+def torchvision_resnet_convs(blocks):
+    """torchvision.models.resnet Bottleneck layout: (torchvision name, weight shape, stride)."""
+    convs = [('conv1', (64, 3, 7, 7), 2)]
+    inplanes = 64
+    for layer, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks), 1):
+        for i in range(count):
+            stride = 2 if i == 0 and layer > 1 else 1
+            p = f'layer{layer}.{i}'
+            convs += [(f'{p}.conv1', (planes, inplanes, 1, 1), 1),
+                      (f'{p}.conv2', (planes, planes, 3, 3), stride),
+                      (f'{p}.conv3', (planes * 4, planes, 1, 1), 1)]
+            if i == 0:
+                convs.append((f'{p}.downsample.0', (planes * 4, inplanes, 1, 1), stride))
+            inplanes = planes * 4
+    return convs
+
+
+def conv_shapes(trunk):
+    return [tuple(m.weight.shape) for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+
+
+# torchvision's documented parameter counts minus the 1000-way classifier.
+TORCHVISION_PARAMS = {
+    'alexnet': 61_100_840 - (4096 * 1000 + 1000),
+    'vgg16': 138_357_544 - (4096 * 1000 + 1000),
+    'resnet50': 25_557_032 - (2048 * 1000 + 1000),
+    'resnet152': 60_192_808 - (2048 * 1000 + 1000),
+}
+
+
+@pytest.mark.parametrize('arch, expected', [('vgg16', torchvision_vgg16_shapes),
+                                            ('alexnet', torchvision_alexnet_shapes)])
+def test_vgg_alexnet_match_torchvision(arch, expected):
+    with torch.device('meta'):
+        trunk = MODELS[arch](in_channels=3, batchnorm=False)
+    assert conv_shapes(trunk) == expected()
+    assert sum(p.numel() for p in trunk.parameters()) == TORCHVISION_PARAMS[arch]
+
+
+@pytest.mark.parametrize('arch, blocks', [('resnet50', (3, 4, 6, 3)), ('resnet152', (3, 8, 36, 3))])
+def test_resnet_matches_torchvision(arch, blocks):
+    with torch.device('meta'):
+        trunk = MODELS[arch](in_channels=3)
+    ours = [(tuple(m.weight.shape), m.stride[0]) for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    # Our block order is branch2a, 2b, 2c, branch1; torchvision's conv1, conv2, conv3, downsample.
+    assert ours == [(shape, stride) for _, shape, stride in torchvision_resnet_convs(blocks)]
+    assert sum(p.numel() for p in trunk.parameters()) == TORCHVISION_PARAMS[arch]
+
+
+# ---------------------------------------------------------------- dense vs sparse
+
+def grid_points(B, gh, gw):
+    """(B, gh*gw, 2) float pixel positions (4i + 1.5, 4j + 1.5) of the stride-4 grid, row-major."""
+    i, j = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
+    return torch.stack([4 * i + 1.5, 4 * j + 1.5], dim=-1).reshape(1, -1, 2).expand(B, -1, -1)
+
+
+@pytest.mark.parametrize('size', [(64, 64), (70, 93)])
+@pytest.mark.parametrize('arch', ARCHS)
+def test_dense_equals_sparse(arch, size):
+    # extended_fov adds two taps after the plain trunk's, so it also covers the plain model.
+    torch.manual_seed(0)
+    model = tiny(arch, extended_fov=True).eval()
+    x = torch.randn(2, 1, *size)
+    with torch.no_grad():
+        grid = model.dense(x)
+        gh, gw = -(-size[0] // 4), -(-size[1] // 4)
+        assert grid.shape == (2, 5, gh, gw)
+        sparse = model(x, grid_points(2, gh, gw))  # (B, gh*gw, 5)
+    close(grid, sparse.reshape(2, gh, gw, 5).permute(0, 3, 1, 2))
+
+
+def test_dense_under_autocast_and_channels_last():
+    torch.manual_seed(0)
+    model = tiny('vgg16').eval()
+    x = torch.randn(1, 1, 48, 40)
+    with torch.no_grad():
+        reference = model.dense(x)
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+        close(model.dense(x), reference)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model.dense(x)
+    assert low.shape == reference.shape and low.dtype == torch.bfloat16
+    err = (low.float() - reference).abs().max()
+    assert err <= 0.03 * reference.abs().max(), err  # bf16: ~1% here
+
+
+def test_sparse_gradients_reach_trunk_and_head():
+    torch.manual_seed(0)
+    model = tiny('resnet50')
+    x = torch.randn(2, 1, 64, 64)
+    model(x, sample_points(2, 64, 64, 8, border=16)).square().sum().backward()
+    for name in ['trunk.conv1.conv.weight', 'trunk.res2a.branch2a.conv.weight', 'head.fc1.weight']:
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_fc_dropout_is_applied_to_fc_taps():
+    torch.manual_seed(0)
+    trunk = vgg16(width=1 / 16, fc_dim=16).train()
+    assert trunk.fc_dropout.p == 0
+    trunk.fc_dropout.p = 1.0
+    maps = trunk(torch.randn(1, 1, 64, 64))
+    assert maps[-1].abs().sum() == 0 and maps[-2].abs().sum() == 0 and maps[-3].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- fold_batchnorm
+
+def randomise_batchnorm(model, x, points):
+    """Running stats from a train-mode pass on (x, points), random scale/shift and conv biases."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0  # running stats = the last batch's
+            if m.affine:
+                m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+                m.bias.data = 0.2 * torch.randn(m.num_features, generator=g)
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.data = 0.1 * torch.randn(m.bias.shape, generator=g)
+    with torch.no_grad():
+        model.train()(x, points)
+    return model.eval()
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_fold_batchnorm(arch):
+    # extended_fov adds layers after the plain trunk's, so it also covers the plain model.
+    torch.manual_seed(0)
+    model = randomise_batchnorm(tiny(arch, extended_fov=True), torch.randn(8, 1, 64, 64),
+                                sample_points(8, 64, 64, 32, border=0))
+    x, points = torch.randn(2, 1, 64, 64), sample_points(2, 64, 64, 32, border=0)
+    folded = fold_batchnorm(model).eval()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
+    with torch.no_grad():
+        expected = model(x, points)
+        close(folded(x, points), expected, rel=1e-4)
+        close(folded.dense(x), model.dense(x), rel=1e-4)
+        plain = tiny(arch, extended_fov=True, batchnorm=False).eval()
+        plain.load_state_dict(folded.state_dict())  # same keys as a model built without BN
+        close(plain(x, points), expected, rel=1e-4)
+        # In float64 the fold is exact up to rounding; the fp32 gap above is the deep net's own
+        # fp32 sensitivity (a tiny-width ResNet-152 amplifies rounding ~1000x).
+        model = model.double()
+        close(fold_batchnorm(model)(x.double(), points), model(x.double(), points), rel=1e-10)
+
+
+def test_fold_batchnorm_formula():
+    # A single non-affine ConvBN against W' = W / sigma, b' = (b - mu) / sigma written out.
+    torch.manual_seed(0)
+    block = ConvBN(2, 3, 1)
+    block.conv.bias.data = torch.tensor([0.5, -1.0, 2.0])
+    block.bn.running_mean = torch.tensor([1.0, 2.0, -3.0])
+    block.bn.running_var = torch.tensor([4.0, 0.25, 1.0]) - block.bn.eps
+    sigma = torch.tensor([2.0, 0.5, 1.0])
+    folded = fold_batchnorm(block)
+    torch.testing.assert_close(folded.conv.weight, block.conv.weight / sigma.view(3, 1, 1, 1))
+    torch.testing.assert_close(folded.conv.bias, torch.tensor([(0.5 - 1) / 2, (-1 - 2) / 0.5, (2 + 3) / 1]))
+    assert isinstance(folded.bn, nn.Identity)
+
+
+# ---------------------------------------------------------------- registry, compile
+
+def test_build_model_registry():
+    assert set(MODELS) == set(ARCHS)
+    model = build_model('alexnet', 7, head_dim=8, dropout=0.1, width=0.1, fc_dim=8, in_channels=3)
+    assert isinstance(model, HypercolumnNet) and model.head.out.weight.shape == (7, 8)
+    assert model.trunk.conv1.conv.weight.shape == (6, 3, 11, 11) and model.head.dropout.p == 0.1
+    with pytest.raises(ValueError, match='resnet152'):
+        build_model('resnet18', 7)
+
+
+@pytest.mark.skipif(not os.environ.get('TEST_COMPILE'), reason='~6 s of dynamo tracing; set TEST_COMPILE=1')
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model = tiny('alexnet').eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 64, 64).to(memory_format=torch.channels_last)
+    points = sample_points(2, 64, 64, 8, border=8)
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    close(compiled(x, points), model(x, points))
+
+
+# ================================================================================================
+# data.py: sources, decoding, sampling, packs, the demo world, VOC readers
+# ================================================================================================
+
+def _write_rgb(path, rgb=None, size=(8, 6), fmt=None, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if rgb is None:
+        rgb = np.random.default_rng(len(str(path))).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, fmt, **kw)
+    return str(path)
+
+
+def _age_dirs(root, seconds=100):
+    """Set every folder's mtime into the past, as for a dataset extracted long ago."""
+    t = time.time() - seconds
+    for d, _, _ in os.walk(root):
+        os.utime(d, (t, t))
+
+
+def _hsv_hue_deg(rgb):
+    """Hue in degrees of uint8 RGB pixels (N, 3) by the textbook HSV formula."""
+    x = rgb.astype(np.float64) / 255.0
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    mx, mn = x.max(1), x.min(1)
+    c = np.maximum(mx - mn, 1e-12)
+    h = np.where(mx == r, ((g - b) / c) % 6, np.where(mx == g, (b - r) / c + 2, (r - g) / c + 4))
+    return h * 60.0, mx - mn
+
+
+def _circular_mean_deg(deg, weight):
+    a = np.deg2rad(deg)
+    return np.rad2deg(np.arctan2((weight * np.sin(a)).sum(), (weight * np.cos(a)).sum())) % 360
+
+
+# ----------------------------------------------------------------------------------------------
+# finding images
+
+
+def test_find_images_imagenet_layout(tmp_path):
+    root = tmp_path / 'train'
+    expected = [_write_rgb(root / 'n01440764' / 'n01440764_1.JPEG', fmt='JPEG'),
+                _write_rgb(root / 'n01440764' / 'n01440764_2.JPEG', fmt='JPEG'),
+                _write_rgb(root / 'n01443537' / 'n01443537_7.JPEG', fmt='JPEG')]
+    (root / 'n01443537' / 'notes.txt').write_text('not an image')
+    _write_rgb(root / 'n01443537' / '.hidden.jpg', fmt='JPEG')
+    _write_rgb(root / '.cache' / 'x.jpg', fmt='JPEG')
+    lines = []
+    assert data.find_images(str(root), log=lines.append) == sorted(expected)
+    assert len(lines) == 1 and '3 images' in lines[0]
+
+
+def test_find_images_places_nested_mixed_case_and_list(tmp_path):
+    root = tmp_path / 'places205'
+    expected = [_write_rgb(root / 'a' / 'abbey' / '00001.jpg', fmt='JPEG'),
+                _write_rgb(root / 'b' / 'bar' / 'inner' / 'x.PNG', fmt='PNG'),
+                _write_rgb(root / 'c' / 'y.JpEg', fmt='JPEG'),
+                _write_rgb(root / 'c' / 'z.TiFf', fmt='TIFF'),
+                _write_rgb(root / 'c' / 'w.WebP', fmt='WEBP'),
+                _write_rgb(root / 'd' / 'v.bmp', fmt='BMP')]
+    found = data.find_images([root], log=lambda s: None)
+    assert found == sorted(expected)
+    # A .txt list: relative paths against the list's folder, blank lines and comments skipped.
+    lst = tmp_path / 'lists' / 'mine.txt'
+    lst.parent.mkdir()
+    other = _write_rgb(tmp_path / 'elsewhere' / 'q.jpg', fmt='JPEG')
+    lst.write_text(f'# my images\n../places205/a/abbey/00001.jpg\n\n{other}\n')
+    assert data.find_images(lst, log=lambda s: None) == sorted([expected[0], other])
+    # Both roots together: de-duplicated, sorted.
+    both = data.find_images([lst, root], log=lambda s: None)
+    assert both == sorted(set(expected) | {other})
+
+
+def test_find_images_follows_symlinked_folders_once(tmp_path):
+    root = tmp_path / 'root'
+    img = _write_rgb(root / 'a' / 'img.jpg', fmt='JPEG')
+    os.symlink(root, root / 'a' / 'loop')          # a cycle
+    os.symlink(root / 'a', root / 'b_link')         # the same folder twice
+    ext = _write_rgb(tmp_path / 'outside' / 'o.jpg', fmt='JPEG')
+    os.symlink(tmp_path / 'outside', root / 'c_link')  # a folder only reachable by a link
+    found = data.find_images(root, log=lambda s: None)
+    assert found == sorted([img, str(root / 'c_link' / 'o.jpg')])
+    assert os.path.realpath(found[1]) == os.path.realpath(ext)
+
+
+def test_find_images_errors(tmp_path):
+    with pytest.raises(ValueError, match='does not exist'):
+        data.find_images(tmp_path / 'nope', log=lambda s: None)
+    empty = tmp_path / 'empty'
+    (empty / 'sub').mkdir(parents=True)
+    (empty / 'sub' / 'readme.md').write_text('x')
+    with pytest.raises(ValueError, match=r'no images under .*found 1 other files'):
+        data.find_images(empty, log=lambda s: None)
+    bad_list = tmp_path / 'list.txt'
+    bad_list.write_text('missing/a.jpg\n')
+    with pytest.raises(ValueError, match='does not exist'):
+        data.find_images(bad_list, log=lambda s: None)
+
+
+def test_find_images_cache_reused_then_invalidated(tmp_path, monkeypatch):
+    root = tmp_path / 'imgs'
+    files = [_write_rgb(root / 'a' / 'deep' / f'{i}.jpg', fmt='JPEG') for i in range(3)]
+    files.append(_write_rgb(root / 'b' / 'x.png', fmt='PNG'))
+    _age_dirs(root)
+    cache = tmp_path / 'cache'
+    first = data.find_images(root, cache_dir=cache, log=lambda s: None)
+    assert first == sorted(files)
+    assert len(os.listdir(cache)) == 1  # one cache file, no temp left over
+
+    calls = []
+    real_scandir = os.scandir
+
+    def counting_scandir(*args, **kw):
+        calls.append(args)
+        return real_scandir(*args, **kw)
+
+    monkeypatch.setattr(os, 'scandir', counting_scandir)
+    lines = []
+    assert data.find_images(root, cache_dir=cache, log=lines.append) == first
+    assert calls == [] and 'cached' in lines[0]  # validated by stat alone, nothing listed
+
+    new = _write_rgb(root / 'a' / 'deep' / 'new.jpg', fmt='JPEG')  # changes deep/'s mtime only
+    third = data.find_images(root, cache_dir=cache, log=lambda s: None)
+    assert len(calls) > 0 and third == sorted(files + [new])
+
+
+def test_subset_deterministic_nested_sorted():
+    paths = [f'/d/{i:04d}.jpg' for i in range(500)]
+    a = data.subset(paths, 100, seed=3)
+    assert a == data.subset(list(reversed(paths)), 100, seed=3)  # input order does not matter
+    assert a == sorted(a) and len(set(a)) == 100
+    big = data.subset(paths, 300, seed=3)
+    assert set(a) <= set(big)
+    assert data.subset(paths, 100, seed=4) != a
+    with pytest.raises(ValueError, match='only 500'):
+        data.subset(paths, 501)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def test_decode_modes(tmp_path):
+    def roundtrip(im, name, **kw):
+        path = str(tmp_path / name)
+        im.save(path, **kw)
+        return data.load_rgb(path)
+
+    assert (roundtrip(Image.new('L', (5, 4), 77), 'l.png') == 77).all()
+    la = Image.new('LA', (3, 1))
+    la.putdata([(100, 0), (100, 255), (100, 128)])
+    expect = [255, 100, round(100 * 128 / 255 + 255 * (1 - 128 / 255))]  # over white
+    assert roundtrip(la, 'la.png')[0, :, 0].tolist() == expect
+    pal = [10, 20, 30, 200, 100, 50] + [0] * 750
+    p = Image.new('P', (2, 1))
+    p.putpalette(pal)
+    p.putpixel((1, 0), 1)
+    assert roundtrip(p, 'p.png')[0].tolist() == [[10, 20, 30], [200, 100, 50]]
+    assert roundtrip(p, 'p_trns.png', transparency=1)[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+    pa = Image.new('PA', (2, 1))
+    pa.putpalette(pal)
+    pa.putdata([(1, 255), (1, 0)])
+    assert data.pil_to_rgb(pa)[0].tolist() == [[200, 100, 50], [255, 255, 255]]
+    rgba = Image.new('RGBA', (3, 1))
+    rgba.putdata([(200, 0, 0, 0), (200, 0, 0, 255), (0, 0, 200, 51)])
+    # alpha 51 = 20%: 0.2 * c + 0.8 * 255
+    assert roundtrip(rgba, 'rgba.png')[0].tolist() == [[255, 255, 255], [200, 0, 0], [204, 204, 244]]
+    cyan = roundtrip(Image.new('CMYK', (8, 8), (255, 0, 0, 0)), 'cmyk.jpg')
+    assert np.abs(cyan[4, 4].astype(int) - [0, 255, 255]).max() <= 3
+    one = Image.new('1', (2, 1))
+    one.putpixel((1, 0), 1)
+    assert roundtrip(one, 'one.png')[0, :, 0].tolist() == [0, 255]
+    # 16-bit: the 16-bit range maps onto 0..255 (v / 257), no clipping at 255.
+    v16 = np.array([[0, 257 * 100, 65535]], np.uint16)
+    assert roundtrip(Image.fromarray(v16), 'i16.png')[0, :, 0].tolist() == [0, 100, 255]
+    i16b = Image.frombytes('I;16B', (3, 1), v16.astype('>u2').tobytes())
+    assert data.pil_to_rgb(i16b)[0, :, 0].tolist() == [0, 100, 255]
+    assert roundtrip(i16b, 'i16b.tif')[0, :, 0].tolist() == [0, 100, 255]
+    # 32-bit integers beyond 16 bits and floats: stretched by their range.
+    i32 = Image.fromarray(np.array([[0, 250000, 1000000]], np.int32))
+    assert roundtrip(i32, 'i32.tif')[0, :, 0].tolist() == [0, 64, 255]  # 255 * 0.25 = 63.75
+    f = Image.fromarray(np.array([[0, 0.25, 1]], np.float32))
+    assert roundtrip(f, 'f.tif')[0, :, 0].tolist() == [0, 64, 255]
+    out = roundtrip(Image.new('RGB', (4, 3), (1, 2, 3)), 'rgb.png')
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8 and out[0, 0].tolist() == [1, 2, 3]
+
+
+def test_exif_orientation_applied(tmp_path):
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20] = (255, 0, 0)  # left half red
+    rgb[:, 20:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: the stored left edge goes to the top
+    path = str(tmp_path / 'o.jpg')
+    Image.fromarray(rgb).save(path, 'JPEG', exif=exif.tobytes(), quality=95)
+    out = data.load_rgb(path)
+    assert out.shape == (40, 20, 3)
+    assert out[5, 10, 0] > 200 and out[5, 10, 2] < 50   # top: red
+    assert out[35, 10, 2] > 200 and out[35, 10, 0] < 50  # bottom: blue
+
+
+def test_draft_keeps_short_side(tmp_path):
+    y, x = np.mgrid[0:1200, 0:1600]
+    rgb = np.stack([x * 255 // 1600, y * 255 // 1200, np.full_like(x, 128)], -1).astype(np.uint8)
+    path = _write_rgb(tmp_path / 'big.jpg', rgb, fmt='JPEG')
+    full = data.load_rgb(path)
+    assert full.shape == (1200, 1600, 3)
+    small = data.load_rgb(path, min_short_side=200)
+    assert 200 <= min(small.shape[:2]) < 1200 and small.shape[1] * 3 == small.shape[0] * 4
+    assert data.load_rgb(path, min_short_side=2000).shape == full.shape
+
+
+def _bad_files(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, 'JPEG')
+    paths = {'zero': tmp_path / 'zero.jpg', 'truncated': tmp_path / 'trunc.jpg',
+             'text': tmp_path / 'text.jpg', 'random': tmp_path / 'random.jpg'}
+    paths['zero'].write_bytes(b'')
+    paths['truncated'].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    paths['text'].write_text('hello, I am not a picture\n')
+    paths['random'].write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_bad_files_raise_bad_image(tmp_path, monkeypatch):
+    monkeypatch.setattr('PIL.ImageFile.LOAD_TRUNCATED_IMAGES', True)  # someone turned it on
+    for kind, path in _bad_files(tmp_path).items():
+        with pytest.raises(data.BadImage) as err:
+            data.load_rgb(path)
+        assert isinstance(err.value, ValueError)
+        assert path in str(err.value) and err.value.path == path and err.value.reason, kind
+    with pytest.raises(data.BadImage, match='no such file'):
+        data.load_rgb(tmp_path / 'missing.jpg')
+
+
+def test_is_grayscale():
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), 3, axis=2)
+    assert data.is_grayscale(gray)
+    # A gray photo through JPEG keeps a few levels of chroma noise: still gray.
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, 'JPEG', quality=75)
+    assert data.is_grayscale(np.asarray(Image.open(buf).convert('RGB')))
+    color = gray.copy()
+    color[:20, :, 0] = 255  # 30% of pixels strongly red
+    assert not data.is_grayscale(color)
+    speck = gray.copy()
+    speck[0, :20] = (255, 0, 0)  # 0.5% of pixels: negligible
+    assert data.is_grayscale(speck)
+
+
+# ----------------------------------------------------------------------------------------------
+# augmentation, dataset, sampler
+
+
+def test_random_and_center_crop():
+    rgb = np.arange(60 * 80 * 3, dtype=np.int64).reshape(60, 80, 3).astype(np.uint8)
+    # Short side kept (60): the centre crop is the middle slice.
+    assert np.array_equal(data.center_crop(rgb, 40, 60), rgb[10:50, 20:60])
+    out = data.random_crop(rgb, 32, (40, 50), True, np.random.default_rng(5))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, data.random_crop(rgb, 32, (40, 50), True, np.random.default_rng(5)))
+    # Smaller than the crop: zero padding, centred.
+    small = np.full((10, 20, 3), 200, np.uint8)
+    padded = data.random_crop(small, 30, (10, 10), False, np.random.default_rng(0))
+    assert padded.shape == (30, 30, 3)
+    assert (padded[10:20, 5:25] == 200).all() and padded[:10].max() == 0 and padded[:, :5].max() == 0
+    # Flip: over seeds, both orientations of an asymmetric image come out.
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))
+    firsts = {int(data.random_crop(ramp, 32, (32, 32), True, np.random.default_rng(s))[0, 0, 0])
+              for s in range(20)}
+    assert firsts == {0, 248}
+    noflip = {int(data.random_crop(ramp, 32, (32, 32), False, np.random.default_rng(s))[0, 0, 0])
+              for s in range(20)}
+    assert noflip == {0}
+
+
+def test_color_images_statuses_and_workers(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    colour = _write_rgb(tmp_path / 'c.jpg', rng.integers(0, 256, (50, 70, 3), dtype=np.uint8), fmt='JPEG')
+    gray_px = np.repeat(rng.integers(0, 256, (50, 70, 1), dtype=np.uint8), 3, axis=2)
+    gray = _write_rgb(tmp_path / 'g.jpg', gray_px, fmt='JPEG')
+    bad = _bad_files(tmp_path)
+    paths = [colour, gray] + list(bad.values())
+    ds = data.ColorImages(paths, crop=32, short_side_range=(36, 48))
+    assert len(ds) == len(paths) and ds.path(1) == gray
+    img, status = ds[(0, 123)]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and status == data.STATUS_OK
+    assert torch.equal(img, ds[(0, 123)][0])       # the seed decides the augmentation
+    assert ds[(1, 5)][1] == data.STATUS_GRAY
+    capsys.readouterr()
+    for i, path in enumerate(bad.values()):
+        img, status = ds[(2 + i, 0)]
+        assert status == data.STATUS_BAD and img.sum() == 0
+        assert path in capsys.readouterr().err
+    with pytest.raises(TypeError, match='InfiniteSampler'):
+        ds[0]
+    val = data.ColorImages(paths, crop=32, short_side_range=40, train=False)
+    assert torch.equal(val[0][0], val[(0, 99)][0])  # validation view ignores the seed
+    # Same batches whatever the number of workers.
+    two = data.ColorImages(paths[:2], 32, (36, 48))
+    sampler = data.InfiniteSampler(len(two), batch_size=2, seed=1)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(two, batch_size=2, sampler=sampler, num_workers=workers)
+        it = iter(loader)
+        batches.append([next(it) for _ in range(3)])
+        del it
+    for (x0, s0), (x1, s1) in zip(*batches):
+        assert x0.dtype == torch.uint8 and x0.shape == (2, 3, 32, 32)
+        assert torch.equal(x0, x1) and torch.equal(s0, s1)
+
+
+def test_infinite_sampler_ranks_resume_epochs():
+    n, b, world = 103, 5, 3
+    per_epoch = (n // world) // b  # 6 steps; 90 of 103 samples per epoch
+
+    def take(sampler, steps):
+        it = iter(sampler)
+        return [next(it) for _ in range(steps * b)]
+
+    ranks = [take(data.InfiniteSampler(n, b, rank=r, world_size=world, seed=7), 2 * per_epoch)
+             for r in range(world)]
+    for e in range(2):
+        epoch = [set(i for i, _ in r[e * per_epoch * b:(e + 1) * per_epoch * b]) for r in ranks]
+        assert all(len(s) == per_epoch * b for s in epoch)  # no repeats within a rank
+        assert not (epoch[0] & epoch[1]) and not (epoch[0] & epoch[2]) and not (epoch[1] & epoch[2])
+        assert len(set.union(*epoch)) == world * per_epoch * b
+    first = [i for i, _ in ranks[0][:per_epoch * b]]
+    second = [i for i, _ in ranks[0][per_epoch * b:]]
+    assert first != second  # epochs are different permutations
+    # Deterministic, and resuming at step s continues exactly.
+    assert take(data.InfiniteSampler(n, b, rank=1, world_size=world, seed=7), 9) == ranks[1][:9 * b]
+    resumed = take(data.InfiniteSampler(n, b, rank=2, world_size=world, seed=7, start_step=4), 5)
+    assert resumed == ranks[2][4 * b:9 * b]
+    # Seeds: distinct within an epoch, and a sample gets a new one in each epoch.
+    seeds = [s for r in ranks for _, s in r]
+    assert len(set(seeds)) == len(seeds)
+    assert data.InfiniteSampler(n, b, seed=8).batch(0) != data.InfiniteSampler(n, b, seed=7).batch(0)
+    with pytest.raises(ValueError, match='fewer than one batch'):
+        data.InfiniteSampler(10, 4, world_size=3)
+
+
+def test_status_counter_and_bad_share():
+    c = data.StatusCounter()
+    c.update(torch.tensor([0, 0, 1, 2]))
+    c.update(torch.tensor([0, 2]))
+    assert (c.seen, c.bad, c.gray) == (6, 1, 2)
+    line = str(c)
+    assert '\n' not in line and 'bad 1' in line and 'gray 2' in line
+    d = data.StatusCounter()
+    d.load_state_dict(c.state_dict())
+    assert d.counts == c.counts
+    assert not data.bad_share_exceeded(5, 100, 0.01)  # too few seen to judge
+    assert data.bad_share_exceeded(30, 1000, 0.01)
+    assert not data.bad_share_exceeded(10, 1000, 0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# VOC
+
+
+def test_voc_palette_standard_values():
+    # Values of the VOC devkit colour map (VOClabelcolormap.m), as published.
+    table = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
+             5: (128, 0, 128), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
+    assert data.VOC_PALETTE.shape == (256, 3) and data.VOC_PALETTE.dtype == np.uint8
+    for i, rgb in table.items():
+        assert tuple(data.VOC_PALETTE[i]) == rgb
+
+
+def test_voc_readers_on_handwritten_devkit(tmp_path):
+    voc07 = tmp_path / 'VOCdevkit' / 'VOC2007'
+    main = voc07 / 'ImageSets' / 'Main'
+    main.mkdir(parents=True)
+    ids = ['000005', '000007', '000009']
+    for k, cls in enumerate(data.VOC_CLASSES):
+        lab = {'cat': [1, -1, 0], 'dog': [-1, 1, -1]}.get(cls, [-1, -1, -1])
+        (main / f'{cls}_trainval.txt').write_text(''.join(f'{i} {v:2d}\n' for i, v in zip(ids, lab)))
+    paths, labels = data.voc_classification(tmp_path, 'trainval')  # the folder above VOCdevkit works
+    assert [os.path.basename(p) for p in paths] == ['000005.jpg', '000007.jpg', '000009.jpg']
+    assert labels.dtype == np.int8 and labels.shape == (3, 20)
+    cat, dog = data.VOC_CLASSES.index('cat'), data.VOC_CLASSES.index('dog')
+    assert labels[:, cat].tolist() == [1, -1, 0] and labels[:, dog].tolist() == [-1, 1, -1]
+    assert (np.delete(labels, [cat, dog], axis=1) == -1).all()
+    with pytest.raises(FileNotFoundError, match=r'aeroplane_test\.txt'):
+        data.voc_classification(voc07, 'test')
+
+    voc12 = tmp_path / 'VOCdevkit' / 'VOC2012'
+    for sub in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
+        (voc12 / sub).mkdir(parents=True)
+    for name in ('2007_000032', '2008_000001', '2011_000002'):
+        _write_rgb(voc12 / 'JPEGImages' / f'{name}.jpg', fmt='JPEG')
+        lab = np.zeros((6, 8), np.uint8)
+        lab[2:4, 2:5] = 15
+        lab[1, 1:6] = 255
+        png = Image.fromarray(lab, 'P')
+        png.putpalette(data.VOC_PALETTE.tobytes())
+        png.save(voc12 / 'SegmentationClass' / f'{name}.png')
+        Image.fromarray(lab, 'L').save(voc12 / 'SegmentationClassAug' / f'{name}.png')
+    (voc12 / 'ImageSets/Segmentation/train.txt').write_text('2007_000032\n2008_000001\n')
+    (voc12 / 'ImageSets/Segmentation/val.txt').write_text('2011_000002\n')
+    pairs = data.voc_segmentation(voc12, 'train')
+    assert [os.path.basename(p) for p, _ in pairs] == ['2007_000032.jpg', '2008_000001.jpg']
+    assert all(os.sep + 'SegmentationClass' + os.sep in lab for _, lab in pairs)
+    label = data.load_label(pairs[0][1])
+    assert label.dtype == np.uint8 and label[2, 3] == 15 and label[1, 2] == 255 and label[0, 0] == 0
+    with pytest.raises(FileNotFoundError, match='train_aug'):
+        data.voc_segmentation(voc12, 'train_aug')
+    # The common DeepLab form of the list, at the VOC2012 root, with gray label PNGs.
+    (voc12 / 'train_aug.txt').write_text(
+        '/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n'
+        '/JPEGImages/2008_000001.jpg /SegmentationClassAug/2008_000001.png\n')
+    aug = data.voc_segmentation(voc12, 'train', augmented=True)
+    assert [os.path.basename(os.path.dirname(lab)) for _, lab in aug] == ['SegmentationClassAug'] * 2
+    assert np.array_equal(data.load_label(aug[0][1]), label)
+    (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
+    with pytest.raises(ValueError, match='val'):
+        data.voc_segmentation(voc12, 'train_aug')
+    Image.new('RGB', (4, 4)).save(voc12 / 'rgb.png')
+    with pytest.raises(ValueError, match='mode RGB'):
+        data.load_label(voc12 / 'rgb.png')
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo world
+
+SMALL_VOC = dict(n_trainval_2007=40, n_test_2007=10, n_train_2012=60, n_val_2012=10)
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp('demo')
+    lines = []
+    paths = data.ensure_demo(root / 'world', n_train=24, n_val=6, log=lines.append, **SMALL_VOC)
+    return paths, lines
+
+
+def test_demo_layout_and_determinism(demo, tmp_path):
+    paths, lines = demo
+    assert len(lines) == 1 and paths['root'] in lines[0]
+    train = data.find_images(paths['train'], log=lambda s: None)
+    assert len(train) == 24 and len(data.find_images(paths['val'], log=lambda s: None)) == 6
+    for p in train:
+        wnid = os.path.basename(os.path.dirname(p))
+        assert wnid[0] == 'n' and len(wnid) == 9 and os.path.basename(p).startswith(wnid + '_')
+        assert p.endswith('.JPEG')
+    sizes = {Image.open(p).size for p in train}
+    assert len(sizes) > 1 and all(160 <= s <= 256 for wh in sizes for s in wh)
+    # Same seed, same bytes; another seed, other images.
+    again = data.make_demo_world(tmp_path / 'again', n_train=24, n_val=0)
+    rel = os.path.relpath(train[3], paths['train'])
+    with open(train[3], 'rb') as f, open(os.path.join(again['train'], rel), 'rb') as g:
+        assert f.read() == g.read()
+    other = data.make_demo_world(tmp_path / 'other', n_train=24, n_val=0, seed=5)
+    name = os.path.basename(train[3]).split('_')[1]  # '<i>.JPEG'
+    counterpart = [p for p in data.find_images(other['train'], log=lambda s: None)
+                   if p.endswith('_' + name)]
+    with open(train[3], 'rb') as f, open(counterpart[0], 'rb') as g:
+        assert f.read() != g.read()
+
+
+def test_demo_voc_parses_and_has_difficult(demo):
+    paths, _ = demo
+    files, labels = data.voc_classification(paths['voc2007'], 'trainval')
+    assert len(files) == 40 and all(os.path.exists(f) for f in files)
+    assert set(np.unique(labels)) == {-1, 0, 1}
+    assert ((labels >= 0).sum(1) >= 1).all()  # every image shows at least one object
+    tr, _ = data.voc_classification(paths['voc2007'], 'train')
+    va, _ = data.voc_classification(paths['voc2007'], 'val')
+    te, _ = data.voc_classification(paths['voc2007'], 'test')
+    assert sorted(tr + va) == sorted(files) and not set(tr) & set(va) and len(te) == 10
+    with open(os.path.join(paths['voc2007'], 'ImageSets', 'Main', 'cat_trainval.txt')) as f:
+        for line in f:  # '%s %2d' exactly: id, a space, a two-wide label
+            assert len(line) == 10 and line[6] == ' ' and line[7:].strip() in ('1', '-1', '0')
+    pairs = data.voc_segmentation(paths['voc2012'], 'train')
+    assert len(pairs) == 60 and len(data.voc_segmentation(paths['voc2012'], 'val')) == 10
+    for img, lab in pairs[:10]:
+        with Image.open(lab) as im:
+            assert im.mode == 'P'
+            assert bytes(im.getpalette()[:63]) == data.VOC_PALETTE[:21].tobytes()
+        y = data.load_label(lab)
+        assert y.shape == data.load_rgb(img).shape[:2]
+        assert set(np.unique(y)) <= set(range(21)) | {255} and (y == 255).any()
+        # Every boundary between two classes is covered by the 255 band.
+        a, b = y[:, :-1], y[:, 1:]
+        assert not ((a != b) & (a != 255) & (b != 255)).any()
+        a, b = y[:-1], y[1:]
+        assert not ((a != b) & (a != 255) & (b != 255)).any()
+
+
+def test_demo_colour_follows_class(demo):
+    """Pixels of a class have that class's hue (measured by HSV on the JPEGs), while the gray
+    levels of differently coloured classes overlap (hue is not readable from lightness)."""
+    paths, _ = demo
+    pixels = {k: [] for k in range(1, 21)}
+    for img, lab in data.voc_segmentation(paths['voc2012'], 'train'):
+        rgb, y = data.load_rgb(img), data.load_label(lab)
+        for k in np.unique(y):
+            if 1 <= k <= 20:
+                pixels[k].append(rgb[y == k])
+    # The paint of each class, as HSV hue (degrees): blue bicycles, yellow birds, green bottles,
+    # teal sofas, violet chairs, crimson cars.
+    expected = {'bicycle': 220, 'bird': 50, 'bottle': 130, 'sofa': 185, 'chair': 285, 'car': 345}
+    measured = {}
+    for name, centre in expected.items():
+        px = pixels[data.VOC_CLASSES.index(name) + 1]
+        if sum(len(p) for p in px) < 200:
+            continue
+        hue, chroma = _hsv_hue_deg(np.concatenate(px))
+        measured[name] = _circular_mean_deg(hue, chroma)
+        off = (measured[name] - centre + 180) % 360 - 180
+        assert abs(off) <= 25, (name, measured[name])
+    assert len(measured) >= 4, f'too few classes in the sample: {sorted(measured)}'
+    gray = {}
+    for name in ('bicycle', 'bird', 'bottle', 'sofa'):
+        px = np.concatenate(pixels[data.VOC_CLASSES.index(name) + 1])
+        gray[name] = np.asarray(Image.fromarray(px[None]).convert('L'))[0]
+    bins = np.linspace(0, 256, 17)
+    hist = {k: np.histogram(v, bins)[0] / len(v) for k, v in gray.items()}
+    for a in hist:
+        for b in hist:
+            assert np.minimum(hist[a], hist[b]).sum() > 0.3, (a, b)  # heavy overlap
+
+
+def test_ensure_demo_idempotent_and_atomic(demo, tmp_path, monkeypatch):
+    paths, _ = demo
+    lines = []
+    again = data.ensure_demo(paths['root'], n_train=24, n_val=6, log=lines.append, **SMALL_VOC)
+    assert again == paths and lines == []  # complete: nothing generated
+    with pytest.raises(ValueError, match='delete the folder'):
+        data.ensure_demo(paths['root'], n_train=25, n_val=6, log=lines.append, **SMALL_VOC)
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, 'make_demo_voc', boom)
+    root = tmp_path / 'broken'
+    with pytest.raises(KeyboardInterrupt):
+        data.ensure_demo(root, n_train=4, n_val=1, log=lines.append, **SMALL_VOC)
+    assert not root.exists() and os.listdir(tmp_path) == []  # no half world, no temp folder
+
+
+# ----------------------------------------------------------------------------------------------
+# packs
+
+
+def _quiet(_):
+    pass
+
+
+def _reference_packed_jpeg(path, short_side, quality):
+    """The bytes a pack should hold for `path`, by the Pillow calls pack_images documents: draft
+    a JPEG to the smallest 1/2^k scale with short side >= short_side, EXIF transpose, RGB,
+    LANCZOS (reducing_gap 3) to the short side unless already <= it, JPEG at `quality`."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.format == 'JPEG' and short_side < min(w, h):
+            s = short_side / min(w, h)
+            im.draft('RGB', (math.ceil(w * s), math.ceil(h * s)))
+        rgb = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+    im = Image.fromarray(rgb)
+    w, h = im.size
+    if min(w, h) > short_side:
+        size = (round(w * short_side / h), short_side) if h <= w else (short_side, round(h * short_side / w))
+        im = im.resize(size, Image.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, 'JPEG', quality=quality)
+    return buf.getvalue()
+
+
+def _smooth_rgb(h, w, seed):
+    """A photo-like image: smooth colour ramps plus mild noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 255 // (h + w)], -1)
+    return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _pack_sources(root):
+    """Sources of every kind; returns {name: path} (bad files included)."""
+    root.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 200 x 100 stored, 100 x 200 shown
+    gray = np.repeat(_smooth_rgb(100, 90, 3)[..., :1], 3, axis=2)
+    src = {'big_jpeg': _write_rgb(root / 'a' / 'big.jpg', _smooth_rgb(200, 300, 0), fmt='JPEG', quality=95),
+           'png': _write_rgb(root / 'a' / 'tall.png', _smooth_rgb(130, 90, 1), fmt='PNG'),
+           'small': _write_rgb(root / 'b' / 'small.jpg', _smooth_rgb(50, 40, 2), fmt='JPEG'),
+           'rotated': _write_rgb(root / 'b' / 'rot.jpg', _smooth_rgb(100, 200, 4), fmt='JPEG',
+                                 exif=exif.tobytes()),
+           'gray': _write_rgb(root / 'c' / 'gray.png', np.ascontiguousarray(gray[..., 0]), fmt='PNG')}
+    for kind, path in _bad_files(root).items():
+        src[f'bad_{kind}'] = path
+    return src
+
+
+def _pack_files(pack):
+    """{file name: bytes} of every file of a pack."""
+    return {n: (pack / n).read_bytes() for n in sorted(os.listdir(pack))}
+
+
+def test_pack_round_trip_matches_reference(tmp_path):
+    src = _pack_sources(tmp_path / 'src')
+    pack = tmp_path / 'pack'
+    lines = []
+    info = data.pack_images([tmp_path / 'src'], pack, short_side=64, quality=85, workers=2,
+                            shard_bytes=6000, log=lines.append)
+    assert info['total'] == len(src) and info['counts'] == {'ok': 4, 'bad': 4, 'gray': 1}
+    assert 'packed 9 images' in lines[-1] and '4 bad' in lines[-1]
+    assert len(info['shards']) >= 2  # several shards, to read across them
+    paths = data.find_images(pack, log=_quiet)
+    sources = sorted(src.values())  # find_images order
+    # Pseudo-paths: entry i, then the source's folder and file name (class folders stay readable).
+    assert paths == [os.path.join(str(pack), 'index.npy', f'{i:09d}', os.path.basename(os.path.dirname(s)),
+                                  os.path.basename(s)) for i, s in enumerate(sources)]
+    with pytest.raises(ValueError, match='does not match the pack'):
+        data.load_rgb(paths[0].replace(os.path.basename(sources[0]), 'other.jpg'))
+    # The on-disk format, read with numpy alone.
+    index = np.load(pack / 'index.npy', mmap_mode='r')
+    offsets = np.load(pack / 'names-offsets.npy')
+    names = (pack / 'names.bin').read_bytes()
+    assert [names[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])] == sources
+    assert index.shape == (len(sources), 4) and index.dtype == np.int64
+    shards = [(pack / f'shard-{k:05d}.bin').read_bytes() for k in range(len(info['shards']))]
+    assert [len(b) for b in shards] == info['shards']
+    by_name = {v: k for k, v in src.items()}
+    for i, (source, path) in enumerate(zip(sources, paths)):
+        shard, offset, length, status = (int(v) for v in index[i])
+        kind = by_name[source]
+        if kind.startswith('bad_'):
+            assert status == data.STATUS_BAD and length == 0
+            continue
+        expected = _reference_packed_jpeg(source, 64, 85)
+        assert shards[shard][offset:offset + length] == expected, kind
+        rgb = data.load_rgb(path)
+        assert np.array_equal(rgb, np.asarray(Image.open(io.BytesIO(expected)).convert('RGB'))), kind
+        assert status == (data.STATUS_GRAY if kind == 'gray' else data.STATUS_OK), kind
+    shapes = {by_name[s]: data.load_rgb(p).shape for s, p in zip(sources, paths) if 'bad' not in by_name[s]}
+    assert shapes == {'big_jpeg': (64, 96, 3), 'png': (92, 64, 3), 'small': (50, 40, 3),
+                      'rotated': (128, 64, 3), 'gray': (71, 64, 3)}
+    # Decoding with a smaller short side drafts the stored JPEG, as for files.
+    assert data.load_rgb(paths[sources.index(src['big_jpeg'])], min_short_side=30).shape == (32, 48, 3)
+
+
+def test_pack_bad_and_gray_through_color_images(tmp_path, capsys):
+    src = _pack_sources(tmp_path / 'src')
+    pack = tmp_path / 'pack'
+    data.pack_images([tmp_path / 'src'], pack, short_side=64, workers=1, log=_quiet)
+    paths = data.find_images(pack, log=_quiet)
+    reasons = [json.loads(line) for line in (pack / 'bad.jsonl').read_text().splitlines()]
+    sources = sorted(src.values())
+    bad = {src[k] for k in src if k.startswith('bad_')}
+    assert {sources[r['index']] for r in reasons} == bad and all(r['reason'] for r in reasons)
+    with pytest.raises(data.BadImage) as err:
+        data.load_rgb(paths[sources.index(src['bad_zero'])])
+    assert err.value.path == src['bad_zero'] and 'empty file' in err.value.reason
+    ds = data.ColorImages(paths, crop=32, short_side_range=(36, 48))
+    capsys.readouterr()
+    for i, source in enumerate(sources):
+        img, status = ds[(i, 7)]
+        if source in bad:
+            assert status == data.STATUS_BAD and img.sum() == 0
+            warning = capsys.readouterr().err
+            reason = next(r['reason'] for r in reasons if r['index'] == i)
+            assert source in warning and reason in warning
+        else:
+            assert status == (data.STATUS_GRAY if source == src['gray'] else data.STATUS_OK)
+    # The stored flag is what ColorImages reports (it does not recompute): flip one and see.
+    k = sources.index(src['png'])
+    np.load(pack / 'index.npy', mmap_mode='r+')[k, 3] = data.STATUS_GRAY
+    fresh = data.ColorImages([paths[k]], 32, (36, 48))
+    data._OPEN_PACKS.clear()  # reopen the pack, as a new process would
+    assert fresh[(0, 0)][1] == data.STATUS_GRAY
+
+
+def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
+    root = tmp_path / 'src'
+    for i in range(11):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60 + 7 * i, 90, i), fmt='JPEG')
+    (root / '05b.jpg').write_text('not a picture')
+    whole, part = tmp_path / 'whole', tmp_path / 'part'
+    kw = dict(short_side=48, workers=1, chunk=4, task_size=2, shard_bytes=1, log=_quiet)
+    data.pack_images([root], whole, **kw)  # shard_bytes=1: one shard per image
+
+    calls = []
+    real_task = data._pack_task
+
+    def interrupted(task):
+        calls.append(len(task[0]))
+        if len(calls) == 4:  # chunk 1's second task: chunk 1's first task is written, not committed
+            raise KeyboardInterrupt
+        return real_task(task)
+
+    monkeypatch.setattr(data, '_pack_task', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.pack_images([root], part, **kw)
+    monkeypatch.undo()
+    progress = json.loads((part / 'progress.json').read_text())
+    assert progress['done'] == 4 and not (part / 'complete.json').exists()
+    on_disk = [n for n in os.listdir(part) if n.startswith('shard-')]
+    assert len(on_disk) > len(progress['shards'])  # images written after the last commit
+    # A killed process can leave a partly written image too.
+    with open(part / f'shard-{len(progress["shards"]) + 1:05d}.bin', 'ab') as f:
+        f.write(b'\xff\xd8 half an image')
+    with open(part / 'bad.jsonl', 'a') as f:
+        f.write('{"index": 99, "rea')
+    # Training from it, or reading one of its images, says how to finish it.
+    for fn in (lambda: data.find_images(part, log=_quiet),
+               lambda: data.load_rgb(os.path.join(str(part), 'index.npy', '000000000', 'src', '00.jpg'))):
+        with pytest.raises(ValueError, match='is incomplete') as err:
+            fn()
+        assert f'python data.py pack --data {root} --out {part} --short-side 48' in str(err.value)
+    lines = []
+    data.pack_images([root], part, **dict(kw, workers=2, chunk=3, log=lines.append))
+    assert 'resuming' in lines[0] and '4/12' in lines[0]
+    assert _pack_files(part).keys() == _pack_files(whole).keys()
+    for name, content in _pack_files(whole).items():
+        if name != 'progress.json':  # also equal, but for its chunk-size-dependent history
+            assert _pack_files(part)[name] == content, name
+    # Again on the complete pack: a no-op that says so; other arguments: a clear error.
+    mtimes = {n: os.stat(part / n).st_mtime_ns for n in os.listdir(part)}
+    lines.clear()
+    data.pack_images([root], part, **dict(kw, log=lines.append))
+    assert lines == [f'pack {part} is already complete (12 images, made with the same arguments): '
+                     'nothing to do']
+    assert {n: os.stat(part / n).st_mtime_ns for n in os.listdir(part)} == mtimes
+    with pytest.raises(ValueError, match=r'other arguments: --short-side 48 \(asked: 40\)'):
+        data.pack_images([root], part, **dict(kw, short_side=40))
+    with pytest.raises(ValueError, match='other arguments: --data'):
+        data.pack_images([root, tmp_path / 'whole'], part, **kw)
+
+
+def test_pack_end_to_end_with_subset_and_loader(tmp_path):
+    root, raw = tmp_path / 'src', tmp_path / 'raw'
+    for i in range(12):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(70 + 9 * i, 120, i), fmt='JPEG')
+    raw_paths = [_write_rgb(raw / f'r{i}.png', _smooth_rgb(50, 60, 20 + i), fmt='PNG') for i in range(3)]
+    pack = tmp_path / 'pack'
+    data.main(['pack', '--data', str(root), '--out', str(pack), '--short-side', '64', '--workers', '2'])
+    paths = data.find_images([pack, raw], log=_quiet)  # a pack and a folder together
+    assert len(paths) == 15 and set(raw_paths) < set(paths)
+    held = set(data.subset(paths, 4, seed=12345))  # colorize.py's holdout
+    train = data.subset([p for p in paths if p not in held], 8, seed=0)
+    assert len(train) == 8 and not held & set(train)
+    # The same images as plain files holding the packed bytes decode to the same batches.
+    reader = data.PackReader(pack)
+    extracted = []
+    for p in train:
+        entry = data.packed_entry(p)
+        if entry is None:
+            extracted.append(p)
+            continue
+        out = tmp_path / 'extracted' / f'{entry[1]}.jpg'
+        out.parent.mkdir(exist_ok=True)
+        out.write_bytes(bytes(reader.jpeg(entry[1])))
+        extracted.append(str(out))
+    ds = data.ColorImages(train, crop=16, short_side_range=(20, 30))  # drafts the packed JPEGs
+    ref = data.ColorImages(extracted, crop=16, short_side_range=(20, 30))
+    sampler = data.InfiniteSampler(len(ds), batch_size=4, seed=3)
+    batches = {}
+    for name, dataset, workers in (('pack', ds, 0), ('pack, 2 workers', ds, 2), ('files', ref, 0)):
+        it = iter(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers))
+        batches[name] = [next(it) for _ in range(3)]
+        del it
+    for name in ('pack, 2 workers', 'files'):
+        for (x0, s0), (x1, s1) in zip(batches['pack'], batches[name]):
+            assert torch.equal(x0, x1) and torch.equal(s0, s1), name
+    # Neither the dataset nor a reader carries a memory map when pickled.
+    assert len(pickle.dumps(ds)) < 4096
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.root == str(pack) and bytes(copy.jpeg(0)) == bytes(reader.jpeg(0))
+
+
+def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
+    # A real folder called index.npy is not a pack: its files are read as files.
+    real = _write_rgb(tmp_path / 'photos' / 'index.npy' / '000000001' / 'a' / 'b.png', _smooth_rgb(20, 30, 0))
+    assert data.packed_entry(real) is None
+    assert data.load_rgb(real).shape == (20, 30, 3)
+    src = tmp_path / 'src'
+    _write_rgb(src / 'x.jpg', fmt='JPEG')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='not part of a pack'):
+        data.pack_images([src], other, short_side=8, log=_quiet)
+    assert os.listdir(other) == ['notes.txt']
+    with pytest.raises(SystemExit):  # the CLI: a usage error, not a traceback
+        data.main(['pack', '--data', str(src), '--out', str(src), '--short-side', '8'])
+
+
+# ================================================================================================
+# colorize.py: training, resume, DDP, benchmark, colorizing, errors
+# ================================================================================================
+
+HERE = Path(__file__).resolve().parent
+
+
+def _write_images(folder, n, seed, size=48):
+    """n colour images of random coloured blocks (smooth enough to colourize) as JPEG and PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(blocks).resize((size, size + 8 * (i % 3)), Image.BILINEAR)
+        img.save(folder / (f'img{i:03d}.jpg' if i % 2 else f'img{i:03d}.PNG'))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    return _write_images(root / 'train' / 'n0001', 24, 0), _write_images(root / 'val', 6, 1)
+
+
+def tiny_args(train, val, out, *extra):
+    return ['-a', 'vgg16', '--data', str(train), '--val-data', str(val), '--out', str(out),
+            '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '4', '--points', '16',
+            '--border', '4', '--workers', '0', '--device', 'cpu', '--log-every', '2', '--eval-every', '100',
+            *extra]
+
+
+def _state(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _assert_same_weights(a, b):
+    assert a['step'] == b['step']
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+# --- colorize.py: training ---------------------------------------------------------------------
+
+def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
+    train, val = folders
+    out = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '12', '--lr', '0.05', '--eval-every', '12')) == 0
+    printed = capsys.readouterr().out
+    assert 'step 12/12' in printed and 'eval step 12' in printed
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    evals = [e for e in log if e.get('eval')]
+    assert [e['step'] for e in evals] == [0, 12]
+    assert evals[-1]['loss'] < evals[0]['loss']  # the head at least learns the colour statistics
+    assert {'loss', 'chroma', 'hue', 'lr', 'img_per_s'} <= set(log[1])
+    run = json.loads((out / 'run.json').read_text())
+    assert run['torch'] == torch.__version__ and run['args']['arch'] == 'vgg16'
+    grid = Image.open(out / 'samples' / 'step_000012.png')
+    assert grid.size == (3 * 32, 6 * 32)  # gray | prediction | truth, one row per held-out image
+    ckpt = _state(out / 'checkpoint.pt')
+    assert ckpt['step'] == 12 and ckpt['config']['arch'] == 'vgg16'
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
+    assert not list(out.glob('*.tmp'))
+
+
+def test_resume_after_exit_is_exact(folders, tmp_path):
+    train, val = folders
+    common = ['--steps', '6', '--save-every', '3', '--lr', '0.02']
+    assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
+    assert colorize.main(tiny_args(train, val, tmp_path / 'b', *common, '--exit-after', '3')) == 0
+    assert _state(tmp_path / 'b' / 'checkpoint.pt')['step'] == 3
+    assert colorize.main(tiny_args(train, val, tmp_path / 'b', *common, '--resume')) == 0
+    a, b = _state(tmp_path / 'a' / 'checkpoint.pt'), _state(tmp_path / 'b' / 'checkpoint.pt')
+    _assert_same_weights(a, b)
+    for x, y in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(x['momentum_buffer'], y['momentum_buffer'])
+
+
+def test_resume_after_sigkill_is_exact(folders, tmp_path):
+    """Kill a run at an arbitrary moment (checkpoints every step), resume: same weights."""
+    train, val = folders
+    common = ['--steps', '8', '--save-every', '1', '--lr', '0.02']
+    assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
+    out = tmp_path / 'b'
+    # Same thread count as this process: float reductions may round differently with another.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *tiny_args(train, val, out, *common)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while not (out / 'checkpoint.pt').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / 'checkpoint.pt').exists()
+    killed_at = _state(out / 'checkpoint.pt')['step']
+    assert colorize.main(tiny_args(train, val, out, *common, '--resume')) == 0
+    _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt'))
+    assert killed_at <= 8
+
+
+def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
+    train = _write_images(tmp_path / 'train', 16, 2)
+    val = _write_images(tmp_path / 'val', 4, 3)
+    (train / 'empty.jpg').write_bytes(b'')
+    (train / 'text.JPG').write_text('not an image')
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(train / 'gray.png')
+    out = tmp_path / 'run'
+    # 19 images, batch 4: 20 steps read each image about 4 times.
+    assert colorize.main(tiny_args(train, val, out, '--steps', '20', '--max-bad-share', '0.5')) == 0
+    captured = capsys.readouterr()
+    assert 'empty.jpg' in captured.err and 'text.JPG' in captured.err
+    done = [line for line in captured.out.splitlines() if line.startswith('done:')][0]
+    counts = _state(out / 'checkpoint.pt')['counts']['counts']  # ok, bad, gray
+    assert sum(counts) == 80 and counts[1] > 0 and counts[2] > 0
+    assert f'bad {counts[1]}' in done and f'gray {counts[2]}' in done
+    # Too many bad files: the run stops with one line naming the limit.
+    assert colorize.main(tiny_args(train, val, tmp_path / 'run2', '--steps', '40', '--max-bad-share', '0.01')) == 2
+    assert '--max-bad-share' in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes(folders, tmp_path):
+    train, val = folders
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+           str(HERE / 'colorize.py'), *tiny_args(train, val, out, '--steps', '4', '--batch-size', '2')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'world 2' in result.stdout and 'step 4/4' in result.stdout
+    assert json.loads((out / 'run.json').read_text())['world_size'] == 2
+    assert _state(out / 'checkpoint.pt')['step'] == 4
+
+
+# --- colorize.py: errors -----------------------------------------------------------------------
+
+def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
+    train, val = folders
+    cases = [
+        (tiny_args(tmp_path / 'nowhere', val, tmp_path / 'o1', '--steps', '1'), 'nowhere'),
+        (tiny_args(train, val, tmp_path / 'o2', '--steps', '1', '--border', '20'), '--border'),
+        (tiny_args(train, val, tmp_path / 'o3', '--steps', '1', '--subset', '1000'), '--subset'),
+        (['--colorize', str(val)], '--checkpoint'),
+        (['--colorize', str(val), '--checkpoint', str(tmp_path / 'missing.pt')], 'does not exist'),
+    ]
+    for argv, needle in cases:
+        assert colorize.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and needle in err and 'Traceback' not in err, err
+        assert len(err.strip().splitlines()) == 1
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(os.urandom(1000))
+    assert colorize.main(['--colorize', str(val), '--checkpoint', str(corrupt)]) == 2
+    assert 'could not be read' in capsys.readouterr().err
+
+
+# --- colorize.py: colorizing photos ------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def trained(folders, tmp_path_factory):
+    train, val = folders
+    out = tmp_path_factory.mktemp('trained')
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4')) == 0
+    return out / 'checkpoint.pt'
+
+
+def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_path):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    rgb = np.repeat(np.repeat(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8), 11, 0), 11, 1)  # 77x99
+    Image.fromarray(rgb).save(photos / 'plain.png')
+    Image.fromarray(rgb[..., 0]).save(photos / 'gray.png')  # a grayscale photo
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(photos / 'rotated.jpg', exif=exif, quality=95)
+    out = tmp_path / 'colorized'
+    assert colorize.main(['--colorize', str(photos), '--checkpoint', str(trained), '--output', str(out),
+                          '--max-side', '40']) == 0
+    plain = np.asarray(Image.open(out / 'plain.png'))
+    assert plain.shape == (77, 99, 3)
+    assert np.asarray(Image.open(out / 'rotated.png')).shape == (99, 77, 3)
+    assert np.asarray(Image.open(out / 'gray.png')).shape == (77, 99, 3)
+
+    def lightness(a):
+        return lab.rgb_to_lab(torch.from_numpy(a.copy()).permute(2, 0, 1).double() / 255)[0]
+    # The output keeps the input's own lightness, pixel for pixel (up to 8-bit rounding and the
+    # clipping of out-of-gamut colours).
+    assert (lightness(plain) - lightness(rgb)).abs().median() < 1.0
+
+
+def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
+    ckpt = _state(trained)
+    ckpt['config']['arch'] = 'alexnet'
+    bad = tmp_path / 'mismatch.pt'
+    torch.save(ckpt, bad)
+    img = _write_images(tmp_path / 'x', 1, 9)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
+    assert 'does not match the model' in capsys.readouterr().err
+
+
+def test_lr_schedule_by_hand():
+    args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
+    got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
+    assert got == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_benchmark_mode_tiny(folders, tmp_path, capsys):
+    train, val = folders
+    out = tmp_path / 'bench'
+    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2')) == 0
+    rows = json.loads((out / 'benchmark.json').read_text())['rows']
+    assert [(r['model'], r['data'].split()[0]) for r in rows] == [
+        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader')]
+    assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
+    # FLOPs per image of the classifier against a hand count: VGG-16 at width 1/16 on a 32 crop,
+    # (c_in, c_out, kernel, map side) per conv, 2 FLOPs per multiply-add; a training step is the
+    # forward, the weight gradient and the input gradient (3x), except conv1_1's input gradient.
+    convs = [(1, 4, 3, 32), (4, 4, 3, 32), (4, 8, 3, 16), (8, 8, 3, 16), (8, 16, 3, 8), (16, 16, 3, 8),
+             (16, 16, 3, 8), (16, 32, 3, 4), (32, 32, 3, 4), (32, 32, 3, 4), (32, 32, 3, 2), (32, 32, 3, 2),
+             (32, 32, 3, 2), (32, 16, 7, 1), (16, 16, 1, 1)]
+    forward = sum(2 * ci * co * k * k * s * s for ci, co, k, s in convs) + 2 * 16 * 1000
+    by_hand = 3 * forward - 2 * 1 * 4 * 9 * 32 * 32
+    assert rows[1]['gflops_per_img'] * 1e9 == pytest.approx(by_hand, rel=1e-6)
+    assert rows[0]['gflops_per_img'] > rows[1]['gflops_per_img']  # the colorizer adds its head
+    assert 'colorizer / classifier FLOP rate' in capsys.readouterr().out
+
+
+def test_objective_classify_runs_with_folder_labels(tmp_path):
+    """The supervised baseline: same loop and checkpoints, label = folder name."""
+    root = tmp_path / 'imagenet'
+    rng = np.random.default_rng(7)
+    for k, level in enumerate((40, 128, 215)):
+        for split, n in (('train', 8), ('val', 3)):
+            folder = root / split / f'n{k:08d}'
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(level + rng.normal(0, 10, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f'{i}.png')
+    argv = tiny_args(root / 'train', root / 'val', tmp_path / 'cls', '--objective', 'classify', '--steps', '6',
+                     '--classes', '3')
+    assert colorize.main(argv) == 0
+    evals = [json.loads(line) for line in (tmp_path / 'cls' / 'log.jsonl').read_text().splitlines()
+             if '"eval"' in line]
+    assert [e['step'] for e in evals] == [0, 6] and all(0 <= e['top1'] <= 1 for e in evals)
+    ckpt = _state(tmp_path / 'cls' / 'checkpoint.pt')
+    assert ckpt['config']['objective'] == 'classify' and ckpt['config']['classes'] == [f'n{k:08d}' for k in range(3)]
+    assert {k.split('.')[0] for k in ckpt['model']} == {'trunk', 'fc'}
+    # Labels: the index of the image's folder among the sorted class folders.
+    args = colorize.parse_args(['--data', str(root / 'train'), '--val-data', str(root / 'val'), '--out', str(tmp_path)])
+    labels = colorize.class_labels(args, *colorize.image_sources(args, True))
+    assert [int(Path(p).parent.name[1:]) for p in labels['train_paths']] == labels['train']
+    assert [int(Path(p).parent.name[1:]) for p in labels['val_paths']] == labels['val']
+    # --classes K: a fixed subset of the folders, nested in the larger subsets.
+    two = colorize.class_labels(colorize.parse_args(['--classes', '2']), labels['train_paths'], labels['val_paths'])
+    assert len(two['names']) == 2 and set(two['names']) < set(labels['names'])
+    assert all(Path(p).parent.name in two['names'] for p in two['train_paths'] + two['val_paths'])
+
+
+def test_evaluate_classifier_top1_by_hand():
+    class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
+        def forward(self, x):
+            m = x.mean((1, 2, 3))
+            return torch.stack([-m, m], 1) * 10
+    images = torch.stack([torch.full((3, 8, 8), v, dtype=torch.uint8) for v in (10, 20, 240, 250)])
+    labels = torch.tensor([0, 1, 1, 1])  # the second is mislabelled: 3 of 4 right
+    metrics = colorize.evaluate_classifier(Fixed(), images, labels, None, torch.device('cpu'))
+    assert metrics['top1'] == 0.75
+
+
+# ================================================================================================
+# finetune_voc.py: AP, mIU, transfer loading, export, the RQ flags, end to end
+# ================================================================================================
+
+TINY = dict(width=1 / 16, fc_dim=16)
+
+
+@pytest.fixture(scope='module')
+def voc(tmp_path_factory):
+    """A tiny demo VOC devkit: VOC2007 16 trainval + 8 test, VOC2012 12 train + 6 val, 48-64 px images."""
+    root = tmp_path_factory.mktemp('voc')
+    data.make_demo_voc(root, n_trainval_2007=16, n_test_2007=8, n_train_2012=12, n_val_2012=6, size_range=(48, 64))
+    return str(root / 'VOCdevkit')
+
+
+def colorize_checkpoint(path, arch, seed=0):
+    """A checkpoint in colorize.py's format of a tiny model with non-trivial BatchNorm statistics."""
+    config = dict(arch=arch, loss='huechroma', width=TINY['width'], fc_dim=TINY['fc_dim'])
+    torch.manual_seed(seed)
+    model = colorize.make_model(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.2, generator=g)
+    torch.save(dict(model=model.state_dict(), optimizer={}, step=7, config=config, args={'arch': arch},
+                    rng=dict(cpu=torch.get_rng_state(), cuda=[]), counts={}), path)
+    return model.eval()
+
+
+def image_batch(n, size, seed=0):
+    """Smooth random colour images, uint8 (n, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g)
+    return (F.interpolate(small, size=(size, size), mode='bilinear', align_corners=False) * 255).round().byte()
+
+
+# ---------------------------------------------------------------- average precision
+
+def test_ap_hand_example():
+    # Ranked: TP FP TP FP TP; P = 3. Precision 1, 1/2, 2/3, 2/4, 3/5 at recall 1/3, 1/3, 2/3, 2/3, 1.
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    labels = [1, -1, 1, -1, 1]
+    # Non-interpolated: 1/3 * (1 + 2/3 + 3/5) = 34/45 (scikit-learn gives 0.7556 for this ranking).
+    assert ft.average_precision(scores, labels) == pytest.approx(34 / 45)
+    # 11-point: t = 0 .. 0.3 -> max precision 1 (4 points); t = 0.4 .. 0.6 -> 2/3 (3 points);
+    # t = 0.7 .. 1.0 -> 3/5 (4 points).
+    assert ft.average_precision(scores, labels, eleven_point=True) == pytest.approx((4 + 3 * 2 / 3 + 4 * 3 / 5) / 11)
+
+
+def test_ap_ties_form_one_step():
+    # Scores 0.9 (pos), 0.5 (pos), 0.5 (neg), 0.1 (neg): the tied pair is one threshold step.
+    # Steps: (recall 1/2, precision 1), (1, 2/3), (1, 1/2). AP = 1/2 + 1/2 * 2/3 = 5/6; the
+    # positive-first order alone would give 1.0, the negative-first 5/6.
+    for scores, labels in [([0.9, 0.5, 0.5, 0.1], [1, 1, -1, -1]), ([0.9, 0.5, 0.5, 0.1], [1, -1, 1, -1])]:
+        assert ft.average_precision(scores, labels) == pytest.approx(5 / 6)
+        # 11-point: t <= 0.5 (6 points) -> 1; t >= 0.6 (5 points) -> 2/3.
+        assert ft.average_precision(scores, labels, eleven_point=True) == pytest.approx((6 + 5 * 2 / 3) / 11)
+
+
+def test_ap_difficult_ignored_and_no_positives():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.0])
+    labels = np.array([1, -1, 1, -1, 1, 0])
+    for s in (-5.0, 0.65, 0.95, 7.0):  # moving the difficult sample anywhere changes nothing
+        scores[5] = s
+        assert ft.average_precision(scores, labels) == pytest.approx(34 / 45)
+        assert ft.average_precision(scores, labels, eleven_point=True) == pytest.approx(8.4 / 11)
+    assert math.isnan(ft.average_precision([0.3, 0.2, 0.1], [-1, 0, -1]))
+    # Per column; the class without positives is nan and is left out of the mean.
+    both = ft.average_precision(np.stack([scores[:5], scores[:5]], 1), np.stack([labels[:5], -np.ones(5, int)], 1))
+    assert both[0] == pytest.approx(34 / 45) and math.isnan(both[1])
+    assert ft.mean_ap(both) == pytest.approx(34 / 45)
+
+
+def test_ap_matches_brute_force_thresholds():
+    # Second formula: for each distinct threshold from high to low, precision and recall of
+    # "score >= threshold"; AP = sum of (recall gain) * precision.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = rng.integers(5, 40)
+        scores = rng.integers(0, 6, n) / 5.0  # many ties
+        labels = rng.choice([1, -1, 0], n, p=[0.4, 0.5, 0.1])
+        if not (labels == 1).any():
+            labels[0] = 1
+        keep = labels != 0
+        s, pos = scores[keep], labels[keep] == 1
+        ap, last_recall = 0.0, 0.0
+        for t in sorted(set(s.tolist()), reverse=True):
+            hit = s >= t
+            recall, precision = (pos & hit).sum() / pos.sum(), (pos & hit).sum() / hit.sum()
+            ap += (recall - last_recall) * precision
+            last_recall = recall
+        assert ft.average_precision(scores, labels) == pytest.approx(ap)
+
+
+def test_multilabel_loss_ignores_difficult():
+    # Zero logits: every counted label costs log 2; 3 labels count over 2 images.
+    labels = torch.tensor([[1, -1, 0], [0, 0, 1]], dtype=torch.int8)
+    assert ft.multilabel_loss(torch.zeros(2, 3), labels).item() == pytest.approx(3 * math.log(2) / 2)
+    # A confident right answer costs about nothing; difficult logits do not matter.
+    logits = torch.tensor([[20.0, -20.0, 5.0], [-7.0, 3.0, 20.0]])
+    assert ft.multilabel_loss(logits, labels).item() < 1e-8
+
+
+# ---------------------------------------------------------------- segmentation scores
+
+def test_confusion_and_miou_by_hand():
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 1]], np.uint8)
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]], np.uint8)
+    # Counted by hand over the 7 labelled pixels (rows true, columns predicted):
+    expected = np.array([[1, 1, 0],
+                         [0, 2, 1],
+                         [1, 0, 1]])
+    conf = ft.confusion_matrix(pred, label, num_classes=3)
+    np.testing.assert_array_equal(conf, expected)
+    scores = ft.segmentation_scores(conf)
+    # IoU: class 0: 1 / (1 + 1 + 1) = 1/3; class 1: 2 / (2 + 1 + 1) = 1/2; class 2: 1 / (1 + 1 + 1) = 1/3.
+    assert scores['iou'] == pytest.approx([1 / 3, 1 / 2, 1 / 3])
+    assert scores['miou'] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert scores['pixel_acc'] == pytest.approx(4 / 7)
+    torch_conf = ft.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), num_classes=3)
+    np.testing.assert_array_equal(torch_conf.numpy(), expected)
+    # A class never present nor predicted has no IoU and is left out of the mean.
+    scores4 = ft.segmentation_scores(np.pad(expected, ((0, 1), (0, 1))))
+    assert math.isnan(scores4['iou'][3]) and scores4['miou'] == pytest.approx(scores['miou'])
+    with pytest.raises(ValueError, match='must be in'):
+        ft.confusion_matrix(np.array([0]), np.array([7]), num_classes=3)
+
+
+# ---------------------------------------------------------------- loading colorization checkpoints
+
+@pytest.mark.parametrize('arch', ['alexnet', 'vgg16', 'resnet50'])
+def test_colorize_checkpoint_folds_batchnorm(tmp_path, arch):
+    reference = colorize_checkpoint(tmp_path / 'c.pt', arch)
+    state, config = ft.colorization_trunk(torch.load(tmp_path / 'c.pt', weights_only=True), 'ckpt')
+    assert config['arch'] == arch and not any(k.startswith('head.') or 'bn.' in k for k in state)
+    x = lab.lightness_input(lab.rgb_to_lab(image_batch(2, 64)))
+    for task in ('cls', 'seg'):
+        model = ft.make_finetune_model(task, arch, state, 'ckpt', 'gray', **TINY).eval()
+        with torch.no_grad():
+            ours, theirs = model.trunk(x), reference.trunk(x)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            close(a, b, 1e-4)
+
+
+def test_supervised_classify_checkpoint_loads_like_a_colorization_one(tmp_path):
+    # colorize.py --objective classify: same trunk, a 'fc' layer instead of the colorization head.
+    config = dict(arch='vgg16', objective='classify', loss='huechroma', classes=['a', 'b', 'c'], **TINY)
+    torch.manual_seed(0)
+    model = colorize.make_model(config)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    ckpt = dict(model=model.state_dict(), config=config)
+    state, _ = ft.colorization_trunk(ckpt, 'ckpt')
+    transfer = ft.make_finetune_model('cls', 'vgg16', state, 'ckpt', 'gray', **TINY).eval()
+    x = lab.lightness_input(lab.rgb_to_lab(image_batch(2, 64)))
+    with torch.no_grad():
+        close(transfer.trunk(x)[-1], model.eval().trunk(x)[-1], 1e-4)
+    ckpt['model']['head.out.weight'] = torch.zeros(1)  # a colorization head on a classify checkpoint
+    with pytest.raises(colorize.UserError, match='head.out.weight'):
+        ft.colorization_trunk(ckpt, 'ckpt')
+
+
+def test_wrong_checkpoint_fails_with_clear_message(tmp_path):
+    colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
+    ckpt = torch.load(tmp_path / 'c.pt', weights_only=True)
+    del ckpt['model']['trunk.fc7.conv.weight']
+    with pytest.raises(colorize.UserError, match='trunk.fc7.conv.weight'):
+        ft.colorization_trunk(ckpt, 'ckpt')
+    # The transfer load's exact-keys check: a left-over key, a missing trunk key.
+    state, _ = ft.colorization_trunk(torch.load(tmp_path / 'c.pt', weights_only=True), 'ckpt')
+    extra = dict(state, **{'conv9.conv.weight': torch.zeros(1)})
+    with pytest.raises(colorize.UserError, match=r"conv9\.conv\.weight"):
+        ft.make_finetune_model('cls', 'vgg16', extra, 'ckpt', **TINY)
+    lacking = {k: v for k, v in state.items() if k != 'conv3_2.conv.bias'}
+    with pytest.raises(colorize.UserError, match=r'conv3_2\.conv\.bias'):
+        ft.make_finetune_model('seg', 'vgg16', lacking, 'ckpt', **TINY)
+    # An AlexNet checkpoint for a VGG-16 flag: one line, says what to do.
+    colorize_checkpoint(tmp_path / 'a.pt', 'alexnet')
+    args = ft.parse_args(['--init', str(tmp_path / 'a.pt'), '-a', 'vgg16'])
+    with pytest.raises(colorize.UserError, match='omit the flag or pass alexnet'):
+        ft.initial_trunk(args)
+
+
+def test_new_layer_keys_are_exactly_the_new_layers():
+    torch.manual_seed(0)
+    model = ft.build_transfer_model('seg', 'vgg16', extended_fov=True, head_dim=8, **TINY)
+    assert ft.new_layer_keys(model) == {'head.fc1.weight', 'head.fc1.bias', 'head.out.weight', 'head.out.bias',
+                                        'trunk.fov1.conv.weight', 'trunk.fov1.conv.bias',
+                                        'trunk.fov2.conv.weight', 'trunk.fov2.conv.bias'}
+    model = ft.build_transfer_model('cls', 'resnet50', width=1 / 16)
+    assert ft.new_layer_keys(model) == {'classifier.weight', 'classifier.bias'}
+
+
+# ---------------------------------------------------------------- lab input
+
+@pytest.mark.parametrize('arch', ['vgg16', 'resnet50'])
+def test_lab_input_starts_as_the_lightness_network(tmp_path, arch):
+    colorize_checkpoint(tmp_path / 'c.pt', arch)
+    state, _ = ft.colorization_trunk(torch.load(tmp_path / 'c.pt', weights_only=True), 'ckpt')
+    lab_img = lab.rgb_to_lab(image_batch(2, 64, seed=3))
+    points = torch.tensor([[[5, 7], [30, 2], [63, 63]], [[0, 0], [17, 40], [50, 9]]])
+    for task in ('cls', 'seg'):
+        gray = ft.make_finetune_model(task, arch, state, 'ckpt', 'gray', head_dim=8, seed=5, **TINY).eval()
+        color = ft.make_finetune_model(task, arch, state, 'ckpt', 'lab', head_dim=8, seed=5, **TINY).eval()
+        conv = color.trunk.get_submodule(ft.first_conv_name(color.trunk))
+        assert conv.in_channels == 3 and not conv.weight[:, 1:].any()
+        xg, xc = lab.lightness_input(lab_img), lab.lab_input(lab_img)
+        assert xc[:, 1:].abs().max() > 0.2  # the colour channels do carry colour
+        with torch.no_grad():
+            if task == 'cls':
+                close(color(xc), gray(xg), 1e-5)
+            else:
+                close(color(xc, points), gray(xg, points), 1e-5)
+                close(color.dense(xc), gray.dense(xg), 1e-5)
+
+
+# ---------------------------------------------------------------- torchvision export / import
+
+def _vgg16_tv():
+    convs = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256), (14, 256, 256),
+             (17, 512, 256), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+    shapes = {}
+    for i, out, inp in convs:
+        shapes[f'features.{i}.weight'], shapes[f'features.{i}.bias'] = (out, inp, 3, 3), (out,)
+    for name, out, inp in [('classifier.0', 4096, 25088), ('classifier.3', 4096, 4096), ('classifier.6', 1000, 4096)]:
+        shapes[f'{name}.weight'], shapes[f'{name}.bias'] = (out, inp), (out,)
+    return shapes
+
+
+def _alexnet_tv():
+    shapes = {}
+    for i, out, inp, k in [(0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3)]:
+        shapes[f'features.{i}.weight'], shapes[f'features.{i}.bias'] = (out, inp, k, k), (out,)
+    for name, out, inp in [('classifier.1', 4096, 9216), ('classifier.4', 4096, 4096), ('classifier.6', 1000, 4096)]:
+        shapes[f'{name}.weight'], shapes[f'{name}.bias'] = (out, inp), (out,)
+    return shapes
+
+
+def _resnet_tv(layers):
+    def bn(prefix, c):
+        return {f'{prefix}.weight': (c,), f'{prefix}.bias': (c,), f'{prefix}.running_mean': (c,),
+                f'{prefix}.running_var': (c,), f'{prefix}.num_batches_tracked': ()}
+    shapes = {'conv1.weight': (64, 3, 7, 7), **bn('bn1', 64)}
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(zip([64, 128, 256, 512], layers), 1):
+        for i in range(blocks):
+            p = f'layer{layer}.{i}'
+            shapes.update({f'{p}.conv1.weight': (planes, inplanes, 1, 1), **bn(f'{p}.bn1', planes),
+                           f'{p}.conv2.weight': (planes, planes, 3, 3), **bn(f'{p}.bn2', planes),
+                           f'{p}.conv3.weight': (planes * 4, planes, 1, 1), **bn(f'{p}.bn3', planes * 4)})
+            if i == 0:
+                shapes.update({f'{p}.downsample.0.weight': (planes * 4, inplanes, 1, 1), **bn(f'{p}.downsample.1', planes * 4)})
+            inplanes = planes * 4
+    shapes.update({'fc.weight': (1000, 2048), 'fc.bias': (1000,)})
+    return shapes
+
+
+TORCHVISION = {'alexnet': _alexnet_tv, 'vgg16': _vgg16_tv,
+               'resnet50': lambda: _resnet_tv([3, 4, 6, 3]), 'resnet152': lambda: _resnet_tv([3, 8, 36, 3])}
+FINAL = {'alexnet': 'classifier.6', 'vgg16': 'classifier.6', 'resnet50': 'fc', 'resnet152': 'fc'}
+
+
+@pytest.mark.parametrize('arch', sorted(TORCHVISION))
+def test_export_names_and_shapes_match_torchvision(arch):
+    with torch.device('meta'):
+        trunk = MODELS[arch](in_channels=1, batchnorm=False)
+        sd = ft.export_torchvision(trunk.state_dict(), arch)
+    expected = TORCHVISION[arch]()
+    # load_state_dict(sd, strict=False) on torchvision's model: exactly the final layer missing, nothing unexpected.
+    assert set(expected) - set(sd) == {f'{FINAL[arch]}.weight', f'{FINAL[arch]}.bias'}
+    assert set(sd) - set(expected) == set()
+    wrong = {k: (tuple(v.shape), expected[k]) for k, v in sd.items() if tuple(v.shape) != expected[k]}
+    assert not wrong
+
+
+@pytest.mark.parametrize('arch', sorted(TORCHVISION))
+def test_torchvision_round_trip(arch):
+    torch.manual_seed(0)
+    kwargs = TINY if arch in ('alexnet', 'vgg16') else dict(width=1 / 16)
+    state = MODELS[arch](in_channels=1, batchnorm=False, **kwargs).state_dict()
+    for v in state.values():
+        v.normal_(0, 0.1)  # non-zero biases too
+    back, detected = ft.trunk_from_torchvision(ft.export_torchvision(state, arch))
+    assert detected == arch and list(back) == list(state)
+    for k in state:
+        close(back[k], state[k], 1e-5)
+
+
+def test_torchvision_resnet_batchnorm_import():
+    # A torchvision-style bias-free conv + BatchNorm with real statistics, computed with F.batch_norm.
+    torch.manual_seed(1)
+    state = MODELS['resnet50'](in_channels=1, batchnorm=False, width=1 / 16).state_dict()
+    sd = ft.export_torchvision(state, 'resnet50')
+    g = torch.Generator().manual_seed(2)
+    c = sd['layer2.0.bn2.weight'].shape[0]
+    sd['layer2.0.bn2.weight'] = torch.rand(c, generator=g) + 0.5
+    sd['layer2.0.bn2.bias'] = torch.randn(c, generator=g)
+    sd['layer2.0.bn2.running_mean'] = torch.randn(c, generator=g)
+    sd['layer2.0.bn2.running_var'] = torch.rand(c, generator=g) + 0.5
+    back, _ = ft.trunk_from_torchvision(sd, 'resnet50')
+    x = torch.randn(2, sd['layer2.0.conv2.weight'].shape[1], 9, 9, generator=g)
+    ref = F.batch_norm(F.conv2d(x, sd['layer2.0.conv2.weight'], stride=2, padding=1), sd['layer2.0.bn2.running_mean'],
+                       sd['layer2.0.bn2.running_var'], sd['layer2.0.bn2.weight'], sd['layer2.0.bn2.bias'], eps=1e-5)
+    ours = F.conv2d(x, back['res3a.branch2b.conv.weight'], back['res3a.branch2b.conv.bias'], stride=2, padding=1)
+    close(ours, ref, 1e-5)
+    with pytest.raises(colorize.UserError, match='layer2.0.bn2.running_var'):
+        ft.trunk_from_torchvision({k: v for k, v in sd.items() if k != 'layer2.0.bn2.running_var'})
+    with pytest.raises(colorize.UserError, match='holds torchvision resnet50'):
+        ft.trunk_from_torchvision(sd, 'vgg16')
+
+
+def test_lightness_approximation_error():
+    k0, kr, kg, kb = ft.L_FROM_RGB
+    # The constants are the least-squares fit they claim to be (17^3 grid, lab.rgb_to_lab's L*).
+    v = np.linspace(0, 1, 17)
+    rgb = np.stack(np.meshgrid(v, v, v, indexing='ij')).reshape(3, -1)
+    L = lab.rgb_to_lab(torch.from_numpy(rgb).view(3, -1, 1))[0].reshape(-1).numpy()
+    fit = np.linalg.lstsq(np.concatenate([np.ones((1, rgb.shape[1])), rgb]).T, L, rcond=None)[0]
+    np.testing.assert_allclose(fit, ft.L_FROM_RGB, atol=1e-4)
+    # Measured error, in L* units, on every 5th 8-bit level per channel (52^3 colours) and on grays.
+    v = np.arange(0, 256, 5) / 255
+    rgb = np.stack(np.meshgrid(v, v, v, indexing='ij')).reshape(3, -1)
+    L = lab.rgb_to_lab(torch.from_numpy(rgb).view(3, -1, 1))[0].reshape(-1).numpy()
+    err = np.abs(k0 + kr * rgb[0] + kg * rgb[1] + kb * rgb[2] - L)
+    assert err.max() < 19.5 and err.mean() < 3.7  # measured: 19.4, 3.59
+    g = np.arange(256) / 255
+    Lg = lab.rgb_to_lab(torch.from_numpy(np.stack([g, g, g])).view(3, -1, 1))[0].reshape(-1).numpy()
+    gray_err = np.abs(k0 + (kr + kg + kb) * g - Lg)
+    assert gray_err.max() < 12.1 and gray_err.mean() < 6.2  # measured: 12.0, 6.17
+
+
+@pytest.mark.parametrize('arch, stride, pad', [('vgg16', 1, 1), ('alexnet', 4, 5)])
+def test_exported_conv1_sees_rgb(arch, stride, pad):
+    torch.manual_seed(0)
+    state = MODELS[arch](in_channels=1, batchnorm=False, **TINY).state_dict()
+    first = ft.torchvision_key_map(arch)[0]
+    w, b = state[f'{first[0]}.weight'], state[f'{first[0]}.bias'].normal_(0, 0.1)
+    sd = ft.export_torchvision(state, arch)
+    rgb = image_batch(2, 48, seed=4).double() / 255
+    mean, std = torch.tensor(ft.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(ft.IMAGENET_STD).view(1, 3, 1, 1)
+    tv = F.conv2d((rgb - mean) / std, sd[f'{first[1]}.weight'].double(), sd[f'{first[1]}.bias'].double(), stride, pad)
+    L_true = lab.rgb_to_lab(rgb)[:, :1]
+    k = torch.tensor(ft.L_FROM_RGB, dtype=torch.float64)
+    L_approx = k[0] + (k[1:].view(1, 3, 1, 1) * rgb).sum(1, keepdim=True)
+    ours_true = F.conv2d((L_true - 50) / 50, w.double(), b.double(), stride, pad)
+    ours_approx = F.conv2d((L_approx - 50) / 50, w.double(), b.double(), stride, pad)
+    # Away from the border (receptive field inside the image) the fold is exact for L_approx...
+    ksize, H = w.shape[-1], rgb.shape[-1]
+    inner = [i for i in range(tv.shape[-1]) if stride * i - pad >= 0 and stride * i - pad + ksize <= H]
+    interior = (slice(None), slice(None), slice(inner[0], inner[-1] + 1), slice(inner[0], inner[-1] + 1))
+    close(tv[interior], ours_approx[interior], 1e-6)
+    # ... and off the true-L response by at most sum|W| * max|L_approx - L| / 50.
+    bound = w.abs().sum((1, 2, 3)).double().view(1, -1, 1, 1) * (L_approx - L_true).abs().max() / 50
+    assert ((tv - ours_true)[interior].abs() <= bound + 1e-9).all()
+    # At the border the padding differs (L = 50 for us, the ImageNet mean colour for torchvision).
+    assert not torch.allclose(tv[..., :1, :], ours_approx[..., :1, :], atol=1e-6)
+
+
+def test_export_command_writes_loadable_state_dict(tmp_path):
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
+    assert ft.main(['--export', str(tmp_path / 'tv.pth'), '--init', str(tmp_path / 'c.pt')]) == 0
+    sd = torch.load(tmp_path / 'tv.pth', weights_only=True)
+    assert set(_alexnet_tv()) - set(sd) == {'classifier.6.weight', 'classifier.6.bias'} and set(sd) <= set(_alexnet_tv())
+    # It comes back as an --init equal to the colorization trunk.
+    state, _ = ft.colorization_trunk(torch.load(tmp_path / 'c.pt', weights_only=True), 'ckpt')
+    back, _ = ft.trunk_from_torchvision(sd)
+    for key in state:
+        close(back[key], state[key], 1e-5)
+
+
+# ---------------------------------------------------------------- CKA
+
+def test_linear_cka():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    assert ft.linear_cka(x, x) == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    assert ft.linear_cka(x, 3.0 * x @ q + 2.0) == pytest.approx(1.0)  # rotation, scale and shift
+    y = torch.randn(300, 4, generator=g)
+    assert ft.linear_cka(x, y) < 0.05
+    # The feature-space formula ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features.
+    z = x[:, :3] + 0.5 * torch.randn(300, 3, generator=g)
+    xc, zc = (x - x.mean(0)).double(), (z - z.mean(0)).double()
+    expected = (zc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (zc.T @ zc).norm())
+    assert ft.linear_cka(x.numpy(), z.numpy()) == pytest.approx(expected.item())
+
+
+def test_feature_shift_of_identical_models_is_one():
+    torch.manual_seed(0)
+    trunk = MODELS['vgg16'](in_channels=1, batchnorm=False, **TINY)
+    shift = ft.feature_shift(trunk, trunk, image_batch(6, 48), 'gray', torch.device('cpu'))
+    assert list(shift) == [t for t in trunk.tap_names if t != 'input']
+    assert all(v == pytest.approx(1.0) for v in shift.values())
+
+
+# ---------------------------------------------------------------- end to end
+
+def read_results(out):
+    return json.loads((out / 'results.json').read_text())
+
+
+COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
+
+
+def test_end_to_end_classification(tmp_path, voc):
+    colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
+    out = tmp_path / 'cls'
+    rc = ft.main(['--task', 'cls', '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
+                  '--test-crops', '2', '--feature-shift', '--shift-images', '4', *COMMON])
+    assert rc == 0
+    r = read_results(out)
+    m = r['metrics']
+    assert r['task'] == 'cls' and r['init']['kind'] == 'colorization' and r['args']['input'] == 'lab'
+    assert r['torch'] == torch.__version__ and r['device'] == 'cpu' and 'git_commit' in r
+    assert 0 <= m['map_voc07_11point'] <= 1 and 0 <= m['map_noninterpolated'] <= 1
+    assert list(m['ap_noninterpolated']) == list(data.VOC_CLASSES) and m['test_images'] == 8
+    assert set(r['feature_shift']) == {'conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
+                                       'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3', 'fc6', 'fc7'}
+    assert all(0 <= v <= 1 + 1e-9 for v in r['feature_shift'].values())
+    assert json.loads((out / 'feature_shift.json').read_text())['cka'] == r['feature_shift']
+    assert len((out / 'log.jsonl').read_text().splitlines()) == 3
+
+
+def test_end_to_end_segmentation_frozen(tmp_path, voc):
+    out = tmp_path / 'seg'
+    args = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+            '--head-dim', '8', '--extended-fov', '--freeze', '--voc-root', voc, '--out', str(out),
+            '--test-images', '4', *COMMON]
+    assert ft.main(args) == 0
+    r = read_results(out)
+    m = r['metrics']
+    assert r['task'] == 'seg' and r['args']['input'] == 'gray' and r['args']['freeze']
+    assert 0 <= m['miou'] <= 1 and 0 <= m['pixel_acc'] <= 1 and list(m['iou']) == list(ft.SEG_CLASSES)
+    assert sum(map(sum, m['confusion'])) > 0 and m['test_images'] == 4
+    # --freeze: every trunk weight is still the initial one; the head did train.
+    initial = ft.make_finetune_model('seg', 'alexnet', ft.random_trunk('alexnet', 1 / 16, 16, 0), 'init', 'gray',
+                                     1 / 16, 16, True, 8).state_dict()
+    trained = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    assert all(torch.equal(trained[k], initial[k]) for k in initial if k.startswith('trunk.'))
+    assert not torch.equal(trained['head.out.weight'], initial['head.out.weight'])
+
+
+def test_check_frozen_fails_loudly():
+    torch.manual_seed(0)
+    model = ft.build_transfer_model('cls', 'alexnet', **TINY)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ft.check_frozen(model, initial)
+    with torch.no_grad():
+        model.trunk.conv3.conv.bias[0] += 1e-3
+    with pytest.raises(RuntimeError, match='conv3.conv.bias'):
+        ft.check_frozen(model, initial)
+
+
+def test_resume_is_exact(tmp_path, voc):
+    base = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
+            '--input', 'gray', '--test-crops', '1', '--steps', '4', '--batch-size', '4', '--crop', '32',
+            '--workers', '0', '--device', 'cpu']
+    assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
+    assert ft.main([*base, '--out', str(tmp_path / 'b'), '--exit-after', '2']) == 0
+    assert not (tmp_path / 'b' / 'results.json').exists()
+    assert ft.main(['--out', str(tmp_path / 'b'), '--resume', '--workers', '0', '--device', 'cpu']) == 0
+    a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
+    assert a['step'] == b['step'] == 4
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert read_results(tmp_path / 'a')['metrics'] == read_results(tmp_path / 'b')['metrics']
+
+
+def test_label_fraction_is_fixed_by_its_own_seed(voc):
+    def subset(seed, label_seed, fraction=0.5):
+        args = ft.parse_args(['--task', 'seg', '--voc-root', voc, '--seed', str(seed), '--label-fraction', str(fraction),
+                              '--label-seed', str(label_seed), '--batch-size', '2'])
+        return [pair[0] for pair in ft.voc_sets(ft.fill_defaults(args, torch.device('cpu')))[0]]
+    half = subset(0, 0)
+    assert len(half) == 6 and subset(1, 0) == half and subset(0, 1) != half
+    assert set(subset(0, 0, 0.25)) <= set(half)  # nested for one label seed
+
+
+def test_user_errors_are_one_line(tmp_path, voc, capsys):
+    assert ft.main(['--voc-root', voc, '--out', str(tmp_path / 'x'), '--device', 'cpu']) == 2
+    assert capsys.readouterr().err.strip().startswith('error: --init is required')
+    assert ft.main(['--init', str(tmp_path / 'nope.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'no such file' in err and len(err.splitlines()) == 1
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    assert ft.main(['--init', str(tmp_path / 'junk.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
+    assert 'could not be read' in capsys.readouterr().err
