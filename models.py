@@ -193,15 +193,7 @@ def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=Fa
             name = f'conv{stage}_{i}'
             trunk.append(name, ConvBN(trunk.out_channels, _scaled(channels, width), 3, padding=1, **bn), tap=name)
     trunk.append('pool5', nn.MaxPool2d(2, 2), stride=2)
-    fc_dropout = nn.Dropout(0.0)
-    trunk.append('fc6', ConvBN(trunk.out_channels, fc_dim, 7, padding=3, **bn))
-    trunk.append('fc_dropout', fc_dropout, tap='fc6')
-    trunk.append('fc7', ConvBN(fc_dim, fc_dim, 1, **bn))
-    trunk.append('fc_dropout', fc_dropout, tap='fc7')
-    if extended_fov:
-        _append_extended_fov(trunk, width, batchnorm, affine=False)
-    trunk.init_weights()
-    return trunk
+    return _finish_fc(trunk, ConvBN(trunk.out_channels, fc_dim, 7, padding=3, **bn), bn, width, extended_fov)
 
 
 def alexnet(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=False):
@@ -222,14 +214,19 @@ def alexnet(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=
     for name, channels in [('conv3', 384), ('conv4', 256), ('conv5', 256)]:
         trunk.append(name, ConvBN(trunk.out_channels, _scaled(channels, width), 3, padding=1, **bn), tap=name)
     trunk.append('pool5', nn.MaxPool2d(3, 2, 1), stride=2)
-    fc_dropout = nn.Dropout(0.0)
     trunk.append('pad6', nn.ZeroPad2d((2, 3, 2, 3)))  # (left, right, top, bottom): 6x6 conv keeps the size
-    trunk.append('fc6', ConvBN(trunk.out_channels, fc_dim, 6, **bn))
+    return _finish_fc(trunk, ConvBN(trunk.out_channels, fc_dim, 6, **bn), bn, width, extended_fov)
+
+
+def _finish_fc(trunk, fc6, bn, width, extended_fov):
+    """fc6, fc7 (1x1), each followed by the shared `fc_dropout` and tapped; the extended FOV; init."""
+    fc_dropout = nn.Dropout(0.0)
+    trunk.append('fc6', fc6)
     trunk.append('fc_dropout', fc_dropout, tap='fc6')
-    trunk.append('fc7', ConvBN(fc_dim, fc_dim, 1, **bn))
+    trunk.append('fc7', ConvBN(fc6.out_channels, fc6.out_channels, 1, **bn))
     trunk.append('fc_dropout', fc_dropout, tap='fc7')
     if extended_fov:
-        _append_extended_fov(trunk, width, batchnorm, affine=False)
+        _append_extended_fov(trunk, width, bn['batchnorm'], affine=False)
     trunk.init_weights()
     return trunk
 
