@@ -149,6 +149,9 @@ def parse_args(argv=None):
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
     p.add_argument('--export', type=Path, metavar='PATH', help="write --init's trunk (BN folded) as a "
                    "torchvision state_dict for -a's architecture, then exit")
+    p.add_argument('--summarize', nargs='+', type=Path, metavar='RUN',
+                   help='print mean +- std of the metrics of finished runs (folders with results.json, or '
+                        'the files), grouped by everything but the seed, then exit')
     return p.parse_args(argv)
 
 
@@ -1177,10 +1180,42 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}
+SUMMARY_GROUP = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', 'extended_fov')
+
+
+def summarize(paths):
+    """Mean +- sample std over seeds of each group of finished runs (same init and flags but --seed)."""
+    groups = {}
+    for path in paths:
+        path = path / 'results.json' if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
+        r = json.loads(path.read_text())
+        init = r['init'].get('path') or r['init']['kind']
+        key = (init,) + tuple(r['args'].get(k) for k in SUMMARY_GROUP)
+        groups.setdefault(key, []).append(r['metrics'])
+    rows = []
+    for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        task = key[1]
+        row = dict(zip(('init',) + SUMMARY_GROUP, key), runs=len(runs))
+        for name in SUMMARY_METRICS[task]:
+            values = np.array([m[name] for m in runs], dtype=np.float64) * 100
+            row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
+        rows.append(row)
+        flags = ' '.join(f'{k}={row[k]}' for k in SUMMARY_GROUP[1:] if row[k] not in (None, False))
+        metrics = ' | '.join(f'{name} {m:.1f} +- {sd:.1f}' for name, (m, sd) in
+                             ((n, row[n]) for n in SUMMARY_METRICS[task]))
+        print(f'{task} init={row["init"]} {flags} | {metrics} (n={len(runs)})')
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.export:
+        if args.summarize:
+            summarize(args.summarize)
+        elif args.export:
             export(args)
         else:
             run(args)

@@ -2249,3 +2249,23 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     assert ft.main(['--init', str(tmp_path / 'junk.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
     assert 'could not be read' in capsys.readouterr().err
+
+
+def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
+    def result(folder, init, seed, value):
+        folder.mkdir()
+        (folder / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init),
+            args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
+                      extended_fov=False, seed=seed),
+            metrics=dict(map_voc07_11point=value, map_noninterpolated=value / 2))))
+        return folder
+    runs = [result(tmp_path / f'c{i}', 'c.pt', i, v) for i, v in enumerate((0.50, 0.60, 0.70))]
+    runs += [result(tmp_path / f'r{i}', 'random', i, v) for i, v in enumerate((0.20, 0.30))]
+    rows = ft.summarize(runs)
+    by_init = {r['init']: r for r in rows}
+    # by hand: 50, 60, 70 -> mean 60, sample std 10; 20, 30 -> 25, std 7.07
+    assert by_init['c.pt']['runs'] == 3 and by_init['c.pt']['map_voc07_11point'] == pytest.approx((60.0, 10.0))
+    assert by_init['random']['map_noninterpolated'] == pytest.approx((12.5, math.sqrt(12.5)))
+    out = capsys.readouterr().out
+    assert 'init=c.pt arch=vgg16 input=lab steps=10 | map_voc07_11point 60.0 +- 10.0 |' in out and '(n=3)' in out
