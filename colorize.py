@@ -195,7 +195,10 @@ def image_sources(args, master):
     cache = args.out / 'cache'
     if args.data is None:
         if master:
-            data.ensure_demo(args.demo_root)
+            try:
+                data.ensure_demo(args.demo_root)
+            except ValueError as e:  # a half-written or foreign folder where the demo should be
+                raise UserError(str(e)) from None
         if dist.is_initialized():
             dist.barrier()
         if master:
