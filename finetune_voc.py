@@ -1191,8 +1191,11 @@ def summarize(paths):
         path = path / 'results.json' if path.is_dir() else path
         if not path.is_file():
             raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
-        r = json.loads(path.read_text())
-        init = r['init'].get('path') or r['init']['kind']
+        try:
+            r = json.loads(path.read_text())
+            init = r['init'].get('path') or r['init']['kind']
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
         key = (init,) + tuple(r['args'].get(k) for k in SUMMARY_GROUP)
         groups.setdefault(key, []).append(r['metrics'])
     rows = []
