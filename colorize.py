@@ -573,7 +573,7 @@ def train(args):
         evaluate_and_show(raw_model, val, args, device, log, 0)
 
     running, since_log = 0, 0  # on-device sums of [loss, *parts]
-    t0, step = time.perf_counter(), start
+    window, paused, step = time.perf_counter(), 0.0, start  # img/s over the steps since the last line
     for batch in loader:
         if step >= args.steps:
             break
@@ -593,8 +593,7 @@ def train(args):
             check_bad_share(counter, args, world, device)
             if master:
                 sums = [v / since_log for v in running.tolist()]  # the one host sync per log line
-                elapsed = time.perf_counter() - t0
-                rate = (step - start) * args.batch_size * world / elapsed
+                rate = since_log * args.batch_size * world / (time.perf_counter() - window - paused)
                 entry = dict(step=step, loss=sums[0], lr=lr_at(step - 1, args), img_per_s=rate,
                              **{k: sums[1 + i] for i, k in enumerate(parts)},
                              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
@@ -605,13 +604,13 @@ def train(args):
                       f'{rate:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
                 log.write(json.dumps(entry) + '\n')
                 log.flush()
-            running, since_log = 0, 0
-        if step % args.eval_every == 0 or step == args.steps:
-            if master:
-                evaluate_and_show(raw_model, val, args, device, log, step)
-        if step % args.save_every == 0 or step == args.steps:
-            if master:
-                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter)
+            running, since_log, window, paused = 0, 0, time.perf_counter(), 0.0
+        t = time.perf_counter()
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            evaluate_and_show(raw_model, val, args, device, log, step)
+        if master and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter)
+        paused += time.perf_counter() - t  # evaluation and saving do not count against img/s
         if args.exit_after is not None and step >= args.exit_after:
             break
     if master:
