@@ -347,13 +347,23 @@ def make_model(config):
 def save_checkpoint(path, model, optimizer, step, args, counter):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 config=model_config(args), args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 config=model_config(args), args=plain_args(args),
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                  data=dict(seed=args.seed, step=step), counts=counter.state_dict())
+    atomic_save(state, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file."""
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def plain_args(args):
+    """vars(args) with paths as strings (JSON, and torch.load(weights_only=True), read it back)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def load_checkpoint(path):
@@ -507,9 +517,10 @@ def evaluate_classifier(model, images, labels, args, device, chunk=64):
 
 
 def parameter_groups(model, weight_decay):
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    """Trainable parameters (frozen ones left out); no weight decay on biases and other 1-D tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 
 def train(args):
@@ -650,7 +661,7 @@ def evaluate_and_show(model, val, args, device, log, step):
 
 
 def write_run_info(args, device, world, n_train, n_val):
-    info = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    info = dict(args=plain_args(args),
                 torch=torch.__version__, python=sys.version.split()[0], device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                 world_size=world, git_commit=git_commit(), train_images=n_train, val_images=n_val,

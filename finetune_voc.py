@@ -43,8 +43,9 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, UserError, autocast, format_seconds, git_commit, load_checkpoint,
-                      make_model as make_colorization_model, setup_device, step_seed)
+from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit, load_checkpoint,
+                      make_model as make_colorization_model, parameter_groups, plain_args, setup_device,
+                      step_seed)
 from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
@@ -700,9 +701,7 @@ def export(args):
     state, info = initial_trunk(args)
     sd = export_torchvision(state, args.arch)
     args.export.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.export.with_name(args.export.name + '.tmp')
-    torch.save(sd, tmp)
-    os.replace(tmp, args.export)
+    atomic_save(sd, args.export)
     final = TORCHVISION_FINAL[args.arch]
     print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): torchvision.models.{args.arch}()'
           f'.load_state_dict(torch.load(PATH), strict=False) leaves exactly {final}.weight, {final}.bias missing. '
@@ -883,13 +882,6 @@ def train_loss(model, batch, args, device):
     return loss / (labels != IGNORE).sum().clamp(min=1)
 
 
-def parameter_groups(model, weight_decay):
-    """Trainable parameters only (--freeze leaves the trunk out); no weight decay on biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
-            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
-
-
 def set_train_mode(model, freeze):
     model.train()
     if freeze:
@@ -905,13 +897,7 @@ def save_checkpoint(path, model, optimizer, step, args, init_info):
                  args=plain_args(args), init=init_info,
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def plain_args(args):
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    atomic_save(state, path)
 
 
 def read_resume(args):
