@@ -29,7 +29,7 @@ from PIL import Image
 
 import data
 import lab
-from models import MODELS, build_model, sample_points
+from models import MODELS, build_model, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
 DEMO_ROOT = HERE / 'data' / 'demo'
@@ -101,18 +101,23 @@ def parse_args(argv=None):
                    help='stop when more than this share of images is unreadable')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world is generated')
-    p.add_argument('--benchmark', action='store_true',
-                   help='time training steps (synthetic data and the real loader; compiled and eager; '
-                        'the same trunk as a classifier as baseline) instead of training')
+    p.add_argument('--benchmark', nargs='?', const='all', choices=('all', 'train', 'colorize'),
+                   help='instead of training, time training steps (synthetic data and the real loader; '
+                        'compiled and eager; the same trunk as a classifier as baseline) and/or colorizing a '
+                        '1-megapixel photo (at --net-short-side and at its own size); default: all')
     p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps (compilation)')
     p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps')
+    p.add_argument('--bench-photo', type=int, nargs=2, default=[866, 1155], metavar=('H', 'W'),
+                   help='--benchmark: size of the photo to colorize (default: 1 megapixel, 4:3)')
     # Colorizing photos.
     p.add_argument('--colorize', nargs='+', metavar='PATH', help='colorize these images or folders, then exit')
     p.add_argument('--checkpoint', type=Path, help='trained checkpoint for --colorize')
     p.add_argument('--output', type=Path, default=Path('colorized'), help='folder for colorized images')
-    p.add_argument('--max-side', type=int, default=1024,
-                   help='--colorize: the network sees the image scaled down to this longest side (the '
-                        'colour is upsampled and put on the full-resolution lightness)')
+    p.add_argument('--net-short-side', type=int, metavar='N',
+                   help='--colorize: the network sees each photo resized to this short side; its colour is '
+                        'upsampled and put on the photo\'s full-resolution lightness (default: the middle of '
+                        'the checkpoint\'s training --short-side range, where objects look as large as in '
+                        'training; 0: the photo\'s own size, slower)')
     return p.parse_args(argv)
 
 
@@ -715,15 +720,28 @@ def _repeat(batch):
 
 
 def benchmark(args):
-    """Training throughput: synthetic device-resident data (compiled and eager, colorizer and the
-    same trunk as a classifier), then end to end through the real loader. Writes benchmark.json."""
+    """`--benchmark`: training throughput and/or colorizing speed; writes OUT/benchmark.json."""
     device, rank, world, _ = setup_device(args)
     fill_defaults(args, device, world)
     args.out.mkdir(parents=True, exist_ok=True)
-    args.objective = 'colorize'  # the classifier baseline is built below from the same trunk
+    args.objective = 'colorize'  # the classifier baseline is built from the same trunk
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    print(f'benchmark: {args.arch} loss {args.loss}, fc6/fc7 {args.fc_dim}, device {name}, torch {torch.__version__}')
+    info = dict(arch=args.arch, loss=args.loss, batch=args.batch_size, crop=args.crop, points=args.points,
+                fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit())
+    if args.benchmark in ('all', 'train'):
+        info['rows'] = benchmark_training(args, device, rank, world)
+    if args.benchmark in ('all', 'colorize'):
+        info['colorize'] = benchmark_colorize(args, device, tuple(args.bench_photo))
+    (args.out / 'benchmark.json').write_text(json.dumps(info, indent=2))
+    return info
+
+
+def benchmark_training(args, device, rank, world):
+    """Training img/s on synthetic device-resident data (compiled and eager, colorizer and the same
+    trunk as a classifier), then end to end through the real loader. Returns the table's rows."""
     B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
-    print(f'benchmark: {args.arch} loss {args.loss}, batch {B}, crop {args.crop}, {args.points} points, '
-          f'device {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, torch {torch.__version__}')
+    print(f'training steps: batch {B}, crop {args.crop}, {args.points} points')
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (B, 3, args.crop, args.crop), dtype=torch.uint8, generator=gen).to(device)
     status = torch.zeros(B, dtype=torch.long)
@@ -767,10 +785,55 @@ def benchmark(args):
     ratio = rows[0]['tflops'] / rows[1]['tflops']
     print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
           f'loader / synthetic img/s: {rows[-1]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
-    info = dict(rows=rows, arch=args.arch, loss=args.loss, batch=B, crop=args.crop, points=args.points,
-                device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                torch=torch.__version__, git_commit=git_commit())
-    (args.out / 'benchmark.json').write_text(json.dumps(info, indent=2))
+    return rows
+
+
+def _matmul_tflops(device, n=4096, iters=5):
+    """The TFLOP/s of a square matmul in the precision colorizing runs in: the roof to compare with."""
+    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
+
+
+@torch.no_grad()
+def benchmark_colorize(args, device, size):
+    """Wall-clock seconds of colorize_array on a random (H, W) = `size` photo (uint8 in host memory to
+    uint8 in host memory), for an untrained model of these args with BatchNorm folded, as
+    `--colorize` runs it: at --net-short-side (default: the middle of --short-side) and at the
+    photo's own size. Median of a few calls after one warm-up call. Returns the rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(args.seed)
+    model = fold_batchnorm(make_model(model_config(args)).eval()).to(device).eval()
+    model = model.to(memory_format=torch.channels_last)
+    photo = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    side = args.net_short_side if args.net_short_side is not None else round(sum(args.short_side) / 2)
+    rows = []
+    peak = _matmul_tflops(device)
+    print(f'reference: a 4096x4096 matmul ({"bf16" if device.type == "cuda" else "float32"}) runs at {peak:.3g} TFLOP/s here')
+    for short_side in dict.fromkeys([side, 0]):  # once if they are the same
+        colorize_array(model, photo, args.loss, device, short_side)  # warm-up (cuDNN autotuning)
+        times = []
+        for _ in range(10 if device.type == 'cuda' else 3):
+            start = time.perf_counter()
+            colorize_array(model, photo, args.loss, device, short_side)  # ends on the host: synced
+            times.append(time.perf_counter() - start)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            colorize_array(model, photo, args.loss, device, short_side)
+        rows.append(dict(photo=f'{size[1]}x{size[0]}', net_short_side=short_side, seconds=float(np.median(times)),
+                         gflops=counter.get_total_flops() / 1e9, matmul_tflops=peak))
+        r = rows[-1]
+        print(f'colorize a {r["photo"]} photo, network at short side {short_side or "(own size)"}: '
+              f'{1000 * r["seconds"]:.0f} ms ({r["gflops"]:.0f} GFLOP, {r["gflops"] / r["seconds"] / 1000:.3g} TFLOP/s)',
+              flush=True)
     return rows
 
 
@@ -792,7 +855,14 @@ def colorize_files(args):
         raise UserError(f'{args.checkpoint} was trained for {config["objective"]}, not colorization')
     model = make_model(config)
     load_model_state(model, ckpt['model'], args.checkpoint)
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    # Inference only: BatchNorm folded into the convs (same outputs, fewer passes over the maps).
+    model = fold_batchnorm(model.eval()).to(device).eval().to(memory_format=torch.channels_last)
+    short_side = args.net_short_side
+    if short_side is None:
+        lo, hi = ckpt.get('args', {}).get('short_side') or (256, 256)  # older or foreign checkpoints
+        short_side = round((lo + hi) / 2)
+    if short_side < 0:
+        raise UserError(f'--net-short-side must be 0 (the photo\'s own size) or positive, got {short_side}')
     paths = []
     for item in args.colorize:
         p = Path(item)
@@ -811,7 +881,7 @@ def colorize_files(args):
             print(f'warning: skipping {e}', file=sys.stderr)
             failed += 1
             continue
-        out = colorize_array(model, rgb, config['loss'], device, args.max_side)
+        out = colorize_array(model, rgb, config['loss'], device, short_side)
         target = args.output / (Path(path).stem + '.png')
         Image.fromarray(out).save(target)
         print(f'{path} -> {target}')
@@ -820,21 +890,26 @@ def colorize_files(args):
 
 
 @torch.no_grad()
-def colorize_array(model, rgb, loss_kind, device, max_side=1024):
-    """uint8 (H, W, 3) -> colorized uint8 (H, W, 3) at full resolution with the input's own lightness."""
+def colorize_array(model, rgb, loss_kind, device, short_side=0):
+    """uint8 (H, W, 3) -> colorized uint8 (H, W, 3) at full resolution with the input's own lightness.
+
+    The network sees the lightness resized to `short_side` (0: as it is); the predicted colour is
+    upsampled to (H, W).
+    """
     full = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
     L = lab.rgb_to_lab(full)[:, :1]  # (1, 1, H, W)
     H, W = L.shape[-2:]
-    scale = min(1.0, max_side / max(H, W))
-    small = L if scale == 1.0 else F.interpolate(L, size=(max(1, round(H * scale)), max(1, round(W * scale))),
-                                                 mode='bilinear', align_corners=False, antialias=True)
+    scale = short_side / min(H, W) if short_side else 1.0
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    small = L if size == (H, W) else F.interpolate(L, size=size, mode='bilinear', align_corners=False,
+                                                   antialias=scale < 1)
     # Pad to a multiple of the deepest stride (edge pixels repeated): every tap then tiles the
     # image exactly, and images smaller than the trunk's receptive grid still work.
     h, w = small.shape[-2:]
     padded = F.pad(small, (0, -w % 32, 0, -h % 32), mode='replicate')
     with autocast(device):
         ab = predict_ab(model, padded, loss_kind)[..., :h, :w]
-    if scale != 1.0:
+    if size != (H, W):
         ab = F.interpolate(ab, size=(H, W), mode='bilinear', align_corners=False)
     out = lab.lab_to_rgb(torch.cat([L, ab], 1))[0]
     return (out * 255 + 0.5).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()

@@ -61,7 +61,7 @@ class ConvBN(nn.Module):
 
     def forward(self, x):
         x = self.bn(_conv(self.conv, x))
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x  # x is a fresh tensor; no backward needs it
 
 
 def _conv(conv, x):
@@ -384,21 +384,35 @@ class HypercolumnNet(nn.Module):
         upsampling by s (align_corners=False) gives a full-resolution map. The full hypercolumn
         is never formed: fc1 is linear, so fc1(hypercolumn) = bias + sum over taps of its column
         block W_t applied to the tap. Coarse taps get W_t at their own resolution and the
-        head_dim-channel result is resampled; finer taps are resampled first.
+        head_dim-channel result is resampled (once per stride); finer taps are resampled first.
         """
         H, W = x.shape[-2:]
         grid_size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
         fc1, out = self.head.fc1, self.head.out
-        hidden = fc1.bias.view(1, -1, 1, 1)
+        # Taps of one stride share their map size: concatenate them (and their column blocks) so
+        # that each stride costs one conv and, for the coarse ones, one resampling of its
+        # head_dim-channel result. Finer taps all go to the grid first and share one conv.
+        groups = {}  # tap stride (or 0 for "on the grid") -> ([features], [column blocks])
         start = 0
         for feature, tap_stride in zip(self.trunk(x), self.trunk.tap_strides):
-            columns = fc1.weight[:, start:start + feature.shape[1], None, None]  # (head_dim, C_t, 1, 1)
-            start += feature.shape[1]
-            if tap_stride < stride:
-                feature = _resample_to_grid(feature, tap_stride, stride, grid_size)
-                hidden = hidden + F.conv2d(feature, columns)
-            else:
-                hidden = hidden + _resample_to_grid(F.conv2d(feature, columns), tap_stride, stride, grid_size)
+            C = feature.shape[1]
+            if tap_stride <= stride:
+                if tap_stride < stride or tuple(feature.shape[-2:]) != grid_size:
+                    feature = _resample_to_grid(feature, tap_stride, stride, grid_size)
+                tap_stride = 0
+            features, blocks = groups.setdefault(tap_stride, ([], []))
+            features.append(feature)
+            blocks.append(fc1.weight[:, start:start + C])
+            start += C
+        hidden = None
+        for tap_stride, (features, blocks) in groups.items():
+            feature = features[0] if len(features) == 1 else torch.cat(features, 1)
+            columns = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+            part = F.conv2d(feature, columns[:, :, None, None])  # (B, head_dim, h_t, w_t)
+            if tap_stride:
+                part = _resample_to_grid(part, tap_stride, stride, grid_size)
+            hidden = part.float() if hidden is None else hidden.add_(part)
+        hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
         return F.conv2d(hidden, out.weight[:, :, None, None], out.bias)
 

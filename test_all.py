@@ -1663,7 +1663,7 @@ def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_p
     Image.fromarray(rgb).save(photos / 'rotated.jpg', exif=exif, quality=95)
     out = tmp_path / 'colorized'
     assert colorize.main(['--colorize', str(photos), '--checkpoint', str(trained), '--output', str(out),
-                          '--max-side', '40']) == 0
+                          '--net-short-side', '40']) == 0
     plain = np.asarray(Image.open(out / 'plain.png'))
     assert plain.shape == (77, 99, 3)
     assert np.asarray(Image.open(out / 'rotated.png')).shape == (99, 77, 3)
@@ -1674,6 +1674,22 @@ def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_p
     # The output keeps the input's own lightness, pixel for pixel (up to 8-bit rounding and the
     # clipping of out-of-gamut colours).
     assert (lightness(plain) - lightness(rgb)).abs().median() < 1.0
+
+
+def test_colorize_sees_photos_at_the_training_scale_by_default(trained, tmp_path, monkeypatch):
+    # tiny_args train with --crop 32, so --short-side defaults to [32, round(32 * 600 / 352) = 55];
+    # the network should see a photo at the middle of that range, 43.5 -> 44 px short side.
+    seen = []
+    original = colorize.predict_ab
+    monkeypatch.setattr(colorize, 'predict_ab', lambda m, L, kind: seen.append(L.shape[-2:]) or original(m, L, kind))
+    img = tmp_path / 'wide.png'
+    Image.fromarray(np.full((120, 300, 3), 128, np.uint8)).save(img)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(trained), '--output', str(tmp_path / 'o')]) == 0
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(trained), '--output', str(tmp_path / 'o'),
+                          '--net-short-side', '0']) == 0
+    # 120x300 -> 44x110, padded to multiples of 32; then the photo's own size, padded.
+    assert [tuple(s) for s in seen] == [(64, 128), (128, 320)]
+    assert np.asarray(Image.open(tmp_path / 'o' / 'wide.png')).shape == (120, 300, 3)
 
 
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
@@ -1695,8 +1711,10 @@ def test_lr_schedule_by_hand():
 def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     train, val = folders
     out = tmp_path / 'bench'
-    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2')) == 0
-    rows = json.loads((out / 'benchmark.json').read_text())['rows']
+    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
+                                   '--bench-photo', '60', '100')) == 0
+    info = json.loads((out / 'benchmark.json').read_text())
+    rows = info['rows']
     assert [(r['model'], r['data'].split()[0]) for r in rows] == [
         ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader')]
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
@@ -1710,7 +1728,13 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     by_hand = 3 * forward - 2 * 1 * 4 * 9 * 32 * 32
     assert rows[1]['gflops_per_img'] * 1e9 == pytest.approx(by_hand, rel=1e-6)
     assert rows[0]['gflops_per_img'] > rows[1]['gflops_per_img']  # the colorizer adds its head
-    assert 'colorizer / classifier FLOP rate' in capsys.readouterr().out
+    # Colorizing: at the middle of the training short sides (32..55 -> 44) and at the photo's own
+    # 60 px short side, which costs more (padded to 64x128 rather than 64x96).
+    small, own = info['colorize']
+    assert (small['net_short_side'], own['net_short_side'], own['photo']) == (44, 0, '100x60')
+    assert 0 < small['gflops'] < own['gflops'] and small['seconds'] > 0
+    printed = capsys.readouterr().out
+    assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
 
 
 def test_objective_classify_runs_with_folder_labels(tmp_path):
