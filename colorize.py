@@ -683,12 +683,22 @@ def format_seconds(s):
 
 # --- Benchmark ------------------------------------------------------------------------------
 
+def _graphs_compiled():
+    """How many graphs dynamo has compiled in this process (a recompilation adds one)."""
+    try:
+        from torch._dynamo.utils import counters  # not public API: guard against its moving
+        return counters['stats']['unique_graphs']
+    except (ImportError, AttributeError, KeyError):
+        return 0
+
+
 def _timed(step, batches, warmup, iters, device):
-    """Seconds per step over `iters` steps after `warmup` (which absorbs compilation); one sync at
-    each end of the timed span, none inside it."""
+    """(seconds per step, peak GB, graphs compiled while timing) over `iters` steps after `warmup`
+    (which absorbs compilation); one sync at each end of the timed span, none inside it."""
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
+    graphs = _graphs_compiled()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -698,11 +708,13 @@ def _timed(step, batches, warmup, iters, device):
             step(*next(it))
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step(*next(it))
-    return (time.perf_counter() - t0) / iters, 0.0
+        seconds, mem = start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step(*next(it))
+        seconds, mem = (time.perf_counter() - t0) / iters, 0.0
+    return seconds, mem, _graphs_compiled() - graphs
 
 
 def _flops_per_image(step, batch, batch_size):
@@ -755,7 +767,7 @@ def benchmark_training(args, device, rank, world):
                 net = Classifier(net.trunk)
             net = net.to(device).to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
-            fast = torch.compile(net) if compiled else net
+            fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
             if name == 'colorizer':
                 step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
                 eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
@@ -763,10 +775,10 @@ def benchmark_training(args, device, rank, world):
                 step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
                 eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
             flops = _flops_per_image(eager_step, batch, B)
-            seconds, mem = _timed(step, _repeat(batch), warmup, iters, device)
+            seconds, mem, recompiles = _timed(step, _repeat(batch), warmup, iters, device)
             rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
                              ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                             tflops=flops * B / seconds / 1e12, peak_mem_gb=mem))
+                             tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
             print_row(rows[-1])
             del net, fast, opt
     # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
@@ -774,13 +786,14 @@ def benchmark_training(args, device, rank, world):
     torch.manual_seed(args.seed)
     net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
-    fast = torch.compile(net) if args.compile else net
+    fast = torch.compile(net, fullgraph=True) if args.compile else net
     loader = make_loader(train_paths, args, rank, world, 0, device)
-    seconds, mem = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), loader, warmup, iters, device)
+    seconds, mem, recompiles = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), loader,
+                                      warmup, iters, device)
     flops = rows[0]['gflops_per_img'] * 1e9
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem))
+                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
     print_row(rows[-1])
     ratio = rows[0]['tflops'] / rows[1]['tflops']
     print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
@@ -788,8 +801,8 @@ def benchmark_training(args, device, rank, world):
     return rows
 
 
-def _matmul_tflops(device, n=4096, iters=5):
-    """The TFLOP/s of a square matmul in the precision colorizing runs in: the roof to compare with."""
+def _matmul_tflops(device, n, iters=5):
+    """The TFLOP/s of an n x n matmul in the precision colorizing runs in: the roof to compare with."""
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -816,8 +829,9 @@ def benchmark_colorize(args, device, size):
     photo = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
     side = args.net_short_side if args.net_short_side is not None else round(sum(args.short_side) / 2)
     rows = []
-    peak = _matmul_tflops(device)
-    print(f'reference: a 4096x4096 matmul ({"bf16" if device.type == "cuda" else "float32"}) runs at {peak:.3g} TFLOP/s here')
+    n = 8192 if device.type == 'cuda' else 2048
+    peak = _matmul_tflops(device, n)
+    print(f'reference: a {n}x{n} matmul ({"bf16" if device.type == "cuda" else "float32"}) runs at {peak:.3g} TFLOP/s here')
     for short_side in dict.fromkeys([side, 0]):  # once if they are the same
         colorize_array(model, photo, args.loss, device, short_side)  # warm-up (cuDNN autotuning)
         times = []
@@ -840,7 +854,8 @@ def benchmark_colorize(args, device, size):
 def print_row(r):
     print(f'{r["model"]:10s} {r["data"]:22s} {"compiled" if r["compiled"] else "eager":8s} '
           f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
-          f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB', flush=True)
+          f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB'
+          + (f'  RECOMPILED {r["recompiles"]}x while timing' if r['recompiles'] else ''), flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------

@@ -1737,6 +1737,15 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
 
 
+def test_benchmark_timing_counts_recompilations():
+    # A new input shape after warm-up makes dynamo compile a second graph, which _timed reports.
+    net = torch.compile(nn.Linear(4, 4), backend='eager')
+    step = lambda x: net(x)  # noqa: E731
+    same = colorize._timed(step, [(torch.ones(2, 4),)] * 4, 2, 2, torch.device('cpu'))
+    other = colorize._timed(step, [(torch.ones(2, 4),)] * 2 + [(torch.ones(3, 4),)] * 2, 2, 2, torch.device('cpu'))
+    assert same[2] == 0 and other[2] == 1
+
+
 def test_objective_classify_runs_with_folder_labels(tmp_path):
     """The supervised baseline: same loop and checkpoints, label = folder name."""
     root = tmp_path / 'imagenet'
