@@ -359,6 +359,14 @@ def save_checkpoint(path, model, optimizer, step, args, counter):
     atomic_save(state, path)
 
 
+def refuse_to_overwrite(out, resume):
+    """A fresh run must not replace the checkpoint of an earlier one: that is lost work."""
+    path = Path(out) / 'checkpoint.pt'
+    if not resume and path.exists():
+        raise UserError(f'{path} exists (an earlier run); continue it with --resume, or start afresh with '
+                        f'another --out (or delete that folder)')
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file."""
     tmp = path.with_name(path.name + '.tmp')
@@ -532,6 +540,7 @@ def train(args):
     device, rank, world, _ = setup_device(args)
     master = rank == 0
     fill_defaults(args, device, world)
+    refuse_to_overwrite(args.out, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = None
     if args.resume:

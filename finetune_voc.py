@@ -44,8 +44,8 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit, load_checkpoint,
-                      make_model as make_colorization_model, parameter_groups, plain_args, setup_device,
-                      step_seed)
+                      make_model as make_colorization_model, parameter_groups, plain_args, refuse_to_overwrite,
+                      setup_device, step_seed)
 from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
@@ -1098,6 +1098,7 @@ def run(args):
     if init_name == 'colorization':  # the colorize.py run folder, e.g. vgg16-huechroma
         init_name = Path(args.init).parent.name or init_name
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
+    refuse_to_overwrite(args.out, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
     train_items, test_items = voc_sets(args)
     train_set, test_set = make_datasets(args, train_items, test_items)

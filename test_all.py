@@ -1692,6 +1692,14 @@ def test_colorize_sees_photos_at_the_training_scale_by_default(trained, tmp_path
     assert np.asarray(Image.open(tmp_path / 'o' / 'wide.png')).shape == (120, 300, 3)
 
 
+def test_fresh_run_refuses_to_replace_an_earlier_checkpoint(folders, trained, capsys):
+    train, val = folders
+    before = trained.read_bytes()
+    assert colorize.main(tiny_args(train, val, trained.parent, '--steps', '2')) == 2
+    assert 'continue it with --resume' in capsys.readouterr().err
+    assert trained.read_bytes() == before
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
@@ -2261,6 +2269,10 @@ def test_resume_is_exact(tmp_path, voc):
     assert a['step'] == b['step'] == 4
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert read_results(tmp_path / 'a')['metrics'] == read_results(tmp_path / 'b')['metrics']
+    # Starting afresh into a finished run's folder would replace its checkpoint: refused.
+    before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
+    assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
+    assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
 
 
 def test_label_fraction_is_fixed_by_its_own_seed(voc):
