@@ -199,13 +199,18 @@ def image_sources(args, master):
     """Returns (train paths, val paths), generating the demo world if no --data is given."""
     cache = args.out / 'cache'
     if args.data is None:
+        problem = None
         if master:
             try:
                 data.ensure_demo(args.demo_root)
-            except ValueError as e:  # a half-written or foreign folder where the demo should be
-                raise UserError(str(e)) from None
-        if dist.is_initialized():
-            dist.barrier()
+            except (ValueError, OSError) as e:  # a foreign folder where the demo should be, a full disk
+                problem = str(e)
+        if dist.is_initialized():  # every rank learns whether rank 0 succeeded (and none waits forever)
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
         if master:
             print(f'no --data given: training on the demo world in {args.demo_root}')
         train = data.find_images([args.demo_root / 'train'])

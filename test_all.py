@@ -1619,6 +1619,25 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert _state(out / 'checkpoint.pt')['step'] == 4
 
 
+def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
+    # Rank 0 makes the demo world; when it cannot (a foreign folder in the way), rank 1 must stop
+    # too, not wait at a barrier until the process group times out.
+    foreign = tmp_path / 'demo'
+    foreign.mkdir()
+    (foreign / 'mine.txt').write_text('not a demo world')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+           str(HERE / 'colorize.py'), '--demo-root', str(foreign), '--out', str(tmp_path / 'out'), '--device', 'cpu',
+           '--steps', '1']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode != 0
+    assert 'holds no complete demo world' in result.stderr and 'rank 0 could not prepare' in result.stderr
+    assert (foreign / 'mine.txt').read_text() == 'not a demo world'
+
+
 # --- colorize.py: errors -----------------------------------------------------------------------
 
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
