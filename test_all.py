@@ -2294,6 +2294,15 @@ def test_resume_is_exact(tmp_path, voc):
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
 
 
+def test_cls_scale_shrinks_with_the_crop(voc):
+    def scale(*flags):
+        return ft.fill_defaults(ft.parse_args(['--voc-root', voc, *flags]), torch.device('cpu')).scale
+    assert scale('--task', 'cls', '--crop', '224') == pytest.approx([0.5, 2.0])  # the protocol
+    assert scale('--task', 'cls') == pytest.approx([1 / 7, 4 / 7])  # a CPU's 64 crop: 64 / 224 = 2 / 7
+    assert scale('--task', 'seg') == pytest.approx([0.5, 2.0])  # per-pixel labels: no need
+    assert scale('--task', 'cls', '--scale', '1', '1.5') == pytest.approx([1.0, 1.5])
+
+
 def test_label_fraction_is_fixed_by_its_own_seed(voc):
     def subset(seed, label_seed, fraction=0.5):
         args = ft.parse_args(['--task', 'seg', '--voc-root', voc, '--seed', str(seed), '--label-fraction', str(fraction),
