@@ -1201,8 +1201,8 @@ def summarize(paths):
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
         flags = ' '.join(f'{k}={row[k]}' for k in SUMMARY_GROUP[1:] if row[k] not in (None, False))
-        metrics = ' | '.join(f'{name} {m:.1f} +- {sd:.1f}' for name, (m, sd) in
-                             ((n, row[n]) for n in SUMMARY_METRICS[task]))
+        metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
+                             for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={row["init"]} {flags} | {metrics} (n={len(runs)})')
     return rows
 

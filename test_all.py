@@ -2342,3 +2342,6 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     assert by_init['random']['map_noninterpolated'] == pytest.approx((12.5, math.sqrt(12.5)))
     out = capsys.readouterr().out
     assert 'init=c.pt arch=vgg16 input=lab steps=10 | map_voc07_11point 60.0 +- 10.0 |' in out and '(n=3)' in out
+    # A single run has no spread to print.
+    ft.summarize([result(tmp_path / 'one', 'one.pt', 0, 0.40)])
+    assert 'map_voc07_11point 40.0 | map_noninterpolated 20.0 (n=1)' in capsys.readouterr().out
