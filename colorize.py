@@ -43,10 +43,17 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the problem and where the flags are listed)."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n')
+
+
 # --- Arguments ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-a', '--arch', default='vgg16', choices=sorted(MODELS), help='trunk architecture')
     p.add_argument('--objective', default='colorize', choices=('colorize', 'classify'),
                    help='colorize: the paper\'s pre-training; classify: the same trunk, loop and checkpoints '
@@ -837,6 +844,7 @@ def benchmark_colorize(args, device, size):
     `--colorize` runs it: at --net-short-side (default: the middle of --short-side) and at the
     photo's own size. Median of a few calls after one warm-up call. Returns the rows."""
     from torch.utils.flop_counter import FlopCounterMode
+    torch.backends.cudnn.benchmark = False  # as in --colorize, where every photo size is new
     torch.manual_seed(args.seed)
     model = fold_batchnorm(make_model(model_config(args)).eval()).to(device).eval()
     model = model.to(memory_format=torch.channels_last)

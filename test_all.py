@@ -1640,6 +1640,19 @@ def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
 
 # --- colorize.py: errors -----------------------------------------------------------------------
 
+@pytest.mark.parametrize('main, argv, expected', [
+    (colorize.main, ['--loss', 'rgb'], "invalid choice: 'rgb'"),
+    (colorize.main, ['--steps', 'many'], "invalid int value: 'many'"),
+    (ft.main, ['--task', 'detection'], "invalid choice: 'detection'"),
+])
+def test_usage_errors_are_one_line(main, argv, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and expected in err and '--help' in err
+
+
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
     train, val = folders
     cases = [
