@@ -855,7 +855,7 @@ def benchmark_colorize(args, device, size):
     peak = _matmul_tflops(device, n)
     print(f'reference: a {n}x{n} matmul ({"bf16" if device.type == "cuda" else "float32"}) runs at {peak:.3g} TFLOP/s here')
     for short_side in dict.fromkeys([side, 0]):  # once if they are the same
-        colorize_array(model, photo, args.loss, device, short_side)  # warm-up (cuDNN autotuning)
+        colorize_array(model, photo, args.loss, device, short_side)  # warm-up (allocator, lazy init)
         times = []
         for _ in range(10 if device.type == 'cuda' else 3):
             start = time.perf_counter()
