@@ -98,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on for CUDA, off on CPU)')
     p.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentation and pixels')
-    p.add_argument('--workers', type=int, help='data loader processes per GPU (default min(8, cores); 1 on CPU)')
+    p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores per GPU on this '
+                   'node less one, at most 16; 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue from CKPT (default: <out>/checkpoint.pt)')
     p.add_argument('--log-every', type=int, default=None, help='steps between progress lines (default ~50 lines)')
@@ -172,7 +173,9 @@ def fill_defaults(args, device, world):
     args.short_side = args.short_side or [args.crop, round(args.crop * 600 / 352)]
     args.border = args.border if args.border is not None else args.crop // 7
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
-    args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == 'cuda' else 1)
+    if args.workers is None:  # decoding JPEGs is what usually starves a GPU: give it the node's cores
+        per_gpu = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        args.workers = max(1, min(16, per_gpu - 1)) if device.type == 'cuda' else 1
     args.log_every = args.log_every or max(1, args.steps // 50)
     args.eval_every = args.eval_every or max(1, args.steps // 5)
     args.save_every = args.save_every or args.eval_every
