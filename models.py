@@ -389,28 +389,29 @@ class HypercolumnNet(nn.Module):
         H, W = x.shape[-2:]
         grid_size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
         fc1, out = self.head.fc1, self.head.out
-        # Taps of one stride share their map size: concatenate them (and their column blocks) so
-        # that each stride costs one conv and, for the coarse ones, one resampling of its
-        # head_dim-channel result. Finer taps all go to the grid first and share one conv.
-        groups = {}  # tap stride (or 0 for "on the grid") -> ([features], [column blocks])
+        # Taps of one stride and map size are concatenated (with their column blocks), so that
+        # each stride costs one conv and, for the coarse ones, one resampling of its head_dim-
+        # channel result. Finer taps all go to the grid first and share one conv.
+        groups = {}  # (tap stride, h, w), or 0 for "on the grid" -> ([features], [column blocks])
         start = 0
         for feature, tap_stride in zip(self.trunk(x), self.trunk.tap_strides):
             C = feature.shape[1]
+            key = (tap_stride, *feature.shape[-2:])
             if tap_stride <= stride:
                 if tap_stride < stride or tuple(feature.shape[-2:]) != grid_size:
                     feature = _resample_to_grid(feature, tap_stride, stride, grid_size)
-                tap_stride = 0
-            features, blocks = groups.setdefault(tap_stride, ([], []))
+                key = 0
+            features, blocks = groups.setdefault(key, ([], []))
             features.append(feature)
             blocks.append(fc1.weight[:, start:start + C])
             start += C
         hidden = None
-        for tap_stride, (features, blocks) in groups.items():
+        for key, (features, blocks) in groups.items():
             feature = features[0] if len(features) == 1 else torch.cat(features, 1)
             columns = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
             part = F.conv2d(feature, columns[:, :, None, None])  # (B, head_dim, h_t, w_t)
-            if tap_stride:
-                part = _resample_to_grid(part, tap_stride, stride, grid_size)
+            if key:
+                part = _resample_to_grid(part, key[0], stride, grid_size)
             hidden = part.float() if hidden is None else hidden.add_(part)
         hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
