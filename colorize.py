@@ -43,17 +43,10 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (the problem and where the flags are listed)."""
-
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n')
-
-
 # --- Arguments ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-a', '--arch', default='vgg16', choices=sorted(MODELS), help='trunk architecture')
     p.add_argument('--objective', default='colorize', choices=('colorize', 'classify'),
                    help='colorize: the paper\'s pre-training; classify: the same trunk, loop and checkpoints '

@@ -1810,8 +1810,16 @@ def _remove_stale_tmp(parent, name):
 
 # ----------------------------------------------------------------------------------------------
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the problem and where the flags are listed); the
+    command-line parser of data.py, colorize.py and finetune_voc.py."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n')
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description='Data utilities: generate the demo world, or list '
+    ap = ArgumentParser(description='Data utilities: generate the demo world, or list '
                                  'and cache the images of pre-training folders.')
     sub = ap.add_subparsers(dest='cmd', required=True)
     demo = sub.add_parser('demo', help='generate the procedural demo world (once)')

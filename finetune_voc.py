@@ -43,7 +43,7 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, ArgumentParser, UserError, atomic_save, autocast, format_seconds, git_commit,
+from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
                       load_checkpoint, make_model as make_colorization_model, parameter_groups, plain_args,
                       refuse_to_overwrite, setup_device, step_seed)
 from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
@@ -85,7 +85,7 @@ TORCHVISION_FINAL = {'alexnet': 'classifier.6', 'vgg16': 'classifier.6', 'resnet
 # --- Arguments ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--task', choices=['cls', 'seg'], help='cls: VOC2007 classification (default); '
                    'seg: VOC2012 segmentation')
     p.add_argument('-a', '--arch', choices=sorted(MODELS),

@@ -1644,6 +1644,7 @@ def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     (colorize.main, ['--loss', 'rgb'], "invalid choice: 'rgb'"),
     (colorize.main, ['--steps', 'many'], "invalid int value: 'many'"),
     (ft.main, ['--task', 'detection'], "invalid choice: 'detection'"),
+    (data.main, ['pack', '--data', 'x'], 'the following arguments are required: --out'),
 ])
 def test_usage_errors_are_one_line(main, argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:
