@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 colorize.py -a resnet152 --data /imagenet/train /places205
     python colorize.py -a vgg16 --out runs/vgg16 --resume            # continue after a crash
     python colorize.py --colorize photo.jpg folder/ --checkpoint runs/vgg16/checkpoint.pt
+    python colorize.py -a vgg16 --benchmark [train|colorize]         # speed, against an in-run baseline
 
 Training reads uint8 crops from Pillow workers and does all float work on the device: Lab,
 the lightness input, P random pixels per image (sparse hypercolumns) and their 7x7 histogram
