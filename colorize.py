@@ -388,17 +388,23 @@ def plain_args(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def load_checkpoint(path):
-    """Reads a checkpoint written by save_checkpoint (never runs code from it)."""
+def read_torch_file(path, missing, name, hint):
+    """torch.load(path) to the CPU with weights_only=True (no code from the file runs). A missing
+    file raises UserError(missing); an unreadable one '{name} could not be read (why); {hint}'."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f'checkpoint {path} does not exist; train one with `python colorize.py --out DIR` '
-                        f'(it writes DIR/checkpoint.pt)')
+        raise UserError(missing)
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why, no traceback
-        raise UserError(f'checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
-                        f'is it a complete file written by colorize.py?') from None
+        raise UserError(f'{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); {hint}') from None
+
+
+def load_checkpoint(path):
+    """Reads a checkpoint written by save_checkpoint (never runs code from it)."""
+    ckpt = read_torch_file(path, f'checkpoint {path} does not exist; train one with `python colorize.py --out DIR` '
+                                 f'(it writes DIR/checkpoint.pt)',
+                           f'checkpoint {path}', 'is it a complete file written by colorize.py?')
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'config' not in ckpt:
         raise UserError(f'{path} is not a colorize.py checkpoint (expected a dict with "model" and "config")')
     return ckpt
@@ -846,11 +852,12 @@ def benchmark_colorize(args, device, size):
     model = fold_batchnorm(make_model(model_config(args)).eval()).to(device).eval()
     model = model.to(memory_format=torch.channels_last)
     photo = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    side = args.net_short_side if args.net_short_side is not None else round(sum(args.short_side) / 2)
+    side = network_short_side(args.net_short_side, args.short_side)
     rows = []
     n = 8192 if device.type == 'cuda' else 2048
     peak = _matmul_tflops(device, n)
-    print(f'reference: a {n}x{n} matmul ({"bf16" if device.type == "cuda" else "float32"}) runs at {peak:.3g} TFLOP/s here')
+    precision = 'bf16' if device.type == 'cuda' else 'float32'
+    print(f'reference: a {n}x{n} matmul ({precision}) runs at {peak:.3g} TFLOP/s here')
     for short_side in dict.fromkeys([side, 0]):  # once if they are the same
         colorize_array(model, photo, args.loss, device, short_side)  # warm-up (allocator, lazy init)
         times = []
@@ -865,7 +872,8 @@ def benchmark_colorize(args, device, size):
                          gflops=counter.get_total_flops() / 1e9, matmul_tflops=peak))
         r = rows[-1]
         print(f'colorize a {r["photo"]} photo, network at short side {short_side or "(own size)"}: '
-              f'{1000 * r["seconds"]:.0f} ms ({r["gflops"]:.0f} GFLOP, {r["gflops"] / r["seconds"] / 1000:.3g} TFLOP/s)',
+              f'{1000 * r["seconds"]:.0f} ms ({r["gflops"]:.0f} GFLOP, '
+              f'{r["gflops"] / r["seconds"] / 1000:.3g} TFLOP/s)',
               flush=True)
     return rows
 
@@ -891,12 +899,7 @@ def colorize_files(args):
     load_model_state(model, ckpt['model'], args.checkpoint)
     # Inference only: BatchNorm folded into the convs (same outputs, fewer passes over the maps).
     model = fold_batchnorm(model.eval()).to(device).eval().to(memory_format=torch.channels_last)
-    short_side = args.net_short_side
-    if short_side is None:
-        lo, hi = ckpt.get('args', {}).get('short_side') or (256, 256)  # older or foreign checkpoints
-        short_side = round((lo + hi) / 2)
-    if short_side < 0:
-        raise UserError(f'--net-short-side must be 0 (the photo\'s own size) or positive, got {short_side}')
+    short_side = network_short_side(args.net_short_side, ckpt.get('args', {}).get('short_side'))
     paths = []
     for item in args.colorize:
         p = Path(item)
@@ -921,6 +924,18 @@ def colorize_files(args):
         print(f'{path} -> {target}')
         done += 1
     print(f'colorized {done} image(s) into {args.output}' + (f'; {failed} unreadable skipped' if failed else ''))
+
+
+def network_short_side(requested, training_range):
+    """The short side at which the network sees a photo: --net-short-side (0: the photo's own), or
+    by default the middle of the training --short-side range (LO, HI), where objects look as large
+    as in training (256 for checkpoints that do not record it)."""
+    if requested is None:
+        lo, hi = training_range or (256, 256)
+        return round((lo + hi) / 2)
+    if requested < 0:
+        raise UserError(f'--net-short-side must be 0 (the photo\'s own size) or positive, got {requested}')
+    return requested
 
 
 @torch.no_grad()

@@ -1820,7 +1820,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv=None):
     ap = ArgumentParser(description='Data utilities: generate the demo world, or list '
-                                 'and cache the images of pre-training folders.')
+                        'and cache the images of pre-training folders.')
     sub = ap.add_subparsers(dest='cmd', required=True)
     demo = sub.add_parser('demo', help='generate the procedural demo world (once)')
     demo.add_argument('--root', default=DEFAULT_DEMO_ROOT, help='folder to write the demo world to')

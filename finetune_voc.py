@@ -45,7 +45,7 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
                       load_checkpoint, make_model as make_colorization_model, parameter_groups, plain_args,
-                      refuse_to_overwrite, setup_device, step_seed)
+                      read_torch_file, refuse_to_overwrite, setup_device, step_seed)
 from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
@@ -419,15 +419,9 @@ def make_finetune_model(task, arch, trunk_state, source, input_kind='gray', widt
 
 def read_weights(path):
     """torch.load a weights file safely (no code runs), with one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'--init {path}: no such file; pass a colorize.py checkpoint, "random", or a '
-                        f'torchvision state_dict file')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which and why
-        raise UserError(f'--init {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
-                        f'is it a complete checkpoint or state_dict?') from None
+    return read_torch_file(path, f'--init {path}: no such file; pass a colorize.py checkpoint, "random", or a '
+                                 f'torchvision state_dict file',
+                           f'--init {path}', 'is it a complete checkpoint or state_dict?')
 
 
 def colorization_trunk(ckpt, source):

@@ -286,7 +286,8 @@ def make_targets(kind, lab, points, window=7):
             # LCh of the window pixels only (B*P*K of them, not the whole B*H*W image).
             lch = lab_to_lch(_window_gather(lab, points, window).movedim(-1, 1))  # (B, 3, P, K)
             c = torch.hypot(centre[..., 1], centre[..., 2])
-            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS), chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS),
+            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS),
+                        chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS),
                         hue_weight=(c / CHROMA_MAX).clamp(max=1.0), lightness=lightness)
         if kind == 'l2':
             return dict(ab=centre[..., 1:] / L2_SCALE, lightness=lightness)
