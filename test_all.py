@@ -1530,13 +1530,14 @@ def _assert_same_weights(a, b):
 def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     train, val = folders
     out = tmp_path / 'run'
-    assert colorize.main(tiny_args(train, val, out, '--steps', '12', '--lr', '0.05', '--eval-every', '12')) == 0
+    # lr 0.02: 0.05 is unstable at this size, so whether the loss fell depended on float rounding
+    assert colorize.main(tiny_args(train, val, out, '--steps', '12', '--lr', '0.02', '--eval-every', '12')) == 0
     printed = capsys.readouterr().out
     assert 'step 12/12' in printed and 'eval step 12' in printed
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     evals = [e for e in log if e.get('eval')]
     assert [e['step'] for e in evals] == [0, 12]
-    assert evals[-1]['loss'] < evals[0]['loss']  # the head at least learns the colour statistics
+    assert evals[-1]['loss'] < evals[0]['loss'] - 0.3  # the head at least learns the colour statistics
     assert {'loss', 'chroma', 'hue', 'lr', 'img_per_s'} <= set(log[1])
     run = json.loads((out / 'run.json').read_text())
     assert run['torch'] == torch.__version__ and run['args']['arch'] == 'vgg16'
@@ -1747,6 +1748,26 @@ def test_lr_schedule_by_hand():
     args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
     got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
     assert got == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize('loss', ['huechroma', 'l2', 'ab'])
+def test_training_under_bf16_autocast(folders, tmp_path, monkeypatch, loss):
+    """The CUDA recipe's bf16 autocast, run on the CPU: dtypes must meet (targets and losses in float32,
+    the network in bf16), the loss stays finite and the checkpoint keeps float32 weights."""
+    entered = []
+
+    def bf16(device):
+        entered.append(device.type)
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+    monkeypatch.setattr(colorize, 'autocast', bf16)
+    train, val = folders
+    out = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--eval-every', '4', '--loss', loss)) == 0
+    assert entered  # the training step and the evaluation went through autocast
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert all(math.isfinite(e['loss']) for e in log) and [e['step'] for e in log if e.get('eval')] == [0, 4]
+    state = _state(out / 'checkpoint.pt')['model']
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_benchmark_mode_tiny(folders, tmp_path, capsys):
@@ -2276,6 +2297,27 @@ def test_end_to_end_segmentation_frozen(tmp_path, voc):
     trained = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
     assert all(torch.equal(trained[k], initial[k]) for k in initial if k.startswith('trunk.'))
     assert not torch.equal(trained['head.out.weight'], initial['head.out.weight'])
+
+
+@pytest.mark.parametrize('task', ['cls', 'seg'])
+def test_transfer_under_bf16_autocast(tmp_path, voc, monkeypatch, task):
+    """Fine-tuning with the CUDA recipe's bf16 autocast, run on the CPU: finite metrics, float32 weights."""
+    entered = []
+
+    def bf16(device):
+        entered.append(device.type)
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+    monkeypatch.setattr(ft, 'autocast', bf16)
+    colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
+    out = tmp_path / task
+    extra = ['--test-crops', '2'] if task == 'cls' else ['--extended-fov', '--test-images', '4']
+    assert ft.main(['--task', task, '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
+                    *extra, *COMMON]) == 0
+    assert entered
+    m = read_results(out)['metrics']
+    assert math.isfinite(m['map_noninterpolated'] if task == 'cls' else m['miou'])
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_check_frozen_fails_loudly():
