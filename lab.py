@@ -372,7 +372,11 @@ def decode(kind, logits, dim=-1):
                  histogram times min(R / 0.96, 1), R = resultant length of the hue histogram.
       ab: annealed mean (T = 0.38) of the cell centres.  l2: the regressed (a, b).
     """
-    z = _float(logits).movedim(dim, -1)
+    with _no_autocast(logits):  # the ab annealed mean is a matmul, which autocast would run in bf16
+        return _decode(kind, _float(logits).movedim(dim, -1)).movedim(-1, dim)
+
+
+def _decode(kind, z):
     if kind == 'huechroma':
         p_hue = F.softmax(z[..., :HUE_BINS], -1)
         p_chroma = F.softmax(z[..., HUE_BINS:], -1)
@@ -392,7 +396,7 @@ def decode(kind, logits, dim=-1):
         ab = p @ centres
     else:
         raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
-    return ab.movedim(-1, dim)
+    return ab
 
 
 def histogram_median(p):

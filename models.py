@@ -47,7 +47,8 @@ class ConvBN(nn.Module):
     (B, in_channels, H, W) -> (B, out_channels, H', W'). `affine=False` is the paper's BN without
     scale/shift after a conv with bias (VGG-16, AlexNet); `affine=True` is standard ResNet BN after
     a bias-free conv. `batchnorm=False` builds a conv with bias and an Identity in place of `bn`,
-    so a folded model (see `fold_batchnorm`) has the same keys.
+    so a folded model (see `fold_batchnorm`) has the same keys. Before BN without affine the conv
+    bias gets no gradient (BN subtracts it again); it only matters once folding writes the shift into it.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, *,
@@ -308,6 +309,11 @@ def sample_bilinear(feature, points, stride):
     (integer = pixel centre). Returns (B, P, C) in feature's dtype, equal to
     F.interpolate(feature, size=(h*stride, w*stride), mode='bilinear', align_corners=False)
     [b, :, y, x] at integer pixels. Differentiable with respect to `feature`.
+
+    That convention puts cell i at pixel stride * i + (stride - 1) / 2, which is exactly the centre
+    of its receptive field in VGG-16 (2x2 pools, centred convs). AlexNet's and ResNet's strided
+    layers centre cell i at stride * i instead, so most of their taps are read (stride - 1) / 2 pixels
+    off (half a cell): fixed, the same in training and in the dense path, learnt around.
     """
     B, C, h, w = feature.shape
     if points.dim() != 3 or points.shape[0] != B or points.shape[2] != 2:
@@ -412,7 +418,7 @@ class HypercolumnNet(nn.Module):
             part = F.conv2d(feature, columns[:, :, None, None])  # (B, head_dim, h_t, w_t)
             if key:
                 part = _resample_to_grid(part, key[0], stride, grid_size)
-            hidden = part.float() if hidden is None else hidden.add_(part)
+            hidden = part.to(torch.promote_types(part.dtype, torch.float32)) if hidden is None else hidden.add_(part)
         hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
         return F.conv2d(hidden, out.weight[:, :, None, None], out.bias)

@@ -295,6 +295,18 @@ def test_decode_dense_layout_and_hue_fading():
     assert ab.abs().max() < 1e-4
 
 
+@pytest.mark.parametrize('kind', lab.LOSSES)
+def test_decode_is_float32_under_autocast(kind):
+    # colorize.py decodes inside the bf16 autocast region; the ab annealed mean is a matmul that
+    # autocast would otherwise run in bf16 (0.4 Lab units off).
+    logits = torch.randn(2, 5, lab.output_dim(kind), generator=torch.Generator().manual_seed(0)) * 3
+    reference = lab.decode(kind, logits)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = lab.decode(kind, logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference)
+
+
 def test_histogram_median_by_hand():
     p = torch.tensor([[0.1, 0.2, 0.4, 0.3], [0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
     # row 0: cdf 0.1, 0.3, 0.7 -> crosses in bin 2 at (0.5 - 0.3) / 0.4 = 0.5 -> 2.5
@@ -598,6 +610,16 @@ def test_dense_under_autocast_and_channels_last():
     assert low.shape == reference.shape and low.dtype == torch.bfloat16
     err = (low.float() - reference).abs().max()
     assert err <= 0.03 * reference.abs().max(), err  # bf16: ~1% here
+
+
+def test_dense_in_float64():
+    torch.manual_seed(0)
+    model = tiny('alexnet').eval()
+    x = torch.randn(1, 1, 40, 36)
+    with torch.no_grad():
+        got = model.double().dense(x.double())
+        assert got.dtype == torch.float64
+        close(got.float(), model.float().dense(x), rel=1e-4)
 
 
 def test_sparse_gradients_reach_trunk_and_head():
