@@ -1140,6 +1140,18 @@ def voc_classification(voc2007_root, split):
     return paths, np.array(labels, dtype=np.int8).T.copy()
 
 
+def _train_aug_lists(voc2012_dir):
+    return [os.path.join(voc2012_dir, 'ImageSets', 'Segmentation', 'train_aug.txt'),
+            os.path.join(voc2012_dir, 'train_aug.txt')]
+
+
+def has_train_aug(voc2012_root):
+    """Whether the SBD-augmented set (SegmentationClassAug/ and a train_aug.txt) is in the devkit."""
+    root = _voc_dir(voc2012_root, 2012)
+    return (os.path.isdir(os.path.join(root, 'SegmentationClassAug'))
+            and any(os.path.exists(p) for p in _train_aug_lists(root)))
+
+
 def voc_segmentation(voc2012_root, split, augmented=False):
     """VOC2012 segmentation set: list of (image path, label PNG path).
 
@@ -1153,8 +1165,7 @@ def voc_segmentation(voc2012_root, split, augmented=False):
     if augmented and split == 'train':
         split = 'train_aug'
     if split == 'train_aug':
-        lists = [os.path.join(root, 'ImageSets', 'Segmentation', 'train_aug.txt'),
-                 os.path.join(root, 'train_aug.txt')]
+        lists = _train_aug_lists(root)
         list_path = next((p for p in lists if os.path.exists(p)), None)
         if list_path is None or not os.path.isdir(os.path.join(root, 'SegmentationClassAug')):
             raise FileNotFoundError(

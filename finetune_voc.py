@@ -46,7 +46,7 @@ from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLO
 from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
                       load_checkpoint, make_model as make_colorization_model, parameter_groups, plain_args,
                       read_torch_file, refuse_to_overwrite, setup_device, step_seed)
-from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm, sample_points
+from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
 SEG_CLASSES = ('background',) + tuple(data.VOC_CLASSES)
@@ -54,12 +54,13 @@ IGNORE = 255  # VOC's "void" label: outlines and unlabelled pixels
 EVAL_SEED = 1234  # test-time crops and held-out images: the same for every run, so runs compare
 
 # Protocol defaults (DESIGN.md section 6). lr milestones are fractions of --steps: cls halves
-# every 10k of 80k, seg drops x0.1 at 22.5k and 30k of 40k.
+# every 10k of 80k, seg drops x0.1 at 22.5k and 30k of 40k. seg's train_split None: train_aug
+# (train + SBD) when the devkit has it, else train.
 TASK_DEFAULTS = {
     'cls': dict(train_split='trainval', test_split='test', crop=224, batch_size=16, steps=80_000,
                 lr=1e-3, lr_milestones=[k / 8 for k in range(1, 8)], lr_gamma=0.5, weight_decay=5e-4,
                 clip_grad=10.0, input='lab', test_crops=10, test_images=0, demo_steps=2000),
-    'seg': dict(train_split='train', test_split='val', crop=448, batch_size=10, steps=40_000,
+    'seg': dict(train_split=None, test_split='val', crop=448, batch_size=10, steps=40_000,
                 lr=1e-3, lr_milestones=[22.5 / 40, 30 / 40], lr_gamma=0.1, weight_decay=5e-4,
                 clip_grad=0.0, input='gray', test_crops=1, test_images=0, demo_steps=2000),
 }
@@ -98,8 +99,8 @@ def parse_args(argv=None):
                    "the demo world's VOC-layout set, generated on first use under --demo-root")
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world lives / is generated')
     p.add_argument('--out', type=Path, help='run folder (default runs/voc-<task>-<arch>-<init name>)')
-    p.add_argument('--train-split', help='training split (default trainval for cls, train for seg; '
-                   'train_aug = train + SBD when SegmentationClassAug and train_aug.txt are present)')
+    p.add_argument('--train-split', help='training split (default: trainval for cls; for seg train_aug, i.e. '
+                   'train + SBD, when SegmentationClassAug/ and train_aug.txt are present, else train)')
     p.add_argument('--test-split', help='evaluation split (default test for cls, val for seg)')
     p.add_argument('--steps', type=int, help='training iterations (default 80k cls, 40k seg; on the demo world '
                    '2000, or on a CPU 100 cls / 50 seg)')
@@ -356,9 +357,14 @@ def first_conv_name(trunk):
     return next(name for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d))
 
 
+def _is_new_trunk_layer(name):
+    """The extended-FOV layers (fov1, fov2): part of the trunk, but new at transfer, so they train."""
+    return re.match(r'fov\d+$', name.split('.')[0]) is not None
+
+
 def new_layer_keys(model):
     """Keys of `model` that no pre-trained trunk provides: the classifier / head and the fov layers."""
-    return {k for k in model.state_dict() if not k.startswith('trunk.') or re.match(r'trunk\.fov\d+\.', k)}
+    return {k for k in model.state_dict() if not k.startswith('trunk.') or _is_new_trunk_layer(k[len('trunk.'):])}
 
 
 def check_keys(missing, unexpected, expected_missing, source, expected_unexpected=()):
@@ -715,7 +721,10 @@ def export(args):
 # --- Data ---------------------------------------------------------------------------------------
 
 def random_scale_crop(rgb, label, crop, scale, rng, flip=True):
-    """Scale the image by U[scale], zero-pad (labels: 255) to at least crop, random crop, flip.
+    """Scale the image by U[scale], pad to at least crop, random crop, flip.
+
+    The padding is the protocol's zero padding of the network input: mid grey (L* = 50, a* = b* = 0,
+    lab.GRAY_SRGB8), which the network sees as 0, as its own convolutions' padding; labels pad with 255.
 
     rgb uint8 (H, W, 3), label uint8 (H, W) or None -> uint8 (crop, crop, 3), (crop, crop) or None.
     An image smaller than the crop lands at a random place in it. Always the same number of draws.
@@ -727,7 +736,7 @@ def random_scale_crop(rgb, label, crop, scale, rng, flip=True):
     rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
     if label is not None:
         label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))  # class indices: no blending
-    out = np.zeros((crop, crop, 3), np.uint8)
+    out = np.full((crop, crop, 3), lab.GRAY_SRGB8, np.uint8)
     out_label = np.full((crop, crop), IGNORE, np.uint8)
     (src_y, dst_y, n_y), (src_x, dst_x, n_x) = (_crop_window(size, crop, u) for size, u in ((h, u_y), (w, u_x)))
     out[dst_y:dst_y + n_y, dst_x:dst_x + n_x] = rgb[src_y:src_y + n_y, src_x:src_x + n_x]
@@ -821,6 +830,8 @@ def voc_sets(args):
             train = list(zip(train_paths, train_labels))
             test = list(zip(test_paths, test_labels))
         else:
+            if args.train_split is None:  # the protocol: train + SBD (10,582 images) when it is there
+                args.train_split = 'train_aug' if data.has_train_aug(root) else 'train'
             train = data.voc_segmentation(root, args.train_split)
             test = data.voc_segmentation(root, args.test_split)
     except (FileNotFoundError, ValueError) as e:
@@ -873,9 +884,8 @@ def train_loss(model, batch, args, device):
         with autocast(device):
             logits = model(x)
         return multilabel_loss(logits.float(), target)
-    B, _, H, W = x.shape
-    points = sample_points(B, H, W, args.points, border=0, device=device)  # pixels on padding are 255: ignored
-    labels = target.long()[torch.arange(B, device=device)[:, None], points[..., 0], points[..., 1]]  # (B, P)
+    points = sample_labelled_points(target, args.points)  # (B, P, 2)
+    labels = target.long()[torch.arange(len(target), device=device)[:, None], points[..., 0], points[..., 1]]
     with autocast(device):
         logits = model(x, points)  # (B, P, 21)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -883,11 +893,33 @@ def train_loss(model, batch, args, device):
     return loss / (labels != IGNORE).sum().clamp(min=1)
 
 
+def sample_labelled_points(labels, count):
+    """`count` pixels per image, uniform without replacement among those with a label (not 255).
+
+    labels: (B, H, W) integer class maps on the device -> (B, count, 2) int64 (y, x). Padding and void
+    outlines are 255, often a sixth of a crop: sampling them would waste points. An image with fewer
+    labelled pixels than `count` gets all of them, topped up with unlabelled ones (ignored by the
+    loss). Random keys plus a top-k: no host sync, unlike torch.multinomial's checks.
+    """
+    B, H, W = labels.shape
+    keys = torch.rand(B, H * W, device=labels.device) + (labels.reshape(B, H * W) != IGNORE)  # labelled: [1, 2)
+    index = keys.topk(count, dim=1, sorted=False).indices  # (B, count)
+    return torch.stack([index // W, index % W], dim=-1)
+
+
 def set_train_mode(model, freeze):
     model.train()
-    if freeze:
-        model.trunk.eval()  # frozen features: no dropout inside the trunk either
+    if freeze:  # frozen features: no dropout inside the pre-trained trunk either
+        for name, module in model.trunk.named_children():
+            if not _is_new_trunk_layer(name):
+                module.eval()
     return model
+
+
+def freeze_pretrained(model):
+    """--freeze: no gradient for the pre-trained trunk; the new layers (head, fov) still train."""
+    for name, p in model.trunk.named_parameters():
+        p.requires_grad_(_is_new_trunk_layer(name))
 
 
 def save_checkpoint(path, model, optimizer, step, args, init_info):
@@ -981,8 +1013,9 @@ def train(model, train_set, args, device, init_info, ckpt=None):
 
 
 def check_frozen(model, initial_state):
-    """--freeze: fail loudly if any trunk weight differs from its initial value."""
-    changed = [k for k, v in model.trunk.state_dict().items() if not torch.equal(v.cpu(), initial_state[f'trunk.{k}'])]
+    """--freeze: fail loudly if any pre-trained trunk weight differs from its initial value."""
+    changed = [k for k, v in model.trunk.state_dict().items()
+               if not _is_new_trunk_layer(k) and not torch.equal(v.cpu(), initial_state[f'trunk.{k}'])]
     if changed:
         raise RuntimeError(f'--freeze: {len(changed)} frozen trunk tensors changed during training, e.g. '
                            f'{changed[:3]}; this is a bug in the freezing code')
@@ -1107,7 +1140,7 @@ def run(args):
           + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
           + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init, '
           f'input {args.input}'
-          + (', frozen trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
+          + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
           + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
           + ('' if device.type == 'cuda' else
              ' (CPU: small crop, batch and test crops so the demo finishes in minutes)'))
@@ -1116,7 +1149,7 @@ def run(args):
                                 args.fc_dim, args.extended_fov, args.head_dim, args.dropout, args.seed)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.freeze:
-        model.trunk.requires_grad_(False)
+        freeze_pretrained(model)
     model = model.to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)

@@ -36,6 +36,7 @@ LAB_KAPPA = 3.0 * (6.0 / 29.0) ** 2  # slope denominator of the linear segment: 
 
 L_CENTER, L_SCALE = 50.0, 50.0  # network input: (L - 50) / 50, L in [0, 100] -> [-1, 1]
 AB_SCALE = 50.0  # a*, b* fed as input (finetune --input lab) are divided by this
+GRAY_SRGB8 = 119  # 8-bit sRGB grey nearest L* = 50 (50.03, a* = b* = 0): pads to a network input of ~0
 
 HUE_BINS = 32  # uniform on the circle, bin k covers [k, k+1) * 2 pi / 32
 CHROMA_BINS = 32  # uniform on [0, CHROMA_MAX], chroma above goes to the last bin

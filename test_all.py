@@ -1124,10 +1124,18 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     assert label.dtype == np.uint8 and label[2, 3] == 15 and label[1, 2] == 255 and label[0, 0] == 0
     with pytest.raises(FileNotFoundError, match='train_aug'):
         data.voc_segmentation(voc12, 'train_aug')
+    assert not data.has_train_aug(tmp_path)
     # The common DeepLab form of the list, at the VOC2012 root, with gray label PNGs.
     (voc12 / 'train_aug.txt').write_text(
         '/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n'
         '/JPEGImages/2008_000001.jpg /SegmentationClassAug/2008_000001.png\n')
+    assert data.has_train_aug(tmp_path) and data.has_train_aug(voc12)
+    # finetune_voc.py --task seg trains on train_aug by default when it is there (DESIGN.md section 6).
+    args = ft.fill_defaults(ft.parse_args(['--task', 'seg', '--voc-root', str(tmp_path), '--batch-size', '2']),
+                            torch.device('cpu'))
+    assert args.train_split is None
+    ft.voc_sets(args)
+    assert args.train_split == 'train_aug'
     aug = data.voc_segmentation(voc12, 'train', augmented=True)
     assert [os.path.basename(os.path.dirname(lab)) for _, lab in aug] == ['SegmentationClassAug'] * 2
     assert np.array_equal(data.load_label(aug[0][1]), label)
@@ -2313,12 +2321,15 @@ def test_end_to_end_segmentation_frozen(tmp_path, voc):
     assert r['task'] == 'seg' and r['args']['input'] == 'gray' and r['args']['freeze']
     assert 0 <= m['miou'] <= 1 and 0 <= m['pixel_acc'] <= 1 and list(m['iou']) == list(ft.SEG_CLASSES)
     assert sum(map(sum, m['confusion'])) > 0 and m['test_images'] == 4
-    # --freeze: every trunk weight is still the initial one; the head did train.
+    # --freeze: every pre-trained trunk weight is still the initial one; the new layers (the head, and
+    # the extended-FOV layers, which are part of the trunk but randomly initialised) did train.
     initial = ft.make_finetune_model('seg', 'alexnet', ft.random_trunk('alexnet', 1 / 16, 16, 0), 'init', 'gray',
                                      1 / 16, 16, True, 8).state_dict()
     trained = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
-    assert all(torch.equal(trained[k], initial[k]) for k in initial if k.startswith('trunk.'))
-    assert not torch.equal(trained['head.out.weight'], initial['head.out.weight'])
+    pretrained = [k for k in initial if k.startswith('trunk.') and not k.startswith('trunk.fov')]
+    assert pretrained and all(torch.equal(trained[k], initial[k]) for k in pretrained)
+    for new in ('head.out.weight', 'trunk.fov1.conv.weight', 'trunk.fov2.conv.weight'):
+        assert not torch.equal(trained[new], initial[new]), new
 
 
 @pytest.mark.parametrize('task', ['cls', 'seg'])
@@ -2370,6 +2381,41 @@ def test_resume_is_exact(tmp_path, voc):
     before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
+
+
+def test_seg_points_fall_on_labelled_pixels():
+    torch.manual_seed(0)
+    labels = torch.full((3, 20, 30), ft.IGNORE, dtype=torch.uint8)
+    labels[0, 2:8, 5:15] = 3  # 60 labelled pixels
+    labels[1, :, :] = 0  # all labelled
+    labels[2, 10, 3:8] = 7  # 5 labelled pixels, fewer than asked
+    points = ft.sample_labelled_points(labels, 16)
+    assert points.shape == (3, 16, 2) and points.dtype == torch.int64
+    got = labels[torch.arange(3)[:, None], points[..., 0], points[..., 1]]
+    assert (got[0] == 3).all() and (got[1] == 0).all()
+    assert (got[2] == 7).sum() == 5  # every labelled pixel, then unlabelled ones (ignored by the loss)
+    flat = points[..., 0] * 30 + points[..., 1]
+    assert all(len(set(row.tolist())) == 16 for row in flat)  # without replacement
+    # Uniform over the labelled pixels: each of image 0's 60 pixels about 16/60 of the time.
+    hits = torch.zeros(20 * 30)
+    for _ in range(300):
+        p = ft.sample_labelled_points(labels[:1], 16)[0]
+        hits.index_add_(0, p[:, 0] * 30 + p[:, 1], torch.ones(16))
+    share = hits.view(20, 30)[2:8, 5:15] / 300
+    assert share.sum() * 300 == pytest.approx(hits.sum()) and share.min() > 0.12 and share.max() < 0.42
+
+
+def test_crop_padding_is_a_zero_network_input():
+    # The protocol zero-pads the network input. L* = 50 is our zero: Y = ((50 + 16) / 116)^3, sRGB-encoded.
+    y = ((50 + 16) / 116) ** 3
+    assert lab.GRAY_SRGB8 == round(255 * (1.055 * y ** (1 / 2.4) - 0.055))
+    rgb = np.full((10, 12, 3), 200, np.uint8)
+    out, label = ft.random_scale_crop(rgb, np.zeros((10, 12), np.uint8), 32, (1, 1), np.random.default_rng(0))
+    pad = label == ft.IGNORE
+    assert pad.sum() == 32 * 32 - 10 * 12
+    for kind in ('gray', 'lab'):
+        x = ft.network_input(torch.from_numpy(out).permute(2, 0, 1), kind, torch.device('cpu'))
+        assert x[:, torch.from_numpy(pad)].abs().max() < 2e-3 and x[0, torch.from_numpy(~pad)].abs().min() > 0.3
 
 
 def test_cls_scale_shrinks_with_the_crop(voc):
