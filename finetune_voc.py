@@ -103,7 +103,7 @@ def parse_args(argv=None):
                    'train + SBD, when SegmentationClassAug/ and train_aug.txt are present, else train)')
     p.add_argument('--test-split', help='evaluation split (default test for cls, val for seg)')
     p.add_argument('--steps', type=int, help='training iterations (default 80k cls, 40k seg; on the demo world '
-                   '2000, or on a CPU 100 cls / 50 seg)')
+                   '2000, or on a CPU 100 cls / 50 seg); the lr milestones scale with it')
     p.add_argument('--batch-size', type=int, help='images per step (default 16 cls, 10 seg; 8 / 4 on a CPU)')
     p.add_argument('--lr', type=float, help='initial learning rate (default 1e-3)')
     p.add_argument('--lr-milestones', type=float, nargs='+', metavar='FRAC',
@@ -1178,8 +1178,10 @@ def run_feature_shift(model, initial_state, test_items, args, device):
     before.load_state_dict(initial_state)
     images = held_out_images(test_items, args.shift_images, args.crop)
     shift = feature_shift(before.trunk, model.trunk, images, args.input, device, args.shift_pool)
-    print(f'feature shift (linear CKA, initial vs fine-tuned, {len(images)} held-out images, maps pooled to '
-          f'{args.shift_pool}x{args.shift_pool}; 1 = unchanged)')
+    fewer = (f' (--shift-images {args.shift_images}, but the evaluated test set has {len(images)})'
+             if len(images) < args.shift_images else '')
+    print(f'feature shift (linear CKA, initial vs fine-tuned, {len(images)} held-out images{fewer}, maps pooled '
+          f'to {args.shift_pool}x{args.shift_pool}; 1 = unchanged)')
     for name, value in shift.items():
         print(f'{name:<12}{value:>8.4f}')
     write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool))
@@ -1202,11 +1204,16 @@ def write_json(path, obj):
 
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}
-SUMMARY_GROUP = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', 'extended_fov')
+SUMMARY_SHOWN = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', 'extended_fov')
+SUMMARY_GROUP = tuple(k for k in RESUMED_FLAGS if k not in ('init', 'seed'))  # runs differing only in seed
 
 
 def summarize(paths):
-    """Mean +- sample std over seeds of each group of finished runs (same init and flags but --seed)."""
+    """Mean +- sample std over seeds of each group of finished runs (same init and flags but --seed).
+
+    Every flag that shapes a result (RESUMED_FLAGS but the seed) must match within a group; the
+    printed line names the usual ones and any other flag that differs between the groups.
+    """
     groups = {}
     for path in paths:
         path = path / 'results.json' if path.is_dir() else path
@@ -1215,22 +1222,27 @@ def summarize(paths):
         try:
             r = json.loads(path.read_text())
             init = r['init'].get('path') or r['init']['kind']
-        except (ValueError, KeyError, AttributeError):
+            flags = {k: r['args'].get(k) for k in SUMMARY_GROUP}
+            metrics = r['metrics']
+        except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
-        key = (init,) + tuple(r['args'].get(k) for k in SUMMARY_GROUP)
-        groups.setdefault(key, []).append(r['metrics'])
+        key = json.dumps([init, flags], sort_keys=True)  # lists (scale, milestones) too
+        groups.setdefault(key, (init, flags, []))[2].append(metrics)
+    varying = [k for k in SUMMARY_GROUP
+               if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for _, f, _ in groups.values()}) > 1]
     rows = []
-    for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        task = key[1]
-        row = dict(zip(('init',) + SUMMARY_GROUP, key), runs=len(runs))
+    for key in sorted(groups):
+        init, flags, runs = groups[key]
+        task = flags['task']
+        row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
-        flags = ' '.join(f'{k}={row[k]}' for k in SUMMARY_GROUP[1:] if row[k] not in (None, False))
+        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying) if row[k] not in (None, False))
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
-        print(f'{task} init={row["init"]} {flags} | {metrics} (n={len(runs)})')
+        print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')
     return rows
 
 

@@ -2449,12 +2449,12 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
 
 
 def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
-    def result(folder, init, seed, value):
+    def result(folder, init, seed, value, lr=0.001):
         folder.mkdir()
         (folder / 'results.json').write_text(json.dumps(dict(
             init=dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init),
             args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
-                      extended_fov=False, seed=seed),
+                      extended_fov=False, seed=seed, lr=lr, scale=[0.5, 2.0]),
             metrics=dict(map_voc07_11point=value, map_noninterpolated=value / 2))))
         return folder
     runs = [result(tmp_path / f'c{i}', 'c.pt', i, v) for i, v in enumerate((0.50, 0.60, 0.70))]
@@ -2469,3 +2469,9 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     # A single run has no spread to print.
     ft.summarize([result(tmp_path / 'one', 'one.pt', 0, 0.40)])
     assert 'map_voc07_11point 40.0 | map_noninterpolated 20.0 (n=1)' in capsys.readouterr().out
+    # Runs that differ in a flag other than the seed (here --lr) are not averaged together, and the
+    # flag is named in their lines.
+    rows = ft.summarize([*runs[:2], result(tmp_path / 'c-lr', 'c.pt', 2, 0.10, lr=0.01)])
+    assert sorted(r['runs'] for r in rows) == [1, 2]
+    out = capsys.readouterr().out
+    assert 'lr=0.001 | map_voc07_11point 55.0 +- 7.1' in out and 'lr=0.01 | map_voc07_11point 10.0 |' in out
