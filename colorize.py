@@ -14,6 +14,7 @@ and smaller defaults so the demo finishes in minutes. A run writes to --out: che
 (atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -95,7 +96,8 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores per GPU on this '
                    'node less one, at most 16; 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
-                   help='continue from CKPT (default: <out>/checkpoint.pt)')
+                   help='continue the run of CKPT (default: <out>/checkpoint.pt) with its settings (data, '
+                        'network, schedule); flags given anew may change only the schedule')
     p.add_argument('--log-every', type=int, default=None, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--eval-every', type=int, default=None, help='steps between evaluations (default ~5 per run)')
     p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')
@@ -173,7 +175,7 @@ def fill_defaults(args, device, world):
     args.log_every = args.log_every or max(1, args.steps // 50)
     args.eval_every = args.eval_every or max(1, args.steps // 5)
     args.save_every = args.save_every or args.eval_every
-    args.out = args.out or HERE / 'runs' / f'{args.arch}-{args.loss}'
+    args.out = args.out or default_out(args)
     if args.crop <= 2 * args.border:
         raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
                         f'use a smaller --border or a larger --crop')
@@ -183,6 +185,45 @@ def fill_defaults(args, device, world):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     return args
+
+
+# Flags that define a run: --resume takes the ones not given from the checkpoint (so resuming with
+# fewer flags, e.g. without --data, continues the same run). Given explicitly with another value,
+# the schedule flags win (a longer --steps, say, and the run says so); the others would change the
+# data order, the pixels or the network, and are refused.
+RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdout', 'subset', 'demo_root',
+             'seed', 'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window',
+             'lightness_weight', 'width', 'fc_dim')
+SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share')
+
+
+def resume_settings(args, ckpt, path, world):
+    """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
+    saved, defaults = ckpt['args'], plain_args(parse_args([]))
+    given_args = plain_args(args)
+    for name in RUN_FLAGS + SCHEDULE_FLAGS:
+        if name not in saved:
+            continue
+        given, was = given_args[name], saved[name]
+        if given is None or given == defaults[name] or given == was:
+            value = was
+            setattr(args, name, Path(value) if isinstance(getattr(args, name), Path) and value is not None else value)
+            continue
+        flag = '--' + name.replace('_', '-')
+        shown = ' '.join(map(str, was)) if isinstance(was, list) else was
+        if name in SCHEDULE_FLAGS:
+            print(f'resuming with {flag} {given} where {path} had {shown}')
+        else:
+            raise UserError(f'{path} was trained with {flag} {shown}; resuming with another {flag} would not continue '
+                            f'that run: drop the flag, or start a new run with another --out')
+    if ckpt.get('world', world) != world:
+        raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
+                        f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
+                        f'(or the same total over nodes)')
+
+
+def default_out(args):
+    return HERE / 'runs' / f'{args.arch}-{args.loss}'
 
 
 def lr_at(step, args):
@@ -358,14 +399,21 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
-def save_checkpoint(path, model, optimizer, step, args, counter):
-    """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one."""
+def save_checkpoint(path, model, optimizer, step, args, counter, images):
+    """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one.
+    `images` (data_identity of the training list) lets --resume notice a changed image list."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args=plain_args(args),
+                 world=dist.get_world_size() if dist.is_initialized() else 1,
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 data=dict(seed=args.seed, step=step), counts=counter.state_dict())
+                 data=dict(seed=args.seed, step=step, images=images), counts=counter.state_dict())
     atomic_save(state, path)
+
+
+def data_identity(paths):
+    """(count, sha1 of the list): the data order of a run is a function of its image list."""
+    return dict(count=len(paths), sha1=hashlib.sha1('\n'.join(map(str, paths)).encode()).hexdigest())
 
 
 def refuse_to_overwrite(out, resume):
@@ -554,20 +602,18 @@ def parameter_groups(model, weight_decay):
 def train(args):
     device, rank, world, _ = setup_device(args)
     master = rank == 0
+    args.out = args.out or default_out(args)
+    ckpt = None
+    if args.resume:
+        resume_path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
+        ckpt = load_checkpoint(resume_path)
+        if 'args' not in ckpt or 'optimizer' not in ckpt:
+            raise UserError(f'{resume_path} is a colorize.py checkpoint without its training state; '
+                            f'use it with --init or --colorize, not --resume')
+        resume_settings(args, ckpt, resume_path, world)
     fill_defaults(args, device, world)
     refuse_to_overwrite(args.out, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if args.resume:
-        path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
-        ckpt = load_checkpoint(path)
-        saved = ckpt['config']
-        asked = dict(arch=args.arch, objective=args.objective, loss=args.loss)
-        found = {k: saved.get(k, 'colorize') for k in asked}
-        if found != asked:
-            raise UserError(f'{path} was trained with ' + ' '.join(f'--{k} {v}' for k, v in found.items())
-                            + '; resume with those flags')
-        args.width, args.fc_dim = saved['width'], saved['fc_dim']
     train_paths, val_paths = image_sources(args, master)
     labels = None
     if args.objective == 'classify':
@@ -575,6 +621,11 @@ def train(args):
         train_paths, val_paths, args.class_names = labels['train_paths'], labels['val_paths'], labels['names']
     else:
         train_paths = take_subset(args, train_paths)
+    train_list = data_identity(train_paths)
+    if ckpt is not None and ckpt['data'].get('images', train_list) != train_list and master:
+        print(f'warning: the training images changed since {resume_path} was written '
+              f'({ckpt["data"]["images"]["count"]} then, {train_list["count"]} now): the run continues, '
+              f'but not in the order it would have had')
     if master:
         task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
         print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}; '
@@ -587,15 +638,17 @@ def train(args):
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     start, counter = 0, data.StatusCounter()
     if ckpt is not None:
-        load_model_state(model, ckpt['model'], args.resume)
+        load_model_state(model, ckpt['model'], resume_path)
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
+            group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
         start = ckpt['step']
         counter.load_state_dict(ckpt['counts'])
         torch.set_rng_state(ckpt['rng']['cpu'])
         if device.type == 'cuda' and ckpt['rng']['cuda']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         if master:
-            print(f'resumed from {args.resume if args.resume != "auto" else args.out / "checkpoint.pt"} at step {start}')
+            print(f'resumed from {resume_path} at step {start}')
     raw_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -649,7 +702,7 @@ def train(args):
         if master and (step % args.eval_every == 0 or step == args.steps):
             evaluate_and_show(raw_model, val, args, device, log, step)
         if master and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter)
+            save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter, train_list)
         paused += time.perf_counter() - t  # evaluation and saving do not count against img/s
         if args.exit_after is not None and step >= args.exit_after:
             break

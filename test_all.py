@@ -1592,6 +1592,36 @@ def test_resume_after_exit_is_exact(folders, tmp_path):
         assert torch.equal(x['momentum_buffer'], y['momentum_buffer'])
 
 
+def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys):
+    """`--out DIR --resume` alone continues the run as it was started (its data, network and
+    schedule), not the demo world with default settings; contradicting flags are refused."""
+    train, val = folders
+    common = ['--steps', '6', '--save-every', '3', '--lr', '0.02', '--seed', '3']
+    assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
+    assert colorize.main(tiny_args(train, val, tmp_path / 'b', *common, '--exit-after', '3')) == 0
+    capsys.readouterr()
+    assert colorize.main(['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']) == 0
+    printed = capsys.readouterr().out
+    assert 'demo world' not in printed and 'resumed from' in printed and 'step 6/6' in printed
+    _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(tmp_path / 'b' / 'checkpoint.pt'))
+    assert _state(tmp_path / 'b' / 'checkpoint.pt')['args']['data'] == [str(train)]
+
+    resume = ['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']
+    assert colorize.main([*resume, '--seed', '4']) == 2  # another data order: refused
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'was trained with --seed 3' in err
+    assert colorize.main([*resume, '--crop', '48']) == 2
+    assert 'was trained with --crop 32' in capsys.readouterr().err
+    assert colorize.main([*resume, '--steps', '8']) == 0  # a longer schedule is allowed, and said
+    printed = capsys.readouterr().out
+    assert 'resuming with --steps 8' in printed and 'step 8/8' in printed
+    ckpt = _state(tmp_path / 'b' / 'checkpoint.pt')
+    ckpt['world'] = 2
+    torch.save(ckpt, tmp_path / 'b' / 'checkpoint.pt')
+    assert colorize.main([*resume, '--steps', '9']) == 2
+    assert 'trained by 2 processes' in capsys.readouterr().err
+
+
 def test_resume_after_sigkill_is_exact(folders, tmp_path):
     """Kill a run at an arbitrary moment (checkpoints every step), resume: same weights."""
     train, val = folders
