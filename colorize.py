@@ -953,18 +953,10 @@ def colorize_files(args):
     # Inference only: BatchNorm folded into the convs (same outputs, fewer passes over the maps).
     model = fold_batchnorm(model.eval()).to(device).eval().to(memory_format=torch.channels_last)
     short_side = network_short_side(args.net_short_side, ckpt.get('args', {}).get('short_side'))
-    paths = []
-    for item in args.colorize:
-        p = Path(item)
-        if p.is_dir():
-            paths += data.find_images([p])
-        elif p.is_file():
-            paths.append(str(p))
-        else:
-            raise UserError(f'--colorize {item}: no such file or folder')
+    jobs = output_names(args.colorize, args.output)
     args.output.mkdir(parents=True, exist_ok=True)
     done = failed = 0
-    for path in paths:
+    for path, target in jobs:
         try:
             rgb = data.load_rgb(path)  # EXIF orientation applied; grayscale becomes 3 equal channels
         except data.BadImage as e:
@@ -972,11 +964,38 @@ def colorize_files(args):
             failed += 1
             continue
         out = colorize_array(model, rgb, config['loss'], device, short_side)
-        target = args.output / (Path(path).stem + '.png')
+        target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(out).save(target)
         print(f'{path} -> {target}')
         done += 1
     print(f'colorized {done} image(s) into {args.output}' + (f'; {failed} unreadable skipped' if failed else ''))
+
+
+def output_names(items, output):
+    """[(input path, output PNG path)] for --colorize's files and folders. A folder's images keep their
+    place below it (photos/a/x.jpg -> OUTPUT/a/x.png); names that would still collide get _2, _3, ...;
+    an output that would replace one of the inputs is refused."""
+    jobs = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            jobs += [(path, Path(path).relative_to(p).with_suffix('.png')) for path in data.find_images([p])]
+        elif p.is_file():
+            jobs.append((str(p), Path(p.name).with_suffix('.png')))
+        else:
+            raise UserError(f'--colorize {item}: no such file or folder')
+    inputs = {Path(path).resolve() for path, _ in jobs}
+    taken, named = set(), []
+    for path, rel in jobs:
+        target, k = output / rel, 1
+        while target in taken:
+            k += 1
+            target = output / rel.with_name(f'{rel.stem}_{k}.png')
+        if target.resolve() in inputs:
+            raise UserError(f'--colorize would write {target} over the input image {target}; choose another --output')
+        taken.add(target)
+        named.append((path, target))
+    return named
 
 
 def network_short_side(requested, training_range):

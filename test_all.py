@@ -1770,6 +1770,21 @@ def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_p
     assert (lightness(plain) - lightness(rgb)).abs().median() < 1.0
 
 
+def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
+    photos = tmp_path / 'photos'
+    for rel in ('a/x.jpg', 'b/x.jpg', 'a/x.png', 'y.JPEG'):
+        _write_rgb(photos / rel, fmt='JPEG' if rel.lower().endswith(('jpg', 'jpeg')) else 'PNG')
+    single = tmp_path / 'single' / 'x.jpg'
+    _write_rgb(single, fmt='JPEG')
+    jobs = colorize.output_names([str(photos), str(single)], tmp_path / 'out')
+    got = {Path(path).relative_to(tmp_path).as_posix(): target.relative_to(tmp_path / 'out').as_posix()
+           for path, target in jobs}
+    assert got == {'photos/a/x.jpg': 'a/x.png', 'photos/a/x.png': 'a/x_2.png', 'photos/b/x.jpg': 'b/x.png',
+                   'photos/y.JPEG': 'y.png', 'single/x.jpg': 'x.png'}
+    with pytest.raises(colorize.UserError, match='over the input'):
+        colorize.output_names([str(photos)], photos)  # photos/a/x.png would be replaced
+
+
 def test_colorize_sees_photos_at_the_training_scale_by_default(trained, tmp_path, monkeypatch):
     # tiny_args train with --crop 32, so --short-side defaults to [32, round(32 * 600 / 352) = 55];
     # the network should see a photo at the middle of that range, 43.5 -> 44 px short side.
