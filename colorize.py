@@ -266,6 +266,13 @@ def image_sources(args, master):
             val = data.find_images(args.val_data, cache_dir=cache) if args.val_data else None
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
+        for root in args.data:
+            packed = data.pack_short_side(root)
+            if master and packed is not None and packed < args.short_side[1]:
+                print(f'warning: the pack {root} holds images resized to short side {packed}, below '
+                      f'--short-side {args.short_side[0]} {args.short_side[1]}: larger sizes are upscaled, '
+                      f'blurrier than the originals; pack at --short-side {args.short_side[1]} or train with '
+                      f'--short-side {min(args.short_side[0], packed)} {packed}')
         if val is None:
             if len(train) <= 2 * args.holdout:
                 raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '

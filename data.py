@@ -23,7 +23,7 @@ images can be decoded, shrunk to a short side of 256 and re-encoded once, into a
 files with an index, then read without per-image file opens (resumable; run it again to finish):
 
     python data.py pack --data /data/imagenet/train --out /data/packs/imagenet-256 --short-side 256
-    python colorize.py --data /data/packs/imagenet-256 ...
+    python colorize.py --data /data/packs/imagenet-256 --short-side 224 256 ...
 
 find_images turns a pack root into one pseudo-path per image, PACK/index.npy/<i>/<folder>/<name>
 (entry i; <folder>/<name> are those of the source, so class folders and file names read from
@@ -718,6 +718,13 @@ def _pack_state(root):
     if os.path.exists(os.path.join(root, _PACK_PROGRESS)):
         return 'incomplete'
     return None
+
+
+def pack_short_side(root):
+    """The short side a complete pack's images were resized to, or None if `root` is not one."""
+    if _pack_state(os.fspath(root)) != 'complete':
+        return None
+    return _read_json(os.path.join(os.fspath(root), _PACK_COMPLETE))['params']['short_side']
 
 
 def _incomplete_pack_error(root):

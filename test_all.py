@@ -1455,6 +1455,19 @@ def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
         data.pack_images([root, tmp_path / 'whole'], part, **kw)
 
 
+def test_training_warns_when_a_pack_is_smaller_than_the_short_side_range(folders, tmp_path, capsys):
+    train, val = folders
+    pack = tmp_path / 'pack'
+    data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '40', '--workers', '0'])
+    assert data.pack_short_side(pack) == 40 and data.pack_short_side(train) is None
+    capsys.readouterr()
+    # --crop 32: the default short-side range is [32, 55], so 41..55 would upscale the packed images
+    assert colorize.main(tiny_args(pack, val, tmp_path / 'run', '--steps', '1')) == 0
+    assert 'holds images resized to short side 40, below --short-side 32 55' in capsys.readouterr().out
+    assert colorize.main(tiny_args(pack, val, tmp_path / 'run2', '--steps', '1', '--short-side', '32', '40')) == 0
+    assert 'warning' not in capsys.readouterr().out
+
+
 def test_pack_end_to_end_with_subset_and_loader(tmp_path):
     root, raw = tmp_path / 'src', tmp_path / 'raw'
     for i in range(12):
