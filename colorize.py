@@ -406,16 +406,27 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
-def save_checkpoint(path, model, optimizer, step, args, counter, images):
+def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one.
-    `images` (data_identity of the training list) lets --resume notice a changed image list."""
+    counts_by_rank: every rank's image status counts (gather_counts); `images` (data_identity of
+    the training list) lets --resume notice a changed image list."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 config=model_config(args), args=plain_args(args),
-                 world=dist.get_world_size() if dist.is_initialized() else 1,
+                 config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 data=dict(seed=args.seed, step=step, images=images), counts=counter.state_dict())
+                 data=dict(seed=args.seed, step=step, images=images),
+                 counts=dict(counts=[sum(c) for c in zip(*counts_by_rank)]), counts_by_rank=counts_by_rank)
     atomic_save(state, path)
+
+
+def gather_counts(counter, world, device):
+    """Every rank's status counts as [[count per status] per rank]; all ranks must call it."""
+    if world == 1:
+        return [list(counter.counts)]
+    mine = torch.tensor(counter.counts, dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
 
 
 def data_identity(paths):
@@ -650,7 +661,10 @@ def train(args):
         for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
             group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
         start = ckpt['step']
-        counter.load_state_dict(ckpt['counts'])
+        if 'counts_by_rank' in ckpt:  # each rank counts its own share of the images
+            counter.load_state_dict(dict(counts=ckpt['counts_by_rank'][rank]))
+        elif master:
+            counter.load_state_dict(ckpt['counts'])
         torch.set_rng_state(ckpt['rng']['cpu'])
         if device.type == 'cuda' and ckpt['rng']['cuda']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
@@ -708,13 +722,18 @@ def train(args):
         t = time.perf_counter()
         if master and (step % args.eval_every == 0 or step == args.steps):
             evaluate_and_show(raw_model, val, args, device, log, step)
-        if master and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counter, train_list)
+        if step % args.save_every == 0 or step == args.steps:
+            counts_by_rank = gather_counts(counter, world, device)
+            if master:
+                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
+                                train_list)
         paused += time.perf_counter() - t  # evaluation and saving do not count against img/s
         if args.exit_after is not None and step >= args.exit_after:
             break
+    total = data.StatusCounter()  # over all ranks
+    total.load_state_dict(dict(counts=[sum(c) for c in zip(*gather_counts(counter, world, device))]))
     if master:
-        print(f'done: step {step}; {counter} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
+        print(f'done: step {step}; {total} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
               f'checkpoint {args.out / "checkpoint.pt"}')
         log.close()
     if dist.is_initialized():

@@ -1690,7 +1690,11 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'world 2' in result.stdout and 'step 4/4' in result.stdout
     assert json.loads((out / 'run.json').read_text())['world_size'] == 2
-    assert _state(out / 'checkpoint.pt')['step'] == 4
+    ckpt = _state(out / 'checkpoint.pt')
+    assert ckpt['step'] == 4 and ckpt['world'] == 2
+    # Each rank read its own 4 x 2 images; the checkpoint and the last line count all 16.
+    assert [sum(c) for c in ckpt['counts_by_rank']] == [8, 8] and sum(ckpt['counts']['counts']) == 16
+    assert 'images 16:' in result.stdout
 
 
 def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
