@@ -170,7 +170,7 @@ def fill_defaults(args, device, world):
     args.border = args.border if args.border is not None else args.crop // 7
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:  # decoding JPEGs is what usually starves a GPU: give it the node's cores
-        per_gpu = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        per_gpu = data.usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
         args.workers = max(1, min(16, per_gpu - 1)) if device.type == 'cuda' else 1
     args.log_every = args.log_every or max(1, args.steps // 50)
     args.eval_every = args.eval_every or max(1, args.steps // 5)
@@ -261,11 +261,24 @@ def image_sources(args, master):
         train = data.find_images([args.demo_root / 'train'])
         val = data.find_images([args.demo_root / 'val'])
     else:
-        try:
-            train = data.find_images(args.data, cache_dir=cache)
-            val = data.find_images(args.val_data, cache_dir=cache) if args.val_data else None
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+        def scan():
+            log = print if master else (lambda *a, **k: None)
+            try:
+                return (data.find_images(args.data, cache_dir=cache, log=log),
+                        data.find_images(args.val_data, cache_dir=cache, log=log) if args.val_data else None), None
+            except (ValueError, FileNotFoundError) as e:
+                return None, str(e)
+        # Rank 0 scans (millions of files) and writes the listing cache; the other ranks then read it.
+        found, problem = scan() if master else (None, None)
+        if dist.is_initialized():
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)  # also the barrier before the others read the cache
+            problem = shared[0]
+            if not master and problem is None:
+                found, problem = scan()
+        if problem:
+            raise UserError(problem)
+        train, val = found
         for root in args.data:
             packed = data.pack_short_side(root)
             if master and packed is not None and packed < args.short_side[1]:

@@ -87,6 +87,14 @@ _CACHE_VERSION = 1
 _RACY_NS = 2_000_000_000  # directory mtimes this close to the scan are not trusted (coarse clocks)
 
 
+def usable_cores():
+    """Cores this process may run on (a cgroup or SLURM allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def find_images(roots, cache_dir=None, log=print):
     """Sorted, de-duplicated list of image paths from `roots` (a path or a list of paths).
 
@@ -1058,7 +1066,7 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
              for t0 in range(c0, min(c0 + chunk, total), task_size)]
     tasks = (([_decode_string(offsets, names, i) for i in range(t0, t1)], short_side, quality)
              for t0, t1, _ in spans)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     writer = _PackWriter(out, progress, shard_bytes)
     pool = None
     t_start = t_log = time.perf_counter()
@@ -1766,7 +1774,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
     shutil.rmtree(tmp, ignore_errors=True)
     total = n_train + n_val + n_trainval_2007 + n_test_2007 + n_train_2012 + n_val_2012
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if total >= 1000 else 1
+        workers = min(usable_cores(), 8) if total >= 1000 else 1
     t0 = time.perf_counter()
     pool = None
     try:

@@ -181,7 +181,7 @@ def fill_defaults(args, device):
         args.steps = task['steps'] if args.voc_root is not None else cpu.get('demo_steps', task['demo_steps'])
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 1
+        args.workers = min(8, data.usable_cores()) if device.type == 'cuda' else 1
     args.log_every = args.log_every or max(1, args.steps // 50)
     args.save_every = args.save_every or max(1, args.steps // 10)
     for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):

@@ -1695,6 +1695,8 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     # Each rank read its own 4 x 2 images; the checkpoint and the last line count all 16.
     assert [sum(c) for c in ckpt['counts_by_rank']] == [8, 8] and sum(ckpt['counts']['counts']) == 16
     assert 'images 16:' in result.stdout
+    # Rank 0 lists the folders (train, val) and writes the listing cache; rank 1 reads it, silently.
+    assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
 def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
