@@ -189,12 +189,13 @@ def fill_defaults(args, device, world):
 
 # Flags that define a run: --resume takes the ones not given from the checkpoint (so resuming with
 # fewer flags, e.g. without --data, continues the same run). Given explicitly with another value,
-# the schedule flags win (a longer --steps, say, and the run says so); the others would change the
-# data order, the pixels or the network, and are refused.
+# the schedule and logging flags win (a longer --steps, say, and the run says so); the others would
+# change the data order, the pixels or the network, and are refused.
 RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdout', 'subset', 'demo_root',
              'seed', 'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window',
              'lightness_weight', 'width', 'fc_dim')
-SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share')
+SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
+                  'log_every', 'eval_every', 'save_every')
 
 
 def resume_settings(args, ckpt, path, world):
@@ -457,9 +458,7 @@ def refuse_to_overwrite(out, resume):
 
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file."""
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain_args(args):
@@ -693,8 +692,10 @@ def train(args):
     if master:
         images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify)
         val = (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
-        write_run_info(args, device, world, len(train_paths), len(val_paths))
+        write_run_info(args, device, world, len(train_paths), len(val_paths), resumed_at=start)
     loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
+    if master and start:
+        trim_log(args.out / 'log.jsonl', start)
     log = open(args.out / 'log.jsonl', 'a') if master else None
     if master and start == 0:
         evaluate_and_show(raw_model, val, args, device, log, 0)
@@ -781,15 +782,40 @@ def evaluate_and_show(model, val, args, device, log, step):
     log.flush()
 
 
-def write_run_info(args, device, world, n_train, n_val):
+def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
+    """run.json: args, versions, device, commit. A resumed run keeps the first start and lists each
+    resumption (step, time, commit, torch, device), since those may differ between the parts."""
+    now = time.strftime('%Y-%m-%d %H:%M:%S')
     info = dict(args=plain_args(args),
                 torch=torch.__version__, python=sys.version.split()[0], device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                world_size=world, git_commit=git_commit(), train_images=n_train, val_images=n_val,
-                started=time.strftime('%Y-%m-%d %H:%M:%S'))
-    tmp = args.out / 'run.json.tmp'
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, args.out / 'run.json')
+                world_size=world, git_commit=git_commit(), train_images=n_train, val_images=n_val, started=now)
+    path = args.out / 'run.json'
+    if resumed_at and path.exists():
+        try:
+            first = json.loads(path.read_text())
+        except ValueError:
+            first = {}
+        info['started'] = first.get('started', now)
+        info['resumed'] = first.get('resumed', []) + [
+            dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
+                 device_name=info['device_name'], world_size=world)]
+    data.atomic_write(args.out / 'run.json', lambda f: f.write(json.dumps(info, indent=2).encode()))
+
+
+def trim_log(path, step):
+    """Resuming at `step`: drop the log lines of later steps (the killed run got further than its
+    last checkpoint; they will be logged again) and a line cut off mid-write."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)['step'] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    data.atomic_write(path, lambda f: f.write(''.join(line + '\n' for line in kept).encode()))
 
 
 def format_seconds(s):

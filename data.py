@@ -238,12 +238,35 @@ def _scan_cached(root, cache_dir, log):
     return files, 'scanned'
 
 
-def _write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def atomic_write(path, write):
+    """write(f) into a temp file beside `path` (binary), flush it to disk, rename it over `path`.
+
+    A crash or power loss at any moment leaves either the old file or the new one, never a
+    truncated one (the fsyncs make the rename durable on journaling file systems and NFS too).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f)
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 def subset(paths, n, seed=0):

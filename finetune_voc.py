@@ -1198,9 +1198,7 @@ def write_json(path, obj):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(clean(obj), indent=2))
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda f: f.write(json.dumps(clean(obj), indent=2).encode()))
 
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}

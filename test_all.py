@@ -1589,7 +1589,7 @@ def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     ckpt = _state(out / 'checkpoint.pt')
     assert ckpt['step'] == 12 and ckpt['config']['arch'] == 'vgg16'
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
-    assert not list(out.glob('*.tmp'))
+    assert not list(out.glob('*.tmp*'))
 
 
 def test_resume_after_exit_is_exact(folders, tmp_path):
@@ -1613,11 +1613,18 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys):
     assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
     assert colorize.main(tiny_args(train, val, tmp_path / 'b', *common, '--exit-after', '3')) == 0
     capsys.readouterr()
+    # The killed run had logged beyond its checkpoint, the last line cut off mid-write.
+    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
+        f.write(json.dumps(dict(step=4, loss=9.0)) + '\n{"step": 5, "lo')
     assert colorize.main(['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']) == 0
     printed = capsys.readouterr().out
     assert 'demo world' not in printed and 'resumed from' in printed and 'step 6/6' in printed
     _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(tmp_path / 'b' / 'checkpoint.pt'))
     assert _state(tmp_path / 'b' / 'checkpoint.pt')['args']['data'] == [str(train)]
+    log = [json.loads(line) for line in (tmp_path / 'b' / 'log.jsonl').read_text().splitlines()]
+    assert [e['step'] for e in log if not e.get('eval')] == [2, 4, 6] and 9.0 not in [e['loss'] for e in log]
+    run = json.loads((tmp_path / 'b' / 'run.json').read_text())
+    assert [r['step'] for r in run['resumed']] == [3] and run['started'] <= run['resumed'][0]['time']
 
     resume = ['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']
     assert colorize.main([*resume, '--seed', '4']) == 2  # another data order: refused
