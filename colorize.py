@@ -14,6 +14,7 @@ and smaller defaults so the demo finishes in minutes. A run writes to --out: che
 (atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -145,7 +146,10 @@ def setup_device(args):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        # Rank 0 alone lists the data (minutes for millions of files on a network file system),
+        # evaluates and saves while the others wait in a collective: more than the 10-minute default.
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(minutes=60))
     return device, rank, world, local
 
 
