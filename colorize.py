@@ -161,10 +161,15 @@ def autocast(device):
 def fill_defaults(args, device, world):
     """Machine- and data-dependent defaults; prints what it shrank on a CPU."""
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
-    args.crop = args.crop or d['crop']
-    args.batch_size = args.batch_size or d['batch_size']
-    args.fc_dim = args.fc_dim or d['fc_dim']
-    args.holdout = args.holdout or d['holdout']
+    for name in ('steps', 'batch_size', 'points', 'crop', 'fc_dim', 'holdout', 'log_every', 'eval_every',
+                 'save_every', 'subset', 'workers', 'warmup'):
+        value, least = getattr(args, name), 0 if name in ('workers', 'warmup') else 1
+        if value is not None and value < least:
+            raise UserError(f'--{name.replace("_", "-")} must be at least {least}, got {value}')
+    args.crop = args.crop if args.crop is not None else d['crop']
+    args.batch_size = args.batch_size if args.batch_size is not None else d['batch_size']
+    args.fc_dim = args.fc_dim if args.fc_dim is not None else d['fc_dim']
+    args.holdout = args.holdout if args.holdout is not None else d['holdout']
     global_batch = args.batch_size * world
     if args.steps is None:
         args.steps = d['demo_steps'] if args.data is None else math.ceil(PAPER_SAMPLES / global_batch)
@@ -185,9 +190,9 @@ def fill_defaults(args, device, world):
                         f'use a smaller --border or a larger --crop')
     if args.short_side[0] > args.short_side[1]:
         raise UserError(f'--short-side {args.short_side[0]} {args.short_side[1]}: LO must not exceed HI')
-    for name in ('steps', 'batch_size', 'points', 'crop'):
-        if getattr(args, name) <= 0:
-            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.short_side[0] < args.crop:
+        raise UserError(f'--short-side {args.short_side[0]} {args.short_side[1]}: LO must be at least --crop '
+                        f'{args.crop}, or crops would need padding (and colour targets for the padding)')
     return args
 
 
@@ -372,6 +377,9 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
                                min_colorful=args.objective == 'colorize')
     if labels is not None:
         dataset = Labeled(dataset, labels)
+    if len(paths) // world < args.batch_size:
+        raise UserError(f'{len(paths)} training images over {world} process(es) are fewer than one batch of '
+                        f'--batch-size {args.batch_size} each; use more images or a smaller --batch-size')
     sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
                                    seed=args.seed, start_step=start_step)
     return torch.utils.data.DataLoader(
@@ -585,7 +593,7 @@ def write_grid(model, images, args, device, path):
 def train_step(model, optimizer, images, status, args, device):
     """One SGD step on a uint8 batch (B, 3, H, W) with statuses (B,); returns (loss, parts), no sync."""
     x, points, targets, _ = prepare(images, args, device)
-    valid = (status == data.STATUS_OK).to(device, non_blocking=True)
+    valid = status.to(device, non_blocking=True) == data.STATUS_OK  # copied from pinned memory, compared there
     with autocast(device):
         total, parts = lab.color_loss(args.loss, model(x, points), targets, valid=valid,
                                       use_lightness_weight=args.lightness_weight)
@@ -599,7 +607,7 @@ def classify_step(model, optimizer, images, status, labels, args, device):
     """One SGD step of the supervised baseline on the lightness of the images; bad files weigh 0."""
     x = lab.lightness_input(lab.rgb_to_lab(images.to(device, non_blocking=True))).contiguous(
         memory_format=torch.channels_last)
-    valid = (status != data.STATUS_BAD).to(device, non_blocking=True).float()
+    valid = (status.to(device, non_blocking=True) != data.STATUS_BAD).float()
     with autocast(device):
         logits = model(x)
     ce = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction='none')
@@ -682,7 +690,8 @@ def train(args):
         elif master:
             counter.load_state_dict(ckpt['counts'])
         torch.set_rng_state(ckpt['rng']['cpu'])
-        if device.type == 'cuda' and ckpt['rng']['cuda']:
+        # (Each step reseeds from (seed, step, rank); the saved states matter only before step 1.)
+        if device.type == 'cuda' and len(ckpt['rng']['cuda']) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         if master:
             print(f'resumed from {resume_path} at step {start}')
@@ -721,8 +730,9 @@ def train(args):
         running = running + torch.stack([total.detach(), *[v.detach() for v in parts.values()]])
         since_log += 1
 
+        if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
+            check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
         if step % args.log_every == 0 or step == args.steps:
-            check_bad_share(counter, args, world, device)
             if master:
                 sums = [v / since_log for v in running.tolist()]  # the one host sync per log line
                 rate = since_log * args.batch_size * world / (time.perf_counter() - window - paused)

@@ -1682,6 +1682,10 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     # Too many bad files: the run stops with one line naming the limit.
     assert colorize.main(tiny_args(train, val, tmp_path / 'run2', '--steps', '40', '--max-bad-share', '0.01')) == 2
     assert '--max-bad-share' in capsys.readouterr().err
+    # ... checked early too, not only at the (here never reached) progress lines: at step 100, 400 images.
+    assert colorize.main(tiny_args(train, val, tmp_path / 'run3', '--steps', '120', '--log-every', '1000',
+                                   '--eval-every', '1000', '--max-bad-share', '0.01')) == 2
+    assert 'of 400 images read so far' in capsys.readouterr().err
 
 
 def test_torchrun_two_cpu_processes(folders, tmp_path):
@@ -1747,6 +1751,9 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         (tiny_args(tmp_path / 'nowhere', val, tmp_path / 'o1', '--steps', '1'), 'nowhere'),
         (tiny_args(train, val, tmp_path / 'o2', '--steps', '1', '--border', '20'), '--border'),
         (tiny_args(train, val, tmp_path / 'o3', '--steps', '1', '--subset', '1000'), '--subset'),
+        (tiny_args(train, val, tmp_path / 'o4', '--steps', '1', '--batch-size', '0'), '--batch-size must be at least 1'),
+        (tiny_args(train, val, tmp_path / 'o5', '--steps', '1', '--short-side', '20', '40'), 'at least --crop 32'),
+        (tiny_args(train, val, tmp_path / 'o6', '--steps', '1', '--batch-size', '30'), 'fewer than one batch'),
         (['--colorize', str(val)], '--checkpoint'),
         (['--colorize', str(val), '--checkpoint', str(tmp_path / 'missing.pt')], 'does not exist'),
     ]
