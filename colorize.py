@@ -705,6 +705,9 @@ def train(args):
     if master:
         images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify)
         val = (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
+        if len(used) < len(val_paths):
+            print(f'validating on {len(used)} of the {len(val_paths)} held-out images (at most --holdout '
+                  f'{args.holdout}; unreadable{"" if classify else " and grayscale"} ones left out)')
         write_run_info(args, device, world, len(train_paths), len(val_paths), resumed_at=start)
     loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
     if master and start:
