@@ -46,7 +46,7 @@ from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLO
 from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
                       load_checkpoint, make_model as make_colorization_model, parameter_groups, plain_args,
                       read_torch_file, refuse_to_overwrite, setup_device, step_seed)
-from models import MODELS, Bottleneck, HypercolumnNet, fold_batchnorm
+from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
 SEG_CLASSES = ('background',) + tuple(data.VOC_CLASSES)
@@ -331,6 +331,47 @@ class VOCClassifier(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.trunk(x)[-1].mean((2, 3)))
+
+
+def map_size_before(trunk, layer, size):
+    """Side of the map that reaches `layer` of a VGG / AlexNet trunk for a size x size input."""
+    for name, _ in trunk.steps:
+        if name == layer:
+            return size
+        m = trunk._modules[name]
+        if isinstance(m, ConvBN):
+            m = m.conv
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding))
+            size = (size + 2 * p - k) // s + 1
+        elif isinstance(m, nn.ZeroPad2d):
+            size += m.padding[0] + m.padding[1]
+    raise ValueError(f'no layer {layer!r} in the trunk')
+
+
+def fully_connected_fc6(trunk, crop):
+    """Classification: fc6 without padding, i.e. the protocol's fully connected fc6 on pool5.
+
+    Pre-training runs fc6 as a padded conv (a map of the input's size / 32 for the hypercolumn).
+    At a 224 crop VGG-16's pool5 is 7x7 and the unpadded 7x7 fc6 gives one cell, exactly the
+    Linear(512*7*7, 4096) of the protocol's network (and of torchvision's, for an ImageNet init);
+    AlexNet's 7x7 pool5 gives 2x2. Returns whether fc6 changed: a crop too small for the kernel
+    (a CPU's 64) keeps the padded conv. ResNets have no fc6. The weights are the same either way.
+    """
+    fc6 = getattr(trunk, 'fc6', None)
+    if fc6 is None:
+        return False
+    pad = getattr(trunk, 'pad6', None)
+    if pad is not None:  # AlexNet: fc6 is padded by a ZeroPad2d before it
+        pool5 = map_size_before(trunk, 'pad6', crop)
+    else:
+        pool5 = map_size_before(trunk, 'fc6', crop)
+    if pool5 < fc6.conv.kernel_size[0]:
+        return False
+    fc6.conv.padding = (0, 0)
+    if pad is not None:
+        pad.padding = (0, 0, 0, 0)
+    return True
 
 
 def trunk_kwargs(arch, width, fc_dim):
@@ -1147,6 +1188,8 @@ def run(args):
 
     model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', args.input, args.width,
                                 args.fc_dim, args.extended_fov, args.head_dim, args.dropout, args.seed)
+    if args.task == 'cls' and fully_connected_fc6(model.trunk, args.crop):
+        print(f'fc6 runs unpadded: at a {args.crop} crop it is the fully connected fc6 of the protocol')
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.freeze:
         freeze_pretrained(model)

@@ -2431,6 +2431,29 @@ def test_transfer_under_bf16_autocast(tmp_path, voc, monkeypatch, task):
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.parametrize('arch, fc6_cells', [('vgg16', 1), ('alexnet', 2)])
+def test_classification_fc6_is_fully_connected_at_224(arch, fc6_cells):
+    torch.manual_seed(0)
+    model = ft.build_transfer_model('cls', arch, **TINY).eval()
+    assert not ft.fully_connected_fc6(model.trunk, 64)  # pool5 smaller than the kernel: stays padded
+    assert ft.fully_connected_fc6(model.trunk, 224)
+    x = torch.randn(1, 1, 224, 224)
+    taps = dict(zip(model.trunk.tap_names, model.trunk(x)))
+    assert taps['fc7'].shape[-2:] == (fc6_cells, fc6_cells)
+    # The top-left fc6 cell is the fully connected layer on the first kernel x kernel window of pool5.
+    pool5 = x
+    for name, _ in model.trunk.steps:
+        pool5 = model.trunk._modules[name](pool5)
+        if name == 'pool5':
+            break
+    conv = model.trunk.fc6.conv
+    k = conv.kernel_size[0]
+    assert pool5.shape[-1] == 7
+    linear = F.linear(pool5[..., :k, :k].flatten(1), conv.weight.flatten(1), conv.bias).relu()
+    close(taps['fc6'][:, :, 0, 0], linear, rel=1e-4)
+    assert not ft.fully_connected_fc6(ft.build_transfer_model('cls', 'resnet50', **TINY).trunk, 224)  # no fc6
+
+
 def test_check_frozen_fails_loudly():
     torch.manual_seed(0)
     model = ft.build_transfer_model('cls', 'alexnet', **TINY)
