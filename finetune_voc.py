@@ -1269,10 +1269,11 @@ def summarize(paths):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
         key = json.dumps([init, flags], sort_keys=True)  # lists (scale, milestones) too
         groups.setdefault(key, (init, flags, []))[2].append(metrics)
-    varying = [k for k in SUMMARY_GROUP
-               if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for _, f, _ in groups.values()}) > 1]
+    def varying(task):  # the flags not normally shown that tell this task's groups apart
+        flags = [f for _, f, _ in groups.values() if f['task'] == task]
+        return [k for k in SUMMARY_GROUP if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
     rows = []
-    for key in sorted(groups):
+    for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
         init, flags, runs = groups[key]
         task = flags['task']
         row = dict(init=init, **flags, runs=len(runs))
@@ -1280,7 +1281,7 @@ def summarize(paths):
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
-        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying) if row[k] not in (None, False))
+        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying(task)) if row[k] not in (None, False))
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')
