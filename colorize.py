@@ -914,9 +914,10 @@ def benchmark_training(args, device, rank, world):
     B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
     print(f'training steps: batch {B}, crop {args.crop}, {args.points} points')
     gen = torch.Generator().manual_seed(0)
+    # All on the device: a copy from pageable host memory would wait for the GPU at every step.
     images = torch.randint(0, 256, (B, 3, args.crop, args.crop), dtype=torch.uint8, generator=gen).to(device)
-    status = torch.zeros(B, dtype=torch.long)
-    labels = torch.randint(0, 1000, (B,), generator=gen)
+    status = torch.zeros(B, dtype=torch.long).to(device)
+    labels = torch.randint(0, 1000, (B,), generator=gen).to(device)
     rows = []
     for compiled in ([True, False] if args.compile else [False]):
         for name in ('colorizer', 'classifier'):
