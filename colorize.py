@@ -441,7 +441,7 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images):
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                  data=dict(seed=args.seed, step=step, images=images),
-                 counts=dict(counts=[sum(c) for c in zip(*counts_by_rank)]), counts_by_rank=counts_by_rank)
+                 counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank)
     atomic_save(state, path)
 
 
@@ -453,6 +453,11 @@ def gather_counts(counter, world, device):
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     return [t.tolist() for t in every]
+
+
+def summed(counts_by_rank):
+    """Status counts over all ranks (of gather_counts' lists)."""
+    return [sum(c) for c in zip(*counts_by_rank)]
 
 
 def data_identity(paths):
@@ -762,7 +767,7 @@ def train(args):
         if args.exit_after is not None and step >= args.exit_after:
             break
     total = data.StatusCounter()  # over all ranks
-    total.load_state_dict(dict(counts=[sum(c) for c in zip(*gather_counts(counter, world, device))]))
+    total.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
         print(f'done: step {step}; {total} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
               f'checkpoint {args.out / "checkpoint.pt"}')
@@ -1075,7 +1080,7 @@ def output_names(items, output):
             k += 1
             target = output / rel.with_name(f'{rel.stem}_{k}.png')
         if target.resolve() in inputs:
-            raise UserError(f'--colorize would write {target} over the input image {target}; choose another --output')
+            raise UserError(f'--colorize would write over the input image {target}; choose another --output')
         taken.add(target)
         named.append((path, target))
     return named

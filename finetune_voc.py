@@ -361,11 +361,8 @@ def fully_connected_fc6(trunk, crop):
     fc6 = getattr(trunk, 'fc6', None)
     if fc6 is None:
         return False
-    pad = getattr(trunk, 'pad6', None)
-    if pad is not None:  # AlexNet: fc6 is padded by a ZeroPad2d before it
-        pool5 = map_size_before(trunk, 'pad6', crop)
-    else:
-        pool5 = map_size_before(trunk, 'fc6', crop)
+    pad = getattr(trunk, 'pad6', None)  # AlexNet: fc6 is padded by a ZeroPad2d before it
+    pool5 = map_size_before(trunk, 'fc6' if pad is None else 'pad6', crop)
     if pool5 < fc6.conv.kernel_size[0]:
         return False
     fc6.conv.padding = (0, 0)
@@ -1269,9 +1266,11 @@ def summarize(paths):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
         key = json.dumps([init, flags], sort_keys=True)  # lists (scale, milestones) too
         groups.setdefault(key, (init, flags, []))[2].append(metrics)
-    def varying(task):  # the flags not normally shown that tell this task's groups apart
+    varying = {}  # per task: the flags not normally shown that tell its groups apart
+    for task in {f['task'] for _, f, _ in groups.values()}:
         flags = [f for _, f, _ in groups.values() if f['task'] == task]
-        return [k for k in SUMMARY_GROUP if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
+        varying[task] = [k for k in SUMMARY_GROUP
+                         if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
     rows = []
     for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
         init, flags, runs = groups[key]
@@ -1281,7 +1280,7 @@ def summarize(paths):
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
-        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying(task)) if row[k] not in (None, False))
+        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task]) if row[k] not in (None, False))
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')
