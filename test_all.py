@@ -2576,3 +2576,88 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     assert sorted(r['runs'] for r in rows) == [1, 2]
     out = capsys.readouterr().out
     assert 'lr=0.001 | map_voc07_11point 55.0 +- 7.1' in out and 'lr=0.01 | map_voc07_11point 10.0 |' in out
+
+
+# ================================================================================================
+# CUDA: the GPU recipe (bf16 autocast, channels_last, pinned non-blocking copies) against the CPU's
+# float32. Skipped without a GPU; on one: python -m pytest -q test_all.py -k cuda
+# ================================================================================================
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@needs_cuda
+def test_cuda_lab_and_targets_match_cpu():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, 32, 40, generator=g)
+    reference = lab.rgb_to_lab(rgb)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        on_gpu = lab.rgb_to_lab(rgb.cuda())
+        back = lab.lab_to_rgb(on_gpu)
+    assert on_gpu.dtype == back.dtype == torch.float32
+    close(on_gpu.cpu(), reference, 1e-4)
+    close(back.cpu(), lab.lab_to_rgb(reference), 1e-4)
+    points = sample_points(2, 32, 40, 16, 4, generator=torch.Generator('cuda').manual_seed(1))
+    assert points.device.type == 'cuda' and 4 <= points.min() and points[..., 0].max() < 28
+    for kind in ('huechroma', 'l2', 'ab'):
+        want = lab.make_targets(kind, reference, points.cpu())
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            got = lab.make_targets(kind, on_gpu, points)
+        for name, value in want.items():
+            diff = (got[name].cpu() - value).abs()
+            # A window pixel exactly on a bin edge may fall the other way: one pixel of 49 moves.
+            assert got[name].dtype == torch.float32 and diff.mean() < 1e-3 and diff.max() <= 2 / 49 + 1e-6, (kind, name)
+
+
+@needs_cuda
+@pytest.mark.parametrize('arch', ['vgg16', 'alexnet', 'resnet152'])
+def test_cuda_bf16_channels_last_matches_cpu_float32(arch):
+    torch.manual_seed(0)
+    model = tiny(arch).eval()
+    x = torch.randn(2, 1, 64, 80)
+    points = random_pixels(2, 64, 80, 12, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, want_dense = model(x, points), model.dense(x)
+        gpu = model.cuda().to(memory_format=torch.channels_last)
+        xg = x.cuda().contiguous(memory_format=torch.channels_last)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            got, got_dense = gpu(xg, points.cuda()), gpu.dense(xg)
+    for a, b in ((got, want), (got_dense, want_dense)):
+        assert a.shape == b.shape
+        err = (a.float().cpu() - b).abs().max()
+        assert err <= 0.03 * b.abs().max(), (arch, err)  # bf16: ~1%
+
+
+@needs_cuda
+def test_cuda_training_then_colorizing_agrees_with_cpu(folders, tmp_path):
+    """A few training steps on the GPU (pinned batches, bf16, the loader's non-blocking copies), a
+    float32 checkpoint, then the same photo colorized on the GPU and on the CPU."""
+    train, val = folders
+    out = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--eval-every', '4', '--device', 'cuda',
+                                   '--no-compile')) == 0
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert all(math.isfinite(e['loss']) for e in log) and log[-1]['step'] == 4
+    state = _state(out / 'checkpoint.pt')['model']
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    photo = next(p for p in sorted(val.iterdir()) if p.suffix == '.jpg')
+    results = {}
+    for device in ('cuda', 'cpu'):
+        assert colorize.main(['--colorize', str(photo), '--checkpoint', str(out / 'checkpoint.pt'),
+                              '--output', str(tmp_path / device), '--device', device]) == 0
+        results[device] = np.asarray(Image.open(tmp_path / device / (photo.stem + '.png')), dtype=float)
+    assert np.abs(results['cuda'] - results['cpu']).mean() < 2  # bf16 network, float32 colour maths
+
+
+@needs_cuda
+@pytest.mark.parametrize('task', ['cls', 'seg'])
+def test_cuda_transfer_runs_and_keeps_float32_weights(tmp_path, voc, task):
+    colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
+    out = tmp_path / task
+    extra = ['--test-crops', '2'] if task == 'cls' else ['--extended-fov', '--test-images', '4']
+    assert ft.main(['--task', task, '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
+                    *extra, *COMMON, '--device', 'cuda', '--no-compile']) == 0
+    m = read_results(out)['metrics']
+    assert math.isfinite(m['map_noninterpolated'] if task == 'cls' else m['miou'])
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
