@@ -133,15 +133,17 @@ def setup_device(args):
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if args.device:
-        device = torch.device(args.device)
+        device = parse_device(args.device)
     else:
         device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UserError(f'--device {args.device} asked for CUDA, but torch.cuda.is_available() is False')
         if world > 1:
             device = torch.device('cuda', local)
-        torch.cuda.set_device(device)
+        elif device.index is None:  # plain 'cuda': the current device, as torch reads it
+            device = torch.device('cuda', torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+        torch.cuda.set_device(device)  # needs an index: torch.device('cuda') alone is refused
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -151,6 +153,17 @@ def setup_device(args):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 timeout=datetime.timedelta(minutes=60))
     return device, rank, world, local
+
+
+def parse_device(name):
+    """--device NAME -> torch.device, with one-line errors for a bad name or a missing GPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f'--device {name!r} is not a device: use cuda, cuda:N or cpu') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {name} asked for CUDA, but torch.cuda.is_available() is False')
+    return device
 
 
 def autocast(device):
@@ -1031,7 +1044,7 @@ def print_row(r):
 def colorize_files(args):
     if args.checkpoint is None:
         raise UserError('--colorize needs --checkpoint CKPT (a checkpoint.pt written by training)')
-    device = torch.device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = parse_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     ckpt = load_checkpoint(args.checkpoint)
     config = ckpt['config']
     if config.get('objective', 'colorize') != 'colorize':

@@ -1852,6 +1852,34 @@ def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     assert 'does not match the model' in capsys.readouterr().err
 
 
+def test_device_flag_names_a_gpu_with_an_index(monkeypatch):
+    """`--device cuda` means the current GPU: torch.cuda.set_device refuses a bare 'cuda' (the first
+    GPU run failed on it). torch.cuda's answers are faked, so this runs on a CPU."""
+    from argparse import Namespace
+    chosen = []
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    assert colorize.setup_device(Namespace(device='cuda'))[0] == torch.device('cuda', 1)
+    assert colorize.setup_device(Namespace(device='cuda:0'))[0] == torch.device('cuda', 0)
+    assert colorize.setup_device(Namespace(device=None))[0] == torch.device('cuda', 0)  # LOCAL_RANK 0
+    assert chosen == [torch.device('cuda', 1), torch.device('cuda', 0), torch.device('cuda', 0)]
+    with pytest.raises(colorize.UserError, match='has 2 CUDA device'):
+        colorize.setup_device(Namespace(device='cuda:2'))
+    with pytest.raises(colorize.UserError, match='not a device'):
+        colorize.setup_device(Namespace(device='gpu'))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(colorize.UserError, match='is_available'):
+        colorize.setup_device(Namespace(device='cuda'))
+    assert colorize.setup_device(Namespace(device='cpu'))[0] == torch.device('cpu')
+
+
 def test_lr_schedule_by_hand():
     args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
     got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
