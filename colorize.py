@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 DEMO_ROOT = HERE / 'data' / 'demo'
 PAPER_SAMPLES = 16_000_000  # the authors' VGG-16 schedule: 2M iterations x 8 images
 # Defaults that depend on the machine and on the data (see README, "Defaults").
+LOADER_PREFETCH = 4  # batches each loader process keeps ready
 GPU_DEFAULTS = dict(crop=224, batch_size=128, demo_steps=2000, fc_dim=4096, holdout=256)
 CPU_DEFAULTS = dict(crop=64, batch_size=8, demo_steps=100, fc_dim=1024, holdout=64)
 
@@ -112,6 +113,9 @@ def parse_args(argv=None):
                         '1-megapixel photo (at --net-short-side and at its own size); default: all')
     p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps (compilation)')
     p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps')
+    p.add_argument('--bench-profile', action='store_true',
+                   help='--benchmark: also profile the training steps (torch.profiler): where the time goes, by '
+                        'kernel family, and the longest kernels, in OUT/profile-*.txt')
     p.add_argument('--bench-photo', type=int, nargs=2, default=[866, 1155], metavar=('H', 'W'),
                    help='--benchmark: size of the photo to colorize (default: 1 megapixel, 4:3)')
     # Colorizing photos.
@@ -398,7 +402,7 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
-        prefetch_factor=4 if args.workers > 0 else None)
+        prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
 
 
 def prepare(images, args, device, points=None, generator=None):
@@ -869,12 +873,16 @@ def _graphs_compiled():
         return 0
 
 
-def _timed(step, batches, warmup, iters, device):
+def _timed(step, batches, warmup, iters, device, skip=0):
     """(seconds per step, peak GB, graphs compiled while timing) over `iters` steps after `warmup`
-    (which absorbs compilation); one sync at each end of the timed span, none inside it."""
+    (which absorbs compilation) and after dropping `skip` batches unused (what a loader's workers
+    queued up meanwhile: timed, they would flatter a loader slower than the step); one sync at each
+    end of the timed span, none inside it."""
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
+    for _ in range(skip):
+        next(it)
     graphs = _graphs_compiled()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -958,6 +966,9 @@ def benchmark_training(args, device, rank, world):
                              ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                              tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
             print_row(rows[-1])
+            if args.bench_profile and compiled == args.compile:  # the rows that training runs like
+                rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
+                                                    args.out / f'profile-{name}.txt')
             del net, fast, opt
     # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
     train_paths = take_subset(args, image_sources(args, rank == 0)[0])
@@ -965,17 +976,28 @@ def benchmark_training(args, device, rank, world):
     net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
     fast = torch.compile(net, fullgraph=True) if args.compile else net
-    loader = make_loader(train_paths, args, rank, world, 0, device)
-    seconds, mem, recompiles = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), loader,
-                                      warmup, iters, device)
+    batches = iter(make_loader(train_paths, args, rank, world, 0, device))
+    queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
+    seconds, mem, recompiles = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
+                                      warmup, iters, device, skip=queued)
     flops = rows[0]['gflops_per_img'] * 1e9
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                      tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
     print_row(rows[-1])
+    # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above.
+    for _ in range(queued):
+        next(batches)
+    count, start = max(iters, 2 * args.workers), time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    seconds = (time.perf_counter() - start) / count
+    rows.append(dict(model='loader', data=f'alone ({args.workers} workers)', compiled=False, img_per_s=B / seconds,
+                     ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0))
+    print_row(rows[-1])
     ratio = rows[0]['tflops'] / rows[1]['tflops']
     print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
-          f'loader / synthetic img/s: {rows[-1]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
+          f'loader / synthetic img/s: {rows[-2]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
     return rows
 
 
@@ -1032,7 +1054,74 @@ def benchmark_colorize(args, device, size):
     return rows
 
 
+# Kernel families of --bench-profile, matched in order in the lower-cased kernel (CUDA) or op (CPU)
+# name: Inductor's generated (fused) kernels; cuDNN/cuBLAS/CUTLASS convolutions and matmuls; copies.
+PROFILE_FAMILIES = (('triton (fused)', ('triton',)),  # first: their names hold the ops they fuse
+                    ('conv/matmul', ('conv', 'gemm', 'cutlass', 'cudnn', 'xmma', 'nvjet', 'wgrad', 'dgrad',
+                                     'fprop', 'mm')),
+                    ('copy/fill', ('memcpy', 'memset', 'copy', 'fill', 'zero')),
+                    ('other', ('',)))
+
+
+def kernel_family(name):
+    """The PROFILE_FAMILIES entry a kernel or op name belongs to."""
+    lower = name.lower()
+    return next(family for family, words in PROFILE_FAMILIES if any(w in lower for w in words))
+
+
+def _self_time_us(event, cuda):
+    """An op's or kernel's own time in microseconds, on the GPU (named either way across torch
+    versions) or the CPU."""
+    if not cuda:
+        return event.self_cpu_time_total
+    value = getattr(event, 'self_device_time_total', None)
+    return value if value is not None else getattr(event, 'self_cuda_time_total', 0)
+
+
+def profile_steps(step, batch, device, step_ms, path, steps=5):
+    """What a step's time goes to: `steps` steps under torch.profiler, the GPU kernels' (CPU: the
+    ops') own time per step by family and the 30 longest, written to `path`. Returns the families
+    in ms per step and their sum, and for CUDA the share of the timed step (`step_ms`) that kernels
+    kept the GPU busy (well below 1: the host or launches bound the step, not the GPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step(*batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    kernels = []
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue  # CPU ops: their kernels are counted as kernels
+        ms = _self_time_us(event, cuda) / 1000 / steps
+        if ms > 0:
+            kernels.append((ms, event.count / steps, event.key))
+    kernels.sort(reverse=True)
+    families = {name: 0.0 for name, _ in PROFILE_FAMILIES}
+    for ms, _, key in kernels:
+        families[kernel_family(key)] += ms
+    total = sum(families.values())
+    info = dict(families_ms=families, total_ms=total, busy=total / step_ms if cuda else None)
+    lines = [f'{"GPU kernels" if cuda else "CPU ops"}, own time per step over {steps} steps: {total:.2f} ms'
+             + (f' ({100 * total / step_ms:.0f}% of the timed {step_ms:.2f} ms step)' if cuda else ''), '']
+    lines += [f'{name:16s} {ms:9.2f} ms  {100 * ms / max(total, 1e-12):5.1f}%' for name, ms in families.items()]
+    lines += ['', f'{"ms/step":>9s} {"calls":>6s}  name']
+    lines += [f'{ms:9.3f} {calls:6.1f}  {key[:140]}' for ms, calls, key in kernels[:30]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('\n'.join(lines) + '\n')
+    print(f'  profile: {total:.1f} ms of {"kernels" if cuda else "ops"} per step'
+          + (f' ({100 * total / step_ms:.0f}% busy)' if cuda else '') + ': '
+          + ', '.join(f'{name} {ms:.1f}' for name, ms in families.items()) + f'; top 30 in {path}', flush=True)
+    return info
+
+
 def print_row(r):
+    if r['model'] == 'loader':
+        print(f'{r["model"]:10s} {r["data"]:22s} {"":8s} {r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} '
+              f'ms/batch (no GPU work: the most the loader can feed)', flush=True)
+        return
     print(f'{r["model"]:10s} {r["data"]:22s} {"compiled" if r["compiled"] else "eager":8s} '
           f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
           f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB'

@@ -1910,12 +1910,19 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     train, val = folders
     out = tmp_path / 'bench'
     assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
-                                   '--bench-photo', '60', '100')) == 0
+                                   '--bench-photo', '60', '100', '--bench-profile')) == 0
     info = json.loads((out / 'benchmark.json').read_text())
     rows = info['rows']
     assert [(r['model'], r['data'].split()[0]) for r in rows] == [
-        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader')]
+        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader'), ('loader', 'alone')]
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
+    # --bench-profile: each step's time by kernel family (on a CPU: ops); the families split the
+    # total, the convolutions are found among them, and the longest ones are listed in a file.
+    for name in ('colorizer', 'classifier'):
+        profile = next(r for r in rows if r['model'] == name)['profile']
+        assert sum(profile['families_ms'].values()) == pytest.approx(profile['total_ms'])
+        assert profile['families_ms']['conv/matmul'] > 0
+        assert 'convolution' in (out / f'profile-{name}.txt').read_text()
     # FLOPs per image of the classifier against a hand count: VGG-16 at width 1/16 on a 32 crop,
     # (c_in, c_out, kernel, map side) per conv, 2 FLOPs per multiply-add; a training step is the
     # forward, the weight gradient and the input gradient (3x), except conv1_1's input gradient.
@@ -1933,6 +1940,19 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert 0 < small['gflops'] < own['gflops'] and small['seconds'] > 0
     printed = capsys.readouterr().out
     assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
+
+
+def test_kernel_families_of_real_kernel_names():
+    # Names as torch.profiler reports them on an H100/H200 (cuDNN, cuBLAS, Inductor, the runtime).
+    assert colorize.kernel_family('triton_per_fused__native_batch_norm_legit_functional_convolution_backward_3') \
+        == 'triton (fused)'  # a fused kernel named after the ops it fuses is still Inductor's
+    assert colorize.kernel_family('sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc') == 'conv/matmul'
+    assert colorize.kernel_family('nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN') == 'conv/matmul'
+    assert colorize.kernel_family('aten::mkldnn_convolution') == 'conv/matmul'
+    assert colorize.kernel_family('Memset (Device)') == 'copy/fill'
+    assert colorize.kernel_family('Memcpy HtoD (Pinned -> Device)') == 'copy/fill'
+    assert colorize.kernel_family('void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<float>') \
+        == 'other'
 
 
 def test_benchmark_timing_counts_recompilations():
