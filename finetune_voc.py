@@ -1013,7 +1013,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     fast_model = torch.compile(model) if args.compile else model
     trainable = [p for group in optimizer.param_groups for p in group['params']]
     log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
-    running, t0, step = torch.zeros(2, device=device), time.perf_counter(), start
+    running, step = torch.zeros(2, device=device), start
+    window, paused, since_log = time.perf_counter(), 0.0, 0  # img/s over the steps since the last line
     set_train_mode(model, args.freeze)
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     for batch in loader:
@@ -1029,11 +1030,12 @@ def train(model, train_set, args, device, init_info, ckpt=None):
             torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
         optimizer.step()
         step += 1
+        since_log += 1
         running += torch.stack([loss.detach(), loss.new_ones(())])
         if step % args.log_every == 0 or step == args.steps:
             loss_sum, count = running.tolist()  # the one host sync per log line
             running.zero_()
-            rate = (step - start) * args.batch_size / (time.perf_counter() - t0)
+            rate = since_log * args.batch_size / (time.perf_counter() - window - paused)
             memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
             entry = dict(step=step, loss=loss_sum / count, lr=lr_at(step - 1, args), img_per_s=rate, peak_mem_gb=memory)
             print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} | lr {entry["lr"]:.2e} | {rate:.1f} img/s | '
@@ -1041,9 +1043,12 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                   f'mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
             log.write(json.dumps(entry) + '\n')
             log.flush()
+            window, paused, since_log = time.perf_counter(), 0.0, 0
         stop = args.exit_after is not None and step >= args.exit_after
         if step % args.save_every == 0 or step == args.steps or stop:
+            t = time.perf_counter()
             save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info)
+            paused += time.perf_counter() - t  # saving does not count against img/s
         if stop:
             break
     log.close()

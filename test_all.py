@@ -2417,6 +2417,23 @@ def read_results(out):
 COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
 
 
+def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monkeypatch):
+    """A progress line's img/s covers the steps since the previous line, not the checkpoint writes
+    (it was the average since the start, writes and start-up included)."""
+    write = ft.save_checkpoint
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.5)
+        return write(*args, **kwargs)
+    monkeypatch.setattr(ft, 'save_checkpoint', slow_write)
+    out = tmp_path / 'cls'
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', voc, '--out', str(out), '--test-crops', '1', '--save-every', '1', *COMMON]) == 0
+    rates = [json.loads(line)['img_per_s'] for line in (out / 'log.jsonl').read_text().splitlines()]
+    # Batch 4: a line after one 0.5 s write would show under 8 / 0.5 = 16 img/s; a tiny step takes milliseconds.
+    assert len(rates) == 3 and min(rates) > 20, rates
+
+
 def test_end_to_end_classification(tmp_path, voc):
     colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
     out = tmp_path / 'cls'
