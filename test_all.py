@@ -1955,6 +1955,14 @@ def test_kernel_families_of_real_kernel_names():
         == 'other'
 
 
+def test_benchmark_timing_drops_queued_batches_after_warmup():
+    # Batches a loader queued while the warm-up compiled are dropped, not timed: the timed steps
+    # see batches 3 and 4 after warm-up on batch 0 and skipping 1 and 2.
+    seen = []
+    colorize._timed(lambda i: seen.append(i), [(i,) for i in range(5)], 1, 2, torch.device('cpu'), skip=2)
+    assert seen == [0, 3, 4]
+
+
 def test_benchmark_timing_counts_recompilations():
     # A new input shape after warm-up makes dynamo compile a second graph, which _timed reports.
     net = torch.compile(nn.Linear(4, 4), backend='eager')
