@@ -1863,12 +1863,13 @@ def test_device_flag_names_a_gpu_with_an_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', torch.backends.cudnn.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
-    assert colorize.setup_device(Namespace(device='cuda'))[0] == torch.device('cuda', 1)
-    assert colorize.setup_device(Namespace(device='cuda:0'))[0] == torch.device('cuda', 0)
-    assert colorize.setup_device(Namespace(device=None))[0] == torch.device('cuda', 0)  # LOCAL_RANK 0
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:  # (torch 2.4's backend flags cannot be monkeypatched)
+        assert colorize.setup_device(Namespace(device='cuda'))[0] == torch.device('cuda', 1)
+        assert colorize.setup_device(Namespace(device='cuda:0'))[0] == torch.device('cuda', 0)
+        assert colorize.setup_device(Namespace(device=None))[0] == torch.device('cuda', 0)  # LOCAL_RANK 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
     assert chosen == [torch.device('cuda', 1), torch.device('cuda', 0), torch.device('cuda', 0)]
     with pytest.raises(colorize.UserError, match='has 2 CUDA device'):
         colorize.setup_device(Namespace(device='cuda:2'))
