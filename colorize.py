@@ -988,7 +988,7 @@ def benchmark_training(args, device, rank, world):
     # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above.
     for _ in range(queued):
         next(batches)
-    count, start = max(iters, 2 * args.workers), time.perf_counter()
+    count, start = max(iters, 4 * args.workers), time.perf_counter()  # each worker: 4 batches or more
     for _ in range(count):
         next(batches)
     seconds = (time.perf_counter() - start) / count
