@@ -491,8 +491,20 @@ def refuse_to_overwrite(out, resume):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file."""
-    data.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file. GPU
+    tensors are saved as CPU tensors, so that a plain torch.load reads the file on any machine."""
+    data.atomic_write(path, lambda f: torch.save(on_cpu(obj), f))
+
+
+def on_cpu(tree):
+    """`tree` (tensors in nested dicts, lists and tuples) with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_cpu(v) for v in tree)
+    return tree
 
 
 def plain_args(args):

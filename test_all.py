@@ -1943,6 +1943,16 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
 
 
+def test_checkpoint_tensors_are_saved_from_the_cpu(tmp_path):
+    # on_cpu keeps the nesting, the types and the values; the CUDA tests check the devices.
+    tree = {'model': {'w': torch.arange(3.0)}, 'opt': [{'m': torch.ones(2)}, (torch.zeros(1), 7)], 'step': 5}
+    moved = colorize.on_cpu(tree)
+    assert type(moved['opt'][1]) is tuple and moved['opt'][1][1] == 7 and moved['step'] == 5
+    assert torch.equal(moved['model']['w'], tree['model']['w']) and torch.equal(moved['opt'][0]['m'], torch.ones(2))
+    colorize.atomic_save(tree, tmp_path / 'c.pt')
+    assert torch.equal(torch.load(tmp_path / 'c.pt', weights_only=True)['opt'][1][0], torch.zeros(1))
+
+
 def test_kernel_families_of_real_kernel_names():
     # Names as torch.profiler reports them on an H100/H200 (cuDNN, cuBLAS, Inductor, the runtime).
     assert colorize.kernel_family('triton_per_fused__native_batch_norm_legit_functional_convolution_backward_3') \
@@ -2712,8 +2722,10 @@ def test_cuda_training_then_colorizing_agrees_with_cpu(folders, tmp_path):
                                    '--no-compile')) == 0
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert all(math.isfinite(e['loss']) for e in log) and log[-1]['step'] == 4
-    state = _state(out / 'checkpoint.pt')['model']
-    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)  # no map_location: CPU tensors in the file
+    tensors = [*ckpt['model'].values(), *[v for s in ckpt['optimizer']['state'].values() for v in s.values()]]
+    assert {v.device.type for v in tensors} == {'cpu'}
+    assert {v.dtype for v in ckpt['model'].values() if v.is_floating_point()} == {torch.float32}
     photo = next(p for p in sorted(val.iterdir()) if p.suffix == '.jpg')
     results = {}
     for device in ('cuda', 'cpu'):
