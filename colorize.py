@@ -997,13 +997,10 @@ def benchmark_training(args, device, rank, world):
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                      tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
     print_row(rows[-1])
-    # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above.
-    for _ in range(queued):
-        next(batches)
-    count, start = max(iters, 4 * args.workers), time.perf_counter()  # each worker: 4 batches or more
-    for _ in range(count):
-        next(batches)
-    seconds = (time.perf_counter() - start) / count
+    # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above;
+    # each worker makes 4 batches or more.
+    seconds = _timed(lambda *batch: None, batches, 0, max(iters, 4 * args.workers), torch.device('cpu'),
+                     skip=queued)[0]
     rows.append(dict(model='loader', data=f'alone ({args.workers} workers)', compiled=False, img_per_s=B / seconds,
                      ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0))
     print_row(rows[-1])
@@ -1115,18 +1112,18 @@ def profile_steps(step, batch, device, step_ms, path, steps=5):
     for ms, _, key in kernels:
         families[kernel_family(key)] += ms
     total = sum(families.values())
-    info = dict(families_ms=families, total_ms=total, busy=total / step_ms if cuda else None)
+    busy = total / step_ms if cuda else None
     lines = [f'{"GPU kernels" if cuda else "CPU ops"}, own time per step over {steps} steps: {total:.2f} ms'
-             + (f' ({100 * total / step_ms:.0f}% of the timed {step_ms:.2f} ms step)' if cuda else ''), '']
+             + (f' ({100 * busy:.0f}% of the timed {step_ms:.2f} ms step)' if cuda else ''), '']
     lines += [f'{name:16s} {ms:9.2f} ms  {100 * ms / max(total, 1e-12):5.1f}%' for name, ms in families.items()]
     lines += ['', f'{"ms/step":>9s} {"calls":>6s}  name']
     lines += [f'{ms:9.3f} {calls:6.1f}  {key[:140]}' for ms, calls, key in kernels[:30]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(lines) + '\n')
     print(f'  profile: {total:.1f} ms of {"kernels" if cuda else "ops"} per step'
-          + (f' ({100 * total / step_ms:.0f}% busy)' if cuda else '') + ': '
+          + (f' ({100 * busy:.0f}% busy)' if cuda else '') + ': '
           + ', '.join(f'{name} {ms:.1f}' for name, ms in families.items()) + f'; top 30 in {path}', flush=True)
-    return info
+    return dict(families_ms=families, total_ms=total, busy=busy)
 
 
 def print_row(r):

@@ -2503,15 +2503,21 @@ def test_transfer_under_bf16_autocast(tmp_path, voc, monkeypatch, task):
         entered.append(device.type)
         return torch.autocast('cpu', dtype=torch.bfloat16)
     monkeypatch.setattr(ft, 'autocast', bf16)
+    _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task)
+    assert entered
+
+
+def _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, *flags):
+    """A short fine-tuning run from a colorization checkpoint (cls: 2 test crops; seg: extended FOV, 4
+    test images): finite metrics and float32 weights in its checkpoint."""
     colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
     out = tmp_path / task
     extra = ['--test-crops', '2'] if task == 'cls' else ['--extended-fov', '--test-images', '4']
     assert ft.main(['--task', task, '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
-                    *extra, *COMMON]) == 0
-    assert entered
+                    *extra, *COMMON, *flags]) == 0
     m = read_results(out)['metrics']
     assert math.isfinite(m['map_noninterpolated'] if task == 'cls' else m['miou'])
-    state = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    state = torch.load(out / 'checkpoint.pt', map_location='cpu', weights_only=True)['model']
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
@@ -2738,12 +2744,4 @@ def test_cuda_training_then_colorizing_agrees_with_cpu(folders, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize('task', ['cls', 'seg'])
 def test_cuda_transfer_runs_and_keeps_float32_weights(tmp_path, voc, task):
-    colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
-    out = tmp_path / task
-    extra = ['--test-crops', '2'] if task == 'cls' else ['--extended-fov', '--test-images', '4']
-    assert ft.main(['--task', task, '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
-                    *extra, *COMMON, '--device', 'cuda', '--no-compile']) == 0
-    m = read_results(out)['metrics']
-    assert math.isfinite(m['map_noninterpolated'] if task == 'cls' else m['miou'])
-    state = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
-    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, '--device', 'cuda', '--no-compile')
