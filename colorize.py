@@ -32,6 +32,7 @@ from PIL import Image
 
 import data
 import lab
+import models
 from models import MODELS, build_model, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +116,8 @@ def parse_args(argv=None):
     p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps')
     p.add_argument('--bench-profile', action='store_true',
                    help='--benchmark: also profile the training steps (torch.profiler): where the time goes, by '
-                        'kernel family, and the longest kernels, in OUT/profile-*.txt')
+                        'kernel family, and the longest kernels, in OUT/profile-*.txt; and time the colorizer with '
+                        'every tap read by gathers (models.MATMUL_CELLS = 0), the row "gathers"')
     p.add_argument('--bench-photo', type=int, nargs=2, default=[866, 1155], metavar=('H', 'W'),
                    help='--benchmark: size of the photo to colorize (default: 1 megapixel, 4:3)')
     # Colorizing photos.
@@ -133,15 +135,17 @@ def parse_args(argv=None):
 # --- Devices, precision, distributed ------------------------------------------------------------
 
 def setup_device(args):
-    """Returns (device, rank, world_size, local_rank); starts the process group under torchrun."""
+    """Returns (device, rank, world_size, local_rank); starts the process group under torchrun
+    (one process too: DDP and its collectives then run as they would with more)."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
+    torchrun = 'RANK' in os.environ and 'MASTER_ADDR' in os.environ
     rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if args.device:
         device = parse_device(args.device)
     else:
         device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda':
-        if world > 1:
+        if torchrun:
             device = torch.device('cuda', local)
         elif device.index is None:  # plain 'cuda': the current device, as torch reads it
             device = torch.device('cuda', torch.cuda.current_device())
@@ -151,7 +155,7 @@ def setup_device(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
+    if torchrun and not dist.is_initialized():
         # Rank 0 alone lists the data (minutes for millions of files on a network file system),
         # evaluates and saves while the others wait in a collective: more than the 10-minute default.
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
@@ -704,7 +708,8 @@ def train(args):
               f'but not in the order it would have had')
     if master:
         task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
-        print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}; '
+        ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
+        print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}{ddp}; '
               f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
               f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else
               ' (CPU: small defaults so the demo finishes in minutes; a GPU runs 224 crops, batch 128)'))
@@ -730,7 +735,7 @@ def train(args):
         if master:
             print(f'resumed from {resume_path} at step {start}')
     raw_model = model
-    if world > 1:
+    if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     fast_model = torch.compile(model) if args.compile else model
 
@@ -956,23 +961,30 @@ def benchmark_training(args, device, rank, world):
     images = torch.randint(0, 256, (B, 3, args.crop, args.crop), dtype=torch.uint8, generator=gen).to(device)
     status = torch.zeros(B, dtype=torch.long).to(device)
     labels = torch.randint(0, 1000, (B,), generator=gen).to(device)
+    matmul_cells = models.MATMUL_CELLS
     rows = []
     for compiled in ([True, False] if args.compile else [False]):
-        for name in ('colorizer', 'classifier'):
+        names = ['colorizer', 'classifier']
+        if args.bench_profile and compiled == args.compile:
+            names.append('gathers')  # the colorizer with every tap read by gathers: what the matmuls save
+        for name in names:
             torch.manual_seed(args.seed)
+            models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells
             net = make_model(model_config(args))
             if name == 'classifier':
                 net = Classifier(net.trunk)
             net = net.to(device).to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
             fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
-            if name == 'colorizer':
+            if name != 'classifier':
                 step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
                 eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
             else:
                 step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
                 eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
+            models.MATMUL_CELLS = 0  # count the network's FLOPs, not those of reading taps by matmuls
             flops = _flops_per_image(eager_step, batch, B)
+            models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells
             seconds, mem, recompiles = _timed(step, _repeat(batch), warmup, iters, device)
             rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
                              ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
@@ -982,6 +994,7 @@ def benchmark_training(args, device, rank, world):
                 rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
                                                     args.out / f'profile-{name}.txt')
             del net, fast, opt
+    models.MATMUL_CELLS = matmul_cells
     # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
     train_paths = take_subset(args, image_sources(args, rank == 0)[0])
     torch.manual_seed(args.seed)

@@ -301,6 +301,22 @@ def _lerp(a, b, weight):
     return a * (1 - weight) + b * weight
 
 
+# Maps of at most this many cells are read by one matmul with the points' bilinear weights over all
+# cells, (B, P, h*w) @ (B, h*w, C), instead of four gathers. The gathers' backward scatter-adds
+# into a zero-filled map (atomics on a GPU, per point and channel); the matmul's is a matmul.
+# Coarse taps hold most of the channels (VGG-16 at crop 224: 91% of its hypercolumn lies in
+# maps of 28 x 28 or fewer), where the matmul costs 4 * h * w FLOPs per point and channel.
+MATMUL_CELLS = 1024
+
+
+def _bilinear_weights(pixel, stride, size):
+    """(B, P) pixel coordinates along one side -> (B, P, size): each point's weight on each cell."""
+    i0, i1, weight = _source_index(pixel, stride, size)
+    cells = torch.arange(size, device=pixel.device)
+    weight = weight[..., None]
+    return (cells == i0[..., None]) * (1 - weight) + (cells == i1[..., None]) * weight  # i0 == i1: adds
+
+
 def sample_bilinear(feature, points, stride):
     """Read a feature map at input-image pixels by bilinear interpolation.
 
@@ -320,9 +336,13 @@ def sample_bilinear(feature, points, stride):
         raise ValueError(f'points must be (B={B}, P, 2) pixel coordinates (y, x), got {tuple(points.shape)}')
     dtype = torch.promote_types(feature.dtype, torch.float32)
     points = points.to(dtype)
+    flat = feature.permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view for channels_last
+    if h * w <= MATMUL_CELLS:
+        weights = (_bilinear_weights(points[..., 0], stride, h)[..., :, None]
+                   * _bilinear_weights(points[..., 1], stride, w)[..., None, :])  # (B, P, h, w)
+        return torch.bmm(weights.flatten(2).to(feature.dtype), flat).to(feature.dtype)
     y0, y1, wy = _source_index(points[..., 0], stride, h)  # (B, P) each
     x0, x1, wx = _source_index(points[..., 1], stride, w)
-    flat = feature.permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view for channels_last
     batch = torch.arange(B, device=feature.device)[:, None]  # (B, 1)
     wx = wx[..., None]  # (B, P, 1)
     top = _lerp(flat[batch, y0 * w + x0], flat[batch, y0 * w + x1], wx)  # (B, P, C)

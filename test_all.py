@@ -29,6 +29,7 @@ import colorize
 import data
 import finetune_voc as ft
 import lab
+import models
 from models import (MODELS, ConvBN, HypercolumnNet, alexnet, build_model, fold_batchnorm, resnet50,
                     resnet152, sample_bilinear, sample_points, vgg16)
 
@@ -362,9 +363,16 @@ def random_pixels(B, H, W, P, generator):
 
 # ---------------------------------------------------------------- sample_bilinear
 
+@pytest.fixture(params=['matmul', 'gathers'])
+def sampling(request, monkeypatch):
+    """Each sample_bilinear test runs on both of its paths: the matmul (small maps) and the gathers."""
+    monkeypatch.setattr(models, 'MATMUL_CELLS', 10 ** 9 if request.param == 'matmul' else 0)
+    return request.param
+
+
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('stride', [1, 2, 4, 8, 16, 32])
-def test_sample_bilinear_matches_interpolate(stride, memory_format):
+def test_sample_bilinear_matches_interpolate(stride, memory_format, sampling):
     g = torch.Generator().manual_seed(stride)
     feature = torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=memory_format)
     points = random_pixels(2, 5 * stride, 7 * stride, 40, g)
@@ -374,7 +382,7 @@ def test_sample_bilinear_matches_interpolate(stride, memory_format):
 
 
 @pytest.mark.parametrize('stride', [1, 4, 32])
-def test_sample_bilinear_between_pixels(stride):
+def test_sample_bilinear_between_pixels(stride, sampling):
     # Upsampling by 2*stride puts its pixel k at our (fractional) pixel k/2 - 0.25.
     g = torch.Generator().manual_seed(0)
     feature = torch.randn(2, 3, 4, 6, generator=g)
@@ -383,7 +391,7 @@ def test_sample_bilinear_between_pixels(stride):
     torch.testing.assert_close(sample_bilinear(feature, fine / 2 - 0.25, stride), expected, rtol=0, atol=1e-6)
 
 
-def test_sample_bilinear_gradient_matches_interpolate():
+def test_sample_bilinear_gradient_matches_interpolate(sampling):
     g = torch.Generator().manual_seed(1)
     feature = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
     points = random_pixels(2, 40, 48, 30, g)
@@ -396,7 +404,7 @@ def test_sample_bilinear_gradient_matches_interpolate():
     assert ours.grad.abs().sum() > 0
 
 
-def test_sample_bilinear_keeps_low_precision_dtype():
+def test_sample_bilinear_keeps_low_precision_dtype(sampling):
     feature = torch.randn(1, 4, 6, 6).to(torch.bfloat16)
     points = torch.tensor([[[0, 0], [10, 17], [23, 23]]])
     out = sample_bilinear(feature, points, 4)
@@ -1688,18 +1696,22 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     assert 'of 400 images read so far' in capsys.readouterr().err
 
 
-def test_torchrun_two_cpu_processes(folders, tmp_path):
-    train, val = folders
+def _torchrun(processes, args):
+    """colorize.py under torchrun on a free port; the finished process."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}', f'--master_port={port}',
+           str(HERE / 'colorize.py'), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_torchrun_two_cpu_processes(folders, tmp_path):
+    train, val = folders
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
-           str(HERE / 'colorize.py'), *tiny_args(train, val, out, '--steps', '4', '--batch-size', '2')]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    result = _torchrun(2, tiny_args(train, val, out, '--steps', '4', '--batch-size', '2'))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'world 2' in result.stdout and 'step 4/4' in result.stdout
+    assert 'world 2 (gloo DDP)' in result.stdout and 'step 4/4' in result.stdout
     assert json.loads((out / 'run.json').read_text())['world_size'] == 2
     ckpt = _state(out / 'checkpoint.pt')
     assert ckpt['step'] == 4 and ckpt['world'] == 2
@@ -1716,14 +1728,8 @@ def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     foreign = tmp_path / 'demo'
     foreign.mkdir()
     (foreign / 'mine.txt').write_text('not a demo world')
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
-           str(HERE / 'colorize.py'), '--demo-root', str(foreign), '--out', str(tmp_path / 'out'), '--device', 'cpu',
-           '--steps', '1']
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    result = _torchrun(2, ['--demo-root', str(foreign), '--out', str(tmp_path / 'out'), '--device', 'cpu',
+                           '--steps', '1'])
     assert result.returncode != 0
     assert 'holds no complete demo world' in result.stderr and 'rank 0 could not prepare' in result.stderr
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
@@ -1915,8 +1921,12 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     info = json.loads((out / 'benchmark.json').read_text())
     rows = info['rows']
     assert [(r['model'], r['data'].split()[0]) for r in rows] == [
-        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('colorizer', 'loader'), ('loader', 'alone')]
+        ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('gathers', 'synthetic'), ('colorizer', 'loader'),
+        ('loader', 'alone')]
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
+    # The gathers-only colorizer is the same network: the same FLOPs (the network's, not the taps'
+    # matmul reads), and the module's setting is back afterwards.
+    assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img'] and models.MATMUL_CELLS == 1024
     # --bench-profile: each step's time by kernel family (on a CPU: ops); the families split the
     # total, the convolutions are found among them, and the longest ones are listed in a file.
     for name in ('colorizer', 'classifier'):
@@ -2739,6 +2749,22 @@ def test_cuda_training_then_colorizing_agrees_with_cpu(folders, tmp_path):
                               '--output', str(tmp_path / device), '--device', device]) == 0
         results[device] = np.asarray(Image.open(tmp_path / device / (photo.stem + '.png')), dtype=float)
     assert np.abs(results['cuda'] - results['cpu']).mean() < 2  # bf16 network, float32 colour maths
+
+
+@needs_cuda
+def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
+    """torchrun with one process: NCCL, DDP around the compiled model and its gradient all-reduce
+    (a machine with one GPU can run no more: NCCL refuses two ranks on one device); then --resume."""
+    train, val = folders
+    out = tmp_path / 'ddp'
+    for steps, more in (('4', ()), ('6', ('--resume',))):
+        result = _torchrun(1, tiny_args(train, val, out, '--steps', steps, '--device', 'cuda', '--compile', *more))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert 'world 1 (nccl DDP)' in result.stdout and f'step {steps}/{steps}' in result.stdout
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert ckpt['step'] == 6 and not any(k.startswith('module.') or '_orig_mod' in k for k in ckpt['model'])
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert all(math.isfinite(e['loss']) for e in log if 'loss' in e)
 
 
 @needs_cuda
