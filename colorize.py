@@ -1100,6 +1100,21 @@ def _self_time_us(event, cuda):
     return value if value is not None else getattr(event, 'self_cuda_time_total', 0)
 
 
+def kernel_times(events, steps, cuda, cuda_type):
+    """[(ms per step, calls per step, name)] of the profiled kernels (CPU: ops), longest first. On
+    a GPU, CPU ops are left out (their kernels count), and so are the ranges that record_function
+    annotations (e.g. "Optimizer.step#SGD.step") draw on the GPU timeline over kernels counted
+    already."""
+    kernels = []
+    for event in events:
+        if cuda and (event.device_type != cuda_type or getattr(event, 'is_user_annotation', False)):
+            continue
+        ms = _self_time_us(event, cuda) / 1000 / steps
+        if ms > 0:
+            kernels.append((ms, event.count / steps, event.key))
+    return sorted(kernels, reverse=True)
+
+
 def profile_steps(step, batch, device, step_ms, path, steps=5):
     """What a step's time goes to: `steps` steps under torch.profiler, the GPU kernels' (CPU: the
     ops') own time per step by family and the 30 longest, written to `path`. Returns the families
@@ -1113,14 +1128,7 @@ def profile_steps(step, batch, device, step_ms, path, steps=5):
             step(*batch)
         if cuda:
             torch.cuda.synchronize(device)
-    kernels = []
-    for event in prof.key_averages():
-        if cuda and event.device_type != DeviceType.CUDA:
-            continue  # CPU ops: their kernels are counted as kernels
-        ms = _self_time_us(event, cuda) / 1000 / steps
-        if ms > 0:
-            kernels.append((ms, event.count / steps, event.key))
-    kernels.sort(reverse=True)
+    kernels = kernel_times(prof.key_averages(), steps, cuda, DeviceType.CUDA)
     families = {name: 0.0 for name, _ in PROFILE_FAMILIES}
     for ms, _, key in kernels:
         families[kernel_family(key)] += ms

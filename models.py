@@ -302,10 +302,11 @@ def _lerp(a, b, weight):
 
 
 # Maps of at most this many cells are read by one matmul with the points' bilinear weights over all
-# cells, (B, P, h*w) @ (B, h*w, C), instead of four gathers. The gathers' backward scatter-adds
-# into a zero-filled map (atomics on a GPU, per point and channel); the matmul's is a matmul.
-# Coarse taps hold most of the channels (VGG-16 at crop 224: 91% of its hypercolumn lies in
-# maps of 28 x 28 or fewer), where the matmul costs 4 * h * w FLOPs per point and channel.
+# cells, (B, P, h*w) @ (B, h*w, C), instead of four gathers, whose backward scatter-adds into a
+# zero-filled map; the matmul's backward is a matmul. Coarse maps hold most of the channels
+# (VGG-16 at crop 224: 91% of its hypercolumn in maps of 28 x 28 or fewer) and cost it 4 * h * w
+# FLOPs per point and channel. A small gain: VGG-16's compiled bf16 training step (batch 128, one
+# H200) took 57.5 ms against 58.1 ms with gathers only (colorize.py --bench-profile, row "gathers").
 MATMUL_CELLS = 1024
 
 

@@ -1963,6 +1963,20 @@ def test_checkpoint_tensors_are_saved_from_the_cpu(tmp_path):
     assert torch.equal(torch.load(tmp_path / 'c.pt', weights_only=True)['opt'][1][0], torch.zeros(1))
 
 
+def test_kernel_times_leave_out_cpu_ops_and_annotation_ranges():
+    # A GPU profile's events: two kernels, the CPU op that launched one, and the range that an
+    # optimizer's record_function draws over its kernels on the GPU timeline (counted once only).
+    from types import SimpleNamespace as Event
+    cpu, gpu = 'cpu', 'cuda'
+    events = [Event(key='sm90_xmma_fprop', device_type=gpu, self_device_time_total=3000.0, count=10),
+              Event(key='aten::convolution', device_type=cpu, self_device_time_total=0.0, count=10),
+              Event(key='Optimizer.step#SGD.step', device_type=gpu, self_device_time_total=900.0, count=5,
+                    is_user_annotation=True),
+              Event(key='multi_tensor_apply_kernel', device_type=gpu, self_device_time_total=800.0, count=90)]
+    assert colorize.kernel_times(events, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'),
+                                                          (0.16, 18.0, 'multi_tensor_apply_kernel')]
+
+
 def test_kernel_families_of_real_kernel_names():
     # Names as torch.profiler reports them on an H100/H200 (cuDNN, cuBLAS, Inductor, the runtime).
     assert colorize.kernel_family('triton_per_fused__native_batch_norm_legit_functional_convolution_backward_3') \
