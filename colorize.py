@@ -134,11 +134,12 @@ def parse_args(argv=None):
 
 # --- Devices, precision, distributed ------------------------------------------------------------
 
-def setup_device(args):
+def setup_device(args, distributed=True):
     """Returns (device, rank, world_size, local_rank); starts the process group under torchrun
-    (one process too: DDP and its collectives then run as they would with more)."""
+    (one process too: DDP and its collectives then run as they would with more), unless not
+    `distributed`."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    torchrun = 'RANK' in os.environ and 'MASTER_ADDR' in os.environ
+    torchrun = distributed and 'RANK' in os.environ and 'MASTER_ADDR' in os.environ
     rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if args.device:
         device = parse_device(args.device)

@@ -1164,7 +1164,7 @@ def run(args):
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise UserError('finetune_voc.py trains on one device (the paper batches are small); '
                         'run it with python, not torchrun')
-    device, _, _, _ = setup_device(args)
+    device, _, _, _ = setup_device(args, distributed=False)
     ckpt = read_resume(args) if args.resume else None
     args.task = args.task or 'cls'
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.

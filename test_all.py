@@ -1887,6 +1887,27 @@ def test_device_flag_names_a_gpu_with_an_index(monkeypatch):
     assert colorize.setup_device(Namespace(device='cpu'))[0] == torch.device('cpu')
 
 
+def test_torchrun_with_one_process_starts_a_process_group_for_pretraining_only(monkeypatch):
+    # Pre-training under torchrun runs DDP even in one process (so one GPU can test the NCCL path);
+    # fine-tuning trains on one device and starts none.
+    from argparse import Namespace
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert colorize.setup_device(Namespace(device='cpu'), distributed=False)[:3] == (torch.device('cpu'), 0, 1)
+        assert not dist.is_initialized()
+        colorize.setup_device(Namespace(device='cpu'))
+        assert dist.is_initialized() and dist.get_backend() == 'gloo' and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_lr_schedule_by_hand():
     args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
     got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
