@@ -1118,7 +1118,7 @@ def kernel_times(events, steps, cuda, cuda_type):
 
 def profile_steps(step, batch, device, step_ms, path, steps=5):
     """What a step's time goes to: `steps` steps under torch.profiler, the GPU kernels' (CPU: the
-    ops') own time per step by family and the 30 longest, written to `path`. Returns the families
+    ops') own time per step by family and the 80 longest, written to `path`. Returns the families
     in ms per step and their sum, and for CUDA the share of the timed step (`step_ms`) that kernels
     kept the GPU busy (well below 1: the host or launches bound the step, not the GPU)."""
     from torch.autograd import DeviceType
@@ -1139,12 +1139,12 @@ def profile_steps(step, batch, device, step_ms, path, steps=5):
              + (f' ({100 * busy:.0f}% of the timed {step_ms:.2f} ms step)' if cuda else ''), '']
     lines += [f'{name:16s} {ms:9.2f} ms  {100 * ms / max(total, 1e-12):5.1f}%' for name, ms in families.items()]
     lines += ['', f'{"ms/step":>9s} {"calls":>6s}  name']
-    lines += [f'{ms:9.3f} {calls:6.1f}  {key[:140]}' for ms, calls, key in kernels[:30]]
+    lines += [f'{ms:9.3f} {calls:6.1f}  {key[:140]}' for ms, calls, key in kernels[:80]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(lines) + '\n')
     print(f'  profile: {total:.1f} ms of {"kernels" if cuda else "ops"} per step'
           + (f' ({100 * busy:.0f}% busy)' if cuda else '') + ': '
-          + ', '.join(f'{name} {ms:.1f}' for name, ms in families.items()) + f'; top 30 in {path}', flush=True)
+          + ', '.join(f'{name} {ms:.1f}' for name, ms in families.items()) + f'; top 80 in {path}', flush=True)
     return dict(families_ms=families, total_ms=total, busy=busy)
 
 
