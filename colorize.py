@@ -962,40 +962,41 @@ def benchmark_training(args, device, rank, world):
     images = torch.randint(0, 256, (B, 3, args.crop, args.crop), dtype=torch.uint8, generator=gen).to(device)
     status = torch.zeros(B, dtype=torch.long).to(device)
     labels = torch.randint(0, 1000, (B,), generator=gen).to(device)
-    matmul_cells = models.MATMUL_CELLS
     rows = []
-    for compiled in ([True, False] if args.compile else [False]):
-        names = ['colorizer', 'classifier']
-        if args.bench_profile and compiled == args.compile:
-            names.append('gathers')  # the colorizer with every tap read by gathers: what the matmuls save
-        for name in names:
-            torch.manual_seed(args.seed)
-            models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells
-            net = make_model(model_config(args))
-            if name == 'classifier':
-                net = Classifier(net.trunk)
-            net = net.to(device).to(memory_format=torch.channels_last)
-            opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
-            fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
-            if name != 'classifier':
-                step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
-                eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
-            else:
-                step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
-                eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
-            models.MATMUL_CELLS = 0  # count the network's FLOPs, not those of reading taps by matmuls
-            flops = _flops_per_image(eager_step, batch, B)
-            models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells
-            seconds, mem, recompiles = _timed(step, _repeat(batch), warmup, iters, device)
-            rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
-                             ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                             tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
-            print_row(rows[-1])
-            if args.bench_profile and compiled == args.compile:  # the rows that training runs like
-                rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
-                                                    args.out / f'profile-{name}.txt')
-            del net, fast, opt
-    models.MATMUL_CELLS = matmul_cells
+    matmul_cells = models.MATMUL_CELLS
+    try:
+        for compiled in ([True, False] if args.compile else [False]):
+            names = ['colorizer', 'classifier']
+            if args.bench_profile and compiled == args.compile:
+                names.append('gathers')  # the colorizer with every tap read by gathers: what the matmuls save
+            for name in names:
+                torch.manual_seed(args.seed)
+                net = make_model(model_config(args))
+                if name == 'classifier':
+                    net = Classifier(net.trunk)
+                net = net.to(device).to(memory_format=torch.channels_last)
+                opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
+                fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
+                if name != 'classifier':
+                    step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
+                    eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
+                else:
+                    step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
+                    eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
+                models.MATMUL_CELLS = 0  # count the network's FLOPs, not those of reading taps by matmuls
+                flops = _flops_per_image(eager_step, batch, B)
+                models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells  # read when compiling
+                seconds, mem, recompiles = _timed(step, _repeat(batch), warmup, iters, device)
+                rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
+                                 ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
+                                 tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
+                print_row(rows[-1])
+                if args.bench_profile and compiled == args.compile:  # the rows that training runs like
+                    rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
+                                                        args.out / f'profile-{name}.txt')
+                del net, fast, opt
+    finally:
+        models.MATMUL_CELLS = matmul_cells
     # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
     train_paths = take_subset(args, image_sources(args, rank == 0)[0])
     torch.manual_seed(args.seed)
