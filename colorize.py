@@ -966,9 +966,8 @@ def benchmark_training(args, device, rank, world):
     matmul_cells = models.MATMUL_CELLS
     try:
         for compiled in ([True, False] if args.compile else [False]):
-            names = ['colorizer', 'classifier']
-            if args.bench_profile and compiled == args.compile:
-                names.append('gathers')  # the colorizer with every tap read by gathers: what the matmuls save
+            profiling = args.bench_profile and compiled == args.compile  # the rows that training runs like
+            names = ['colorizer', 'classifier'] + (['gathers'] if profiling else [])  # gathers: what matmuls save
             for name in names:
                 torch.manual_seed(args.seed)
                 net = make_model(model_config(args))
@@ -991,7 +990,7 @@ def benchmark_training(args, device, rank, world):
                                  ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                                  tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
                 print_row(rows[-1])
-                if args.bench_profile and compiled == args.compile:  # the rows that training runs like
+                if profiling:
                     rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
                                                         args.out / f'profile-{name}.txt')
                 del net, fast, opt

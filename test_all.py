@@ -1696,12 +1696,15 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     assert 'of 400 images read so far' in capsys.readouterr().err
 
 
-def _torchrun(processes, args):
-    """colorize.py under torchrun on a free port; the finished process."""
+def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}', f'--master_port={port}',
+        return s.getsockname()[1]
+
+
+def _torchrun(processes, args):
+    """colorize.py under torchrun on a free port; the finished process."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}', f'--master_port={_free_port()}',
            str(HERE / 'colorize.py'), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
@@ -1892,11 +1895,8 @@ def test_torchrun_with_one_process_starts_a_process_group_for_pretraining_only(m
     # fine-tuning trains on one device and starts none.
     from argparse import Namespace
     import torch.distributed as dist
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-                            MASTER_PORT=str(port)).items():
+                            MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(name, value)
     try:
         assert colorize.setup_device(Namespace(device='cpu'), distributed=False)[:3] == (torch.device('cpu'), 0, 1)
