@@ -2804,5 +2804,6 @@ def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
 
 @needs_cuda
 @pytest.mark.parametrize('task', ['cls', 'seg'])
-def test_cuda_transfer_runs_and_keeps_float32_weights(tmp_path, voc, task):
-    _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, '--device', 'cuda', '--no-compile')
+def test_cuda_transfer_compiled_runs_and_keeps_float32_weights(tmp_path, voc, task):
+    """Fine-tuning with the GPU defaults (compiled, bf16); .ci/gpu's transfer stage runs it eagerly."""
+    _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, '--device', 'cuda', '--compile')
