@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument('--border', type=int, help='pixels kept clear of the crop edge (default crop / 7: 32 at 224)')
     p.add_argument('--target-window', type=int, default=7, help='side of the target histogram window; 1 = one-hot')
     p.add_argument('--lightness-weight', action='store_true',
-                   help="multiply the loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did")
+                   help="weight each pixel's loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did "
+                        '(huechroma: the chroma term)')
     p.add_argument('--width', type=float, default=1.0, help='channel width multiplier (< 1 only for smoke tests)')
     p.add_argument('--fc-dim', type=int, help='fc6/fc7 channels of VGG-16 and AlexNet (default 4096; 1024 on CPU)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
@@ -229,29 +230,40 @@ SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_
                   'log_every', 'eval_every', 'save_every')
 
 
-def resume_settings(args, ckpt, path, world):
+def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
-    saved, defaults = ckpt['args'], plain_args(parse_args([]))
-    given_args = plain_args(args)
-    for name in RUN_FLAGS + SCHEDULE_FLAGS:
-        if name not in saved:
-            continue
-        given, was = given_args[name], saved[name]
-        if given is None or given == defaults[name] or given == was:
-            value = was
-            setattr(args, name, Path(value) if isinstance(getattr(args, name), Path) and value is not None else value)
-            continue
-        flag = '--' + name.replace('_', '-')
-        shown = ' '.join(map(str, was)) if isinstance(was, list) else was
-        if name in SCHEDULE_FLAGS:
-            print(f'resuming with {flag} {given} where {path} had {shown}')
-        else:
-            raise UserError(f'{path} was trained with {flag} {shown}; resuming with another {flag} would not continue '
-                            f'that run: drop the flag, or start a new run with another --out')
+    merge_resumed_args(args, ckpt['args'], plain_args(parse_args([])), RUN_FLAGS, SCHEDULE_FLAGS, path, log)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
                         f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
                         f'(or the same total over nodes)')
+
+
+def merge_resumed_args(args, saved, defaults, run_flags, schedule_flags, path, log=print):
+    """--resume: each flag of run_flags + schedule_flags not typed on the command line takes the
+    saved value; typed with another value, a schedule flag wins with a line to `log` (None: quiet)
+    and a run flag is refused (UserError). Typed means in args.typed_flags (data.ArgumentParser);
+    a namespace without it counts a value other than None and `defaults`' as typed. Returns
+    {flag name: [saved, typed value]} of the schedule flags that changed."""
+    given_args, changed = plain_args(args), {}
+    typed = getattr(args, 'typed_flags', None)
+    for name in run_flags + schedule_flags:
+        if name not in saved:
+            continue
+        given, was = given_args[name], saved[name]
+        absent = name not in typed if typed is not None else given is None or given == defaults[name]
+        if absent or given == was:
+            setattr(args, name, Path(was) if isinstance(getattr(args, name), Path) and was is not None else was)
+            continue
+        flag = '--' + name.replace('_', '-')
+        shown = ' '.join(map(str, was)) if isinstance(was, list) else was
+        if name not in schedule_flags:
+            raise UserError(f'{path} was trained with {flag} {shown}; resuming with another {flag} would not continue '
+                            f'that run: drop the flag, or start a new run with another --out')
+        if log:
+            log(f'resuming with {flag} {given} where {path} had {shown}')
+        changed[name] = [was, given]
+    return changed
 
 
 def default_out(args):
@@ -290,8 +302,9 @@ def image_sources(args, master):
             raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
         if master:
             print(f'no --data given: training on the demo world in {args.demo_root}')
-        train = data.find_images([args.demo_root / 'train'])
-        val = data.find_images([args.demo_root / 'val'])
+        log = print if master else (lambda *a, **k: None)
+        train = data.find_images([args.demo_root / 'train'], log=log)
+        val = data.find_images([args.demo_root / 'val'], log=log)
     else:
         def scan():
             log = print if master else (lambda *a, **k: None)
@@ -487,12 +500,18 @@ def data_identity(paths):
     return dict(count=len(paths), sha1=hashlib.sha1('\n'.join(map(str, paths)).encode()).hexdigest())
 
 
-def refuse_to_overwrite(out, resume):
-    """A fresh run must not replace the checkpoint of an earlier one: that is lost work."""
+def refuse_to_overwrite(out, resume_path=None):
+    """A run must not replace the checkpoint of another one: that is lost work. `resume_path`: the
+    checkpoint being continued (None for a fresh run), the only one that `out` may hold."""
     path = Path(out) / 'checkpoint.pt'
-    if not resume and path.exists():
+    if not path.exists():
+        return
+    if resume_path is None:
         raise UserError(f'{path} exists (an earlier run); continue it with --resume, or start afresh with '
                         f'another --out (or delete that folder)')
+    if path.resolve() != Path(resume_path).resolve():
+        raise UserError(f'--out {out} holds another run ({path}); resuming {resume_path} there would replace '
+                        f'it: choose another --out, or leave --out out to continue in {Path(resume_path).parent}')
 
 
 def atomic_save(obj, path):
@@ -514,7 +533,7 @@ def on_cpu(tree):
 
 def plain_args(args):
     """vars(args) with paths as strings (JSON, and torch.load(weights_only=True), read it back)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != 'typed_flags'}
 
 
 def read_torch_file(path, missing, name, hint):
@@ -595,7 +614,8 @@ def evaluate(model, val_images, args, device, chunk=32):
         batch = val_images[i:i + chunk]
         x, points, targets, lab_img = prepare(batch, args, device, generator=gen)
         with autocast(device):
-            total, _ = lab.color_loss(args.loss, model(x, points), targets)
+            total, _ = lab.color_loss(args.loss, model(x, points), targets,
+                                      use_lightness_weight=args.lightness_weight)  # as in training
             rgb_pred = colorize_dense(model, lab_img[:, :1], args.loss)
         truth = batch.to(device).float() / 255.0
         gray = lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
@@ -635,11 +655,23 @@ def train_step(model, optimizer, images, status, args, device):
     valid = status.to(device, non_blocking=True) == data.STATUS_OK  # copied from pinned memory, compared there
     with autocast(device):
         total, parts = lab.color_loss(args.loss, model(x, points), targets, valid=valid,
-                                      use_lightness_weight=args.lightness_weight)
+                                      use_lightness_weight=args.lightness_weight,
+                                      norm=replica_norm(valid.sum() * points.shape[1]))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
     return total, parts
+
+
+def replica_norm(count):
+    """Under DDP: the divisor that makes each replica's loss sum, averaged over the replicas by DDP,
+    the mean over the `count` items (valid pixels, images) of all of them: the summed count over the
+    world size (all-reduced on the device: no host sync). Without DDP None (the batch's own count)."""
+    if not dist.is_initialized():
+        return None
+    count = count.float()  # a new tensor: the all-reduce writes into it
+    dist.all_reduce(count)
+    return count.clamp(min=1) / dist.get_world_size()
 
 
 def classify_step(model, optimizer, images, status, labels, args, device):
@@ -650,7 +682,8 @@ def classify_step(model, optimizer, images, status, labels, args, device):
     with autocast(device):
         logits = model(x)
     ce = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction='none')
-    total = (ce * valid).sum() / valid.sum().clamp(min=1)
+    norm = replica_norm(valid.sum())
+    total = (ce * valid).sum() / (valid.sum().clamp(min=1) if norm is None else norm)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -683,17 +716,19 @@ def parameter_groups(model, weight_decay):
 def train(args):
     device, rank, world, _ = setup_device(args)
     master = rank == 0
-    args.out = args.out or default_out(args)
-    ckpt = None
+    ckpt = resume_path = None
     if args.resume:
-        resume_path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
+        # --resume CKPT continues in CKPT's folder unless --out says otherwise.
+        resume_path = (args.out or default_out(args)) / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
+        args.out = args.out or resume_path.parent
         ckpt = load_checkpoint(resume_path)
         if 'args' not in ckpt or 'optimizer' not in ckpt:
             raise UserError(f'{resume_path} is a colorize.py checkpoint without its training state; '
                             f'use it with --init or --colorize, not --resume')
-        resume_settings(args, ckpt, resume_path, world)
+        resume_settings(args, ckpt, resume_path, world, log=print if master else None)
+    args.out = args.out or default_out(args)
     fill_defaults(args, device, world)
-    refuse_to_overwrite(args.out, args.resume)
+    refuse_to_overwrite(args.out, resume_path)
     args.out.mkdir(parents=True, exist_ok=True)
     train_paths, val_paths = image_sources(args, master)
     labels = None
@@ -752,7 +787,7 @@ def train(args):
     loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
     if master and start:
         trim_log(args.out / 'log.jsonl', start)
-    log = open(args.out / 'log.jsonl', 'a') if master else None
+    log = open(args.out / 'log.jsonl', 'a' if start else 'w') if master else None  # a fresh run, a fresh log
     if master and start == 0:
         evaluate_and_show(raw_model, val, args, device, log, 0)
 
@@ -776,6 +811,9 @@ def train(args):
         if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
             check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
         if step % args.log_every == 0 or step == args.steps:
+            if dist.is_initialized():  # the replicas' mean is the loss over all their pixels (replica_norm)
+                dist.all_reduce(running)
+                running = running / world
             if master:
                 sums = [v / since_log for v in running.tolist()]  # the one host sync per log line
                 rate = since_log * args.batch_size * world / (time.perf_counter() - window - paused)

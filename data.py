@@ -1866,6 +1866,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n')
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, plus `typed_flags`: the set of dests given on the command line, even at their
+        default value (so that --resume can tell `--seed 0` typed from the default 0)."""
+        parsed = super().parse_args(args, namespace)
+        defaults = [(action, action.default) for action in self._actions]
+        try:  # parse again with no defaults: only what was typed is set
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            typed = super().parse_args(args)
+        finally:
+            for action, default in defaults:
+                action.default = default
+        parsed.typed_flags = frozenset(vars(typed))
+        return parsed
+
 
 def main(argv=None):
     ap = ArgumentParser(description='Data utilities: generate the demo world, or list '

@@ -44,8 +44,9 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
-                      load_checkpoint, make_model as make_colorization_model, parameter_groups, plain_args,
-                      read_torch_file, refuse_to_overwrite, setup_device, step_seed)
+                      load_checkpoint, make_model as make_colorization_model, merge_resumed_args,
+                      parameter_groups, plain_args, read_torch_file, refuse_to_overwrite, setup_device, step_seed,
+                      trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -55,14 +56,16 @@ EVAL_SEED = 1234  # test-time crops and held-out images: the same for every run,
 
 # Protocol defaults (DESIGN.md section 6). lr milestones are fractions of --steps: cls halves
 # every 10k of 80k, seg drops x0.1 at 22.5k and 30k of 40k. seg's train_split None: train_aug
-# (train + SBD) when the devkit has it, else train.
+# (train + SBD) when the devkit has it, else train. cls's weight decay 1e-6, biases at twice the lr
+# and the new layer's bias at 0.1 are those of the protocol's code (Kraehenbuehl's
+# voc-classification, src/train_cls.py); seg's 5e-4 is DESIGN.md's.
 TASK_DEFAULTS = {
     'cls': dict(train_split='trainval', test_split='test', crop=224, batch_size=16, steps=80_000,
-                lr=1e-3, lr_milestones=[k / 8 for k in range(1, 8)], lr_gamma=0.5, weight_decay=5e-4,
-                clip_grad=10.0, input='lab', test_crops=10, test_images=0, demo_steps=2000),
+                lr=1e-3, lr_milestones=[k / 8 for k in range(1, 8)], lr_gamma=0.5, weight_decay=1e-6,
+                bias_lr_mult=2.0, clip_grad=10.0, input='lab', test_crops=10, test_images=0, demo_steps=2000),
     'seg': dict(train_split=None, test_split='val', crop=448, batch_size=10, steps=40_000,
                 lr=1e-3, lr_milestones=[22.5 / 40, 30 / 40], lr_gamma=0.1, weight_decay=5e-4,
-                clip_grad=0.0, input='gray', test_crops=1, test_images=0, demo_steps=2000),
+                bias_lr_mult=1.0, clip_grad=0.0, input='gray', test_crops=1, test_images=0, demo_steps=2000),
 }
 # A CPU shrinks crop, batch and the test (crops; seg: 50 of the val images, ~1.5 s each at full
 # resolution for VGG-16 on 2 cores) so that the demo finishes in minutes; on the demo world (no
@@ -75,7 +78,7 @@ CPU_DEFAULTS = {'cls': dict(crop=64, batch_size=8, test_crops=2, demo_steps=100)
 # (least squares on the columns [1, R, G, B]). |error| over that grid: max 19.4, mean 3.8 L* units
 # (worst at saturated colours, since L* is far from additive in R, G, B); on the 256 grays: max
 # 12.0 (at black), mean 6.2. Used to fold the RGB input of torchvision's networks into our
-# lightness conv1 and back; test_finetune_part.py measures it.
+# lightness conv1 and back; test_all.py measures it.
 L_FROM_RGB = (10.765438, 23.061646, 62.671641, 8.704467)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation, RGB in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,7 +114,8 @@ def parse_args(argv=None):
                         '(default cls 1/8, 2/8, ..., 7/8; seg 0.5625, 0.75)')
     p.add_argument('--lr-gamma', type=float, help='lr factor at each milestone (default 0.5 cls, 0.1 seg)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, help='weight decay, not on biases (default 5e-4)')
+    p.add_argument('--weight-decay', type=float, help='weight decay, not on biases (default 1e-6 cls, 5e-4 seg)')
+    p.add_argument('--bias-lr-mult', type=float, help="biases' lr as a multiple of --lr (default 2 cls, 1 seg)")
     p.add_argument('--clip-grad', type=float, help='gradient-norm clip, 0 = off (default 10 cls, off seg)')
     p.add_argument('--dropout', type=float, default=0.5,
                    help='dropout on fc6/fc7 (cls, AlexNet/VGG) or in the hypercolumn head (seg)')
@@ -159,19 +163,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# Flags that define the model or the data a checkpoint was trained on: --resume takes them from it.
-RESUMED_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'train_split', 'test_split', 'extended_fov',
-                 'width', 'fc_dim', 'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop',
-                 'batch_size', 'steps', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'clip_grad',
-                 'dropout', 'scale', 'points', 'test_crops', 'test_images', 'momentum')
-MODEL_FLAGS = ('task', 'arch', 'init', 'input', 'extended_fov', 'width', 'fc_dim', 'head_dim', 'freeze')
+# --resume takes the flags not given from the checkpoint (colorize.merge_resumed_args). Given with
+# another value, the schedule, logging and test flags win (a longer --steps, say, with a printed
+# line, recorded in results.json); the run flags would change the network, the data or the
+# randomness of the run being continued, and are refused.
+RUN_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'train_split', 'extended_fov', 'width', 'fc_dim',
+             'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop', 'batch_size', 'dropout',
+             'scale', 'points', 'bias_lr_mult')
+SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weight_decay', 'clip_grad',
+                  'log_every', 'save_every', 'test_split', 'test_crops', 'test_images')
 
 
 def fill_defaults(args, device):
     """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges."""
     args.task = args.task or 'cls'
     task, cpu = TASK_DEFAULTS[args.task], CPU_DEFAULTS[args.task] if device.type != 'cuda' else {}
-    for name in ('train_split', 'test_split', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'clip_grad', 'input'):
+    for name in ('train_split', 'test_split', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'bias_lr_mult',
+                 'clip_grad', 'input'):
         if getattr(args, name) is None:
             setattr(args, name, task[name])
     for name in ('crop', 'batch_size', 'test_crops', 'test_images'):
@@ -327,7 +335,7 @@ class VOCClassifier(nn.Module):
         self.trunk = trunk
         self.classifier = nn.Linear(trunk.tap_channels[-1], num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        nn.init.constant_(self.classifier.bias, 0.1)  # as the protocol's code
 
     def forward(self, x):
         return self.classifier(self.trunk(x)[-1].mean((2, 3)))
@@ -748,12 +756,17 @@ def export(args):
     args.export.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(sd, args.export)
     final = TORCHVISION_FINAL[args.arch]
-    print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): torchvision.models.{args.arch}()'
-          f'.load_state_dict(torch.load(PATH), strict=False) leaves exactly {final}.weight, {final}.bias missing. '
+    # torchvision's networks are full width, with 4096-channel fc6/fc7 (AlexNet, VGG-16).
+    off = [f'width {args.width:g} (torchvision: 1)'] if args.width != 1.0 else []
+    if args.arch in ('alexnet', 'vgg16') and args.fc_dim != 4096:
+        off.append(f'fc6/fc7 with {args.fc_dim} channels (torchvision: 4096)')
+    loads = (f'torchvision.models.{args.arch}().load_state_dict(torch.load(PATH), strict=False) leaves exactly '
+             f'{final}.weight, {final}.bias missing' if not off else
+             f'NOT loadable by torchvision.models.{args.arch}(): {" and ".join(off)}; the names are its own, so a '
+             f'network built with these sizes loads it')
+    print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): {loads}. '
           f'Input: RGB in [0, 1] normalised with mean {IMAGENET_MEAN}, std {IMAGENET_STD}; conv1 folds '
           f'L* ~ {L_FROM_RGB[0]:.2f} + {L_FROM_RGB[1]:.2f} R + {L_FROM_RGB[2]:.2f} G + {L_FROM_RGB[3]:.2f} B.')
-    if args.width != 1.0:
-        print(f'note: width {args.width:g} is not the full-size network; torchvision {args.arch}() will not load it')
 
 
 # --- Data ---------------------------------------------------------------------------------------
@@ -972,7 +985,7 @@ def save_checkpoint(path, model, optimizer, step, args, init_info):
 
 
 def read_resume(args):
-    """Load the --resume checkpoint and take the model and data flags from it."""
+    """Load the --resume checkpoint; the flags not given come from it (RUN_FLAGS, SCHEDULE_FLAGS)."""
     if args.resume == 'auto' and args.out is None:
         raise UserError('--resume needs --out DIR (the run folder) or the checkpoint path: --resume CKPT')
     path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
@@ -980,16 +993,11 @@ def read_resume(args):
     if not path.is_file():
         raise UserError(f'--resume: {path} does not exist; start the run without --resume (or pass --out of a run)')
     ckpt = load_checkpoint(path)
-    saved, defaults = ckpt['args'], vars(parse_args([]))
-    if not str(ckpt['config'].get('objective', '')).startswith('voc-'):
+    if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
-    for name in RESUMED_FLAGS:
-        given = getattr(args, name)
-        if name in MODEL_FLAGS and given not in (None, False) and given != saved[name]:
-            raise UserError(f'--resume {path} was trained with --{name.replace("_", "-")} {saved[name]}, '
-                            f'not {given}; drop the flag or start a new --out')
-        if given is None or given is False or given == defaults[name]:
-            setattr(args, name, saved[name])
+    saved = {'bias_lr_mult': 1.0, **ckpt['args']}  # runs from before the flag: biases at the lr
+    changed = merge_resumed_args(args, saved, plain_args(parse_args([])), RUN_FLAGS, SCHEDULE_FLAGS, path)
+    args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
     args.resume_path = path
     return ckpt
 
@@ -1004,6 +1012,7 @@ def make_loader(dataset, args, device, start_step):
 def train(model, train_set, args, device, init_info, ckpt=None):
     """SGD on the task loss from the checkpoint's step (or 0) to --steps; returns the step reached."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    lr_mults = (1.0, args.bias_lr_mult)  # of parameter_groups' two groups: weights, then biases
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -1012,6 +1021,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         print(f'resumed from {args.resume_path} at step {start}')
     fast_model = torch.compile(model) if args.compile else model
     trainable = [p for group in optimizer.param_groups for p in group['params']]
+    if start:
+        trim_log(args.out / 'log.jsonl', start)  # the lines the killed run wrote after its checkpoint
     log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
     running, step = torch.zeros(2, device=device), start
     window, paused, since_log = time.perf_counter(), 0.0, 0  # img/s over the steps since the last line
@@ -1021,8 +1032,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         if step >= args.steps:
             break
         torch.manual_seed(step_seed(args.seed, step, 0))  # pixels and dropout: a function of (seed, step)
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(step, args)
+        for group, mult in zip(optimizer.param_groups, lr_mults):
+            group['lr'] = lr_at(step, args) * mult
         loss = train_loss(fast_model, batch, args, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1110,12 +1121,15 @@ def evaluate_segmentation(model, test_set, args, device):
     """Dense prediction over the whole test set, one image at a time; mIU from one confusion matrix."""
     model.eval()
     # Every image size would trigger a new cuDNN autotuning round: slower than it saves here.
-    torch.backends.cudnn.benchmark = False
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers)
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
-    for image, label in loader:
-        conf += confusion_matrix(predict_segmentation(model, image, args.input, device), label.to(device),
-                                 len(SEG_CLASSES), IGNORE)
+    try:
+        for image, label in loader:
+            conf += confusion_matrix(predict_segmentation(model, image, args.input, device), label.to(device),
+                                     len(SEG_CLASSES), IGNORE)
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     scores = segmentation_scores(conf)
     print(f'VOC2012 {args.test_split} segmentation, {len(test_set)} images')
     print(f'{"class":<14}{"IoU":>8}')
@@ -1175,7 +1189,7 @@ def run(args):
     if init_name == 'colorization':  # the colorize.py run folder, e.g. vgg16-huechroma
         init_name = Path(args.init).parent.name or init_name
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
-    refuse_to_overwrite(args.out, args.resume)
+    refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
     args.out.mkdir(parents=True, exist_ok=True)
     train_items, test_items = voc_sets(args)
     train_set, test_set = make_datasets(args, train_items, test_items)
@@ -1248,16 +1262,19 @@ def write_json(path, obj):
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}
 SUMMARY_SHOWN = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', 'extended_fov')
-SUMMARY_GROUP = tuple(k for k in RESUMED_FLAGS if k not in ('init', 'seed'))  # runs differing only in seed
+SUMMARY_GROUP = tuple(k for k in RUN_FLAGS + SCHEDULE_FLAGS  # runs that differ only in the seed
+                      if k not in ('init', 'seed', 'log_every', 'save_every'))
 
 
 def summarize(paths):
     """Mean +- sample std over seeds of each group of finished runs (same init and flags but --seed).
 
-    Every flag that shapes a result (RESUMED_FLAGS but the seed) must match within a group; the
-    printed line names the usual ones and any other flag that differs between the groups.
+    Every flag that shapes a result (SUMMARY_GROUP) must match within a group; the printed line
+    names the usual ones and any other flag that differs between the groups. A second run of a seed
+    already in its group (the same run given twice, or a repeat) is left out with a warning: it is
+    not an independent sample.
     """
-    groups = {}
+    groups, seen = {}, {}
     for path in paths:
         path = path / 'results.json' if path.is_dir() else path
         if not path.is_file():
@@ -1270,6 +1287,11 @@ def summarize(paths):
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
         key = json.dumps([init, flags], sort_keys=True)  # lists (scale, milestones) too
+        seed = r['args'].get('seed')
+        if (key, seed) in seen:
+            print(f'warning: --summarize leaves out {path}: the same settings and seed {seed} as {seen[key, seed]}')
+            continue
+        seen[key, seed] = path
         groups.setdefault(key, (init, flags, []))[2].append(metrics)
     varying = {}  # per task: the flags not normally shown that tell its groups apart
     for task in {f['task'] for _, f, _ in groups.values()}:

@@ -336,19 +336,23 @@ def lightness_weight(lightness):
     return torch.minimum(torch.minimum(3 * lightness, torch.ones_like(lightness)), 3 * (1 - lightness)).clamp(min=0)
 
 
-def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False):
+def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False, norm=None):
     """The colorization loss, averaged over sampled pixels of valid images.
 
     logits: (B, P, D) network outputs (any float dtype); targets: from make_targets; valid: (B,)
     0/1 weights per image (grayscale or unreadable images get 0) or None. use_lightness_weight
-    multiplies the per-pixel loss by w(L) (the original Caffe recipe did so for the chroma term).
+    multiplies the per-pixel loss by w(L): the chroma term's for huechroma (as the original Caffe
+    recipe did), the whole loss for l2 and ab. norm: what the summed per-pixel loss is divided by,
+    default the number of valid sampled pixels of this batch (at least 1); data-parallel training
+    passes (valid pixels over all replicas) / (number of replicas), so that the replicas' averaged
+    gradient is that of the mean over all their pixels however the valid images fall.
     Returns (total, parts): a scalar tensor and a dict of named scalar tensors (no host sync).
     """
     B, P = logits.shape[:2]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w = torch.ones(B, P, dtype=dtype, device=logits.device) if valid is None else valid.to(dtype).view(B, 1).expand(B, P)
     lw = lightness_weight(targets['lightness']) if use_lightness_weight else 1.0
-    norm = w.sum().clamp(min=1.0)
+    norm = w.sum().clamp(min=1.0) if norm is None else norm
     if kind == 'huechroma':
         chroma = (_kl(targets['chroma'], logits[..., HUE_BINS:]) * lw * w).sum() / norm
         hue = (HUE_WEIGHT * targets['hue_weight'] * _kl(targets['hue'], logits[..., :HUE_BINS]) * w).sum() / norm

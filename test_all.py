@@ -246,6 +246,24 @@ def test_invalid_images_do_not_count():
     assert total.item() == pytest.approx(200.0)  # (10^2 + 10^2) per point, mean over 4 points
 
 
+def test_replicas_loss_norm_averages_to_the_mean_over_all_pixels():
+    """Data-parallel replicas, each with its own valid images, divide by (all valid pixels) / (replicas):
+    the mean of their losses, as DDP averages gradients, is the mean over every valid pixel."""
+    g = torch.Generator().manual_seed(5)
+    logits, ab = torch.randn(8, 3, 2, generator=g), torch.randn(8, 3, 2, generator=g)
+    t = dict(ab=ab, lightness=torch.full((8, 3), 0.5))
+    valid = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])  # replica 1 holds one valid image of its four
+    by_hand = ((logits - ab) ** 2).sum(-1)[:5].mean()  # 15 valid pixels
+    norm = valid.sum() * 3 / 2
+    replicas = [lab.color_loss('l2', logits[i:i + 4], dict(ab=ab[i:i + 4], lightness=t['lightness'][i:i + 4]),
+                               valid=valid[i:i + 4], norm=norm)[0] for i in (0, 4)]
+    assert ((replicas[0] + replicas[1]) / 2).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # Each replica over its own count instead weighs the lone valid image's pixels 4x.
+    own = [lab.color_loss('l2', logits[i:i + 4], dict(ab=ab[i:i + 4], lightness=t['lightness'][i:i + 4]),
+                          valid=valid[i:i + 4])[0] for i in (0, 4)]
+    assert ((own[0] + own[1]) / 2).item() != pytest.approx(by_hand.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize('kind', lab.LOSSES)
 def test_loss_gradient_matches_finite_differences(kind):
     gen = torch.Generator().manual_seed(2)
@@ -1600,6 +1618,15 @@ def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     assert not list(out.glob('*.tmp*'))
 
 
+def test_lightness_weight_applies_to_the_validation_loss_too(folders, tmp_path, monkeypatch):
+    train, val = folders
+    seen, color_loss = [], lab.color_loss
+    monkeypatch.setattr(lab, 'color_loss', lambda *a, **k: seen.append(k.get('use_lightness_weight')) or color_loss(*a, **k))
+    assert colorize.main(tiny_args(train, val, tmp_path / 'run', '--steps', '2', '--eval-every', '2',
+                                   '--lightness-weight')) == 0
+    assert len(seen) >= 4 and all(seen)  # 2 training steps, evaluations at steps 0 and 2: same weighting
+
+
 def test_resume_after_exit_is_exact(folders, tmp_path):
     train, val = folders
     common = ['--steps', '6', '--save-every', '3', '--lr', '0.02']
@@ -1613,12 +1640,16 @@ def test_resume_after_exit_is_exact(folders, tmp_path):
         assert torch.equal(x['momentum_buffer'], y['momentum_buffer'])
 
 
-def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys):
+def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, monkeypatch):
     """`--out DIR --resume` alone continues the run as it was started (its data, network and
     schedule), not the demo world with default settings; contradicting flags are refused."""
     train, val = folders
     common = ['--steps', '6', '--save-every', '3', '--lr', '0.02', '--seed', '3']
+    # A run killed before its first checkpoint left a log: a fresh run starts a fresh one.
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'log.jsonl').write_text(json.dumps(dict(step=99, loss=1.0)) + '\n')
     assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
+    assert 99 not in [json.loads(line)['step'] for line in (tmp_path / 'a' / 'log.jsonl').read_text().splitlines()]
     assert colorize.main(tiny_args(train, val, tmp_path / 'b', *common, '--exit-after', '3')) == 0
     capsys.readouterr()
     # The killed run had logged beyond its checkpoint, the last line cut off mid-write.
@@ -1640,13 +1671,23 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys):
     assert err.count('\n') == 1 and 'was trained with --seed 3' in err
     assert colorize.main([*resume, '--crop', '48']) == 2
     assert 'was trained with --crop 32' in capsys.readouterr().err
+    assert colorize.main([*resume, '--seed', '0']) == 2  # typed, though it is the flag's default
+    assert 'was trained with --seed 3' in capsys.readouterr().err
     assert colorize.main([*resume, '--steps', '8']) == 0  # a longer schedule is allowed, and said
     printed = capsys.readouterr().out
     assert 'resuming with --steps 8' in printed and 'step 8/8' in printed
+    # --resume CKPT continues in CKPT's folder (not the default --out), and refuses an --out that
+    # holds another run.
+    monkeypatch.setattr(colorize, 'default_out', lambda args: tmp_path / 'default')
+    ckpt_b, before = tmp_path / 'b' / 'checkpoint.pt', (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
+    assert colorize.main(['--resume', str(ckpt_b), '--out', str(tmp_path / 'a'), '--device', 'cpu']) == 2
+    assert 'holds another run' in capsys.readouterr().err and (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
+    assert colorize.main(['--resume', str(ckpt_b), '--steps', '9', '--device', 'cpu', '--workers', '0']) == 0
+    assert _state(ckpt_b)['step'] == 9 and not (tmp_path / 'default').exists()
     ckpt = _state(tmp_path / 'b' / 'checkpoint.pt')
     ckpt['world'] = 2
     torch.save(ckpt, tmp_path / 'b' / 'checkpoint.pt')
-    assert colorize.main([*resume, '--steps', '9']) == 2
+    assert colorize.main([*resume, '--steps', '10']) == 2
     assert 'trained by 2 processes' in capsys.readouterr().err
 
 
@@ -2435,9 +2476,13 @@ def test_exported_conv1_sees_rgb(arch, stride, pad):
     assert not torch.allclose(tv[..., :1, :], ours_approx[..., :1, :], atol=1e-6)
 
 
-def test_export_command_writes_loadable_state_dict(tmp_path):
+def test_export_command_writes_loadable_state_dict(tmp_path, capsys):
     colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
     assert ft.main(['--export', str(tmp_path / 'tv.pth'), '--init', str(tmp_path / 'c.pt')]) == 0
+    # A tiny network has torchvision's names but not its sizes: the message must not promise a load.
+    said = capsys.readouterr().out
+    assert 'NOT loadable by torchvision.models.alexnet()' in said and 'fc6/fc7 with 16 channels' in said
+    assert 'leaves exactly' not in said
     sd = torch.load(tmp_path / 'tv.pth', weights_only=True)
     assert set(_alexnet_tv()) - set(sd) == {'classifier.6.weight', 'classifier.6.bias'} and set(sd) <= set(_alexnet_tv())
     # It comes back as an --init equal to the colorization trunk.
@@ -2619,6 +2664,46 @@ def test_resume_is_exact(tmp_path, voc):
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
 
 
+def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_path, voc, capsys):
+    out = tmp_path / 'run'
+    base = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+            '--head-dim', '16', '--points', '8', '--voc-root', voc, '--test-images', '2', '--steps', '4',
+            '--batch-size', '2', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
+    assert ft.main([*base, '--out', str(out), '--exit-after', '2']) == 0
+    resume = ['--out', str(out), '--resume', '--workers', '0', '--device', 'cpu']
+    # A run flag with another value would not continue this run (--head-dim 16 alone is not "another").
+    assert ft.main([*resume, '--batch-size', '4']) == 2
+    assert 'trained with --batch-size 2' in capsys.readouterr().err
+    # The killed run had logged a step after its last checkpoint (step 2): logged again, once.
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write(json.dumps(dict(step=3, loss=9.9)) + '\n{"step": 4, "lo')
+    assert ft.main([*resume, '--steps', '6']) == 0  # --steps is the schedule's: it wins
+    assert 'resuming with --steps 6 where' in capsys.readouterr().out
+    r = read_results(out)
+    assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
+    assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6]))]
+    steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and 9.9 not in [json.loads(x)['loss'] for x in
+                                                        (out / 'log.jsonl').read_text().splitlines()]
+
+
+def test_cls_defaults_follow_the_protocols_code(tmp_path, voc):
+    """Kraehenbuehl's voc-classification (train_cls.py): weight decay 1e-6, biases at 2x the lr, the
+    new layer's weights N(0, 0.01) and biases 0.1; segmentation keeps DESIGN.md's 5e-4 and 1x."""
+    out = tmp_path / 'cls'
+    assert ft.main(['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
+                    '--test-crops', '1', '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
+                    '--device', 'cpu', '--lr', '0.01', '--out', str(out)]) == 0
+    groups = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [1e-6, 0.0]
+    # The second step (index 1) is past the milestones 1/8, 2/8, 3/8, 4/8 of 2 steps: halved 4 times.
+    assert [g['lr'] for g in groups] == [0.01 / 16, 0.02 / 16]
+    head = ft.VOCClassifier(models.alexnet(in_channels=1, **TINY))
+    assert (head.classifier.bias == 0.1).all() and abs(head.classifier.weight.std().item() - 0.01) < 0.002
+    seg = ft.fill_defaults(ft.parse_args(['--task', 'seg']), torch.device('cpu'))
+    assert (seg.weight_decay, seg.bias_lr_mult) == (5e-4, 1.0)
+
+
 def test_seg_points_fall_on_labelled_pixels():
     torch.manual_seed(0)
     labels = torch.full((3, 20, 30), ft.IGNORE, dtype=torch.uint8)
@@ -2711,6 +2796,11 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     assert sorted(r['runs'] for r in rows) == [1, 2]
     out = capsys.readouterr().out
     assert 'lr=0.001 | map_voc07_11point 55.0 +- 7.1' in out and 'lr=0.01 | map_voc07_11point 10.0 |' in out
+    # A run given twice, or a second run of the same seed and settings, is no independent sample.
+    rows = ft.summarize([*runs[3:], runs[4], result(tmp_path / 'r1-again', 'random', 1, 0.90)])
+    assert [r['runs'] for r in rows] == [2] and rows[0]['map_voc07_11point'] == pytest.approx((25.0, math.sqrt(50)))
+    out = capsys.readouterr().out
+    assert out.count('warning: --summarize leaves out') == 2 and 'r1-again' in out
 
 
 # ================================================================================================
