@@ -29,6 +29,7 @@ Small models for tests: `build_model('resnet152', 64, width=1/16, head_dim=32)`;
 without allocating: build inside `with torch.device('meta'):`.
 """
 import copy
+import math
 from collections import OrderedDict
 
 import torch
@@ -403,16 +404,45 @@ class HypercolumnNet(nn.Module):
         """(B, C_in, H, W), (B, P, 2) -> (B, P, out_dim) logits at the points."""
         return self.head(self.hypercolumns(x, points))
 
-    def dense(self, x, stride=4):
+    def dense(self, x, stride=4, tile=1024):
         """The head on every cell of the stride-`stride` grid: (B, out_dim, ceil(H/s), ceil(W/s)).
 
         Cell (i, j) is the pixel position (s*i + (s-1)/2, s*j + (s-1)/2), so in eval mode
         dense(x)[:, :, i, j] == forward(x, [[4i + 1.5, 4j + 1.5]]) for s = 4, and bilinear
-        upsampling by s (align_corners=False) gives a full-resolution map. The full hypercolumn
-        is never formed: fc1 is linear, so fc1(hypercolumn) = bias + sum over taps of its column
-        block W_t applied to the tap. Coarse taps get W_t at their own resolution and the
-        head_dim-channel result is resampled (once per stride); finer taps are resampled first.
+        upsampling by s (align_corners=False) gives a full-resolution map.
+
+        So that memory stays bounded, an input with a side longer than tile + 2 * margin pixels is
+        processed in tiles of `tile` pixels (rounded up to the trunk's stride), each run with a
+        margin wide enough that no output cell kept from it sees the tile's edge (`tile_margin`:
+        288 px for VGG-16, 256 for AlexNet, 800 for ResNet-152, whose receptive field is large).
+        Each piece is then at most tile + 2 * margin pixels on a side, and the result equals the
+        one-piece one up to float rounding. tile=None: always in one piece.
         """
+        H, W = x.shape[-2:]
+        if tile is None:
+            return self._dense(x, stride)
+        margin, align = tile_margin(self.trunk, stride)
+        if H <= tile + 2 * margin and W <= tile + 2 * margin:
+            return self._dense(x, stride)
+        tile = -(-tile // align) * align  # origins on every map's grid and on the output grid
+        out = None
+        for y in range(0, H, tile):
+            for x0 in range(0, W, tile):
+                top, left = max(0, y - margin), max(0, x0 - margin)
+                part = self._dense(x[..., top:min(H, y + tile + margin), left:min(W, x0 + tile + margin)], stride)
+                if out is None:
+                    out = part.new_empty(*part.shape[:2], -(-H // stride), -(-W // stride))
+                rows = slice(y // stride, -(-min(H, y + tile) // stride))  # the cells of this tile
+                cols = slice(x0 // stride, -(-min(W, x0 + tile) // stride))
+                out[..., rows, cols] = part[..., rows.start - top // stride:rows.stop - top // stride,
+                                            cols.start - left // stride:cols.stop - left // stride]
+        return out
+
+    def _dense(self, x, stride):
+        """`dense` in one piece. The full hypercolumn is never formed: fc1 is linear, so
+        fc1(hypercolumn) = bias + sum over taps of its column block W_t applied to the tap. Coarse
+        taps get W_t at their own resolution and the head_dim-channel result is resampled (once per
+        stride); finer taps are resampled first."""
         H, W = x.shape[-2:]
         grid_size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
         fc1, out = self.head.fc1, self.head.out
@@ -443,6 +473,41 @@ class HypercolumnNet(nn.Module):
         hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
         return F.conv2d(hidden, out.weight[:, :, None, None], out.bias)
+
+
+def receptive_field(trunk):
+    """(size, stride) in input pixels of the trunk's last map: the side of the input window that one
+    of its cells sees, and the distance between its cells. Raises ValueError on a layer type it
+    does not know (it would get the size wrong)."""
+    size, jump = 1, 1
+    for name, _ in trunk.steps:
+        module = trunk._modules[name]
+        if isinstance(module, Bottleneck):  # the residual branch sees the most
+            layers = [module.branch2a.conv, module.branch2b.conv, module.branch2c.conv]
+        elif isinstance(module, ConvBN):
+            layers = [module.conv]
+        elif isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            layers = [module]
+        elif isinstance(module, (nn.Dropout, nn.ReLU, nn.Identity, nn.ZeroPad2d)):
+            layers = []
+        else:
+            raise ValueError(f'receptive_field: unknown layer {name} ({type(module).__name__})')
+        for layer in layers:
+            k, s, d = (v if isinstance(v, int) else v[0] for v in (layer.kernel_size, layer.stride, layer.dilation))
+            size += d * (k - 1) * jump
+            jump *= s
+    return size, jump
+
+
+def tile_margin(trunk, stride=4):
+    """(margin, align) in pixels for tiling `dense`: an output cell at least `margin` pixels inside
+    a tile sees nothing of the tile's edge. That is half the receptive field plus two cells of the
+    deepest map: one for the cells that bilinear reading mixes, one for where a cell's receptive
+    field is centred (half a cell off in AlexNet and the ResNets). Tile origins at multiples of
+    `align` keep every map's cells and the stride-`stride` grid where they are in the whole image."""
+    size, jump = receptive_field(trunk)
+    align = math.lcm(jump, stride)
+    return -(-(size // 2 + 2 * jump) // align) * align, align
 
 
 def build_model(arch, out_dim, head_dim=1024, dropout=0.5, **trunk_kwargs):
