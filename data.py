@@ -47,11 +47,12 @@ import shlex
 import shutil
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 VOC_CLASSES = (
     'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -151,7 +152,7 @@ def _read_list(txt):
                          '(relative to the list\'s folder), found only blank or # lines')
     paths = [os.path.normpath(os.path.join(base, s)) for s in entries]
     # A wrong base folder makes every line wrong; catch that here rather than as 100% bad files.
-    if not os.path.exists(paths[0]):
+    if not os.path.exists(paths[0]) and packed_entry(paths[0]) is None:
         raise ValueError(f'image list {txt}: its first entry {entries[0]!r} resolves to '
                          f'{paths[0]}, which does not exist; relative paths are taken from the '
                          'list\'s folder')
@@ -159,8 +160,9 @@ def _read_list(txt):
 
 
 def _scan(root):
-    """Walk `root`; returns (image paths, [(folder, mtime_ns)], count of other files, examples)."""
-    files, dirs, seen = [], [], set()
+    """Walk `root`; returns (image paths, [(folder, mtime_ns)], count of other files, examples,
+    the subfolders that could not be listed)."""
+    files, dirs, seen, unreadable = [], [], set(), []
     n_other, other_examples = 0, []
     stack = [root]
     while stack:
@@ -170,8 +172,14 @@ def _scan(root):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs.append((d, st.st_mtime_ns))
-        with os.scandir(d) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            if d == root:
+                raise ValueError(f'image folder {root} cannot be listed (permission denied)') from None
+            unreadable.append(d)  # e.g. lost+found at the root of a disk
+            continue
         subdirs = []
         for e in entries:
             if e.name.startswith('.'):
@@ -185,7 +193,7 @@ def _scan(root):
                 if len(other_examples) < 3:
                     other_examples.append(os.path.relpath(e.path, root))
         stack.extend(reversed(subdirs))  # depth first, in name order: deterministic
-    return files, dirs, n_other, other_examples
+    return files, dirs, n_other, other_examples, unreadable
 
 
 def _cache_path(cache_dir, root):
@@ -219,7 +227,10 @@ def _scan_cached(root, cache_dir, log):
         if cached is not None:
             return cached, 'cached'
     start_ns = time.time_ns()
-    files, dirs, n_other, examples = _scan(root)
+    files, dirs, n_other, examples, unreadable = _scan(root)
+    if unreadable:
+        log(f'warning: skipped {len(unreadable)} folder(s) under {root} that cannot be listed (permission '
+            f'denied), e.g. {unreadable[0]}')
     if not files:
         seen = f'{n_other} other files (e.g. {", ".join(examples)})' if n_other else 'no files'
         raise ValueError(f'no images under {root}: expected files ending in '
@@ -320,7 +331,7 @@ def _decode(source, name, min_short_side=None):
         if isinstance(source, str) and os.path.getsize(source) == 0:
             raise BadImage(name, 'empty file (0 bytes)')
         with Image.open(source) as im:
-            if min_short_side and im.format == 'JPEG':
+            if min_short_side and isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (cameras) too
                 w, h = im.size
                 scale = min_short_side / min(w, h)
                 if scale < 1:
@@ -403,14 +414,6 @@ def _short_side_size(h, w, short_side):
     return max(1, round(h * short_side / w)), short_side
 
 
-def _resize_short(rgb, short_side):
-    h, w = rgb.shape[:2]
-    if min(h, w) == short_side:
-        return rgb
-    nh, nw = _short_side_size(h, w, short_side)
-    return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-
-
 def _pad_to(rgb, crop):
     """Zero-pad (centred) so both sides are >= crop."""
     h, w = rgb.shape[:2]
@@ -428,10 +431,7 @@ def random_crop(rgb, crop, short_side_range, flip, rng):
     lo, hi = short_side_range
     short = int(rng.integers(lo, hi + 1))
     u_y, u_x, u_flip = rng.random(3)
-    x = _pad_to(_resize_short(rgb, short), crop)
-    h, w = x.shape[:2]
-    y0, x0 = int(u_y * (h - crop + 1)), int(u_x * (w - crop + 1))
-    x = x[y0:y0 + crop, x0:x0 + crop]
+    x = _resized_crop(rgb, crop, short, lambda room: int(u_y * (room + 1)), lambda room: int(u_x * (room + 1)))
     if flip and u_flip < 0.5:
         x = x[:, ::-1]
     return np.ascontiguousarray(x)
@@ -440,10 +440,27 @@ def random_crop(rgb, crop, short_side_range, flip, rng):
 def center_crop(rgb, crop, short_side):
     """Validation view: resize so the short side is `short_side`, zero-pad if needed, take the
     central crop x crop window. uint8 (H, W, 3) -> uint8 (crop, crop, 3)."""
-    x = _pad_to(_resize_short(rgb, short_side), crop)
-    h, w = x.shape[:2]
-    y0, x0 = (h - crop) // 2, (w - crop) // 2
-    return np.ascontiguousarray(x[y0:y0 + crop, x0:x0 + crop])
+    return _resized_crop(rgb, crop, short_side, lambda room: room // 2, lambda room: room // 2)
+
+
+def _resized_crop(rgb, crop, short_side, top, left):
+    """The crop x crop window of `rgb` resized (bilinear) to short side `short_side` and zero-padded
+    (centred) to at least crop x crop; top(room) and left(room) place it, room = padded side - crop.
+
+    Only the window is resampled, from the source pixels under it (Pillow's resize with a box),
+    never the whole resized image: a 2 x 3000 banner at short side 600 would be 1.6 GB. Values
+    match resizing the whole image and cropping to within 1-2 levels of 255 (fixed-point rounding)."""
+    h, w = rgb.shape[:2]
+    nh, nw = (h, w) if min(h, w) == short_side else _short_side_size(h, w, short_side)
+    y0, x0 = top(max(nh, crop) - crop), left(max(nw, crop) - crop)
+    ch, cw = min(nh, crop), min(nw, crop)  # a side shorter than the crop is padded, not cut
+    if (nh, nw) == (h, w):
+        window = rgb[y0:y0 + ch, x0:x0 + cw]
+    else:
+        sy, sx = h / nh, w / nw
+        window = np.asarray(Image.fromarray(rgb).resize(
+            (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
+    return _pad_to(window, crop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,8 +651,9 @@ _PACK_INDEX = 'index.npy'
 _PACK_NAMES, _PACK_NAME_OFFSETS = 'names.bin', 'names-offsets.npy'
 _PACK_BAD = 'bad.jsonl'
 _PACK_PROGRESS, _PACK_COMPLETE = 'progress.json', 'complete.json'
+_PACK_LOCK = 'lock'  # held (flock) by the process writing the pack
 _PACK_FILES = (_PACK_INDEX, _PACK_NAMES, _PACK_NAME_OFFSETS, _PACK_BAD, _PACK_PROGRESS,
-               _PACK_COMPLETE)
+               _PACK_COMPLETE, _PACK_LOCK)
 PACK_SHARD_BYTES = 4 << 30  # a new shard once the current one would grow past 4 GiB
 _PACK_COLUMNS = ('shard', 'offset', 'length', 'status')  # index.npy columns, int64
 
@@ -700,10 +718,22 @@ def _pack_task(task):
 
 def _process_pool(workers):
     """A pool of `workers` processes: fork where there is fork (a spawned worker would spend
-    seconds importing torch), else spawn. The callers' workers use numpy and Pillow only."""
+    seconds importing torch), else spawn. The callers' workers use numpy and Pillow only. The
+    workers exit within a second of their parent's death (a killed `pack` leaves none behind)."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent,
+                                                  initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent):
+    """In a pool worker: a daemon thread that ends the process once `parent` is gone. A worker
+    waiting for tasks would otherwise wait forever: it holds the queue's other end itself."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _ordered_map(fn, args, pool, window):
@@ -986,7 +1016,8 @@ def _pack_start(root, params, paths):
         raise ValueError(f'{root} exists and holds files that are not part of a pack (e.g. '
                          f'{foreign[0]}): pack into a new or empty folder')
     for name in leftovers:
-        os.remove(os.path.join(root, name))
+        if name != _PACK_LOCK:
+            os.remove(os.path.join(root, name))
     offsets, buffer = _encode_strings(paths)
     with open(os.path.join(root, _PACK_NAMES), 'wb') as f:
         f.write(buffer.tobytes())
@@ -1065,11 +1096,60 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
                          f'{short_side} and {quality}')
     if out in params['roots']:
         raise ValueError(f'pack: --out {out} is also one of the --data roots; pick another folder')
+    complete = _complete_pack(out, params, log)  # read only: no need for the lock
+    if complete is not None:
+        return complete
+    lock = _lock_pack(out)
+    try:
+        return _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size, shard_bytes,
+                     log, log_every)
+    finally:
+        lock.close()  # releases the lock
+
+
+def _complete_pack(out, params, log):
+    """complete.json's dict if `out` is a complete pack made with `params` (else ValueError), or None."""
     complete = _read_json(os.path.join(out, _PACK_COMPLETE))
     if complete is not None:
         _check_pack_params(out, complete, params)
         log(f'pack {out} is already complete ({complete["total"]:,} images, made with the same '
             'arguments): nothing to do')
+    return complete
+
+
+def _lock_pack(out):
+    """An exclusive lock on out/lock for the whole run: a second `pack` into the same folder (a
+    job started twice) would cut back and interleave the first one's shards."""
+    if os.path.isdir(out):
+        foreign = [n for n in os.listdir(out) if not (n.split('.tmp-')[0] in _PACK_FILES or _is_shard_name(n))]
+        if foreign:
+            raise ValueError(f'{out} exists and holds files that are not part of a pack (e.g. '
+                             f'{foreign[0]}): pack into a new or empty folder')
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, _PACK_LOCK), 'a+')
+    try:
+        import fcntl  # POSIX; elsewhere packs are not locked
+    except ImportError:
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process'
+        lock.close()
+        raise ValueError(f'pack {out} is being written by {holder}: wait for it to finish (run the same '
+                         'command again afterwards to check that it is complete)') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    return lock
+
+
+def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size, shard_bytes, log, log_every):
+    """pack_images' work, with the pack's lock held."""
+    complete = _complete_pack(out, params, log)  # by a run that held the lock before this one
+    if complete is not None:
         return complete
     progress = _read_json(os.path.join(out, _PACK_PROGRESS))
     if progress is not None:
@@ -1883,8 +1963,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    ap = ArgumentParser(description='Data utilities: generate the demo world, or list '
-                        'and cache the images of pre-training folders.')
+    ap = ArgumentParser(description='Data utilities: generate the demo world, list and cache the '
+                        'images of pre-training folders, or pack them for fast training.')
     sub = ap.add_subparsers(dest='cmd', required=True)
     demo = sub.add_parser('demo', help='generate the procedural demo world (once)')
     demo.add_argument('--root', default=DEFAULT_DEMO_ROOT, help='folder to write the demo world to')

@@ -977,10 +977,14 @@ def test_exif_orientation_applied(tmp_path):
     assert out[35, 10, 2] > 200 and out[35, 10, 0] < 50  # bottom: blue
 
 
-def test_draft_keeps_short_side(tmp_path):
+@pytest.mark.parametrize('fmt', ['JPEG', 'MPO'])  # MPO: what many cameras write, a JPEG with more frames
+def test_draft_keeps_short_side(tmp_path, fmt):
     y, x = np.mgrid[0:1200, 0:1600]
     rgb = np.stack([x * 255 // 1600, y * 255 // 1200, np.full_like(x, 128)], -1).astype(np.uint8)
-    path = _write_rgb(tmp_path / 'big.jpg', rgb, fmt='JPEG')
+    path = str(tmp_path / 'big.jpg')
+    extra = dict(save_all=True, append_images=[Image.fromarray(rgb[:120, :160])]) if fmt == 'MPO' else {}
+    Image.fromarray(rgb).save(path, fmt, **extra)
+    assert Image.open(path).format == fmt
     full = data.load_rgb(path)
     assert full.shape == (1200, 1600, 3)
     small = data.load_rgb(path, min_short_side=200)
@@ -1051,6 +1055,31 @@ def test_random_and_center_crop():
     noflip = {int(data.random_crop(ramp, 32, (32, 32), False, np.random.default_rng(s))[0, 0, 0])
               for s in range(20)}
     assert noflip == {0}
+
+
+@pytest.mark.parametrize('size, short', [((300, 500), 256), ((4, 400), 100), ((50, 60), 224)])
+def test_crops_resample_only_the_window_like_a_whole_resize(size, short):
+    """Against Pillow resizing the whole image, then cropping (and zero padding): within 2 levels.
+    The thin image is what the window saves: resized whole, it would be 25 times its crop."""
+    rgb = _smooth_rgb(*size, seed=1)
+    h, w = size
+    nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+    whole = _pad_centred(np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR)), 224)
+    H, W = whole.shape[:2]
+    want = whole[(H - 224) // 2:(H - 224) // 2 + 224, (W - 224) // 2:(W - 224) // 2 + 224]
+    got = data.center_crop(rgb, 224, short)
+    assert got.shape == (224, 224, 3) and np.abs(got.astype(int) - want).max() <= 2
+    u = np.random.default_rng(3).random(3)
+    y0, x0 = int(u[0] * (H - 223)), int(u[1] * (W - 223))
+    got = data.random_crop(rgb, 224, (short, short), True, np.random.default_rng(3))
+    want = whole[y0:y0 + 224, x0:x0 + 224][:, ::-1] if u[2] < 0.5 else whole[y0:y0 + 224, x0:x0 + 224]
+    assert np.abs(got.astype(int) - want).max() <= 2
+
+
+def _pad_centred(rgb, crop):
+    h, w = rgb.shape[:2]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    return np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
 
 
 def test_color_images_statuses_and_workers(tmp_path, capsys):
@@ -1585,6 +1614,60 @@ def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
     assert os.listdir(other) == ['notes.txt']
     with pytest.raises(SystemExit):  # the CLI: a usage error, not a traceback
         data.main(['pack', '--data', str(src), '--out', str(src), '--short-side', '8'])
+    # A second pack into a folder that one is writing would interleave their shards: refused.
+    lock = data._lock_pack(str(tmp_path / 'busy'))
+    try:
+        with pytest.raises(ValueError, match=f'being written by pid {os.getpid()}'):
+            data.pack_images([src], tmp_path / 'busy', short_side=8, workers=1, log=_quiet)
+    finally:
+        lock.close()
+    assert data.pack_images([src], tmp_path / 'busy', short_side=8, workers=1, log=_quiet)['total'] == 1
+    # A .txt list of packed images (a saved subset) reads like any list.
+    listed = tmp_path / 'subset.txt'
+    listed.write_text(data.find_images(tmp_path / 'busy', log=_quiet)[0] + '\n')
+    assert data.load_rgb(data.find_images(listed, log=_quiet)[0]).shape[:2] == (6, 8)  # never upscaled
+
+
+def test_pack_workers_exit_when_their_parent_is_killed(tmp_path):
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import data, os\n"
+              "pool = data._process_pool(2)\n"
+              "print(*sorted({pool.submit(os.getpid).result() for _ in range(8)}), flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, '-c', script, str(HERE)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    proc.kill()
+    proc.wait()
+
+    def alive(pid):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                return f.read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has exited
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))
+
+
+def test_find_images_skips_folders_it_cannot_list(tmp_path, monkeypatch):
+    for name in ('a', 'lost+found', 'z'):
+        _write_rgb(tmp_path / 'disk' / name / 'x.png')
+    scandir = os.scandir
+
+    def denied(path):
+        if os.path.basename(path) == 'lost+found':
+            raise PermissionError(13, 'Permission denied', path)
+        return scandir(path)
+    monkeypatch.setattr(os, 'scandir', denied)
+    lines = []
+    found = data.find_images(tmp_path / 'disk', log=lines.append)
+    assert [os.path.basename(os.path.dirname(p)) for p in found] == ['a', 'z']
+    assert 'skipped 1 folder(s)' in lines[0] and 'lost+found' in lines[0]
+    monkeypatch.setattr(os, 'scandir', lambda path: denied(os.path.join(path, 'lost+found')))
+    with pytest.raises(ValueError, match='cannot be listed'):
+        data.find_images(tmp_path / 'disk', log=_quiet)
 
 
 # ================================================================================================
