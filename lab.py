@@ -315,10 +315,13 @@ def _ab_soft(ab):
     cls = lookup[cand[..., 0] + offset, cand[..., 1] + offset]  # (B, P, K, 9), -1 = out of gamut
     d2 = ((cand.float() * AB_GRID - ab.unsqueeze(3)) ** 2).sum(-1)
     w = torch.exp(-d2 / (2 * AB_SIGMA ** 2)) * (cls >= 0)
-    total = w.sum(-1, keepdim=True)
+    total = w.sum(-1, keepdim=True)  # (B, P, K, 1); 0: no gamut cell among the nine
+    outside = (total == 0).to(w.dtype)
+    # A 10th candidate per colour, the gamut cell nearest its own cell, weighs 1 when outside.
     own = cell.clamp(-offset, offset) + offset
     cls = torch.cat([cls, nearest[own[..., 0], own[..., 1]].unsqueeze(-1)], -1)  # (B, P, K, 10)
-    w = torch.cat([w, (total == 0).to(w.dtype)], -1) / total.clamp(min=1e-30).where(total > 0, 1.0) / K
+    w = torch.cat([w, outside], -1) / (total + outside)  # each colour's weights sum to 1
+    w = w / K  # the average over the window's K colours
     out = torch.zeros(B, P, len(centres), device=ab.device)
     return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10))
 
