@@ -510,8 +510,11 @@ def refuse_to_overwrite(out, resume_path=None):
         raise UserError(f'{path} exists (an earlier run); continue it with --resume, or start afresh with '
                         f'another --out (or delete that folder)')
     if path.resolve() != Path(resume_path).resolve():
+        own = Path(resume_path).parent / 'checkpoint.pt'
+        hint = (f', or leave --out out to continue in {own.parent}' if not own.exists()
+                or own.resolve() == Path(resume_path).resolve() else '')
         raise UserError(f'--out {out} holds another run ({path}); resuming {resume_path} there would replace '
-                        f'it: choose another --out, or leave --out out to continue in {Path(resume_path).parent}')
+                        f'it: choose another --out{hint}')
 
 
 def atomic_save(obj, path):
@@ -669,7 +672,7 @@ def replica_norm(count):
     world size (all-reduced on the device: no host sync). Without DDP None (the batch's own count)."""
     if not dist.is_initialized():
         return None
-    count = count.float()  # a new tensor: the all-reduce writes into it
+    count = count.to(torch.float32, copy=True)  # the all-reduce writes into it
     dist.all_reduce(count)
     return count.clamp(min=1) / dist.get_world_size()
 

@@ -236,7 +236,9 @@ def _scan_cached(root, cache_dir, log):
         raise ValueError(f'no images under {root}: expected files ending in '
                          f'{"/".join(IMAGE_EXTENSIONS)} (any case) in it or its subfolders; '
                          f'found {seen} in {len(dirs)} folders')
-    if cache_file:
+    if cache_file and unreadable:
+        log(f'not caching the listing of {root}: some folders could not be listed')
+    elif cache_file:
         racy = [d for d, mtime in dirs if mtime >= start_ns - _RACY_NS]
         if racy:
             log(f'not caching the listing of {root}: {racy[0]} changed less than 2 s ago')
@@ -1949,12 +1951,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """argparse's, plus `typed_flags`: the set of dests given on the command line, even at their
         default value (so that --resume can tell `--seed 0` typed from the default 0)."""
+        args = list(sys.argv[1:] if args is None else args)  # read twice
         parsed = super().parse_args(args, namespace)
         defaults = [(action, action.default) for action in self._actions]
         try:  # parse again with no defaults: only what was typed is set
             for action, _ in defaults:
                 action.default = argparse.SUPPRESS
-            typed = super().parse_args(args)
+            typed = super().parse_args(args, None if namespace is None else argparse.Namespace(**vars(namespace)))
         finally:
             for action, default in defaults:
                 action.default = default

@@ -1017,6 +1017,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
+            group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
         start = ckpt['step']
         print(f'resumed from {args.resume_path} at step {start}')
     fast_model = torch.compile(model) if args.compile else model
@@ -1282,7 +1284,7 @@ def summarize(paths):
         try:
             r = json.loads(path.read_text())
             init = r['init'].get('path') or r['init']['kind']
-            flags = {k: r['args'].get(k) for k in SUMMARY_GROUP}
+            flags = {k: {'bias_lr_mult': 1.0, **r['args']}.get(k) for k in SUMMARY_GROUP}  # 1.0: before the flag
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None

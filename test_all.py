@@ -1662,9 +1662,11 @@ def test_find_images_skips_folders_it_cannot_list(tmp_path, monkeypatch):
         return scandir(path)
     monkeypatch.setattr(os, 'scandir', denied)
     lines = []
-    found = data.find_images(tmp_path / 'disk', log=lines.append)
+    found = data.find_images(tmp_path / 'disk', cache_dir=tmp_path / 'cache', log=lines.append)
     assert [os.path.basename(os.path.dirname(p)) for p in found] == ['a', 'z']
-    assert 'skipped 1 folder(s)' in lines[0] and 'lost+found' in lines[0]
+    assert 'skipped 1 folder(s)' in lines[0] and 'lost+found' in lines[0] and 'not caching' in lines[1]
+    monkeypatch.setattr(os, 'scandir', scandir)  # permissions fixed: the folder's images come back
+    assert len(data.find_images(tmp_path / 'disk', cache_dir=tmp_path / 'cache', log=_quiet)) == 3
     monkeypatch.setattr(os, 'scandir', lambda path: denied(os.path.join(path, 'lost+found')))
     with pytest.raises(ValueError, match='cannot be listed'):
         data.find_images(tmp_path / 'disk', log=_quiet)
@@ -2795,11 +2797,13 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     # The killed run had logged a step after its last checkpoint (step 2): logged again, once.
     with open(out / 'log.jsonl', 'a') as f:
         f.write(json.dumps(dict(step=3, loss=9.9)) + '\n{"step": 4, "lo')
-    assert ft.main([*resume, '--steps', '6']) == 0  # --steps is the schedule's: it wins
+    assert ft.main([*resume, '--steps', '6', '--weight-decay', '0.01']) == 0  # the schedule's: they win
     assert 'resuming with --steps 6 where' in capsys.readouterr().out
     r = read_results(out)
     assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
-    assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6]))]
+    assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6], weight_decay=[5e-4, 0.01]))]
+    groups = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [0.01, 0.0]  # applied, not only announced
     steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.9 not in [json.loads(x)['loss'] for x in
                                                         (out / 'log.jsonl').read_text().splitlines()]
