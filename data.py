@@ -111,11 +111,9 @@ def find_images(roots, cache_dir=None, log=print):
     does not, and need not. A scan is not cached when a folder changed less than 2 s before it
     (file-system clocks are coarse, so a later change could keep the same mtime).
 
-    A root that is a pack folder (`python data.py pack`, see pack_images) gives one pseudo-path
-    per packed image, root/index.npy/<i>/<folder>/<name> (i zero-padded to 9 digits; the source's
-    folder and file name, e.g. .../index.npy/000000000/n01440764/n01440764_10026.JPEG), which
-    load_rgb and ColorImages read from the pack; an incomplete pack raises ValueError with the
-    command that finishes it.
+    A root that is a pack folder (`python data.py pack`, see pack_images) gives its pseudo-paths
+    (`pack_paths`), which load_rgb and ColorImages read from the pack; an incomplete pack raises
+    ValueError with the command that finishes it.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
@@ -806,7 +804,10 @@ def _source_tail(source):
 def pack_paths(root):
     """The pseudo-paths of the images of the complete pack `root`, in index order (so sorted):
     root/index.npy/<i>/<folder>/<name>, i zero-padded to 9 digits, <folder>/<name> the last two
-    components of the image's source path. Raises ValueError if the pack is incomplete."""
+    components of the image's source path (e.g. .../index.npy/000000000/n01440764/
+    n01440764_10026.JPEG), so that code reading class folders or file names from paths sees the
+    source's. Never a real file: index.npy is a file in a pack. Raises ValueError if the pack is
+    incomplete."""
     reader = PackReader(root)
     width = max(9, len(str(len(reader) - 1)))  # zero-padded, so that sorting keeps the order
     head = os.path.join(reader.root, _PACK_INDEX)
@@ -1083,10 +1084,8 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
     the files to the recorded lengths and continues (the listing is the one saved at the start);
     on a complete pack it does nothing. Other arguments on an existing pack raise ValueError.
 
-    Training reads a pack through pseudo-paths (pack_paths, which find_images returns for a
-    pack root): out/index.npy/<i>/<folder>/<name>, which load_rgb and ColorImages decode from
-    the shards; <folder>/<name> repeat the source's last two path components, so that code that
-    reads class folders or file names from paths sees those of the source.
+    Training reads a pack through its pseudo-paths (`pack_paths`), which find_images returns
+    for a pack root.
     """
     out = os.path.abspath(os.fspath(out))
     if isinstance(roots, (str, os.PathLike)):

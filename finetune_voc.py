@@ -357,8 +357,8 @@ def map_size_before(trunk, layer, size):
     raise ValueError(f'no layer {layer!r} in the trunk')
 
 
-def fully_connected_fc6(trunk, crop):
-    """Classification: fc6 without padding, i.e. the protocol's fully connected fc6 on pool5.
+def unpad_fc6(trunk, crop):
+    """Classification: make fc6 unpadded, i.e. the protocol's fully connected fc6 on pool5.
 
     Pre-training runs fc6 as a padded conv (a map of the input's size / 32 for the hypercolumn).
     At a 224 crop VGG-16's pool5 is 7x7 and the unpadded 7x7 fc6 gives one cell, exactly the
@@ -1204,9 +1204,10 @@ def run(args):
           + ('' if device.type == 'cuda' else
              ' (CPU: small crop, batch and test crops so the demo finishes in minutes)'))
 
-    model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', args.input, args.width,
-                                args.fc_dim, args.extended_fov, args.head_dim, args.dropout, args.seed)
-    if args.task == 'cls' and fully_connected_fc6(model.trunk, args.crop):
+    model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', input_kind=args.input,
+                                width=args.width, fc_dim=args.fc_dim, extended_fov=args.extended_fov,
+                                head_dim=args.head_dim, dropout=args.dropout, seed=args.seed)
+    if args.task == 'cls' and unpad_fc6(model.trunk, args.crop):
         print(f'fc6 runs unpadded: at a {args.crop} crop it is the fully connected fc6 of the protocol')
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.freeze:

@@ -2735,8 +2735,8 @@ def _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, *fla
 def test_classification_fc6_is_fully_connected_at_224(arch, fc6_cells):
     torch.manual_seed(0)
     model = ft.build_transfer_model('cls', arch, **TINY).eval()
-    assert not ft.fully_connected_fc6(model.trunk, 64)  # pool5 smaller than the kernel: stays padded
-    assert ft.fully_connected_fc6(model.trunk, 224)
+    assert not ft.unpad_fc6(model.trunk, 64)  # pool5 smaller than the kernel: stays padded
+    assert ft.unpad_fc6(model.trunk, 224)
     x = torch.randn(1, 1, 224, 224)
     taps = dict(zip(model.trunk.tap_names, model.trunk(x)))
     assert taps['fc7'].shape[-2:] == (fc6_cells, fc6_cells)
@@ -2751,7 +2751,7 @@ def test_classification_fc6_is_fully_connected_at_224(arch, fc6_cells):
     assert pool5.shape[-1] == 7
     linear = F.linear(pool5[..., :k, :k].flatten(1), conv.weight.flatten(1), conv.bias).relu()
     close(taps['fc6'][:, :, 0, 0], linear, rel=1e-4)
-    assert not ft.fully_connected_fc6(ft.build_transfer_model('cls', 'resnet50', **TINY).trunk, 224)  # no fc6
+    assert not ft.unpad_fc6(ft.build_transfer_model('cls', 'resnet50', **TINY).trunk, 224)  # no fc6
 
 
 def test_check_frozen_fails_loudly():
