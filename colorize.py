@@ -14,6 +14,7 @@ and smaller defaults so the demo finishes in minutes. A run writes to --out: che
 (atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -794,8 +795,7 @@ def train(args):
     if master and start == 0:
         evaluate_and_show(raw_model, val, args, device, log, 0)
 
-    running, since_log = 0, 0  # on-device sums of [loss, *parts]
-    window, paused, step = time.perf_counter(), 0.0, start  # img/s over the steps since the last line
+    progress, step = Progress(args.batch_size * world), start
     for batch in loader:
         if step >= args.steps:
             break
@@ -808,38 +808,28 @@ def train(args):
         else:
             total, parts = train_step(fast_model, optimizer, *batch, args, device)
         step += 1
-        running = running + torch.stack([total.detach(), *[v.detach() for v in parts.values()]])
-        since_log += 1
+        progress.add(torch.stack([total, *parts.values()]))
 
         if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
             check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
         if step % args.log_every == 0 or step == args.steps:
-            if dist.is_initialized():  # the replicas' mean is the loss over all their pixels (replica_norm)
-                dist.all_reduce(running)
-                running = running / world
+            # Every rank takes part: the replicas' mean is the loss over all their pixels (replica_norm).
+            means, rate = progress.take(all_reduce=dist.is_initialized())
             if master:
-                sums = [v / since_log for v in running.tolist()]  # the one host sync per log line
-                rate = since_log * args.batch_size * world / (time.perf_counter() - window - paused)
-                entry = dict(step=step, loss=sums[0], lr=lr_at(step - 1, args), img_per_s=rate,
-                             **{k: sums[1 + i] for i, k in enumerate(parts)},
-                             peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
+                entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
+                             **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
                              bad=counter.bad, gray=counter.gray)
-                eta = (args.steps - step) * args.batch_size * world / max(rate, 1e-9)
-                print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} ('
-                      + ' '.join(f'{k} {entry[k]:.4f}' for k in parts) + f') | lr {entry["lr"]:.2e} | '
-                      f'{rate:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
+                print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
                 log.write(json.dumps(entry) + '\n')
                 log.flush()
-            running, since_log, window, paused = 0, 0, time.perf_counter(), 0.0
-        t = time.perf_counter()
-        if master and (step % args.eval_every == 0 or step == args.steps):
-            evaluate_and_show(raw_model, val, args, device, log, step)
-        if step % args.save_every == 0 or step == args.steps:
-            counts_by_rank = gather_counts(counter, world, device)
-            if master:
-                save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
-                                train_list)
-        paused += time.perf_counter() - t  # evaluation and saving do not count against img/s
+        with progress.paused():  # evaluation and saving do not count against img/s
+            if master and (step % args.eval_every == 0 or step == args.steps):
+                evaluate_and_show(raw_model, val, args, device, log, step)
+            if step % args.save_every == 0 or step == args.steps:
+                counts_by_rank = gather_counts(counter, world, device)
+                if master:
+                    save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
+                                    train_list)
         if args.exit_after is not None and step >= args.exit_after:
             break
     total = data.StatusCounter()  # over all ranks
@@ -919,6 +909,58 @@ def trim_log(path, step):
 def format_seconds(s):
     s = int(s)
     return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+class Progress:
+    """What a progress line reports: the means of on-device values (the loss and its parts) over
+    the steps since the last line, and their img/s without the time spent in `paused()` blocks
+    (evaluation, checkpoints). add() never syncs with the device; take() is the one host sync."""
+
+    def __init__(self, images_per_step):
+        self.images_per_step = images_per_step
+        self._restart()
+
+    def _restart(self):
+        self.sums, self.steps, self.pause_s, self.start = None, 0, 0.0, time.perf_counter()
+
+    def add(self, values):
+        """values: (V,) tensor of this step's values, on the device."""
+        values = values.detach()
+        self.sums = values if self.sums is None else self.sums + values
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pause_s += time.perf_counter() - t
+
+    def take(self, all_reduce=False):
+        """([mean of each value], img/s) over the steps since the last take, then starts afresh.
+        all_reduce: average the values over the DDP replicas first (every rank must call it)."""
+        sums = self.sums
+        if all_reduce:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums = sums / dist.get_world_size()
+        means = [v / self.steps for v in sums.tolist()]
+        rate = self.steps * self.images_per_step / max(time.perf_counter() - self.start - self.pause_s, 1e-9)
+        self._restart()
+        return means, rate
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+
+
+def progress_line(entry, steps, images_per_step, parts=()):
+    """'step s/S | loss L (part p ...) | lr | img/s | ETA | mem' from a log entry."""
+    eta = (steps - entry['step']) * images_per_step / max(entry['img_per_s'], 1e-9)
+    detail = ' (' + ' '.join(f'{k} {entry[k]:.4f}' for k in parts) + ')' if parts else ''
+    return (f'step {entry["step"]}/{steps} | loss {entry["loss"]:.4f}{detail} | lr {entry["lr"]:.2e} | '
+            f'{entry["img_per_s"]:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB')
 
 
 # --- Benchmark ------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, UserError, atomic_save, autocast, format_seconds, git_commit,
-                      load_checkpoint, make_model as make_colorization_model, merge_resumed_args,
-                      parameter_groups, plain_args, read_torch_file, refuse_to_overwrite, setup_device, step_seed,
-                      trim_log)
+from colorize import (DEMO_ROOT, Progress, UserError, atomic_save, autocast, git_commit, load_checkpoint,
+                      make_model as make_colorization_model, merge_resumed_args, parameter_groups,
+                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_to_overwrite,
+                      setup_device, step_seed, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1026,8 +1026,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     if start:
         trim_log(args.out / 'log.jsonl', start)  # the lines the killed run wrote after its checkpoint
     log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
-    running, step = torch.zeros(2, device=device), start
-    window, paused, since_log = time.perf_counter(), 0.0, 0  # img/s over the steps since the last line
+    progress, step = Progress(args.batch_size), start
     set_train_mode(model, args.freeze)
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     for batch in loader:
@@ -1043,25 +1042,18 @@ def train(model, train_set, args, device, init_info, ckpt=None):
             torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
         optimizer.step()
         step += 1
-        since_log += 1
-        running += torch.stack([loss.detach(), loss.new_ones(())])
+        progress.add(loss.reshape(1))
         if step % args.log_every == 0 or step == args.steps:
-            loss_sum, count = running.tolist()  # the one host sync per log line
-            running.zero_()
-            rate = since_log * args.batch_size / (time.perf_counter() - window - paused)
-            memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
-            entry = dict(step=step, loss=loss_sum / count, lr=lr_at(step - 1, args), img_per_s=rate, peak_mem_gb=memory)
-            print(f'step {step}/{args.steps} | loss {entry["loss"]:.4f} | lr {entry["lr"]:.2e} | {rate:.1f} img/s | '
-                  f'ETA {format_seconds((args.steps - step) * args.batch_size / max(rate, 1e-9))} | '
-                  f'mem {entry["peak_mem_gb"]:.1f} GB', flush=True)
+            (mean,), rate = progress.take()
+            entry = dict(step=step, loss=mean, lr=lr_at(step - 1, args), img_per_s=rate,
+                         peak_mem_gb=peak_memory_gb(device))
+            print(progress_line(entry, args.steps, args.batch_size), flush=True)
             log.write(json.dumps(entry) + '\n')
             log.flush()
-            window, paused, since_log = time.perf_counter(), 0.0, 0
         stop = args.exit_after is not None and step >= args.exit_after
         if step % args.save_every == 0 or step == args.steps or stop:
-            t = time.perf_counter()
-            save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info)
-            paused += time.perf_counter() - t  # saving does not count against img/s
+            with progress.paused():  # saving does not count against img/s
+                save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info)
         if stop:
             break
     log.close()

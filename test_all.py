@@ -1290,11 +1290,11 @@ def test_demo_voc_parses_and_has_difficult(demo):
             assert len(line) == 10 and line[6] == ' ' and line[7:].strip() in ('1', '-1', '0')
     pairs = data.voc_segmentation(paths['voc2012'], 'train')
     assert len(pairs) == 60 and len(data.voc_segmentation(paths['voc2012'], 'val')) == 10
-    for img, lab in pairs[:10]:
-        with Image.open(lab) as im:
+    for img, mask in pairs[:10]:
+        with Image.open(mask) as im:
             assert im.mode == 'P'
             assert bytes(im.getpalette()[:63]) == data.VOC_PALETTE[:21].tobytes()
-        y = data.load_label(lab)
+        y = data.load_label(mask)
         assert y.shape == data.load_rgb(img).shape[:2]
         assert set(np.unique(y)) <= set(range(21)) | {255} and (y == 255).any()
         # Every boundary between two classes is covered by the 255 band.
@@ -1309,8 +1309,8 @@ def test_demo_colour_follows_class(demo):
     levels of differently coloured classes overlap (hue is not readable from lightness)."""
     paths, _ = demo
     pixels = {k: [] for k in range(1, 21)}
-    for img, lab in data.voc_segmentation(paths['voc2012'], 'train'):
-        rgb, y = data.load_rgb(img), data.load_label(lab)
+    for img, mask in data.voc_segmentation(paths['voc2012'], 'train'):
+        rgb, y = data.load_rgb(img), data.load_label(mask)
         for k in np.unique(y):
             if 1 <= k <= 20:
                 pixels[k].append(rgb[y == k])
