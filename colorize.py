@@ -1075,7 +1075,8 @@ def benchmark_training(args, device, rank, world):
                 print_row(rows[-1])
                 if profiling:
                     rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
-                                                        args.out / f'profile-{name}.txt')
+                                                        args.out / f'profile-{name}.txt',
+                                                        steps=min(5, args.bench_steps))
                 del net, fast, opt
     finally:
         models.MATMUL_CELLS = matmul_cells
