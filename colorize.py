@@ -717,9 +717,9 @@ def parameter_groups(model, weight_decay):
             dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 
-def train(args):
-    device, rank, world, _ = setup_device(args)
-    master = rank == 0
+def open_run(args, device, world, master):
+    """Settle args and the run folder: a fresh run, or the --resume checkpoint's run (its flags).
+    Returns (checkpoint or None, its path or None)."""
     ckpt = resume_path = None
     if args.resume:
         # --resume CKPT continues in CKPT's folder unless --out says otherwise.
@@ -734,6 +734,30 @@ def train(args):
     fill_defaults(args, device, world)
     refuse_to_overwrite(args.out, resume_path)
     args.out.mkdir(parents=True, exist_ok=True)
+    return ckpt, resume_path
+
+
+def restore_training(ckpt, path, model, optimizer, counter, args, device, rank):
+    """Load the checkpoint's weights, optimizer state, image counts and RNG states; returns its step."""
+    load_model_state(model, ckpt['model'], path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
+        group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
+    if 'counts_by_rank' in ckpt:  # each rank counts its own share of the images
+        counter.load_state_dict(dict(counts=ckpt['counts_by_rank'][rank]))
+    elif rank == 0:
+        counter.load_state_dict(ckpt['counts'])
+    torch.set_rng_state(ckpt['rng']['cpu'])
+    # (Each step reseeds from (seed, step, rank); the saved states matter only before step 1.)
+    if device.type == 'cuda' and len(ckpt['rng']['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    return ckpt['step']
+
+
+def train(args):
+    device, rank, world, _ = setup_device(args)
+    master = rank == 0
+    ckpt, resume_path = open_run(args, device, world, master)
     train_paths, val_paths = image_sources(args, master)
     labels = None
     if args.objective == 'classify':
@@ -759,19 +783,7 @@ def train(args):
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     start, counter = 0, data.StatusCounter()
     if ckpt is not None:
-        load_model_state(model, ckpt['model'], resume_path)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
-            group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
-        start = ckpt['step']
-        if 'counts_by_rank' in ckpt:  # each rank counts its own share of the images
-            counter.load_state_dict(dict(counts=ckpt['counts_by_rank'][rank]))
-        elif master:
-            counter.load_state_dict(ckpt['counts'])
-        torch.set_rng_state(ckpt['rng']['cpu'])
-        # (Each step reseeds from (seed, step, rank); the saved states matter only before step 1.)
-        if device.type == 'cuda' and len(ckpt['rng']['cuda']) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
         if master:
             print(f'resumed from {resume_path} at step {start}')
     raw_model = model
