@@ -468,16 +468,16 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
-def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images):
+def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, progress=None):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one.
     counts_by_rank: every rank's image status counts (gather_counts); `images` (data_identity of
-    the training list) lets --resume notice a changed image list."""
+    the training list) lets --resume notice a changed image list; `progress`: Progress.state()."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                  data=dict(seed=args.seed, step=step, images=images),
-                 counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank)
+                 counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
 
 
@@ -808,6 +808,8 @@ def train(args):
         evaluate_and_show(raw_model, val, args, device, log, 0)
 
     progress, step = Progress(args.batch_size * world), start
+    if ckpt is not None:
+        progress.restore(ckpt.get('progress'), device, keep_sums=master)
     for batch in loader:
         if step >= args.steps:
             break
@@ -839,9 +841,10 @@ def train(args):
                 evaluate_and_show(raw_model, val, args, device, log, step)
             if step % args.save_every == 0 or step == args.steps:
                 counts_by_rank = gather_counts(counter, world, device)
+                window = progress.state(all_reduce=dist.is_initialized())
                 if master:
                     save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
-                                    train_list)
+                                    train_list, window)
         if args.exit_after is not None and step >= args.exit_after:
             break
     total = data.StatusCounter()  # over all ranks
@@ -926,20 +929,40 @@ def format_seconds(s):
 class Progress:
     """What a progress line reports: the means of on-device values (the loss and its parts) over
     the steps since the last line, and their img/s without the time spent in `paused()` blocks
-    (evaluation, checkpoints). add() never syncs with the device; take() is the one host sync."""
+    (evaluation, checkpoints). add() never syncs with the device; take() is the one host sync.
+    state() and restore() carry the means of a window cut by a checkpoint over to the resumed
+    run, so that its first line averages the same steps as an uninterrupted run's."""
 
     def __init__(self, images_per_step):
         self.images_per_step = images_per_step
         self._restart()
 
     def _restart(self):
-        self.sums, self.steps, self.pause_s, self.start = None, 0, 0.0, time.perf_counter()
+        self.sums, self.steps, self.timed_steps, self.pause_s = None, 0, 0, 0.0
+        self.start = time.perf_counter()
 
     def add(self, values):
         """values: (V,) tensor of this step's values, on the device."""
         values = values.detach()
         self.sums = values if self.sums is None else self.sums + values
         self.steps += 1
+        self.timed_steps += 1
+
+    def state(self, all_reduce=False):
+        """The open window for a checkpoint: {'sums': [...] or None, 'steps': n}; all_reduce: the
+        sums over the DDP replicas (every rank must call it)."""
+        sums = self.sums
+        if sums is not None and all_reduce:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        return dict(sums=None if sums is None else sums.tolist(), steps=self.steps)
+
+    def restore(self, state, device, keep_sums=True):
+        """Reopen a checkpoint's window (img/s counts only the steps from now). Under DDP the sums,
+        over all replicas, go to one of them (keep_sums) and the others add theirs to them."""
+        if state and state['sums'] is not None:
+            sums = torch.tensor(state['sums'], dtype=torch.float32, device=device)
+            self.sums, self.steps = sums if keep_sums else torch.zeros_like(sums), state['steps']
 
     @contextlib.contextmanager
     def paused(self):
@@ -958,7 +981,7 @@ class Progress:
             dist.all_reduce(sums)
             sums = sums / dist.get_world_size()
         means = [v / self.steps for v in sums.tolist()]
-        rate = self.steps * self.images_per_step / max(time.perf_counter() - self.start - self.pause_s, 1e-9)
+        rate = self.timed_steps * self.images_per_step / max(time.perf_counter() - self.start - self.pause_s, 1e-9)
         self._restart()
         return means, rate
 

@@ -973,12 +973,12 @@ def freeze_pretrained(model):
         p.requires_grad_(_is_new_trunk_layer(name))
 
 
-def save_checkpoint(path, model, optimizer, step, args, init_info):
+def save_checkpoint(path, model, optimizer, step, args, init_info, progress=None):
     """One dict, written to a temp file and renamed (a crash mid-write never corrupts the last one)."""
     config = dict(objective=f'voc-{args.task}', task=args.task, arch=args.arch, width=args.width, fc_dim=args.fc_dim,
                   input=args.input, extended_fov=args.extended_fov, head_dim=args.head_dim)
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
-                 args=plain_args(args), init=init_info,
+                 args=plain_args(args), init=init_info, progress=progress,
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     atomic_save(state, path)
@@ -1027,6 +1027,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         trim_log(args.out / 'log.jsonl', start)  # the lines the killed run wrote after its checkpoint
     log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
     progress, step = Progress(args.batch_size), start
+    if ckpt is not None:
+        progress.restore(ckpt.get('progress'), device)
     set_train_mode(model, args.freeze)
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     for batch in loader:
@@ -1053,7 +1055,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         stop = args.exit_after is not None and step >= args.exit_after
         if step % args.save_every == 0 or step == args.steps or stop:
             with progress.paused():  # saving does not count against img/s
-                save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info)
+                save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info, progress.state())
         if stop:
             break
     log.close()

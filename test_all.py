@@ -1782,6 +1782,9 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, mon
     assert _state(tmp_path / 'b' / 'checkpoint.pt')['args']['data'] == [str(train)]
     log = [json.loads(line) for line in (tmp_path / 'b' / 'log.jsonl').read_text().splitlines()]
     assert [e['step'] for e in log if not e.get('eval')] == [2, 4, 6] and 9.0 not in [e['loss'] for e in log]
+    # The line at step 4 averages steps 3 and 4, across the checkpoint at 3, as in the run never stopped.
+    uncut = [json.loads(line) for line in (tmp_path / 'a' / 'log.jsonl').read_text().splitlines()]
+    assert [e['loss'] for e in log if not e.get('eval')] == [e['loss'] for e in uncut if not e.get('eval')]
     run = json.loads((tmp_path / 'b' / 'run.json').read_text())
     assert [r['step'] for r in run['resumed']] == [3] and run['started'] <= run['resumed'][0]['time']
 
@@ -2768,7 +2771,7 @@ def test_check_frozen_fails_loudly():
 def test_resume_is_exact(tmp_path, voc):
     base = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
             '--input', 'gray', '--test-crops', '1', '--steps', '4', '--batch-size', '4', '--crop', '32',
-            '--workers', '0', '--device', 'cpu']
+            '--workers', '0', '--device', 'cpu', '--log-every', '3']
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
     assert ft.main([*base, '--out', str(tmp_path / 'b'), '--exit-after', '2']) == 0
     assert not (tmp_path / 'b' / 'results.json').exists()
@@ -2778,6 +2781,9 @@ def test_resume_is_exact(tmp_path, voc):
     assert a['step'] == b['step'] == 4
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert read_results(tmp_path / 'a')['metrics'] == read_results(tmp_path / 'b')['metrics']
+    # The log line at step 3 averages steps 1-3 across the checkpoint at 2, as in the run never stopped.
+    logs = [[json.loads(line)['loss'] for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()] for r in 'ab']
+    assert len(logs[0]) == 2 and logs[0] == logs[1]
     # Starting afresh into a finished run's folder would replace its checkpoint: refused.
     before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
