@@ -1167,6 +1167,17 @@ def test_status_counter_and_bad_share():
 # VOC
 
 
+def test_lab_and_models_stand_alone():
+    """lab.py and models.py are copied into other projects: each imports only torch and a few
+    standard modules, nothing of this repository."""
+    import ast
+    for name in ('lab.py', 'models.py'):
+        tree = ast.parse((HERE / name).read_text())
+        roots = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert roots <= {'torch', 'math', 'copy', 'collections', 'functools'}, (name, roots)
+
+
 def test_voc_palette_standard_values():
     # Values of the VOC devkit colour map (VOClabelcolormap.m), as published.
     table = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
