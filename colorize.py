@@ -809,7 +809,7 @@ def train(args):
 
     progress, step = Progress(args.batch_size * world), start
     if ckpt is not None:
-        progress.restore(ckpt.get('progress'), device, keep_sums=master)
+        progress.restore(ckpt.get('progress'), device, rank)
     for batch in loader:
         if step >= args.steps:
             break
@@ -841,7 +841,7 @@ def train(args):
                 evaluate_and_show(raw_model, val, args, device, log, step)
             if step % args.save_every == 0 or step == args.steps:
                 counts_by_rank = gather_counts(counter, world, device)
-                window = progress.state(all_reduce=dist.is_initialized())
+                window = progress.state(world)
                 if master:
                     save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
                                     train_list, window)
@@ -948,21 +948,22 @@ class Progress:
         self.steps += 1
         self.timed_steps += 1
 
-    def state(self, all_reduce=False):
-        """The open window for a checkpoint: {'sums': [...] or None, 'steps': n}; all_reduce: the
-        sums over the DDP replicas (every rank must call it)."""
-        sums = self.sums
-        if sums is not None and all_reduce:
-            sums = sums.clone()
-            dist.all_reduce(sums)
-        return dict(sums=None if sums is None else sums.tolist(), steps=self.steps)
+    def state(self, world=1):
+        """The open window for a checkpoint: {'sums_by_rank': [[...] per rank] or None, 'steps': n}.
+        With world > 1 every rank must call it (the replicas' sums are gathered)."""
+        if self.sums is None:
+            return dict(sums_by_rank=None, steps=0)
+        every = [self.sums]
+        if world > 1:
+            every = [torch.empty_like(self.sums) for _ in range(world)]
+            dist.all_gather(every, self.sums)
+        return dict(sums_by_rank=[t.tolist() for t in every], steps=self.steps)
 
-    def restore(self, state, device, keep_sums=True):
-        """Reopen a checkpoint's window (img/s counts only the steps from now). Under DDP the sums,
-        over all replicas, go to one of them (keep_sums) and the others add theirs to them."""
-        if state and state['sums'] is not None:
-            sums = torch.tensor(state['sums'], dtype=torch.float32, device=device)
-            self.sums, self.steps = sums if keep_sums else torch.zeros_like(sums), state['steps']
+    def restore(self, state, device, rank=0):
+        """Reopen a checkpoint's window with this rank's sums (img/s counts only the steps from now)."""
+        if state and state.get('sums_by_rank'):
+            self.sums = torch.tensor(state['sums_by_rank'][rank], dtype=torch.float32, device=device)
+            self.steps = state['steps']
 
     @contextlib.contextmanager
     def paused(self):
