@@ -1067,7 +1067,7 @@ def benchmark(args):
         info['rows'] = benchmark_training(args, device, rank, world)
     if args.benchmark in ('all', 'colorize'):
         info['colorize'] = benchmark_colorize(args, device, tuple(args.bench_photo))
-    (args.out / 'benchmark.json').write_text(json.dumps(info, indent=2))
+    data.atomic_write(args.out / 'benchmark.json', lambda f: f.write(json.dumps(info, indent=2).encode()))
     return info
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune a colorization network on PASCAL VOC (Larsson et al., CVPR 2017, section 6 and 7 of DESIGN.md).
+"""Fine-tune a colorization network on PASCAL VOC (Larsson et al., CVPR 2017: its transfer protocols and questions).
 
     python finetune_voc.py --task cls --init runs/vgg16-huechroma/checkpoint.pt      # the demo world's VOC
     python finetune_voc.py --task cls --init CKPT --voc-root /data/VOCdevkit --out runs/cls-vgg16
@@ -54,11 +54,12 @@ SEG_CLASSES = ('background',) + tuple(data.VOC_CLASSES)
 IGNORE = 255  # VOC's "void" label: outlines and unlabelled pixels
 EVAL_SEED = 1234  # test-time crops and held-out images: the same for every run, so runs compare
 
-# Protocol defaults (DESIGN.md section 6). lr milestones are fractions of --steps: cls halves
-# every 10k of 80k, seg drops x0.1 at 22.5k and 30k of 40k. seg's train_split None: train_aug
-# (train + SBD) when the devkit has it, else train. cls's weight decay 1e-6, biases at twice the lr
-# and the new layer's bias at 0.1 are those of the protocol's code (Kraehenbuehl's
-# voc-classification, src/train_cls.py); seg's 5e-4 is DESIGN.md's.
+# Protocol defaults: cls the Kraehenbuehl et al. protocol the authors evaluated with, seg the
+# authors' ResNet-152 recipe. lr milestones are fractions of --steps: cls halves every 10k of 80k,
+# seg drops x0.1 at 22.5k and 30k of 40k. seg's train_split None: train_aug (train + SBD) when the
+# devkit has it, else train. cls's weight decay 1e-6, biases at twice the lr and the new layer's
+# bias at 0.1 are those of the protocol's code (Kraehenbuehl's voc-classification,
+# src/train_cls.py); seg's weight decay 5e-4 is the authors' recipe's.
 TASK_DEFAULTS = {
     'cls': dict(train_split='trainval', test_split='test', crop=224, batch_size=16, steps=80_000,
                 lr=1e-3, lr_milestones=[k / 8 for k in range(1, 8)], lr_gamma=0.5, weight_decay=1e-6,

@@ -628,11 +628,12 @@ def test_receptive_fields_by_hand():
     alex = 11 + 2 * 4 + 4 * 8 + 2 * 8 + 3 * (2 * 16) + 2 * 16 + 5 * 32
     # ResNet-50: conv1 7x7/2, pool 3x3/2, then each bottleneck's 3x3 (the stride on the first of a stage).
     res50 = 7 + 2 * 2 + 3 * (2 * 4) + (2 * 4 + 3 * 2 * 8) + (2 * 8 + 5 * 2 * 16) + (2 * 16 + 2 * 2 * 32)
-    for arch, size in (('vgg16', vgg), ('alexnet', alex), ('resnet50', res50)):
+    res152 = 7 + 2 * 2 + 3 * (2 * 4) + (2 * 4 + 7 * 2 * 8) + (2 * 8 + 35 * 2 * 16) + (2 * 16 + 2 * 2 * 32)
+    for arch, size in (('vgg16', vgg), ('alexnet', alex), ('resnet50', res50), ('resnet152', res152)):
         assert models.receptive_field(tiny(arch).trunk) == (size, 32), arch
     # The extended FOV: a 2x2 pool and a 3x3 conv, twice.
     assert models.receptive_field(tiny('vgg16', extended_fov=True).trunk) == (vgg + 32 + 2 * 64 + 64 + 2 * 128, 128)
-    assert (vgg, alex, res50) == (404, 355, 427)
+    assert (vgg, alex, res50, res152) == (404, 355, 427, 1451)
     trunk = tiny('vgg16').trunk
     trunk.append('odd', nn.Upsample(scale_factor=2))
     with pytest.raises(ValueError, match='unknown layer odd'):
@@ -640,7 +641,8 @@ def test_receptive_fields_by_hand():
 
 
 @pytest.mark.parametrize('arch, fov, size, tile', [('vgg16', False, (900, 200), 128), ('alexnet', False, (200, 700), 128),
-                                                   ('resnet50', False, (760, 100), 128), ('vgg16', True, (1700, 64), 128)])
+                                                   ('resnet50', False, (760, 100), 128), ('vgg16', True, (1700, 64), 128),
+                                                   ('resnet152', False, (1800, 40), 128)])
 def test_dense_in_tiles_equals_one_piece(arch, fov, size, tile):
     """Tiles cut with the margin of tile_margin inside the image (above and below a kept tile):
     the same output as in one piece, to float64 rounding. A margin a cell too small shows here."""
