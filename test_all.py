@@ -457,7 +457,7 @@ def test_sample_points_impossible_border(height, width, border):
 
 # ---------------------------------------------------------------- full-size shapes (meta device)
 
-# Hand arithmetic from DESIGN.md's tap lists and the torchvision channel counts.
+# Hand arithmetic from the paper's tap lists and the torchvision channel counts.
 FULL_HYPERCOLUMN = {
     'vgg16': 1 + 2 * 64 + 2 * 128 + 3 * 256 + 3 * 512 + 3 * 512 + 2 * 4096,  # 12417
     'alexnet': 1 + 64 + 192 + 384 + 256 + 256 + 2 * 4096,  # 9345
@@ -1233,7 +1233,7 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
         '/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n'
         '/JPEGImages/2008_000001.jpg /SegmentationClassAug/2008_000001.png\n')
     assert data.has_train_aug(tmp_path) and data.has_train_aug(voc12)
-    # finetune_voc.py --task seg trains on train_aug by default when it is there (DESIGN.md section 6).
+    # finetune_voc.py --task seg trains on train_aug by default when it is there (the authors' protocol).
     args = ft.fill_defaults(ft.parse_args(['--task', 'seg', '--voc-root', str(tmp_path), '--batch-size', '2']),
                             torch.device('cpu'))
     assert args.train_split is None
@@ -2830,7 +2830,7 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
 
 def test_cls_defaults_follow_the_protocols_code(tmp_path, voc):
     """Kraehenbuehl's voc-classification (train_cls.py): weight decay 1e-6, biases at 2x the lr, the
-    new layer's weights N(0, 0.01) and biases 0.1; segmentation keeps DESIGN.md's 5e-4 and 1x."""
+    new layer's weights N(0, 0.01) and biases 0.1; segmentation keeps the authors' recipe's 5e-4 and 1x."""
     out = tmp_path / 'cls'
     assert ft.main(['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
                     '--test-crops', '1', '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
