@@ -233,27 +233,24 @@ SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_
 
 def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
-    merge_resumed_args(args, ckpt['args'], plain_args(parse_args([])), RUN_FLAGS, SCHEDULE_FLAGS, path, log)
+    merge_resumed_args(args, ckpt['args'], RUN_FLAGS, SCHEDULE_FLAGS, path, log)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
                         f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
                         f'(or the same total over nodes)')
 
 
-def merge_resumed_args(args, saved, defaults, run_flags, schedule_flags, path, log=print):
-    """--resume: each flag of run_flags + schedule_flags not typed on the command line takes the
-    saved value; typed with another value, a schedule flag wins with a line to `log` (None: quiet)
-    and a run flag is refused (UserError). Typed means in args.typed_flags (data.ArgumentParser);
-    a namespace without it counts a value other than None and `defaults`' as typed. Returns
-    {flag name: [saved, typed value]} of the schedule flags that changed."""
+def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print):
+    """--resume: each flag of run_flags + schedule_flags not typed on the command line (not in
+    args.typed_flags, see data.ArgumentParser) takes the saved value; typed with another value, a
+    schedule flag wins with a line to `log` (None: quiet) and a run flag is refused (UserError).
+    Returns {flag name: [saved, typed value]} of the schedule flags that changed."""
     given_args, changed = plain_args(args), {}
-    typed = getattr(args, 'typed_flags', None)
     for name in run_flags + schedule_flags:
         if name not in saved:
             continue
         given, was = given_args[name], saved[name]
-        absent = name not in typed if typed is not None else given is None or given == defaults[name]
-        if absent or given == was:
+        if name not in args.typed_flags or given == was:
             setattr(args, name, Path(was) if isinstance(getattr(args, name), Path) and was is not None else was)
             continue
         flag = '--' + name.replace('_', '-')
@@ -660,20 +657,21 @@ def train_step(model, optimizer, images, status, args, device):
     with autocast(device):
         total, parts = lab.color_loss(args.loss, model(x, points), targets, valid=valid,
                                       use_lightness_weight=args.lightness_weight,
-                                      norm=replica_norm(valid.sum() * points.shape[1]))
+                                      norm=loss_norm(valid.sum() * points.shape[1]))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
     return total, parts
 
 
-def replica_norm(count):
-    """Under DDP: the divisor that makes each replica's loss sum, averaged over the replicas by DDP,
-    the mean over the `count` items (valid pixels, images) of all of them: the summed count over the
-    world size (all-reduced on the device: no host sync). Without DDP None (the batch's own count)."""
-    if not dist.is_initialized():
-        return None
+def loss_norm(count):
+    """What a loss summed over this batch's `count` valid items (pixels, images) is divided by: the
+    count, at least 1. Under DDP the count over all replicas divided by their number (all-reduced on
+    the device: no host sync), so that DDP's average of the replicas' gradients is that of the mean
+    over all their items, however the valid ones fall."""
     count = count.to(torch.float32, copy=True)  # the all-reduce writes into it
+    if not dist.is_initialized():
+        return count.clamp(min=1)
     dist.all_reduce(count)
     return count.clamp(min=1) / dist.get_world_size()
 
@@ -686,8 +684,7 @@ def classify_step(model, optimizer, images, status, labels, args, device):
     with autocast(device):
         logits = model(x)
     ce = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True), reduction='none')
-    norm = replica_norm(valid.sum())
-    total = (ce * valid).sum() / (valid.sum().clamp(min=1) if norm is None else norm)
+    total = (ce * valid).sum() / loss_norm(valid.sum())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -717,6 +714,14 @@ def parameter_groups(model, weight_decay):
             dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 
+def load_optimizer_state(optimizer, state, args):
+    """The saved SGD state of parameter_groups' two groups, with this run's momentum and weight
+    decay (a new value given on --resume wins)."""
+    optimizer.load_state_dict(state)
+    for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups
+        group['momentum'], group['weight_decay'] = args.momentum, decay
+
+
 def open_run(args, device, world, master):
     """Settle args and the run folder: a fresh run, or the --resume checkpoint's run (its flags).
     Returns (checkpoint or None, its path or None)."""
@@ -740,9 +745,7 @@ def open_run(args, device, world, master):
 def restore_training(ckpt, path, model, optimizer, counter, args, device, rank):
     """Load the checkpoint's weights, optimizer state, image counts and RNG states; returns its step."""
     load_model_state(model, ckpt['model'], path)
-    optimizer.load_state_dict(ckpt['optimizer'])
-    for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
-        group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
+    load_optimizer_state(optimizer, ckpt['optimizer'], args)
     if 'counts_by_rank' in ckpt:  # each rank counts its own share of the images
         counter.load_state_dict(dict(counts=ckpt['counts_by_rank'][rank]))
     elif rank == 0:
@@ -827,7 +830,7 @@ def train(args):
         if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
             check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
         if step % args.log_every == 0 or step == args.steps:
-            # Every rank takes part: the replicas' mean is the loss over all their pixels (replica_norm).
+            # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
             means, rate = progress.take(all_reduce=dist.is_initialized())
             if master:
                 entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,

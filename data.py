@@ -1010,15 +1010,9 @@ class _PackWriter:
 
 def _pack_start(root, params, paths):
     """Lay out an empty pack for `paths` in `root` (no pack files in it yet, or only those of a
-    start that was interrupted before its first progress.json); returns the progress dict."""
-    os.makedirs(root, exist_ok=True)
-    leftovers = sorted(os.listdir(root))
-    foreign = [n for n in leftovers
-               if not (n.split('.tmp-')[0] in _PACK_FILES or _is_shard_name(n))]
-    if foreign:
-        raise ValueError(f'{root} exists and holds files that are not part of a pack (e.g. '
-                         f'{foreign[0]}): pack into a new or empty folder')
-    for name in leftovers:
+    start that was interrupted before its first progress.json: `_lock_pack` has checked that it
+    holds nothing else); returns the progress dict."""
+    for name in os.listdir(root):
         if name != _PACK_LOCK:
             os.remove(os.path.join(root, name))
     offsets, buffer = _encode_strings(paths)

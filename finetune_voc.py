@@ -44,7 +44,7 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, Progress, UserError, atomic_save, autocast, git_commit, load_checkpoint,
-                      make_model as make_colorization_model, merge_resumed_args, parameter_groups,
+                      load_optimizer_state, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_to_overwrite,
                       setup_device, step_seed, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
@@ -173,6 +173,7 @@ RUN_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'train_split', 'extend
              'scale', 'points', 'bias_lr_mult')
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weight_decay', 'clip_grad',
                   'log_every', 'save_every', 'test_split', 'test_crops', 'test_images')
+LEGACY_ARGS = {'bias_lr_mult': 1.0}  # what runs made before a flag existed did (their args lack it)
 
 
 def fill_defaults(args, device):
@@ -996,8 +997,8 @@ def read_resume(args):
     ckpt = load_checkpoint(path)
     if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
-    saved = {'bias_lr_mult': 1.0, **ckpt['args']}  # runs from before the flag: biases at the lr
-    changed = merge_resumed_args(args, saved, plain_args(parse_args([])), RUN_FLAGS, SCHEDULE_FLAGS, path)
+    saved = {**LEGACY_ARGS, **ckpt['args']}
+    changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path)
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
     args.resume_path = path
     return ckpt
@@ -1017,9 +1018,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # as parameter_groups:
-            group['momentum'], group['weight_decay'] = args.momentum, decay  # a new value given on resume wins
+        load_optimizer_state(optimizer, ckpt['optimizer'], args)
         start = ckpt['step']
         print(f'resumed from {args.resume_path} at step {start}')
     fast_model = torch.compile(model) if args.compile else model
@@ -1280,7 +1279,7 @@ def summarize(paths):
         try:
             r = json.loads(path.read_text())
             init = r['init'].get('path') or r['init']['kind']
-            flags = {k: {'bias_lr_mult': 1.0, **r['args']}.get(k) for k in SUMMARY_GROUP}  # 1.0: before the flag
+            flags = {k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None

@@ -304,9 +304,9 @@ def _lerp(a, b, weight):
 
 # Maps of at most this many cells are read by one matmul with the points' bilinear weights over all
 # cells, (B, P, h*w) @ (B, h*w, C), instead of a gather of the four neighbours, whose backward
-# scatter-adds into a zero-filled map; the matmul's backward is a matmul. Coarse maps hold most of the channels
-# (VGG-16 at crop 224: 91% of its hypercolumn in maps of 28 x 28 or fewer) and cost it 4 * h * w
-# FLOPs per point and channel. A small gain: VGG-16's compiled bf16 training step (batch 128, one
+# scatter-adds into a zero-filled map; the matmul's backward is a matmul. Coarse maps hold most of
+# the channels (VGG-16 at crop 224: 91% of its hypercolumn in maps of 28 x 28 or fewer) and cost it
+# 4 * h * w FLOPs per point and channel. A small gain: VGG-16's compiled bf16 training step (batch 128, one
 # H200) took 57.5 ms against 58.1 ms with gathers only (colorize.py --bench-profile, row "gathers").
 MATMUL_CELLS = 1024
 
@@ -342,7 +342,7 @@ def sample_bilinear(feature, points, stride):
     if h * w <= MATMUL_CELLS:
         weights = (_bilinear_weights(points[..., 0], stride, h)[..., :, None]
                    * _bilinear_weights(points[..., 1], stride, w)[..., None, :])  # (B, P, h, w)
-        return torch.bmm(weights.flatten(2).to(feature.dtype), flat).to(feature.dtype)
+        return torch.bmm(weights.flatten(2).to(feature.dtype), flat).to(feature.dtype)  # autocast: bf16
     y0, y1, wy = _source_index(points[..., 0], stride, h)  # (B, P) each
     x0, x1, wx = _source_index(points[..., 1], stride, w)
     # The four neighbours in one gather: its backward fills one zero map per tap and scatters into
