@@ -67,7 +67,7 @@ class ConvBN(nn.Module):
 
 
 def _conv(conv, x):
-    """conv(x), computed as unfold + matmul on a CPU when the kernel covers the whole map.
+    """conv(x), computed as unfold + matmul on a CPU when the kernel spans the map's shorter side.
 
     That is fc6 (7x7 on VGG's 3x3-7x7 pool5): oneDNN's weight gradient for it is 10-50x slower
     than the same product as a matmul. Same parameters, same result; GPUs keep cuDNN.
@@ -79,7 +79,7 @@ def _conv(conv, x):
     cols = F.unfold(x, k, dilation=conv.dilation, padding=conv.padding)  # (B, C*kh*kw, L)
     out = conv.weight.flatten(1) @ cols  # (B, C_out, L)
     if conv.bias is not None:
-        out = out + conv.bias[:, None]
+        out = out + conv.bias[:, None].to(out.dtype)  # bf16 under autocast, as conv(x) returns
     h = H + 2 * conv.padding[0] - conv.dilation[0] * (k[0] - 1)
     return out.view(B, -1, h, W + 2 * conv.padding[1] - conv.dilation[1] * (k[1] - 1))
 
@@ -111,7 +111,8 @@ class Trunk(nn.Module):
     """A chain of named layers; the outputs of some of them (the taps) form the hypercolumn.
 
     forward(x): x (B, in_channels, H, W) -> list over taps of (B, tap_channels[t], h_t, w_t),
-    h_t ~ H / tap_strides[t] (pooling rounds down; the extended-FOV pools round up). Taps are read
+    h_t ~ H / tap_strides[t] (VGG-16's pooling rounds down; AlexNet's and ResNet's padded layers
+    and the extended-FOV pools round up). Taps are read
     after ReLU, in `tap_names` order; the last one is the deepest feature, for global pooling.
     Built by the factories `alexnet`, `vgg16`, `resnet50`, `resnet152`.
     """
@@ -185,6 +186,7 @@ def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=Fa
     conv5_x (16), fc6, fc7 (32) [, fov1 (64), fov2 (128)]; 12,417 channels at full size.
     `fc_dim` is the absolute channel count of fc6/fc7 (not scaled by `width`).
     `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps.
+    Inputs need at least 32 pixels on a side (five 2x2 poolings).
     """
     trunk = Trunk(in_channels, tap_input=True)
     bn = dict(batchnorm=batchnorm, affine=False)
@@ -417,7 +419,7 @@ class HypercolumnNet(nn.Module):
         processed in tiles of `tile` pixels (rounded up to the trunk's stride), each run with a
         margin wide enough that no output cell kept from it sees the tile's edge (`tile_margin`:
         288 px for VGG-16, 256 for AlexNet, 800 for ResNet-152, whose receptive field is large).
-        Each piece is then at most tile + 2 * margin pixels on a side, and the result equals the
+        Each piece is then at most that rounded-up tile + 2 * margin pixels on a side, and the result equals the
         one-piece one up to float rounding. tile=None: always in one piece.
         """
         H, W = x.shape[-2:]
@@ -513,7 +515,8 @@ def tile_margin(trunk, stride=4):
 
 
 def build_model(arch, out_dim, head_dim=1024, dropout=0.5, **trunk_kwargs):
-    """HypercolumnNet on MODELS[arch](**trunk_kwargs) (in_channels, width, fc_dim, batchnorm, extended_fov)."""
+    """HypercolumnNet on MODELS[arch](**trunk_kwargs): in_channels, width, batchnorm, extended_fov,
+    and for AlexNet and VGG-16 fc_dim."""
     if arch not in MODELS:
         raise ValueError(f'unknown arch {arch!r}: choose one of {sorted(MODELS)}')
     return HypercolumnNet(MODELS[arch](**trunk_kwargs), out_dim, head_dim, dropout)
@@ -558,12 +561,13 @@ def fold_batchnorm(model):
     """A deep copy of `model` with every ConvBN's BatchNorm folded into its conv and replaced by Identity.
 
     Non-affine BN: W' = W / sigma, b' = (b - mu) / sigma, sigma = sqrt(running_var + eps); affine BN
-    also scales by gamma and shifts by beta. The copy computes what `model.eval()` computes, and its
-    state dict loads into the same architecture built with batchnorm=False.
+    also scales by gamma and shifts by beta (SyncBatchNorm too). The copy computes what `model.eval()`
+    computes (always the running statistics; it keeps `model`'s train/eval mode, so call `.eval()` on
+    it for inference), and its state dict loads into the same architecture built with batchnorm=False.
     """
     folded = copy.deepcopy(model)
     for module in list(folded.modules()):
-        if isinstance(module, ConvBN) and isinstance(module.bn, nn.BatchNorm2d):
+        if isinstance(module, ConvBN) and isinstance(module.bn, nn.modules.batchnorm._BatchNorm):
             _fold_into_conv(module.conv, module.bn)
             module.bn = nn.Identity()
     left = [name for name, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -670,6 +670,10 @@ def test_dense_under_autocast_and_channels_last():
         close(model.dense(x), reference)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model.dense(x)
+            # Every tap but the input is bf16, as nn.Conv2d returns it: fc6 too, which the CPU
+            # computes as a matmul (its 7x7 kernel covers pool5's 1x1 map here).
+            taps = model.trunk(x)
+    assert [t.dtype for t in taps[1:]] == [torch.bfloat16] * (len(taps) - 1)
     assert low.shape == reference.shape and low.dtype == torch.bfloat16
     err = (low.float() - reference).abs().max()
     assert err <= 0.03 * reference.abs().max(), err  # bf16: ~1% here
@@ -756,6 +760,10 @@ def test_fold_batchnorm_formula():
     torch.testing.assert_close(folded.conv.weight, block.conv.weight / sigma.view(3, 1, 1, 1))
     torch.testing.assert_close(folded.conv.bias, torch.tensor([(0.5 - 1) / 2, (-1 - 2) / 0.5, (2 + 3) / 1]))
     assert isinstance(folded.bn, nn.Identity)
+    # A multi-GPU project's nn.SyncBatchNorm.convert_sync_batchnorm(model) folds the same way.
+    synced = fold_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(block))
+    torch.testing.assert_close(synced.conv.bias, folded.conv.bias)
+    assert isinstance(synced.bn, nn.Identity)
 
 
 # ---------------------------------------------------------------- registry, compile
