@@ -6,6 +6,8 @@ F.interpolate for bilinear sampling, torchvision's layer definitions and paramet
 out by hand, hand-computed AP, IoU, FLOP and histogram examples, independent decodes with Pillow.
 TEST_COMPILE=1 also traces a model with torch.compile(fullgraph=True).
 """
+import argparse
+import copy
 import io
 import json
 import math
@@ -175,6 +177,13 @@ def test_uniform_patch_gives_one_hot_targets():
     torch.testing.assert_close(t['lightness'], torch.full((2, 2), 0.6))
 
 
+def test_hue_weight_is_chroma_over_128_at_most_1():
+    # sRGB blue has C* = hypot(79.19, -107.86) = 133.8 (the published table): above C_max, weight 1.
+    L, a, b = SRGB_LAB_TABLE[2][1]
+    t = lab.make_targets('huechroma', _uniform_lab(1, 8, 8, L, a, b), torch.tensor([[[4, 4]]]), window=1)
+    assert t['hue_weight'].item() == 1.0 and t['chroma'][0, 0, 31].item() == 1.0  # chroma's last bin
+
+
 def test_window_histogram_counts_by_hand():
     # Left of column 10 red-ish (a=40, b=0: hue bin 0), from column 10 on blue-ish (a=0, b=-40:
     # hue 3pi/2 -> bin 24). A 7x7 window centred at column 10 spans columns 7..13: 3 red, 4 blue.
@@ -234,6 +243,14 @@ def test_kl_loss_zero_at_target_and_hand_value():
     t1['lightness'] = torch.tensor([[0.1]])
     _, parts = lab.color_loss('huechroma', torch.zeros(1, 1, 64), t1, use_lightness_weight=True)
     assert parts['chroma'].item() == pytest.approx(0.3 * math.log(16), rel=1e-5)
+    assert parts['hue'].item() == pytest.approx(2.5 * math.log(32), rel=1e-6)  # w(L) is the chroma term's only
+
+
+def test_lightness_weight_by_hand():
+    # w(L) = min(3L, 1, 3(1 - L)): a ramp up to L = 1/3, flat to 2/3, a ramp down to 1.
+    L = torch.tensor([0.0, 1 / 6, 1 / 3, 0.5, 2 / 3, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(lab.lightness_weight(L), torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0, 0.3, 0.0],
+                                                                     dtype=torch.float64))
 
 
 def test_invalid_images_do_not_count():
@@ -296,11 +313,12 @@ def test_decoding_the_encoding_returns_the_colour(kind):
     ab = lab.decode(kind, logits)[0]  # (n, 2)
     err = torch.hypot(ab[:, 0] - a, ab[:, 1] - b)
     if kind == 'huechroma':
-        # within one bin: chroma bin width 4, plus the hue half-bin arc at that chroma
+        # One-hot targets decode to their bins' centres: within half a bin of the colour (chroma bins
+        # are 4 wide; hue bins 2 pi / 32), up to the float32 rounding of the 1e-9 floor's fading.
         got_c, got_h = torch.hypot(ab[:, 0], ab[:, 1]), torch.atan2(ab[:, 1], ab[:, 0]) % (2 * math.pi)
-        assert ((got_c - c).abs() <= 128 / 32).all()
+        assert ((got_c - c).abs() <= 128 / 32 / 2 + 1e-3).all()
         dh = torch.remainder(got_h - h + math.pi, 2 * math.pi) - math.pi
-        assert (dh.abs() <= 2 * math.pi / 32).all()
+        assert (dh.abs() <= math.pi / 32 + 1e-3).all()
     elif kind == 'ab':
         assert (err <= 10.0).all()
     else:
@@ -312,6 +330,42 @@ def test_decode_dense_layout_and_hue_fading():
     ab = lab.decode('huechroma', logits, dim=1)
     assert ab.shape == (1, 2, 2, 3)
     assert ab.abs().max() < 1e-4
+
+
+def test_decode_huechroma_by_hand():
+    # Hue: half on bin 0, half on bin 8 (centres 0.5 and 8.5 bins, 90 degrees apart): the circular
+    # mean is 4.5 bins, its resultant length cos(45 deg). Chroma: half on bin 2, half on bin 20: the
+    # median is the end of bin 2, 3 bins = 12 units, faded by min(cos(45 deg) / 0.96, 1).
+    logits = torch.full((1, 1, 64), -1e4)
+    logits[..., [0, 8]] = math.log(0.5)
+    logits[..., [32 + 2, 32 + 20]] = math.log(0.5)
+    h, c = 4.5 * 2 * math.pi / 32, 12 * min(math.cos(math.pi / 4) / 0.96, 1)
+    torch.testing.assert_close(lab.decode('huechroma', logits)[0, 0], torch.tensor([c * math.cos(h), c * math.sin(h)]))
+
+
+def test_decode_ab_annealed_mean_by_hand():
+    # p = (0.75, 0.25) on the cells at (0, 0) and (10, 0); the annealed mean (Zhang et al., T = 0.38)
+    # reweights them as p^(1/T), normalised: 0.9474 / 0.0526, so a = 10 x 0.0526.
+    centres = lab.ab_gamut()[0]
+    cell = {tuple(v.tolist()): i for i, v in enumerate(centres)}
+    logits = torch.full((1, 1, len(centres)), -1e4)
+    logits[..., cell[(0.0, 0.0)]], logits[..., cell[(10.0, 0.0)]] = math.log(0.75), math.log(0.25)
+    w = 0.25 ** (1 / 0.38) / (0.75 ** (1 / 0.38) + 0.25 ** (1 / 0.38))
+    torch.testing.assert_close(lab.decode('ab', logits)[0, 0], torch.tensor([10 * w, 0.0]))
+
+
+def test_ab_soft_target_by_hand():
+    # Grey (a = b = 0), window 1: Gaussian weights (sigma 5) on the 3x3 cells around it, at distance
+    # 0 (the cell itself), 10 (four) and 10 sqrt 2 (four): exp(-d^2 / 50) = 1, e^-2, e^-4, normalised.
+    centres, lookup, offset = lab.ab_gamut()
+    assert all(lookup[offset + i, offset + j] >= 0 for i in (-1, 0, 1) for j in (-1, 0, 1))  # all in gamut
+    t = lab.make_targets('ab', _uniform_lab(1, 4, 4, 50, 0, 0), torch.tensor([[[2, 2]]]), window=1)['ab'][0, 0]
+    total = 1 + 4 * math.exp(-2) + 4 * math.exp(-4)
+    cell = {tuple(v.tolist()): i for i, v in enumerate(centres)}
+    assert t[cell[(0.0, 0.0)]].item() == pytest.approx(1 / total)
+    assert t[cell[(10.0, 0.0)]].item() == pytest.approx(math.exp(-2) / total)
+    assert t[cell[(-10.0, 10.0)]].item() == pytest.approx(math.exp(-4) / total)
+    assert t.sum().item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize('kind', lab.LOSSES)
@@ -645,7 +699,8 @@ def test_receptive_fields_by_hand():
                                                    ('resnet152', False, (1800, 40), 128)])
 def test_dense_in_tiles_equals_one_piece(arch, fov, size, tile):
     """Tiles cut with the margin of tile_margin inside the image (above and below a kept tile):
-    the same output as in one piece, to float64 rounding. A margin a cell too small shows here."""
+    the same output as in one piece, to float64 rounding. tile_margin keeps a cell to spare (two for
+    VGG-16: measured, these cases still match with that much less); one cell less than that shows here."""
     torch.manual_seed(0)
     model = tiny(arch, extended_fov=fov).double().eval()
     margin, _ = models.tile_margin(model.trunk)
@@ -1039,6 +1094,13 @@ def test_is_grayscale():
     speck = gray.copy()
     speck[0, :20] = (255, 0, 0)  # 0.5% of pixels: negligible
     assert data.is_grayscale(speck)
+    # The threshold: a spread of 6 levels everywhere is gray; 7 levels on 2% of the pixels is not.
+    tinted = gray.astype(np.int16)
+    tinted[..., 2] = np.clip(tinted[..., 1] + 6, 0, 255)
+    tinted[..., 1] = tinted[..., 2] - 6
+    assert data.is_grayscale(tinted.astype(np.uint8))
+    tinted[:2, :41, 2] = tinted[:2, :41, 1] + 7  # 82 of 4096 pixels
+    assert not data.is_grayscale(tinted.astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2099,6 +2161,66 @@ def test_lr_schedule_by_hand():
     assert got == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
+def test_paper_defaults():
+    args = colorize.parse_args([])
+    assert (args.target_window, args.loss, args.momentum, args.weight_decay) == (7, 'huechroma', 0.9, 5e-4)
+    assert args.lr_milestones == [0.5, 0.75, 0.875]  # 1.0M, 1.5M, 1.75M of 2M iterations
+
+
+def test_step_seeds_differ_across_steps_ranks_and_seeds():
+    # A seed that ignored the step would draw the same pixels and dropout at every step.
+    seeds = {colorize.step_seed(seed, step, rank) for seed in range(3) for step in range(2000) for rank in range(8)}
+    assert len(seeds) == 3 * 2000 * 8
+
+
+def test_grayscale_images_weigh_nothing_in_a_training_step():
+    """A training step's loss does not depend on what the GRAY- and BAD-status images hold, and
+    does on what an OK one holds (eval mode: BatchNorm's batch statistics and dropout set aside)."""
+    args = colorize.parse_args(['--points', '8', '--border', '4'])
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    other = images.clone()
+    other[2:] = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g)
+    torch.manual_seed(0)
+    model = build_model('vgg16', lab.output_dim('huechroma'), head_dim=16, width=1 / 16, fc_dim=16).eval()
+
+    def loss(batch, status):
+        torch.manual_seed(1)  # the same pixels
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return colorize.train_step(model, opt, batch, torch.tensor(status), args, torch.device('cpu'))[0].item()
+    ok, gray, bad = data.STATUS_OK, data.STATUS_GRAY, data.STATUS_BAD
+    assert loss(images, [ok, ok, gray, bad]) == loss(other, [ok, ok, gray, bad])
+    assert loss(images, [ok, ok, ok, bad]) != pytest.approx(loss(other, [ok, ok, ok, bad]), rel=1e-3)
+
+
+def test_loss_norm_under_ddp(monkeypatch):
+    # Two replicas with 5 and 1 valid pixels: each divides its sum by 6 / 2 = 3, so the average of
+    # their gradients is that of the mean over the 6 pixels.
+    monkeypatch.setattr(colorize.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(colorize.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(colorize.dist, 'all_reduce', lambda t: t.add_(1))  # the other replica's count
+    count = torch.tensor(5)
+    assert colorize.loss_norm(count).item() == 3.0 and count.item() == 5  # the caller's count untouched
+    assert colorize.loss_norm(torch.tensor(0)).item() == 0.5  # (0 + 1) / 2 on a replica of gray images
+
+
+def test_parameter_groups_by_name():
+    # Weight decay on conv and linear weights; none on biases (and BatchNorm's affine parameters).
+    model = build_model('resnet50', 5, head_dim=8, width=1 / 16)
+    decay, plain = colorize.parameter_groups(model, 5e-4)
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    want_decay = {n for n in named if n.endswith('.weight') and '.bn.' not in n}
+    assert {by_id[id(p)] for p in decay['params']} == want_decay and decay['weight_decay'] == 5e-4
+    assert {by_id[id(p)] for p in plain['params']} == set(named) - want_decay and plain['weight_decay'] == 0.0
+    assert any(n.endswith('.bias') for n in set(named) - want_decay)
+
+
+def test_psnr_by_hand():
+    a = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    assert colorize.psnr(a + 0.1, a).item() == pytest.approx(20.0, abs=1e-4)  # MSE 0.01: 10 log10(1 / 0.01)
+
+
 @pytest.mark.parametrize('loss', ['huechroma', 'l2', 'ab'])
 def test_training_under_bf16_autocast(folders, tmp_path, monkeypatch, loss):
     """The CUDA recipe's bf16 autocast, run on the CPU: dtypes must meet (targets and losses in float32,
@@ -2537,6 +2659,54 @@ def test_export_names_and_shapes_match_torchvision(arch):
     assert not wrong
 
 
+def _torchvision_names(arch, ours):
+    """Our layer name -> torchvision's (conv, bn or None), written out from torchvision's definitions:
+    VGG-16's `features` from its configuration 'D' (a conv and a ReLU per number, a pool per 'M'),
+    AlexNet's listed, ResNet's Caffe block names resNx -> layer(N-1).(index of x: a, b, c, ... or b1, b2, ...)."""
+    if arch == 'vgg16':
+        index, names = 0, {}
+        for stage, convs in enumerate([2, 2, 3, 3, 3], 1):
+            for i in range(1, convs + 1):
+                names[f'conv{stage}_{i}'] = (f'features.{index}', None)
+                index += 2  # Conv2d, ReLU
+            index += 1  # MaxPool2d
+        return {**names, 'fc6': ('classifier.0', None), 'fc7': ('classifier.3', None)}
+    if arch == 'alexnet':
+        return {'conv1': ('features.0', None), 'conv2': ('features.3', None), 'conv3': ('features.6', None),
+                'conv4': ('features.8', None), 'conv5': ('features.10', None),
+                'fc6': ('classifier.1', None), 'fc7': ('classifier.4', None)}
+    names = {'conv1': ('conv1', 'bn1')}
+    branches = {'branch2a': ('conv1', 'bn1'), 'branch2b': ('conv2', 'bn2'), 'branch2c': ('conv3', 'bn3'),
+                'branch1': ('downsample.0', 'downsample.1')}
+    for name in ours:
+        if name.startswith('res'):
+            block, branch = name.split('.')
+            letters = block[4:]  # 'a', 'c', 'b12', ...
+            index = int(letters[1:]) if len(letters) > 1 else 'abcdefghijklmnopqrstuvwxyz'.index(letters)
+            layer = f'layer{int(block[3]) - 1}.{index}'
+            names[name] = tuple(f'{layer}.{part}' for part in branches[branch])
+    return names
+
+
+@pytest.mark.parametrize('arch', sorted(TORCHVISION))
+def test_export_puts_each_layer_under_its_torchvision_name(arch):
+    # Each of our convs holds its own constant; torchvision's layer of the same place must hold it.
+    kwargs = TINY if arch in ('alexnet', 'vgg16') else dict(width=1 / 16)
+    trunk = MODELS[arch](in_channels=1, batchnorm=False, **kwargs)
+    convs = [name[:-len('.conv')] for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
+    state = trunk.state_dict()
+    for k, name in enumerate(convs):
+        state[f'{name}.conv.weight'].fill_(k + 1)
+        state[f'{name}.conv.bias'].fill_(k + 1.5)
+    sd = ft.export_torchvision(state, arch)
+    names = _torchvision_names(arch, convs)
+    assert sorted(names) == sorted(convs)
+    for k, name in enumerate(convs[1:], 1):  # conv1 holds the RGB -> L* conversion
+        conv, bn = names[name]
+        assert (sd[f'{conv}.weight'] == k + 1).all(), name
+        assert (sd[f'{bn or conv}.bias'] == k + 1.5).all(), name
+
+
 @pytest.mark.parametrize('arch', sorted(TORCHVISION))
 def test_torchvision_round_trip(arch):
     torch.manual_seed(0)
@@ -2651,6 +2821,16 @@ def test_linear_cka():
     xc, zc = (x - x.mean(0)).double(), (z - z.mean(0)).double()
     expected = (zc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (zc.T @ zc).norm())
     assert ft.linear_cka(x.numpy(), z.numpy()) == pytest.approx(expected.item())
+
+
+def test_feature_shift_sees_only_the_changed_layer():
+    torch.manual_seed(0)
+    trunk = MODELS['alexnet'](in_channels=1, batchnorm=False, **TINY)
+    changed = copy.deepcopy(trunk)
+    torch.nn.init.normal_(changed.fc7.conv.weight, std=0.5)  # fc7 is the last tap: only it moves
+    shift = ft.feature_shift(trunk, changed, image_batch(16, 48), 'gray', torch.device('cpu'))
+    assert all(shift[name] == pytest.approx(1.0, abs=1e-12) for name in shift if name != 'fc7')
+    assert shift['fc7'] < 0.99
 
 
 def test_feature_shift_of_identical_models_is_one():
@@ -2851,6 +3031,48 @@ def test_cls_defaults_follow_the_protocols_code(tmp_path, voc):
     assert (head.classifier.bias == 0.1).all() and abs(head.classifier.weight.std().item() - 0.01) < 0.002
     seg = ft.fill_defaults(ft.parse_args(['--task', 'seg']), torch.device('cpu'))
     assert (seg.weight_decay, seg.bias_lr_mult) == (5e-4, 1.0)
+    cls = ft.fill_defaults(ft.parse_args(['--task', 'cls']), torch.device('cpu'))
+    assert (cls.clip_grad, cls.momentum, cls.dropout) == (10.0, 0.9, 0.5)
+
+
+def test_gradient_norm_is_clipped(tmp_path, voc):
+    """One step at lr 1, no momentum or decay, --clip-grad 1e-3: the update's norm is that of the
+    clipped gradient, 1e-3, the biases' part twice (--bias-lr-mult 2): between 1e-3 and 2e-3 (up to
+    the float32 rounding of the weights' differences)."""
+    def run(name, lr):
+        out = tmp_path / name
+        assert ft.main(['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
+                        '--test-crops', '1', '--steps', '1', '--batch-size', '2', '--crop', '32', '--workers', '0',
+                        '--device', 'cpu', '--lr', str(lr), '--momentum', '0', '--weight-decay', '0',
+                        '--clip-grad', '1e-3', '--out', str(out)]) == 0
+        return _state(out / 'checkpoint.pt')['model']
+    before, after = run('lr0', 0.0), run('lr1', 1.0)
+    step = torch.cat([(after[k] - before[k]).flatten() for k in before if before[k].is_floating_point()])
+    assert 1e-3 * (1 - 1e-2) <= step.norm().item() <= 2e-3 * (1 + 1e-2)
+
+
+def test_segmentation_loss_counts_only_labelled_points():
+    # 16 points on an image with 5 labelled pixels: 5 count; zero logits give log 21 on each.
+    labels = torch.full((1, 12, 12), ft.IGNORE, dtype=torch.uint8)
+    labels[0, 3, 2:7] = 4
+    args = argparse.Namespace(task='seg', input='gray', points=16)
+    model = lambda x, points: torch.zeros(*points.shape[:2], 21)  # noqa: E731
+    images = torch.zeros(1, 3, 12, 12, dtype=torch.uint8)
+    loss = ft.train_loss(model, (images, labels), args, torch.device('cpu'))
+    assert loss.item() == pytest.approx(math.log(21))
+
+
+def test_segmentation_prediction_reads_cells_at_their_centres():
+    """Stride-4 cells sit at pixels 4i + 1.5: with two cells, class 1's logit falls linearly from 1
+    (pixel 1.5) to 0 (pixel 5.5) and crosses class 2's constant 0.25 at pixel 4.5."""
+    class Dense:
+        def dense(self, x, stride):
+            logits = torch.full((1, 21, 1, 2), -10.0)
+            logits[0, 1, 0] = torch.tensor([1.0, 0.0])
+            logits[0, 2] = 0.25
+            return logits
+    pred = ft.predict_segmentation(Dense(), torch.zeros(1, 3, 4, 8, dtype=torch.uint8), 'gray', torch.device('cpu'))
+    assert pred[0, 0].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
 
 
 def test_seg_points_fall_on_labelled_pixels():
@@ -2904,6 +3126,7 @@ def test_label_fraction_is_fixed_by_its_own_seed(voc):
         return [pair[0] for pair in ft.voc_sets(ft.fill_defaults(args, torch.device('cpu')))[0]]
     half = subset(0, 0)
     assert len(half) == 6 and subset(1, 0) == half and subset(0, 1) != half
+    assert len(subset(0, 0, 0.3)) == 4  # 0.3 x 12 = 3.6, rounded
     assert set(subset(0, 0, 0.25)) <= set(half)  # nested for one label seed
 
 
