@@ -1,4 +1,4 @@
-"""The tests: CPU only, about a minute on 2 cores. Run: python -m pytest -q test_all.py
+"""The tests: CPU only, about a minute and a half on 2 cores. Run: python -m pytest -q test_all.py
 
 Reference values come from outside the code under test: published L*a*b* values of the sRGB
 primaries, a second formulation of the CIE formulas, finite differences (gradcheck),
