@@ -1318,19 +1318,23 @@ def colorize_files(args):
 def output_names(items, output):
     """[(input path, output PNG path)] for --colorize's files and folders. A folder's images keep their
     place below it (photos/a/x.jpg -> OUTPUT/a/x.png); names that would still collide get _2, _3, ...;
-    an output that would replace one of the inputs is refused."""
+    an image named twice is colorized once; an output that would replace one of the inputs is refused."""
     jobs = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            jobs += [(path, Path(path).relative_to(p).with_suffix('.png')) for path in data.find_images([p])]
+            root = Path(os.path.abspath(p))  # find_images' paths are absolute, joined below abspath(root)
+            jobs += [(path, Path(path).relative_to(root).with_suffix('.png')) for path in data.find_images([p])]
         elif p.is_file():
             jobs.append((str(p), Path(p.name).with_suffix('.png')))
         else:
             raise UserError(f'--colorize {item}: no such file or folder')
     inputs = {Path(path).resolve() for path, _ in jobs}
-    taken, named = set(), []
+    taken, named, done = set(), [], set()
     for path, rel in jobs:
+        if Path(path).resolve() in done:  # named twice (a file and its folder, say): colorized once
+            continue
+        done.add(Path(path).resolve())
         target, k = output / rel, 1
         while target in taken:
             k += 1

@@ -2074,6 +2074,14 @@ def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
         colorize.output_names([str(photos)], photos)  # photos/a/x.png would be replaced
 
 
+def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
+    # The README's `--colorize photo.jpg photos/`: a folder given relative to the working directory.
+    _write_rgb(tmp_path / 'photos' / 'a' / 'x.jpg', fmt='JPEG')
+    monkeypatch.chdir(tmp_path)
+    jobs = colorize.output_names(['photos/', './photos/../photos', 'photos/a/x.jpg'], Path('out'))
+    assert [target.as_posix() for _, target in jobs] == ['out/a/x.png']  # named three times, colorized once
+
+
 def test_colorize_sees_photos_at_the_training_scale_by_default(trained, tmp_path, monkeypatch):
     # tiny_args train with --crop 32, so --short-side defaults to [32, round(32 * 600 / 352) = 55];
     # the network should see a photo at the middle of that range, 43.5 -> 44 px short side.
