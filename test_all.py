@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -3277,3 +3278,306 @@ def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
 def test_cuda_transfer_compiled_runs_and_keeps_float32_weights(tmp_path, voc, task):
     """Fine-tuning with the GPU defaults (compiled, bf16); .ci/gpu's transfer stage runs it eagerly."""
     _transfer_gives_finite_metrics_and_float32_weights(tmp_path, voc, task, '--device', 'cuda', '--compile')
+
+# ================================================================================================
+# Augmentation, sampling, evaluation and bookkeeping details (each pinned after a hand-made bug
+# in it went unnoticed): references are hand values, the documented formulas, or identities
+# ================================================================================================
+
+def rng(s):
+    return np.random.default_rng(s)
+
+
+def _write(path, rgb):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- data.py augmentation (D1, D2, D4)
+
+def test_random_crop_short_side_range_includes_hi():
+    """U[lo, hi] inclusive: with (8, 9) and an 8x8 image, short side 8 returns the image itself,
+    9 resamples it; both must occur, about half the time each."""
+    img = rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    same = sum(np.array_equal(data.random_crop(img, 8, (8, 9), False, rng(s)), img) for s in range(200))
+    assert 60 < same < 140
+
+
+def test_random_crop_reaches_every_offset():
+    """A crop x crop window at any of the (room + 1)^2 offsets: a 10x12 image whose pixels encode
+    their (y, x), short side kept (10), crop 8 -> y offsets 0..2, x offsets 0..4, all 15, ~uniform."""
+    img = np.zeros((10, 12, 3), np.uint8)
+    img[..., 0] = np.arange(10)[:, None] * 20
+    img[..., 1] = np.arange(12)[None, :] * 20
+    offsets = Counter()
+    for s in range(600):
+        out = data.random_crop(img, 8, (10, 10), False, rng(s))
+        offsets[(out[0, 0, 0] // 20, out[0, 0, 1] // 20)] += 1
+    assert set(offsets) == {(y, x) for y in range(3) for x in range(5)}
+    assert min(offsets.values()) > 15  # 40 expected each
+
+
+def test_random_crop_flips_half_the_time():
+    """p = 0.5 (docstring, paper): 2000 seeds, binomial sd 22 -> 1000 +- 100 is 4.5 sd."""
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))
+    flips = sum(int(data.random_crop(ramp, 32, (32, 32), True, rng(s))[0, 0, 0]) == 248 for s in range(2000))
+    assert 900 < flips < 1100
+
+
+# ---------------------------------------------------------------- InfiniteSampler (D6, D7)
+
+def test_infinite_sampler_reads_the_documented_positions():
+    """Docstring: epoch e = torch.randperm(n) seeded seed * 1000003 + e; step k of the epoch reads
+    positions [k W B, (k + 1) W B), rank r the r-th block of B. So the ranks' batches, concatenated
+    in rank order, are exactly the one-rank batch of W * B."""
+    n, b, world, seed = 103, 5, 3, 7
+    spe = (n // world) // b
+    ranks = [data.InfiniteSampler(n, b, rank=r, world_size=world, seed=seed) for r in range(world)]
+    one = data.InfiniteSampler(n, world * b, seed=seed)
+    for step in range(2 * spe + 2):
+        epoch, k = divmod(step, spe)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        joined = [pair for r in ranks for pair in r.batch(step)]
+        assert [i for i, _ in joined] == perm[k * world * b:(k + 1) * world * b]
+        assert joined == one.batch(step)
+
+
+# ---------------------------------------------------------------- find_images cache (D10)
+
+def test_find_images_does_not_cache_a_folder_changed_just_now(tmp_path):
+    root = tmp_path / 'imgs'
+    _write(root / 'a.jpg', np.zeros((4, 4, 3), np.uint8))  # the folder's mtime is now
+    lines = []
+    data.find_images(root, cache_dir=tmp_path / 'cache', log=lines.append)
+    assert not (tmp_path / 'cache').exists() or os.listdir(tmp_path / 'cache') == []
+    assert any('changed less than 2 s ago' in s for s in lines)
+
+
+# ---------------------------------------------------------------- VOC lists (D12)
+
+def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
+    main = tmp_path / 'VOC2007' / 'ImageSets' / 'Main'
+    main.mkdir(parents=True)
+    for cls in data.VOC_CLASSES:
+        ids = ['000005', '000007', '000010' if cls == 'dog' else '000009']  # same count, other image
+        (main / f'{cls}_trainval.txt').write_text(''.join(f'{i} -1\n' for i in ids))
+    with pytest.raises(ValueError, match='different images'):
+        data.voc_classification(tmp_path / 'VOC2007', 'trainval')
+
+
+# ---------------------------------------------------------------- demo world (D13)
+
+def test_demo_val_images_are_not_training_images(tmp_path):
+    world = data.make_demo_world(tmp_path, n_train=6, n_val=6)
+
+    def contents(folder):
+        return {open(p, 'rb').read() for p in data.find_images(folder, log=lambda s: None)}
+    assert not contents(world['train']) & contents(world['val'])
+
+
+# ---------------------------------------------------------------- finetune augmentation (F2, F4, F5)
+
+def _coords(h, w):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.arange(h)[:, None] * 4
+    img[..., 1] = np.arange(w)[None, :] * 4
+    return img
+
+
+def test_scale_crop_flips_image_and_label_together_half_the_time():
+    img = _coords(16, 16)
+    label = np.tile(np.arange(16, dtype=np.uint8)[None, :], (16, 1))
+    flips = 0
+    for s in range(1000):
+        out, lab_out = ft.random_scale_crop(img, label, 16, (1, 1), rng(s))
+        flipped = out[0, 0, 1] == 60
+        flips += flipped
+        assert (lab_out[0] == (np.arange(15, -1, -1) if flipped else np.arange(16))).all()
+    assert 420 < flips < 580  # binomial sd 16
+
+
+def test_scale_crop_reaches_every_offset():
+    """Larger than the crop: source offsets 0..room; smaller: destination offsets 0..crop - size."""
+    big, small = _coords(20, 20), _coords(5, 5)
+    src, dst = set(), set()
+    for s in range(400):
+        out, _ = ft.random_scale_crop(big, None, 16, (1, 1), rng(s), flip=False)
+        src.add(int(out[0, 0, 0]) // 4)
+        out, lab_out = ft.random_scale_crop(small, np.zeros((5, 5), np.uint8), 16, (1, 1), rng(s), flip=False)
+        dst.add(int(np.argwhere(lab_out != ft.IGNORE)[0, 0]))
+    assert src == set(range(5)) and dst == set(range(12))
+
+
+# ---------------------------------------------------------------- cls test-time crops (F6, F7)
+
+class _Scripted(torch.nn.Module):
+    """Returns the next rows of a fixed (N, 20) logit table at each call, whatever the input."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.at = table, 0
+
+    def forward(self, x):
+        out = self.table[self.at:self.at + len(x)]
+        self.at += len(x)
+        return out
+
+
+def test_classification_averages_logits_over_test_crops():
+    """Image A (positive for classes 0 and 1), image B (negative), 2 crops each. Class 0: A (10, -2),
+    B (1, 1): mean logits A 4 > B 1 (AP 1); mean probabilities A 0.56 < B 0.73 (AP 0.5). Class 1:
+    A (-2, 10): mean logits still rank A first; the first crop alone ranks B first (AP 0.5)."""
+    table = torch.full((4, 20), -5.0)
+    table[:, 0] = torch.tensor([10.0, -2.0, 1.0, 1.0])  # A crop 1, A crop 2, B crop 1, B crop 2
+    table[:, 1] = torch.tensor([-2.0, 10.0, 1.0, 1.0])
+    labels = torch.full((2, 20), -1, dtype=torch.int8)
+    labels[0, :2] = 1
+    test_set = [(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), labels[0]), (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), labels[1])]
+    args = argparse.Namespace(batch_size=2, workers=0, input='gray', test_split='test', test_crops=2)
+    r = ft.evaluate_classification(_Scripted(table), test_set, args, torch.device('cpu'))
+    assert r['ap_noninterpolated']['aeroplane'] == 1.0 and r['ap_noninterpolated']['bicycle'] == 1.0
+
+
+# ---------------------------------------------------------------- defaults (F9)
+
+def test_segmentation_protocol_crop_and_batch_on_a_gpu():
+    """README / the authors' recipe: 128 points per 448 crop, batch 10 (device type only is read)."""
+    args = ft.fill_defaults(ft.parse_args(['--task', 'seg', '--voc-root', 'x']), torch.device('cuda'))
+    assert (args.crop, args.batch_size, args.points) == (448, 10, 128)
+
+
+# ---------------------------------------------------------------- --freeze (F11)
+
+def test_freeze_switches_off_dropout_in_the_frozen_trunk():
+    torch.manual_seed(0)
+    model = ft.build_transfer_model('cls', 'alexnet', **TINY)
+    ft.freeze_pretrained(model)
+    ft.set_train_mode(model, True)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        a, b = model.trunk(x)[-1], model.trunk(x)[-1]  # fc7: after fc6/fc7 dropout
+    assert torch.equal(a, b) and model.classifier.training
+
+
+# ---------------------------------------------------------------- transfer key check (F12)
+
+def test_a_trunk_that_provides_a_new_layer_is_refused():
+    torch.manual_seed(0)
+    state = MODELS['vgg16'](in_channels=1, batchnorm=False, extended_fov=True, **TINY).state_dict()
+    assert any(k.startswith('fov1.') for k in state)
+    with pytest.raises(colorize.UserError, match='unexpectedly provides'):
+        ft.make_finetune_model('seg', 'vgg16', state, 'ckpt', extended_fov=True, head_dim=8, **TINY)
+
+
+# ---------------------------------------------------------------- --resume flags (F13, F14), results (F16)
+
+RESUME_BASE = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--input', 'gray',
+        '--test-crops', '1', '--steps', '2', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu']
+
+
+def test_resume_keeps_a_non_default_seed_and_refuses_another_scale(tmp_path, voc):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    assert ft.main([*RESUME_BASE, '--voc-root', voc, '--seed', '3', '--out', str(a)]) == 0
+    assert ft.main([*RESUME_BASE, '--voc-root', voc, '--seed', '3', '--out', str(b), '--exit-after', '1']) == 0
+    resume = ['--out', str(b), '--resume', '--workers', '0', '--device', 'cpu']
+    assert ft.main([*resume, '--scale', '1', '1.5']) == 2  # changes the data: a run flag
+    assert ft.main(resume) == 0
+    ra, rb = (json.loads((d / 'results.json').read_text()) for d in (a, b))
+    assert rb['args']['seed'] == 3 and ra['metrics'] == rb['metrics']
+    # results.json: the voc fixture has 16 trainval and 8 test images
+    assert (ra['train_images'], ra['test_images']) == (16, 8)
+
+
+# ---------------------------------------------------------------- --summarize (F15)
+
+def test_summarize_keeps_other_test_crops_apart(tmp_path):
+    def result(name, seed, crops, value):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='random'), args=dict(task='cls', arch='vgg16', seed=seed, test_crops=crops),
+            metrics=dict(map_voc07_11point=value, map_noninterpolated=value))))
+        return tmp_path / name
+    rows = ft.summarize([result('a', 0, 10, 0.5), result('b', 1, 10, 0.6), result('c', 2, 1, 0.1)])
+    assert sorted(r['runs'] for r in rows) == [1, 2]
+
+
+# ---------------------------------------------------------------- lab.lab_input (L1, L2)
+
+def test_lab_input_by_hand():
+    x = lab.lab_input(torch.tensor([75.0, -25.0, 100.0]).view(3, 1, 1))
+    assert x.flatten().tolist() == [0.5, -0.5, 2.0]
+
+
+# ---------------------------------------------------------------- colorize.py (C1 - C4, C6, C7)
+
+def test_holdout_is_set_aside_from_training(tmp_path):
+    folder = tmp_path / 'imgs'
+    for i in range(20):
+        _write(folder / f'{i:02d}.png', np.full((4, 4, 3), i, np.uint8))
+    args = argparse.Namespace(data=[str(folder)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
+    train, val = colorize.image_sources(args, True)
+    assert len(val) == 4 and len(train) == 16 and not set(train) & set(val)
+
+
+def _tiny_colorizer():
+    torch.manual_seed(0)
+    return colorize.make_model(dict(arch='vgg16', loss='huechroma', **TINY))
+
+
+def test_validation_loss_reads_the_same_pixels_every_time():
+    model = _tiny_colorizer()
+    images = torch.from_numpy(rng(1).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    args = argparse.Namespace(loss='huechroma', points=16, border=4, target_window=7, lightness_weight=False)
+    torch.manual_seed(1)
+    a = colorize.evaluate(model, images, args, torch.device('cpu'))['loss']
+    torch.manual_seed(2)
+    assert colorize.evaluate(model, images, args, torch.device('cpu'))['loss'] == a
+
+
+def test_sample_grid_columns_are_gray_prediction_truth(tmp_path):
+    images = torch.from_numpy(rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    args = argparse.Namespace(loss='huechroma')
+    colorize.write_grid(_tiny_colorizer(), images, args, torch.device('cpu'), tmp_path / 'g.png')
+    grid = np.asarray(Image.open(tmp_path / 'g.png')).astype(int)  # (2 * 32, 3 * 32, 3)
+    left, right = grid[:, :32], grid[:, 64:]
+    assert np.abs(left - left[..., :1]).max() <= 1  # gray: R = G = B
+    assert np.array_equal(right, torch.cat(list(images), 1).permute(1, 2, 0).numpy())  # the truth, exactly
+
+
+class _NoColour(torch.nn.Module):
+    def dense(self, x):
+        return torch.zeros(x.shape[0], 2, -(-x.shape[2] // 4), -(-x.shape[3] // 4))
+
+
+def test_colorizing_keeps_the_full_resolution_lightness():
+    """With a* = b* = 0 predicted ('l2' decodes zeros to zeros), a gray photo comes back as itself,
+    every 1-pixel detail included, although the network saw it at a quarter of its size."""
+    g = np.where((np.arange(64)[:, None] + np.arange(96)[None, :]) % 2, 200, 40).astype(np.uint8)
+    photo = np.repeat(g[..., None], 3, axis=2)
+    out = colorize.colorize_array(_NoColour(), photo, 'l2', torch.device('cpu'), short_side=16)
+    assert np.abs(out.astype(int) - photo).max() <= 1
+
+
+def test_progress_rate_counts_only_the_steps_timed_since_resuming(monkeypatch):
+    clock = iter([0.0, 1.0, 1.0])
+    monkeypatch.setattr(colorize.time, 'perf_counter', lambda: next(clock))
+    p = colorize.Progress(images_per_step=10)
+    p.restore(dict(sums_by_rank=[[5.0]], steps=5), torch.device('cpu'))
+    p.add(torch.tensor([1.0]))
+    means, rate = p.take()
+    assert means == [1.0] and rate == 10.0  # 6 steps' mean; 1 timed step of 10 images in 1 s
+
+
+# ---------------------------------------------------------------- atomic writes (C5)
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'f.json'
+    path.write_bytes(b'old')
+
+    def fail(f):
+        f.write(b'half')
+        raise OSError('disk full')
+    with pytest.raises(OSError):
+        data.atomic_write(path, fail)
+    assert path.read_bytes() == b'old'
