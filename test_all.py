@@ -1938,10 +1938,11 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     # Too many bad files: the run stops with one line naming the limit.
     assert colorize.main(tiny_args(train, val, tmp_path / 'run2', '--steps', '40', '--max-bad-share', '0.01')) == 2
     assert '--max-bad-share' in capsys.readouterr().err
-    # ... checked early too, not only at the (here never reached) progress lines: at step 100, 400 images.
+    # ... checked early too, not only at the (here never reached) progress lines: at step 10, once
+    # at least 100 images were read (batch 12: 120).
     assert colorize.main(tiny_args(train, val, tmp_path / 'run3', '--steps', '120', '--log-every', '1000',
-                                   '--eval-every', '1000', '--max-bad-share', '0.01')) == 2
-    assert 'of 400 images read so far' in capsys.readouterr().err
+                                   '--eval-every', '1000', '--max-bad-share', '0.01', '--batch-size', '12')) == 2
+    assert 'of 120 images read so far' in capsys.readouterr().err
 
 
 def _free_port():
