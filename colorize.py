@@ -1332,9 +1332,10 @@ def output_names(items, output):
     inputs = {Path(path).resolve() for path, _ in jobs}
     taken, named, done = set(), [], set()
     for path, rel in jobs:
-        if Path(path).resolve() in done:  # named twice (a file and its folder, say): colorized once
+        source = Path(path).resolve()
+        if source in done:  # named twice (a file and its folder, say): colorized once
             continue
-        done.add(Path(path).resolve())
+        done.add(source)
         target, k = output / rel, 1
         while target in taken:
             k += 1

@@ -112,8 +112,8 @@ class Trunk(nn.Module):
 
     forward(x): x (B, in_channels, H, W) -> list over taps of (B, tap_channels[t], h_t, w_t),
     h_t ~ H / tap_strides[t] (VGG-16's pooling rounds down; AlexNet's and ResNet's padded layers
-    and the extended-FOV pools round up). Taps are read
-    after ReLU, in `tap_names` order; the last one is the deepest feature, for global pooling.
+    and the extended-FOV pools round up). Taps are read after ReLU, in `tap_names` order; the last
+    one is the deepest feature, for global pooling.
     Built by the factories `alexnet`, `vgg16`, `resnet50`, `resnet152`.
     """
 
@@ -419,8 +419,8 @@ class HypercolumnNet(nn.Module):
         processed in tiles of `tile` pixels (rounded up to the trunk's stride), each run with a
         margin wide enough that no output cell kept from it sees the tile's edge (`tile_margin`:
         288 px for VGG-16, 256 for AlexNet, 800 for ResNet-152, whose receptive field is large).
-        Each piece is then at most that rounded-up tile + 2 * margin pixels on a side, and the result equals the
-        one-piece one up to float rounding. tile=None: always in one piece.
+        Each piece is then at most that rounded-up tile + 2 * margin pixels on a side, and the
+        result equals the one-piece one up to float rounding. tile=None: always in one piece.
         """
         H, W = x.shape[-2:]
         if tile is None:
