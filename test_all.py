@@ -2262,6 +2262,7 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
         ('colorizer', 'synthetic'), ('classifier', 'synthetic'), ('gathers', 'synthetic'), ('colorizer', 'loader'),
         ('loader', 'alone')]
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
+    assert all(r['tflops'] == pytest.approx(r['gflops_per_img'] * r['img_per_s'] / 1000) for r in rows)
     # The gathers-only colorizer is the same network: the same FLOPs (the network's, not the taps'
     # matmul reads), and the module's setting is back afterwards.
     assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img'] and models.MATMUL_CELLS == 1024
