@@ -285,6 +285,7 @@ def step_seed(seed, step, rank):
 def image_sources(args, master):
     """Returns (train paths, val paths), generating the demo world if no --data is given."""
     cache = args.out / 'cache'
+    log = print if master else (lambda *a, **k: None)  # one listing line per root, from rank 0
     if args.data is None:
         problem = None
         if master:
@@ -300,12 +301,10 @@ def image_sources(args, master):
             raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
         if master:
             print(f'no --data given: training on the demo world in {args.demo_root}')
-        log = print if master else (lambda *a, **k: None)
         train = data.find_images([args.demo_root / 'train'], log=log)
         val = data.find_images([args.demo_root / 'val'], log=log)
     else:
         def scan():
-            log = print if master else (lambda *a, **k: None)
             try:
                 return (data.find_images(args.data, cache_dir=cache, log=log),
                         data.find_images(args.val_data, cache_dir=cache, log=log) if args.val_data else None), None

@@ -3290,13 +3290,7 @@ def rng(s):
     return np.random.default_rng(s)
 
 
-def _write(path, rgb):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return str(path)
-
-
-# ---------------------------------------------------------------- data.py augmentation (D1, D2, D4)
+# ---------------------------------------------------------------- data.py augmentation
 
 def test_random_crop_short_side_range_includes_hi():
     """U[lo, hi] inclusive: with (8, 9) and an 8x8 image, short side 8 returns the image itself,
@@ -3327,7 +3321,7 @@ def test_random_crop_flips_half_the_time():
     assert 900 < flips < 1100
 
 
-# ---------------------------------------------------------------- InfiniteSampler (D6, D7)
+# ---------------------------------------------------------------- InfiniteSampler
 
 def test_infinite_sampler_reads_the_documented_positions():
     """Docstring: epoch e = torch.randperm(n) seeded seed * 1000003 + e; step k of the epoch reads
@@ -3345,18 +3339,18 @@ def test_infinite_sampler_reads_the_documented_positions():
         assert joined == one.batch(step)
 
 
-# ---------------------------------------------------------------- find_images cache (D10)
+# ---------------------------------------------------------------- find_images cache
 
 def test_find_images_does_not_cache_a_folder_changed_just_now(tmp_path):
     root = tmp_path / 'imgs'
-    _write(root / 'a.jpg', np.zeros((4, 4, 3), np.uint8))  # the folder's mtime is now
+    _write_rgb(root / 'a.jpg', np.zeros((4, 4, 3), np.uint8))  # the folder's mtime is now
     lines = []
     data.find_images(root, cache_dir=tmp_path / 'cache', log=lines.append)
     assert not (tmp_path / 'cache').exists() or os.listdir(tmp_path / 'cache') == []
     assert any('changed less than 2 s ago' in s for s in lines)
 
 
-# ---------------------------------------------------------------- VOC lists (D12)
+# ---------------------------------------------------------------- VOC lists
 
 def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
     main = tmp_path / 'VOC2007' / 'ImageSets' / 'Main'
@@ -3368,7 +3362,7 @@ def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
         data.voc_classification(tmp_path / 'VOC2007', 'trainval')
 
 
-# ---------------------------------------------------------------- demo world (D13)
+# ---------------------------------------------------------------- demo world
 
 def test_demo_val_images_are_not_training_images(tmp_path):
     world = data.make_demo_world(tmp_path, n_train=6, n_val=6)
@@ -3378,7 +3372,7 @@ def test_demo_val_images_are_not_training_images(tmp_path):
     assert not contents(world['train']) & contents(world['val'])
 
 
-# ---------------------------------------------------------------- finetune augmentation (F2, F4, F5)
+# ---------------------------------------------------------------- finetune augmentation
 
 def _coords(h, w):
     img = np.zeros((h, w, 3), np.uint8)
@@ -3411,7 +3405,7 @@ def test_scale_crop_reaches_every_offset():
     assert src == set(range(5)) and dst == set(range(12))
 
 
-# ---------------------------------------------------------------- cls test-time crops (F6, F7)
+# ---------------------------------------------------------------- cls test-time crops
 
 class _Scripted(torch.nn.Module):
     """Returns the next rows of a fixed (N, 20) logit table at each call, whatever the input."""
@@ -3441,7 +3435,7 @@ def test_classification_averages_logits_over_test_crops():
     assert r['ap_noninterpolated']['aeroplane'] == 1.0 and r['ap_noninterpolated']['bicycle'] == 1.0
 
 
-# ---------------------------------------------------------------- defaults (F9)
+# ---------------------------------------------------------------- defaults
 
 def test_segmentation_protocol_crop_and_batch_on_a_gpu():
     """README / the authors' recipe: 128 points per 448 crop, batch 10 (device type only is read)."""
@@ -3449,7 +3443,7 @@ def test_segmentation_protocol_crop_and_batch_on_a_gpu():
     assert (args.crop, args.batch_size, args.points) == (448, 10, 128)
 
 
-# ---------------------------------------------------------------- --freeze (F11)
+# ---------------------------------------------------------------- --freeze
 
 def test_freeze_switches_off_dropout_in_the_frozen_trunk():
     torch.manual_seed(0)
@@ -3462,7 +3456,7 @@ def test_freeze_switches_off_dropout_in_the_frozen_trunk():
     assert torch.equal(a, b) and model.classifier.training
 
 
-# ---------------------------------------------------------------- transfer key check (F12)
+# ---------------------------------------------------------------- transfer key check
 
 def test_a_trunk_that_provides_a_new_layer_is_refused():
     torch.manual_seed(0)
@@ -3472,7 +3466,7 @@ def test_a_trunk_that_provides_a_new_layer_is_refused():
         ft.make_finetune_model('seg', 'vgg16', state, 'ckpt', extended_fov=True, head_dim=8, **TINY)
 
 
-# ---------------------------------------------------------------- --resume flags (F13, F14), results (F16)
+# ---------------------------------------------------------------- --resume flags, results.json
 
 RESUME_BASE = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--input', 'gray',
         '--test-crops', '1', '--steps', '2', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu']
@@ -3491,7 +3485,7 @@ def test_resume_keeps_a_non_default_seed_and_refuses_another_scale(tmp_path, voc
     assert (ra['train_images'], ra['test_images']) == (16, 8)
 
 
-# ---------------------------------------------------------------- --summarize (F15)
+# ---------------------------------------------------------------- --summarize
 
 def test_summarize_keeps_other_test_crops_apart(tmp_path):
     def result(name, seed, crops, value):
@@ -3504,19 +3498,19 @@ def test_summarize_keeps_other_test_crops_apart(tmp_path):
     assert sorted(r['runs'] for r in rows) == [1, 2]
 
 
-# ---------------------------------------------------------------- lab.lab_input (L1, L2)
+# ---------------------------------------------------------------- lab.lab_input
 
 def test_lab_input_by_hand():
     x = lab.lab_input(torch.tensor([75.0, -25.0, 100.0]).view(3, 1, 1))
     assert x.flatten().tolist() == [0.5, -0.5, 2.0]
 
 
-# ---------------------------------------------------------------- colorize.py (C1 - C4, C6, C7)
+# ---------------------------------------------------------------- colorize.py
 
 def test_holdout_is_set_aside_from_training(tmp_path):
     folder = tmp_path / 'imgs'
     for i in range(20):
-        _write(folder / f'{i:02d}.png', np.full((4, 4, 3), i, np.uint8))
+        _write_rgb(folder / f'{i:02d}.png', np.full((4, 4, 3), i, np.uint8))
     args = argparse.Namespace(data=[str(folder)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
     train, val = colorize.image_sources(args, True)
     assert len(val) == 4 and len(train) == 16 and not set(train) & set(val)
@@ -3571,7 +3565,7 @@ def test_progress_rate_counts_only_the_steps_timed_since_resuming(monkeypatch):
     assert means == [1.0] and rate == 10.0  # 6 steps' mean; 1 timed step of 10 images in 1 s
 
 
-# ---------------------------------------------------------------- atomic writes (C5)
+# ---------------------------------------------------------------- atomic writes
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / 'f.json'
