@@ -168,11 +168,12 @@ def parse_args(argv=None):
 # another value, the schedule, logging and test flags win (a longer --steps, say, with a printed
 # line, recorded in results.json); the run flags would change the network, the data or the
 # randomness of the run being continued, and are refused.
-RUN_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'train_split', 'extended_fov', 'width', 'fc_dim',
-             'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop', 'batch_size', 'dropout',
-             'scale', 'points', 'bias_lr_mult')
+RUN_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'demo_root', 'train_split', 'extended_fov', 'width',
+             'fc_dim', 'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop', 'batch_size',
+             'dropout', 'scale', 'points', 'bias_lr_mult')
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weight_decay', 'clip_grad',
-                  'log_every', 'save_every', 'test_split', 'test_crops', 'test_images')
+                  'log_every', 'save_every', 'test_split', 'test_crops', 'test_images', 'feature_shift',
+                  'shift_images', 'shift_pool')
 LEGACY_ARGS = {'bias_lr_mult': 1.0}  # what runs made before a flag existed did (their args lack it)
 
 
@@ -1259,8 +1260,11 @@ def write_json(path, obj):
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}
 SUMMARY_SHOWN = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', 'extended_fov')
-SUMMARY_GROUP = tuple(k for k in RUN_FLAGS + SCHEDULE_FLAGS  # runs that differ only in the seed
-                      if k not in ('init', 'seed', 'log_every', 'save_every'))
+# Runs that differ only in the seed, or in what does not shape the metrics (the demo world is the
+# same wherever it was generated; feature shift is measured after them).
+SUMMARY_GROUP = tuple(k for k in RUN_FLAGS + SCHEDULE_FLAGS
+                      if k not in ('init', 'seed', 'log_every', 'save_every', 'demo_root', 'feature_shift',
+                                   'shift_images', 'shift_pool'))
 
 
 def summarize(paths):

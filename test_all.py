@@ -3002,12 +3002,46 @@ def test_resume_is_exact(tmp_path, voc):
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
 
 
+# What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
+# network, the randomness) is taken from the checkpoint and refused if typed with another value; a
+# schedule flag (the schedule, logging, the tests after training) is taken unless typed, and typed it
+# wins; an operational flag (where and how this process runs, or another mode) is the command's own.
+RESUME_FLAGS = {
+    colorize: dict(
+        run={'arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdout', 'subset', 'demo_root', 'seed',
+             'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window', 'lightness_weight', 'width',
+             'fc_dim'},
+        schedule={'steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
+                  'log_every', 'eval_every', 'save_every'},
+        operational={'out', 'resume', 'device', 'workers', 'compile', 'exit_after', 'typed_flags',
+                     'colorize', 'checkpoint', 'output', 'net_short_side',  # the colorizing mode
+                     'benchmark', 'bench_steps', 'bench_warmup', 'bench_photo', 'bench_profile'}),
+    ft: dict(
+        run={'task', 'arch', 'init', 'input', 'voc_root', 'demo_root', 'train_split', 'extended_fov', 'width',
+             'fc_dim', 'head_dim', 'freeze', 'label_fraction', 'label_seed', 'seed', 'crop', 'batch_size',
+             'dropout', 'scale', 'points', 'bias_lr_mult'},
+        schedule={'steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weight_decay', 'clip_grad', 'log_every',
+                  'save_every', 'test_split', 'test_crops', 'test_images', 'feature_shift', 'shift_images',
+                  'shift_pool'},
+        operational={'out', 'resume', 'device', 'workers', 'compile', 'exit_after', 'typed_flags', 'export',
+                     'summarize'}),
+}
+
+
+@pytest.mark.parametrize('script', [colorize, ft], ids=['colorize', 'finetune_voc'])
+def test_every_flag_has_its_resume_rule(script):
+    """A flag added without a rule, or one that lost its rule, would be silently reset or changed on resume."""
+    want = RESUME_FLAGS[script]
+    assert set(vars(script.parse_args([]))) == want['run'] | want['schedule'] | want['operational']
+    assert set(script.RUN_FLAGS) == want['run'] and set(script.SCHEDULE_FLAGS) == want['schedule']
+
+
 def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_path, voc, capsys):
     out = tmp_path / 'run'
     base = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
             '--head-dim', '16', '--points', '8', '--voc-root', voc, '--test-images', '2', '--steps', '4',
             '--batch-size', '2', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
-    assert ft.main([*base, '--out', str(out), '--exit-after', '2']) == 0
+    assert ft.main([*base, '--out', str(out), '--exit-after', '2', '--feature-shift', '--shift-images', '2']) == 0
     resume = ['--out', str(out), '--resume', '--workers', '0', '--device', 'cpu']
     # A run flag with another value would not continue this run (--head-dim 16 alone is not "another").
     assert ft.main([*resume, '--batch-size', '4']) == 2
@@ -3019,6 +3053,8 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     assert 'resuming with --steps 6 where' in capsys.readouterr().out
     r = read_results(out)
     assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
+    # The tests the run was started with run after it, though the resuming command did not repeat them.
+    assert json.loads((out / 'feature_shift.json').read_text())['images'] == 2 and 'feature_shift' in r
     assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6], weight_decay=[5e-4, 0.01]))]
     groups = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
     assert [g['weight_decay'] for g in groups] == [0.01, 0.0]  # applied, not only announced
