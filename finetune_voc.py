@@ -219,6 +219,13 @@ def lr_at(step, args):
 
 # --- Metrics ------------------------------------------------------------------------------------
 
+# The devkit's `for t=0:0.1:1` (VOCevalcls.m) as MATLAB builds it: the first half as 0 + k * 0.1, the
+# second half as 1 - k * 0.1, so t = 0.6 and 0.7 are the doubles nearest 0.6 and 0.7 (np.linspace's
+# are one ulp above: a recall of exactly 3/5 would miss its point) and t = 0.3 is 3 * 0.1, one ulp
+# above 0.3 (a recall of exactly 3/10 misses it in the devkit too).
+VOC07_RECALLS = np.r_[np.arange(6) * 0.1, 1 - np.arange(4, -1, -1) * 0.1]
+
+
 def average_precision(scores, labels, eleven_point=False):
     """Average precision of one class (1-D inputs) or of each column (2-D (N, K) inputs -> (K,)).
 
@@ -227,8 +234,8 @@ def average_precision(scores, labels, eleven_point=False):
     equal scores form one threshold step (as scikit-learn does), so the result does not depend on
     their order. eleven_point=False: the non-interpolated AP of scikit-learn's
     average_precision_score, sum over threshold steps of (R_n - R_{n-1}) * P_n. eleven_point=True:
-    the official VOC2007 AP, the mean over t in {0, 0.1, ..., 1} of the highest precision at a
-    recall >= t (0 if none). A class with no positive sample has no AP: nan (mean_ap skips it).
+    the official VOC2007 AP, the mean over t in {0, 0.1, ..., 1} (VOC07_RECALLS) of the highest
+    precision at a recall >= t (0 if none). A class with no positive sample has no AP: nan (mean_ap skips it).
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     if scores.shape != labels.shape:
@@ -250,7 +257,7 @@ def average_precision(scores, labels, eleven_point=False):
     tp = np.cumsum(positive)[last]
     precision, recall = tp / (last + 1), tp / n_pos
     if eleven_point:
-        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in VOC07_RECALLS]))
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 

@@ -2442,6 +2442,20 @@ def test_ap_hand_example():
     assert ft.average_precision(scores, labels, eleven_point=True) == pytest.approx((4 + 3 * 2 / 3 + 4 * 3 / 5) / 11)
 
 
+def test_ap_eleven_point_at_recalls_of_exactly_three_fifths_and_three_tenths():
+    """The devkit's `for t=0:0.1:1` in MATLAB: t = 0.6 is the double nearest 0.6, so a recall of
+    exactly 3/5 reaches it; t = 0.3 is 3 * 0.1, one ulp above 3/10, so a recall of exactly 3/10 does
+    not (MATLAB's colon builds its first half up from 0 and its second half down from 1)."""
+    # 5 positives ranked P P P N N P P N N N: precision 1 up to recall 3/5, then 4/6 at 4/5 and 5/7 at 1.
+    # t = 0 .. 0.6 (7 points) -> 1; t = 0.7 .. 1 (4 points) -> 5/7.
+    labels = [1, 1, 1, -1, -1, 1, 1, -1, -1, -1]
+    assert ft.average_precision(np.arange(10, 0, -1), labels, eleven_point=True) == pytest.approx((7 + 4 * 5 / 7) / 11)
+    # 10 positives ranked P P P N P P P P P P P: precision 1 up to recall 3/10; past the N, 4/5 ... 10/11.
+    # t = 0 .. 0.2 (3 points) -> 1; t = 0.3 .. 1 (8 points) -> 10/11.
+    labels = [1, 1, 1, -1] + [1] * 7
+    assert ft.average_precision(np.arange(11, 0, -1), labels, eleven_point=True) == pytest.approx((3 + 8 * 10 / 11) / 11)
+
+
 def test_ap_ties_form_one_step():
     # Scores 0.9 (pos), 0.5 (pos), 0.5 (neg), 0.1 (neg): the tied pair is one threshold step.
     # Steps: (recall 1/2, precision 1), (1, 2/3), (1, 1/2). AP = 1/2 + 1/2 * 2/3 = 5/6; the
