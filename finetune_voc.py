@@ -25,6 +25,7 @@ torch.compile, channels_last, TF32; on a CPU: float32, eager and small defaults.
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -561,6 +562,34 @@ def initial_trunk(args, random_fc_dim=4096):
         return state, dict(kind='torchvision', path=str(args.init))
     raise UserError(f'--init {args.init} is neither a colorize.py checkpoint (a dict with "model" and "config") '
                     f'nor a state_dict of tensors')
+
+
+def weights_digest(state):
+    """The first 16 hex digits of a sha256 over a state_dict's names, dtypes, shapes and values:
+    which weights a run started from (a colorize.py checkpoint file is rewritten as its run goes on)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f'{name} {t.dtype} {tuple(state[name].shape)}\n'.encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))  # bytes: bf16 has no numpy dtype
+    return h.hexdigest()[:16]
+
+
+def resumed_init(saved, current, args):
+    """The init a resumed run started from (the checkpoint's record `saved`), checked against what
+    --init holds now (`current`). Where the file's weights changed (its pre-training went on, say),
+    the run goes on from its checkpoint with a note, unless it needs the initial weights after
+    training (--freeze checks them, --feature-shift compares with them): then UserError."""
+    if not saved or saved.get('digest', current.get('digest')) == current.get('digest'):
+        return saved or current
+    steps = (f' (pre-training step {saved["step"]} then, {current["step"]} now)'
+             if saved.get('step') is not None and saved.get('step') != current.get('step') else '')
+    why = f'--init {args.init} no longer holds the weights this run started from{steps}'
+    if args.freeze or args.feature_shift:
+        need = '--freeze checks' if args.freeze else '--feature-shift compares with'
+        raise UserError(f'{why}; {need} the initial weights after training: put that file back, or start a new run')
+    print(f'note: {why}; the run goes on from its checkpoint, and results.json names the init it started from')
+    return saved
 
 
 def resolve(args, name, value, source):
@@ -1189,6 +1218,10 @@ def run(args):
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
     trunk_state, init_info = initial_trunk(args, colorize_defaults['fc_dim'])
     fill_defaults(args, device)
+    if init_info['kind'] != 'random':
+        init_info['digest'] = weights_digest(trunk_state)
+    if ckpt is not None:
+        init_info = resumed_init(ckpt.get('init'), init_info, args)
     init_name = init_info['kind']
     if init_name == 'colorization':  # the colorize.py run folder, e.g. vgg16-huechroma
         init_name = Path(args.init).parent.name or init_name
@@ -1282,40 +1315,52 @@ def summarize(paths):
     already in its group (the same run given twice, or a repeat) is left out with a warning: it is
     not an independent sample.
     """
-    groups, seen = {}, {}
+    groups, seen, unfinished = {}, {}, []
     for path in paths:
+        if path.is_dir() and not (path / 'results.json').exists():
+            unfinished.append(path)
+            continue
         path = path / 'results.json' if path.is_dir() else path
         if not path.is_file():
             raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
         try:
             r = json.loads(path.read_text())
             init = r['init'].get('path') or r['init']['kind']
+            # The same file at another pre-training step is another init (the digest; older runs: the step).
+            weights = [r['init'].get('digest'), r['init'].get('step')]
             flags = {k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
-        key = json.dumps([init, flags], sort_keys=True)  # lists (scale, milestones) too
+        key = json.dumps([init, weights, flags], sort_keys=True)  # lists (scale, milestones) too
         seed = r['args'].get('seed')
         if (key, seed) in seen:
             print(f'warning: --summarize leaves out {path}: the same settings and seed {seed} as {seen[key, seed]}')
             continue
         seen[key, seed] = path
-        groups.setdefault(key, (init, flags, []))[2].append(metrics)
+        groups.setdefault(key, (init, flags, [], weights))[2].append(metrics)
+    if unfinished:
+        print(f'warning: --summarize leaves out {len(unfinished)} folder(s) without results.json (unfinished '
+              f'runs?): {" ".join(map(str, unfinished))}')
+    ambiguous = {i for i in {g[0] for g in groups.values()}  # one init path holding different weights
+                 if len({json.dumps(g[3]) for g in groups.values() if g[0] == i}) > 1}
     varying = {}  # per task: the flags not normally shown that tell its groups apart
-    for task in {f['task'] for _, f, _ in groups.values()}:
-        flags = [f for _, f, _ in groups.values() if f['task'] == task]
+    for task in {g[1]['task'] for g in groups.values()}:
+        flags = [g[1] for g in groups.values() if g[1]['task'] == task]
         varying[task] = [k for k in SUMMARY_GROUP
                          if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
     rows = []
     for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
-        init, flags, runs = groups[key]
+        init, flags, runs, (digest, step) = groups[key]
         task = flags['task']
+        if init in ambiguous:
+            init += f' ({", ".join(x for x in (step is not None and f"step {step}", digest and f"weights {digest}") if x)})'
         row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
-        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task]) if row[k] not in (None, False))
+        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task]) if row[k] is not None and row[k] is not False)
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')

@@ -3203,12 +3203,13 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
 
 
 def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
-    def result(folder, init, seed, value, lr=0.001):
+    def result(folder, init, seed, value, lr=0.001, step=None, dropout=0.5):
         folder.mkdir()
         (folder / 'results.json').write_text(json.dumps(dict(
-            init=dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init),
+            init=dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init,
+                      **({} if step is None else dict(step=step, digest=f'{step:016x}'))),
             args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
-                      extended_fov=False, seed=seed, lr=lr, scale=[0.5, 2.0]),
+                      extended_fov=False, seed=seed, lr=lr, scale=[0.5, 2.0], dropout=dropout),
             metrics=dict(map_voc07_11point=value, map_noninterpolated=value / 2))))
         return folder
     runs = [result(tmp_path / f'c{i}', 'c.pt', i, v) for i, v in enumerate((0.50, 0.60, 0.70))]
@@ -3234,6 +3235,19 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     assert [r['runs'] for r in rows] == [2] and rows[0]['map_voc07_11point'] == pytest.approx((25.0, math.sqrt(50)))
     out = capsys.readouterr().out
     assert out.count('warning: --summarize leaves out') == 2 and 'r1-again' in out
+    # One checkpoint file fine-tuned from at two steps of its pre-training: two inits, told apart.
+    rows = ft.summarize([result(tmp_path / 's6', 'p.pt', 0, 0.3, step=6), result(tmp_path / 's8', 'p.pt', 1, 0.5, step=8)])
+    assert sorted(r['init'] for r in rows) == ['p.pt (step 6, weights 0000000000000006)',
+                                               'p.pt (step 8, weights 0000000000000008)']
+    capsys.readouterr()
+    # A flag at 0 is a value to show (dropout=0.0), not an absent one; a run folder without
+    # results.json (a run still going, or killed) is left out with a warning.
+    (tmp_path / 'killed').mkdir()
+    rows = ft.summarize([result(tmp_path / 'd0', 'd.pt', 0, 0.3, dropout=0.0), result(tmp_path / 'd5', 'd.pt', 0, 0.3),
+                         tmp_path / 'killed'])
+    out = capsys.readouterr().out
+    assert len(rows) == 2 and 'dropout=0.0 |' in out and 'dropout=0.5 |' in out
+    assert 'leaves out 1 folder(s) without results.json' in out and 'killed' in out
 
 
 # ================================================================================================
@@ -3520,6 +3534,40 @@ def test_a_trunk_that_provides_a_new_layer_is_refused():
 
 RESUME_BASE = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--input', 'gray',
         '--test-crops', '1', '--steps', '2', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu']
+
+
+def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
+    """colorize.py rewrites its checkpoint as pre-training goes on: a resumed fine-tuning run names
+    the init it started from, and one that needs the initial weights after training refuses."""
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
+    base = ['--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--test-crops', '1', '--steps', '3',
+            '--batch-size', '2', '--crop', '32', '--workers', '0', '--device', 'cpu']
+    resume = ['--resume', '--workers', '0', '--device', 'cpu']
+    assert ft.main([*base, '--out', str(tmp_path / 'plain'), '--exit-after', '1']) == 0
+    assert ft.main([*base, '--out', str(tmp_path / 'shift'), '--exit-after', '1', '--feature-shift',
+                    '--shift-images', '2']) == 0
+    started = _state(tmp_path / 'plain' / 'checkpoint.pt')['init']
+    capsys.readouterr()
+    assert ft.main(['--out', str(tmp_path / 'plain'), *resume, '--exit-after', '2']) == 0  # unchanged: no note
+    assert 'no longer holds' not in capsys.readouterr().out
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet', seed=1)  # the pre-training went on
+    assert ft.main(['--out', str(tmp_path / 'shift'), *resume]) == 2
+    err = capsys.readouterr().err
+    assert 'no longer holds the weights this run started from' in err and '--feature-shift compares' in err
+    assert ft.main(['--out', str(tmp_path / 'plain'), *resume]) == 0
+    assert 'no longer holds the weights this run started from' in capsys.readouterr().out
+    assert read_results(tmp_path / 'plain')['init'] == started and len(started['digest']) == 16
+
+
+def test_weights_digest_sees_names_shapes_and_values():
+    state = {'a': torch.arange(6.0).view(2, 3), 'b': torch.zeros(2, dtype=torch.bfloat16)}
+    digest = ft.weights_digest(state)
+    assert digest == ft.weights_digest({k: v.clone() for k, v in reversed(state.items())})  # order-free
+    other = {'a': state['a'].clone(), 'b': state['b'].clone()}
+    other['a'][1, 2] = 5.000001
+    assert ft.weights_digest(other) != digest
+    assert ft.weights_digest({'a': state['a'].view(3, 2), 'b': state['b']}) != digest
+    assert ft.weights_digest({'A': state['a'], 'b': state['b']}) != digest
 
 
 def test_resume_keeps_a_non_default_seed_and_refuses_another_scale(tmp_path, voc):
