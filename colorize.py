@@ -234,10 +234,17 @@ SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_
 def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
     merge_resumed_args(args, ckpt['args'], RUN_FLAGS, SCHEDULE_FLAGS, path, log)
+    refuse_fewer_steps(args.steps, ckpt['step'], path)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
                         f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
                         f'(or the same total over nodes)')
+
+
+def refuse_fewer_steps(steps, done, path):
+    if steps < done:
+        raise UserError(f'{path} is at step {done}: --steps {steps} would end before the run resumes; '
+                        f'give --steps {done} or more, or leave the flag out')
 
 
 def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print):

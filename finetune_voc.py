@@ -46,8 +46,8 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, Progress, UserError, atomic_save, autocast, git_commit, load_checkpoint,
                       load_optimizer_state, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
-                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_to_overwrite,
-                      setup_device, step_seed, trim_log)
+                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
+                      refuse_to_overwrite, setup_device, step_seed, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1036,6 +1036,7 @@ def read_resume(args):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
     saved = {**LEGACY_ARGS, **ckpt['args']}
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path)
+    refuse_fewer_steps(args.steps, ckpt['step'], path)
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
     args.resume_path = path
     return ckpt

@@ -1880,6 +1880,8 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, mon
     assert 'was trained with --crop 32' in capsys.readouterr().err
     assert colorize.main([*resume, '--seed', '0']) == 2  # typed, though it is the flag's default
     assert 'was trained with --seed 3' in capsys.readouterr().err
+    assert colorize.main([*resume, '--steps', '5']) == 2  # ends before the checkpoint's step 6
+    assert 'is at step 6: --steps 5 would end before' in capsys.readouterr().err
     assert colorize.main([*resume, '--steps', '8']) == 0  # a longer schedule is allowed, and said
     printed = capsys.readouterr().out
     assert 'resuming with --steps 8' in printed and 'step 8/8' in printed
@@ -3063,6 +3065,8 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     # The killed run had logged a step after its last checkpoint (step 2): logged again, once.
     with open(out / 'log.jsonl', 'a') as f:
         f.write(json.dumps(dict(step=3, loss=9.9)) + '\n{"step": 4, "lo')
+    assert ft.main([*resume, '--steps', '1']) == 2  # it would end before the checkpoint's step 2
+    assert 'is at step 2: --steps 1 would end before' in capsys.readouterr().err
     assert ft.main([*resume, '--steps', '6', '--weight-decay', '0.01']) == 0  # the schedule's: they win
     assert 'resuming with --steps 6 where' in capsys.readouterr().out
     r = read_results(out)
