@@ -43,6 +43,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -1204,9 +1205,15 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
 # VOC readers
 
 def _voc_dir(root, year):
-    """Accept VOCdevkit/VOC<year> itself, VOCdevkit, or the folder above it."""
+    """Accept VOCdevkit/VOC<year> itself, VOCdevkit, or the folder above it. A VOC<other year>
+    folder is refused: VOC2007 ships segmentation lists and masks too, which would silently stand in
+    for VOC2012's (and VOC2012 classification lists for VOC2007's)."""
     root = os.fspath(root)
     voc = f'VOC{year}'
+    other = re.fullmatch(r'VOC(\d{4})', os.path.basename(os.path.normpath(root)))
+    if other and other.group(1) != str(year):
+        raise FileNotFoundError(f'{root} is {other.group(0)}, where {voc} is needed: pass the VOCdevkit folder '
+                                f'that holds both, or its {voc}')
     for cand in (root, os.path.join(root, voc), os.path.join(root, 'VOCdevkit', voc)):
         if os.path.isdir(os.path.join(cand, 'ImageSets')):
             return cand

@@ -1316,6 +1316,13 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
     with pytest.raises(ValueError, match='val'):
         data.voc_segmentation(voc12, 'train_aug')
+    # VOC2007 ships segmentation lists and masks too: one year's folder never stands in for the other's.
+    (voc07 / 'ImageSets' / 'Segmentation').mkdir()
+    (voc07 / 'ImageSets' / 'Segmentation' / 'train.txt').write_text('000005\n')
+    with pytest.raises(FileNotFoundError, match='is VOC2007, where VOC2012 is needed'):
+        data.voc_segmentation(str(voc07) + os.sep, 'train')
+    with pytest.raises(FileNotFoundError, match='is VOC2012, where VOC2007 is needed'):
+        data.voc_classification(voc12, 'trainval')
     Image.new('RGB', (4, 4)).save(voc12 / 'rgb.png')
     with pytest.raises(ValueError, match='mode RGB'):
         data.load_label(voc12 / 'rgb.png')
