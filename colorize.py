@@ -578,9 +578,15 @@ def load_model_state(model, state, path):
 
 
 def git_commit():
+    """The code's commit (HEAD of this file's repository), with '-dirty' appended (as `git describe
+    --dirty` does) when tracked files differ from it; None outside a git checkout."""
     try:
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        def git(*command):
+            return subprocess.run(['git', *command], cwd=HERE, capture_output=True, text=True, timeout=10).stdout
+        commit = git('rev-parse', 'HEAD').strip()
+        if commit and git('status', '--porcelain', '--untracked-files=no').strip():
+            commit += '-dirty'
+        return commit or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    "state_dict file in torchvision's naming (ImageNet-supervised weights)")
     p.add_argument('--input', choices=['lab', 'gray'], help='lab: (L-50)/50, a/50, b/50 with the a, b '
                    'conv1 weights starting at zero; gray: (L-50)/50 only (default: lab for cls, gray for seg)')
-    p.add_argument('--voc-root', help='a VOCdevkit folder holding VOC2007 (cls) or VOC2012 (seg); default: '
+    p.add_argument('--voc-root', type=Path, help='a VOCdevkit folder holding VOC2007 (cls) or VOC2012 (seg); default: '
                    "the demo world's VOC-layout set, generated on first use under --demo-root")
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world lives / is generated')
     p.add_argument('--out', type=Path, help='run folder (default runs/voc-<task>-<arch>-<init name>)')

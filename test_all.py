@@ -3086,6 +3086,7 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.9 not in [json.loads(x)['loss'] for x in
                                                         (out / 'log.jsonl').read_text().splitlines()]
+    assert ft.main([*resume, '--voc-root', voc + os.sep]) == 0  # another spelling of the same folder
 
 
 def test_cls_defaults_follow_the_protocols_code(tmp_path, voc):
@@ -3568,6 +3569,26 @@ def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
     assert ft.main(['--out', str(tmp_path / 'plain'), *resume]) == 0
     assert 'no longer holds the weights this run started from' in capsys.readouterr().out
     assert read_results(tmp_path / 'plain')['init'] == started and len(started['digest']) == 16
+
+
+@pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
+def test_git_commit_says_when_the_code_had_uncommitted_changes(tmp_path, monkeypatch):
+    def git(*command):
+        subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *command], cwd=tmp_path, check=True,
+                       capture_output=True)
+    git('init', '-q')
+    (tmp_path / 'a.py').write_text('x = 1\n')
+    git('add', 'a.py')
+    git('commit', '-qm', 'one')
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(colorize, 'HERE', tmp_path)
+    (tmp_path / 'runs').mkdir()
+    (tmp_path / 'runs' / 'new.txt').write_text('untracked files are not the code\n')
+    assert colorize.git_commit() == head and len(head) == 40
+    (tmp_path / 'a.py').write_text('x = 2\n')
+    assert colorize.git_commit() == head + '-dirty'
+    monkeypatch.setattr(colorize, 'HERE', tmp_path / 'runs')  # still inside the repository
+    assert colorize.git_commit() == head + '-dirty'
 
 
 def test_weights_digest_sees_names_shapes_and_values():
