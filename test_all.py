@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
