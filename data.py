@@ -303,8 +303,9 @@ class BadImage(ValueError):
         self.path, self.reason = path, reason
 
 
-def load_rgb(path, min_short_side=None):
-    """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied.
+def load_rgb(path, min_short_side=None, exif_orientation=True):
+    """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied (exif_orientation=False: the
+    stored pixel grid, which annotations such as VOC's masks index).
 
     With `min_short_side`, large JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8 through
     Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
@@ -320,10 +321,10 @@ def load_rgb(path, min_short_side=None):
     if entry is not None:
         reader, i = entry
         return reader.load_rgb(i, min_short_side)
-    return _decode(path, path, min_short_side)
+    return _decode(path, path, min_short_side, exif_orientation)
 
 
-def _decode(source, name, min_short_side=None):
+def _decode(source, name, min_short_side=None, exif_orientation=True):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
     `name`."""
     # Pillow would otherwise pad a truncated file with gray and return it as if it were fine.
@@ -338,7 +339,8 @@ def _decode(source, name, min_short_side=None):
                 if scale < 1:
                     im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
             return pil_to_rgb(im)
     except BadImage:
         raise

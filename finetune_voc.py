@@ -140,8 +140,9 @@ def parse_args(argv=None):
     p.add_argument('--label-fraction', type=float, help='RQ3: train on this fixed random share of the '
                    'training images (chosen by --label-seed, not --seed)')
     p.add_argument('--label-seed', type=int, default=0, help='seed of the --label-fraction subset')
-    p.add_argument('--feature-shift', action='store_true', help='RQ4: after training, linear CKA per '
-                   'trunk layer between the initial and the fine-tuned network on held-out images')
+    p.add_argument('--feature-shift', action=argparse.BooleanOptionalAction, default=False,
+                   help='RQ4: after training, linear CKA per trunk layer between the initial and the '
+                        'fine-tuned network on held-out images (--no-feature-shift: not, on --resume)')
     p.add_argument('--shift-images', type=int, default=64, help='held-out images for --feature-shift')
     p.add_argument('--shift-pool', type=int, default=4,
                    help='--feature-shift: each map is average-pooled to this side before CKA')
@@ -585,9 +586,12 @@ def resumed_init(saved, current, args):
     steps = (f' (pre-training step {saved["step"]} then, {current["step"]} now)'
              if saved.get('step') is not None and saved.get('step') != current.get('step') else '')
     why = f'--init {args.init} no longer holds the weights this run started from{steps}'
-    if args.freeze or args.feature_shift:
-        need = '--freeze checks' if args.freeze else '--feature-shift compares with'
-        raise UserError(f'{why}; {need} the initial weights after training: put that file back, or start a new run')
+    if args.freeze:
+        raise UserError(f'{why}; --freeze checks the initial weights after training: put that file back, or '
+                        f'start a new run')
+    if args.feature_shift:
+        raise UserError(f'{why}; --feature-shift compares with the initial weights after training: put that file '
+                        f'back, or resume with --no-feature-shift')
     print(f'note: {why}; the run goes on from its checkpoint, and results.json names the init it started from')
     return saved
 
@@ -845,8 +849,9 @@ def _crop_window(size, crop, u):
 
 
 def _load(path):
+    """A VOC image as stored: its masks index the stored pixels, whatever an EXIF tag says."""
     try:
-        return data.load_rgb(path)
+        return data.load_rgb(path, exif_orientation=False)
     except data.BadImage as e:
         raise UserError(f'cannot read VOC image {e}; re-extract the dataset') from None
 

@@ -1042,6 +1042,9 @@ def test_exif_orientation_applied(tmp_path):
     assert out.shape == (40, 20, 3)
     assert out[5, 10, 0] > 200 and out[5, 10, 2] < 50   # top: red
     assert out[35, 10, 2] > 200 and out[35, 10, 0] < 50  # bottom: blue
+    # VOC's masks index the stored pixels: its images are read as stored.
+    stored = ft._load(path)
+    assert stored.shape == (20, 40, 3) and stored[10, 5, 0] > 200 and stored[10, 35, 2] > 200
 
 
 @pytest.mark.parametrize('fmt', ['JPEG', 'MPO'])  # MPO: what many cameras write, a JPEG with more frames
@@ -3087,7 +3090,8 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and 9.9 not in [json.loads(x)['loss'] for x in
                                                         (out / 'log.jsonl').read_text().splitlines()]
-    assert ft.main([*resume, '--voc-root', voc + os.sep]) == 0  # another spelling of the same folder
+    assert ft.main([*resume, '--voc-root', voc + os.sep, '--no-feature-shift']) == 0  # the same folder
+    assert 'feature_shift' not in read_results(out) and 'resuming with --feature-shift False' in capsys.readouterr().out
 
 
 def test_cls_defaults_follow_the_protocols_code(tmp_path, voc):
@@ -3567,6 +3571,8 @@ def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
     assert ft.main(['--out', str(tmp_path / 'shift'), *resume]) == 2
     err = capsys.readouterr().err
     assert 'no longer holds the weights this run started from' in err and '--feature-shift compares' in err
+    assert ft.main(['--out', str(tmp_path / 'shift'), *resume, '--no-feature-shift']) == 0
+    assert 'feature_shift' not in read_results(tmp_path / 'shift')
     assert ft.main(['--out', str(tmp_path / 'plain'), *resume]) == 0
     assert 'no longer holds the weights this run started from' in capsys.readouterr().out
     assert read_results(tmp_path / 'plain')['init'] == started and len(started['digest']) == 16
