@@ -856,6 +856,19 @@ def _load(path):
         raise UserError(f'cannot read VOC image {e}; re-extract the dataset') from None
 
 
+def check_label_sizes(pairs):
+    """Each (image, mask) pair's sizes, read from the file headers: a mask that does not match its
+    image is an error now, not in a worker mid-training or at the test after it."""
+    for image_path, label_path in pairs:
+        try:
+            with Image.open(image_path) as im, Image.open(label_path) as label:
+                if im.size != label.size:
+                    raise UserError(f'{label_path} is {label.size[0]}x{label.size[1]} but {image_path} is '
+                                    f'{im.size[0]}x{im.size[1]}; labels must match their images')
+        except OSError as e:  # missing, unreadable, not an image
+            raise UserError(f'cannot read VOC image or mask {e}; re-extract the dataset') from None
+
+
 class VOCClassification(torch.utils.data.Dataset):
     """VOC2007 images with their 20 labels, decoded and augmented in workers; uint8 out.
 
@@ -935,6 +948,8 @@ def voc_sets(args):
     if missing:
         raise UserError(f'{len(missing)} images listed in the VOC sets are missing, e.g. {missing[0]}; '
                         f'extract JPEGImages completely')
+    if args.task == 'seg':
+        check_label_sizes(train + test)
     if args.label_fraction is not None:
         n = max(1, round(args.label_fraction * len(train)))
         keep = set(data.subset(range(len(train)), n, seed=args.label_seed))

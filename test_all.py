@@ -3553,6 +3553,26 @@ RESUME_BASE = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-d
         '--test-crops', '1', '--steps', '2', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu']
 
 
+def test_a_mask_that_does_not_match_its_image_stops_the_run_before_training(tmp_path, voc, capsys):
+    root = tmp_path / 'VOCdevkit'
+    shutil.copytree(voc, root)
+    name = (root / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'val.txt').read_text().split()[-1]
+    mask = root / 'VOC2012' / 'SegmentationClass' / f'{name}.png'
+    Image.fromarray(np.zeros((7, 9), np.uint8), 'L').save(mask)
+    out = tmp_path / 'seg'
+    assert ft.main(['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', str(root), '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
+                    '--device', 'cpu', '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f'{name}.png is 9x7 but' in err and 'labels must match their images' in err
+    assert not (out / 'checkpoint.pt').exists()
+    mask.write_bytes(b'not a png')
+    assert ft.main(['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', str(root), '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
+                    '--device', 'cpu', '--out', str(out)]) == 2
+    assert 'cannot read VOC image or mask' in capsys.readouterr().err and not (out / 'checkpoint.pt').exists()
+
+
 def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
     """colorize.py rewrites its checkpoint as pre-training goes on: a resumed fine-tuning run names
     the init it started from, and one that needs the initial weights after training refuses."""
