@@ -501,7 +501,7 @@ def summed(counts_by_rank):
 
 def data_identity(paths):
     """(count, sha1 of the list): the data order of a run is a function of its image list."""
-    return dict(count=len(paths), sha1=hashlib.sha1('\n'.join(map(str, paths)).encode()).hexdigest())
+    return dict(count=len(paths), sha1=hashlib.sha1(b'\n'.join(map(os.fsencode, paths))).hexdigest())
 
 
 def refuse_to_overwrite(out, resume_path=None):

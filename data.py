@@ -166,18 +166,18 @@ def _scan(root):
     stack = [root]
     while stack:
         d = stack.pop()
-        st = os.stat(d)  # before listing, so a change during the listing invalidates the cache
-        if (st.st_dev, st.st_ino) in seen:  # symlink cycle or a folder linked twice
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.append((d, st.st_mtime_ns))
         try:
+            st = os.stat(d)  # before listing, so a change during the listing invalidates the cache
+            if (st.st_dev, st.st_ino) in seen:  # symlink cycle or a folder linked twice
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs.append((d, st.st_mtime_ns))
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except PermissionError:
+        except OSError as e:
             if d == root:
-                raise ValueError(f'image folder {root} cannot be listed (permission denied)') from None
-            unreadable.append(d)  # e.g. lost+found at the root of a disk
+                raise ValueError(f'image folder {root} cannot be listed ({e.strerror or e})') from None
+            unreadable.append(d)  # e.g. lost+found at the root of a disk, or a folder removed meanwhile
             continue
         subdirs = []
         for e in entries:
@@ -196,7 +196,7 @@ def _scan(root):
 
 
 def _cache_path(cache_dir, root):
-    return os.path.join(cache_dir, f'images-{hashlib.sha1(root.encode()).hexdigest()[:16]}.json')
+    return os.path.join(cache_dir, f'images-{hashlib.sha1(os.fsencode(root)).hexdigest()[:16]}.json')
 
 
 def _load_cache(path, root, log):
@@ -229,7 +229,7 @@ def _scan_cached(root, cache_dir, log):
     files, dirs, n_other, examples, unreadable = _scan(root)
     if unreadable:
         log(f'warning: skipped {len(unreadable)} folder(s) under {root} that cannot be listed (permission '
-            f'denied), e.g. {unreadable[0]}')
+            f'denied, or removed during the scan), e.g. {unreadable[0]}')
     if not files:
         seen = f'{n_other} other files (e.g. {", ".join(examples)})' if n_other else 'no files'
         raise ValueError(f'no images under {root}: expected files ending in '

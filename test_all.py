@@ -1766,6 +1766,14 @@ def test_find_images_skips_folders_it_cannot_list(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='cannot be listed'):
         data.find_images(tmp_path / 'disk', log=_quiet)
 
+    def removed(path):  # a folder deleted while the scan runs: skipped like one it may not list
+        if os.path.basename(path) == 'z':
+            raise FileNotFoundError(2, 'No such file or directory', path)
+        return scandir(path)
+    monkeypatch.setattr(os, 'scandir', removed)
+    lines = []
+    assert len(data.find_images(tmp_path / 'disk', log=lines.append)) == 2 and 'skipped 1 folder(s)' in lines[0]
+
 
 # ================================================================================================
 # colorize.py: training, resume, DDP, benchmark, colorizing, errors
@@ -1840,6 +1848,21 @@ def test_lightness_weight_applies_to_the_validation_loss_too(folders, tmp_path, 
     assert colorize.main(tiny_args(train, val, tmp_path / 'run', '--steps', '2', '--eval-every', '2',
                                    '--lightness-weight')) == 0
     assert len(seen) >= 4 and all(seen)  # 2 training steps, evaluations at steps 0 and 2: same weighting
+
+
+def test_a_file_name_that_is_not_utf8_trains_like_any_other(folders, tmp_path):
+    """Old cameras and archives write Latin-1 names; Python keeps their bytes as surrogate escapes."""
+    train, val = folders
+    odd = tmp_path / 'odd'
+    shutil.copytree(train, odd)
+    name = os.fsdecode(b'caf\xe9.jpg')
+    try:
+        shutil.copy(odd / 'img001.jpg', odd / name)
+    except (OSError, UnicodeError):
+        pytest.skip('this file system takes UTF-8 names only')
+    assert colorize.main(tiny_args(odd, val, tmp_path / 'run', '--steps', '2')) == 0
+    assert _state(tmp_path / 'run' / 'checkpoint.pt')['data']['images']['count'] == 25
+    assert colorize.main(tiny_args(odd, val, tmp_path / 'run', '--steps', '3', '--resume')) == 0  # cache read back
 
 
 def test_resume_after_exit_is_exact(folders, tmp_path):
