@@ -350,28 +350,32 @@ def take_subset(args, train):
     if not args.subset:
         return train
     if args.subset > len(train):
-        raise UserError(f'--subset {args.subset} asks for more images than the {len(train)} found')
+        found = 'found' if args.objective != 'classify' or args.classes is None else f'in the {args.classes} classes'
+        raise UserError(f'--subset {args.subset} asks for more images than the {len(train)} {found}')
     return data.subset(train, args.subset, seed=0)
 
 
 def load_val_images(paths, crop, limit=256, keep_gray=False):
     """A fixed held-out batch: centre crops, uint8 (N, 3, crop, crop), and the indices of the
-    paths used; unreadable images (and grayscale ones, which have no colour to predict) skipped."""
-    images, used = [], []
-    for i, path in enumerate(paths):
-        if len(images) == limit:
+    paths used, in path order; unreadable images (and grayscale ones, which have no colour to
+    predict) skipped. With more than `limit` paths (a --val-data folder), a fixed random `limit` of
+    them: the first ones in path order would be the first few class folders."""
+    order = range(len(paths)) if len(paths) <= limit else np.random.default_rng(12345).permutation(len(paths))
+    chosen = {}
+    for i in order:
+        if len(chosen) == limit:
             break
         try:
-            rgb = data.center_crop(data.load_rgb(path, min_short_side=crop), crop, crop)
+            rgb = data.center_crop(data.load_rgb(paths[i], min_short_side=crop), crop, crop)
         except data.BadImage as e:
             print(f'warning: skipping held-out image: {e}', file=sys.stderr)
             continue
         if keep_gray or not data.is_grayscale(rgb):
-            images.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
-            used.append(i)
-    if not images:
+            chosen[int(i)] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+    if not chosen:
         raise UserError(f'no usable {"" if keep_gray else "colour "}images among the {len(paths)} held-out images')
-    return torch.stack(images), used
+    used = sorted(chosen)
+    return torch.stack([chosen[i] for i in used]), used
 
 
 class Labeled(torch.utils.data.Dataset):
@@ -390,19 +394,20 @@ class Labeled(torch.utils.data.Dataset):
 
 def class_labels(args, train, val):
     """--objective classify: label = name of the image's folder (ImageNet train layout); with
-    --classes K, a fixed random subset of K classes (nested: the 10-class subset holds the 5-class one)."""
+    --classes K, a fixed random subset of K classes (nested: the 10-class subset holds the 5-class one),
+    then --subset N: N images of those classes."""
     def folder(p):
         return os.path.basename(os.path.dirname(p))
     names = sorted({folder(p) for p in train})
     if len(names) < 2:
         raise UserError(f'--objective classify needs images in one folder per class (ImageNet train layout); '
                         f'found {len(names)} folder(s) under --data')
-    if args.classes:
-        if args.classes > len(names):
-            raise UserError(f'--classes {args.classes} asks for more classes than the {len(names)} folders found')
+    if args.classes is not None:
+        if not 2 <= args.classes <= len(names):
+            raise UserError(f'--classes {args.classes}: give 2 to {len(names)} (the class folders found)')
         names = sorted(data.subset(names, args.classes, seed=1))
     index = {n: i for i, n in enumerate(names)}
-    train = [p for p in train if folder(p) in index]
+    train = take_subset(args, [p for p in train if folder(p) in index])
     val = [p for p in val if folder(p) in index]
     if not val:
         raise UserError('--objective classify: no held-out image belongs to the training classes; '
@@ -776,8 +781,14 @@ def train(args):
     train_paths, val_paths = image_sources(args, master)
     labels = None
     if args.objective == 'classify':
-        labels = class_labels(args, take_subset(args, train_paths), val_paths)
+        labels = class_labels(args, train_paths, val_paths)
         train_paths, val_paths, args.class_names = labels['train_paths'], labels['val_paths'], labels['names']
+        trained_on = ckpt['config'].get('classes', args.class_names) if ckpt is not None else args.class_names
+        if trained_on != args.class_names:  # a renamed, added or removed folder would remap the labels
+            differ = sorted(set(trained_on) ^ set(args.class_names)) or ['(their order)']
+            raise UserError(f'{resume_path} was trained on {len(trained_on)} classes, and the class folders '
+                            f'now give {len(args.class_names)} others (differing: {", ".join(differ[:3])}); '
+                            f'resuming would remap the labels')
     else:
         train_paths = take_subset(args, train_paths)
     train_list = data_identity(train_paths)

@@ -2382,7 +2382,7 @@ def test_benchmark_timing_counts_recompilations():
     assert same[2] == 0 and other[2] == 1
 
 
-def test_objective_classify_runs_with_folder_labels(tmp_path):
+def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
     """The supervised baseline: same loop and checkpoints, label = folder name."""
     root = tmp_path / 'imagenet'
     rng = np.random.default_rng(7)
@@ -2411,6 +2411,32 @@ def test_objective_classify_runs_with_folder_labels(tmp_path):
     two = colorize.class_labels(colorize.parse_args(['--classes', '2']), labels['train_paths'], labels['val_paths'])
     assert len(two['names']) == 2 and set(two['names']) < set(labels['names'])
     assert all(Path(p).parent.name in two['names'] for p in two['train_paths'] + two['val_paths'])
+    # --subset N counts images of the K classes (not N drawn from all, then cut to K classes' share).
+    five = colorize.class_labels(colorize.parse_args(['--classes', '2', '--subset', '5']), labels['train_paths'],
+                                 labels['val_paths'])
+    assert len(five['train_paths']) == len(five['train']) == 5 and five['names'] == two['names']
+    assert all(Path(p).parent.name in two['names'] for p in five['train_paths'])
+    with pytest.raises(colorize.UserError, match='--classes 1: give 2 to 3'):
+        colorize.class_labels(colorize.parse_args(['--classes', '1']), labels['train_paths'], labels['val_paths'])
+    # Resuming after the class folders changed would remap the labels: refused.
+    (root / 'train' / 'n00000002').rename(root / 'train' / 'n00000009')
+    capsys.readouterr()
+    assert colorize.main([*argv[:argv.index('--steps')], '--steps', '8', '--resume']) == 2
+    assert 'differing: n00000002, n00000009); resuming would remap the labels' in capsys.readouterr().err
+    assert not any('"step": 8' in line for line in (tmp_path / 'cls' / 'log.jsonl').read_text().splitlines())
+
+
+def test_validation_from_a_larger_folder_is_a_fixed_random_choice(monkeypatch):
+    """ImageNet's val in class folders, sorted: the first 20 of 90 would be one class of three."""
+    paths = [f'/val/n{k:08d}/{i:02d}.JPEG' for k in range(3) for i in range(30)]
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    monkeypatch.setattr(data, 'load_rgb', lambda path, min_short_side=None: red)
+    images, used = colorize.load_val_images(paths, 8, limit=20)
+    assert len(used) == 20 == len(images) and used == sorted(used)
+    assert {paths[i].split('/')[2] for i in used} == {'n00000000', 'n00000001', 'n00000002'}
+    assert colorize.load_val_images(paths, 8, limit=20)[1] == used  # the same images at every evaluation
+    assert colorize.load_val_images(paths[:20], 8, limit=20)[1] == list(range(20))  # a holdout of --holdout
 
 
 def test_evaluate_classifier_top1_by_hand():
