@@ -231,9 +231,25 @@ SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_
                   'log_every', 'eval_every', 'save_every')
 
 
+PATH_FLAGS = ('data', 'val_data', 'demo_root')
+
+
+def absolute_paths(values, names, keywords=()):
+    """Make the path flags `names` of the dict `values` absolute (in place; lists item by item; None
+    and `keywords` kept) and return it: a run saves them so, and --resume from another working
+    folder finds the same files (and a typed relative spelling of them is the same value)."""
+    def absolute(v):
+        return v if v is None or v in keywords else type(v)(os.path.abspath(v)) if isinstance(v, Path) \
+            else os.path.abspath(v)
+    for name in names:
+        v = values.get(name)
+        values[name] = [absolute(x) for x in v] if isinstance(v, (list, tuple)) else absolute(v)
+    return values
+
+
 def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
-    merge_resumed_args(args, ckpt['args'], RUN_FLAGS, SCHEDULE_FLAGS, path, log)
+    merge_resumed_args(args, absolute_paths(dict(ckpt['args']), PATH_FLAGS), RUN_FLAGS, SCHEDULE_FLAGS, path, log)
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
@@ -742,6 +758,7 @@ def load_optimizer_state(optimizer, state, args):
 def open_run(args, device, world, master):
     """Settle args and the run folder: a fresh run, or the --resume checkpoint's run (its flags).
     Returns (checkpoint or None, its path or None)."""
+    absolute_paths(vars(args), PATH_FLAGS)
     ckpt = resume_path = None
     if args.resume:
         # --resume CKPT continues in CKPT's folder unless --out says otherwise.

@@ -44,10 +44,10 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, Progress, UserError, atomic_save, autocast, git_commit, load_checkpoint,
-                      load_optimizer_state, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
-                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_to_overwrite, setup_device, step_seed, trim_log)
+from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, git_commit,
+                      load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
+                      merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
+                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, setup_device, step_seed, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -176,6 +176,7 @@ RUN_FLAGS = ('task', 'arch', 'init', 'input', 'voc_root', 'demo_root', 'train_sp
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weight_decay', 'clip_grad',
                   'log_every', 'save_every', 'test_split', 'test_crops', 'test_images', 'feature_shift',
                   'shift_images', 'shift_pool')
+PATH_FLAGS = ('init', 'voc_root', 'demo_root')  # saved absolute (colorize.absolute_paths)
 LEGACY_ARGS = {'bias_lr_mult': 1.0}  # what runs made before a flag existed did (their args lack it)
 
 
@@ -1054,7 +1055,7 @@ def read_resume(args):
     ckpt = load_checkpoint(path)
     if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
-    saved = {**LEGACY_ARGS, **ckpt['args']}
+    saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path)
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
@@ -1233,6 +1234,7 @@ def run(args):
         raise UserError('finetune_voc.py trains on one device (the paper batches are small); '
                         'run it with python, not torchrun')
     device, _, _, _ = setup_device(args, distributed=False)
+    absolute_paths(vars(args), PATH_FLAGS, keywords=('random',))
     ckpt = read_resume(args) if args.resume else None
     args.task = args.task or 'cls'
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
@@ -1374,7 +1376,9 @@ def summarize(paths):
     for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
         init, flags, runs, (digest, step) = groups[key]
         task = flags['task']
-        if init in ambiguous:
+        if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
+            init = os.path.relpath(init)  # saved absolute; shown as typed from here
+        if groups[key][0] in ambiguous:
             init += f' ({", ".join(x for x in (step is not None and f"step {step}", digest and f"weights {digest}") if x)})'
         row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:

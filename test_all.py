@@ -1865,6 +1865,24 @@ def test_a_file_name_that_is_not_utf8_trains_like_any_other(folders, tmp_path):
     assert colorize.main(tiny_args(odd, val, tmp_path / 'run', '--steps', '3', '--resume')) == 0  # cache read back
 
 
+def test_resume_from_another_folder_finds_the_same_data(folders, tmp_path, monkeypatch, capsys):
+    """Path flags are saved absolute: a relative --data typed in one folder is found again by a
+    --resume from another, and typing the absolute spelling is not "another --data"."""
+    train, val = folders
+    monkeypatch.chdir(tmp_path)
+    rel = [os.path.relpath(train), os.path.relpath(val)]
+    argv = tiny_args(*rel, tmp_path / 'run', '--steps', '2')
+    assert colorize.main(argv) == 0
+    assert _state(tmp_path / 'run' / 'checkpoint.pt')['args']['data'] == [str(train)]
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    capsys.readouterr()
+    assert colorize.main(['--out', str(tmp_path / 'run'), '--resume', '--steps', '3', '--data', str(train),
+                          '--device', 'cpu', '--workers', '0']) == 0
+    out = capsys.readouterr()
+    assert 'training images changed' not in out.err + out.out and 'step 3/3' in out.out
+
+
 def test_resume_after_exit_is_exact(folders, tmp_path):
     train, val = folders
     common = ['--steps', '6', '--save-every', '3', '--lr', '0.02']
