@@ -1358,17 +1358,26 @@ def colorize_files(args):
 def output_names(items, output):
     """[(input path, output PNG path)] for --colorize's files and folders. A folder's images keep their
     place below it (photos/a/x.jpg -> OUTPUT/a/x.png); names that would still collide get _2, _3, ...;
-    an image named twice is colorized once; an output that would replace one of the inputs is refused."""
-    jobs = []
+    an image named twice is colorized once; an output that would replace one of the inputs is refused;
+    a folder's images under `output` (its earlier results) are no inputs."""
+    jobs, earlier = [], 0
+    out_root = os.path.realpath(output)
     for item in items:
         p = Path(item)
         if p.is_dir():
             root = Path(os.path.abspath(p))  # find_images' paths are absolute, joined below abspath(root)
-            jobs += [(path, Path(path).relative_to(root).with_suffix('.png')) for path in data.find_images([p])]
+            below = out_root.startswith(os.path.realpath(p) + os.sep)  # an --output inside the folder
+            for path in data.find_images([p]):
+                if below and os.path.realpath(path).startswith(out_root + os.sep):  # earlier results
+                    earlier += 1
+                    continue
+                jobs.append((path, Path(path).relative_to(root).with_suffix('.png')))
         elif p.is_file():
             jobs.append((str(p), Path(p.name).with_suffix('.png')))
         else:
             raise UserError(f'--colorize {item}: no such file or folder')
+    if earlier:
+        print(f'left out {earlier} image(s) under --output {output} (earlier results, not inputs)')
     inputs = {Path(path).resolve() for path, _ in jobs}
     taken, named, done = set(), [], set()
     for path, rel in jobs:
@@ -1399,17 +1408,21 @@ def network_short_side(requested, training_range):
     return requested
 
 
+MAX_ASPECT = 16
+
+
 @torch.no_grad()
 def colorize_array(model, rgb, loss_kind, device, short_side=0):
     """uint8 (H, W, 3) -> colorized uint8 (H, W, 3) at full resolution with the input's own lightness.
 
-    The network sees the lightness resized to `short_side` (0: as it is); the predicted colour is
-    upsampled to (H, W).
+    The network sees the lightness resized to `short_side` (0: as it is), its long side at most
+    MAX_ASPECT times that (a 4 x 6000 banner would otherwise become 303 x 454,500); the predicted
+    colour is upsampled to (H, W).
     """
     full = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
     L = lab.rgb_to_lab(full)[:, :1]  # (1, 1, H, W)
     H, W = L.shape[-2:]
-    scale = short_side / min(H, W) if short_side else 1.0
+    scale = min(short_side / min(H, W), MAX_ASPECT * short_side / max(H, W)) if short_side else 1.0
     size = (max(1, round(H * scale)), max(1, round(W * scale)))
     small = L if size == (H, W) else F.interpolate(L, size=size, mode='bilinear', align_corners=False,
                                                    antialias=scale < 1)

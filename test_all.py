@@ -2128,6 +2128,11 @@ def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
                    'photos/y.JPEG': 'y.png', 'single/x.jpg': 'x.png'}
     with pytest.raises(colorize.UserError, match='over the input'):
         colorize.output_names([str(photos)], photos)  # photos/a/x.png would be replaced
+    # An --output inside the folder: a second run does not take the first one's results as photos.
+    _write_rgb(photos / 'colorized' / 'y.png')
+    targets = [t.relative_to(photos / 'colorized').as_posix()
+               for _, t in colorize.output_names([str(photos)], photos / 'colorized')]
+    assert targets == ['a/x.png', 'a/x_2.png', 'b/x.png', 'y.png']
 
 
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
@@ -2152,6 +2157,10 @@ def test_colorize_sees_photos_at_the_training_scale_by_default(trained, tmp_path
     # 120x300 -> 44x110, padded to multiples of 32; then the photo's own size, padded.
     assert [tuple(s) for s in seen] == [(64, 128), (128, 320)]
     assert np.asarray(Image.open(tmp_path / 'o' / 'wide.png')).shape == (120, 300, 3)
+    # A banner wider than 16:1 is not blown up to the short side: its long side stops at 16 x 44 = 704.
+    Image.fromarray(np.full((4, 1000, 3), 128, np.uint8)).save(img)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(trained), '--output', str(tmp_path / 'o')]) == 0
+    assert tuple(seen[-1]) == (32, 704) and np.asarray(Image.open(tmp_path / 'o' / 'wide.png')).shape == (4, 1000, 3)
 
 
 def test_fresh_run_refuses_to_replace_an_earlier_checkpoint(folders, trained, capsys):
