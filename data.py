@@ -36,6 +36,7 @@ Only torch, numpy, Pillow and the standard library are used; importing does no w
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import io
@@ -259,12 +260,19 @@ def atomic_write(path, write):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    prefix = f'{os.path.basename(path)}.tmp-{socket.gethostname()}-'
+    tmp = os.path.join(folder, f'{prefix}{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, say) leaves no half file of a checkpoint's size
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _remove_stale_temps(folder, prefix)  # those of processes killed mid-write
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # folders cannot be opened on some platforms (Windows): the rename is still atomic
@@ -1876,7 +1884,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
                          f'({_DEMO_MARKER} missing); delete it or pick another folder')
     parent, name = os.path.split(root)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale_tmp(parent, name)
+    _remove_stale_temps(parent, f'.{name}.tmp-{socket.gethostname()}-')
     tmp = os.path.join(parent, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     total = n_train + n_val + n_trainval_2007 + n_test_2007 + n_train_2012 + n_val_2012
@@ -1926,17 +1934,22 @@ def _demo_complete(root, params):
     return True
 
 
-def _remove_stale_tmp(parent, name):
-    """Delete temporary folders left by interrupted generations on this host."""
-    prefix = f'.{name}.tmp-{socket.gethostname()}-'
+def _remove_stale_temps(parent, prefix):
+    """Delete the temporary files or folders `<prefix><pid>` in `parent` whose process, of this
+    host (the prefix names it), is gone: left by a write or a generation that was killed."""
     for entry in os.listdir(parent):
         if not entry.startswith(prefix):
             continue
         try:
             pid = int(entry[len(prefix):])
-            os.kill(pid, 0)  # raises if no such process: the folder is stale
+            os.kill(pid, 0)  # raises if no such process: the temp is stale
         except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            stale = os.path.join(parent, entry)
+            if os.path.isdir(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
         except (ValueError, PermissionError):
             pass
 

@@ -3809,4 +3809,12 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         raise OSError('disk full')
     with pytest.raises(OSError):
         data.atomic_write(path, fail)
-    assert path.read_bytes() == b'old'
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['f.json']  # no half-written temp left
+    # A process killed mid-write left its temp: the next write removes it, not a live process's.
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    prefix = f'f.json.tmp-{socket.gethostname()}-'
+    for pid in (dead.pid, os.getppid()):
+        (tmp_path / f'{prefix}{pid}').write_bytes(b'half')
+    data.atomic_write(path, lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['f.json', f'{prefix}{os.getppid()}']
