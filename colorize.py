@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument('--holdout', type=int, help='held-out images for validation (default 256; 64 on CPU), '
                    'set aside from --data when no --val-data is given')
     p.add_argument('--subset', type=int, metavar='N', help='train on a fixed random subset of N images (RQ3)')
-    p.add_argument('--out', type=Path, help='run folder; default runs/<arch>-<loss>')
+    p.add_argument('--out', type=Path, help='run folder; default runs/<arch>-<loss> (runs/<arch>-classify for '
+                   '--objective classify) beside colorize.py')
     p.add_argument('--steps', type=int, help='training steps; default: 16M images / global batch with --data '
                    '(the paper), 2000 (GPU) or 100 (CPU) on the demo')
     p.add_argument('--batch-size', type=int, help='images per GPU per step (default 128 on GPU, 8 on CPU)')
@@ -80,15 +81,17 @@ def parse_args(argv=None):
     p.add_argument('--lr-milestones', type=float, nargs='+', default=[0.5, 0.75, 0.875],
                    help='fractions of --steps where the lr drops x0.1 (the paper: 1.0M, 1.5M, 1.75M of 2M)')
     p.add_argument('--warmup', type=int, help='linear lr warm-up steps (default 2%% of --steps)')
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (not on biases)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default %(default)s)')
+    p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay, not on biases (default %(default)s)')
     p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 64 on CPU)')
     p.add_argument('--short-side', type=int, nargs=2, metavar=('LO', 'HI'),
                    help='random short-side resize range before cropping (default crop x [1, 1.7], the '
                         "paper's 352-600 for a 352 crop)")
-    p.add_argument('--points', type=int, default=128, help='sampled pixels per image (sparse hypercolumns)')
+    p.add_argument('--points', type=int, default=128,
+                   help='sampled pixels per image (sparse hypercolumns; default %(default)s)')
     p.add_argument('--border', type=int, help='pixels kept clear of the crop edge (default crop / 7: 32 at 224)')
-    p.add_argument('--target-window', type=int, default=7, help='side of the target histogram window; 1 = one-hot')
+    p.add_argument('--target-window', type=int, default=7, help='side of the target histogram window; 1 = one-hot '
+                   '(default %(default)s)')
     p.add_argument('--lightness-weight', action='store_true',
                    help="weight each pixel's loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did "
                         '(huechroma: the chroma term)')
@@ -98,8 +101,8 @@ def parse_args(argv=None):
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on for CUDA, off on CPU)')
     p.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentation and pixels')
-    p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores per GPU on this '
-                   'node less one, at most 16; 1 on CPU)')
+    p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores this process may '
+                   'use, its CPU affinity, per GPU, less one, at most 16; 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue the run of CKPT (default: <out>/checkpoint.pt) with its settings (data, '
                         'network, schedule); flags given anew may change only the schedule')
@@ -107,15 +110,17 @@ def parse_args(argv=None):
     p.add_argument('--eval-every', type=int, default=None, help='steps between evaluations (default ~5 per run)')
     p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')
     p.add_argument('--max-bad-share', type=float, default=0.01,
-                   help='stop when more than this share of images is unreadable')
+                   help='stop when more than this share of images is unreadable '
+                   '(default %(default)s)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world is generated')
     p.add_argument('--benchmark', nargs='?', const='all', choices=('all', 'train', 'colorize'),
                    help='instead of training, time training steps (synthetic data and the real loader; '
                         'compiled and eager; the same trunk as a classifier as baseline) and/or colorizing a '
                         '1-megapixel photo (at --net-short-side and at its own size); default: all')
-    p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps (compilation)')
-    p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps')
+    p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps, compilation '
+                   'included (default %(default)s)')
+    p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps (default %(default)s)')
     p.add_argument('--bench-profile', action='store_true',
                    help='--benchmark: also profile the training steps (torch.profiler): where the time goes, by '
                         'kernel family, and the longest kernels, in OUT/profile-*.txt; and time the colorizer with '
@@ -125,7 +130,8 @@ def parse_args(argv=None):
     # Colorizing photos.
     p.add_argument('--colorize', nargs='+', metavar='PATH', help='colorize these images or folders, then exit')
     p.add_argument('--checkpoint', type=Path, help='trained checkpoint for --colorize')
-    p.add_argument('--output', type=Path, default=Path('colorized'), help='folder for colorized images')
+    p.add_argument('--output', type=Path, default=Path('colorized'),
+                   help='folder for colorized images (default %(default)s)')
     p.add_argument('--net-short-side', type=int, metavar='N',
                    help='--colorize: the network sees each photo resized to this short side; its colour is '
                         'upsampled and put on the photo\'s full-resolution lightness (default: the middle of '
@@ -288,7 +294,8 @@ def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print):
 
 
 def default_out(args):
-    return HERE / 'runs' / f'{args.arch}-{args.loss}'
+    """runs/<arch>-<loss>, or runs/<arch>-classify for the supervised baseline (beside this file)."""
+    return HERE / 'runs' / f'{args.arch}-{args.loss if args.objective == "colorize" else "classify"}'
 
 
 def lr_at(step, args):

@@ -144,7 +144,7 @@ def find_images(roots, cache_dir=None, log=print):
 
 def _read_list(txt):
     base = os.path.dirname(txt)
-    with open(txt, encoding='utf-8') as f:
+    with open(txt, encoding='utf-8', errors='surrogateescape') as f:  # names in other encodings: their bytes
         lines = [s.strip() for s in f]
     entries = [s for s in lines if s and not s.startswith('#')]
     if not entries:
@@ -2002,7 +2002,7 @@ def main(argv=None):
     pack.add_argument('--short-side', type=int, required=True,
                       help='shrink each image so its short side is this many pixels (smaller '
                       'images are kept as they are), e.g. 256')
-    pack.add_argument('--quality', type=int, default=90, help='JPEG quality of the packed images')
+    pack.add_argument('--quality', type=int, default=90, help='JPEG quality of the packed images (default %(default)s)')
     pack.add_argument('--workers', type=int, default=None,
                       help='decoding processes (default: all CPU cores; 1 = in this process)')
     pack.add_argument('--cache-dir', default=None, help='folder for the listing cache')

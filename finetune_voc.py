@@ -115,12 +115,13 @@ def parse_args(argv=None):
                    help='fractions of --steps where the lr is multiplied by --lr-gamma '
                         '(default cls 1/8, 2/8, ..., 7/8; seg 0.5625, 0.75)')
     p.add_argument('--lr-gamma', type=float, help='lr factor at each milestone (default 0.5 cls, 0.1 seg)')
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default %(default)s)')
     p.add_argument('--weight-decay', type=float, help='weight decay, not on biases (default 1e-6 cls, 5e-4 seg)')
     p.add_argument('--bias-lr-mult', type=float, help="biases' lr as a multiple of --lr (default 2 cls, 1 seg)")
     p.add_argument('--clip-grad', type=float, help='gradient-norm clip, 0 = off (default 10 cls, off seg)')
     p.add_argument('--dropout', type=float, default=0.5,
-                   help='dropout on fc6/fc7 (cls, AlexNet/VGG) or in the hypercolumn head (seg)')
+                   help='dropout on fc6/fc7 (cls, AlexNet/VGG) or in the hypercolumn head (seg); '
+                        'default %(default)s')
     p.add_argument('--crop', type=int, help='training crop side (default 224 cls, 448 seg; 64 / 128 on a CPU)')
     p.add_argument('--scale', type=float, nargs=2, metavar=('LO', 'HI'),
                    help='random image scale factor range before cropping (default 0.5 2; for cls times '
@@ -129,23 +130,27 @@ def parse_args(argv=None):
     p.add_argument('--test-crops', type=int, help='cls: random crops averaged per test image (default 10; 2 on a CPU)')
     p.add_argument('--test-images', type=int, help='evaluate on a fixed random subset of this many test images, '
                    '0 = all (default all; 50 for seg on a CPU, where dense prediction is slow)')
-    p.add_argument('--points', type=int, default=128, help='seg: sampled pixels per image (sparse hypercolumns)')
-    p.add_argument('--head-dim', type=int, default=1024, help='seg: hidden width of the hypercolumn head')
+    p.add_argument('--points', type=int, default=128, help='seg: sampled pixels per image (sparse hypercolumns; '
+                   'default %(default)s)')
+    p.add_argument('--head-dim', type=int, default=1024,
+                   help='seg: hidden width of the hypercolumn head (default %(default)s)')
     p.add_argument('--extended-fov', action='store_true',
                    help='two extra trunk layers (2x2 pool, 3x3 conv 1024, twice), tapped, newly initialised')
-    p.add_argument('--width', type=float, help='channel width multiplier for --init random (default 1; '
-                   "a checkpoint's own width wins)")
+    p.add_argument('--width', type=float, help='channel width multiplier for --init random (default 1); taken '
+                   'from a checkpoint, where a different value is refused')
     p.add_argument('--fc-dim', type=int, help="fc6/fc7 channels for --init random (default: colorize.py's, "
-                   '4096 on CUDA, 1024 on a CPU)')
+                   '4096 on CUDA, 1024 on a CPU); taken from a checkpoint, where a different value is refused')
     p.add_argument('--label-fraction', type=float, help='RQ3: train on this fixed random share of the '
                    'training images (chosen by --label-seed, not --seed)')
     p.add_argument('--label-seed', type=int, default=0, help='seed of the --label-fraction subset')
     p.add_argument('--feature-shift', action=argparse.BooleanOptionalAction, default=False,
                    help='RQ4: after training, linear CKA per trunk layer between the initial and the '
                         'fine-tuned network on held-out images (--no-feature-shift: not, on --resume)')
-    p.add_argument('--shift-images', type=int, default=64, help='held-out images for --feature-shift')
+    p.add_argument('--shift-images', type=int, default=64,
+                   help='held-out images for --feature-shift (default %(default)s)')
     p.add_argument('--shift-pool', type=int, default=4,
-                   help='--feature-shift: each map is average-pooled to this side before CKA')
+                   help='--feature-shift: each map is average-pooled to this side '
+                        'before CKA (default %(default)s)')
     p.add_argument('--freeze', action='store_true', help='linear probe: train only the new layers on a '
                    'frozen trunk (verified unchanged after training)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
@@ -1379,13 +1384,15 @@ def summarize(paths):
         if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
             init = os.path.relpath(init)  # saved absolute; shown as typed from here
         if groups[key][0] in ambiguous:
-            init += f' ({", ".join(x for x in (step is not None and f"step {step}", digest and f"weights {digest}") if x)})'
+            told = [f'step {step}'] if step is not None else []
+            init += f' ({", ".join(told + ([f"weights {digest}"] if digest else []))})'
         row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100
             row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
         rows.append(row)
-        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task]) if row[k] is not None and row[k] is not False)
+        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task])
+                         if row[k] is not None and row[k] is not False)  # 0 is a value to show
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')

@@ -1863,6 +1863,9 @@ def test_a_file_name_that_is_not_utf8_trains_like_any_other(folders, tmp_path):
     assert colorize.main(tiny_args(odd, val, tmp_path / 'run', '--steps', '2')) == 0
     assert _state(tmp_path / 'run' / 'checkpoint.pt')['data']['images']['count'] == 25
     assert colorize.main(tiny_args(odd, val, tmp_path / 'run', '--steps', '3', '--resume')) == 0  # cache read back
+    # The same name in a .txt list (written as its bytes, as `ls > list.txt` does).
+    (tmp_path / 'list.txt').write_bytes(b'odd/img002.PNG\nodd/caf\xe9.jpg\n')
+    assert data.find_images(tmp_path / 'list.txt', log=_quiet) == sorted([str(odd / 'img002.PNG'), str(odd / name)])
 
 
 def test_resume_from_another_folder_finds_the_same_data(folders, tmp_path, monkeypatch, capsys):
@@ -2443,6 +2446,8 @@ def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
                                  labels['val_paths'])
     assert len(five['train_paths']) == len(five['train']) == 5 and five['names'] == two['names']
     assert all(Path(p).parent.name in two['names'] for p in five['train_paths'])
+    assert colorize.default_out(colorize.parse_args(['-a', 'alexnet', '--objective', 'classify'])).name == \
+        'alexnet-classify'  # not the colorization run's folder, whose checkpoint would refuse it
     with pytest.raises(colorize.UserError, match='--classes 1: give 2 to 3'):
         colorize.class_labels(colorize.parse_args(['--classes', '1']), labels['train_paths'], labels['val_paths'])
     # Resuming after the class folders changed would remap the labels: refused.
