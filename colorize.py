@@ -14,6 +14,7 @@ and smaller defaults so the demo finishes in minutes. A run writes to --out: che
 (atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
 """
 import argparse
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -429,13 +430,18 @@ def class_labels(args, train, val):
         if not 2 <= args.classes <= len(names):
             raise UserError(f'--classes {args.classes}: give 2 to {len(names)} (the class folders found)')
         names = sorted(data.subset(names, args.classes, seed=1))
+    places = collections.defaultdict(set)  # class name -> the folders of that name (packs: not known)
+    for p in train:
+        if data.packed_entry(p) is None:
+            places[folder(p)].add(os.path.dirname(p))
+    merged = {n: sorted(d) for n, d in places.items() if len(d) > 1 and n in names}
     index = {n: i for i, n in enumerate(names)}
     train = take_subset(args, [p for p in train if folder(p) in index])
     val = [p for p in val if folder(p) in index]
     if not val:
         raise UserError('--objective classify: no held-out image belongs to the training classes; '
                         'give --val-data with the same class folders, or use --holdout')
-    return dict(names=names, train_paths=train, val_paths=val,
+    return dict(names=names, train_paths=train, val_paths=val, merged=merged,
                 train=[index[folder(p)] for p in train], val=[index[folder(p)] for p in val])
 
 
@@ -807,6 +813,13 @@ def train(args):
     if args.objective == 'classify':
         labels = class_labels(args, train_paths, val_paths)
         train_paths, val_paths, args.class_names = labels['train_paths'], labels['val_paths'], labels['names']
+        if labels['merged'] and master:
+            name, where = next(iter(labels['merged'].items()))
+            print(f'warning: {len(labels["merged"])} class folder name(s) occur in more than one place, and each '
+                  f'is one class (the label is the folder name): e.g. {name} in {where[0]} and {where[1]}. Right '
+                  f'for a class split over several --data roots; wrong for nested categories (Places365\'s '
+                  f'apartment_building/outdoor and church/outdoor would be one class): give one level of '
+                  f'class folders')
         trained_on = ckpt['config'].get('classes', args.class_names) if ckpt is not None else args.class_names
         if trained_on != args.class_names:  # a renamed, added or removed folder would remap the labels
             differ = sorted(set(trained_on) ^ set(args.class_names)) or ['(their order)']

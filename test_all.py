@@ -2446,6 +2446,12 @@ def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
                                  labels['val_paths'])
     assert len(five['train_paths']) == len(five['train']) == 5 and five['names'] == two['names']
     assert all(Path(p).parent.name in two['names'] for p in five['train_paths'])
+    assert two['merged'] == {}
+    # Places365's nested categories: the folder name 'outdoor' in two places is one class, said.
+    nested = [f'/p/a/{scene}/outdoor/{i}.jpg' for scene in ('apartment', 'church') for i in range(3)]
+    merged = colorize.class_labels(colorize.parse_args([]), nested + ['/p/a/abbey/0.jpg'], nested[:1])
+    assert merged['names'] == ['abbey', 'outdoor'] and merged['merged'] == {
+        'outdoor': ['/p/a/apartment/outdoor', '/p/a/church/outdoor']}
     assert colorize.default_out(colorize.parse_args(['-a', 'alexnet', '--objective', 'classify'])).name == \
         'alexnet-classify'  # not the colorization run's folder, whose checkpoint would refuse it
     with pytest.raises(colorize.UserError, match='--classes 1: give 2 to 3'):
