@@ -246,11 +246,13 @@ def absolute_paths(values, names, keywords=()):
     and `keywords` kept) and return it: a run saves them so, and --resume from another working
     folder finds the same files (and a typed relative spelling of them is the same value)."""
     def absolute(v):
-        return v if v is None or v in keywords else type(v)(os.path.abspath(v)) if isinstance(v, Path) \
-            else os.path.abspath(v)
+        if v is None or v in keywords:
+            return v
+        return Path(os.path.abspath(v)) if isinstance(v, Path) else os.path.abspath(v)
     for name in names:
-        v = values.get(name)
-        values[name] = [absolute(x) for x in v] if isinstance(v, (list, tuple)) else absolute(v)
+        if name in values:
+            v = values[name]
+            values[name] = [absolute(x) for x in v] if isinstance(v, (list, tuple)) else absolute(v)
     return values
 
 
@@ -379,12 +381,17 @@ def take_subset(args, train):
     return data.subset(train, args.subset, seed=0)
 
 
-def load_val_images(paths, crop, limit=256, keep_gray=False):
+VAL_ORDER = 'fixed-random'  # saved in checkpoints: runs from before it validate on their first paths
+
+
+def load_val_images(paths, crop, limit=256, keep_gray=False, first=False):
     """A fixed held-out batch: centre crops, uint8 (N, 3, crop, crop), and the indices of the
     paths used, in path order; unreadable images (and grayscale ones, which have no colour to
     predict) skipped. With more than `limit` paths (a --val-data folder), a fixed random `limit` of
-    them: the first ones in path order would be the first few class folders."""
-    order = range(len(paths)) if len(paths) <= limit else np.random.default_rng(12345).permutation(len(paths))
+    them: the first ones in path order would be the first few class folders (`first`: those, as
+    runs did before VAL_ORDER, which a resumed one keeps)."""
+    shuffle = len(paths) > limit and not first
+    order = np.random.default_rng(12345).permutation(len(paths)) if shuffle else range(len(paths))
     chosen = {}
     for i in order:
         if len(chosen) == limit:
@@ -513,7 +520,7 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
                  config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                 data=dict(seed=args.seed, step=step, images=images),
+                 data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
 
@@ -618,7 +625,7 @@ def git_commit():
         def git(*command):
             return subprocess.run(['git', *command], cwd=HERE, capture_output=True, text=True, timeout=10).stdout
         commit = git('rev-parse', 'HEAD').strip()
-        if commit and git('status', '--porcelain', '--untracked-files=no').strip():
+        if commit and git('--no-optional-locks', 'status', '--porcelain', '--untracked-files=no').strip():
             commit += '-dirty'
         return commit or None
     except (OSError, subprocess.SubprocessError):
@@ -857,7 +864,8 @@ def train(args):
     classify = args.objective == 'classify'
     val = None
     if master:
-        images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify)
+        images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify,
+                                       first=ckpt is not None and 'val_order' not in ckpt['data'])
         val = (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
         if len(used) < len(val_paths):
             print(f'validating on {len(used)} of the {len(val_paths)} held-out images (at most --holdout '
@@ -1119,9 +1127,9 @@ def _repeat(batch):
 def benchmark(args):
     """`--benchmark`: training throughput and/or colorizing speed; writes OUT/benchmark.json."""
     device, rank, world, _ = setup_device(args)
+    args.objective = 'colorize'  # the classifier baseline is built from the same trunk
     fill_defaults(args, device, world)
     args.out.mkdir(parents=True, exist_ok=True)
-    args.objective = 'colorize'  # the classifier baseline is built from the same trunk
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     print(f'benchmark: {args.arch} loss {args.loss}, fc6/fc7 {args.fc_dim}, device {name}, torch {torch.__version__}')
     info = dict(arch=args.arch, loss=args.loss, batch=args.batch_size, crop=args.crop, points=args.points,

@@ -273,6 +273,7 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     _remove_stale_temps(folder, prefix)  # those of processes killed mid-write
+    _remove_stale_temps(folder, f'{os.path.basename(path)}.tmp-')  # named as before the host was in the name
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # folders cannot be opened on some platforms (Windows): the rename is still atomic
@@ -313,7 +314,8 @@ class BadImage(ValueError):
 
 def load_rgb(path, min_short_side=None, exif_orientation=True):
     """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied (exif_orientation=False: the
-    stored pixel grid, which annotations such as VOC's masks index).
+    stored pixel grid, which annotations such as VOC's masks index; a pack holds its images already
+    turned upright, so for its pseudo-paths the flag changes nothing).
 
     With `min_short_side`, large JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8 through
     Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
@@ -1936,22 +1938,26 @@ def _demo_complete(root, params):
 
 def _remove_stale_temps(parent, prefix):
     """Delete the temporary files or folders `<prefix><pid>` in `parent` whose process, of this
-    host (the prefix names it), is gone: left by a write or a generation that was killed."""
-    for entry in os.listdir(parent):
-        if not entry.startswith(prefix):
-            continue
-        try:
-            pid = int(entry[len(prefix):])
-            os.kill(pid, 0)  # raises if no such process: the temp is stale
-        except ProcessLookupError:
-            stale = os.path.join(parent, entry)
-            if os.path.isdir(stale):
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(stale)
-        except (ValueError, PermissionError):
-            pass
+    host (the prefix names it), is gone: left by a write or a generation that was killed. POSIX
+    only (elsewhere os.kill would not probe but stop the process); never raises."""
+    if os.name != 'posix':
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            if not entry.startswith(prefix):
+                continue
+            try:
+                pid = int(entry[len(prefix):])
+                os.kill(pid, 0)  # raises if no such process: the temp is stale
+            except ProcessLookupError:
+                stale = os.path.join(parent, entry)
+                if os.path.isdir(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(stale)
+            except (ValueError, PermissionError):
+                pass
 
 
 # ----------------------------------------------------------------------------------------------

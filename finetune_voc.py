@@ -587,8 +587,15 @@ def resumed_init(saved, current, args):
     --init holds now (`current`). Where the file's weights changed (its pre-training went on, say),
     the run goes on from its checkpoint with a note, unless it needs the initial weights after
     training (--freeze checks them, --feature-shift compares with them): then UserError."""
-    if not saved or saved.get('digest', current.get('digest')) == current.get('digest'):
-        return saved or current
+    if not saved:
+        return current
+    if 'digest' in saved:
+        unchanged = saved['digest'] == current.get('digest')
+    else:  # a checkpoint from before digests (and absolute paths): its step is what it recorded
+        unchanged = saved.get('step') == current.get('step')
+        saved = {**saved, 'path': current.get('path')}
+    if unchanged:
+        return current
     steps = (f' (pre-training step {saved["step"]} then, {current["step"]} now)'
              if saved.get('step') is not None and saved.get('step') != current.get('step') else '')
     why = f'--init {args.init} no longer holds the weights this run started from{steps}'
@@ -862,6 +869,12 @@ def _load(path):
         raise UserError(f'cannot read VOC image {e}; re-extract the dataset') from None
 
 
+def mask_size_error(image_path, image_size, label_path, label_size):
+    """The UserError of a mask whose (width, height) is not its image's."""
+    return UserError(f'{label_path} is {label_size[0]}x{label_size[1]} but {image_path} is '
+                     f'{image_size[0]}x{image_size[1]}; labels must match their images')
+
+
 def check_label_sizes(pairs):
     """Each (image, mask) pair's sizes, read from the file headers: a mask that does not match its
     image is an error now, not in a worker mid-training or at the test after it."""
@@ -869,8 +882,7 @@ def check_label_sizes(pairs):
         try:
             with Image.open(image_path) as im, Image.open(label_path) as label:
                 if im.size != label.size:
-                    raise UserError(f'{label_path} is {label.size[0]}x{label.size[1]} but {image_path} is '
-                                    f'{im.size[0]}x{im.size[1]}; labels must match their images')
+                    raise mask_size_error(image_path, im.size, label_path, label.size)
         except OSError as e:  # missing, unreadable, not an image
             raise UserError(f'cannot read VOC image or mask {e}; re-extract the dataset') from None
 
@@ -918,8 +930,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         image_path, label_path = self.pairs[index]
         rgb, label = _load(image_path), data.load_label(label_path)
         if rgb.shape[:2] != label.shape:
-            raise UserError(f'{label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is '
-                            f'{rgb.shape[1]}x{rgb.shape[0]}; labels must match their images')
+            raise mask_size_error(image_path, rgb.shape[1::-1], label_path, label.shape[::-1])
         if self.train:
             rgb, label = random_scale_crop(rgb, label, self.crop, self.scale, np.random.default_rng(seed))
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
@@ -1345,33 +1356,36 @@ def summarize(paths):
     """
     groups, seen, unfinished = {}, {}, []
     for path in paths:
-        if path.is_dir() and not (path / 'results.json').exists():
-            unfinished.append(path)
+        if path.is_dir() and not (path / 'results.json').exists() and (path / 'checkpoint.pt').exists():
+            unfinished.append(path)  # a run still going, or killed
             continue
         path = path / 'results.json' if path.is_dir() else path
         if not path.is_file():
             raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
         try:
             r = json.loads(path.read_text())
-            init = r['init'].get('path') or r['init']['kind']
-            # The same file at another pre-training step is another init (the digest; older runs: the step).
-            weights = [r['init'].get('digest'), r['init'].get('step')]
-            flags = {k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}
+            # Paths absolute (older runs saved them as typed, relative to the folder run from: this one).
+            init = absolute_paths(dict(init=r['init'].get('path')), ['init'])['init'] or r['init']['kind']
+            step = r['init'].get('step')  # one checkpoint file at another pre-training step: another init
+            flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
+                                   keywords=('random',))
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
-        key = json.dumps([init, weights, flags], sort_keys=True)  # lists (scale, milestones) too
+        key = json.dumps([init, step, flags], sort_keys=True)  # lists (scale, milestones) too
         seed = r['args'].get('seed')
         if (key, seed) in seen:
             print(f'warning: --summarize leaves out {path}: the same settings and seed {seed} as {seen[key, seed]}')
             continue
         seen[key, seed] = path
-        groups.setdefault(key, (init, flags, [], weights))[2].append(metrics)
+        groups.setdefault(key, (init, flags, [], step))[2].append(metrics)
     if unfinished:
-        print(f'warning: --summarize leaves out {len(unfinished)} folder(s) without results.json (unfinished '
-              f'runs?): {" ".join(map(str, unfinished))}')
-    ambiguous = {i for i in {g[0] for g in groups.values()}  # one init path holding different weights
-                 if len({json.dumps(g[3]) for g in groups.values() if g[0] == i}) > 1}
+        print(f'warning: --summarize leaves out {len(unfinished)} unfinished run(s) (a checkpoint, no '
+              f'results.json): {" ".join(map(str, unfinished))}')
+    if not groups:
+        raise UserError('--summarize: none of the runs named has finished (results.json)')
+    ambiguous = {i for i in {g[0] for g in groups.values()}  # one init path at several pre-training steps
+                 if len({g[3] for g in groups.values() if g[0] == i}) > 1}
     varying = {}  # per task: the flags not normally shown that tell its groups apart
     for task in {g[1]['task'] for g in groups.values()}:
         flags = [g[1] for g in groups.values() if g[1]['task'] == task]
@@ -1379,13 +1393,12 @@ def summarize(paths):
                          if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
     rows = []
     for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
-        init, flags, runs, (digest, step) = groups[key]
+        init, flags, runs, step = groups[key]
         task = flags['task']
         if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
             init = os.path.relpath(init)  # saved absolute; shown as typed from here
-        if groups[key][0] in ambiguous:
-            told = [f'step {step}'] if step is not None else []
-            init += f' ({", ".join(told + ([f"weights {digest}"] if digest else []))})'
+        if groups[key][0] in ambiguous and step is not None:
+            init += f' (step {step})'
         row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100

@@ -2475,6 +2475,22 @@ def test_validation_from_a_larger_folder_is_a_fixed_random_choice(monkeypatch):
     assert {paths[i].split('/')[2] for i in used} == {'n00000000', 'n00000001', 'n00000002'}
     assert colorize.load_val_images(paths, 8, limit=20)[1] == used  # the same images at every evaluation
     assert colorize.load_val_images(paths[:20], 8, limit=20)[1] == list(range(20))  # a holdout of --holdout
+    assert colorize.load_val_images(paths, 8, limit=20, first=True)[1] == list(range(20))  # runs from before
+
+
+def test_a_run_from_before_the_random_validation_choice_keeps_its_validation_images(folders, tmp_path, monkeypatch):
+    train, val = folders  # 6 validation images, 4 of them used (--holdout 4)
+    argv = tiny_args(train, val, tmp_path / 'run', '--steps', '4', '--holdout', '4', '--save-every', '2')
+    seen = []
+    load = colorize.load_val_images
+    monkeypatch.setattr(colorize, 'load_val_images', lambda *a, **k: seen.append(load(*a, **k)[1]) or load(*a, **k))
+    assert colorize.main([*argv, '--exit-after', '2']) == 0
+    ckpt = _state(tmp_path / 'run' / 'checkpoint.pt')
+    assert ckpt['data']['val_order'] == colorize.VAL_ORDER
+    del ckpt['data']['val_order']  # as written before it
+    torch.save(ckpt, tmp_path / 'run' / 'checkpoint.pt')
+    assert colorize.main([*argv, '--resume']) == 0
+    assert seen[1] == [0, 1, 2, 3] and seen[0] != seen[1]  # the first four, as then; a random four now
 
 
 def test_evaluate_classifier_top1_by_hand():
@@ -3341,17 +3357,27 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     assert out.count('warning: --summarize leaves out') == 2 and 'r1-again' in out
     # One checkpoint file fine-tuned from at two steps of its pre-training: two inits, told apart.
     rows = ft.summarize([result(tmp_path / 's6', 'p.pt', 0, 0.3, step=6), result(tmp_path / 's8', 'p.pt', 1, 0.5, step=8)])
-    assert sorted(r['init'] for r in rows) == ['p.pt (step 6, weights 0000000000000006)',
-                                               'p.pt (step 8, weights 0000000000000008)']
+    assert sorted(r['init'] for r in rows) == ['p.pt (step 6)', 'p.pt (step 8)']
     capsys.readouterr()
-    # A flag at 0 is a value to show (dropout=0.0), not an absent one; a run folder without
-    # results.json (a run still going, or killed) is left out with a warning.
+    # A run from before paths were saved absolute (and digests recorded) is averaged with a newer one.
+    old = result(tmp_path / 'old', 'p.pt', 2, 0.5, step=8)
+    newer = json.loads((tmp_path / 's8' / 'results.json').read_text())
+    newer['init']['path'] = os.path.abspath('p.pt')
+    (tmp_path / 's8' / 'results.json').write_text(json.dumps(newer))
+    assert [r['runs'] for r in ft.summarize([old, tmp_path / 's8'])] == [2]
+    # A flag at 0 is a value to show (dropout=0.0), not an absent one; a run folder with a checkpoint
+    # and no results.json (a run still going, or killed) is left out with a warning.
     (tmp_path / 'killed').mkdir()
+    (tmp_path / 'killed' / 'checkpoint.pt').write_bytes(b'')
     rows = ft.summarize([result(tmp_path / 'd0', 'd.pt', 0, 0.3, dropout=0.0), result(tmp_path / 'd5', 'd.pt', 0, 0.3),
                          tmp_path / 'killed'])
     out = capsys.readouterr().out
     assert len(rows) == 2 and 'dropout=0.0 |' in out and 'dropout=0.5 |' in out
-    assert 'leaves out 1 folder(s) without results.json' in out and 'killed' in out
+    assert 'leaves out 1 unfinished run(s)' in out and 'killed' in out
+    with pytest.raises(ft.UserError, match='none of the runs named has finished'):
+        ft.summarize([tmp_path / 'killed'])
+    with pytest.raises(ft.UserError, match='does not exist'):  # a folder of runs, not a run
+        ft.summarize([tmp_path])
 
 
 # ================================================================================================
@@ -3705,6 +3731,20 @@ def test_git_commit_says_when_the_code_had_uncommitted_changes(tmp_path, monkeyp
     assert colorize.git_commit() == head + '-dirty'
 
 
+def test_resumed_init_of_a_checkpoint_from_before_digests(capsys):
+    """Older checkpoints recorded the init's path as typed and its step, no digest: the step decides."""
+    args = argparse.Namespace(init='/r/c.pt', freeze=False, feature_shift=False)
+    now = dict(kind='colorization', path='/r/c.pt', step=8, digest='ab' * 8)
+    assert ft.resumed_init(dict(kind='colorization', path='c.pt', step=8), now, args) == now
+    assert 'no longer holds' not in capsys.readouterr().out
+    assert ft.resumed_init(dict(kind='colorization', path='c.pt', step=6), now, args) == dict(
+        kind='colorization', path='/r/c.pt', step=6)
+    assert '(pre-training step 6 then, 8 now)' in capsys.readouterr().out
+    with pytest.raises(ft.UserError, match='--freeze checks'):
+        ft.resumed_init(dict(kind='colorization', path='c.pt', step=6), now, argparse.Namespace(
+            init='/r/c.pt', freeze=True, feature_shift=False))
+
+
 def test_weights_digest_sees_names_shapes_and_values():
     state = {'a': torch.arange(6.0).view(2, 3), 'b': torch.zeros(2, dtype=torch.bfloat16)}
     digest = ft.weights_digest(state)
@@ -3827,5 +3867,6 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     prefix = f'f.json.tmp-{socket.gethostname()}-'
     for pid in (dead.pid, os.getppid()):
         (tmp_path / f'{prefix}{pid}').write_bytes(b'half')
+    (tmp_path / f'f.json.tmp-{dead.pid}').write_bytes(b'half')  # named as before the host was in the name
     data.atomic_write(path, lambda f: f.write(b'new'))
     assert path.read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['f.json', f'{prefix}{os.getppid()}']
