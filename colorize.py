@@ -315,8 +315,10 @@ def step_seed(seed, step, rank):
 
 # --- Data ---------------------------------------------------------------------------------------
 
-def image_sources(args, master):
-    """Returns (train paths, val paths), generating the demo world if no --data is given."""
+def image_sources(args, master, hold_out=True):
+    """Returns (train paths, val paths), generating the demo world if no --data is given.
+    hold_out=False (the benchmark, which never validates): without --val-data, no --holdout is set
+    aside, and val is empty."""
     cache = args.out / 'cache'
     log = print if master else (lambda *a, **k: None)  # one listing line per root, from rank 0
     if args.data is None:
@@ -361,7 +363,9 @@ def image_sources(args, master):
                       f'--short-side {args.short_side[0]} {args.short_side[1]}: larger sizes are upscaled, '
                       f'blurrier than the originals; pack at --short-side {args.short_side[1]} or train with '
                       f'--short-side {min(args.short_side[0], packed)} {packed}')
-        if val is None:
+        if val is None and not hold_out:
+            val = []
+        elif val is None:
             if len(train) <= 2 * args.holdout:
                 raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '
                                 f'for validation; pass --val-data or a smaller --holdout')
@@ -1188,7 +1192,7 @@ def benchmark_training(args, device, rank, world):
     finally:
         models.MATMUL_CELLS = matmul_cells
     # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
-    train_paths = take_subset(args, image_sources(args, rank == 0)[0])
+    train_paths = take_subset(args, image_sources(args, rank == 0, hold_out=False)[0])
     torch.manual_seed(args.seed)
     net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)

@@ -3798,6 +3798,10 @@ def test_holdout_is_set_aside_from_training(tmp_path):
     args = argparse.Namespace(data=[str(folder)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
     train, val = colorize.image_sources(args, True)
     assert len(val) == 4 and len(train) == 16 and not set(train) & set(val)
+    args.holdout = 10  # too many to set aside from 20: an error, except for the benchmark, which never validates
+    with pytest.raises(colorize.UserError, match='too few to hold out'):
+        colorize.image_sources(args, True)
+    assert colorize.image_sources(args, True, hold_out=False) == (sorted(train + val), [])
 
 
 def _tiny_colorizer():
