@@ -272,8 +272,8 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _remove_stale_temps(folder, prefix)  # those of processes killed mid-write
-    _remove_stale_temps(folder, f'{os.path.basename(path)}.tmp-')  # named as before the host was in the name
+    # Those of processes killed mid-write, named as now or as before the host was in the name.
+    _remove_stale_temps(folder, prefix, f'{os.path.basename(path)}.tmp-')
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # folders cannot be opened on some platforms (Windows): the rename is still atomic
@@ -1936,19 +1936,19 @@ def _demo_complete(root, params):
     return True
 
 
-def _remove_stale_temps(parent, prefix):
-    """Delete the temporary files or folders `<prefix><pid>` in `parent` whose process, of this
-    host (the prefix names it), is gone: left by a write or a generation that was killed. POSIX
-    only (elsewhere os.kill would not probe but stop the process); never raises."""
+def _remove_stale_temps(parent, *prefixes):
+    """Delete the temporary files or folders `<prefix><pid>` in `parent` (any of `prefixes`) whose
+    process, of this host (the prefix names it), is gone: left by a write or a generation that was
+    killed. POSIX only (elsewhere os.kill would not probe but stop the process); never raises."""
     if os.name != 'posix':
         return
     with contextlib.suppress(OSError):
         for entry in os.listdir(parent):
-            if not entry.startswith(prefix):
+            pid = next((entry[len(p):] for p in prefixes if entry.startswith(p) and entry[len(p):].isdigit()), None)
+            if pid is None:
                 continue
             try:
-                pid = int(entry[len(prefix):])
-                os.kill(pid, 0)  # raises if no such process: the temp is stale
+                os.kill(int(pid), 0)  # raises if no such process: the temp is stale
             except ProcessLookupError:
                 stale = os.path.join(parent, entry)
                 if os.path.isdir(stale):
@@ -1956,7 +1956,7 @@ def _remove_stale_temps(parent, prefix):
                 else:
                     with contextlib.suppress(OSError):
                         os.remove(stale)
-            except (ValueError, PermissionError):
+            except (ValueError, OverflowError, PermissionError):  # not a pid; another user's process
                 pass
 
 

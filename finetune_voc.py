@@ -1365,7 +1365,7 @@ def summarize(paths):
         try:
             r = json.loads(path.read_text())
             # Paths absolute (older runs saved them as typed, relative to the folder run from: this one).
-            init = absolute_paths(dict(init=r['init'].get('path')), ['init'])['init'] or r['init']['kind']
+            init = os.path.abspath(r['init']['path']) if r['init'].get('path') else r['init']['kind']
             step = r['init'].get('step')  # one checkpoint file at another pre-training step: another init
             flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
                                    keywords=('random',))
