@@ -8,13 +8,22 @@ even under autocast (float64 stays float64). This file imports only torch and ma
 Shapes: images are (..., 3, H, W) with channels in dim -3; sampled pixels are (B, P, 2) integer
 (y, x) coordinates; network outputs at sampled pixels are (B, P, D).
 
+    import torch
+    import torch.nn.functional as F
     import lab
-    lab_img = lab.rgb_to_lab(rgb)                      # rgb in [0, 1] -> L in [0, 100]
-    x = lab.lightness_input(lab_img)                   # (B, 1, H, W), about zero mean
-    t = lab.make_targets('huechroma', lab_img, points) # targets at the sampled pixels
+    rgb = torch.rand(2, 3, 64, 64)                       # sRGB in [0, 1], (B, 3, H, W)
+    lab_img = lab.rgb_to_lab(rgb)                        # L in [0, 100], a and b within about +-110
+    x = lab.lightness_input(lab_img)                     # the network input (B, 1, H, W), about zero mean
+    points = torch.randint(8, 56, (2, 16, 2))            # (B, P, 2) sampled pixels (y, x)
+    t = lab.make_targets('huechroma', lab_img, points)   # 7x7-window histograms at those pixels
+    logits = torch.randn(2, 16, lab.output_dim('huechroma'), requires_grad=True)  # a network's (B, P, D)
     total, parts = lab.color_loss('huechroma', logits, t)
-    ab = lab.decode('huechroma', logits)               # (B, P, 2) in Lab units
-    rgb = lab.lab_to_rgb(torch.cat([L, ab_map], 1))
+    total.backward()
+    ab = lab.decode('huechroma', logits.detach())        # (B, P, 2) predicted (a, b) in Lab units
+    # A whole photo: decode a dense (B, D, h, w) prediction, upsample the colour only, keep the input's L.
+    dense = torch.randn(2, lab.output_dim('huechroma'), 16, 16)
+    ab_map = F.interpolate(lab.decode('huechroma', dense, dim=1), size=(64, 64), mode='bilinear')
+    colour = lab.lab_to_rgb(torch.cat([lab_img[:, :1], ab_map], 1))  # (B, 3, H, W) in [0, 1]
 
 Used by colorize.py (pre-training, colorizing) and finetune_voc.py (L*a*b* input).
 """
@@ -44,6 +53,7 @@ CHROMA_MAX = 128.0  # Lab units
 HUE_WEIGHT = 5.0  # lambda_H in front of the chroma-weighted hue KL term
 HUE_FADE_R = 0.96  # decoding: chroma *= min(R / 0.96, 1), R = hue histogram resultant length
 AB_GRID = 10.0  # joint ab histogram: cell size in Lab units, cell centres at multiples of 10
+AB_OFFSET = math.ceil(130 / AB_GRID)  # grid cells each side of ab = 0 (sRGB's |a|, |b| < 130)
 AB_SIGMA = 5.0  # joint ab histogram: Gaussian soft assignment to neighbouring cells
 AB_TEMPERATURE = 0.38  # joint ab decoding: annealed mean temperature (Zhang et al. 2016)
 L2_SCALE = 128.0  # l2 loss regresses (a, b) / L2_SCALE
@@ -142,11 +152,18 @@ def lab_to_rgb(lab, clip=True):
 
 
 def lab_to_lch(lab):
-    """L*a*b* -> LCh_ab (..., 3, H, W): L unchanged, C = |ab| >= 0, h = atan2(b, a) in [0, 2 pi)."""
+    """L*a*b* -> LCh_ab (..., 3, H, W): L unchanged, C = |ab| >= 0, h = atan2(b, a) in [0, 2 pi).
+
+    A grey pixel (a = b = 0) gets C = 0, h = 0 and zero gradients (|ab| and atan2 have none there;
+    autograd would give NaN)."""
     with _no_autocast(lab):
         L, a, b = _float(lab).unbind(-3)
+        grey = (a == 0) & (b == 0)
+        a = torch.where(grey, torch.ones_like(a), a)  # any nonzero point: its values are replaced below
+        zero = torch.zeros_like(a)
         h = torch.remainder(torch.atan2(b, a), 2 * math.pi)
-        return torch.stack([L, torch.hypot(a, b), h], dim=-3)
+        h = torch.where(grey | (h >= 2 * math.pi), zero, h)  # remainder(-1e-8, 2 pi) rounds to 2 pi in float32
+        return torch.stack([L, torch.where(grey, zero, torch.hypot(a, b)), h], dim=-3)
 
 
 def lch_to_lab(lch):
@@ -158,12 +175,12 @@ def lch_to_lab(lch):
 
 def lightness_input(lab):
     """The network input: (L - 50) / 50 as (..., 1, H, W), L in [0, 100] -> [-1, 1]."""
-    return (lab[..., :1, :, :] - L_CENTER) / L_SCALE
+    return (_float(lab[..., :1, :, :]) - L_CENTER) / L_SCALE
 
 
 def lab_input(lab):
     """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W)."""
-    L, a, b = lab.unbind(-3)
+    L, a, b = _float(lab).unbind(-3)
     return torch.stack([(L - L_CENTER) / L_SCALE, a / AB_SCALE, b / AB_SCALE], dim=-3)
 
 
@@ -176,7 +193,7 @@ def hue_bin(h):
 
 def chroma_bin(c):
     """Chroma in Lab units -> bin index in [0, CHROMA_BINS); chroma >= CHROMA_MAX lands in the last bin."""
-    return torch.floor(c * (CHROMA_BINS / CHROMA_MAX)).long().clamp(0, CHROMA_BINS - 1)
+    return torch.floor(c * (CHROMA_BINS / CHROMA_MAX)).clamp(0, CHROMA_BINS - 1).long()  # clamp first: inf
 
 
 def hue_centers(dtype=torch.float32, device=None):
@@ -187,7 +204,7 @@ def chroma_centers(dtype=torch.float32, device=None):
     return (torch.arange(CHROMA_BINS, dtype=dtype, device=device) + 0.5) * (CHROMA_MAX / CHROMA_BINS)
 
 
-_AB_GAMUT = {}
+_AB_GAMUT = {}  # computed once per process: the tables on the CPU, and a copy per device
 
 
 def ab_gamut():
@@ -196,10 +213,18 @@ def ab_gamut():
     Every ab that the sRGB cube reaches is reached on its surface (the L-segment through a point of
     the projection ends on the surface), so enumerating the six faces at 8-bit steps is exact.
     Returns (centres (Q, 2) float32, lookup (G, G) int64 mapping a grid cell to its class or -1,
-    offset): cell (i, j) has centre ((i - offset) * AB_GRID, (j - offset) * AB_GRID).
+    offset): cell (i, j) has centre ((i - offset) * AB_GRID, (j - offset) * AB_GRID). The tensors
+    are on the CPU and the caller's own (copies of the cached tables).
     """
-    if 'centres' not in _AB_GAMUT:
-        v = torch.arange(256, dtype=torch.float64) / 255.0
+    centres, lookup, _ = _gamut_tables()
+    return centres.clone(), lookup.clone(), AB_OFFSET
+
+
+def _gamut_tables():
+    """(centres, lookup, nearest) on the CPU, built on the first call (whatever the default device)."""
+    if 'cpu' not in _AB_GAMUT:
+        cpu = torch.device('cpu')
+        v = torch.arange(256, dtype=torch.float64, device=cpu) / 255.0
         u, w = torch.meshgrid(v, v, indexing='ij')
         faces = []
         for axis in range(3):
@@ -208,29 +233,28 @@ def ab_gamut():
                 chans.insert(axis, torch.full_like(u, side))
                 faces.append(torch.stack(chans, 0).reshape(3, -1, 1))
         lab = rgb_to_lab(torch.cat(faces, 1))
-        offset = int(math.ceil(130 / AB_GRID))
+        offset = AB_OFFSET
         idx = torch.round(lab[1:, :, 0] / AB_GRID).long() + offset  # (2, N)
         size = 2 * offset + 1
-        hit = torch.zeros(size * size, dtype=torch.bool)
+        hit = torch.zeros(size * size, dtype=torch.bool, device=cpu)
         hit[idx[0] * size + idx[1]] = True
-        lookup = torch.full((size * size,), -1, dtype=torch.long)
+        lookup = torch.full((size * size,), -1, dtype=torch.long, device=cpu)
         cells = hit.nonzero().squeeze(1)
-        lookup[cells] = torch.arange(len(cells))
+        lookup[cells] = torch.arange(len(cells), device=cpu)
         centres = torch.stack([cells // size - offset, cells % size - offset], 1).float() * AB_GRID
         # For colours outside sRGB (possible in Lab, not in photos): the nearest gamut cell of each cell.
-        grid = torch.stack(torch.meshgrid(*[torch.arange(size) - offset] * 2, indexing='ij'), -1).float() * AB_GRID
+        axis = torch.arange(size, device=cpu) - offset
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).float() * AB_GRID
         nearest = torch.cdist(grid.view(-1, 2), centres).argmin(1)
-        _AB_GAMUT.update(centres=centres, lookup=lookup.view(size, size), offset=offset,
-                         nearest=nearest.view(size, size))
-    return _AB_GAMUT['centres'], _AB_GAMUT['lookup'], _AB_GAMUT['offset']
+        _AB_GAMUT['cpu'] = (centres, lookup.view(size, size), nearest.view(size, size))
+    return _AB_GAMUT['cpu']
 
 
 def _gamut_on(device):
     """(centres, lookup, nearest) on `device`, copied there once (no per-step host-to-device copy)."""
-    key = ('device', str(device))
+    key = str(device)
     if key not in _AB_GAMUT:
-        centres, lookup, _ = ab_gamut()
-        _AB_GAMUT[key] = tuple(t.to(device) for t in (centres, lookup, _AB_GAMUT['nearest']))
+        _AB_GAMUT[key] = tuple(t.to(device) for t in _gamut_tables())
     return _AB_GAMUT[key]
 
 
@@ -241,7 +265,7 @@ def output_dim(kind):
     if kind == 'l2':
         return 2
     if kind == 'ab':
-        return len(ab_gamut()[0])
+        return len(_gamut_tables()[0])
     raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
 
 
@@ -305,7 +329,7 @@ def _ab_soft(ab):
     gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the K
     colours are averaged.
     """
-    offset = ab_gamut()[2]
+    offset = AB_OFFSET
     centres, lookup, nearest = _gamut_on(ab.device)
     B, P, K, _ = ab.shape
     cell = torch.round(ab / AB_GRID).long()  # (B, P, K, 2)
@@ -375,7 +399,7 @@ def decode(kind, logits, dim=-1):
     """Network outputs -> predicted (a, b) in Lab units, with the output channels at `dim`.
 
     logits: (B, P, D) with dim=-1, or (B, D, h, w) with dim=1. Returns the same shape with 2
-    channels (a, b) at `dim`, float32.
+    channels (a, b) at `dim`, float32 (float64 for float64 logits).
       huechroma: hue = circular mean of the hue histogram; chroma = median of the chroma
                  histogram times min(R / 0.96, 1), R = resultant length of the hue histogram.
       ab: annealed mean (T = 0.38) of the cell centres.  l2: the regressed (a, b).
@@ -388,7 +412,7 @@ def _decode(kind, z):
     if kind == 'huechroma':
         p_hue = F.softmax(z[..., :HUE_BINS], -1)
         p_chroma = F.softmax(z[..., HUE_BINS:], -1)
-        theta = hue_centers(device=z.device)
+        theta = hue_centers(z.dtype, z.device)
         x = (p_hue * torch.cos(theta)).sum(-1)
         y = (p_hue * torch.sin(theta)).sum(-1)
         h = torch.atan2(y, x)
@@ -401,7 +425,7 @@ def _decode(kind, z):
     elif kind == 'ab':
         centres = _gamut_on(z.device)[0]
         p = F.softmax(F.log_softmax(z, -1) / AB_TEMPERATURE, -1)
-        ab = p @ centres
+        ab = p @ centres.to(z.dtype)
     else:
         raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
     return ab

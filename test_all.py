@@ -18,6 +18,7 @@ import socket
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -143,6 +144,45 @@ def test_lch_round_trip_and_ranges():
     torch.testing.assert_close(lab.lch_to_lab(lch), lab_)
 
 
+def test_lch_of_grey_and_of_a_hue_just_below_zero():
+    # A grey pixel has no hue: C = 0, h = 0 and zero gradient (autograd through |ab| and atan2 gives
+    # NaN there). b slightly below 0 is a hue just below 2 pi, which float32 rounds to 2 pi: it wraps to 0.
+    x = torch.tensor([[50.0, 0.0, 0.0], [50.0, -0.0, -0.0], [50.0, 1.0, -1e-7], [50.0, 3.0, 4.0]],
+                     requires_grad=True)
+    lch = lab.lab_to_lch(x.T.reshape(3, 4, 1))[..., 0]
+    assert lch[1, :2].tolist() == [0.0, 0.0] and lch[2, :3].tolist() == [0.0, 0.0, 0.0]
+    assert (lch[2] < 2 * math.pi).all()
+    lch[1].sum().backward()
+    # d|ab|/d(a, b) = (a, b) / |ab|: (3/5, 4/5) at (3, 4), by hand; 0 at grey
+    torch.testing.assert_close(x.grad[:, 1:], torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1e-7], [0.6, 0.8]]))
+
+
+def test_decode_of_float64_logits_is_float64_exact():
+    # One-hot histograms: hue = the centre of bin 3, chroma = the median of bin 10 = 10.5 bins of
+    # 4 units = 42, no fading (resultant 1). By hand in float64.
+    z = torch.full((1, 1, 64), -1000.0, dtype=torch.float64)
+    z[..., 3] = z[..., 32 + 10] = 0.0
+    h = 3.5 * 2 * math.pi / 32
+    want = torch.tensor([[[42 * math.cos(h), 42 * math.sin(h)]]], dtype=torch.float64)
+    torch.testing.assert_close(lab.decode('huechroma', z), want, rtol=1e-12, atol=1e-12)
+
+
+def test_lightness_and_lab_input_are_float32_for_bfloat16():
+    lab_ = _uniform_lab(1, 2, 2, 75, 25, -50).bfloat16()
+    assert lab.lightness_input(lab_).dtype == torch.float32 and lab.lab_input(lab_).dtype == torch.float32
+    assert lab.lab_input(lab_)[0, :, 0, 0].tolist() == [0.5, 0.5, -1.0]
+
+
+def test_lab_docstring_example_runs_as_written():
+    lines = lab.__doc__.split('\n')
+    start = lines.index('    import torch')
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith('    '))
+    scope = {}
+    exec(textwrap.dedent('\n'.join(lines[start:end])), scope)
+    assert scope['ab'].shape == (2, 16, 2) and scope['colour'].shape == (2, 3, 64, 64)
+    assert scope['logits'].grad is not None and torch.isfinite(scope['logits'].grad).all()
+
+
 def test_lightness_input_range():
     lab_ = _pixels([(0, 0, 0), (50, 0, 0), (100, 0, 0)]).unsqueeze(0)
     torch.testing.assert_close(lab.lightness_input(lab_).flatten(), torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
@@ -158,8 +198,8 @@ def test_hue_bins_wrap_and_chroma_clips():
     two_pi = 2 * math.pi
     h = torch.tensor([0.0, two_pi / 32 - 1e-4, two_pi / 32 + 1e-4, two_pi - 1e-4, two_pi])
     assert lab.hue_bin(h).tolist() == [0, 0, 1, 31, 0]
-    c = torch.tensor([0.0, 3.99, 4.01, 127.9, 128.0, 300.0])
-    assert lab.chroma_bin(c).tolist() == [0, 0, 1, 31, 31, 31]
+    c = torch.tensor([0.0, 3.99, 4.01, 127.9, 128.0, 300.0, float('inf')])
+    assert lab.chroma_bin(c).tolist() == [0, 0, 1, 31, 31, 31, 31]
 
 
 def test_uniform_patch_gives_one_hot_targets():
@@ -218,6 +258,11 @@ def test_ab_gamut_cells_are_reached_by_srgb():
     assert lookup[offset + 12, offset + 12] == -1  # (a, b) = (120, 120) is beyond sRGB
     assert lookup[offset, offset] >= 0 and 200 < len(centres) < 400
     assert lab.output_dim('ab') == len(centres)
+    centres.zero_()  # the caller's copy: the module's tables are untouched
+    assert lab.ab_gamut()[0].abs().max() > 50
+    lab._AB_GAMUT.clear()  # built anew below, as in a fresh process
+    with torch.device('meta'):  # how models.py builds full-size shapes: the tables stay on the CPU
+        assert lab.output_dim('ab') == len(centres) and lab.ab_gamut()[0].device.type == 'cpu'
 
 
 # --- lab.py: losses ----------------------------------------------------------------------------
