@@ -523,7 +523,7 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
                  rng=dict(cpu=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []),
                  data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
@@ -1063,7 +1063,12 @@ class Progress:
 
 
 def peak_memory_gb(device):
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+    """Peak GPU memory since the last call (so the training lines do not show an evaluation's peak)."""
+    if device.type != 'cuda':
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def progress_line(entry, steps, images_per_step, parts=()):
@@ -1473,6 +1478,9 @@ def colorize_array(model, rgb, loss_kind, device, short_side=0):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if (args.colorize or args.benchmark) and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            raise UserError(f'--{"colorize" if args.colorize else "benchmark"} runs on one device: '
+                            'run it with python, not torchrun')
         if args.colorize:
             colorize_files(args)
         elif args.benchmark:

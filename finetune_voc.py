@@ -1056,7 +1056,7 @@ def save_checkpoint(path, model, optimizer, step, args, init_info, progress=None
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
                  args=plain_args(args), init=init_info, progress=progress,
                  rng=dict(cpu=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []))
     atomic_save(state, path)
 
 

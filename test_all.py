@@ -2229,6 +2229,26 @@ def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     assert 'does not match the model' in capsys.readouterr().err
 
 
+def test_peak_memory_is_since_the_last_progress_line(monkeypatch):
+    peaks = [5 * 2 ** 30]  # the allocator's high-water mark, faked: an evaluation's 5 GB
+    monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda device=None: peaks[-1])
+    monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', lambda device=None: peaks.append(2 ** 30))
+    assert colorize.peak_memory_gb(torch.device('cuda')) == 5.0
+    assert colorize.peak_memory_gb(torch.device('cuda')) == 1.0  # after the reset: training's own
+    assert colorize.peak_memory_gb(torch.device('cpu')) == 0.0
+
+
+def test_one_device_modes_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    # Under torchrun each process would benchmark or colorize on its own, all printing and writing.
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    for argv in (['--benchmark', '--out', str(tmp_path)], ['--colorize', str(tmp_path), '--checkpoint', 'x.pt']):
+        assert colorize.main(argv) == 2
+        assert 'not torchrun' in capsys.readouterr().err
+    assert ft.main(['--task', 'cls', '--out', str(tmp_path)]) == 2
+    assert 'not torchrun' in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_device_flag_names_a_gpu_with_an_index(monkeypatch):
     """`--device cuda` means the current GPU: torch.cuda.set_device refuses a bare 'cuda' (the first
     GPU run failed on it). torch.cuda's answers are faked, so this runs on a CPU."""
