@@ -315,10 +315,11 @@ def step_seed(seed, step, rank):
 
 # --- Data ---------------------------------------------------------------------------------------
 
-def image_sources(args, master, hold_out=True):
+def image_sources(args, master, hold_out=True, held=None):
     """Returns (train paths, val paths), generating the demo world if no --data is given.
     hold_out=False (the benchmark, which never validates): without --val-data, no --holdout is set
-    aside, and val is empty."""
+    aside, and val is empty. held: the paths a resumed run set aside (its checkpoint's
+    data.held_out), kept as they are when the listing has changed since (images added)."""
     cache = args.out / 'cache'
     log = print if master else (lambda *a, **k: None)  # one listing line per root, from rank 0
     if args.data is None:
@@ -366,10 +367,17 @@ def image_sources(args, master, hold_out=True):
         if val is None and not hold_out:
             val = []
         elif val is None:
-            if len(train) <= 2 * args.holdout:
+            if held is not None:  # the random choice below depends on the whole listing
+                kept = set(held) & set(train)
+                if master and len(kept) < len(held):
+                    print(f'warning: {len(held) - len(kept)} of the run\'s {len(held)} held-out images are no '
+                          f'longer in --data: it validates on the other {len(kept)}')
+                held = kept
+            elif len(train) <= 2 * args.holdout:
                 raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '
                                 f'for validation; pass --val-data or a smaller --holdout')
-            held = set(data.subset(train, args.holdout, seed=12345))
+            else:
+                held = set(data.subset(train, args.holdout, seed=12345))
             val = sorted(held)
             train = [p for p in train if p not in held]
     return train, val
@@ -516,15 +524,16 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
-def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, progress=None):
+def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, progress=None, held_out=None):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one.
     counts_by_rank: every rank's image status counts (gather_counts); `images` (data_identity of
-    the training list) lets --resume notice a changed image list; `progress`: Progress.state()."""
+    the training list) lets --resume notice a changed image list; `progress`: Progress.state();
+    `held_out`: the validation paths set aside from --data (None with --val-data or the demo)."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []),
-                 data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER),
+                 data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER, held_out=held_out),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
 
@@ -819,7 +828,8 @@ def train(args):
     device, rank, world, _ = setup_device(args)
     master = rank == 0
     ckpt, resume_path = open_run(args, device, world, master)
-    train_paths, val_paths = image_sources(args, master)
+    train_paths, val_paths = image_sources(args, master, held=ckpt['data'].get('held_out') if ckpt else None)
+    held_out = val_paths if args.data is not None and args.val_data is None else None
     labels = None
     if args.objective == 'classify':
         labels = class_labels(args, train_paths, val_paths)
@@ -843,7 +853,9 @@ def train(args):
     if ckpt is not None and ckpt['data'].get('images', train_list) != train_list and master:
         print(f'warning: the training images changed since {resume_path} was written '
               f'({ckpt["data"]["images"]["count"]} then, {train_list["count"]} now): the run continues, '
-              f'but not in the order it would have had')
+              f'but not in the order it would have had' + ('' if held_out is None or 'held_out' in ckpt['data'] else
+              '; and its held-out images, chosen from the listing by a checkpoint that did not record them, '
+              'are others now: validation figures are not comparable across this resume'))
     if master:
         task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
         ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
@@ -919,7 +931,7 @@ def train(args):
                 window = progress.state(world)
                 if master:
                     save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
-                                    train_list, window)
+                                    train_list, window, held_out)
         if args.exit_after is not None and step >= args.exit_after:
             break
     total = data.StatusCounter()  # over all ranks

@@ -557,7 +557,9 @@ def initial_trunk(args, random_fc_dim=4096):
         resolve(args, 'arch', config['arch'], args.init)
         resolve(args, 'width', config['width'], args.init)
         resolve(args, 'fc_dim', config['fc_dim'], args.init)
-        return state, dict(kind='colorization', path=str(args.init), config=config, step=obj.get('step'))
+        # colorize.py --objective classify trains the supervised baseline (RQ1) in the same format.
+        kind = 'classification' if config.get('objective') == 'classify' else 'colorization'
+        return state, dict(kind=kind, path=str(args.init), config=config, step=obj.get('step'))
     if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
         state, arch = trunk_from_torchvision(obj, args.arch, f'--init {args.init}')
         conv1 = state[torchvision_key_map(arch)[0][0] + '.weight']
@@ -1262,7 +1264,7 @@ def run(args):
     if ckpt is not None:
         init_info = resumed_init(ckpt.get('init'), init_info, args)
     init_name = init_info['kind']
-    if init_name == 'colorization':  # the colorize.py run folder, e.g. vgg16-huechroma
+    if init_name in ('colorization', 'classification'):  # the colorize.py run folder, e.g. vgg16-huechroma
         init_name = Path(args.init).parent.name or init_name
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None)

@@ -1931,6 +1931,30 @@ def test_resume_from_another_folder_finds_the_same_data(folders, tmp_path, monke
     assert 'training images changed' not in out.err + out.out and 'step 3/3' in out.out
 
 
+def test_resume_keeps_the_held_out_images_when_images_were_added(folders, tmp_path, capsys):
+    """The --holdout choice is a function of the whole listing: one image added to --data (a dataset
+    still being copied) had swapped most of the validation set, and put the old one into training."""
+    train, _ = folders
+    own = tmp_path / 'data'
+    shutil.copytree(train, own)
+    argv = tiny_args(own, own, tmp_path / 'run', '--holdout', '4')
+    argv[argv.index('--val-data'):argv.index('--val-data') + 2] = []  # hold out from --data
+    assert colorize.main(argv + ['--steps', '1']) == 0
+    held = _state(tmp_path / 'run' / 'checkpoint.pt')['data']['held_out']
+    assert len(held) == 4 and all(p.startswith(str(own)) for p in held)
+    for i in range(40):  # enough new images that a fresh choice would (almost surely) differ
+        shutil.copy(own / 'img001.jpg', own / f'new{i:02d}.jpg')
+    args = argparse.Namespace(data=[str(own)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
+    assert colorize.image_sources(args, True)[1] != held
+    os.remove(held[0])  # and one of them is gone
+    capsys.readouterr()
+    assert colorize.main(['--out', str(tmp_path / 'run'), '--resume', '--steps', '2']) == 0
+    out = capsys.readouterr().out
+    assert 'training images changed' in out and '1 of the run\'s 4 held-out images are no longer' in out
+    assert '3 held-out' in out
+    assert _state(tmp_path / 'run' / 'checkpoint.pt')['data']['held_out'] == held[1:]
+
+
 def test_resume_after_exit_is_exact(folders, tmp_path):
     train, val = folders
     common = ['--steps', '6', '--save-every', '3', '--lr', '0.02']
@@ -2747,6 +2771,9 @@ def test_supervised_classify_checkpoint_loads_like_a_colorization_one(tmp_path):
     x = lab.lightness_input(lab.rgb_to_lab(image_batch(2, 64)))
     with torch.no_grad():
         close(transfer.trunk(x)[-1], model.eval().trunk(x)[-1], 1e-4)
+    torch.save(ckpt, tmp_path / 'sup.pt')  # named as what it is: the supervised baseline, not colorization
+    args = argparse.Namespace(init=str(tmp_path / 'sup.pt'), arch=None, width=None, fc_dim=None, seed=0)
+    assert ft.initial_trunk(args)[1]['kind'] == 'classification'
     ckpt['model']['head.out.weight'] = torch.zeros(1)  # a colorization head on a classify checkpoint
     with pytest.raises(colorize.UserError, match='head.out.weight'):
         ft.colorization_trunk(ckpt, 'ckpt')
