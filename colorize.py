@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -806,6 +807,13 @@ def open_run(args, device, world, master):
     fill_defaults(args, device, world)
     refuse_to_overwrite(args.out, resume_path)
     args.out.mkdir(parents=True, exist_ok=True)
+    if resume_path is not None and master and args.out.resolve() != resume_path.parent.resolve():
+        # A fork: the run goes on in --out, its folder stays as it was. The log and run.json come
+        # along (trimmed and extended as in place), so that the new folder tells the whole run.
+        for name in ('log.jsonl', 'run.json'):
+            if (resume_path.parent / name).is_file() and not (args.out / name).exists():
+                shutil.copyfile(resume_path.parent / name, args.out / name)
+        print(f'continuing {resume_path} in {args.out} ({resume_path.parent} stays as it is)')
     return ckpt, resume_path
 
 
@@ -937,8 +945,9 @@ def train(args):
     total = data.StatusCounter()  # over all ranks
     total.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
+        saved = args.out / 'checkpoint.pt' if step > start or resume_path is None else resume_path
         print(f'done: step {step}; {total} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
-              f'checkpoint {args.out / "checkpoint.pt"}')
+              f'checkpoint {saved}')
         log.close()
     if dist.is_initialized():
         dist.barrier()

@@ -1968,6 +1968,24 @@ def test_resume_after_exit_is_exact(folders, tmp_path):
         assert torch.equal(x['momentum_buffer'], y['momentum_buffer'])
 
 
+def test_resume_into_another_folder_forks_the_run(folders, tmp_path, capsys):
+    """--resume CKPT --out NEW goes on in NEW with the run's log and run.json; CKPT's folder stays."""
+    train, val = folders
+    assert colorize.main(tiny_args(train, val, tmp_path / 'a', '--steps', '2', '--log-every', '1')) == 0
+    before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes(), (tmp_path / 'a' / 'log.jsonl').read_text()
+    ckpt = str(tmp_path / 'a' / 'checkpoint.pt')
+    assert colorize.main(['--resume', ckpt, '--out', str(tmp_path / 'b'), '--steps', '3', '--workers', '0']) == 0
+    assert _state(tmp_path / 'b' / 'checkpoint.pt')['step'] == 3
+    assert [json.loads(line)['step'] for line in (tmp_path / 'b' / 'log.jsonl').read_text().splitlines()
+            if '"eval"' not in line] == [1, 2, 3]
+    assert [r['step'] for r in json.loads((tmp_path / 'b' / 'run.json').read_text())['resumed']] == [2]
+    assert ((tmp_path / 'a' / 'checkpoint.pt').read_bytes(), (tmp_path / 'a' / 'log.jsonl').read_text()) == before
+    # Nothing left to train: the final state is where it was, and the last line says so.
+    capsys.readouterr()
+    assert colorize.main(['--resume', ckpt, '--out', str(tmp_path / 'c'), '--workers', '0']) == 0
+    assert f'checkpoint {ckpt}' in capsys.readouterr().out and not (tmp_path / 'c' / 'checkpoint.pt').exists()
+
+
 def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, monkeypatch):
     """`--out DIR --resume` alone continues the run as it was started (its data, network and
     schedule), not the demo world with default settings; contradicting flags are refused."""
