@@ -166,6 +166,9 @@ def setup_device(args, distributed=True):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if torchrun and 'TORCHELASTIC_RUN_ID' in os.environ:  # started by torchrun, not by hand
+        data.exit_with_parent(os.getppid(), f'rank {rank}: torchrun (pid {os.getppid()}) is gone, so this process '
+                                            f'stops too; continue the run with --resume')
     if torchrun and not dist.is_initialized():
         # Rank 0 alone lists the data (minutes for millions of files on a network file system),
         # evaluates and saves while the others wait in a collective: more than the 10-minute default.

@@ -735,16 +735,20 @@ def _process_pool(workers):
     workers exit within a second of their parent's death (a killed `pack` leaves none behind)."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent,
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
                                                   initargs=(os.getpid(),))
 
 
-def _exit_with_parent(parent):
-    """In a pool worker: a daemon thread that ends the process once `parent` is gone. A worker
-    waiting for tasks would otherwise wait forever: it holds the queue's other end itself."""
+def exit_with_parent(parent, message=None):
+    """A daemon thread that ends this process (within a second, printing `message` to stderr) once
+    its parent `parent` is gone. For a pool worker waiting for tasks, which would otherwise wait
+    forever (it holds the queue's other end itself), and a torchrun worker whose torchrun was
+    killed (it would train on unseen, holding its GPU)."""
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
+        if message:
+            print(message, file=sys.stderr, flush=True)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
 

@@ -2118,6 +2118,25 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
+def test_a_worker_stops_when_its_parent_is_killed(tmp_path):
+    """torchrun's workers (and pack's) outlived a torchrun killed by SIGKILL, training on unseen."""
+    child = (f'import os, sys, time; sys.path.insert(0, {str(HERE)!r}); import data; '
+             f'data.exit_with_parent(os.getppid(), "parent gone"); print("watching", flush=True); time.sleep(60)')
+    parent = (f'import subprocess, sys, time; err = open({str(tmp_path / "err.txt")!r}, "w"); '
+              f'subprocess.Popen([sys.executable, "-c", {child!r}], stdout=err, stderr=err); time.sleep(60)')
+    def wait_for(text, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if (tmp_path / 'err.txt').exists() and text in (tmp_path / 'err.txt').read_text():
+                return True
+            time.sleep(0.1)
+    proc = subprocess.Popen([sys.executable, '-c', parent])
+    assert wait_for('watching', 30)  # the child (which imports torch) has started its watch
+    proc.kill()
+    proc.wait()
+    assert wait_for('parent gone', 10)
+
+
 def test_torchrun_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     # Rank 0 makes the demo world; when it cannot (a foreign folder in the way), rank 1 must stop
     # too, not wait at a barrier until the process group times out.
