@@ -967,6 +967,12 @@ def voc_sets(args):
     if missing:
         raise UserError(f'{len(missing)} images listed in the VOC sets are missing, e.g. {missing[0]}; '
                         f'extract JPEGImages completely')
+    shared = {p for p, _ in train} & {p for p, _ in test}
+    if shared:
+        raise UserError(f'--train-split {args.train_split} and --test-split {args.test_split} share {len(shared)} '
+                        f'images (e.g. {min(shared)}): testing on training images would inflate the figures; '
+                        f'choose splits that do not overlap (the protocol: trainval/test for cls, train/val or '
+                        f'train_aug/val for seg)')
     if args.task == 'seg':
         check_label_sizes(train + test)
     if args.label_fraction is not None:
