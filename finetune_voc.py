@@ -332,7 +332,8 @@ def linear_cka(x, y):
     x: (N, D1), y: (N, D2), torch or numpy. Features are centred over samples; with Gram matrices
     K = X X^T and L = Y Y^T, CKA = <K, L>_F / (||K||_F ||L||_F) in [0, 1], computed in float64.
     1 for identical (or orthogonally transformed, or isotropically scaled) features; nan when one
-    side is constant over the samples.
+    side is constant over the samples. Biased towards 1 over few samples: over N = 2 it is 1 for
+    any features (centred, both Gram matrices are multiples of [[1, -1], [-1, 1]]).
     """
     x, y = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).double() for v in (x, y))
     if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
@@ -1328,6 +1329,9 @@ def run_feature_shift(model, initial_state, test_items, args, device):
           f'to {args.shift_pool}x{args.shift_pool}; 1 = unchanged)')
     for name, value in shift.items():
         print(f'{name:<12}{value:>8.4f}')
+    if len(images) < 10:
+        print(f'warning: linear CKA over {len(images)} images says little: it is biased towards 1 over few '
+              f'samples (over 2 it is exactly 1, whatever the features); use --shift-images of tens or more')
     write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool))
     return shift
 

@@ -3095,6 +3095,8 @@ def test_linear_cka():
     xc, zc = (x - x.mean(0)).double(), (z - z.mean(0)).double()
     expected = (zc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (zc.T @ zc).norm())
     assert ft.linear_cka(x.numpy(), z.numpy()) == pytest.approx(expected.item())
+    # Over 2 samples any two representations score 1 (feature shift warns below 10 images).
+    assert ft.linear_cka(torch.randn(2, 5, generator=g), torch.randn(2, 3, generator=g)) == pytest.approx(1.0)
 
 
 def test_feature_shift_sees_only_the_changed_layer():
@@ -3141,7 +3143,7 @@ def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monk
     assert len(rates) == 3 and min(rates) > 20, rates
 
 
-def test_end_to_end_classification(tmp_path, voc):
+def test_end_to_end_classification(tmp_path, voc, capsys):
     colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
     out = tmp_path / 'cls'
     rc = ft.main(['--task', 'cls', '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
@@ -3157,6 +3159,7 @@ def test_end_to_end_classification(tmp_path, voc):
                                        'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3', 'fc6', 'fc7'}
     assert all(0 <= v <= 1 + 1e-9 for v in r['feature_shift'].values())
     assert json.loads((out / 'feature_shift.json').read_text())['cka'] == r['feature_shift']
+    assert 'linear CKA over 4 images says little' in capsys.readouterr().out
     assert len((out / 'log.jsonl').read_text().splitlines()) == 3
 
 
