@@ -163,6 +163,11 @@ def setup_device(args, distributed=True):
         if device.index >= torch.cuda.device_count():
             raise UserError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
         torch.cuda.set_device(device)  # needs an index: torch.device('cuda') alone is refused
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0) and rank == 0:
+            print(f'warning: {device} has compute capability {capability[0]}.{capability[1]}, without native '
+                  f'bfloat16: the bf16 autocast that training uses runs emulated (slowly) or fails there; an '
+                  f'Ampere or newer GPU (8.0+) is what this code is made for', file=sys.stderr)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
