@@ -308,7 +308,8 @@ def make_targets(kind, lab, points, window=7):
         centre = _window_gather(lab, points, 1)[:, :, 0]  # (B, P, 3)
         lightness = centre[..., 0] / 100.0
         if kind == 'huechroma':
-            # LCh of the window pixels only (B*P*K of them, not the whole B*H*W image).
+            # LCh of the window pixels only (B*P*K of them, not the whole B*H*W image). A grey
+            # neighbour (no hue) counts in hue bin 0, as in the authors' TensorFlow targets (HSV hue 0).
             lch = lab_to_lch(_window_gather(lab, points, window).movedim(-1, 1))  # (B, 3, P, K)
             c = torch.hypot(centre[..., 1], centre[..., 2])
             return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS),
