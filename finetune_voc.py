@@ -124,9 +124,10 @@ def parse_args(argv=None):
                         'default %(default)s')
     p.add_argument('--crop', type=int, help='training crop side (default 224 cls, 448 seg; 64 / 128 on a CPU)')
     p.add_argument('--scale', type=float, nargs=2, metavar=('LO', 'HI'),
-                   help='random image scale factor range before cropping (default 0.5 2; for cls times '
+                   help='random image scale factor range before cropping (default: cls 0.5 2 times '
                         '--crop / 224, so that a smaller crop sees as much of the image as the protocol\'s '
-                        '224 crop and keeps seeing the labelled objects)')
+                        '224 crop and keeps seeing the labelled objects; seg 1 1, no scaling, as the authors\' '
+                        'segmentation code)')
     p.add_argument('--test-crops', type=int, help='cls: random crops averaged per test image (default 10; 2 on a CPU)')
     p.add_argument('--test-images', type=int, help='evaluate on a fixed random subset of this many test images, '
                    '0 = all (default all; 50 for seg on a CPU, where dense prediction is slow)')
@@ -208,10 +209,12 @@ def fill_defaults(args, device):
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if args.test_images < 0:
         raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
-    if args.scale is None:
+    if args.scale is None and args.task == 'seg':
+        args.scale = [1.0, 1.0]  # the authors' segmentation code: pad to the crop, crop, flip; no scaling
+    elif args.scale is None:
         # Image labels hold for the whole image: a crop that sees less of it than the protocol's
         # 224 crop (a CPU's 64) would often miss the labelled objects, so the image shrinks with it.
-        shrink = args.crop / TASK_DEFAULTS['cls']['crop'] if args.task == 'cls' else 1.0
+        shrink = args.crop / TASK_DEFAULTS['cls']['crop']
         args.scale = [0.5 * shrink, 2.0 * shrink]
     if not 0 < args.scale[0] <= args.scale[1]:
         raise UserError(f'--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI')

@@ -3422,7 +3422,7 @@ def test_cls_scale_shrinks_with_the_crop(voc):
         return ft.fill_defaults(ft.parse_args(['--voc-root', voc, *flags]), torch.device('cpu')).scale
     assert scale('--task', 'cls', '--crop', '224') == pytest.approx([0.5, 2.0])  # the protocol
     assert scale('--task', 'cls') == pytest.approx([1 / 7, 4 / 7])  # a CPU's 64 crop: 64 / 224 = 2 / 7
-    assert scale('--task', 'seg') == pytest.approx([0.5, 2.0])  # per-pixel labels: no need
+    assert scale('--task', 'seg') == [1.0, 1.0]  # the authors' seg code pads and crops, never scales
     assert scale('--task', 'cls', '--scale', '1', '1.5') == pytest.approx([1.0, 1.5])
 
 
