@@ -54,7 +54,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 VOC_CLASSES = (
     'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -184,9 +184,13 @@ def _scan(root):
         for e in entries:
             if e.name.startswith('.'):
                 continue
-            if e.is_dir():  # follows symlinks
+            try:  # both follow symlinks; a link to itself (or a loop of links) raises ELOOP
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:
+                is_dir = is_file = False  # counted below with the other files
+            if is_dir:
                 subdirs.append(e.path)
-            elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif is_file and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 files.append(e.path)
             else:
                 n_other += 1
@@ -349,9 +353,7 @@ def _decode(source, name, min_short_side=None, exif_orientation=True):
                 if scale < 1:
                     im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
-            if exif_orientation:
-                im = ImageOps.exif_transpose(im)
-            return pil_to_rgb(im)
+            return pil_to_rgb(_apply_orientation(im) if exif_orientation else im)
     except BadImage:
         raise
     except FileNotFoundError:
@@ -362,6 +364,24 @@ def _decode(source, name, min_short_side=None, exif_orientation=True):
         raise
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError...
         raise BadImage(name, f'cannot decode ({type(e).__name__}: {e})') from e
+
+
+_TRANSPOSE = getattr(Image, 'Transpose', Image)  # Pillow >= 9.1 names them Image.Transpose.*
+EXIF_ORIENTATION = {2: _TRANSPOSE.FLIP_LEFT_RIGHT, 3: _TRANSPOSE.ROTATE_180, 4: _TRANSPOSE.FLIP_TOP_BOTTOM,
+                    5: _TRANSPOSE.TRANSPOSE, 6: _TRANSPOSE.ROTATE_270, 7: _TRANSPOSE.TRANSVERSE,
+                    8: _TRANSPOSE.ROTATE_90}
+
+
+def _apply_orientation(im):
+    """The image as the camera meant it to be seen (EXIF tag 0x0112). Only the pixels are turned:
+    ImageOps.exif_transpose also rewrites the EXIF block, and one malformed tag of a camera's
+    made a readable photo fail there."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # an EXIF block Pillow cannot parse: the pixels as stored
+        orientation = 1
+    method = EXIF_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
 
 
 def pil_to_rgb(im):
@@ -1071,8 +1091,8 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
     """Pack the images under `roots` (folders or .txt lists, as for find_images) into the folder
     `out`, pre-resized, for training with `--data out`; returns the complete.json dict.
 
-    Each source is decoded by load_rgb (any mode, EXIF orientation; JPEGs drafted to the
-    smallest 1/2^k scale whose short side is still >= short_side), shrunk by
+    Each source is decoded by load_rgb (any mode, EXIF orientation; JPEGs drafted to a
+    1/2^k scale whose short side is still >= short_side, as Pillow's draft picks it), shrunk by
     shrink_to_short_side (LANCZOS; never upscaled), flagged gray by is_grayscale of the shrunk
     pixels, and encoded as JPEG at `quality` (Pillow's default 4:2:0 chroma subsampling).
     Files that fail to decode are recorded as bad with their reason. The folder holds:

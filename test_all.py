@@ -16,6 +16,7 @@ import pickle
 import signal
 import socket
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -968,6 +969,8 @@ def test_find_images_follows_symlinked_folders_once(tmp_path):
     os.symlink(root / 'a', root / 'b_link')         # the same folder twice
     ext = _write_rgb(tmp_path / 'outside' / 'o.jpg', fmt='JPEG')
     os.symlink(tmp_path / 'outside', root / 'c_link')  # a folder only reachable by a link
+    os.symlink('self', root / 'a' / 'self')         # a link to itself: ELOOP when followed
+    os.symlink('b.jpg', root / 'a' / 'b.jpg')       # a loop of one image link
     found = data.find_images(root, log=lambda s: None)
     assert found == sorted([img, str(root / 'c_link' / 'o.jpg')])
     assert os.path.realpath(found[1]) == os.path.realpath(ext)
@@ -1090,6 +1093,20 @@ def test_exif_orientation_applied(tmp_path):
     # VOC's masks index the stored pixels: its images are read as stored.
     stored = ft._load(path)
     assert stored.shape == (20, 40, 3) and stored[10, 5, 0] > 200 and stored[10, 35, 2] > 200
+    # All eight orientations, lossless, against the EXIF 2.3 definitions written in numpy.
+    a = rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    want = {1: a, 2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1], 5: a.transpose(1, 0, 2), 6: np.rot90(a, -1),
+            7: a[::-1, ::-1].transpose(1, 0, 2), 8: np.rot90(a, 1)}
+    for orientation, expected in want.items():
+        exif[0x0112] = orientation
+        Image.fromarray(a).save(tmp_path / 'o.png', exif=exif.tobytes())
+        assert np.array_equal(data.load_rgb(str(tmp_path / 'o.png')), expected), orientation
+    # A camera's malformed tag beside the orientation (287, a RATIONAL, holding text) made Pillow's
+    # exif_transpose fail, and a readable photo count as bad. The IFD written by hand:
+    ifd = (struct.pack('<2sHIH', b'II', 42, 8, 2) + struct.pack('<HHIHH', 0x0112, 3, 1, 6, 0)
+           + struct.pack('<HHI4s', 287, 2, 4, b'Cam\0') + struct.pack('<I', 0))
+    Image.fromarray(a).save(tmp_path / 'odd.png', exif=b'Exif\0\0' + ifd)
+    assert np.array_equal(data.load_rgb(str(tmp_path / 'odd.png')), want[6])
 
 
 @pytest.mark.parametrize('fmt', ['JPEG', 'MPO'])  # MPO: what many cameras write, a JPEG with more frames
@@ -1510,7 +1527,7 @@ def _quiet(_):
 
 def _reference_packed_jpeg(path, short_side, quality):
     """The bytes a pack should hold for `path`, by the Pillow calls pack_images documents: draft
-    a JPEG to the smallest 1/2^k scale with short side >= short_side, EXIF transpose, RGB,
+    a JPEG to a 1/2^k scale with short side >= short_side, EXIF transpose, RGB,
     LANCZOS (reducing_gap 3) to the short side unless already <= it, JPEG at `quality`."""
     with Image.open(path) as im:
         w, h = im.size
