@@ -1505,6 +1505,7 @@ def colorize_array(model, rgb, loss_kind, device, short_side=0):
 
 
 def main(argv=None):
+    data.printable_output()
     args = parse_args(argv)
     try:
         if (args.colorize or args.benchmark) and int(os.environ.get('WORLD_SIZE', '1')) > 1:

@@ -2010,7 +2010,15 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
 
+def printable_output():
+    """Print any path: a file name that is not UTF-8 holds surrogate escapes, which a strict stdout
+    (Python's default under a UTF-8 locale without UTF-8 mode) refuses with UnicodeEncodeError."""
+    if hasattr(sys.stdout, 'reconfigure'):
+        sys.stdout.reconfigure(errors='backslashreplace')
+
+
 def main(argv=None):
+    printable_output()
     ap = ArgumentParser(description='Data utilities: generate the demo world, list and cache the '
                         'images of pre-training folders, or pack them for fast training.')
     sub = ap.add_subparsers(dest='cmd', required=True)

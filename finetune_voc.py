@@ -1428,6 +1428,7 @@ def summarize(paths):
 
 
 def main(argv=None):
+    data.printable_output()
     args = parse_args(argv)
     try:
         if args.summarize:

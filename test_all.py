@@ -1932,6 +1932,13 @@ def test_a_file_name_that_is_not_utf8_trains_like_any_other(folders, tmp_path):
     # The same name in a .txt list (written as its bytes, as `ls > list.txt` does).
     (tmp_path / 'list.txt').write_bytes(b'odd/img002.PNG\nodd/caf\xe9.jpg\n')
     assert data.find_images(tmp_path / 'list.txt', log=_quiet) == sorted([str(odd / 'img002.PNG'), str(odd / name)])
+    # Printed, such a path needs a stdout that takes surrogates: Python's default under a UTF-8
+    # locale (outside UTF-8 mode) is strict, which PYTHONIOENCODING=utf-8 reproduces on any machine.
+    latin = tmp_path / os.fsdecode(b'caf\xe9')
+    shutil.copytree(train, latin)
+    result = subprocess.run([sys.executable, str(HERE / 'data.py'), 'scan', str(latin)], capture_output=True,
+                            env={**os.environ, 'PYTHONIOENCODING': 'utf-8'})
+    assert result.returncode == 0 and b'caf\\udce9' in result.stdout, result.stderr[-500:]
 
 
 def test_resume_from_another_folder_finds_the_same_data(folders, tmp_path, monkeypatch, capsys):
