@@ -1145,7 +1145,8 @@ def _complete_pack(out, params, log):
     if complete is not None:
         _check_pack_params(out, complete, params)
         log(f'pack {out} is already complete ({complete["total"]:,} images, made with the same '
-            'arguments): nothing to do')
+            'arguments): nothing to do (a pack holds the images listed when it started; to take in '
+            'images added since, pack into a new folder)')
     return complete
 
 

@@ -1698,7 +1698,8 @@ def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
     lines.clear()
     data.pack_images([root], part, **dict(kw, log=lines.append))
     assert lines == [f'pack {part} is already complete (12 images, made with the same arguments): '
-                     'nothing to do']
+                     'nothing to do (a pack holds the images listed when it started; to take in images '
+                     'added since, pack into a new folder)']
     assert {n: os.stat(part / n).st_mtime_ns for n in os.listdir(part)} == mtimes
     with pytest.raises(ValueError, match=r'other arguments: --short-side 48 \(asked: 40\)'):
         data.pack_images([root], part, **dict(kw, short_side=40))
