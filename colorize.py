@@ -199,7 +199,7 @@ def autocast(device):
 
 
 def fill_defaults(args, device, world):
-    """Machine- and data-dependent defaults; prints what it shrank on a CPU."""
+    """Machine- and data-dependent defaults (smaller ones on a CPU, which train() then says)."""
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
     for name in ('steps', 'batch_size', 'points', 'crop', 'fc_dim', 'holdout', 'log_every', 'eval_every',
                  'save_every', 'subset', 'workers', 'warmup'):
@@ -490,7 +490,8 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
 
 
 def prepare(images, args, device, points=None, generator=None):
-    """uint8 (B, 3, H, W) on the host -> network input, sampled pixels and their targets, on the device."""
+    """uint8 (B, 3, H, W) on the host -> (network input, sampled pixels, their targets, the Lab
+    image), all on the device."""
     rgb = images.to(device, non_blocking=True)
     lab_img = lab.rgb_to_lab(rgb)
     x = lab.lightness_input(lab_img).contiguous(memory_format=torch.channels_last)
@@ -504,8 +505,9 @@ def prepare(images, args, device, points=None, generator=None):
 # --- Model and checkpoints ----------------------------------------------------------------------
 
 class Classifier(torch.nn.Module):
-    """The in-run baseline: the same trunk as a plain 1000-way classifier (global average pool of
-    the deepest tap, one linear layer), trained with cross-entropy on the same batches."""
+    """The trunk as a plain classifier (global average pool of the deepest tap, one linear layer),
+    trained with cross-entropy: --objective classify (K classes), and the benchmark's in-run
+    baseline (1000 classes, on the same batches)."""
 
     def __init__(self, trunk, classes=1000):
         super().__init__()
@@ -1494,8 +1496,8 @@ def colorize_array(model, rgb, loss_kind, device, short_side=0):
                                                    antialias=scale < 1)
     # Pad to a multiple of the deepest stride (edge pixels repeated): every tap then tiles the
     # image exactly, and images smaller than the trunk's receptive grid still work.
-    h, w = small.shape[-2:]
-    padded = F.pad(small, (0, -w % 32, 0, -h % 32), mode='replicate')
+    h, w, stride = *small.shape[-2:], model.trunk.out_stride
+    padded = F.pad(small, (0, -w % stride, 0, -h % stride), mode='replicate')
     with autocast(device):
         ab = predict_ab(model, padded, loss_kind)[..., :h, :w]
     if size != (H, W):

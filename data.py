@@ -660,8 +660,6 @@ class StatusCounter:
     def gray(self):
         return self.counts[STATUS_GRAY]
 
-    def exceeded(self, max_share, min_seen=200):
-        return bad_share_exceeded(self.bad, self.seen, max_share, min_seen)
 
     def state_dict(self):
         return {'counts': list(self.counts)}
@@ -1895,7 +1893,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
     Generation goes to a temporary sibling folder renamed to `root` once complete (its marker
     DEMO_COMPLETE.json written last), so an interrupted run never leaves a world that looks
     complete; several processes calling it at once is safe (one rename wins). `workers`:
-    processes to render in (default: the CPU count, at most 8; 1 = in this process).
+    processes to render in (default: the usable cores, at most 8, or 1 below 1,000 images; 1 = in this process).
     """
     root = os.path.abspath(os.fspath(root))
     params = {'version': _DEMO_VERSION, 'n_train': n_train, 'n_val': n_val,

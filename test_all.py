@@ -3981,6 +3981,8 @@ def test_sample_grid_columns_are_gray_prediction_truth(tmp_path):
 
 
 class _NoColour(torch.nn.Module):
+    trunk = argparse.Namespace(out_stride=32)
+
     def dense(self, x):
         return torch.zeros(x.shape[0], 2, -(-x.shape[2] // 4), -(-x.shape[3] // 4))
 
