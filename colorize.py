@@ -39,7 +39,10 @@ import models
 from models import MODELS, build_model, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
-DEMO_ROOT = HERE / 'data' / 'demo'
+DEMO_ROOT = Path(data.DEFAULT_DEMO_ROOT)  # beside the scripts
+# Fixed seeds of validation, the same in every run so that runs compare (never --seed):
+HOLDOUT_SEED = 12345  # which images --holdout sets aside from --data, and which of a large --val-data
+EVAL_SEED = 1234  # the pixels the validation loss reads
 PAPER_SAMPLES = 16_000_000  # the authors' VGG-16 schedule: 2M iterations x 8 images
 # Defaults that depend on the machine and on the data (see README, "Defaults").
 LOADER_PREFETCH = 4  # batches each loader process keeps ready
@@ -386,7 +389,7 @@ def image_sources(args, master, hold_out=True, held=None):
                 raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '
                                 f'for validation; pass --val-data or a smaller --holdout')
             else:
-                held = set(data.subset(train, args.holdout, seed=12345))
+                held = set(data.subset(train, args.holdout, seed=HOLDOUT_SEED))
             val = sorted(held)
             train = [p for p in train if p not in held]
     return train, val
@@ -412,7 +415,7 @@ def load_val_images(paths, crop, limit=256, keep_gray=False, first=False):
     them: the first ones in path order would be the first few class folders (`first`: those, as
     runs did before VAL_ORDER, which a resumed one keeps)."""
     shuffle = len(paths) > limit and not first
-    order = np.random.default_rng(12345).permutation(len(paths)) if shuffle else range(len(paths))
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(paths)) if shuffle else range(len(paths))
     chosen = {}
     for i in order:
         if len(chosen) == limit:
@@ -686,7 +689,7 @@ def psnr(a, b):
 def evaluate(model, val_images, args, device, chunk=32):
     """Validation loss at fixed pixels, and PSNR / ab RMSE of dense colorizations vs predicting gray."""
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(1234)
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     sums = dict(loss=0.0, psnr=0.0, psnr_gray=0.0, ab_rmse=0.0, ab_rmse_gray=0.0)
     for i in range(0, len(val_images), chunk):
         batch = val_images[i:i + chunk]
