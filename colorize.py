@@ -845,10 +845,11 @@ def restore_training(ckpt, path, model, optimizer, counter, args, device, rank):
     return ckpt['step']
 
 
-def train(args):
-    device, rank, world, _ = setup_device(args)
-    master = rank == 0
-    ckpt, resume_path = open_run(args, device, world, master)
+def training_data(args, ckpt, resume_path, master):
+    """The run's images: (train paths, val paths, labels or None, held_out, train_list), after
+    --subset or --classes; held_out: the val paths set aside from --data (the checkpoint records
+    them), or None; train_list: data_identity of the train paths. Checks a resumed run's class
+    folders, and warns when its image list changed."""
     train_paths, val_paths = image_sources(args, master, held=ckpt['data'].get('held_out') if ckpt else None)
     held_out = val_paths if args.data is not None and args.val_data is None else None
     labels = None
@@ -877,6 +878,28 @@ def train(args):
               f'but not in the order it would have had' + ('' if held_out is None or 'held_out' in ckpt['data'] else
               '; and its held-out images, chosen from the listing by a checkpoint that did not record them, '
               'are others now: validation figures are not comparable across this resume'))
+    return train_paths, val_paths, labels, held_out, train_list
+
+
+def validation_set(val_paths, labels, args, ckpt, master):
+    """Rank 0's fixed held-out batch: uint8 images (with their labels for --objective classify);
+    None on the other ranks."""
+    if not master:
+        return None
+    classify = args.objective == 'classify'
+    images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify,
+                                   first=ckpt is not None and 'val_order' not in ckpt['data'])
+    if len(used) < len(val_paths):
+        print(f'validating on {len(used)} of the {len(val_paths)} held-out images (at most --holdout '
+              f'{args.holdout}; unreadable{"" if classify else " and grayscale"} ones left out)')
+    return (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
+
+
+def train(args):
+    device, rank, world, _ = setup_device(args)
+    master = rank == 0
+    ckpt, resume_path = open_run(args, device, world, master)
+    train_paths, val_paths, labels, held_out, train_list = training_data(args, ckpt, resume_path, master)
     if master:
         task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
         ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
@@ -899,14 +922,8 @@ def train(args):
     fast_model = torch.compile(model) if args.compile else model
 
     classify = args.objective == 'classify'
-    val = None
+    val = validation_set(val_paths, labels, args, ckpt, master)
     if master:
-        images, used = load_val_images(val_paths, args.crop, limit=args.holdout, keep_gray=classify,
-                                       first=ckpt is not None and 'val_order' not in ckpt['data'])
-        val = (images, torch.tensor([labels['val'][i] for i in used])) if classify else images
-        if len(used) < len(val_paths):
-            print(f'validating on {len(used)} of the {len(val_paths)} held-out images (at most --holdout '
-                  f'{args.holdout}; unreadable{"" if classify else " and grayscale"} ones left out)')
         write_run_info(args, device, world, len(train_paths), len(val_paths), resumed_at=start)
     loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
     if master and start:
@@ -955,11 +972,11 @@ def train(args):
                                     train_list, window, held_out)
         if args.exit_after is not None and step >= args.exit_after:
             break
-    total = data.StatusCounter()  # over all ranks
-    total.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
+    all_counts = data.StatusCounter()  # over all ranks
+    all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
         saved = args.out / 'checkpoint.pt' if step > start or resume_path is None else resume_path
-        print(f'done: step {step}; {total} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
+        print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
               f'checkpoint {saved}')
         log.close()
     if dist.is_initialized():
