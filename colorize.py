@@ -314,7 +314,8 @@ def default_out(args):
 
 
 def lr_at(step, args):
-    """Linear warm-up, then x0.1 at each milestone (fractions of the run)."""
+    """Pre-training's learning rate at `step` (from 0): linear warm-up over --warmup steps, then
+    x0.1 at each milestone (fractions of --steps). finetune_voc.lr_at is the transfer protocols'."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * 0.1 ** sum(step >= m * args.steps for m in args.lr_milestones)

@@ -224,7 +224,9 @@ def fill_defaults(args, device):
 
 
 def lr_at(step, args):
-    """The learning rate of step `step`: --lr times --lr-gamma per milestone passed (fractions of --steps)."""
+    """The learning rate of step `step` (from 0): --lr times --lr-gamma per milestone passed
+    (fractions of --steps), with no warm-up, as the protocols' Caffe step policy; colorize.lr_at is
+    pre-training's."""
     return args.lr * args.lr_gamma ** sum(step >= m * args.steps for m in args.lr_milestones)
 
 
