@@ -384,12 +384,13 @@ def image_sources(args, master, hold_out=True, held=None):
                 kept = set(held) & set(train)
                 if master and len(kept) < len(held):
                     print(f'warning: {len(held) - len(kept)} of the run\'s {len(held)} held-out images are no '
-                          f'longer in --data: it validates on the other {len(kept)}')
-                held = kept
-            elif len(train) <= 2 * args.holdout:
-                raise UserError(f'--data has {len(train)} images: too few to hold out --holdout {args.holdout} '
-                                f'for validation; pass --val-data or a smaller --holdout')
-            else:
+                          f'longer in --data: ' + (f'it validates on the other {len(kept)}' if kept else
+                                                   'it validates on a new choice, not comparable with before'))
+                held = kept or None
+            if held is None:
+                if len(train) <= 2 * args.holdout:
+                    raise UserError(f'--data has {len(train)} images: too few to hold out --holdout '
+                                    f'{args.holdout} for validation; pass --val-data or a smaller --holdout')
                 held = set(data.subset(train, args.holdout, seed=HOLDOUT_SEED))
             val = sorted(held)
             train = [p for p in train if p not in held]
@@ -821,14 +822,22 @@ def open_run(args, device, world, master):
     fill_defaults(args, device, world)
     refuse_to_overwrite(args.out, resume_path)
     args.out.mkdir(parents=True, exist_ok=True)
-    if resume_path is not None and master and args.out.resolve() != resume_path.parent.resolve():
-        # A fork: the run goes on in --out, its folder stays as it was. The log and run.json come
-        # along (trimmed and extended as in place), so that the new folder tells the whole run.
-        for name in ('log.jsonl', 'run.json'):
-            if (resume_path.parent / name).is_file() and not (args.out / name).exists():
-                shutil.copyfile(resume_path.parent / name, args.out / name)
-        print(f'continuing {resume_path} in {args.out} ({resume_path.parent} stays as it is)')
+    if resume_path is not None and master:
+        fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))
     return ckpt, resume_path
+
+
+def fork_run(resume_path, out, names):
+    """--resume CKPT --out NEW, NEW not CKPT's folder: the run goes on in NEW and CKPT's folder
+    stays as it was. The files `names` come along (then trimmed and extended as in place), so
+    that NEW tells the whole run."""
+    if Path(out).resolve() == Path(resume_path).parent.resolve():
+        return
+    for name in names:
+        source, target = Path(resume_path).parent / name, Path(out) / name
+        if source.is_file() and not target.exists():
+            shutil.copyfile(source, target)
+    print(f'continuing {resume_path} in {out} ({Path(resume_path).parent} stays as it is)')
 
 
 def restore_training(ckpt, path, model, optimizer, counter, args, device, rank):
@@ -934,6 +943,7 @@ def train(args):
         evaluate_and_show(raw_model, val, args, device, log, 0)
 
     progress, step = Progress(args.batch_size * world), start
+    saved = resume_path  # the checkpoint that holds the run's latest state
     if ckpt is not None:
         progress.restore(ckpt.get('progress'), device, rank)
     for batch in loader:
@@ -968,17 +978,17 @@ def train(args):
             if step % args.save_every == 0 or step == args.steps:
                 counts_by_rank = gather_counts(counter, world, device)
                 window = progress.state(world)
+                saved = args.out / 'checkpoint.pt'
                 if master:
-                    save_checkpoint(args.out / 'checkpoint.pt', raw_model, optimizer, step, args, counts_by_rank,
-                                    train_list, window, held_out)
+                    save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
+                                    held_out)
         if args.exit_after is not None and step >= args.exit_after:
             break
     all_counts = data.StatusCounter()  # over all ranks
     all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
-        saved = args.out / 'checkpoint.pt' if step > start or resume_path is None else resume_path
         print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
-              f'checkpoint {saved}')
+              + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
         log.close()
     if dist.is_initialized():
         dist.barrier()

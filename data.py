@@ -66,7 +66,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  
 STATUS_OK, STATUS_BAD, STATUS_GRAY = 0, 1, 2
 STATUS_NAMES = ('ok', 'bad', 'gray')
 
-DEFAULT_DEMO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'demo')
+DEFAULT_DEMO_ROOT = os.path.join(os.path.dirname(os.path.realpath(__file__)), 'data', 'demo')
 
 
 def _voc_colormap(n=256):
@@ -765,9 +765,11 @@ def exit_with_parent(parent, message=None):
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
-        if message:
-            print(message, file=sys.stderr, flush=True)
-        os._exit(1)
+        try:
+            if message:
+                print(message, file=sys.stderr, flush=True)
+        finally:  # even when stderr died with the parent (a closed pipe)
+            os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
 
 

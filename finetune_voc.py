@@ -44,7 +44,7 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, git_commit,
+from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, fork_run, git_commit,
                       load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
                       read_torch_file, refuse_fewer_steps, refuse_to_overwrite, setup_device, step_seed, trim_log)
@@ -1281,6 +1281,8 @@ def run(args):
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        fork_run(args.resume_path, args.out, ('log.jsonl',))
     train_items, test_items = voc_sets(args)
     train_set, test_set = make_datasets(args, train_items, test_items)
     print(f'{args.task}: {len(train_set)} training images ({args.train_split}'

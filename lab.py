@@ -50,6 +50,7 @@ GRAY_SRGB8 = 119  # 8-bit sRGB grey nearest L* = 50 (50.03, a* = b* = 0): pads t
 HUE_BINS = 32  # uniform on the circle, bin k covers [k, k+1) * 2 pi / 32
 CHROMA_BINS = 32  # uniform on [0, CHROMA_MAX], chroma above goes to the last bin
 CHROMA_MAX = 128.0  # Lab units
+GREY_CHROMA = 1e-3  # below this chroma a colour is grey, without hue (the least non-grey 8-bit sRGB chroma is 0.28)
 HUE_WEIGHT = 5.0  # lambda_H in front of the chroma-weighted hue KL term
 HUE_FADE_R = 0.96  # decoding: chroma *= min(R / 0.96, 1), R = hue histogram resultant length
 AB_GRID = 10.0  # joint ab histogram: cell size in Lab units, cell centres at multiples of 10
@@ -154,16 +155,18 @@ def lab_to_rgb(lab, clip=True):
 def lab_to_lch(lab):
     """L*a*b* -> LCh_ab (..., 3, H, W): L unchanged, C = |ab| >= 0, h = atan2(b, a) in [0, 2 pi).
 
-    A grey pixel (a = b = 0) gets C = 0, h = 0 and zero gradients (|ab| and atan2 have none there;
-    autograd would give NaN)."""
+    A grey (C < GREY_CHROMA) has no hue: h = 0, whatever rounding left in a and b (up to 3e-5 for
+    8-bit greys, which would otherwise scatter over hue bins by the arithmetic of each device).
+    At a = b = 0 the gradients are 0 (|ab| and atan2 have none there; autograd would give NaN)."""
     with _no_autocast(lab):
         L, a, b = _float(lab).unbind(-3)
-        grey = (a == 0) & (b == 0)
-        a = torch.where(grey, torch.ones_like(a), a)  # any nonzero point: its values are replaced below
+        zero_ab = (a == 0) & (b == 0)
+        a = torch.where(zero_ab, torch.ones_like(a), a)  # any nonzero point: its values are replaced below
         zero = torch.zeros_like(a)
+        C = torch.where(zero_ab, zero, torch.hypot(a, b))
         h = torch.remainder(torch.atan2(b, a), 2 * math.pi)
-        h = torch.where(grey | (h >= 2 * math.pi), zero, h)  # remainder(-1e-8, 2 pi) rounds to 2 pi in float32
-        return torch.stack([L, torch.where(grey, zero, torch.hypot(a, b)), h], dim=-3)
+        h = torch.where((C < GREY_CHROMA) | (h >= 2 * math.pi), zero, h)  # remainder(-1e-8, 2 pi) is 2 pi in fp32
+        return torch.stack([L, C, h], dim=-3)
 
 
 def lch_to_lab(lch):
@@ -309,7 +312,8 @@ def make_targets(kind, lab, points, window=7):
         lightness = centre[..., 0] / 100.0
         if kind == 'huechroma':
             # LCh of the window pixels only (B*P*K of them, not the whole B*H*W image). A grey
-            # neighbour (no hue) counts in hue bin 0, as in the authors' TensorFlow targets (HSV hue 0).
+            # neighbour (no hue: lab_to_lch gives 0) counts in hue bin 0, as in the authors'
+            # TensorFlow targets (HSV hue 0).
             lch = lab_to_lch(_window_gather(lab, points, window).movedim(-1, 1))  # (B, 3, P, K)
             c = torch.hypot(centre[..., 1], centre[..., 2])
             return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS),

@@ -154,6 +154,11 @@ def test_lch_of_grey_and_of_a_hue_just_below_zero():
     assert lch[1, :2].tolist() == [0.0, 0.0] and lch[2, :3].tolist() == [0.0, 0.0, 0.0]
     assert (lch[2] < 2 * math.pi).all()
     lch[1].sum().backward()
+    # Every 8-bit grey level, through rgb_to_lab (which leaves up to 3e-5 of rounding in a and b),
+    # has hue 0: a grey neighbour counts in hue bin 0, the same on every device.
+    greys = (torch.arange(256.0) / 255).expand(3, 256).reshape(3, 256, 1)
+    for dtype in (torch.float32, torch.float64):
+        assert lab.hue_bin(lab.lab_to_lch(lab.rgb_to_lab(greys.to(dtype)))[2]).eq(0).all()
     # d|ab|/d(a, b) = (a, b) / |ab|: (3/5, 4/5) at (3, 4), by hand; 0 at grey
     torch.testing.assert_close(x.grad[:, 1:], torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1e-7], [0.6, 0.8]]))
 
@@ -1984,6 +1989,11 @@ def test_resume_keeps_the_held_out_images_when_images_were_added(folders, tmp_pa
     assert 'training images changed' in out and '1 of the run\'s 4 held-out images are no longer' in out
     assert '3 held-out' in out
     assert _state(tmp_path / 'run' / 'checkpoint.pt')['data']['held_out'] == held[1:]
+    for path in held[1:]:  # all of them gone: a new choice (run flags cannot change on resume)
+        os.remove(path)
+    assert colorize.main(['--out', str(tmp_path / 'run'), '--resume', '--steps', '3']) == 0
+    assert 'it validates on a new choice' in capsys.readouterr().out
+    assert len(set(_state(tmp_path / 'run' / 'checkpoint.pt')['data']['held_out']) - set(held)) == 4
 
 
 def test_resume_after_exit_is_exact(folders, tmp_path):
@@ -3270,6 +3280,10 @@ def test_resume_is_exact(tmp_path, voc):
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
     assert ft.main([*base, '--out', str(tmp_path / 'b'), '--exit-after', '2']) == 0
     assert not (tmp_path / 'b' / 'results.json').exists()
+    # A fork (--resume CKPT --out NEW) goes on in NEW, its log taken along; b stays at step 2.
+    assert ft.main(['--resume', str(tmp_path / 'b' / 'checkpoint.pt'), '--out', str(tmp_path / 'c'),
+                    '--workers', '0', '--device', 'cpu']) == 0
+    assert torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step'] == 2
     assert ft.main(['--out', str(tmp_path / 'b'), '--resume', '--workers', '0', '--device', 'cpu']) == 0
     a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)
     b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
@@ -3277,8 +3291,8 @@ def test_resume_is_exact(tmp_path, voc):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert read_results(tmp_path / 'a')['metrics'] == read_results(tmp_path / 'b')['metrics']
     # The log line at step 3 averages steps 1-3 across the checkpoint at 2, as in the run never stopped.
-    logs = [[json.loads(line)['loss'] for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()] for r in 'ab']
-    assert len(logs[0]) == 2 and logs[0] == logs[1]
+    logs = [[json.loads(line)['loss'] for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()] for r in 'abc']
+    assert len(logs[0]) == 2 and logs[0] == logs[1] == logs[2]
     # Starting afresh into a finished run's folder would replace its checkpoint: refused.
     before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
