@@ -1040,7 +1040,7 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
         info['resumed'] = first.get('resumed', []) + [
             dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                  device_name=info['device_name'], world_size=world)]
-    data.atomic_write(args.out / 'run.json', lambda f: f.write(json.dumps(info, indent=2).encode()))
+    data.write_json(args.out / 'run.json', info, indent=2)
 
 
 def trim_log(path, step):
@@ -1209,7 +1209,7 @@ def benchmark(args):
         info['rows'] = benchmark_training(args, device, rank, world)
     if args.benchmark in ('all', 'colorize'):
         info['colorize'] = benchmark_colorize(args, device, tuple(args.bench_photo))
-    data.atomic_write(args.out / 'benchmark.json', lambda f: f.write(json.dumps(info, indent=2).encode()))
+    data.write_json(args.out / 'benchmark.json', info, indent=2)
     return info
 
 

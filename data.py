@@ -248,7 +248,7 @@ def _scan_cached(root, cache_dir, log):
             log(f'not caching the listing of {root}: {racy[0]} changed less than 2 s ago')
         else:
             rel = lambda p: os.path.relpath(p, root)  # noqa: E731
-            _write_json_atomic(cache_file, {
+            write_json(cache_file, {
                 'version': _CACHE_VERSION, 'root': root,
                 'dirs': [[rel(d), mtime] for d, mtime in dirs],
                 'files': [rel(p) for p in files]})
@@ -290,8 +290,9 @@ def atomic_write(path, write):
         os.close(fd)
 
 
-def _write_json_atomic(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
+def write_json(path, obj, indent=None):
+    """obj as JSON at `path`, atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def subset(paths, n, seed=0):
@@ -1037,7 +1038,7 @@ class _PackWriter:
         self.index.flush()
         self.progress.update(done=done, shards=list(self.shards), counts=list(self.counts),
                              bad_bytes=self.bad.tell())
-        _write_json_atomic(os.path.join(self.root, _PACK_PROGRESS), self.progress)
+        write_json(os.path.join(self.root, _PACK_PROGRESS), self.progress)
 
     def close(self):
         self.shard.close()
@@ -1064,7 +1065,7 @@ def _pack_start(root, params, paths):
         open(os.path.join(root, name), 'wb').close()
     progress = {'version': _PACK_VERSION, 'params': params, 'total': len(paths), 'done': 0,
                 'shards': [0], 'bad_bytes': 0, 'counts': [0] * len(STATUS_NAMES)}
-    _write_json_atomic(os.path.join(root, _PACK_PROGRESS), progress)
+    write_json(os.path.join(root, _PACK_PROGRESS), progress)
     return progress
 
 
@@ -1229,7 +1230,7 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
     counts = dict(zip(STATUS_NAMES, writer.counts))
     info = {'version': _PACK_VERSION, 'params': params, 'total': total,
             'shards': writer.shards, 'counts': counts}
-    _write_json_atomic(os.path.join(out, _PACK_COMPLETE), info)
+    write_json(os.path.join(out, _PACK_COMPLETE), info)
     bad_note = f' (reasons in {os.path.join(out, _PACK_BAD)})' if counts['bad'] else ''
     log(f'packed {total:,} images into {out} in {_duration(time.perf_counter() - t_start)}: '
         f'{counts["ok"]:,} ok, {counts["gray"]:,} gray, {counts["bad"]:,} bad{bad_note}; '
@@ -1930,7 +1931,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
         make_demo_world(tmp, n_train, n_val, seed=seed, pool=pool)
         make_demo_voc(tmp, n_trainval_2007, n_test_2007, n_train_2012, n_val_2012, seed=seed + 1,
                       pool=pool)
-        _write_json_atomic(os.path.join(tmp, _DEMO_MARKER), params)
+        write_json(os.path.join(tmp, _DEMO_MARKER), params)
         if os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)
         try:

@@ -1353,7 +1353,7 @@ def write_json(path, obj):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    data.atomic_write(path, lambda f: f.write(json.dumps(clean(obj), indent=2).encode()))
+    data.write_json(path, clean(obj), indent=2)
 
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}
