@@ -1022,14 +1022,22 @@ def evaluate_and_show(model, val, args, device, log, step):
     log.flush()
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+
+
+def environment(device):
+    """What a result depends on besides its flags (run.json, results.json): versions, device, commit."""
+    return dict(torch=torch.__version__, python=sys.version.split()[0], device=str(device),
+                device_name=device_name(device), git_commit=git_commit())
+
+
 def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
     """run.json: args, versions, device, commit. A resumed run keeps the first start and lists each
     resumption (step, time, commit, torch, device), since those may differ between the parts."""
     now = time.strftime('%Y-%m-%d %H:%M:%S')
-    info = dict(args=plain_args(args),
-                torch=torch.__version__, python=sys.version.split()[0], device=str(device),
-                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                world_size=world, git_commit=git_commit(), train_images=n_train, val_images=n_val, started=now)
+    info = dict(args=plain_args(args), **environment(device), world_size=world, train_images=n_train,
+                val_images=n_val, started=now)
     path = args.out / 'run.json'
     if resumed_at and path.exists():
         try:
@@ -1201,7 +1209,7 @@ def benchmark(args):
     args.objective = 'colorize'  # the classifier baseline is built from the same trunk
     fill_defaults(args, device, world)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    name = device_name(device)
     print(f'benchmark: {args.arch} loss {args.loss}, fc6/fc7 {args.fc_dim}, device {name}, torch {torch.__version__}')
     info = dict(arch=args.arch, loss=args.loss, batch=args.batch_size, crop=args.crop, points=args.points,
                 fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit())

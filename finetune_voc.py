@@ -44,7 +44,7 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, fork_run, git_commit,
+from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, environment, fork_run,
                       load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
                       read_torch_file, refuse_fewer_steps, refuse_to_overwrite, setup_device, step_seed, trim_log)
@@ -1315,10 +1315,8 @@ def run(args):
     results = dict(task=args.task, metrics=evaluate(model, test_set, args, device), steps=step)
     if args.feature_shift:
         results['feature_shift'] = run_feature_shift(model, initial_state, test_items, args, device)
-    results.update(init=init_info, args=plain_args(args), torch=torch.__version__, python=sys.version.split()[0],
-                   device=str(device),
-                   device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                   git_commit=git_commit(), train_images=len(train_set), test_images=len(test_set),
+    results.update(init=init_info, args=plain_args(args), **environment(device),
+                   train_images=len(train_set), test_images=len(test_set),
                    finished=time.strftime('%Y-%m-%d %H:%M:%S'))
     write_json(args.out / 'results.json', results)
     print(f'results in {args.out / "results.json"}')
