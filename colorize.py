@@ -540,6 +540,12 @@ def make_model(config):
     return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
 
 
+def rng_state():
+    """The RNG states a checkpoint keeps (CUDA's only when this process uses CUDA: reading them would
+    start it)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+
 def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, progress=None, held_out=None):
     """One dict, written to a temp file and renamed: a crash mid-write never corrupts the last one.
     counts_by_rank: every rank's image status counts (gather_counts); `images` (data_identity of
@@ -547,8 +553,7 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
     `held_out`: the validation paths set aside from --data (None with --val-data or the demo)."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
-                 rng=dict(cpu=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []),
+                 rng=rng_state(),
                  data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER, held_out=held_out),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)

@@ -47,7 +47,8 @@ from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLO
 from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, environment, fork_run,
                       load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
-                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, setup_device, step_seed, trim_log)
+                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state, setup_device, step_seed,
+                      trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1068,9 +1069,7 @@ def save_checkpoint(path, model, optimizer, step, args, init_info, progress=None
     config = dict(objective=f'voc-{args.task}', task=args.task, arch=args.arch, width=args.width, fc_dim=args.fc_dim,
                   input=args.input, extended_fov=args.extended_fov, head_dim=args.head_dim)
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
-                 args=plain_args(args), init=init_info, progress=progress,
-                 rng=dict(cpu=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []))
+                 args=plain_args(args), init=init_info, progress=progress, rng=rng_state())
     atomic_save(state, path)
 
 
