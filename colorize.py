@@ -552,8 +552,7 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
     the training list) lets --resume notice a changed image list; `progress`: Progress.state();
     `held_out`: the validation paths set aside from --data (None with --val-data or the demo)."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 config=model_config(args), args=plain_args(args), world=len(counts_by_rank),
-                 rng=rng_state(),
+                 config=model_config(args), args=plain_args(args), world=len(counts_by_rank), rng=rng_state(),
                  data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER, held_out=held_out),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
@@ -992,8 +991,8 @@ def train(args):
     all_counts = data.StatusCounter()  # over all ranks
     all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
-        print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had zero weight); '
-              + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
+        print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had '
+              f'zero weight); ' + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
         log.close()
     if dist.is_initialized():
         dist.barrier()

@@ -661,7 +661,6 @@ class StatusCounter:
     def gray(self):
         return self.counts[STATUS_GRAY]
 
-
     def state_dict(self):
         return {'counts': list(self.counts)}
 
