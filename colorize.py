@@ -1165,32 +1165,42 @@ def _graphs_compiled():
 
 
 def _timed(step, batches, warmup, iters, device, skip=0):
-    """(seconds per step, peak GB, graphs compiled while timing) over `iters` steps after `warmup`
-    (which absorbs compilation) and after dropping `skip` batches unused (what a loader's workers
-    queued up meanwhile: timed, they would flatter a loader slower than the step); one sync at each
-    end of the timed span, none inside it."""
+    """(seconds per step, peak GB, graphs compiled while timing, host seconds per step spent waiting
+    for the next batch) over `iters` steps after `warmup` (which absorbs compilation) and after
+    dropping `skip` batches unused (what a loader's workers queued up meanwhile: timed, they would
+    flatter a loader slower than the step); one sync at each end of the timed span, none inside it.
+    The wait splits the host's time: a step that waits long for batches is fed too slowly; one that
+    spends its time inside `step` is bound by the host's own work there (launches, or a hidden
+    wait for the GPU)."""
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
     for _ in range(skip):
         next(it)
     graphs = _graphs_compiled()
+    waited = 0.0
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
-            step(*next(it))
+            t = time.perf_counter()
+            batch = next(it)
+            waited += time.perf_counter() - t
+            step(*batch)
         end.record()
         end.synchronize()
         seconds, mem = start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         t0 = time.perf_counter()
         for _ in range(iters):
-            step(*next(it))
+            t = time.perf_counter()
+            batch = next(it)
+            waited += time.perf_counter() - t
+            step(*batch)
         seconds, mem = (time.perf_counter() - t0) / iters, 0.0
-    return seconds, mem, _graphs_compiled() - graphs
+    return seconds, mem, _graphs_compiled() - graphs, waited / iters
 
 
 def _flops_per_image(step, batch, batch_size):
@@ -1258,7 +1268,7 @@ def benchmark_training(args, device, rank, world):
                 models.MATMUL_CELLS = 0  # count the network's FLOPs, not those of reading taps by matmuls
                 flops = _flops_per_image(eager_step, batch, B)
                 models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells  # read when compiling
-                seconds, mem, recompiles = _timed(step, _repeat(batch), warmup, iters, device)
+                seconds, mem, recompiles, _ = _timed(step, _repeat(batch), warmup, iters, device)
                 rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
                                  ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                                  tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
@@ -1278,12 +1288,13 @@ def benchmark_training(args, device, rank, world):
     fast = torch.compile(net, fullgraph=True) if args.compile else net
     batches = iter(make_loader(train_paths, args, rank, world, 0, device))
     queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
-    seconds, mem, recompiles = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
-                                      warmup, iters, device, skip=queued)
+    seconds, mem, recompiles, waited = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
+                                              warmup, iters, device, skip=queued)
     flops = rows[0]['gflops_per_img'] * 1e9
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
+                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles,
+                     host_wait_ms=1000 * waited))
     print_row(rows[-1])
     # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above;
     # each worker makes 4 batches or more.
@@ -1431,6 +1442,10 @@ def print_row(r):
           f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
           f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB'
           + (f'  RECOMPILED {r["recompiles"]}x while timing' if r['recompiles'] else ''), flush=True)
+    if 'host_wait_ms' in r:
+        print(f'  host: {r["host_wait_ms"]:.1f} ms/step waiting for the loader\'s next batch, '
+              f'{max(r["ms_per_step"] - r["host_wait_ms"], 0):.1f} ms/step not waiting (the step\'s own '
+              'host work, or the GPU ahead of it)', flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------

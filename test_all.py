@@ -2486,6 +2486,7 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
         ('loader', 'alone')]
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
     assert all(r['tflops'] == pytest.approx(r['gflops_per_img'] * r['img_per_s'] / 1000) for r in rows)
+    assert 0 <= rows[3]['host_wait_ms'] <= rows[3]['ms_per_step']  # the end-to-end row splits the host's time
     # The gathers-only colorizer is the same network: the same FLOPs (the network's, not the taps'
     # matmul reads), and the module's setting is back afterwards.
     assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img'] and models.MATMUL_CELLS == 1024
@@ -2513,6 +2514,7 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert 0 < small['gflops'] < own['gflops'] and small['seconds'] > 0
     printed = capsys.readouterr().out
     assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
+    assert "ms/step waiting for the loader's next batch" in printed
 
 
 def test_checkpoint_tensors_are_saved_from_the_cpu(tmp_path):
@@ -2558,6 +2560,24 @@ def test_benchmark_timing_drops_queued_batches_after_warmup():
     seen = []
     colorize._timed(lambda i: seen.append(i), [(i,) for i in range(5)], 1, 2, torch.device('cpu'), skip=2)
     assert seen == [0, 3, 4]
+
+
+def test_benchmark_timing_splits_the_hosts_time_into_waiting_for_batches_and_the_rest(monkeypatch):
+    # On a virtual clock: each batch takes 30 ms to arrive and each step 10 ms, so a timed step
+    # takes 40 ms, of which the host waited 30 for its batch.
+    clock = [0.0]
+    monkeypatch.setattr(colorize, 'time', argparse.Namespace(perf_counter=lambda: clock[0]))
+
+    def batches():
+        while True:
+            clock[0] += 0.030
+            yield ()
+
+    def step():
+        clock[0] += 0.010
+
+    seconds, _, _, waited = colorize._timed(step, batches(), 2, 5, torch.device('cpu'), skip=1)
+    assert seconds == pytest.approx(0.040) and waited == pytest.approx(0.030)
 
 
 def test_benchmark_timing_counts_recompilations():
