@@ -1201,6 +1201,22 @@ def test_random_and_center_crop():
     assert noflip == {0}
 
 
+@pytest.mark.parametrize('size, crop, sides', [((60, 80), 32, (40, 50)),  # resized, no padding
+                                               ((60, 80), 32, (60, 60)),  # short side kept: sliced
+                                               ((9, 21), 30, (9, 12))])   # resized and padded (odd amounts)
+def test_random_crop_flip_is_numpys_mirror_of_the_unflipped_crop(size, crop, sides):
+    # The same draws with flip=False give the same window unflipped; numpy mirrors it exactly.
+    rgb = _smooth_rgb(*size, seed=2)
+    for seed in range(12):
+        flipped = data.random_crop(rgb, crop, sides, True, np.random.default_rng(seed))
+        plain = data.random_crop(rgb, crop, sides, False, np.random.default_rng(seed))
+        draws = np.random.default_rng(seed)
+        draws.integers(sides[0], sides[1] + 1)  # the short side, then (top, left, flip)
+        mirror = draws.random(3)[2] < 0.5
+        assert flipped.flags.c_contiguous and flipped.shape == (crop, crop, 3)
+        assert np.array_equal(flipped, plain[:, ::-1] if mirror else plain)
+
+
 @pytest.mark.parametrize('size, short', [((300, 500), 256), ((4, 400), 100), ((50, 60), 224)])
 def test_crops_resample_only_the_window_like_a_whole_resize(size, short):
     """Against Pillow resizing the whole image, then cropping (and zero padding): within 2 levels.
