@@ -119,10 +119,11 @@ def parse_args(argv=None):
                    '(default %(default)s)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world is generated')
-    p.add_argument('--benchmark', nargs='?', const='all', choices=('all', 'train', 'colorize'),
+    p.add_argument('--benchmark', nargs='?', const='all', choices=('all', 'train', 'loader', 'colorize'),
                    help='instead of training, time training steps (synthetic data and the real loader; '
                         'compiled and eager; the same trunk as a classifier as baseline) and/or colorizing a '
-                        '1-megapixel photo (at --net-short-side and at its own size); default: all')
+                        '1-megapixel photo (at --net-short-side and at its own size); default: all; '
+                        'loader: only the colorizer through the real loader, and the loader alone')
     p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps, compilation '
                    'included (default %(default)s)')
     p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps (default %(default)s)')
@@ -1204,11 +1205,16 @@ def _timed(step, batches, warmup, iters, device, skip=0):
 
 
 def _flops_per_image(step, batch, batch_size):
-    """Forward + backward FLOPs of one step (matmuls and convolutions), counted by torch."""
+    """Forward + backward FLOPs of one step (matmuls and convolutions), counted by torch: the
+    network's, not those of reading its taps by matmuls (models.MATMUL_CELLS is 0 meanwhile)."""
     from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(*batch)
+    counter, matmul_cells = FlopCounterMode(display=False), models.MATMUL_CELLS
+    try:
+        models.MATMUL_CELLS = 0
+        with counter:
+            step(*batch)
+    finally:
+        models.MATMUL_CELLS = matmul_cells
     return counter.get_total_flops() / batch_size
 
 
@@ -1229,6 +1235,8 @@ def benchmark(args):
                 fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit())
     if args.benchmark in ('all', 'train'):
         info['rows'] = benchmark_training(args, device, rank, world)
+    if args.benchmark == 'loader':
+        info['rows'] = benchmark_loader(args, device, rank, world)
     if args.benchmark in ('all', 'colorize'):
         info['colorize'] = benchmark_colorize(args, device, tuple(args.bench_photo))
     data.write_json(args.out / 'benchmark.json', info, indent=2)
@@ -1265,7 +1273,6 @@ def benchmark_training(args, device, rank, world):
                 else:
                     step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
                     eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
-                models.MATMUL_CELLS = 0  # count the network's FLOPs, not those of reading taps by matmuls
                 flops = _flops_per_image(eager_step, batch, B)
                 models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells  # read when compiling
                 seconds, mem, recompiles, _ = _timed(step, _repeat(batch), warmup, iters, device)
@@ -1280,17 +1287,29 @@ def benchmark_training(args, device, rank, world):
                 del net, fast, opt
     finally:
         models.MATMUL_CELLS = matmul_cells
-    # End to end: the colorizer fed by the real loader (folders, a pack, or the demo).
+    rows += benchmark_loader(args, device, rank, world, flops=rows[0]['gflops_per_img'] * 1e9)
+    ratio = rows[0]['tflops'] / rows[1]['tflops']
+    print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
+          f'loader / synthetic img/s: {rows[-2]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
+    return rows
+
+
+def benchmark_loader(args, device, rank, world, flops=None):
+    """The colorizer's training steps end to end, fed by the real loader (folders, a pack, or the
+    demo), then the loader alone: two rows. `flops` per image: counted here unless given."""
+    B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
     train_paths = take_subset(args, image_sources(args, rank == 0, hold_out=False)[0])
     torch.manual_seed(args.seed)
     net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
     fast = torch.compile(net, fullgraph=True) if args.compile else net
     batches = iter(make_loader(train_paths, args, rank, world, 0, device))
+    if flops is None:
+        flops = _flops_per_image(lambda im, st: train_step(net, opt, im, st, args, device), next(batches), B)
     queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
     seconds, mem, recompiles, waited = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
                                               warmup, iters, device, skip=queued)
-    flops = rows[0]['gflops_per_img'] * 1e9
+    rows = []
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                      tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles,
@@ -1303,9 +1322,6 @@ def benchmark_training(args, device, rank, world):
     rows.append(dict(model='loader', data=f'alone ({args.workers} workers)', compiled=False, img_per_s=B / seconds,
                      ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0))
     print_row(rows[-1])
-    ratio = rows[0]['tflops'] / rows[1]['tflops']
-    print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
-          f'loader / synthetic img/s: {rows[-2]["img_per_s"] / rows[0]["img_per_s"]:.2f}')
     return rows
 
 

@@ -2531,6 +2531,13 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'colorizer / classifier FLOP rate' in printed and 'colorize a 100x60 photo' in printed
     assert "ms/step waiting for the loader's next batch" in printed
+    # --benchmark loader: only the two loader rows, the FLOPs counted alike (the network's).
+    assert colorize.main(tiny_args(train, val, tmp_path / 'loader', '--benchmark', 'loader', '--bench-warmup', '1',
+                                   '--bench-steps', '2')) == 0
+    alone = json.loads((tmp_path / 'loader' / 'benchmark.json').read_text())
+    assert [(r['model'], r['data'].split()[0]) for r in alone['rows']] == [('colorizer', 'loader'), ('loader', 'alone')]
+    assert alone['rows'][0]['gflops_per_img'] == pytest.approx(rows[0]['gflops_per_img']) and 'colorize' not in alone
+    assert models.MATMUL_CELLS == 1024
 
 
 def test_checkpoint_tensors_are_saved_from_the_cpu(tmp_path):
