@@ -1179,27 +1179,28 @@ def _timed(step, batches, warmup, iters, device, skip=0):
     for _ in range(skip):
         next(it)
     graphs = _graphs_compiled()
-    waited = 0.0
+
+    def timed_steps():  # -> host seconds spent waiting for batches
+        waited = 0.0
+        for _ in range(iters):
+            t = time.perf_counter()
+            batch = next(it)
+            waited += time.perf_counter() - t
+            step(*batch)
+        return waited
+
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            t = time.perf_counter()
-            batch = next(it)
-            waited += time.perf_counter() - t
-            step(*batch)
+        waited = timed_steps()
         end.record()
         end.synchronize()
         seconds, mem = start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         t0 = time.perf_counter()
-        for _ in range(iters):
-            t = time.perf_counter()
-            batch = next(it)
-            waited += time.perf_counter() - t
-            step(*batch)
+        waited = timed_steps()
         seconds, mem = (time.perf_counter() - t0) / iters, 0.0
     return seconds, mem, _graphs_compiled() - graphs, waited / iters
 
