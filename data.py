@@ -432,9 +432,10 @@ def is_grayscale(rgb, tol=6, quantile=0.99):
     read on a strided grid of about 256x256 pixels."""
     h, w = rgb.shape[:2]
     step = max(1, min(h, w) // 256)
-    x = rgb[::step, ::step].astype(np.int16)
-    spread = x.max(axis=2) - x.min(axis=2)
-    return bool(np.quantile(spread, quantile) <= tol)
+    r, g, b = (rgb[::step, ::step, c] for c in range(3))
+    # Channel by channel: numpy's max over a last axis of 3 took 25x longer, more than the decoding.
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8: max >= min
+    return bool(np.quantile(spread.astype(np.int16), quantile) <= tol)
 
 
 # ----------------------------------------------------------------------------------------------

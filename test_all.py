@@ -1173,6 +1173,16 @@ def test_is_grayscale():
     assert data.is_grayscale(tinted.astype(np.uint8))
     tinted[:2, :41, 2] = tinted[:2, :41, 1] + 7  # 82 of 4096 pixels
     assert not data.is_grayscale(tinted.astype(np.uint8))
+    # 100 pixels: the 99th percentile interpolates between the 99th and 100th smallest spreads,
+    # 0.01 of the way (position 0.99 x 99 = 98.01). By hand: 5 + 0.01 x (100 - 5) = 5.95 <= 6, gray;
+    # 5 + 0.01 x (200 - 5) = 6.95, not; 6 + 0.01 x (7 - 6) = 6.01, not; 3 + 0.01 x 252 = 5.52, gray;
+    # 4 + 0.01 x 251 = 6.51, not. A pixel (0, 255, 0) has the whole spread 255, without wrapping.
+    for second_largest, largest, gray_expected in [(5, 100, True), (5, 200, False), (6, 7, False), (6, 6, True),
+                                                   (3, 255, True), (4, 255, False)]:
+        img = np.full((10, 10, 3), 128, np.uint8)
+        img[0, 0] = (128, 128 + second_largest, 128) if second_largest <= 127 else (0, second_largest, 0)
+        img[0, 1] = (0, largest, 0) if largest > 127 else (128, 128 + largest, 128)
+        assert data.is_grayscale(img) == gray_expected, (second_largest, largest)
 
 
 # ----------------------------------------------------------------------------------------------
