@@ -1233,7 +1233,9 @@ def benchmark(args):
     name = device_name(device)
     print(f'benchmark: {args.arch} loss {args.loss}, fc6/fc7 {args.fc_dim}, device {name}, torch {torch.__version__}')
     info = dict(arch=args.arch, loss=args.loss, batch=args.batch_size, crop=args.crop, points=args.points,
-                fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit())
+                fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit(),
+                workers=args.workers, switch_interval=sys.getswitchinterval(),  # what the loader ran with
+                sharing_strategy=torch.multiprocessing.get_sharing_strategy())
     if args.benchmark in ('all', 'train'):
         info['rows'] = benchmark_training(args, device, rank, world)
     if args.benchmark == 'loader':

@@ -461,7 +461,8 @@ def _pad_to(rgb, crop):
 def random_crop(rgb, crop, short_side_range, flip, rng):
     """Training augmentation: resize (bilinear) so the short side is an integer drawn from
     U[lo, hi] (inclusive), zero-pad (centred) if smaller than `crop`, take a random crop x crop
-    window, flip horizontally with p = 0.5 if `flip`. uint8 (H, W, 3) -> uint8 (crop, crop, 3).
+    window, flip horizontally with p = 0.5 if `flip`. uint8 (H, W, 3) -> uint8 (crop, crop, 3),
+    C-contiguous, possibly read-only (a view of Pillow's output: copy before writing into it).
     The draws from `rng` (np.random.Generator) are the same in number whatever the image."""
     lo, hi = short_side_range
     short = int(rng.integers(lo, hi + 1))

@@ -2547,6 +2547,25 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     alone = json.loads((tmp_path / 'loader' / 'benchmark.json').read_text())
     assert [(r['model'], r['data'].split()[0]) for r in alone['rows']] == [('colorizer', 'loader'), ('loader', 'alone')]
     assert alone['rows'][0]['gflops_per_img'] == pytest.approx(rows[0]['gflops_per_img']) and 'colorize' not in alone
+    assert alone['switch_interval'] == sys.getswitchinterval() and alone['sharing_strategy'] in ('file_descriptor',
+                                                                                               'file_system')
+    # Those FLOPs are the network's: torch's own count of a forward+backward with every tap read by
+    # gathers (MATMUL_CELLS 0), not with the matmul reads that the module's setting (1024) would add.
+    from torch.utils.flop_counter import FlopCounterMode
+    net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='huechroma', width=0.0625, fc_dim=16))
+    x, pts = torch.randn(2, 1, 32, 32), torch.tensor([[[5.0, 7.0], [20.0, 9.0]]] * 2)
+
+    def forward_backward(cells):
+        models.MATMUL_CELLS, counter = cells, FlopCounterMode(display=False)
+        try:
+            with counter:
+                net(x, pts).sum().backward()
+        finally:
+            models.MATMUL_CELLS = 1024
+        return counter.get_total_flops()
+    gathers, matmuls = forward_backward(0), forward_backward(1024)
+    assert gathers < matmuls
+    assert colorize._flops_per_image(lambda: net(x, pts).sum().backward(), (), 2) * 2 == gathers
     assert models.MATMUL_CELLS == 1024
 
 
