@@ -3826,6 +3826,19 @@ def test_scale_crop_flips_image_and_label_together_half_the_time():
     assert 420 < flips < 580  # binomial sd 16
 
 
+def test_scale_crop_flip_is_numpys_mirror_of_the_unflipped_crop():
+    # Same draws with flip=False: the same window unflipped; numpy mirrors image and label exactly.
+    img, label = _smooth_rgb(30, 41, seed=4), np.random.default_rng(4).integers(0, 21, (30, 41)).astype(np.uint8)
+    for seed in range(16):
+        got, got_label = ft.random_scale_crop(img, label, 24, (0.5, 1.5), rng(seed))
+        plain, plain_label = ft.random_scale_crop(img, label, 24, (0.5, 1.5), rng(seed), flip=False)
+        draws = rng(seed)
+        draws.uniform(0.5, 1.5)  # the scale, then (top, left, flip)
+        if draws.random(3)[2] < 0.5:
+            plain, plain_label = plain[:, ::-1], plain_label[:, ::-1]
+        assert np.array_equal(got, plain) and np.array_equal(got_label, plain_label) and got.flags.c_contiguous
+
+
 def test_scale_crop_reaches_every_offset():
     """Larger than the crop: source offsets 0..room; smaller: destination offsets 0..crop - size."""
     big, small = _coords(20, 20), _coords(5, 5)
