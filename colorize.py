@@ -108,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentation and pixels')
     p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores this process may '
                    'use, its CPU affinity, per GPU, less one, at most 16; 1 on CPU)')
+    p.add_argument('--handover', choices=('slots', 'torch'), default='slots',
+                   help='how loader processes hand batches to the main process: slots (shared memory set aside '
+                        'once, data.SlotBatches; default) or torch (DataLoader\'s own: new shared memory per batch)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue the run of CKPT (default: <out>/checkpoint.pt) with its settings (data, '
                         'network, schedule); flags given anew may change only the schedule')
@@ -489,10 +492,16 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
                         f'--batch-size {args.batch_size} each; use more images or a smaller --batch-size')
     sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
                                    seed=args.seed, start_step=start_step)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
-        prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
+    if args.workers == 0 or args.handover == 'torch':
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+            pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
+            prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
+    # Workers hand batches over through shared memory set aside once (data.SlotBatches), not per batch.
+    slots = data.SlotBatches(args.workers, LOADER_PREFETCH + 1, args.batch_size, (3, args.crop, args.crop))
+    return slots.batches(torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=slots.collate,
+        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=True, prefetch_factor=LOADER_PREFETCH))
 
 
 def prepare(images, args, device, points=None, generator=None):
@@ -1165,14 +1174,14 @@ def _graphs_compiled():
         return 0
 
 
-def _timed(step, batches, warmup, iters, device, skip=0):
+def _timed(step, batches, warmup, iters, device, skip=0, span=contextlib.nullcontext):
     """(seconds per step, peak GB, graphs compiled while timing, host seconds per step spent waiting
     for the next batch) over `iters` steps after `warmup` (which absorbs compilation) and after
     dropping `skip` batches unused (what a loader's workers queued up meanwhile: timed, they would
     flatter a loader slower than the step); one sync at each end of the timed span, none inside it.
     The wait splits the host's time: a step that waits long for batches is fed too slowly; one that
     spends its time inside `step` is bound by the host's own work there (launches, or a hidden
-    wait for the GPU)."""
+    wait for the GPU). `span()`, a context manager, is entered for exactly the timed span (CpuUse)."""
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
@@ -1193,16 +1202,103 @@ def _timed(step, batches, warmup, iters, device, skip=0):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        waited = timed_steps()
-        end.record()
-        end.synchronize()
+        with span():
+            start.record()
+            waited = timed_steps()
+            end.record()
+            end.synchronize()
         seconds, mem = start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
-        t0 = time.perf_counter()
-        waited = timed_steps()
-        seconds, mem = (time.perf_counter() - t0) / iters, 0.0
+        with span():
+            t0 = time.perf_counter()
+            waited = timed_steps()
+            seconds, mem = (time.perf_counter() - t0) / iters, 0.0
     return seconds, mem, _graphs_compiled() - graphs, waited / iters
+
+
+def _cpu_seconds(stat_path):
+    """User + system CPU seconds from a /proc/.../stat file (a process: all its threads, exited ones
+    included; a /proc/PID/task/TID/stat: one thread); None if it cannot be read (gone, not Linux)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(')', 1)[1].split()  # the name, in parentheses, may hold spaces
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime: fields 14, 15
+
+
+def _children(pid):
+    """The process ids whose parent is `pid` (the loader's worker processes, and any others)."""
+    found = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open(f'/proc/{name}/stat') as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _machine_busy():
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat's first line."""
+    with open('/proc/stat') as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    hz = os.sysconf('SC_CLK_TCK')
+    return (sum(ticks[:8]) - idle) / hz, sum(ticks[:8]) / hz  # guest time is counted in user already
+
+
+class CpuUse:
+    """Where the CPU went over a span (`with cpu:`), from /proc (Linux; elsewhere `result` is None):
+    this process's main thread, its other threads (DataLoader's pinning thread, CUDA's), its child
+    processes (the loader's workers; children started during the span are not seen) and the whole
+    machine. Resolution: the kernel's clock tick, 10 ms, summed over the span."""
+
+    def __init__(self):
+        self.result = None
+
+    def _read(self):
+        pid = os.getpid()
+        return dict(wall=time.perf_counter(), process=_cpu_seconds(f'/proc/{pid}/stat'),
+                    main=_cpu_seconds(f'/proc/{pid}/task/{pid}/stat'),
+                    children=sum(filter(None, (_cpu_seconds(f'/proc/{c}/stat') for c in self._kids))),
+                    machine=_machine_busy())
+
+    def __enter__(self):
+        try:
+            self._kids = _children(os.getpid())
+            self._start = self._read()
+        except OSError:  # no /proc
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None or exc[0] is not None:
+            return
+        end, start = self._read(), self._start
+        if None in (end['process'], end['main'], start['process'], start['main']):
+            return
+        wall = end['wall'] - start['wall']
+        busy, total = (e - s for e, s in zip(end['machine'], start['machine']))
+        self.result = dict(seconds=wall, main=end['main'] - start['main'],
+                           other_threads=max(0.0, (end['process'] - start['process']) - (end['main'] - start['main'])),  # ticks: >= -1
+                           children=end['children'] - start['children'], machine_busy=busy, machine=total)
+
+    def __call__(self):  # _timed's span=: a context manager
+        return self
+
+    def per_step(self, steps, images, workers):
+        """The span's CPU per training step and per image, for a benchmark row; None without /proc."""
+        r = self.result
+        if r is None or r['seconds'] <= 0:
+            return None
+        return dict(main_thread_ms_per_step=1000 * r['main'] / steps,
+                    other_threads_ms_per_step=1000 * r['other_threads'] / steps,
+                    workers_ms_per_image=1000 * r['children'] / images,
+                    workers_busy=r['children'] / (r['seconds'] * workers) if workers else 0.0,
+                    machine_busy_cores=r['machine_busy'] / r['seconds'], machine_cores=r['machine'] / r['seconds'])
 
 
 def _flops_per_image(step, batch, batch_size):
@@ -1234,7 +1330,8 @@ def benchmark(args):
     print(f'benchmark: {args.arch} loss {args.loss}, fc6/fc7 {args.fc_dim}, device {name}, torch {torch.__version__}')
     info = dict(arch=args.arch, loss=args.loss, batch=args.batch_size, crop=args.crop, points=args.points,
                 fc_dim=args.fc_dim, device=name, torch=torch.__version__, git_commit=git_commit(),
-                workers=args.workers, switch_interval=sys.getswitchinterval(),  # what the loader ran with
+                workers=args.workers, handover=args.handover,  # what the loader ran with
+                switch_interval=sys.getswitchinterval(),
                 sharing_strategy=torch.multiprocessing.get_sharing_strategy())
     if args.benchmark in ('all', 'train'):
         info['rows'] = benchmark_training(args, device, rank, world)
@@ -1310,20 +1407,22 @@ def benchmark_loader(args, device, rank, world, flops=None):
     if flops is None:
         flops = _flops_per_image(lambda im, st: train_step(net, opt, im, st, args, device), next(batches), B)
     queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
+    cpu = CpuUse()  # where the host's CPU goes while timing: main thread, other threads, workers
     seconds, mem, recompiles, waited = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
-                                              warmup, iters, device, skip=queued)
+                                              warmup, iters, device, skip=queued, span=cpu)
     rows = []
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
                      tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles,
-                     host_wait_ms=1000 * waited))
+                     host_wait_ms=1000 * waited, cpu=cpu.per_step(iters, iters * B, args.workers)))
     print_row(rows[-1])
     # The loader alone (no GPU work): the most it can feed. Queued batches dropped first, as above;
     # each worker makes 4 batches or more.
-    seconds = _timed(lambda *batch: None, batches, 0, max(iters, 4 * args.workers), torch.device('cpu'),
-                     skip=queued)[0]
+    cpu, steps = CpuUse(), max(iters, 4 * args.workers)
+    seconds = _timed(lambda *batch: None, batches, 0, steps, torch.device('cpu'), skip=queued, span=cpu)[0]
     rows.append(dict(model='loader', data=f'alone ({args.workers} workers)', compiled=False, img_per_s=B / seconds,
-                     ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0))
+                     ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0,
+                     cpu=cpu.per_step(steps, steps * B, args.workers)))
     print_row(rows[-1])
     return rows
 
@@ -1456,15 +1555,21 @@ def print_row(r):
     if r['model'] == 'loader':
         print(f'{r["model"]:10s} {r["data"]:22s} {"":8s} {r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} '
               f'ms/batch (no GPU work: the most the loader can feed)', flush=True)
-        return
-    print(f'{r["model"]:10s} {r["data"]:22s} {"compiled" if r["compiled"] else "eager":8s} '
-          f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
-          f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB'
-          + (f'  RECOMPILED {r["recompiles"]}x while timing' if r['recompiles'] else ''), flush=True)
+    else:
+        print(f'{r["model"]:10s} {r["data"]:22s} {"compiled" if r["compiled"] else "eager":8s} '
+              f'{r["img_per_s"]:9.1f} img/s {r["ms_per_step"]:9.1f} ms/step {r["gflops_per_img"]:8.3g} GFLOP/img '
+              f'{r["tflops"]:8.3g} TFLOP/s {r["peak_mem_gb"]:6.1f} GB'
+              + (f'  RECOMPILED {r["recompiles"]}x while timing' if r['recompiles'] else ''), flush=True)
     if 'host_wait_ms' in r:
         print(f'  host: {r["host_wait_ms"]:.1f} ms/step waiting for the loader\'s next batch, '
               f'{max(r["ms_per_step"] - r["host_wait_ms"], 0):.1f} ms/step not waiting (the step\'s own '
               'host work, or the GPU ahead of it)', flush=True)
+    if r.get('cpu'):
+        c = r['cpu']
+        print(f'  cpu: main thread {c["main_thread_ms_per_step"]:.1f} ms/step, other threads '
+              f'{c["other_threads_ms_per_step"]:.1f} ms/step, loader processes {c["workers_ms_per_image"]:.2f} '
+              f'ms/image ({100 * c["workers_busy"]:.0f}% busy), machine {c["machine_busy_cores"]:.1f} of '
+              f'{c["machine_cores"]:.0f} cores busy', flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------

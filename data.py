@@ -680,6 +680,100 @@ class StatusCounter:
         return f'images {self.seen:,}: {parts}'
 
 
+class SlotBatches:
+    """Hands batches from DataLoader workers to the main process through a fixed ring of shared-memory
+    slots, made once, instead of torch's default: a new shared-memory segment per batch, its file
+    descriptor passed on request, mapped page by page and freed after, all in the one process that
+    receives every batch. Here the main process (DataLoader's pinning thread on CUDA) only copies a
+    batch out of memory it has had mapped all along.
+
+        slots = SlotBatches(workers, depth, batch_size, (3, crop, crop))  # before the workers start
+        loader = DataLoader(dataset, batch_size, num_workers=workers, prefetch_factor=depth - 1,
+                            collate_fn=slots.collate, pin_memory=...)
+        for images, status, *more in slots.batches(loader): ...
+
+    dataset items: (uint8 image tensor of `image_shape`, int, ...); a batch comes out as default
+    collation makes it: the images (B, *image_shape), then int64 (B,) tensors of the ints; pinned if
+    the DataLoader pins. Worker w writes its k-th batch into slot k % depth of its row and sends only
+    (w, k) and the ints by value. DataLoader gives worker w its task k + prefetch_factor only once
+    its batch k has reached the caller, so depth = prefetch_factor + 1 never overwrites a batch not
+    yet copied; every slot also carries the number of the batch in it, checked before and after the
+    copy: a batch overwritten early raises an error instead of passing silently.
+    """
+
+    _live = {}  # id -> SlotBatches, in the main process: what a SlotBatch from a worker refers to
+
+    def __init__(self, workers, depth, batch_size, image_shape):
+        shape = (workers, depth, batch_size, *image_shape)
+        try:
+            self.images = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        except RuntimeError as e:
+            raise RuntimeError(f'the loader could not set aside {math.prod(shape) / 2 ** 30:.2f} GiB of shared '
+                               f'memory ({workers} workers x {depth} batches): is /dev/shm too small (in '
+                               f'Docker: --shm-size)? Or use fewer --workers. ({e})') from e
+        self.seq = torch.full((workers, depth), -1, dtype=torch.int64).share_memory_()
+        self.depth, self.key, self._made = depth, f'{os.getpid()}-{id(self)}', 0
+        SlotBatches._live[self.key] = self
+
+    def close(self):
+        SlotBatches._live.pop(self.key, None)
+
+    def collate(self, samples):
+        """In a worker: the batch into this worker's next slot; returns a SlotBatch."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            raise RuntimeError('SlotBatches.collate runs in DataLoader workers (num_workers > 0)')
+        w, k = info.id, self._made
+        self._made += 1
+        s = k % self.depth
+        self.seq[w, s] = -1  # being written
+        torch.stack([item[0] for item in samples], out=self.images[w, s])
+        self.seq[w, s] = k
+        ints = tuple(np.array([item[j] for item in samples], dtype=np.int64) for j in range(1, len(samples[0])))
+        return SlotBatch(self.key, w, s, k, ints)
+
+    def take(self, w, s, k, pin):
+        """In the main process: batch k of worker w copied out of slot s (into pinned memory if `pin`)."""
+        if int(self.seq[w, s]) == k:
+            # numpy's copy: one thread (a torch copy this large would wake the intra-op thread pool)
+            images = self.images[w, s].pin_memory() if pin else torch.from_numpy(self.images[w, s].numpy().copy())
+            if int(self.seq[w, s]) == k:
+                return images
+        raise RuntimeError(f'loader: batch {k} of worker {w} was overwritten before it was read (slot {s} '
+                           f'of {self.depth}); does this DataLoader hand out more than {self.depth - 1} '
+                           'batches per worker ahead (prefetch_factor)?')
+
+    def batches(self, loader):
+        """The loader's batches as tuples of tensors (SlotBatches taken out where not pinned); the
+        slots are released when this generator ends or is dropped."""
+        try:
+            for batch in loader:
+                yield batch.collated(pin=False) if isinstance(batch, SlotBatch) else batch
+        finally:
+            self.close()
+
+
+class SlotBatch:
+    """What a worker sends for one batch: where it is (slot s of worker w, its k-th batch) and the
+    ints by value. DataLoader's pinning thread calls pin_memory(), which copies the batch out."""
+
+    def __init__(self, key, w, s, k, ints):
+        self.key, self.w, self.s, self.k, self.ints = key, w, s, k, ints
+
+    def collated(self, pin):
+        slots = SlotBatches._live.get(self.key)
+        if slots is None:
+            raise RuntimeError('a SlotBatch reached a process without its SlotBatches (closed?)')
+        images = slots.take(self.w, self.s, self.k, pin)
+        ints = [torch.from_numpy(a) for a in self.ints]
+        if pin:
+            ints = [t.pin_memory() for t in ints]
+        return (images, *ints)
+
+    def pin_memory(self, device=None):
+        return self.collated(pin=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Packs: pre-resized JPEG bytes in a few large files, for training without per-image file opens
 

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -2513,6 +2514,11 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert all(r['img_per_s'] > 0 and r['ms_per_step'] > 0 for r in rows)
     assert all(r['tflops'] == pytest.approx(r['gflops_per_img'] * r['img_per_s'] / 1000) for r in rows)
     assert 0 <= rows[3]['host_wait_ms'] <= rows[3]['ms_per_step']  # the end-to-end row splits the host's time
+    if os.path.exists('/proc/self/task'):  # and says where the CPU went (Linux): no workers here, all in-process
+        cpus = [rows[3]['cpu'], rows[4]['cpu']]
+        assert all(c['workers_ms_per_image'] == c['workers_busy'] == 0 for c in cpus)
+        assert cpus[0]['main_thread_ms_per_step'] > 0 and all(0 < c['machine_busy_cores'] <= c['machine_cores'] + 0.5
+                                                              for c in cpus)
     # The gathers-only colorizer is the same network: the same FLOPs (the network's, not the taps'
     # matmul reads), and the module's setting is back afterwards.
     assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img'] and models.MATMUL_CELLS == 1024
@@ -2640,6 +2646,117 @@ def test_benchmark_timing_counts_recompilations():
     other = colorize._timed(step, [(torch.ones(2, 4),)] * 2 + [(torch.ones(3, 4),)] * 2, 2, 2, torch.device('cpu'))
     assert same[2] == 0 and other[2] == 1
 
+
+
+def _loader_args(workers, handover):
+    return argparse.Namespace(crop=16, short_side=[20, 30], objective='colorize', batch_size=4, seed=3,
+                              workers=workers, handover=handover)
+
+
+def test_loader_hand_overs_give_the_same_batches(folders):
+    # Batches through shared-memory slots (the default with workers), through DataLoader's own
+    # hand-over and in the main process are the same tensors, labels included; the slots are
+    # released when the batches' iterator goes.
+    paths = data.find_images([folders[0]], log=lambda *a: None)
+    labels = [i % 5 for i in range(len(paths))]
+    got = {}
+    for workers, handover in ((0, 'slots'), (2, 'slots'), (2, 'torch')):
+        it = iter(colorize.make_loader(paths, _loader_args(workers, handover), 0, 1, 0, torch.device('cpu'),
+                                       labels=labels))
+        got[workers, handover] = [next(it) for _ in range(7)]  # past the 2 x 5 slots' first round
+        del it
+    assert not data.SlotBatches._live
+    ref = got[0, 'slots']
+    assert [tuple(t.shape) for t in ref[0]] == [(4, 3, 16, 16), (4,), (4,)]
+    for key in ((2, 'slots'), (2, 'torch')):
+        for batch, expected in zip(got[key], ref):
+            assert len(batch) == 3 and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(batch, expected))
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_loader_slots_hand_over_pinned_batches(folders):
+    # On CUDA the DataLoader's pinning thread takes batches out of the slots into pinned memory.
+    paths = data.find_images([folders[0]], log=lambda *a: None)
+    batches = {}
+    for workers in (0, 2):
+        it = iter(colorize.make_loader(paths, _loader_args(workers, 'slots'), 0, 1, 0, torch.device('cuda')))
+        batches[workers] = [next(it) for _ in range(6)]
+        del it
+    assert all(t.is_pinned() for batch in batches[2] for t in batch)
+    assert all(torch.equal(a, b) for x, y in zip(batches[0], batches[2]) for a, b in zip(x, y))
+
+def test_slot_batches_refuse_a_batch_overwritten_before_it_was_read(monkeypatch):
+    # One worker, two slots: its third batch goes into the first's slot, so the first can no
+    # longer be read; what was taken out is a copy that later batches leave alone.
+    monkeypatch.setattr(torch.utils.data, 'get_worker_info', lambda: argparse.Namespace(id=0))
+    slots = data.SlotBatches(workers=1, depth=2, batch_size=2, image_shape=(1, 2, 2))
+
+    def batch(v):
+        return slots.collate([(torch.full((1, 2, 2), v + i, dtype=torch.uint8), v + i, 7) for i in range(2)])
+
+    first, second, third = batch(10), batch(20), batch(30)
+    images, status, label = second.collated(pin=False)
+    assert images.shape == (2, 1, 2, 2) and images[:, 0, 1, 1].tolist() == [20, 21]
+    assert status.tolist() == [20, 21] and label.tolist() == [7, 7] and status.dtype == label.dtype == torch.int64
+    with pytest.raises(RuntimeError, match='overwritten'):
+        first.collated(pin=False)
+    assert third.collated(pin=False)[0][:, 0, 0, 0].tolist() == [30, 31]
+    batch(40)  # into the second's slot
+    assert images[:, 0, 1, 1].tolist() == [20, 21]
+    slots.close()
+    with pytest.raises(RuntimeError, match='without its SlotBatches'):
+        third.collated(pin=False)
+    with pytest.raises(RuntimeError, match='num_workers > 0'):
+        monkeypatch.setattr(torch.utils.data, 'get_worker_info', lambda: None)
+        batch(50)
+
+
+def test_cpu_seconds_reads_proc_stat_fields_14_and_15(tmp_path):
+    # A process name may hold spaces and parentheses; utime and stime are in clock ticks.
+    stat = tmp_path / 'stat'
+    stat.write_text('42 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20 0\n')
+    assert colorize._cpu_seconds(stat) == pytest.approx(400 / os.sysconf('SC_CLK_TCK'))
+    assert colorize._cpu_seconds(tmp_path / 'gone') is None
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='reads /proc (Linux)')
+def test_cpu_use_splits_main_thread_other_threads_and_child_processes():
+    # Over one span: the main thread burns 0.2 s of CPU, another thread 0.1 s, a child process 0.3 s
+    # (each measured by its own CPU clock, not by /proc).
+    child = subprocess.Popen([sys.executable, '-c', textwrap.dedent("""
+        import sys, time
+        print('ready', flush=True); sys.stdin.readline()
+        end = time.process_time() + 0.3
+        while time.process_time() < end: pass
+        print('done', flush=True); sys.stdin.readline()""")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def burn(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    try:
+        assert child.stdout.readline() == 'ready\n'
+        with colorize.CpuUse() as cpu:
+            child.stdin.write('go\n')
+            child.stdin.flush()
+            other = threading.Thread(target=burn, args=(0.1,))
+            other.start()
+            burn(0.2)
+            other.join()
+            assert child.stdout.readline() == 'done\n'  # burnt, not yet exited: its times still readable
+    finally:
+        child.communicate('\n', timeout=30)
+    r, tick = cpu.result, 1 / os.sysconf('SC_CLK_TCK')
+    assert r['main'] == pytest.approx(0.2, abs=3 * tick)
+    assert r['other_threads'] == pytest.approx(0.1, abs=3 * tick)
+    assert r['children'] == pytest.approx(0.3, abs=4 * tick)
+    assert r['machine_busy'] >= r['main'] + r['other_threads'] + r['children'] - 6 * tick
+    per = cpu.per_step(steps=10, images=100, workers=1)
+    assert per['main_thread_ms_per_step'] == pytest.approx(1000 * r['main'] / 10)
+    assert per['workers_ms_per_image'] == pytest.approx(1000 * r['children'] / 100)
+    assert per['workers_busy'] == pytest.approx(r['children'] / r['seconds'])
 
 def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
     """The supervised baseline: same loop and checkpoints, label = folder name."""
@@ -3382,7 +3499,7 @@ RESUME_FLAGS = {
              'fc_dim'},
         schedule={'steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every'},
-        operational={'out', 'resume', 'device', 'workers', 'compile', 'exit_after', 'typed_flags',
+        operational={'out', 'resume', 'device', 'workers', 'handover', 'compile', 'exit_after', 'typed_flags',
                      'colorize', 'checkpoint', 'output', 'net_short_side',  # the colorizing mode
                      'benchmark', 'bench_steps', 'bench_warmup', 'bench_photo', 'bench_profile'}),
     ft: dict(
