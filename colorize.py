@@ -492,16 +492,14 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
                         f'--batch-size {args.batch_size} each; use more images or a smaller --batch-size')
     sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
                                    seed=args.seed, start_step=start_step)
-    if args.workers == 0 or args.handover == 'torch':
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-            pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
-            prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
     # Workers hand batches over through shared memory set aside once (data.SlotBatches), not per batch.
-    slots = data.SlotBatches(args.workers, LOADER_PREFETCH + 1, args.batch_size, (3, args.crop, args.crop))
-    return slots.batches(torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=slots.collate,
-        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=True, prefetch_factor=LOADER_PREFETCH))
+    slots = None if args.workers == 0 or args.handover == 'torch' else data.SlotBatches(
+        args.workers, LOADER_PREFETCH + 1, args.batch_size, (3, args.crop, args.crop))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=slots.collate if slots else None, pin_memory=device.type == 'cuda', drop_last=True,
+        persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
+    return slots.batches(loader) if slots else loader
 
 
 def prepare(images, args, device, points=None, generator=None):
@@ -1174,14 +1172,14 @@ def _graphs_compiled():
         return 0
 
 
-def _timed(step, batches, warmup, iters, device, skip=0, span=contextlib.nullcontext):
+def _timed(step, batches, warmup, iters, device, skip=0, span=contextlib.nullcontext()):
     """(seconds per step, peak GB, graphs compiled while timing, host seconds per step spent waiting
     for the next batch) over `iters` steps after `warmup` (which absorbs compilation) and after
     dropping `skip` batches unused (what a loader's workers queued up meanwhile: timed, they would
     flatter a loader slower than the step); one sync at each end of the timed span, none inside it.
     The wait splits the host's time: a step that waits long for batches is fed too slowly; one that
     spends its time inside `step` is bound by the host's own work there (launches, or a hidden
-    wait for the GPU). `span()`, a context manager, is entered for exactly the timed span (CpuUse)."""
+    wait for the GPU). `span`, a context manager, is entered for exactly the timed span (CpuUse)."""
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
@@ -1202,43 +1200,41 @@ def _timed(step, batches, warmup, iters, device, skip=0, span=contextlib.nullcon
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with span():
+        with span:
             start.record()
             waited = timed_steps()
             end.record()
             end.synchronize()
         seconds, mem = start.elapsed_time(end) / 1000 / iters, torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
-        with span():
+        with span:
             t0 = time.perf_counter()
             waited = timed_steps()
             seconds, mem = (time.perf_counter() - t0) / iters, 0.0
     return seconds, mem, _graphs_compiled() - graphs, waited / iters
 
 
-def _cpu_seconds(stat_path):
-    """User + system CPU seconds from a /proc/.../stat file (a process: all its threads, exited ones
-    included; a /proc/PID/task/TID/stat: one thread); None if it cannot be read (gone, not Linux)."""
+def _stat_fields(stat_path):
+    """The fields of a /proc/.../stat file after the process name (field 3 on); None if it cannot be
+    read (gone, not Linux)."""
     try:
         with open(stat_path) as f:
-            fields = f.read().rsplit(')', 1)[1].split()  # the name, in parentheses, may hold spaces
+            return f.read().rsplit(')', 1)[1].split()  # the name, in parentheses, may hold spaces
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime: fields 14, 15
+
+
+def _cpu_seconds(stat_path):
+    """User + system CPU seconds from a /proc/.../stat file (a process: all its threads, exited ones
+    included; a /proc/PID/task/TID/stat: one thread); None if it cannot be read."""
+    fields = _stat_fields(stat_path)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # 14, 15
 
 
 def _children(pid):
     """The process ids whose parent is `pid` (the loader's worker processes, and any others)."""
-    found = []
-    for name in os.listdir('/proc'):
-        if name.isdigit():
-            try:
-                with open(f'/proc/{name}/stat') as f:
-                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
-                        found.append(int(name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
+    return [int(name) for name in os.listdir('/proc')
+            if name.isdigit() and (_stat_fields(f'/proc/{name}/stat') or [None, None])[1] == str(pid)]
 
 
 def _machine_busy():
@@ -1285,9 +1281,6 @@ class CpuUse:
         self.result = dict(seconds=wall, main=end['main'] - start['main'],
                            other_threads=max(0.0, (end['process'] - start['process']) - (end['main'] - start['main'])),  # ticks: >= -1
                            children=end['children'] - start['children'], machine_busy=busy, machine=total)
-
-    def __call__(self):  # _timed's span=: a context manager
-        return self
 
     def per_step(self, steps, images, workers):
         """The span's CPU per training step and per image, for a benchmark row; None without /proc."""
