@@ -35,7 +35,6 @@ from PIL import Image
 
 import data
 import lab
-import models
 from models import MODELS, build_model, fold_batchnorm, sample_points
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +132,7 @@ def parse_args(argv=None):
     p.add_argument('--bench-profile', action='store_true',
                    help='--benchmark: also profile the training steps (torch.profiler): where the time goes, by '
                         'kernel family, and the longest kernels, in OUT/profile-*.txt; and time the colorizer with '
-                        'every tap read by gathers (models.MATMUL_CELLS = 0), the row "gathers"')
+                        'every tap read by gathers (matmul_cells 0), the row "gathers"')
     p.add_argument('--bench-photo', type=int, nargs=2, default=[866, 1155], metavar=('H', 'W'),
                    help='--benchmark: size of the photo to colorize (default: 1 megapixel, 4:3)')
     # Colorizing photos.
@@ -1294,17 +1293,19 @@ class CpuUse:
                     machine_busy_cores=r['machine_busy'] / r['seconds'], machine_cores=r['machine'] / r['seconds'])
 
 
-def _flops_per_image(step, batch, batch_size):
-    """Forward + backward FLOPs of one step (matmuls and convolutions), counted by torch: the
-    network's, not those of reading its taps by matmuls (models.MATMUL_CELLS is 0 meanwhile)."""
+def _flops_per_image(step, batch, batch_size, net):
+    """Forward + backward FLOPs of one step of `net` (matmuls and convolutions), counted by torch:
+    the network's, not those of reading its taps by matmuls (its matmul_cells is 0 meanwhile)."""
     from torch.utils.flop_counter import FlopCounterMode
-    counter, matmul_cells = FlopCounterMode(display=False), models.MATMUL_CELLS
+    counter, matmul_cells = FlopCounterMode(display=False), getattr(net, 'matmul_cells', None)
     try:
-        models.MATMUL_CELLS = 0
+        if matmul_cells is not None:
+            net.matmul_cells = 0
         with counter:
             step(*batch)
     finally:
-        models.MATMUL_CELLS = matmul_cells
+        if matmul_cells is not None:
+            net.matmul_cells = matmul_cells
     return counter.get_total_flops() / batch_size
 
 
@@ -1347,39 +1348,36 @@ def benchmark_training(args, device, rank, world):
     status = torch.zeros(B, dtype=torch.long).to(device)
     labels = torch.randint(0, 1000, (B,), generator=gen).to(device)
     rows = []
-    matmul_cells = models.MATMUL_CELLS
-    try:
-        for compiled in ([True, False] if args.compile else [False]):
-            profiling = args.bench_profile and compiled == args.compile  # the rows that training runs like
-            names = ['colorizer', 'classifier'] + (['gathers'] if profiling else [])  # gathers: what matmuls save
-            for name in names:
-                torch.manual_seed(args.seed)
-                net = make_model(model_config(args))
-                if name == 'classifier':
-                    net = Classifier(net.trunk)
-                net = net.to(device).to(memory_format=torch.channels_last)
-                opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
-                fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
-                if name != 'classifier':
-                    step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
-                    eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
-                else:
-                    step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
-                    eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
-                flops = _flops_per_image(eager_step, batch, B)
-                models.MATMUL_CELLS = 0 if name == 'gathers' else matmul_cells  # read when compiling
-                seconds, mem, recompiles, _ = _timed(step, _repeat(batch), warmup, iters, device)
-                rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
-                                 ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                                 tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
-                print_row(rows[-1])
-                if profiling:
-                    rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
-                                                        args.out / f'profile-{name}.txt',
-                                                        steps=min(5, args.bench_steps))
-                del net, fast, opt
-    finally:
-        models.MATMUL_CELLS = matmul_cells
+    for compiled in ([True, False] if args.compile else [False]):
+        profiling = args.bench_profile and compiled == args.compile  # the rows that training runs like
+        names = ['colorizer', 'classifier'] + (['gathers'] if profiling else [])  # gathers: what matmuls save
+        for name in names:
+            torch.manual_seed(args.seed)
+            net = make_model(model_config(args))
+            if name == 'classifier':
+                net = Classifier(net.trunk)
+            net = net.to(device).to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(parameter_groups(net, args.weight_decay), lr=1e-4, momentum=args.momentum)
+            fast = torch.compile(net, fullgraph=True) if compiled else net  # a graph break is an error here
+            if name != 'classifier':
+                step, batch = (lambda im, st: train_step(fast, opt, im, st, args, device)), (images, status)
+                eager_step = lambda im, st: train_step(net, opt, im, st, args, device)  # noqa: E731
+            else:
+                step, batch = (lambda im, lb: classify_step(fast, opt, im, status, lb, args, device)), (images, labels)
+                eager_step = lambda im, lb: classify_step(net, opt, im, status, lb, args, device)  # noqa: E731
+            flops = _flops_per_image(eager_step, batch, B, net)
+            if name == 'gathers':
+                net.matmul_cells = 0  # read when compiling
+            seconds, mem, recompiles, _ = _timed(step, _repeat(batch), warmup, iters, device)
+            rows.append(dict(model=name, data='synthetic', compiled=compiled, img_per_s=B / seconds,
+                             ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
+                             tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles))
+            print_row(rows[-1])
+            if profiling:
+                rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
+                                                    args.out / f'profile-{name}.txt',
+                                                    steps=min(5, args.bench_steps))
+            del net, fast, opt
     rows += benchmark_loader(args, device, rank, world, flops=rows[0]['gflops_per_img'] * 1e9)
     ratio = rows[0]['tflops'] / rows[1]['tflops']
     print(f'colorizer / classifier FLOP rate ({"compiled" if args.compile else "eager"}): {ratio:.2f}; '
@@ -1398,7 +1396,8 @@ def benchmark_loader(args, device, rank, world, flops=None):
     fast = torch.compile(net, fullgraph=True) if args.compile else net
     batches = iter(make_loader(train_paths, args, rank, world, 0, device))
     if flops is None:
-        flops = _flops_per_image(lambda im, st: train_step(net, opt, im, st, args, device), next(batches), B)
+        flops = _flops_per_image(lambda im, st: train_step(net, opt, im, st, args, device), next(batches), B,
+                                 net)
     queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
     cpu = CpuUse()  # where the host's CPU goes while timing: main thread, other threads, workers
     seconds, mem, recompiles, waited = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,

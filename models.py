@@ -310,6 +310,7 @@ def _lerp(a, b, weight):
 # the channels (VGG-16 at crop 224: 91% of its hypercolumn in maps of 28 x 28 or fewer) and cost it
 # 4 * h * w FLOPs per point and channel. A small gain: VGG-16's compiled bf16 training step (batch 128, one
 # H200) took 57.5 ms against 58.1 ms with gathers only (colorize.py --bench-profile, row "gathers").
+# The default of `sample_bilinear` and of each HypercolumnNet's `matmul_cells` (0: gathers only).
 MATMUL_CELLS = 1024
 
 
@@ -321,12 +322,13 @@ def _bilinear_weights(pixel, stride, size):
     return (cells == i0[..., None]) * (1 - weight) + (cells == i1[..., None]) * weight  # i0 == i1: adds
 
 
-def sample_bilinear(feature, points, stride):
+def sample_bilinear(feature, points, stride, matmul_cells=MATMUL_CELLS):
     """Read a feature map at input-image pixels by bilinear interpolation.
 
     feature: (B, C, h, w), contiguous or channels_last, the map of a layer with `stride` (pixels
     per cell). points: (B, P, 2) pixel coordinates (y, x) of the input image, int or float
-    (integer = pixel centre). Returns (B, P, C) in feature's dtype, equal to
+    (integer = pixel centre). Maps of at most `matmul_cells` cells are read by a matmul, larger ones
+    by a gather (the same values). Returns (B, P, C) in feature's dtype, equal to
     F.interpolate(feature, size=(h*stride, w*stride), mode='bilinear', align_corners=False)
     [b, :, y, x] at integer pixels. Differentiable with respect to `feature`.
 
@@ -341,7 +343,7 @@ def sample_bilinear(feature, points, stride):
     dtype = torch.promote_types(feature.dtype, torch.float32)
     points = points.to(dtype)
     flat = feature.permute(0, 2, 3, 1).reshape(B, h * w, C)  # a view for channels_last
-    if h * w <= MATMUL_CELLS:
+    if h * w <= matmul_cells:
         weights = (_bilinear_weights(points[..., 0], stride, h)[..., :, None]
                    * _bilinear_weights(points[..., 1], stride, w)[..., None, :])  # (B, P, h, w)
         return torch.bmm(weights.flatten(2).to(feature.dtype), flat).to(feature.dtype)  # autocast: bf16
@@ -398,11 +400,13 @@ class HypercolumnNet(nn.Module):
         nn.init.zeros_(self.head.fc1.bias)
         nn.init.normal_(self.head.out.weight, std=0.01)
         nn.init.zeros_(self.head.out.bias)
+        self.matmul_cells = MATMUL_CELLS  # a setting, not saved: the benchmark's "gathers" row sets 0
 
     def hypercolumns(self, x, points):
         """(B, C_in, H, W), (B, P, 2) -> (B, P, hypercolumn_channels), taps in trunk order."""
         maps = self.trunk(x)
-        return torch.cat([sample_bilinear(m, points, s) for m, s in zip(maps, self.trunk.tap_strides)], dim=-1)
+        return torch.cat([sample_bilinear(m, points, s, self.matmul_cells)
+                          for m, s in zip(maps, self.trunk.tap_strides)], dim=-1)
 
     def forward(self, x, points):
         """(B, C_in, H, W), (B, P, 2) -> (B, P, out_dim) logits at the points."""

@@ -493,50 +493,50 @@ def random_pixels(B, H, W, P, generator):
 # ---------------------------------------------------------------- sample_bilinear
 
 @pytest.fixture(params=['matmul', 'gathers'])
-def sampling(request, monkeypatch):
-    """Each sample_bilinear test runs on both of its paths: the matmul (small maps) and the gathers."""
-    monkeypatch.setattr(models, 'MATMUL_CELLS', 10 ** 9 if request.param == 'matmul' else 0)
-    return request.param
+def cells(request):
+    """Each sample_bilinear test runs on both of its paths: the matmul (small maps) and the gathers:
+    the matmul_cells to pass."""
+    return 10 ** 9 if request.param == 'matmul' else 0
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('stride', [1, 2, 4, 8, 16, 32])
-def test_sample_bilinear_matches_interpolate(stride, memory_format, sampling):
+def test_sample_bilinear_matches_interpolate(stride, memory_format, cells):
     g = torch.Generator().manual_seed(stride)
     feature = torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=memory_format)
     points = random_pixels(2, 5 * stride, 7 * stride, 40, g)
     expected = upsample_reference(feature, stride, points)
-    torch.testing.assert_close(sample_bilinear(feature, points, stride), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(sample_bilinear(feature, points.float(), stride), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample_bilinear(feature, points, stride, cells), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample_bilinear(feature, points.float(), stride, cells), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('stride', [1, 4, 32])
-def test_sample_bilinear_between_pixels(stride, sampling):
+def test_sample_bilinear_between_pixels(stride, cells):
     # Upsampling by 2*stride puts its pixel k at our (fractional) pixel k/2 - 0.25.
     g = torch.Generator().manual_seed(0)
     feature = torch.randn(2, 3, 4, 6, generator=g)
     fine = random_pixels(2, 4 * 2 * stride, 6 * 2 * stride, 40, g)
     expected = upsample_reference(feature, 2 * stride, fine)
-    torch.testing.assert_close(sample_bilinear(feature, fine / 2 - 0.25, stride), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample_bilinear(feature, fine / 2 - 0.25, stride, cells), expected, rtol=0, atol=1e-6)
 
 
-def test_sample_bilinear_gradient_matches_interpolate(sampling):
+def test_sample_bilinear_gradient_matches_interpolate(cells):
     g = torch.Generator().manual_seed(1)
     feature = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
     points = random_pixels(2, 40, 48, 30, g)
     weights = torch.randn(2, 34, 3, dtype=torch.float64, generator=g)
     ours = feature.detach().clone().requires_grad_()
-    (sample_bilinear(ours, points, 8) * weights).sum().backward()
+    (sample_bilinear(ours, points, 8, cells) * weights).sum().backward()
     reference = feature.detach().clone().requires_grad_()
     (upsample_reference(reference, 8, points) * weights).sum().backward()
     torch.testing.assert_close(ours.grad, reference.grad)
     assert ours.grad.abs().sum() > 0
 
 
-def test_sample_bilinear_keeps_low_precision_dtype(sampling):
+def test_sample_bilinear_keeps_low_precision_dtype(cells):
     feature = torch.randn(1, 4, 6, 6).to(torch.bfloat16)
     points = torch.tensor([[[0, 0], [10, 17], [23, 23]]])
-    out = sample_bilinear(feature, points, 4)
+    out = sample_bilinear(feature, points, 4, cells)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 4)
     torch.testing.assert_close(out.float(), upsample_reference(feature.float(), 4, points), rtol=1e-2, atol=1e-2)
 
@@ -2538,8 +2538,8 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
         assert cpus[0]['main_thread_ms_per_step'] > 0 and all(0 < c['machine_busy_cores'] <= c['machine_cores'] + 0.5
                                                               for c in cpus)
     # The gathers-only colorizer is the same network: the same FLOPs (the network's, not the taps'
-    # matmul reads), and the module's setting is back afterwards.
-    assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img'] and models.MATMUL_CELLS == 1024
+    # matmul reads).
+    assert rows[2]['gflops_per_img'] == rows[0]['gflops_per_img']
     # --bench-profile: each step's time by kernel family (on a CPU: ops); the families split the
     # total, the convolutions are found among them, and the longest ones are listed in a file.
     for name in ('colorizer', 'classifier'):
@@ -2574,23 +2574,21 @@ def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     assert alone['switch_interval'] == sys.getswitchinterval() and alone['sharing_strategy'] in ('file_descriptor',
                                                                                                'file_system')
     # Those FLOPs are the network's: torch's own count of a forward+backward with every tap read by
-    # gathers (MATMUL_CELLS 0), not with the matmul reads that the module's setting (1024) would add.
+    # gathers (matmul_cells 0), not with the matmul reads that the model's default (1024) would add,
+    # and the model's setting is back afterwards.
     from torch.utils.flop_counter import FlopCounterMode
     net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='huechroma', width=0.0625, fc_dim=16))
     x, pts = torch.randn(2, 1, 32, 32), torch.tensor([[[5.0, 7.0], [20.0, 9.0]]] * 2)
 
     def forward_backward(cells):
-        models.MATMUL_CELLS, counter = cells, FlopCounterMode(display=False)
-        try:
-            with counter:
-                net(x, pts).sum().backward()
-        finally:
-            models.MATMUL_CELLS = 1024
+        net.matmul_cells, counter = cells, FlopCounterMode(display=False)
+        with counter:
+            net(x, pts).sum().backward()
         return counter.get_total_flops()
     gathers, matmuls = forward_backward(0), forward_backward(1024)
-    assert gathers < matmuls
-    assert colorize._flops_per_image(lambda: net(x, pts).sum().backward(), (), 2) * 2 == gathers
-    assert models.MATMUL_CELLS == 1024
+    assert gathers < matmuls and net.matmul_cells == models.MATMUL_CELLS == 1024
+    assert colorize._flops_per_image(lambda: net(x, pts).sum().backward(), (), 2, net) * 2 == gathers
+    assert net.matmul_cells == 1024
 
 
 def test_checkpoint_tensors_are_saved_from_the_cpu(tmp_path):
