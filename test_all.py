@@ -2212,7 +2212,7 @@ def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     (foreign / 'mine.txt').write_text('not a demo world')
     (code0, err0), (code1, err1) = _ranks(2, ['--demo-root', str(foreign), '--out', str(tmp_path / 'out'),
                                                '--device', 'cpu', '--steps', '1'])
-    assert code0 != 0 and code1 != 0
+    assert code0 == code1 == 2  # each rank prints its error and exits, none hangs or aborts
     assert 'holds no complete demo world' in err0 and 'rank 0 could not prepare' in err1
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
 
@@ -2522,7 +2522,7 @@ def test_training_under_bf16_autocast(folders, tmp_path, monkeypatch, loss):
 def test_benchmark_mode_tiny(folders, tmp_path, capsys):
     train, val = folders
     out = tmp_path / 'bench'
-    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '1',
+    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
                                    '--bench-photo', '60', '100', '--bench-profile')) == 0
     info = json.loads((out / 'benchmark.json').read_text())
     rows = info['rows']
