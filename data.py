@@ -450,7 +450,7 @@ def _short_side_size(h, w, short_side):
 
 
 def _pad_to(rgb, crop):
-    """Zero-pad (centred) so both sides are >= crop."""
+    """Zero-pad (centred; an odd pixel of padding goes below and right) so both sides are >= crop."""
     h, w = rgb.shape[:2]
     ph, pw = max(0, crop - h), max(0, crop - w)
     if ph == 0 and pw == 0:
