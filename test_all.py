@@ -2234,8 +2234,12 @@ def _ranks(processes, args):
     procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(processes)]
+    results = []
     try:
-        return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=240)]]
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            results.append((p.returncode, err))
+        return results
     finally:  # a rank still waiting (the failure this catches) is not left behind
         for p in procs:
             p.kill()
