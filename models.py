@@ -205,7 +205,8 @@ def alexnet(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=
 
     conv1 11x11/4 pad 5, 3x3/2 max-pools pad 1, so a 224 input gives 56 (conv1), 28 (conv2),
     14 (conv3-5), 7 (pool5, fc6, fc7). fc6 is a 6x6 conv (its weight reshapes to torchvision's
-    Linear(256*6*6, 4096)) on pool5 zero-padded 2 before / 3 after, which keeps 7x7.
+    Linear(256*6*6, 4096)) on pool5 zero-padded 2 before / 3 after (TensorFlow's 'SAME' rule), which
+    keeps 7x7.
     Taps (stride): input (1), conv1 (4), conv2 (8), conv3, conv4, conv5 (16), fc6, fc7 (32)
     [, fov1 (64), fov2 (128)]; 9,345 channels at full size. `fc_dim`, `fc_dropout` as in `vgg16`.
     """
@@ -218,7 +219,7 @@ def alexnet(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=
     for name, channels in [('conv3', 384), ('conv4', 256), ('conv5', 256)]:
         trunk.append(name, ConvBN(trunk.out_channels, _scaled(channels, width), 3, padding=1, **bn), tap=name)
     trunk.append('pool5', nn.MaxPool2d(3, 2, 1), stride=2)
-    trunk.append('pad6', nn.ZeroPad2d((2, 3, 2, 3)))  # (left, right, top, bottom): 6x6 conv keeps the size
+    trunk.append('pad6', nn.ZeroPad2d((2, 3, 2, 3)))  # (left, right, top, bottom): TensorFlow's 'SAME'
     return _finish_fc(trunk, ConvBN(trunk.out_channels, fc_dim, 6, **bn), bn, width, extended_fov)
 
 

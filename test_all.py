@@ -725,6 +725,26 @@ def test_vgg_alexnet_match_torchvision(arch, expected):
     assert sum(p.numel() for p in trunk.parameters()) == TORCHVISION_PARAMS[arch]
 
 
+def test_alexnet_fc6_pads_as_tensorflow_same():
+    """AlexNet's 6x6 fc6 keeps the 7x7 pool5 map; its odd padding cell goes after (below, right),
+    TensorFlow's 'SAME' rule (before = (k - 1) // 2 = 2), so output (i, j) reads inputs i - 2 .. i + 3.
+    By hand: a kernel that is one 1 at (ky, kx) copies input (i + ky - 2, j + kx - 2), zero outside."""
+    trunk = models.alexnet(width=1 / 16, fc_dim=2, batchnorm=False)
+    x = torch.rand(1, trunk.fc6.conv.in_channels, 7, 7) + 1  # positive: the ReLU passes it
+    ky, kx = 0, 5
+    with torch.no_grad():
+        trunk.fc6.conv.weight.zero_()
+        trunk.fc6.conv.bias.zero_()
+        trunk.fc6.conv.weight[0, 3, ky, kx] = 1.0
+        y = trunk.fc6(trunk.pad6(x))[0, 0]
+    expected = torch.zeros(7, 7)
+    for i in range(7):
+        for j in range(7):
+            if 0 <= i + ky - 2 < 7 and 0 <= j + kx - 2 < 7:
+                expected[i, j] = x[0, 3, i + ky - 2, j + kx - 2]
+    assert y.shape == (7, 7) and torch.equal(y, expected)
+
+
 @pytest.mark.parametrize('arch, blocks', [('resnet50', (3, 4, 6, 3)), ('resnet152', (3, 8, 36, 3))])
 def test_resnet_matches_torchvision(arch, blocks):
     with torch.device('meta'):
@@ -4325,6 +4345,31 @@ def test_progress_rate_counts_only_the_steps_timed_since_resuming(monkeypatch):
     p.add(torch.tensor([1.0]))
     means, rate = p.take()
     assert means == [1.0] and rate == 10.0  # 6 steps' mean; 1 timed step of 10 images in 1 s
+
+
+def test_each_rank_resumes_its_own_counts_and_window():
+    """A two-process checkpoint, written by hand: rank r takes back rank r's image counts and open
+    log window, not rank 0's and not the sums; a checkpoint from before per-rank counts gives its
+    totals to rank 0 only (the ranks' counts are summed again at every report)."""
+    model = _tiny_colorizer()
+    optimizer = torch.optim.SGD(colorize.parameter_groups(model, 5e-4), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(weight_decay=5e-4, momentum=0.9)
+    by_rank = [[10, 1, 3], [12, 0, 2]]  # ok, bad, gray
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=7, rng=colorize.rng_state(),
+                counts=dict(counts=[22, 1, 5]), counts_by_rank=by_rank,
+                progress=dict(sums_by_rank=[[1.0, 2.0], [3.0, 4.0]], steps=3))
+    cpu = torch.device('cpu')
+    for rank in (0, 1):
+        counter, progress = data.StatusCounter(), colorize.Progress(images_per_step=8)
+        assert colorize.restore_training(ckpt, 'ckpt.pt', model, optimizer, counter, args, cpu, rank) == 7
+        progress.restore(ckpt['progress'], cpu, rank)
+        assert counter.counts == by_rank[rank]
+        assert progress.sums.tolist() == [[1.0, 2.0], [3.0, 4.0]][rank] and progress.steps == 3
+    old = {k: v for k, v in ckpt.items() if k != 'counts_by_rank'}
+    for rank, expected in ((0, [22, 1, 5]), (1, [0, 0, 0])):
+        counter = data.StatusCounter()
+        colorize.restore_training(old, 'ckpt.pt', model, optimizer, counter, args, cpu, rank)
+        assert counter.counts == expected
 
 
 # ---------------------------------------------------------------- atomic writes
