@@ -1724,7 +1724,7 @@ def _texture(kind, param, p, q, rng):
 def _smooth_noise(rng, h, w, cell):
     """(h, w) float32 noise in about [0, 1], smooth over `cell` pixels."""
     small = rng.random((max(2, h // cell + 2), max(2, w // cell + 2))).astype(np.float32)
-    return np.asarray(Image.fromarray(small, 'F').resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
 
 
 def _jitter_colour(rgb8, rng, hue_jitter=0.2, chroma_range=(0.75, 1.2)):
@@ -1909,7 +1909,8 @@ def _render_job(job):
         else:
             name = f'2012_{i + 1:06d}'
             path = os.path.join(out_dir, 'JPEGImages', f'{name}.jpg')
-            png = Image.fromarray(_void_band(label, max(1, round(min(label.shape) / 100))), 'P')
+            # mode 'L' from the uint8 array; putpalette makes it 'P' (Pillow 11.3 deprecates fromarray's mode)
+            png = Image.fromarray(_void_band(label, max(1, round(min(label.shape) / 100))))
             png.putpalette(VOC_PALETTE.tobytes())
             png.save(os.path.join(out_dir, 'SegmentationClass', f'{name}.png'))
         Image.fromarray(rgb).save(path, 'JPEG', quality=quality)

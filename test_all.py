@@ -1443,10 +1443,10 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
         lab = np.zeros((6, 8), np.uint8)
         lab[2:4, 2:5] = 15
         lab[1, 1:6] = 255
-        png = Image.fromarray(lab, 'P')
+        png = Image.fromarray(lab)  # 'L'; the palette makes it 'P'
         png.putpalette(data.VOC_PALETTE.tobytes())
         png.save(voc12 / 'SegmentationClass' / f'{name}.png')
-        Image.fromarray(lab, 'L').save(voc12 / 'SegmentationClassAug' / f'{name}.png')
+        Image.fromarray(lab).save(voc12 / 'SegmentationClassAug' / f'{name}.png')
     (voc12 / 'ImageSets/Segmentation/train.txt').write_text('2007_000032\n2008_000001\n')
     (voc12 / 'ImageSets/Segmentation/val.txt').write_text('2011_000002\n')
     pairs = data.voc_segmentation(voc12, 'train')
@@ -4163,7 +4163,7 @@ def test_a_mask_that_does_not_match_its_image_stops_the_run_before_training(tmp_
     shutil.copytree(voc, root)
     name = (root / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'val.txt').read_text().split()[-1]
     mask = root / 'VOC2012' / 'SegmentationClass' / f'{name}.png'
-    Image.fromarray(np.zeros((7, 9), np.uint8), 'L').save(mask)
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(mask)
     out = tmp_path / 'seg'
     assert ft.main(['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
                     '--voc-root', str(root), '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
