@@ -154,8 +154,8 @@ def parse_args(argv=None):
                    help='--feature-shift: each map is average-pooled to this side '
                         'before CKA (default %(default)s)')
     p.add_argument('--freeze', action='store_true', help='linear probe: train only the new layers on a '
-                   'frozen trunk (verified unchanged after training; with --input lab the frozen a, b weights '
-                   'stay zero, so the colour is unseen, as with gray)')
+                   'frozen trunk (verified unchanged after training; with --input lab its conv1 a, b weights '
+                   'stay zero, so its features see lightness only)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model for training (default: on for CUDA, off on CPU)')
@@ -1289,8 +1289,7 @@ def run(args):
           + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
           + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init, '
           f'input {args.input}'
-          + (', frozen pre-trained trunk' + (' (its a*, b* weights stay zero: the probe sees lightness only)'
-                                              if args.input == 'lab' else '') if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
+          + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
           + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
           + ('' if device.type == 'cuda' else
              ' (CPU: small crop, batch and test crops so the demo finishes in minutes)'))
@@ -1303,6 +1302,11 @@ def run(args):
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.freeze:
         freeze_pretrained(model)
+        if args.input == 'lab':
+            print("--freeze --input lab: conv1's a*, b* weights start at zero and stay there, so the trunk's "
+                  'features see lightness only' + (" (the new head also reads each pixel's own a*, b* through "
+                                                  'the input tap)' if args.task == 'seg' and model.trunk.tap_input
+                                                  else ''))
     model = model.to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
