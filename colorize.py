@@ -231,6 +231,10 @@ def fill_defaults(args, device, world):
     args.eval_every = args.eval_every or max(1, args.steps // 5)
     args.save_every = args.save_every or args.eval_every
     args.out = args.out or default_out(args)
+    if args.target_window < 1 or args.target_window % 2 == 0:
+        raise UserError(f'--target-window must be odd (a window centred on the pixel), got {args.target_window}')
+    if args.border < 0:
+        raise UserError(f'--border must be at least 0, got {args.border}')
     if args.crop <= 2 * args.border:
         raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
                         f'use a smaller --border or a larger --crop')
@@ -1612,7 +1616,11 @@ def output_names(items, output):
         if p.is_dir():
             root = Path(os.path.abspath(p))  # find_images' paths are absolute, joined below abspath(root)
             below = out_root.startswith(os.path.realpath(p) + os.sep)  # an --output inside the folder
-            for path in data.find_images([p]):
+            try:
+                found = data.find_images([p])
+            except ValueError as e:  # no images under it, an unfinished pack
+                raise UserError(f'--colorize {item}: {e}') from None
+            for path in found:
                 if below and os.path.realpath(path).startswith(out_root + os.sep):  # earlier results
                     earlier += 1
                     continue

@@ -211,6 +211,9 @@ def fill_defaults(args, device):
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if args.test_images < 0:
         raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
+    if args.task == 'seg' and args.points > args.crop ** 2:
+        raise UserError(f'--points {args.points}: a {args.crop} crop has only {args.crop ** 2} pixels to sample '
+                        f'(without replacement)')
     if args.scale is None and args.task == 'seg':
         args.scale = [1.0, 1.0]  # the authors' segmentation code: pad to the crop, crop, flip; no scaling
     elif args.scale is None:

@@ -2303,6 +2303,8 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         (tiny_args(train, val, tmp_path / 'o4', '--steps', '1', '--batch-size', '0'), '--batch-size must be at least 1'),
         (tiny_args(train, val, tmp_path / 'o5', '--steps', '1', '--short-side', '20', '40'), 'at least --crop 32'),
         (tiny_args(train, val, tmp_path / 'o6', '--steps', '1', '--batch-size', '30'), 'fewer than one batch'),
+        (tiny_args(train, val, tmp_path / 'o7', '--steps', '1', '--target-window', '4'), '--target-window must be odd'),
+        (tiny_args(train, val, tmp_path / 'o8', '--steps', '1', '--border', '-1'), '--border must be at least 0'),
         (['--colorize', str(val)], '--checkpoint'),
         (['--colorize', str(val), '--checkpoint', str(tmp_path / 'missing.pt')], 'does not exist'),
     ]
@@ -2311,6 +2313,7 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith('error: ') and needle in err and 'Traceback' not in err, err
         assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'o7').exists()  # refused before the run folder is made
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(os.urandom(1000))
     assert colorize.main(['--colorize', str(val), '--checkpoint', str(corrupt)]) == 2
@@ -2391,6 +2394,10 @@ def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
     targets = [t.relative_to(photos / 'colorized').as_posix()
                for _, t in colorize.output_names([str(photos)], photos / 'colorized')]
     assert targets == ['a/x.png', 'a/x_2.png', 'b/x.png', 'y.png']
+    # A folder without images: one line naming it, not a traceback from the listing.
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(colorize.UserError, match='--colorize .*empty.*no images'):
+        colorize.output_names([str(single), str(tmp_path / 'empty')], tmp_path / 'out')
 
 
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
@@ -3780,6 +3787,11 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     assert ft.main(['--init', str(tmp_path / 'junk.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
     assert 'could not be read' in capsys.readouterr().err
+    # Segmentation samples its pixels without replacement: no more than a crop holds.
+    assert ft.main(['--task', 'seg', '--init', 'random', '--crop', '8', '--points', '65', '--voc-root', voc,
+                    '--device', 'cpu', '--out', str(tmp_path / 'p')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --points 65: a 8 crop has only 64 pixels') and len(err.strip().splitlines()) == 1
 
 
 def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
