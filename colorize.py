@@ -374,6 +374,18 @@ def image_sources(args, master, hold_out=True, held=None):
             problem = shared[0]
             if not master and problem is None:
                 found, problem = scan()
+            # The ranks shard one list: a folder that changed between rank 0's scan and another's
+            # (no cache is written for a folder changed in the last seconds) would split different ones.
+            mine = None if problem else [data_identity(found[0]), found[1] and data_identity(found[1])]
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, (mine, problem))
+            problem = problem or next((f'rank {r}: {p}' for r, (_, p) in enumerate(every) if p), None)
+            lists = [m for m, _ in every]
+            differs = next((r for r, m in enumerate(lists) if m != lists[0]), None)
+            if problem is None and differs is not None:
+                problem = (f'rank 0 and rank {differs} listed different images (--data: {lists[0][0]["count"]:,} and '
+                           f'{lists[differs][0]["count"]:,}): the folders changed while the ranks listed them; '
+                           f'start again once they stay unchanged')
         if problem:
             raise UserError(problem)
         train, val = found
