@@ -2252,8 +2252,9 @@ def _ranks(processes, args, per_rank=lambda rank: []):
     status, stderr)] by rank."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *per_rank(r)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *per_rank(r)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(processes)]
     results = []
     try:
