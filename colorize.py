@@ -1160,20 +1160,22 @@ class Progress:
 
 
 def peak_memory_gb(device):
-    """Peak GPU memory since the last call (so the training lines do not show an evaluation's peak)."""
+    """Peak GPU memory since the last call (so the training lines do not show an evaluation's peak);
+    None on a CPU, where it is not measured."""
     if device.type != 'cuda':
-        return 0.0
+        return None
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
     torch.cuda.reset_peak_memory_stats(device)
     return peak
 
 
 def progress_line(entry, steps, images_per_step, parts=()):
-    """'step s/S | loss L (part p ...) | lr | img/s | ETA | mem' from a log entry."""
+    """'step s/S | loss L (part p ...) | lr | img/s | ETA | mem' (GPU only) from a log entry."""
     eta = (steps - entry['step']) * images_per_step / max(entry['img_per_s'], 1e-9)
     detail = ' (' + ' '.join(f'{k} {entry[k]:.4f}' for k in parts) + ')' if parts else ''
     return (f'step {entry["step"]}/{steps} | loss {entry["loss"]:.4f}{detail} | lr {entry["lr"]:.2e} | '
-            f'{entry["img_per_s"]:.1f} img/s | ETA {format_seconds(eta)} | mem {entry["peak_mem_gb"]:.1f} GB')
+            f'{entry["img_per_s"]:.1f} img/s | ETA {format_seconds(eta)}'
+            + ('' if entry['peak_mem_gb'] is None else f' | mem {entry["peak_mem_gb"]:.1f} GB'))
 
 
 # --- Benchmark ------------------------------------------------------------------------------

@@ -2468,7 +2468,10 @@ def test_peak_memory_is_since_the_last_progress_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', lambda device=None: peaks.append(2 ** 30))
     assert colorize.peak_memory_gb(torch.device('cuda')) == 5.0
     assert colorize.peak_memory_gb(torch.device('cuda')) == 1.0  # after the reset: training's own
-    assert colorize.peak_memory_gb(torch.device('cpu')) == 0.0
+    assert colorize.peak_memory_gb(torch.device('cpu')) is None  # not measured: no 'mem' in the line
+    entry = dict(step=1, loss=1.0, lr=0.1, img_per_s=10.0, peak_mem_gb=None)
+    assert colorize.progress_line(entry, 2, 10).endswith('| ETA 0:00:01')
+    assert colorize.progress_line(dict(entry, peak_mem_gb=2.0), 2, 10).endswith('| ETA 0:00:01 | mem 2.0 GB')
 
 
 def test_one_device_modes_refuse_torchrun(monkeypatch, capsys, tmp_path):
