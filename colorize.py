@@ -53,6 +53,18 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
+def error_text(e):
+    """The one line that main() prints for `e` when the user can fix its cause, else None (a bug:
+    the traceback then). A UserError's message, also when DataLoader re-raised it from a worker
+    (its text is then 'Caught UserError in DataLoader worker process N.' and the worker's traceback,
+    whose last line ends in the message); an OSError of a full disk or an unwritable folder
+    (data.os_error_text)."""
+    if isinstance(e, UserError):
+        text = str(e)
+        return text.rstrip().splitlines()[-1].split('UserError: ', 1)[-1] if text.startswith('Caught ') else text
+    return data.os_error_text(e) if isinstance(e, OSError) else None
+
+
 # --- Arguments ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -841,7 +853,10 @@ def open_run(args, device, world, master):
         resume_path = (args.out or default_out(args)) / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
         args.out = args.out or resume_path.parent
         ckpt = load_checkpoint(resume_path)
-        if 'args' not in ckpt or 'optimizer' not in ckpt:
+        if str(ckpt['config'].get('objective', 'colorize')).startswith('voc-'):
+            raise UserError(f'{resume_path} is a finetune_voc.py checkpoint: continue it with finetune_voc.py '
+                            f'--resume')
+        if 'args' not in ckpt or 'optimizer' not in ckpt or 'data' not in ckpt:
             raise UserError(f'{resume_path} is a colorize.py checkpoint without its training state; '
                             f'use it with --init or --colorize, not --resume')
         resume_settings(args, ckpt, resume_path, world, log=print if master else None)
@@ -1718,8 +1733,14 @@ def main(argv=None):
             benchmark(args)
         else:
             train(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (UserError, OSError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):
+            print('interrupted' + ('' if args.colorize or args.benchmark else
+                                   ': the last checkpoint written is intact; continue with --resume'), file=sys.stderr)
+        elif error_text(e) is None:  # a bug, not the user's to fix: the traceback
+            raise
+        else:
+            print(f'error: {error_text(e)}', file=sys.stderr)
         if dist.is_initialized():
             # Exit at once. Not through the process group's teardown: it would wait for the other ranks,
             # which may be anywhere (torch 2.4.1's gloo hung there). Nor through the interpreter's: with
@@ -1727,8 +1748,8 @@ def main(argv=None):
             # active exception").
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(2)
-        return 2
+            os._exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
     if dist.is_initialized():
         # Every rank done with its collectives first: torch 2.4's gloo teardown could otherwise
         # hang in one rank once another had exited (2 of 6 runs started by hand; none of 10 with it).

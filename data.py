@@ -37,6 +37,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -255,6 +256,18 @@ def _scan_cached(root, cache_dir, log):
     return files, 'scanned'
 
 
+# File-system errors the user can fix (a full disk or quota, a read-only or foreign folder): the
+# entry scripts print them as one line.
+FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def os_error_text(e):
+    """'PATH: reason' for an OSError of FIXABLE_ERRNOS, else None."""
+    if e.errno not in FIXABLE_ERRNOS:
+        return None
+    return f'{e.filename}: {e.strerror}' if e.filename else e.strerror
+
+
 def atomic_write(path, write):
     """write(f) into a temp file beside `path` (binary), flush it to disk, rename it over `path`.
 
@@ -272,9 +285,14 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a failed write (disk full, say) leaves no half file of a checkpoint's size
+    except BaseException as e:  # a failed write (disk full, say) leaves no half file of a checkpoint's size
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save re-raises it as a RuntimeError
+        if isinstance(e, (OSError, RuntimeError)) and isinstance(cause, OSError) and cause.filename is None:
+            # A write's error names no file: name it.
+            raise OSError(cause.errno, f'{cause.strerror} (writing it; what was there before is unchanged)',
+                          path) from e
         raise
     # Those of processes killed mid-write, named as now or as before the host was in the name.
     _remove_stale_temps(folder, prefix, f'{os.path.basename(path)}.tmp-')
@@ -2158,7 +2176,16 @@ def main(argv=None):
                         workers=args.workers, cache_dir=args.cache_dir)
     except ValueError as e:
         ap.error(str(e))
+    except OSError as e:
+        if os_error_text(e) is None:  # a bug, not the user's to fix: the traceback
+            raise
+        ap.error(os_error_text(e))
+    except KeyboardInterrupt:
+        print('interrupted' + (': run the same command again to continue' if args.cmd == 'pack' else ''),
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -8,6 +8,7 @@ TEST_COMPILE=1 also traces a model with torch.compile(fullgraph=True).
 """
 import argparse
 import copy
+import errno
 import io
 import json
 import math
@@ -2346,6 +2347,40 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
     assert 'could not be read' in capsys.readouterr().err and not marker.exists()
 
 
+class _Refuses(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise colorize.UserError(f'image {i} is unreadable: fix or remove it')
+
+
+def test_errors_the_user_can_fix_are_one_line_wherever_they_arise(folders, tmp_path, monkeypatch, capsys):
+    train, val = folders
+    # A UserError raised in a DataLoader worker comes back wrapped, with the worker's traceback.
+    with pytest.raises(colorize.UserError) as caught:
+        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+    assert 'Traceback' in str(caught.value)
+    assert colorize.error_text(caught.value) == 'image 0 is unreadable: fix or remove it'
+    # An output folder on a read-only file system.
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system', str(self))
+    with monkeypatch.context() as m:
+        m.setattr(Path, 'mkdir', read_only)
+        assert colorize.main(tiny_args(train, val, tmp_path / 'ro', '--steps', '1')) == 2
+    assert capsys.readouterr().err == f'error: {tmp_path / "ro"}: Read-only file system\n'
+    # A finetune_voc.py checkpoint given to colorize.py --resume: refused before any folder is made.
+    torch.save(dict(model={}, config=dict(objective='voc-cls'), args={}, optimizer={}), tmp_path / 'ft.pt')
+    assert colorize.main(['--resume', str(tmp_path / 'ft.pt'), '--out', str(tmp_path / 'new')]) == 2
+    assert 'finetune_voc.py checkpoint' in capsys.readouterr().err and not (tmp_path / 'new').exists()
+    # Ctrl-C: one line and status 130, the conventional status of SIGINT.
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(colorize, 'train', interrupted)
+    assert colorize.main(tiny_args(train, val, tmp_path / 'c', '--steps', '1')) == 130
+    assert capsys.readouterr().err == 'interrupted: the last checkpoint written is intact; continue with --resume\n'
+
+
 # --- colorize.py: colorizing photos ------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -4404,6 +4439,36 @@ def test_each_rank_resumes_its_own_counts_and_window():
 
 
 # ---------------------------------------------------------------- atomic writes
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails as a full disk does (errno ENOSPC, no file name)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def test_a_full_disk_names_the_checkpoint_and_leaves_the_old_one(tmp_path):
+    # torch.save's zip writer reports the failed write as a RuntimeError of its own, the OSError only
+    # as its context: the error that comes out is the OSError, naming the file.
+    path = tmp_path / 'checkpoint.pt'
+    colorize.atomic_save({'w': torch.zeros(3)}, path)
+    with pytest.raises(OSError) as caught:
+        data.atomic_write(path, lambda f: torch.save({'w': torch.ones(100_000)}, _FullDisk(f, 50_000)))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert colorize.error_text(caught.value) == f'{path}: No space left on device (writing it; what was there ' \
+                                                'before is unchanged)'
+    assert torch.equal(_state(path)['w'], torch.zeros(3)) and os.listdir(tmp_path) == ['checkpoint.pt']
+    assert colorize.error_text(OSError(errno.ENOENT, 'No such file or directory', 'x')) is None  # a bug: traceback
+
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / 'f.json'
