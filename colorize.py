@@ -391,13 +391,7 @@ def image_sources(args, master, hold_out=True, held=None):
             mine = None if problem else [data_identity(found[0]), found[1] and data_identity(found[1])]
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, (mine, problem))
-            problem = problem or next((f'rank {r}: {p}' for r, (_, p) in enumerate(every) if p), None)
-            lists = [m for m, _ in every]
-            differs = next((r for r, m in enumerate(lists) if m != lists[0]), None)
-            if problem is None and differs is not None:
-                problem = (f'rank 0 and rank {differs} listed different images (--data: {lists[0][0]["count"]:,} and '
-                           f'{lists[differs][0]["count"]:,}): the folders changed while the ranks listed them; '
-                           f'start again once they stay unchanged')
+            problem = problem or listing_problem(every)
         if problem:
             raise UserError(problem)
         train, val = found
@@ -426,6 +420,20 @@ def image_sources(args, master, hold_out=True, held=None):
             val = sorted(held)
             train = [p for p in train if p not in held]
     return train, val
+
+
+def listing_problem(every):
+    """The error that stops every rank, or None: every = [(listing or None, problem or None)] by rank,
+    listing = [data_identity of --data, of --val-data or None]. A rank's problem; else lists that
+    differ (a folder that changed between rank 0's scan and another's)."""
+    problem = next((f'rank {r}: {p}' for r, (_, p) in enumerate(every) if p), None)
+    lists = [listing for listing, _ in every]
+    differs = next((r for r, listing in enumerate(lists) if listing != lists[0]), None)
+    if problem is None and differs is not None:
+        problem = (f'rank 0 and rank {differs} listed different images (--data: {lists[0][0]["count"]:,} and '
+                   f'{lists[differs][0]["count"]:,}): the folders changed while the ranks listed them; start '
+                   f'again once they stay unchanged')
+    return problem
 
 
 def take_subset(args, train):

@@ -2247,13 +2247,12 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
-def _ranks(processes, args, per_rank=lambda rank: []):
+def _ranks(processes, args):
     """colorize.py as `processes` ranks started by hand with torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...), sparing torchrun's own process, each with `args` + per_rank(rank): [(exit
-    status, stderr)] by rank."""
+    MASTER_ADDR, ...), sparing torchrun's own process: [(exit status, stderr)] by rank."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *per_rank(r)],
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(processes)]
@@ -2281,18 +2280,22 @@ def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
 
 
-def test_ranks_refuse_to_shard_lists_that_differ(folders, tmp_path):
-    # As if the folder gained an image between rank 0's listing and rank 1's: every rank stops with
-    # one line, before any training (unchecked, each would shard its own list: images skipped or twice).
-    train, val = folders
-    grown = tmp_path / 'grown'
-    shutil.copytree(train, grown)
-    shutil.copy(grown / 'img000.PNG', grown / 'extra.PNG')
-    results = _ranks(2, tiny_args(train, val, tmp_path / 'out', '--steps', '1'),
-                     per_rank=lambda rank: ['--data', str(grown)] if rank == 1 else [])
-    for code, err in results:
-        assert code == 2 and 'rank 0 and rank 1 listed different images (--data: 24 and 25)' in err, err
-    assert not (tmp_path / 'out' / 'checkpoint.pt').exists()
+def test_ranks_refuse_to_shard_lists_that_differ():
+    # As if a folder gained an image between rank 0's listing and rank 1's: every rank stops with one
+    # line (unchecked, each would shard its own list: images skipped or seen twice). The ranks gather
+    # these (listing, problem) pairs with all_gather_object; test_torchrun_two_cpu_processes runs it.
+    paths = [f'/d/{i}.jpg' for i in range(25)]
+    same = [colorize.data_identity(paths[:24]), None]
+    grown = [colorize.data_identity(paths), None]
+    assert colorize.listing_problem([(same, None), (same, None)]) is None
+    assert colorize.listing_problem([(same, None), (grown, None)]).startswith(
+        'rank 0 and rank 1 listed different images (--data: 24 and 25)')
+    renamed = [colorize.data_identity(paths[1:]), None]  # as many images, other names
+    assert 'rank 0 and rank 1 listed different' in colorize.listing_problem([(same, None), (renamed, None)])
+    val = [colorize.data_identity(paths[:24]), colorize.data_identity(paths[24:])]
+    assert 'rank 0 and rank 2' in colorize.listing_problem([(val, None), (val, None), (same, None)])
+    assert colorize.listing_problem([(same, None), (None, 'no images under /d')]) == 'rank 1: no images under /d'
+
 
 
 # --- colorize.py: errors -----------------------------------------------------------------------
