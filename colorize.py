@@ -53,6 +53,9 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
+INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with --resume'  # Ctrl-C in training
+
+
 def error_text(e):
     """The one line that main() prints for `e` when the user can fix its cause, else None (a bug:
     the traceback then). A UserError's message, also when DataLoader re-raised it from a worker
@@ -1742,13 +1745,14 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt):
-            print('interrupted' + ('' if args.colorize or args.benchmark else
-                                   ': the last checkpoint written is intact; continue with --resume'), file=sys.stderr)
-        elif error_text(e) is None:  # a bug, not the user's to fix: the traceback
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if not interrupted and error_text(e) is None:  # a bug, not the user's to fix: the traceback
             raise
+        if interrupted:
+            print('interrupted' if args.colorize or args.benchmark else INTERRUPTED, file=sys.stderr)
         else:
             print(f'error: {error_text(e)}', file=sys.stderr)
+        status = 130 if interrupted else 2  # 130: the shell's status for Ctrl-C
         if dist.is_initialized():
             # Exit at once. Not through the process group's teardown: it would wait for the other ranks,
             # which may be anywhere (torch 2.4.1's gloo hung there). Nor through the interpreter's: with
@@ -1756,8 +1760,8 @@ def main(argv=None):
             # active exception").
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130 if isinstance(e, KeyboardInterrupt) else 2)
-        return 130 if isinstance(e, KeyboardInterrupt) else 2
+            os._exit(status)
+        return status
     if dist.is_initialized():
         # Every rank done with its collectives first: torch 2.4's gloo teardown could otherwise
         # hang in one rank once another had exited (2 of 6 runs started by hand; none of 10 with it).
