@@ -289,8 +289,9 @@ def _window_gather(maps, points, window):
 
 def _histogram(bins, n):
     """Normalised histogram (B, P, n) of integer bins (B, P, K): each of the K entries adds 1/K."""
-    out = torch.zeros(*bins.shape[:2], n, device=bins.device)
-    return out.scatter_add_(2, bins, torch.full(bins.shape, 1.0 / bins.shape[2], device=bins.device))
+    out = torch.zeros(*bins.shape[:2], n, device=bins.device, dtype=torch.float32)
+    return out.scatter_add_(2, bins, torch.full(bins.shape, 1.0 / bins.shape[2], device=bins.device,
+                                                dtype=torch.float32))
 
 
 def make_targets(kind, lab, points, window=7):
@@ -351,8 +352,8 @@ def _ab_soft(ab):
     cls = torch.cat([cls, nearest[own[..., 0], own[..., 1]].unsqueeze(-1)], -1)  # (B, P, K, 10)
     w = torch.cat([w, outside], -1) / (total + outside)  # each colour's weights sum to 1
     w = w / K  # the average over the window's K colours
-    out = torch.zeros(B, P, len(centres), device=ab.device)
-    return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10))
+    out = torch.zeros(B, P, len(centres), device=ab.device, dtype=torch.float32)
+    return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10).float())
 
 
 # --- Losses -------------------------------------------------------------------------------------

@@ -475,13 +475,14 @@ class HypercolumnNet(nn.Module):
         for key, (features, blocks) in groups.items():
             feature = features[0] if len(features) == 1 else torch.cat(features, 1)
             columns = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
-            part = F.conv2d(feature, columns[:, :, None, None])  # (B, head_dim, h_t, w_t)
+            # The resampled maps are fp32: in the weights' dtype for a bf16 model run without autocast.
+            part = F.conv2d(feature.to(columns.dtype), columns[:, :, None, None])  # (B, head_dim, h_t, w_t)
             if key:
                 part = _resample_to_grid(part, key[0], stride, grid_size)
             hidden = part.to(torch.promote_types(part.dtype, torch.float32)) if hidden is None else hidden.add_(part)
         hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
-        return F.conv2d(hidden, out.weight[:, :, None, None], out.bias)
+        return F.conv2d(hidden.to(out.weight.dtype), out.weight[:, :, None, None], out.bias)
 
 
 def receptive_field(trunk):

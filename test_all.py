@@ -141,6 +141,18 @@ def test_float32_under_autocast():
     assert lab.rgb_to_lab(rgb.double()).dtype == torch.float64
 
 
+def test_targets_are_float32_whatever_the_default_dtype():
+    torch.set_default_dtype(torch.float64)
+    try:
+        lab_img = lab.rgb_to_lab(torch.rand(1, 3, 12, 12))
+        points = torch.randint(3, 9, (1, 4, 2))
+        for kind in ('huechroma', 'ab', 'l2'):
+            targets = lab.make_targets(kind, lab_img, points)
+            assert all(t.dtype == torch.float32 for t in targets.values()), kind
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_lch_round_trip_and_ranges():
     lab_ = _pixels([(50, 10, 0), (50, 0, 10), (50, -10, 0), (50, 0, -10), (50, 3, 4)])
     lch = lab.lab_to_lch(lab_)
@@ -846,6 +858,10 @@ def test_dense_under_autocast_and_channels_last():
     assert low.shape == reference.shape and low.dtype == torch.bfloat16
     err = (low.float() - reference).abs().max()
     assert err <= 0.03 * reference.abs().max(), err  # bf16: ~1% here
+    # A model cast to bf16 and run without autocast: the fp32 resampled maps meet bf16 weights.
+    with torch.no_grad():
+        cast = model.bfloat16().dense(x.bfloat16())
+    assert cast.dtype == torch.bfloat16 and (cast.float() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
 def test_dense_in_float64():
