@@ -68,6 +68,18 @@ def error_text(e):
     return data.os_error_text(e) if isinstance(e, OSError) else None
 
 
+def stop_status(e, resumable):
+    """For main() of both scripts: print the one line for `e` (a UserError, OSError or Ctrl-C) and
+    return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it)."""
+    if isinstance(e, KeyboardInterrupt):
+        print(INTERRUPTED if resumable else 'interrupted', file=sys.stderr)
+        return 130  # the shell's status for Ctrl-C
+    if error_text(e) is None:
+        return None
+    print(f'error: {error_text(e)}', file=sys.stderr)
+    return 2
+
+
 # --- Arguments ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -1745,14 +1757,9 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        if not interrupted and error_text(e) is None:  # a bug, not the user's to fix: the traceback
+        status = stop_status(e, resumable=not (args.colorize or args.benchmark))
+        if status is None:  # a bug, not the user's to fix: the traceback
             raise
-        if interrupted:
-            print('interrupted' if args.colorize or args.benchmark else INTERRUPTED, file=sys.stderr)
-        else:
-            print(f'error: {error_text(e)}', file=sys.stderr)
-        status = 130 if interrupted else 2  # 130: the shell's status for Ctrl-C
         if dist.is_initialized():
             # Exit at once. Not through the process group's teardown: it would wait for the other ranks,
             # which may be anywhere (torch 2.4.1's gloo hung there). Nor through the interpreter's: with

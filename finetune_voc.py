@@ -44,11 +44,11 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, INTERRUPTED, Progress, UserError, absolute_paths, atomic_save, autocast, environment,
-                      error_text, fork_run, load_checkpoint, load_optimizer_state,
-                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state,
-                      setup_device, step_seed, trim_log)
+from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, environment, fork_run,
+                      load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
+                      merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
+                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state, setup_device, step_seed,
+                      stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1448,14 +1448,10 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        if not interrupted and error_text(e) is None:  # a bug, not the user's to fix: the traceback
+        status = stop_status(e, resumable=not (args.summarize or args.export))
+        if status is None:  # a bug, not the user's to fix: the traceback
             raise
-        if interrupted:
-            print('interrupted' if args.summarize or args.export else INTERRUPTED, file=sys.stderr)
-        else:
-            print(f'error: {error_text(e)}', file=sys.stderr)
-        return 130 if interrupted else 2  # 130: the shell's status for Ctrl-C
+        return status
     return 0
 
 
