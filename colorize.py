@@ -1293,12 +1293,15 @@ def _children(pid):
 
 
 def _machine_busy():
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat's first line."""
+    """(busy, total) CPU seconds of the whole machine since boot, summed over its CPUs, and the
+    number of CPUs, from /proc/stat."""
     with open('/proc/stat') as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
+        lines = f.read().splitlines()
+    ticks = [int(v) for v in lines[0].split()[1:]]
+    cpus = sum(line.startswith('cpu') and line[3:4].isdigit() for line in lines)
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     hz = os.sysconf('SC_CLK_TCK')
-    return (sum(ticks[:8]) - idle) / hz, sum(ticks[:8]) / hz  # guest time is counted in user already
+    return (sum(ticks[:8]) - idle) / hz, sum(ticks[:8]) / hz, cpus  # guest time is counted in user already
 
 
 class CpuUse:
@@ -1332,10 +1335,14 @@ class CpuUse:
         if None in (end['process'], end['main'], start['process'], start['main']):
             return
         wall = end['wall'] - start['wall']
-        busy, total = (e - s for e, s in zip(end['machine'], start['machine']))
+        busy, total = (e - s for e, s in zip(end['machine'][:2], start['machine'][:2]))
+        # The kernel's idle and iowait counts may step back a little (its documentation says so for
+        # iowait), which over a short span could make busy negative or above the total.
+        busy = min(max(busy, 0.0), total)
         self.result = dict(seconds=wall, main=end['main'] - start['main'],
                            other_threads=max(0.0, (end['process'] - start['process']) - (end['main'] - start['main'])),  # ticks: >= -1
-                           children=end['children'] - start['children'], machine_busy=busy, machine=total)
+                           children=end['children'] - start['children'], machine_busy=busy, machine=total,
+                           cpus=end['machine'][2])
 
     def per_step(self, steps, images, workers):
         """The span's CPU per training step and per image, for a benchmark row; None without /proc."""
@@ -1346,7 +1353,10 @@ class CpuUse:
                     other_threads_ms_per_step=1000 * r['other_threads'] / steps,
                     workers_ms_per_image=1000 * r['children'] / images,
                     workers_busy=r['children'] / (r['seconds'] * workers) if workers else 0.0,
-                    machine_busy_cores=r['machine_busy'] / r['seconds'], machine_cores=r['machine'] / r['seconds'])
+                    # the busy share of the ticks counted, not of the wall time: a span of a few ms holds
+                    # zero or a few 10 ms ticks, which over its wall time could read as more cores than there are
+                    machine_busy_cores=r['cpus'] * r['machine_busy'] / r['machine'] if r['machine'] > 0 else 0.0,
+                    machine_cores=r['cpus'])
 
 
 def _flops_per_image(step, batch, batch_size, net):

@@ -2942,6 +2942,23 @@ def test_cpu_use_splits_main_thread_other_threads_and_child_processes():
     assert per['workers_ms_per_image'] == pytest.approx(1000 * r['children'] / 100)
     assert per['workers_busy'] == pytest.approx(r['children'] / r['seconds'])
 
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='reads /proc (Linux)')
+def test_cpu_use_machine_share_stays_within_its_cores(monkeypatch):
+    # /proc/stat's idle and iowait may step back (the kernel's documentation says so for iowait): here
+    # 0.03 s of ticks pass on 4 CPUs while idle steps back 0.01 s, so busy - idle reads 0.04 s.
+    readings = iter([(10.00, 50.00, 4), (10.04, 50.03, 4),   # busy above the total: all 4 busy
+                     (10.00, 50.00, 4), (10.01, 50.04, 4),   # a quarter of the ticks busy: 1 of 4
+                     (10.00, 50.00, 4), (10.00, 50.00, 4)])  # no tick in the span
+    monkeypatch.setattr(colorize, '_machine_busy', lambda: next(readings))
+    shares = []
+    for _ in range(3):
+        with colorize.CpuUse() as cpu:
+            pass
+        per = cpu.per_step(steps=1, images=1, workers=0)
+        shares.append((per['machine_busy_cores'], per['machine_cores']))
+    assert shares == [(4.0, 4), (pytest.approx(1.0), 4), (0.0, 4)]
+
+
 def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
     """The supervised baseline: same loop and checkpoints, label = folder name."""
     root = tmp_path / 'imagenet'
