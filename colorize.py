@@ -1011,7 +1011,7 @@ def train(args):
     saved = resume_path  # the checkpoint that holds the run's latest state
     if ckpt is not None:
         progress.restore(ckpt.get('progress'), device, rank)
-    for batch in loader:
+    for batch in data.watch_stalls(loader, who=f'rank {rank}: ' if world > 1 else ''):
         if step >= args.steps:
             break
         torch.manual_seed(step_seed(args.seed, step, rank))

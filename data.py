@@ -792,6 +792,52 @@ class SlotBatch:
         return self.collated(pin=True)
 
 
+STALL_WARNING_S = 300  # seconds the training loop may wait for one batch before it says so
+
+
+def watch_stalls(batches, after=None, who=''):
+    """Yields what `batches` (a loader) yields. While the caller has waited `after` seconds for
+    the next batch, and again at 2x, 4x, ... that, a line on stderr says so: a loader worker stuck
+    in a read (an unresponsive network mount) would otherwise hold a run silent for ever. It only
+    speaks: the wait goes on, as a slow file system may still answer and a suspended job resumes.
+    The time a step spends on its own work between batches is not waiting. `who` prefixes the
+    line ('rank 3: '); `after` defaults to STALL_WARNING_S."""
+    after = STALL_WARNING_S if after is None else after
+    waiting = [None]  # time.monotonic() when the current wait began; None between batches
+    done = threading.Event()
+
+    def watch():
+        began, warn_at = None, after
+        while not done.wait(min(after / 4, 30)):
+            since = waiting[0]
+            if since != began:  # a new wait, or none
+                began, warn_at = since, after
+            if since is not None and time.monotonic() - since >= warn_at:
+                try:
+                    print(f'{who}no batch from the loader for {time.monotonic() - since:.0f} s; still waiting. A '
+                          'worker may be stuck reading a file (an unresponsive network mount?); Ctrl-C stops the '
+                          'run; --resume then goes on from its last checkpoint, if it saved one',
+                          file=sys.stderr, flush=True)
+                except OSError:  # no stderr to speak on: nothing else to do
+                    pass
+                warn_at *= 2
+
+    threading.Thread(target=watch, name='watch_stalls', daemon=True).start()
+    try:
+        batches = iter(batches)
+        while True:
+            waiting[0] = time.monotonic()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                waiting[0] = None
+            yield batch
+    finally:
+        done.set()
+
+
 # ----------------------------------------------------------------------------------------------
 # Packs: pre-resized JPEG bytes in a few large files, for training without per-image file opens
 

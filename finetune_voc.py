@@ -1123,7 +1123,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         progress.restore(ckpt.get('progress'), device)
     set_train_mode(model, args.freeze)
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
-    for batch in loader:
+    for batch in data.watch_stalls(loader):
         if step >= args.steps:
             break
         torch.manual_seed(step_seed(args.seed, step, 0))  # pixels and dropout: a function of (seed, step)
@@ -1171,7 +1171,7 @@ def evaluate_classification(model, test_set, args, device):
     model.eval()
     loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers)
     scores, labels = [], []
-    for images, target in loader:
+    for images, target in data.watch_stalls(loader):
         B, V = images.shape[:2]
         x = network_input(images.flatten(0, 1), args.input, device)  # (B*V, C, crop, crop)
         with autocast(device):
@@ -1213,7 +1213,7 @@ def evaluate_segmentation(model, test_set, args, device):
     loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers)
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
     try:
-        for image, label in loader:
+        for image, label in data.watch_stalls(loader):
             conf += confusion_matrix(predict_segmentation(model, image, args.input, device), label.to(device),
                                      len(SEG_CLASSES), IGNORE)
     finally:
