@@ -795,13 +795,15 @@ class SlotBatch:
 STALL_WARNING_S = 300  # seconds the training loop may wait for one batch before it says so
 
 
-def watch_stalls(batches, after=None, who=''):
+def watch_stalls(batches, after=None, who='', waiting_for='batch from the loader',
+                 advice='A worker may be stuck reading a file (an unresponsive network mount?); Ctrl-C stops '
+                        'the run; --resume then goes on from its last checkpoint, if it saved one'):
     """Yields what `batches` (a loader) yields. While the caller has waited `after` seconds for
     the next batch, and again at 2x, 4x, ... that, a line on stderr says so: a loader worker stuck
     in a read (an unresponsive network mount) would otherwise hold a run silent for ever. It only
     speaks: the wait goes on, as a slow file system may still answer and a suspended job resumes.
     The time a step spends on its own work between batches is not waiting. `who` prefixes the
-    line ('rank 3: '); `after` defaults to STALL_WARNING_S."""
+    line ('rank 3: '), `waiting_for` and `advice` word it; `after` defaults to STALL_WARNING_S."""
     after = STALL_WARNING_S if after is None else after
     waiting = [None]  # time.monotonic() when the current wait began; None between batches
     done = threading.Event()
@@ -814,9 +816,7 @@ def watch_stalls(batches, after=None, who=''):
                 began, warn_at = since, after
             if since is not None and time.monotonic() - since >= warn_at:
                 try:
-                    print(f'{who}no batch from the loader for {time.monotonic() - since:.0f} s; still waiting. A '
-                          'worker may be stuck reading a file (an unresponsive network mount?); Ctrl-C stops the '
-                          'run; --resume then goes on from its last checkpoint, if it saved one',
+                    print(f'{who}no {waiting_for} for {time.monotonic() - since:.0f} s; still waiting. {advice}',
                           file=sys.stderr, flush=True)
                 except OSError:  # no stderr to speak on: nothing else to do
                     pass
@@ -1373,7 +1373,10 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
     try:
         if workers > 1 and total - start > task_size:
             pool = _process_pool(workers)
-        results = _ordered_map(_pack_task, tasks, pool, window=4 * workers)
+        results = watch_stalls(_ordered_map(_pack_task, tasks, pool, window=4 * workers),
+                               waiting_for='image decoded', advice='A file may be stuck being read (an unresponsive '
+                               'network mount?); Ctrl-C stops the pack, and the same command again goes on from '
+                               'its last commit')
         for (t0, t1, chunk_end), packed in zip(spans, results):
             for i, (status, blob, reason) in zip(range(t0, t1), packed):
                 writer.add(i, status, blob, reason)

@@ -1829,6 +1829,25 @@ def test_training_warns_when_a_pack_is_smaller_than_the_short_side_range(folders
     assert 'warning' not in capsys.readouterr().out
 
 
+def test_pack_says_when_a_read_keeps_it_waiting(tmp_path, monkeypatch, capsys):
+    root = tmp_path / 'src'
+    for i in range(3):
+        _write_rgb(root / f'{i}.jpg', _smooth_rgb(60, 90, i), fmt='JPEG')
+    real_task = data._pack_task
+
+    def slow(task):  # a file on a mount that takes its time to answer
+        time.sleep(0.4)
+        return real_task(task)
+
+    monkeypatch.setattr(data, '_pack_task', slow)
+    monkeypatch.setattr(data, 'STALL_WARNING_S', 0.1)
+    info = data.pack_images([root], tmp_path / 'pack', short_side=48, workers=1, task_size=2, log=_quiet)
+    assert info['counts']['ok'] == 3
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) >= 2 and all(line.startswith('no image decoded for ') and 'same command again' in line
+                                  for line in said)
+
+
 def test_pack_end_to_end_with_subset_and_loader(tmp_path):
     root, raw = tmp_path / 'src', tmp_path / 'raw'
     for i in range(12):
