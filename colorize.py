@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 colorize.py -a resnet152 --data /imagenet/train /places205
     python colorize.py -a vgg16 --out runs/vgg16 --resume            # continue after a crash
     python colorize.py --colorize photo.jpg folder/ --checkpoint runs/vgg16/checkpoint.pt
-    python colorize.py -a vgg16 --benchmark [train|colorize]         # speed, against an in-run baseline
+    python colorize.py -a vgg16 --benchmark [train|loader|colorize] # speed, against an in-run baseline
 
 Training reads uint8 crops from Pillow workers and does all float work on the device: Lab,
 the lightness input, P random pixels per image (sparse hypercolumns) and their 7x7 histogram
@@ -53,7 +53,7 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
-INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with --resume'  # Ctrl-C in training
+INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with {}'  # Ctrl-C in training
 
 
 def error_text(e):
@@ -68,11 +68,12 @@ def error_text(e):
     return data.os_error_text(e) if isinstance(e, OSError) else None
 
 
-def stop_status(e, resumable):
+def stop_status(e, resume=None):
     """For main() of both scripts: print the one line for `e` (a UserError, OSError or Ctrl-C) and
-    return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it)."""
+    return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it).
+    `resume`: the flags that continue the interrupted run ('--resume'), None where there is none."""
     if isinstance(e, KeyboardInterrupt):
-        print(INTERRUPTED if resumable else 'interrupted', file=sys.stderr)
+        print(INTERRUPTED.format(resume) if resume else 'interrupted', file=sys.stderr)
         return 130  # the shell's status for Ctrl-C
     if error_text(e) is None:
         return None
@@ -131,7 +132,8 @@ def parse_args(argv=None):
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on for CUDA, off on CPU)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentation and pixels')
+    p.add_argument('--seed', type=int, default=0,
+                   help='seed of the initial weights, data order, augmentation, pixels and dropout')
     p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores this process may '
                    'use, its CPU affinity, per GPU, less one, at most 16; 1 on CPU)')
     p.add_argument('--handover', choices=('slots', 'torch'), default='slots',
@@ -259,7 +261,8 @@ def fill_defaults(args, device, world):
     args.save_every = args.save_every or args.eval_every
     args.out = args.out or default_out(args)
     if args.target_window < 1 or args.target_window % 2 == 0:
-        raise UserError(f'--target-window must be odd (a window centred on the pixel), got {args.target_window}')
+        raise UserError(f'--target-window must be odd and positive (a window centred on the pixel), '
+                        f'got {args.target_window}')
     if args.border < 0:
         raise UserError(f'--border must be at least 0, got {args.border}')
     if args.crop <= 2 * args.border:
@@ -416,7 +419,8 @@ def image_sources(args, master, hold_out=True, held=None):
                 print(f'warning: the pack {root} holds images resized to short side {packed}, below '
                       f'--short-side {args.short_side[0]} {args.short_side[1]}: larger sizes are upscaled, '
                       f'blurrier than the originals; pack at --short-side {args.short_side[1]} or train with '
-                      f'--short-side {min(args.short_side[0], packed)} {packed}')
+                      + (f'--short-side {min(args.short_side[0], packed)} {packed}' if packed >= args.crop else
+                         f'--crop {packed} --short-side {packed} {packed}'))
         if val is None and not hold_out:
             val = []
         elif val is None:
@@ -636,15 +640,16 @@ def data_identity(paths):
     return dict(count=len(paths), sha1=hashlib.sha1(b'\n'.join(map(os.fsencode, paths))).hexdigest())
 
 
-def refuse_to_overwrite(out, resume_path=None):
+def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
     """A run must not replace the checkpoint of another one: that is lost work. `resume_path`: the
-    checkpoint being continued (None for a fresh run), the only one that `out` may hold."""
+    checkpoint being continued (None for a fresh run), the only one that `out` may hold;
+    `resume_flags`: what continues the run in `out`, for the message."""
     path = Path(out) / 'checkpoint.pt'
     if not path.exists():
         return
     if resume_path is None:
-        raise UserError(f'{path} exists (an earlier run); continue it with --resume, or start afresh with '
-                        f'another --out (or delete that folder)')
+        raise UserError(f'{path} exists (an earlier run); continue it with {resume_flags}, or start afresh '
+                        f'with another --out (or delete that folder)')
     if path.resolve() != Path(resume_path).resolve():
         own = Path(resume_path).parent / 'checkpoint.pt'
         hint = (f', or leave --out out to continue in {own.parent}' if not own.exists()
@@ -878,10 +883,10 @@ def open_run(args, device, world, master):
         ckpt = load_checkpoint(resume_path)
         if str(ckpt['config'].get('objective', 'colorize')).startswith('voc-'):
             raise UserError(f'{resume_path} is a finetune_voc.py checkpoint: continue it with finetune_voc.py '
-                            f'--resume')
+                            f'--resume {resume_path}')
         if 'args' not in ckpt or 'optimizer' not in ckpt or 'data' not in ckpt:
             raise UserError(f'{resume_path} is a colorize.py checkpoint without its training state; '
-                            f'use it with --init or --colorize, not --resume')
+                            f'use it with finetune_voc.py --init or colorize.py --colorize, not --resume')
         resume_settings(args, ckpt, resume_path, world, log=print if master else None)
     args.out = args.out or default_out(args)
     fill_defaults(args, device, world)
@@ -1767,7 +1772,7 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        status = stop_status(e, resumable=not (args.colorize or args.benchmark))
+        status = stop_status(e, resume=None if args.colorize or args.benchmark else '--resume')
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         if dist.is_initialized():

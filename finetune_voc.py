@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from collections import OrderedDict
@@ -80,8 +81,8 @@ CPU_DEFAULTS = {'cls': dict(crop=64, batch_size=8, test_crops=2, demo_steps=100)
 # squares of lab.rgb_to_lab's L* over all 17^3 = 4913 colours of the grid {0, 1/16, ..., 1}^3
 # (least squares on the columns [1, R, G, B]). |error| over that grid: max 19.4, mean 3.8 L* units
 # (worst at saturated colours, since L* is far from additive in R, G, B); on the 256 grays: max
-# 12.0 (at black), mean 6.2. Used to fold the RGB input of torchvision's networks into our
-# lightness conv1 and back; test_all.py measures it.
+# 12.0 (near black, at 16/255; 10.8 at black), mean 6.2. Used to fold the RGB input of torchvision's
+# networks into our lightness conv1 and back; test_all.py measures it.
 L_FROM_RGB = (10.765438, 23.061646, 62.671641, 8.704467)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation, RGB in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +110,7 @@ def parse_args(argv=None):
                    'train + SBD, when SegmentationClassAug/ and train_aug.txt are present, else train)')
     p.add_argument('--test-split', help='evaluation split (default test for cls, val for seg)')
     p.add_argument('--steps', type=int, help='training iterations (default 80k cls, 40k seg; on the demo world '
-                   '2000, or on a CPU 100 cls / 50 seg); the lr milestones scale with it')
+                   '2000, on a CPU 100 cls / 50 seg); the lr milestones scale with it')
     p.add_argument('--batch-size', type=int, help='images per step (default 16 cls, 10 seg; 8 / 4 on a CPU)')
     p.add_argument('--lr', type=float, help='initial learning rate (default 1e-3)')
     p.add_argument('--lr-milestones', type=float, nargs='+', metavar='FRAC',
@@ -162,7 +163,8 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed of the init, data order, augmentation and pixels')
     p.add_argument('--workers', type=int, help='data loader processes (default min(8, cores) on CUDA, 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
-                   help='continue from CKPT (default: <out>/checkpoint.pt); model flags come from it')
+                   help='continue from CKPT (default: <out>/checkpoint.pt, which needs --out) with its flags; flags '
+                        'given anew may change only the schedule, logging and test flags')
     p.add_argument('--log-every', type=int, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--save-every', type=int, help='steps between checkpoints (default ~10 per run)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
@@ -698,7 +700,8 @@ def rgb_conv_from_lightness(weight, bias):
     With L ~ k0 + sum_c k_c rgb_c (L_FROM_RGB): u = (k0 - 50 + sum_c k_c mean_c) / 50 + sum_c
     (k_c std_c / 50) x_c, so W_c = W k_c std_c / 50 and b' = b + sum(W) (k0 - 50 + sum_c k_c mean_c) / 50.
     weight (O, 1, k, k), bias (O,) -> (O, 3, k, k), (O,). Exact away from the border only: zero
-    padding means L = 50 for us, RGB = the ImageNet mean (L ~ 48) for torchvision.
+    padding means L = 50 for us, RGB = the ImageNet mean for torchvision (L* 49.3; 54.1 by
+    L_FROM_RGB, which is what the folded conv1 sees).
     """
     k0, k, mean, std = _light_consts(weight.device, weight.dtype)
     w = weight * (k * std / 50).view(1, 3, 1, 1)  # (O, 1, k, k) -> (O, 3, k, k)
@@ -1282,7 +1285,8 @@ def run(args):
     if init_name in ('colorization', 'classification'):  # the colorize.py run folder, e.g. vgg16-huechroma
         init_name = Path(args.init).parent.name or init_name
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
-    refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
+    refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
+                        resume_flags=f'--resume --out {shlex.quote(str(args.out))}')
     args.out.mkdir(parents=True, exist_ok=True)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))
@@ -1295,13 +1299,15 @@ def run(args):
           + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
           + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
           + ('' if device.type == 'cuda' else
-             ' (CPU: small crop, batch and test crops so the demo finishes in minutes)'))
+             ' (CPU: small crop and batch, and a smaller test (cls: fewer crops; seg: 50 images) so the demo '
+             'finishes in minutes)'))
 
     model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', input_kind=args.input,
                                 width=args.width, fc_dim=args.fc_dim, extended_fov=args.extended_fov,
                                 head_dim=args.head_dim, dropout=args.dropout, seed=args.seed)
     if args.task == 'cls' and unpad_fc6(model.trunk, args.crop):
-        print(f'fc6 runs unpadded: at a {args.crop} crop it is the fully connected fc6 of the protocol')
+        print(f'fc6 runs unpadded at a {args.crop} crop, as the protocol\'s fully connected fc6 (where pool5 is '
+              f'larger than its kernel, at more than one position, averaged)')
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if args.freeze:
         freeze_pretrained(model)
@@ -1315,7 +1321,7 @@ def run(args):
         model = model.to(memory_format=torch.channels_last)
     step = train(model, train_set, args, device, init_info, ckpt)
     if args.exit_after is not None and step < args.steps:
-        print(f'stopped at step {step} (--exit-after); continue with --resume')
+        print(f'stopped at step {step} (--exit-after); continue with --resume --out {shlex.quote(str(args.out))}')
         return None
     if args.freeze:
         check_frozen(model, initial_state)
@@ -1448,7 +1454,9 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        status = stop_status(e, resumable=not (args.summarize or args.export))
+        # --resume alone needs --out here (the run folder's name depends on the --init it loads)
+        resume = f'--resume --out {shlex.quote(str(args.out)) if args.out else "RUN"}'
+        status = stop_status(e, resume=None if args.summarize or args.export else resume)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status

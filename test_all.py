@@ -3706,18 +3706,20 @@ def test_check_frozen_fails_loudly():
         ft.check_frozen(model, initial)
 
 
-def test_resume_is_exact(tmp_path, voc):
+def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     base = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
             '--input', 'gray', '--test-crops', '1', '--steps', '4', '--batch-size', '4', '--crop', '32',
             '--workers', '0', '--device', 'cpu', '--log-every', '3']
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
     assert ft.main([*base, '--out', str(tmp_path / 'b'), '--exit-after', '2']) == 0
     assert not (tmp_path / 'b' / 'results.json').exists()
+    advice = capsys.readouterr().out.splitlines()[-1].partition('; continue with ')[2]
+    assert advice == f"--resume --out {tmp_path / 'b'}"  # as given: the run's own folder, which --resume needs
     # A fork (--resume CKPT --out NEW) goes on in NEW, its log taken along; b stays at step 2.
     assert ft.main(['--resume', str(tmp_path / 'b' / 'checkpoint.pt'), '--out', str(tmp_path / 'c'),
                     '--workers', '0', '--device', 'cpu']) == 0
     assert torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['step'] == 2
-    assert ft.main(['--out', str(tmp_path / 'b'), '--resume', '--workers', '0', '--device', 'cpu']) == 0
+    assert ft.main([*advice.split(), '--workers', '0', '--device', 'cpu']) == 0
     a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)
     b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
     assert a['step'] == b['step'] == 4
@@ -3729,7 +3731,16 @@ def test_resume_is_exact(tmp_path, voc):
     # Starting afresh into a finished run's folder would replace its checkpoint: refused.
     before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
+    assert f"continue it with --resume --out {tmp_path / 'a'}," in capsys.readouterr().err
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
+    # Ctrl-C says the same: --resume alone would not find the run here.
+    def interrupted(args):
+        args.out = tmp_path / 'd'
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ft, 'run', interrupted)
+    assert ft.main(base) == 130
+    assert capsys.readouterr().err == (f"interrupted: the last checkpoint written is intact; continue with "
+                                       f"--resume --out {tmp_path / 'd'}\n")
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
