@@ -19,8 +19,9 @@ world, so that every command of the project runs end to end without downloads:
     python data.py scan /data/imagenet/train /data/places205 --cache-dir runs/cache
 
 Packs (`pack_images`): decoding full-size photos is the bottleneck of pre-training, so the
-images can be decoded, shrunk to a short side of 256 and re-encoded once, into a few large shard
-files with an index, then read without per-image file opens (resumable; run it again to finish):
+images can be decoded, shrunk to a short side (--short-side, e.g. 256) and re-encoded once, into
+a few large shard files with an index, then read without per-image file opens (resumable; run it
+again to finish):
 
     python data.py pack --data /data/imagenet/train --out /data/packs/imagenet-256 --short-side 256
     python colorize.py --data /data/packs/imagenet-256 --short-side 224 256 ...
@@ -1273,8 +1274,8 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
         progress.json         params (roots, short_side, quality), done, shard lengths, ...
         complete.json         written last: params, total, shard lengths, status counts
 
-    Work proceeds in chunks of `chunk` images, in order, over `workers` processes (default: all
-    cores; 1 = in this process) in tasks of `task_size` images; after each chunk the shards are
+    Work proceeds in chunks of `chunk` images, in order, over `workers` processes (default:
+    usable_cores(); 1 = in this process) in tasks of `task_size` images; after each chunk the shards are
     synced and progress.json replaced atomically. Run again with the same arguments, it truncates
     the files to the recorded lengths and continues (the listing is the one saved at the start);
     on a complete pack it does nothing. Other arguments on an existing pack raise ValueError.
@@ -1424,6 +1425,18 @@ def _voc_dir(root, year):
     return root
 
 
+def _tar_dir(voc_dir, year):
+    """Where a VOC<year> tar (its members start with VOCdevkit/VOC<year>/) must be extracted to
+    fill `voc_dir`, the folder _voc_dir returned: the folder above its VOCdevkit (voc_dir itself
+    when it is not inside one)."""
+    voc_dir = os.path.abspath(voc_dir)
+    if os.path.basename(voc_dir) == f'VOC{year}' and os.path.basename(os.path.dirname(voc_dir)) == 'VOCdevkit':
+        return os.path.dirname(os.path.dirname(voc_dir))
+    if os.path.basename(voc_dir) == 'VOCdevkit':
+        return os.path.dirname(voc_dir)
+    return voc_dir
+
+
 def voc_classification(voc2007_root, split):
     """VOC2007 classification set `split` (train, val, trainval, test).
 
@@ -1436,12 +1449,12 @@ def voc_classification(voc2007_root, split):
     for cls in VOC_CLASSES:
         path = os.path.join(root, 'ImageSets', 'Main', f'{cls}_{split}.txt')
         if not os.path.exists(path):
-            hint = ('extract VOCtest_06-Nov-2007.tar' if split == 'test' else
-                    'extract VOCtrainval_06-Nov-2007.tar')
+            tar = 'VOCtest_06-Nov-2007.tar' if split == 'test' else 'VOCtrainval_06-Nov-2007.tar'
             raise FileNotFoundError(
                 f'{path} not found: expected the VOC2007 devkit layout <root>/ImageSets/Main/'
-                f'<class>_{split}.txt under {os.fspath(voc2007_root)}; {hint} there (or run '
-                '`python data.py demo` for the demo world)')
+                f'<class>_{split}.txt under {os.fspath(voc2007_root)}; extract {tar} in '
+                f'{_tar_dir(root, 2007)} (it unpacks into VOCdevkit/VOC2007/), or use the demo world\'s '
+                f'{os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py demo` writes it)')
         rows = {}
         order = []
         with open(path) as f:
@@ -1504,8 +1517,9 @@ def voc_segmentation(voc2012_root, split, augmented=False):
             raise FileNotFoundError(
                 f'{list_path} not found: expected the VOC2012 devkit layout <root>/ImageSets/'
                 f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; extract '
-                'VOCtrainval_11-May-2012.tar there (or run `python data.py demo` for the demo '
-                'world)')
+                f'VOCtrainval_11-May-2012.tar in {_tar_dir(root, 2012)} (it unpacks into VOCdevkit/VOC2012/), '
+                f'or use the demo world\'s {os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py '
+                'demo` writes it)')
         label_dir = 'SegmentationClass'
     pairs = []
     with open(list_path) as f:
@@ -1994,9 +2008,9 @@ def _run_jobs(kind, out_dir, seed, stream, n, size_range, quality, pool, chunk=6
 def make_demo_world(root, n_train=4000, n_val=200, seed=0, size_range=(160, 256), quality=90,
                     pool=None):
     """ImageNet-style demo folder: root/{train,val}/<wnid>/<wnid>_<i>.JPEG, the wnid
-    (n00000001 .. n00000020, VOC_CLASSES order) naming the class covering most pixels. Images
-    are h x w, h and w each drawn from `size_range`. `pool`: an optional
-    concurrent.futures executor to render in."""
+    (n00000001 .. n00000020, VOC_CLASSES order) naming the class of the object with the most
+    visible pixels (not summed over objects of one class). Images are h x w, h and w each drawn
+    from `size_range`. `pool`: an optional concurrent.futures executor to render in."""
     for split, n, stream in (('train', n_train, 0), ('val', n_val, 1)):
         for k in range(len(VOC_CLASSES)):
             os.makedirs(os.path.join(root, split, _wnid(k)), exist_ok=True)
@@ -2193,10 +2207,13 @@ def main(argv=None):
     sub = ap.add_subparsers(dest='cmd', required=True)
     demo = sub.add_parser('demo', help='generate the procedural demo world (once)')
     demo.add_argument('--root', default=DEFAULT_DEMO_ROOT, help='folder to write the demo world to')
-    demo.add_argument('--n-train', type=int, default=4000, help='pre-training images')
-    demo.add_argument('--n-val', type=int, default=200, help='held-out pre-training images')
-    scan = sub.add_parser('scan', help='list the images under folders or .txt lists and cache '
-                          'the listing')
+    demo.add_argument('--n-train', type=int, default=4000,
+                      help='pre-training images (default %(default)s; colorize.py and finetune_voc.py run '
+                      'without --data / --voc-root refuse a world of other sizes: give them --data '
+                      'ROOT/train --val-data ROOT/val, or --voc-root ROOT/VOCdevkit)')
+    demo.add_argument('--n-val', type=int, default=200, help='held-out pre-training images (default %(default)s)')
+    scan = sub.add_parser('scan', help='list the images under folders or .txt lists (and cache '
+                          'the listing, with --cache-dir)')
     scan.add_argument('roots', nargs='+', help='image folders or .txt lists of image paths')
     scan.add_argument('--cache-dir', default=None, help='folder for the listing cache')
     pack = sub.add_parser('pack', help='decode, shrink and re-encode images into a few large '
@@ -2211,9 +2228,11 @@ def main(argv=None):
                       'images are kept as they are), e.g. 256')
     pack.add_argument('--quality', type=int, default=90, help='JPEG quality of the packed images (default %(default)s)')
     pack.add_argument('--workers', type=int, default=None,
-                      help='decoding processes (default: all CPU cores; 1 = in this process)')
+                      help='decoding processes (default: the cores this process may use, its CPU '
+                      'affinity; 1 = in this process)')
     pack.add_argument('--cache-dir', default=None, help='folder for the listing cache')
     args = ap.parse_args(argv)
+    fail = sub.choices[args.cmd].error  # `data.py pack --help`, not `data.py --help`, lists pack's flags
     try:  # a wrong path or argument: the message says what to do, no traceback needed
         if args.cmd == 'demo':
             ensure_demo(args.root, n_train=args.n_train, n_val=args.n_val)
@@ -2224,11 +2243,11 @@ def main(argv=None):
             pack_images(args.data, args.out, args.short_side, quality=args.quality,
                         workers=args.workers, cache_dir=args.cache_dir)
     except ValueError as e:
-        ap.error(str(e))
+        fail(str(e))
     except OSError as e:
         if os_error_text(e) is None:  # a bug, not the user's to fix: the traceback
             raise
-        ap.error(os_error_text(e))
+        fail(os_error_text(e))
     except KeyboardInterrupt:
         print('interrupted' + (': run the same command again to continue' if args.cmd == 'pack' else ''),
               file=sys.stderr)

@@ -125,7 +125,8 @@ def _f_inv(t):
 def rgb_to_lab(rgb):
     """sRGB (..., 3, H, W) in [0, 1] (gamma-encoded; uint8 is read as /255) -> L*a*b* (..., 3, H, W).
 
-    L in [0, 100]; a, b roughly in [-128, 128]. Float32 under autocast, float64 if given float64.
+    L in [0, 100]; for inputs in [0, 1], a in [-86.2, 98.3] and b in [-107.9, 94.5]. Float32 under
+    autocast, float64 if given float64.
     """
     if rgb.shape[-3] != 3:
         raise ValueError(f'rgb_to_lab expects 3 channels in dim -3, got shape {tuple(rgb.shape)}')
