@@ -2220,12 +2220,14 @@ def test_resume_after_sigkill_is_exact(folders, tmp_path):
     while not (out / 'checkpoint.pt').exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished before the signal came
     assert (out / 'checkpoint.pt').exists()
     killed_at = _state(out / 'checkpoint.pt')['step']
+    # Killed mid-run, from a checkpoint of --save-every 1 (not the final one of step 8: resuming
+    # that would test nothing, and a run that wrote no periodic checkpoint at all would pass).
+    assert 1 <= killed_at < 8, killed_at
     assert colorize.main(tiny_args(train, val, out, *common, '--resume')) == 0
     _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt'))
-    assert killed_at <= 8
 
 
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
@@ -3505,7 +3507,10 @@ def test_exported_conv1_sees_rgb(arch, stride, pad):
     w, b = state[f'{first[0]}.weight'], state[f'{first[0]}.bias'].normal_(0, 0.1)
     sd = ft.export_torchvision(state, arch)
     rgb = image_batch(2, 48, seed=4).double() / 255
-    mean, std = torch.tensor(ft.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(ft.IMAGENET_STD).view(1, 3, 1, 1)
+    # torchvision's documented input normalisation, written out (not ft.IMAGENET_MEAN / _STD, which
+    # the export itself folds in: a wrong constant there would cancel out here).
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
     tv = F.conv2d((rgb - mean) / std, sd[f'{first[1]}.weight'].double(), sd[f'{first[1]}.bias'].double(), stride, pad)
     L_true = lab.rgb_to_lab(rgb)[:, :1]
     k = torch.tensor(ft.L_FROM_RGB, dtype=torch.float64)
@@ -3589,11 +3594,12 @@ COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0',
 def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monkeypatch):
     """A progress line's img/s covers the steps since the previous line, not the checkpoint writes
     (it was the average since the start, writes and start-up included)."""
-    write = ft.save_checkpoint
+    write, written = ft.save_checkpoint, []
 
-    def slow_write(*args, **kwargs):
+    def slow_write(path, model, optimizer, step, *args, **kwargs):
+        written.append(step)
         time.sleep(0.5)
-        return write(*args, **kwargs)
+        return write(path, model, optimizer, step, *args, **kwargs)
     monkeypatch.setattr(ft, 'save_checkpoint', slow_write)
     out = tmp_path / 'cls'
     assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
@@ -3601,6 +3607,7 @@ def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monk
     rates = [json.loads(line)['img_per_s'] for line in (out / 'log.jsonl').read_text().splitlines()]
     # Batch 4: a line after one 0.5 s write would show under 8 / 0.5 = 16 img/s; a tiny step takes milliseconds.
     assert len(rates) == 3 and min(rates) > 20, rates
+    assert written == [1, 2, 3]  # --save-every 1 did write between the lines (else the rates prove nothing)
 
 
 def test_end_to_end_classification(tmp_path, voc, capsys):
@@ -4475,6 +4482,11 @@ def test_sample_grid_columns_are_gray_prediction_truth(tmp_path):
     left, right = grid[:, :32], grid[:, 64:]
     assert np.abs(left - left[..., :1]).max() <= 1  # gray: R = G = B
     assert np.array_equal(right, torch.cat(list(images), 1).permute(1, 2, 0).numpy())  # the truth, exactly
+    # ... and the gray column is the truth's own lightness (L* by the second formula, up to 8-bit rounding),
+    # not any gray: a constant or mis-scaled gray column passed the R = G = B check alone.
+    def lightness(a):
+        return _lab_second_formula(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).double() / 255)[0]
+    assert (lightness(left) - lightness(right)).abs().max() < 0.5
 
 
 class _NoColour(torch.nn.Module):
@@ -4526,6 +4538,60 @@ def test_each_rank_resumes_its_own_counts_and_window():
         counter = data.StatusCounter()
         colorize.restore_training(old, 'ckpt.pt', model, optimizer, counter, args, cpu, rank)
         assert counter.counts == expected
+
+
+# ---------------------------------------------------------------- defaults and figures the README states
+
+def test_pretraining_defaults_follow_the_global_batch_and_the_crop():
+    """README, Defaults: lr 1e-3 x global batch / 8, warm-up over 2% of the steps, 16M images / global
+    batch with --data, border crop / 7 (32 at 224), short side crop x [1, 600 / 352]; GPU: crop 224,
+    batch 128, fc 4096, 2000 steps on the demo."""
+    a = colorize.fill_defaults(colorize.parse_args(['--data', '/d', '--batch-size', '32', '--crop', '224']),
+                               torch.device('cpu'), 4)  # 4 processes: global batch 128
+    assert (a.lr, a.steps, a.warmup, a.border, a.short_side) == (pytest.approx(0.016), 125_000, 2500, 32, [224, 382])
+    g = colorize.fill_defaults(colorize.parse_args([]), torch.device('cuda'), 1)  # the demo, on a GPU
+    assert (g.crop, g.batch_size, g.fc_dim, g.steps, g.warmup, g.border) == (224, 128, 4096, 2000, 40, 32)
+    assert g.lr == pytest.approx(0.016)
+    c = colorize.fill_defaults(colorize.parse_args([]), torch.device('cpu'), 1)
+    assert (c.crop, c.batch_size, c.fc_dim, c.steps, c.warmup, c.border) == (64, 8, 1024, 100, 2, 9)
+    assert c.lr == pytest.approx(1e-3)
+
+
+def test_transfer_lr_schedules_of_the_protocols():
+    """README: segmentation x0.1 at 22.5k and 30k of 40k (at 563 and 750 of --steps 1000);
+    classification halved every 10k of 80k."""
+    seg = ft.fill_defaults(ft.parse_args(['--task', 'seg', '--voc-root', 'x']), torch.device('cuda'))
+    assert seg.steps == 40_000
+    assert [ft.lr_at(s, seg) for s in (0, 22_499, 22_500, 29_999, 30_000, 39_999)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    seg.steps = 1000
+    assert [ft.lr_at(s, seg) for s in (562, 563, 749, 750)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+    cls = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', 'x']), torch.device('cuda'))
+    assert (cls.steps, cls.test_crops) == (80_000, 10)
+    assert [ft.lr_at(s, cls) for s in (9_999, 10_000, 20_000, 79_999)] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1e-3 / 128])
+
+
+def test_evaluation_colour_figures_by_hand():
+    """PSNR of predicting gray and the ab RMSE (root of the mean over the a* and b* values), on uniform
+    sRGB red and blue (the published L*a*b* table), with an l2 head that predicts (a, b) = (10, -10)."""
+    net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='l2', width=0.0625, fc_dim=16))
+    torch.nn.init.zeros_(net.head.out.weight)
+    with torch.no_grad():
+        net.head.out.bias.copy_(torch.tensor([10.0, -10.0]) / lab.L2_SCALE)  # l2 logits are ab / L2_SCALE
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    images[0, 0] = images[1, 2] = 255
+    args = argparse.Namespace(loss='l2', points=16, border=4, target_window=7, lightness_weight=False)
+    m = colorize.evaluate(net, images, args, torch.device('cpu'))
+    (L_r, a_r, b_r), (L_b, a_b, b_b) = SRGB_LAB_TABLE[0][1], SRGB_LAB_TABLE[2][1]
+
+    def gray_psnr(L):  # CIE L* -> Y, sRGB-encoded; against a primary: one channel at 1, two at 0
+        g = 1.055 * ((L + 16) / 116) ** (3 / 2.4) - 0.055
+        return -10 * math.log10(((1 - g) ** 2 + 2 * g ** 2) / 3)
+    assert m['psnr_gray'] == pytest.approx((gray_psnr(L_r) + gray_psnr(L_b)) / 2, abs=1e-3)
+    assert m['ab_rmse_gray'] == pytest.approx(math.sqrt((a_r ** 2 + b_r ** 2 + a_b ** 2 + b_b ** 2) / 4), abs=1e-2)
+    want = math.sqrt(((a_r - 10) ** 2 + (b_r + 10) ** 2 + (a_b - 10) ** 2 + (b_b + 10) ** 2) / 4)
+    assert m['ab_rmse'] == pytest.approx(want, abs=1e-2)
+    assert m['psnr'] != pytest.approx(m['psnr_gray'], abs=0.1)
 
 
 # ---------------------------------------------------------------- atomic writes
