@@ -823,9 +823,9 @@ def watch_stalls(batches, after=None, who='', waiting_for='batch from the loader
                     pass
                 warn_at *= 2
 
+    batches = iter(batches)  # a DataLoader forks its workers here: before this thread exists
     threading.Thread(target=watch, name='watch_stalls', daemon=True).start()
     try:
-        batches = iter(batches)
         while True:
             waiting[0] = time.monotonic()
             try:
