@@ -832,8 +832,8 @@ def export(args):
     off = [f'width {args.width:g} (torchvision: 1)'] if args.width != 1.0 else []
     if args.arch in ('alexnet', 'vgg16') and args.fc_dim != 4096:
         off.append(f'fc6/fc7 with {args.fc_dim} channels (torchvision: 4096)')
-    loads = (f'torchvision.models.{args.arch}().load_state_dict(torch.load(PATH), strict=False) leaves exactly '
-             f'{final}.weight, {final}.bias missing' if not off else
+    loads = (f'torchvision.models.{args.arch}().load_state_dict(torch.load(PATH, weights_only=True), strict=False) '
+             f'leaves exactly {final}.weight, {final}.bias missing' if not off else
              f'NOT loadable by torchvision.models.{args.arch}(): {" and ".join(off)}; the names are its own, so a '
              f'network built with these sizes loads it')
     print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): {loads}. '
