@@ -1354,7 +1354,7 @@ class CpuUse:
         r = self.result
         if r is None or r['seconds'] <= 0:
             return None
-        return dict(main_thread_ms_per_step=1000 * r['main'] / steps,
+        return dict(seconds=r['seconds'], main_thread_ms_per_step=1000 * r['main'] / steps,
                     other_threads_ms_per_step=1000 * r['other_threads'] / steps,
                     workers_ms_per_image=1000 * r['children'] / images,
                     workers_busy=r['children'] / (r['seconds'] * workers) if workers else 0.0,
@@ -1635,7 +1635,9 @@ def print_row(r):
         print(f'  cpu: main thread {c["main_thread_ms_per_step"]:.1f} ms/step, other threads '
               f'{c["other_threads_ms_per_step"]:.1f} ms/step, loader processes {c["workers_ms_per_image"]:.2f} '
               f'ms/image ({100 * c["workers_busy"]:.0f}% busy), machine {c["machine_busy_cores"]:.1f} of '
-              f'{c["machine_cores"]:.0f} cores busy', flush=True)
+              f'{c["machine_cores"]:.0f} cores busy, over {c["seconds"]:.2f} s'
+              + (' (under 1 s: the kernel counts CPU time in 10 ms ticks, so these are rough)'
+                 if c['seconds'] < 1 else ''), flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------
