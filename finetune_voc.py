@@ -46,7 +46,7 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, environment, fork_run,
-                      load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
+                      format_seconds, load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
                       read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state, setup_device, step_seed,
                       stop_status, trim_log)
@@ -1168,12 +1168,32 @@ def check_frozen(model, initial_state):
 
 # --- Evaluation ---------------------------------------------------------------------------------
 
+TEST_PROGRESS_S = 30  # seconds between the progress lines of a test
+
+
+class EvalProgress:
+    """A line every TEST_PROGRESS_S seconds while a test set is evaluated (a minute or more on the
+    full VOC sets): images done, img/s, ETA. Counts on the host, so it costs no GPU sync."""
+
+    def __init__(self, total, what):
+        self.total, self.what, self.done = total, what, 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, n):
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= TEST_PROGRESS_S and self.done < self.total:
+            self.last, rate = now, self.done / (now - self.start)
+            print(f'{self.what}: {self.done:,}/{self.total:,} images | {rate:.1f} img/s | '
+                  f'ETA {format_seconds((self.total - self.done) / rate)}', flush=True)
+
 @torch.no_grad()
 def evaluate_classification(model, test_set, args, device):
     """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""
     model.eval()
     loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers)
     scores, labels = [], []
+    progress = EvalProgress(len(test_set), f'testing on VOC2007 {args.test_split}')
     for images, target in data.watch_stalls(loader):
         B, V = images.shape[:2]
         x = network_input(images.flatten(0, 1), args.input, device)  # (B*V, C, crop, crop)
@@ -1181,6 +1201,7 @@ def evaluate_classification(model, test_set, args, device):
             logits = model(x)
         scores.append(logits.float().view(B, V, -1).mean(1).cpu())  # (B, 20)
         labels.append(target)
+        progress.add(B)
     scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
     ap11, ap = average_precision(scores, labels, eleven_point=True), average_precision(scores, labels)
     names = data.VOC_CLASSES
@@ -1215,10 +1236,12 @@ def evaluate_segmentation(model, test_set, args, device):
     autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers)
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
+    progress = EvalProgress(len(test_set), f'testing on VOC2012 {args.test_split}')
     try:
         for image, label in data.watch_stalls(loader):
             conf += confusion_matrix(predict_segmentation(model, image, args.input, device), label.to(device),
                                      len(SEG_CLASSES), IGNORE)
+            progress.add(1)
     finally:
         torch.backends.cudnn.benchmark = autotune
     scores = segmentation_scores(conf)

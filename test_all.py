@@ -3613,7 +3613,8 @@ def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monk
     assert written == [1, 2, 3]  # --save-every 1 did write between the lines (else the rates prove nothing)
 
 
-def test_end_to_end_classification(tmp_path, voc, capsys):
+def test_end_to_end_classification(tmp_path, voc, capsys, monkeypatch):
+    monkeypatch.setattr(ft, 'TEST_PROGRESS_S', 0)  # a progress line after every test batch but the last
     colorize_checkpoint(tmp_path / 'c.pt', 'vgg16')
     out = tmp_path / 'cls'
     rc = ft.main(['--task', 'cls', '--init', str(tmp_path / 'c.pt'), '--voc-root', voc, '--out', str(out),
@@ -3629,11 +3630,16 @@ def test_end_to_end_classification(tmp_path, voc, capsys):
                                        'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3', 'fc6', 'fc7'}
     assert all(0 <= v <= 1 + 1e-9 for v in r['feature_shift'].values())
     assert json.loads((out / 'feature_shift.json').read_text())['cka'] == r['feature_shift']
-    assert 'linear CKA over 4 images says little' in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert 'linear CKA over 4 images says little' in said
     assert len((out / 'log.jsonl').read_text().splitlines()) == 3
+    # 8 test images in batches of 4: one line, after the first batch.
+    assert [line.split(' | ')[0] for line in said.splitlines() if line.startswith('testing on')] == [
+        'testing on VOC2007 test: 4/8 images']
 
 
-def test_end_to_end_segmentation_frozen(tmp_path, voc):
+def test_end_to_end_segmentation_frozen(tmp_path, voc, capsys, monkeypatch):
+    monkeypatch.setattr(ft, 'TEST_PROGRESS_S', 0)  # a progress line after every test image but the last
     out = tmp_path / 'seg'
     args = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
             '--head-dim', '8', '--extended-fov', '--freeze', '--voc-root', voc, '--out', str(out),
@@ -3644,6 +3650,8 @@ def test_end_to_end_segmentation_frozen(tmp_path, voc):
     assert r['task'] == 'seg' and r['args']['input'] == 'gray' and r['args']['freeze']
     assert 0 <= m['miou'] <= 1 and 0 <= m['pixel_acc'] <= 1 and list(m['iou']) == list(ft.SEG_CLASSES)
     assert sum(map(sum, m['confusion'])) > 0 and m['test_images'] == 4
+    said = [line.split(' | ')[0] for line in capsys.readouterr().out.splitlines() if line.startswith('testing on')]
+    assert said == [f'testing on VOC2012 val: {i}/4 images' for i in (1, 2, 3)]
     # --freeze: every pre-trained trunk weight is still the initial one; the new layers (the head, and
     # the extended-FOV layers, which are part of the trunk but randomly initialised) did train.
     initial = ft.make_finetune_model('seg', 'alexnet', ft.random_trunk('alexnet', 1 / 16, 16, 0), 'init', 'gray',
