@@ -161,13 +161,20 @@ def _read_list(txt):
     return paths
 
 
-def _scan(root):
+SCAN_PROGRESS_S = 30  # seconds between the progress lines of a long scan (millions of files on NFS)
+
+
+def _scan(root, log=print):
     """Walk `root`; returns (image paths, [(folder, mtime_ns)], count of other files, examples,
-    the subfolders that could not be listed)."""
+    the subfolders that could not be listed). Every SCAN_PROGRESS_S seconds, logs how far it got."""
     files, dirs, seen, unreadable = [], [], set(), []
     n_other, other_examples = 0, []
     stack = [root]
+    start = last = time.perf_counter()
     while stack:
+        if dirs and time.perf_counter() - last >= SCAN_PROGRESS_S:
+            last = time.perf_counter()
+            log(f'scanning {root}: {len(files):,} images in {len(dirs):,} folders so far ({last - start:.0f} s)')
         d = stack.pop()
         try:
             st = os.stat(d)  # before listing, so a change during the listing invalidates the cache
@@ -233,7 +240,7 @@ def _scan_cached(root, cache_dir, log):
         if cached is not None:
             return cached, 'cached'
     start_ns = time.time_ns()
-    files, dirs, n_other, examples, unreadable = _scan(root)
+    files, dirs, n_other, examples, unreadable = _scan(root, log)
     if unreadable:
         log(f'warning: skipped {len(unreadable)} folder(s) under {root} that cannot be listed (permission '
             f'denied, or removed during the scan), e.g. {unreadable[0]}')

@@ -1010,7 +1010,7 @@ def _circular_mean_deg(deg, weight):
 # finding images
 
 
-def test_find_images_imagenet_layout(tmp_path):
+def test_find_images_imagenet_layout(tmp_path, monkeypatch):
     root = tmp_path / 'train'
     expected = [_write_rgb(root / 'n01440764' / 'n01440764_1.JPEG', fmt='JPEG'),
                 _write_rgb(root / 'n01440764' / 'n01440764_2.JPEG', fmt='JPEG'),
@@ -1021,6 +1021,12 @@ def test_find_images_imagenet_layout(tmp_path):
     lines = []
     assert data.find_images(str(root), log=lines.append) == sorted(expected)
     assert len(lines) == 1 and '3 images' in lines[0]
+    # A long scan says how far it got: here (every 0 s) before each folder after the first.
+    monkeypatch.setattr(data, 'SCAN_PROGRESS_S', 0)
+    lines = []
+    assert data.find_images(str(root), log=lines.append) == sorted(expected)
+    assert [line.rpartition(' (')[0] for line in lines[:-1]] == [
+        f'scanning {root}: {n} images in {k} folders so far' for n, k in ((0, 1), (2, 2))]
 
 
 def test_find_images_places_nested_mixed_case_and_list(tmp_path):
