@@ -54,6 +54,8 @@ class UserError(Exception):
 
 
 INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with {}'  # Ctrl-C in training
+COMPILE_NOTE = ("torch.compile: the first step compiles the model (a minute or more, silent); the first progress "
+                "line's img/s includes it")
 
 
 def error_text(e):
@@ -1016,6 +1018,8 @@ def train(args):
     saved = resume_path  # the checkpoint that holds the run's latest state
     if ckpt is not None:
         progress.restore(ckpt.get('progress'), device, rank)
+    if master and args.compile and start < args.steps:
+        print(COMPILE_NOTE, flush=True)
     for batch in data.watch_stalls(loader, who=f'rank {rank}: ' if world > 1 else ''):
         if step >= args.steps:
             break

@@ -45,11 +45,11 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast, environment, fork_run,
-                      format_seconds, load_checkpoint, load_optimizer_state, make_model as make_colorization_model,
-                      merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
-                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state, setup_device, step_seed,
-                      stop_status, trim_log)
+from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
+                      environment, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
+                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
+                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state,
+                      setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1126,6 +1126,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
         progress.restore(ckpt.get('progress'), device)
     set_train_mode(model, args.freeze)
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
+    if args.compile and start < args.steps:
+        print(COMPILE_NOTE, flush=True)
     for batch in data.watch_stalls(loader):
         if step >= args.steps:
             break

@@ -3600,6 +3600,19 @@ def read_results(out):
 COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
 
 
+def test_compiled_runs_say_that_the_first_step_compiles(folders, tmp_path, voc, capsys, monkeypatch):
+    # The note is the only line between the start and a first progress line minutes later on a GPU.
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: model)  # the note, without the compile
+    train, val = folders
+    for flag in ('--compile', '--no-compile'):
+        assert colorize.main(tiny_args(train, val, tmp_path / flag, '--steps', '1', flag)) == 0
+        assert (colorize.COMPILE_NOTE in capsys.readouterr().out) == (flag == '--compile')
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', voc, '--out', str(tmp_path / 'ft'), '--input', 'gray', '--test-crops', '1',
+                    '--compile', *COMMON]) == 0
+    assert colorize.COMPILE_NOTE in capsys.readouterr().out
+
+
 def test_transfer_progress_rate_leaves_out_checkpoint_writes(tmp_path, voc, monkeypatch):
     """A progress line's img/s covers the steps since the previous line, not the checkpoint writes
     (it was the average since the start, writes and start-up included)."""
