@@ -147,6 +147,9 @@ def parse_args(argv=None):
     p.add_argument('--log-every', type=int, default=None, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--eval-every', type=int, default=None, help='steps between evaluations (default ~5 per run)')
     p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')
+    p.add_argument('--keep-every', type=int, default=None, metavar='N',
+                   help='also keep the checkpoint of every N-th step as checkpoint-stepNNNNNNN.pt (a hard link: no '
+                        'extra write), to fine-tune from several points of one run (default: keep only the latest)')
     p.add_argument('--max-bad-share', type=float, default=0.01,
                    help='stop when more than this share of images is unreadable '
                    '(default %(default)s)')
@@ -267,6 +270,8 @@ def fill_defaults(args, device, world):
                         f'got {args.target_window}')
     if args.border < 0:
         raise UserError(f'--border must be at least 0, got {args.border}')
+    if args.keep_every is not None and args.keep_every < 1:
+        raise UserError(f'--keep-every must be at least 1 (a step count), got {args.keep_every}')
     if args.crop <= 2 * args.border:
         raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
                         f'use a smaller --border or a larger --crop')
@@ -286,7 +291,7 @@ RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdou
              'seed', 'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window',
              'lightness_weight', 'width', 'fc_dim')
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
-                  'log_every', 'eval_every', 'save_every')
+                  'log_every', 'eval_every', 'save_every', 'keep_every')
 
 
 PATH_FLAGS = ('data', 'val_data', 'demo_root')
@@ -620,6 +625,21 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
                  data=dict(seed=args.seed, step=step, images=images, val_order=VAL_ORDER, held_out=held_out),
                  counts=dict(counts=summed(counts_by_rank)), counts_by_rank=counts_by_rank, progress=progress)
     atomic_save(state, path)
+
+
+def keep_checkpoint(path, step):
+    """A second name for the checkpoint just written at `path`, <stem>-step<step>.pt beside it, which
+    later checkpoints leave alone: a hard link (no copy; the next checkpoint.pt replaces its own name
+    by a rename, not this file), or a copy where the file system has no hard links."""
+    kept = path.with_name(f'{path.stem}-step{step:07d}.pt')
+    with contextlib.suppress(FileNotFoundError):
+        kept.unlink()  # left by a run that went past this step, then was resumed from before it
+    try:
+        os.link(path, kept)
+    except OSError:
+        with open(path, 'rb') as source:
+            data.atomic_write(kept, lambda f: shutil.copyfileobj(source, f))
+    return kept
 
 
 def gather_counts(counter, world, device):
@@ -1049,13 +1069,16 @@ def train(args):
         with progress.paused():  # evaluation and saving do not count against img/s
             if master and (step % args.eval_every == 0 or step == args.steps):
                 evaluate_and_show(raw_model, val, args, device, log, step)
-            if step % args.save_every == 0 or step == args.steps:
+            keep = args.keep_every and step % args.keep_every == 0
+            if step % args.save_every == 0 or step == args.steps or keep:
                 counts_by_rank = gather_counts(counter, world, device)
                 window = progress.state(world)
                 saved = args.out / 'checkpoint.pt'
                 if master:
                     save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
                                     held_out)
+                    if keep:
+                        keep_checkpoint(saved, step)
         if args.exit_after is not None and step >= args.exit_after:
             break
     all_counts = data.StatusCounter()  # over all ranks

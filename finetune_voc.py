@@ -1307,8 +1307,10 @@ def run(args):
     if ckpt is not None:
         init_info = resumed_init(ckpt.get('init'), init_info, args)
     init_name = init_info['kind']
-    if init_name in ('colorization', 'classification'):  # the colorize.py run folder, e.g. vgg16-huechroma
-        init_name = Path(args.init).parent.name or init_name
+    if init_name in ('colorization', 'classification'):  # the colorize.py run folder, e.g. vgg16-huechroma,
+        init_name = Path(args.init).parent.name or init_name  # and a kept step: vgg16-huechroma-step0010000
+        kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
+        init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
                         resume_flags=f'--resume --out {shlex.quote(str(args.out))}')

@@ -3600,6 +3600,24 @@ def read_results(out):
 COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0', '--device', 'cpu', '--log-every', '1']
 
 
+def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, monkeypatch):
+    train, val = folders
+    out = tmp_path / 'pre'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--save-every', '3', '--keep-every', '2')) == 0
+    kept = sorted(p.name for p in out.glob('checkpoint-step*.pt'))
+    assert kept == ['checkpoint-step0000002.pt', 'checkpoint-step0000004.pt']  # not step 3's, a plain save
+    two, four = _state(out / kept[0]), _state(out / kept[1])
+    assert (two['step'], four['step']) == (2, 4)
+    assert not all(torch.equal(two['model'][k], four['model'][k]) for k in two['model'])
+    assert os.stat(out / kept[1]).st_ino == os.stat(out / 'checkpoint.pt').st_ino  # a link, not a second write
+    assert colorize.main(tiny_args(train, val, tmp_path / 'x', '--keep-every', '0')) == 2
+    # Fine-tuned from a kept step, the run's default folder names the step: no clash with the final one.
+    monkeypatch.setattr(ft, 'HERE', tmp_path)
+    assert ft.main(['--task', 'cls', '--init', str(out / kept[0]), '--voc-root', voc, '--test-crops', '1',
+                    '--exit-after', '1', *COMMON]) == 0
+    assert (tmp_path / 'runs' / 'voc-cls-vgg16-pre-step0000002' / 'checkpoint.pt').exists()
+
+
 def test_compiled_runs_say_that_the_first_step_compiles(folders, tmp_path, voc, capsys, monkeypatch):
     # The note is the only line between the start and a first progress line minutes later on a GPU.
     monkeypatch.setattr(torch, 'compile', lambda model, **kw: model)  # the note, without the compile
@@ -3790,7 +3808,7 @@ RESUME_FLAGS = {
              'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window', 'lightness_weight', 'width',
              'fc_dim'},
         schedule={'steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
-                  'log_every', 'eval_every', 'save_every'},
+                  'log_every', 'eval_every', 'save_every', 'keep_every'},
         operational={'out', 'resume', 'device', 'workers', 'handover', 'compile', 'exit_after', 'typed_flags',
                      'colorize', 'checkpoint', 'output', 'net_short_side',  # the colorizing mode
                      'benchmark', 'bench_steps', 'bench_warmup', 'bench_photo', 'bench_profile'}),
