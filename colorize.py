@@ -149,7 +149,8 @@ def parse_args(argv=None):
     p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')
     p.add_argument('--keep-every', type=int, default=None, metavar='N',
                    help='also keep the checkpoint of every N-th step as checkpoint-stepNNNNNNN.pt (a hard link: no '
-                        'extra write), to fine-tune from several points of one run (default: keep only the latest)')
+                        'extra write), to fine-tune from several points of one run (default, or 0: keep only the '
+                        'latest)')
     p.add_argument('--max-bad-share', type=float, default=0.01,
                    help='stop when more than this share of images is unreadable '
                    '(default %(default)s)')
@@ -270,8 +271,8 @@ def fill_defaults(args, device, world):
                         f'got {args.target_window}')
     if args.border < 0:
         raise UserError(f'--border must be at least 0, got {args.border}')
-    if args.keep_every is not None and args.keep_every < 1:
-        raise UserError(f'--keep-every must be at least 1 (a step count), got {args.keep_every}')
+    if args.keep_every is not None and args.keep_every < 0:
+        raise UserError(f'--keep-every must be a step count, or 0 for none, got {args.keep_every}')
     if args.crop <= 2 * args.border:
         raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
                         f'use a smaller --border or a larger --crop')
@@ -627,11 +628,16 @@ def save_checkpoint(path, model, optimizer, step, args, counts_by_rank, images, 
     atomic_save(state, path)
 
 
+def kept_path(path, step):
+    """Where keep_checkpoint keeps the checkpoint `path` of step `step`: <stem>-step<step>.pt beside it."""
+    return path.with_name(f'{path.stem}-step{step:07d}.pt')
+
+
 def keep_checkpoint(path, step):
-    """A second name for the checkpoint just written at `path`, <stem>-step<step>.pt beside it, which
+    """A second name for the checkpoint just written at `path`, kept_path(path, step), which
     later checkpoints leave alone: a hard link (no copy; the next checkpoint.pt replaces its own name
     by a rename, not this file), or a copy where the file system has no hard links."""
-    kept = path.with_name(f'{path.stem}-step{step:07d}.pt')
+    kept = kept_path(path, step)
     with contextlib.suppress(FileNotFoundError):
         kept.unlink()  # left by a run that went past this step, then was resumed from before it
     try:
@@ -1018,6 +1024,10 @@ def train(args):
         start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
         if master:
             print(f'resumed from {resume_path} at step {start}')
+        own = args.out / 'checkpoint.pt'
+        if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
+                and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
+            keep_checkpoint(own, start)
     raw_model = model
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)

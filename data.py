@@ -830,7 +830,9 @@ def watch_stalls(batches, after=None, who='', waiting_for='batch from the loader
                     pass
                 warn_at *= 2
 
-    batches = iter(batches)  # a DataLoader forks its workers here: before this thread exists
+    # A plain DataLoader forks its workers here, before the thread below exists; SlotBatches' generator
+    # and the pack's pool start theirs at the first item, when the thread waits and holds no lock.
+    batches = iter(batches)
     threading.Thread(target=watch, name='watch_stalls', daemon=True).start()
     try:
         while True:
@@ -1432,16 +1434,22 @@ def _voc_dir(root, year):
     return root
 
 
-def _tar_dir(voc_dir, year):
-    """Where a VOC<year> tar (its members start with VOCdevkit/VOC<year>/) must be extracted to
-    fill `voc_dir`, the folder _voc_dir returned: the folder above its VOCdevkit (voc_dir itself
-    when it is not inside one)."""
+def _extract_advice(voc_dir, year, tar):
+    """How to extract `tar` (its members start with VOCdevkit/VOC<year>/) so that it fills `voc_dir`,
+    the folder _voc_dir returned: in the folder above its VOCdevkit; or, for a devkit folder under
+    another name (its ImageSets/ there, so _voc_dir would never look inside a VOCdevkit/ made in it),
+    into it without the tar's two top folders."""
     voc_dir = os.path.abspath(voc_dir)
-    if os.path.basename(voc_dir) == f'VOC{year}' and os.path.basename(os.path.dirname(voc_dir)) == 'VOCdevkit':
-        return os.path.dirname(os.path.dirname(voc_dir))
+    parent = os.path.dirname(voc_dir)
+    unpacks = f'(it unpacks into VOCdevkit/VOC{year}/)'
+    if os.path.basename(voc_dir) == f'VOC{year}' and os.path.basename(parent) == 'VOCdevkit':
+        return f'extract {tar} in {os.path.dirname(parent)} {unpacks}'
     if os.path.basename(voc_dir) == 'VOCdevkit':
-        return os.path.dirname(voc_dir)
-    return voc_dir
+        return f'extract {tar} in {parent} {unpacks}'
+    if os.path.isdir(os.path.join(voc_dir, 'ImageSets')):
+        return (f'extract {tar} into {voc_dir} without its VOCdevkit/VOC{year}/ prefix (tar -xf {tar} -C '
+                f'{shlex.quote(voc_dir)} --strip-components=2)')
+    return f'extract {tar} in {voc_dir} {unpacks}'
 
 
 def voc_classification(voc2007_root, split):
@@ -1459,8 +1467,8 @@ def voc_classification(voc2007_root, split):
             tar = 'VOCtest_06-Nov-2007.tar' if split == 'test' else 'VOCtrainval_06-Nov-2007.tar'
             raise FileNotFoundError(
                 f'{path} not found: expected the VOC2007 devkit layout <root>/ImageSets/Main/'
-                f'<class>_{split}.txt under {os.fspath(voc2007_root)}; extract {tar} in '
-                f'{_tar_dir(root, 2007)} (it unpacks into VOCdevkit/VOC2007/), or use the demo world\'s '
+                f'<class>_{split}.txt under {os.fspath(voc2007_root)}; {_extract_advice(root, 2007, tar)}, '
+                f'or use the demo world\'s '
                 f'{os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py demo` writes it)')
         rows = {}
         order = []
@@ -1523,8 +1531,8 @@ def voc_segmentation(voc2012_root, split, augmented=False):
         if not os.path.exists(list_path):
             raise FileNotFoundError(
                 f'{list_path} not found: expected the VOC2012 devkit layout <root>/ImageSets/'
-                f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; extract '
-                f'VOCtrainval_11-May-2012.tar in {_tar_dir(root, 2012)} (it unpacks into VOCdevkit/VOC2012/), '
+                f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; '
+                f'{_extract_advice(root, 2012, "VOCtrainval_11-May-2012.tar")}, '
                 f'or use the demo world\'s {os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py '
                 'demo` writes it)')
         label_dir = 'SegmentationClass'

@@ -1189,6 +1189,7 @@ class EvalProgress:
             print(f'{self.what}: {self.done:,}/{self.total:,} images | {rate:.1f} img/s | '
                   f'ETA {format_seconds((self.total - self.done) / rate)}', flush=True)
 
+
 @torch.no_grad()
 def evaluate_classification(model, test_set, args, device):
     """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import shutil
@@ -3610,12 +3611,40 @@ def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, 
     assert (two['step'], four['step']) == (2, 4)
     assert not all(torch.equal(two['model'][k], four['model'][k]) for k in two['model'])
     assert os.stat(out / kept[1]).st_ino == os.stat(out / 'checkpoint.pt').st_ino  # a link, not a second write
-    assert colorize.main(tiny_args(train, val, tmp_path / 'x', '--keep-every', '0')) == 2
+    assert colorize.main(tiny_args(train, val, tmp_path / 'x', '--keep-every', '-1')) == 2
+    # 0 keeps none: a resumed run can stop keeping (the flag is taken from the checkpoint unless typed).
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--keep-every', '0', '--resume')) == 0
+    assert len(list(out.glob('checkpoint-step*.pt'))) == 2
     # Fine-tuned from a kept step, the run's default folder names the step: no clash with the final one.
     monkeypatch.setattr(ft, 'HERE', tmp_path)
     assert ft.main(['--task', 'cls', '--init', str(out / kept[0]), '--voc-root', voc, '--test-crops', '1',
                     '--exit-after', '1', *COMMON]) == 0
     assert (tmp_path / 'runs' / 'voc-cls-vgg16-pre-step0000002' / 'checkpoint.pt').exists()
+
+
+def test_keep_every_keeps_a_step_whose_keep_was_interrupted(folders, tmp_path, monkeypatch):
+    """Ctrl-C after a kept step's checkpoint.pt was written but before its kept copy was (a copy of
+    gigabytes where the file system has no hard links): --resume starts at that step, and keeps it."""
+    train, val = folders
+    out = tmp_path / 'pre'
+
+    def no_link(*args):
+        raise OSError(errno.EPERM, 'Operation not permitted')
+    monkeypatch.setattr(os, 'link', no_link)
+    copy, calls = shutil.copyfileobj, []
+
+    def ctrl_c_in_first_copy(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return copy(*args)
+    monkeypatch.setattr(shutil, 'copyfileobj', ctrl_c_in_first_copy)
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--keep-every', '2')) == 130
+    assert _state(out / 'checkpoint.pt')['step'] == 2 and not list(out.glob('checkpoint-step*'))
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--resume')) == 0
+    kept = sorted(p.name for p in out.glob('checkpoint-step*'))
+    assert kept == ['checkpoint-step0000002.pt', 'checkpoint-step0000004.pt']
+    assert _state(out / kept[0])['step'] == 2
 
 
 def test_compiled_runs_say_that_the_first_step_compiles(folders, tmp_path, voc, capsys, monkeypatch):
@@ -4225,6 +4254,39 @@ def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
         (main / f'{cls}_trainval.txt').write_text(''.join(f'{i} -1\n' for i in ids))
     with pytest.raises(ValueError, match='different images'):
         data.voc_classification(tmp_path / 'VOC2007', 'trainval')
+
+
+def _extract_as_advised(message, members):
+    """Follow a VOC error's extraction advice with a tar of `members` ({name in the tar: text}): either
+    'extract TAR in DIR' or 'tar -xf TAR -C DIR --strip-components=2'."""
+    strip = re.search(r"tar -xf \S+ -C (\S+) --strip-components=2", message)
+    where = strip.group(1) if strip else re.search(r"extract \S+ in (\S+) \(", message).group(1)
+    for name, text in members.items():
+        parts = name.split('/')[2 if strip else 0:]
+        target = Path(where, *parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+
+@pytest.mark.parametrize('form', ['above', 'VOCdevkit', 'VOCdevkit/VOC2007', 'renamed', 'empty'])
+def test_voc_missing_split_advice_fills_the_folder_given(tmp_path, form):
+    """The advice of a missing split's error, followed literally, makes the same --voc-root work,
+    whatever the form of the root (a devkit folder moved out of VOCdevkit/ and renamed included)."""
+    devkit = {'above': 'VOCdevkit/VOC2007', 'VOCdevkit': 'VOCdevkit/VOC2007', 'VOCdevkit/VOC2007': 'VOCdevkit/VOC2007',
+              'renamed': 'voc07', 'empty': None}[form]
+    root = tmp_path / {'above': '.', 'renamed': 'voc07', 'empty': 'voc'}.get(form, form)
+    root.mkdir(parents=True, exist_ok=True)
+    if devkit:  # the trainval tar is there, the test tar is not
+        main = tmp_path / devkit / 'ImageSets' / 'Main'
+        main.mkdir(parents=True)
+        for cls in data.VOC_CLASSES:
+            (main / f'{cls}_trainval.txt').write_text('000005 -1\n')
+    with pytest.raises(FileNotFoundError) as e:
+        data.voc_classification(root, 'test')
+    _extract_as_advised(str(e.value), {f'VOCdevkit/VOC2007/ImageSets/Main/{cls}_test.txt': '000001 1\n'
+                                       for cls in data.VOC_CLASSES})
+    paths, labels = data.voc_classification(root, 'test')
+    assert [os.path.basename(p) for p in paths] == ['000001.jpg'] and labels.shape == (1, 20)
 
 
 # ---------------------------------------------------------------- demo world
