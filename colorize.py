@@ -544,7 +544,7 @@ def class_labels(args, train, val):
                 train=[index[folder(p)] for p in train], val=[index[folder(p)] for p in val])
 
 
-def make_loader(paths, args, rank, world, start_step, device, labels=None):
+def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_step=None):
     dataset = data.ColorImages(paths, args.crop, tuple(args.short_side), flip=True,
                                min_colorful=args.objective == 'colorize')
     if labels is not None:
@@ -553,7 +553,7 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None):
         raise UserError(f'{len(paths)} training images over {world} process(es) are fewer than one batch of '
                         f'--batch-size {args.batch_size} each; use more images or a smaller --batch-size')
     sampler = data.InfiniteSampler(len(paths), args.batch_size, rank=rank, world_size=world,
-                                   seed=args.seed, start_step=start_step)
+                                   seed=args.seed, start_step=start_step, stop_step=stop_step)
     # Workers hand batches over through shared memory set aside once (data.SlotBatches), not per batch.
     slots = None if args.workers == 0 or args.handover == 'torch' else data.SlotBatches(
         args.workers, LOADER_PREFETCH + 1, args.batch_size, (3, args.crop, args.crop))
@@ -1037,7 +1037,8 @@ def train(args):
     val = validation_set(val_paths, labels, args, ckpt, master)
     if master:
         write_run_info(args, device, world, len(train_paths), len(val_paths), resumed_at=start)
-    loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'])
+    loader = make_loader(train_paths, args, rank, world, start, device, labels=labels and labels['train'],
+                         stop_step=args.steps)
     if master and start:
         trim_log(args.out / 'log.jsonl', start)
     log = open(args.out / 'log.jsonl', 'a' if start else 'w') if master else None  # a fresh run, a fresh log

@@ -618,7 +618,9 @@ def augment_seed(seed, epoch, position):
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless (index, sample_seed) pairs for one rank, batch after batch, from step `start_step`.
+    """Endless (index, sample_seed) pairs for one rank, batch after batch, from step `start_step`
+    (up to `stop_step` when given: a training run's last step, so that the loader's workers never
+    read, nor warn about, images of steps that will not run).
 
     Epoch e is the permutation torch.randperm(n) drawn with seed * 1000003 + e. Each epoch has
     steps_per_epoch = (n // world_size) // batch_size steps (the remainder is dropped so ranks
@@ -629,7 +631,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
     DataLoader(dataset, batch_size=batch_size, sampler=this); it has no len().
     """
 
-    def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, start_step=0):
+    def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, start_step=0, stop_step=None):
         if not 0 <= rank < world_size:
             raise ValueError(f'rank must be in [0, {world_size}), got {rank}')
         share = n // world_size
@@ -638,7 +640,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
                              f'{share} per epoch, fewer than one batch of {batch_size}; use more '
                              'images or a smaller batch')
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.start_step = seed, start_step
+        self.seed, self.start_step, self.stop_step = seed, start_step, stop_step
         self.steps_per_epoch = share // batch_size
         self._perm_epoch, self._perm = None, None
 
@@ -658,7 +660,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         step = self.start_step
-        while True:
+        while self.stop_step is None or step < self.stop_step:
             yield from self.batch(step)
             step += 1
 

@@ -1100,7 +1100,8 @@ def read_resume(args):
 
 
 def make_loader(dataset, args, device, start_step):
-    sampler = data.InfiniteSampler(len(dataset), args.batch_size, seed=args.seed, start_step=start_step)
+    sampler = data.InfiniteSampler(len(dataset), args.batch_size, seed=args.seed, start_step=start_step,
+                                   stop_step=args.steps)  # no reads of steps that will not run
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0)

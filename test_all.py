@@ -1395,6 +1395,8 @@ def test_infinite_sampler_ranks_resume_epochs():
     assert take(data.InfiniteSampler(n, b, rank=1, world_size=world, seed=7), 9) == ranks[1][:9 * b]
     resumed = take(data.InfiniteSampler(n, b, rank=2, world_size=world, seed=7, start_step=4), 5)
     assert resumed == ranks[2][4 * b:9 * b]
+    # A run's sampler stops at its last step: steps 4..8 of rank 2, then nothing (no reads past the end).
+    assert list(data.InfiniteSampler(n, b, rank=2, world_size=world, seed=7, start_step=4, stop_step=9)) == resumed
     # Seeds: distinct within an epoch, and a sample gets a new one in each epoch.
     seeds = [s for r in ranks for _, s in r]
     assert len(set(seeds)) == len(seeds)
