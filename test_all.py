@@ -4161,12 +4161,16 @@ def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
     (a machine with one GPU can run no more: NCCL refuses two ranks on one device); then --resume."""
     train, val = folders
     out = tmp_path / 'ddp'
-    for steps, more in (('4', ()), ('6', ('--resume',))):
+    for steps, more in (('4', ('--keep-every', '3')), ('6', ('--resume',))):
         result = _torchrun(1, tiny_args(train, val, out, '--steps', steps, '--device', 'cuda', '--compile', *more))
         assert result.returncode == 0, result.stderr[-2000:]
         assert 'world 1 (nccl DDP)' in result.stdout and f'step {steps}/{steps}' in result.stdout
+        assert colorize.COMPILE_NOTE in result.stdout
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert ckpt['step'] == 6 and not any(k.startswith('module.') or '_orig_mod' in k for k in ckpt['model'])
+    # --keep-every 3, taken from the checkpoint on --resume: the saves of steps 3 and 6 kept, under NCCL.
+    assert sorted(p.name for p in out.glob('checkpoint-step*.pt')) == ['checkpoint-step0000003.pt',
+                                                                        'checkpoint-step0000006.pt']
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert all(math.isfinite(e['loss']) for e in log if 'loss' in e)
 
