@@ -674,6 +674,10 @@ def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
     `resume_flags`: what continues the run in `out`, for the message."""
     path = Path(out) / 'checkpoint.pt'
     if not path.exists():
+        kept = sorted(Path(out).glob('checkpoint-step*.pt'))  # --keep-every's, of a run whose checkpoint.pt is gone
+        if kept:
+            raise UserError(f'--out {out} holds kept checkpoints of an earlier run ({kept[0].name}, ...), which '
+                            f'this run could replace: choose another --out (or move them away)')
         return
     if resume_path is None:
         raise UserError(f'{path} exists (an earlier run); continue it with {resume_flags}, or start afresh '

@@ -3617,6 +3617,11 @@ def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, 
     # 0 keeps none: a resumed run can stop keeping (the flag is taken from the checkpoint unless typed).
     assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--keep-every', '0', '--resume')) == 0
     assert len(list(out.glob('checkpoint-step*.pt'))) == 2
+    # Kept files outlive checkpoint.pt: a fresh run into their folder, which could replace them, is refused.
+    (out / 'checkpoint.pt').unlink()
+    before = (out / kept[0]).read_bytes()
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--keep-every', '2')) == 2
+    assert (out / kept[0]).read_bytes() == before
     # Fine-tuned from a kept step, the run's default folder names the step: no clash with the final one.
     monkeypatch.setattr(ft, 'HERE', tmp_path)
     assert ft.main(['--task', 'cls', '--init', str(out / kept[0]), '--voc-root', voc, '--test-crops', '1',
