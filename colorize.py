@@ -639,7 +639,7 @@ def keep_checkpoint(path, step):
     by a rename, not this file), or a copy where the file system has no hard links."""
     kept = kept_path(path, step)
     with contextlib.suppress(FileNotFoundError):
-        kept.unlink()  # left by a run that went past this step, then was resumed from before it
+        kept.unlink()  # a stale one (refuse_to_overwrite keeps other runs' away): os.link cannot replace it
     try:
         os.link(path, kept)
     except OSError:

@@ -1292,6 +1292,12 @@ def held_out_images(test_items, n, crop):
 
 # --- Main ---------------------------------------------------------------------------------------
 
+def resume_flags(out):
+    """What continues the run in `out` (RUN before it is known). --resume alone needs --out here: the
+    run folder's default name depends on the --init it loads."""
+    return f'--resume --out {shlex.quote(str(out)) if out else "RUN"}'
+
+
 def run(args):
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise UserError('finetune_voc.py trains on one device (the paper batches are small); '
@@ -1315,7 +1321,7 @@ def run(args):
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
-                        resume_flags=f'--resume --out {shlex.quote(str(args.out))}')
+                        resume_flags=resume_flags(args.out))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))
@@ -1350,7 +1356,7 @@ def run(args):
         model = model.to(memory_format=torch.channels_last)
     step = train(model, train_set, args, device, init_info, ckpt)
     if args.exit_after is not None and step < args.steps:
-        print(f'stopped at step {step} (--exit-after); continue with --resume --out {shlex.quote(str(args.out))}')
+        print(f'stopped at step {step} (--exit-after); continue with {resume_flags(args.out)}')
         return None
     if args.freeze:
         check_frozen(model, initial_state)
@@ -1483,9 +1489,7 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        # --resume alone needs --out here (the run folder's name depends on the --init it loads)
-        resume = f'--resume --out {shlex.quote(str(args.out)) if args.out else "RUN"}'
-        status = stop_status(e, resume=None if args.summarize or args.export else resume)
+        status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out))
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status
