@@ -1206,7 +1206,8 @@ def test_draft_keeps_short_side(tmp_path, fmt):
     path = str(tmp_path / 'big.jpg')
     extra = dict(save_all=True, append_images=[Image.fromarray(rgb[:120, :160])]) if fmt == 'MPO' else {}
     Image.fromarray(rgb).save(path, fmt, **extra)
-    assert Image.open(path).format == fmt
+    with Image.open(path) as im:
+        assert im.format == fmt
     full = data.load_rgb(path)
     assert full.shape == (1200, 1600, 3)
     small = data.load_rgb(path, min_short_side=200)
@@ -1539,7 +1540,10 @@ def test_demo_layout_and_determinism(demo, tmp_path):
         wnid = os.path.basename(os.path.dirname(p))
         assert wnid[0] == 'n' and len(wnid) == 9 and os.path.basename(p).startswith(wnid + '_')
         assert p.endswith('.JPEG')
-    sizes = {Image.open(p).size for p in train}
+    sizes = set()
+    for p in train:
+        with Image.open(p) as im:
+            sizes.add(im.size)
     assert len(sizes) > 1 and all(160 <= s <= 256 for wh in sizes for s in wh)
     # Same seed, same bytes; another seed, other images.
     again = data.make_demo_world(tmp_path / 'again', n_train=24, n_val=0)
@@ -2037,8 +2041,8 @@ def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     assert {'loss', 'chroma', 'hue', 'lr', 'img_per_s'} <= set(log[1])
     run = json.loads((out / 'run.json').read_text())
     assert run['torch'] == torch.__version__ and run['args']['arch'] == 'vgg16'
-    grid = Image.open(out / 'samples' / 'step_000012.png')
-    assert grid.size == (3 * 32, 6 * 32)  # gray | prediction | truth, one row per held-out image
+    with Image.open(out / 'samples' / 'step_000012.png') as grid:
+        assert grid.size == (3 * 32, 6 * 32)  # gray | prediction | truth, one row per held-out image
     ckpt = _state(out / 'checkpoint.pt')
     assert ckpt['step'] == 12 and ckpt['config']['arch'] == 'vgg16'
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
@@ -4306,7 +4310,7 @@ def test_demo_val_images_are_not_training_images(tmp_path):
     world = data.make_demo_world(tmp_path, n_train=6, n_val=6)
 
     def contents(folder):
-        return {open(p, 'rb').read() for p in data.find_images(folder, log=lambda s: None)}
+        return {Path(p).read_bytes() for p in data.find_images(folder, log=lambda s: None)}
     assert not contents(world['train']) & contents(world['val'])
 
 
