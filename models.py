@@ -404,10 +404,16 @@ class HypercolumnNet(nn.Module):
         self.matmul_cells = MATMUL_CELLS  # a setting, not saved: the benchmark's "gathers" row sets 0
 
     def hypercolumns(self, x, points):
-        """(B, C_in, H, W), (B, P, 2) -> (B, P, hypercolumn_channels), taps in trunk order."""
+        """(B, C_in, H, W), (B, P, 2) -> (B, P, hypercolumn_channels), taps in trunk order, in the
+        dtype of the deepest tap (bf16 under bf16 autocast, where fc1 reads bf16 anyway)."""
         maps = self.trunk(x)
-        return torch.cat([sample_bilinear(m, points, s, self.matmul_cells)
-                          for m, s in zip(maps, self.trunk.tap_strides)], dim=-1)
+        columns = [sample_bilinear(m, points, s, self.matmul_cells) for m, s in zip(maps, self.trunk.tap_strides)]
+        # Under autocast the input tap is float32 (x itself) and the others bf16: torch.cat would
+        # promote the whole (B, P, 12,417) hypercolumn to float32 and fc1 cast it back, two extra
+        # passes over it (Inductor too materializes the float32 concatenation). Casting first gives
+        # fc1 the same bf16 values.
+        dtype = columns[-1].dtype
+        return torch.cat([c.to(dtype) for c in columns], dim=-1)
 
     def forward(self, x, points):
         """(B, C_in, H, W), (B, P, 2) -> (B, P, out_dim) logits at the points."""

@@ -865,6 +865,34 @@ def test_dense_under_autocast_and_channels_last():
     assert cast.dtype == torch.bfloat16 and (cast.float() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
+
+@pytest.mark.parametrize('arch', ['vgg16', 'alexnet'])
+def test_hypercolumn_is_bf16_under_autocast_with_the_same_logits(arch):
+    # The input tap is float32 (x itself), the others bf16: concatenated as they come, torch.cat
+    # promotes the whole hypercolumn to float32, and fc1 casts it back to bf16 (two passes over
+    # 16384 x 12,417 values per GPU step). Cast first, the logits and gradients are the same bits.
+    torch.manual_seed(0)
+    model = tiny(arch)
+    x, points = torch.randn(2, 1, 64, 64), sample_points(2, 64, 64, 8, border=4)
+
+    def run(columns_as_they_come):
+        model.zero_grad()
+        torch.manual_seed(1)  # the head's dropout
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            if columns_as_they_come:
+                maps = model.trunk(x)
+                h = torch.cat([sample_bilinear(m, points, s, model.matmul_cells)
+                               for m, s in zip(maps, model.trunk.tap_strides)], dim=-1)
+                out = model.head(h)
+            else:
+                h, out = model.hypercolumns(x, points), model(x, points)
+        out.float().square().sum().backward()
+        return h.dtype, out, [p.grad.clone() for p in model.parameters()]
+
+    (promoted, want, want_grads), (dtype, got, grads) = run(True), run(False)
+    assert promoted == torch.float32 and dtype == torch.bfloat16
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
 def test_dense_in_float64():
     torch.manual_seed(0)
     model = tiny('alexnet').eval()
