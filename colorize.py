@@ -1616,10 +1616,13 @@ def kernel_times(events, steps, cuda, cuda_type):
     """[(ms per step, calls per step, name)] of the profiled kernels (CPU: ops), longest first. On
     a GPU, CPU ops are left out (their kernels count), and so are the ranges that record_function
     annotations (e.g. "Optimizer.step#SGD.step") draw on the GPU timeline over kernels counted
-    already."""
+    already. Torch before 2.5 does not mark those ranges (no is_user_annotation; its "Self CUDA"
+    totals counted them, pytorch#130730): there a GPU event named as a CPU event is such a range."""
     kernels = []
+    cpu_names = {event.key for event in events if event.device_type != cuda_type} if cuda else set()
     for event in events:
-        if cuda and (event.device_type != cuda_type or getattr(event, 'is_user_annotation', False)):
+        if cuda and (event.device_type != cuda_type or getattr(event, 'is_user_annotation', False)
+                     or event.key in cpu_names):
             continue
         ms = _self_time_us(event, cuda) / 1000 / steps
         if ms > 0:

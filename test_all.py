@@ -2846,6 +2846,12 @@ def test_kernel_times_leave_out_cpu_ops_and_annotation_ranges():
               Event(key='multi_tensor_apply_kernel', device_type=gpu, self_device_time_total=800.0, count=90)]
     assert colorize.kernel_times(events, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'),
                                                           (0.16, 18.0, 'multi_tensor_apply_kernel')]
+    # Torch 2.4's events have no is_user_annotation: the range on the GPU timeline is known by its
+    # CPU twin (the record_function range itself), which has the same name.
+    old = [Event(**{k: v for k, v in vars(e).items() if k != 'is_user_annotation'}) for e in events]
+    old.append(Event(key='Optimizer.step#SGD.step', device_type=cpu, self_device_time_total=0.0, count=5))
+    assert colorize.kernel_times(old, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'),
+                                                       (0.16, 18.0, 'multi_tensor_apply_kernel')]
 
 
 def test_kernel_families_of_real_kernel_names():
