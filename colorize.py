@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -690,6 +691,45 @@ def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
                         f'it: choose another --out{hint}')
 
 
+RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
+_RUN_LOCKS = {}  # run folder -> its open lock file, held until release_run_locks()
+
+
+def lock_run(out):
+    """Hold an exclusive lock on out/.lock for the rest of the run: a second process training into
+    the same folder (a --resume started while the run still goes on, a job started twice) would
+    overwrite its checkpoints and log, and one of the two runs would be lost. Refused with UserError."""
+    key = os.path.realpath(out)
+    if key in _RUN_LOCKS:
+        return
+    lock = open(os.path.join(out, RUN_LOCK), 'a+')
+    try:
+        import fcntl  # POSIX; elsewhere run folders are not locked
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process'
+        lock.close()
+        raise UserError(f'{out} is in use by {holder}: a run (or a --resume of it) is still training there, and '
+                        f'a second one would overwrite its checkpoints; wait for it to end (or stop it), then '
+                        f'continue with --resume') from None
+    except OSError:  # a file system without locks (some network mounts): run unlocked
+        pass
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    _RUN_LOCKS[key] = lock
+
+
+def release_run_locks():
+    """Let go of the run folders locked by lock_run (the run is over)."""
+    while _RUN_LOCKS:
+        _RUN_LOCKS.popitem()[1].close()
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file. GPU
     tensors are saved as CPU tensors, so that a plain torch.load reads the file on any machine."""
@@ -922,8 +962,10 @@ def open_run(args, device, world, master):
         resume_settings(args, ckpt, resume_path, world, log=print if master else None)
     args.out = args.out or default_out(args)
     fill_defaults(args, device, world)
-    refuse_to_overwrite(args.out, resume_path)
     args.out.mkdir(parents=True, exist_ok=True)
+    if master:
+        lock_run(args.out)  # before the checks below: a run still training there is not to be joined
+    refuse_to_overwrite(args.out, resume_path)
     if resume_path is not None and master:
         fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))
     return ckpt, resume_path
@@ -1819,6 +1861,7 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
+        release_run_locks()
         status = stop_status(e, resume=None if args.colorize or args.benchmark else '--resume')
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
@@ -1831,6 +1874,7 @@ def main(argv=None):
             sys.stderr.flush()
             os._exit(status)
         return status
+    release_run_locks()
     if dist.is_initialized():
         # Every rank done with its collectives first: torch 2.4's gloo teardown could otherwise
         # hang in one rank once another had exited (2 of 6 runs started by hand; none of 10 with it).

@@ -46,10 +46,10 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
-                      environment, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
+                      environment, fork_run, format_seconds, load_checkpoint, load_optimizer_state, lock_run,
                       make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite, rng_state,
-                      setup_device, step_seed, stop_status, trim_log)
+                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
+                      release_run_locks, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1320,9 +1320,10 @@ def run(args):
         kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
+    args.out.mkdir(parents=True, exist_ok=True)
+    lock_run(args.out)  # before the checks below: a run still training there is not to be joined
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
                         resume_flags=resume_flags(args.out))
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))
     train_items, test_items = voc_sets(args)
@@ -1489,10 +1490,12 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
+        release_run_locks()
         status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out))
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status
+    release_run_locks()
     return 0
 
 

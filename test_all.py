@@ -2568,6 +2568,35 @@ def test_fresh_run_refuses_to_replace_an_earlier_checkpoint(folders, trained, ca
     assert trained.read_bytes() == before
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp_path, voc, capsys):
+    # A --resume started while the run still trains there (a job requeued before the old one ended) would
+    # overwrite its checkpoints and log: one of the two runs would be lost. The lock is an flock on
+    # RUN/.lock, held here through a file of our own, as another process would hold it.
+    import fcntl
+    train, val = folders
+    run = tmp_path / 'run'
+    shutil.copytree(trained.parent, run)
+    before = (run / 'checkpoint.pt').read_bytes()
+    with open(run / '.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert colorize.main(['--out', str(run), '--resume', '--steps', '6']) == 2
+        assert 'is in use by' in capsys.readouterr().err
+        assert (run / 'checkpoint.pt').read_bytes() == before
+        busy = tmp_path / 'ft'
+        busy.mkdir()
+        with open(busy / '.lock', 'a+') as held_ft:
+            fcntl.flock(held_ft, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(busy), '--steps', '1',
+                            '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2']) == 2
+            assert 'is in use by' in capsys.readouterr().err
+            assert not (busy / 'checkpoint.pt').exists()
+    # Once the other process is gone, the run continues, and lets go of its folder when it ends.
+    assert colorize.main(['--out', str(run), '--resume', '--steps', '6']) == 0
+    assert _state(run / 'checkpoint.pt')['step'] == 6
+    with open(run / '.lock', 'a+') as after:
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
