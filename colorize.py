@@ -422,6 +422,8 @@ def image_sources(args, master, hold_out=True, held=None):
         if problem:
             raise UserError(problem)
         train, val = found
+        train = leave_out_run_folder(train, args.data, args.out, '--data', master)
+        val = val and leave_out_run_folder(val, args.val_data, args.out, '--val-data', master)
         for root in args.data:
             packed = data.pack_short_side(root)
             if master and packed is not None and packed < args.short_side[1]:
@@ -448,6 +450,25 @@ def image_sources(args, master, hold_out=True, held=None):
             val = sorted(held)
             train = [p for p in train if p not in held]
     return train, val
+
+
+def leave_out_run_folder(paths, roots, out, flag, master):
+    """`paths` listed from `roots` without the images under the run folder `out` when it lies inside one
+    of the roots (`--data ~/photos --out ~/photos/run`): the run's own sample grids, written as it
+    trains, are no training images (a resumed run would otherwise train on them, in another order)."""
+    out = os.path.realpath(out)
+    prefixes = []
+    for root in roots:
+        real = os.path.realpath(root)
+        if os.path.isdir(root) and out.startswith(real.rstrip(os.sep) + os.sep):
+            prefixes.append(os.path.join(os.path.abspath(root), os.path.relpath(out, real)) + os.sep)
+    if not prefixes:
+        return paths
+    kept = [p for p in paths if not p.startswith(tuple(prefixes))]
+    if master and len(kept) < len(paths):
+        print(f'left out {len(paths) - len(kept)} image(s) under --out {out} (the run\'s own samples, not {flag} '
+              f'images)')
+    return kept
 
 
 def listing_problem(every):

@@ -2597,6 +2597,22 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
 
 
+def test_a_run_folder_inside_data_is_not_trained_on(tmp_path, folders, capsys):
+    # `--data ~/photos --out ~/photos/run`: the run's sample grids (samples/step_*.png) land inside --data.
+    # They are no training images: a resume that listed them would train on them, in another order.
+    _, val = folders
+    photos = _write_images(tmp_path / 'photos', 12, 5)
+    run = photos / 'run'
+    assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
+    assert list((run / 'samples').glob('*.png'))  # the first evaluation's grid, under --data
+    first = _state(run / 'checkpoint.pt')['data']['images']
+    capsys.readouterr()
+    assert colorize.main(['--out', str(run), '--resume']) == 0
+    out = capsys.readouterr().out
+    assert 'training images changed' not in out and 'left out 1 image(s) under --out' in out
+    assert _state(run / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
