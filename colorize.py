@@ -316,7 +316,8 @@ def absolute_paths(values, names, keywords=()):
 
 def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
-    merge_resumed_args(args, absolute_paths(dict(ckpt['args']), PATH_FLAGS), RUN_FLAGS, SCHEDULE_FLAGS, path, log)
+    merge_resumed_args(args, absolute_paths(dict(ckpt['args']), PATH_FLAGS), RUN_FLAGS, SCHEDULE_FLAGS, path, log,
+                       must_exist=('data', 'val_data'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
@@ -330,11 +331,22 @@ def refuse_fewer_steps(steps, done, path):
                         f'give --steps {done} or more, or leave the flag out')
 
 
-def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print):
+def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print, must_exist=()):
     """--resume: each flag of run_flags + schedule_flags not typed on the command line (not in
     args.typed_flags, see data.ArgumentParser) takes the saved value; typed with another value, a
     schedule flag wins with a line to `log` (None: quiet) and a run flag is refused (UserError).
+    `must_exist`: path flags whose saved files the resumed run reads again; one that is gone (a data set
+    moved) is refused with how to continue, rather than as a missing file or a changed flag.
     Returns {flag name: [saved, typed value]} of the schedule flags that changed."""
+    for name in must_exist:
+        was = saved.get(name)
+        gone = [p for p in (was if isinstance(was, list) else [was])
+                if isinstance(p, str) and os.path.isabs(p) and not os.path.exists(p)]
+        if gone:
+            flag = '--' + name.replace('_', '-')
+            raise UserError(f'{path} was trained with {flag} {gone[0]}, which no longer exists (moved, or not mounted '
+                            f'here?). A resumed run reads the same paths, so {flag} cannot change: make {gone[0]} '
+                            f'lead to the files again (e.g. ln -s NEW_PLACE {gone[0]}) and resume without {flag}')
     given_args, changed = plain_args(args), {}
     for name in run_flags + schedule_flags:
         if name not in saved:

@@ -1092,7 +1092,7 @@ def read_resume(args):
     if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
-    changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path)
+    changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, must_exist=('init', 'voc_root'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
     args.resume_path = path

@@ -2613,6 +2613,35 @@ def test_a_run_folder_inside_data_is_not_trained_on(tmp_path, folders, capsys):
     assert _state(run / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
 
 
+def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, voc, capsys):
+    # The data set moved (a new disk, a per-job scratch folder): --data cannot change on a resume, and the
+    # old path no longer exists. The message said "does not exist" for the old path and "drop the flag" for
+    # the new one, each pointing at the other; it should say how the run can go on.
+    _, val = folders
+    photos = _write_images(tmp_path / 'old', 12, 5)
+    run = tmp_path / 'run'
+    assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
+    photos.rename(tmp_path / 'new')
+    capsys.readouterr()
+    for extra in ([], ['--data', str(tmp_path / 'new')]):
+        assert colorize.main(['--out', str(run), '--resume', *extra]) == 2
+        err = capsys.readouterr().err
+        assert f'--data {photos}, which no longer exists' in err and f'ln -s NEW_PLACE {photos}' in err
+    (tmp_path / 'old').symlink_to(tmp_path / 'new')  # as the message says
+    assert colorize.main(['--out', str(run), '--resume']) == 0
+    # finetune_voc.py reads its --init again on a resume.
+    init = tmp_path / 'pre' / 'checkpoint.pt'
+    init.parent.mkdir()
+    colorize_checkpoint(init, 'vgg16')
+    base = ['--task', 'cls', '--voc-root', voc, '--steps', '3', '--batch-size', '2', '--crop', '32', '--workers', '0',
+            '--test-crops', '1', '--out', str(tmp_path / 'ft')]
+    assert ft.main([*base, '--init', str(init), '--exit-after', '1', '--save-every', '1']) == 0
+    init.parent.rename(tmp_path / 'pre2')
+    capsys.readouterr()
+    assert ft.main(['--resume', '--out', str(tmp_path / 'ft')]) == 2
+    assert f'--init {init}, which no longer exists' in capsys.readouterr().err
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
