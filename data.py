@@ -1506,6 +1506,23 @@ def has_train_aug(voc2012_root):
             and any(os.path.exists(p) for p in _train_aug_lists(root)))
 
 
+def train_aug_half_there(voc2012_root):
+    """A line saying what of the SBD-augmented set is missing when only half of it is where has_train_aug
+    looks (SegmentationClassAug/ without a train_aug.txt, or the other way round, or either one a
+    folder too high): segmentation would then train on `train`, a seventh of train_aug. None otherwise."""
+    root = _voc_dir(voc2012_root, 2012)
+    if has_train_aug(root):
+        return None
+    parent = os.path.dirname(os.path.abspath(root))
+    labels = os.path.join(root, 'SegmentationClassAug')
+    found = [p for p in (labels, os.path.join(parent, 'SegmentationClassAug')) if os.path.isdir(p)]
+    found += [p for p in _train_aug_lists(root) + [os.path.join(parent, 'train_aug.txt')] if os.path.exists(p)]
+    if not found:
+        return None
+    return (f'found {" and ".join(found)}, but the SBD-augmented set (train_aug) needs both {labels}/ and '
+            f'{_train_aug_lists(root)[0]} (or {_train_aug_lists(root)[1]})')
+
+
 def voc_segmentation(voc2012_root, split, augmented=False):
     """VOC2012 segmentation set: list of (image path, label PNG path).
 

@@ -973,6 +973,10 @@ def voc_sets(args):
         else:
             if args.train_split is None:  # the protocol: train + SBD (10,582 images) when it is there
                 args.train_split = 'train_aug' if data.has_train_aug(root) else 'train'
+                half = data.train_aug_half_there(root)
+                if half:
+                    print(f'warning: {half}; training on train (a seventh of its images), not train_aug: put '
+                          f'both there, or pass --train-split train to silence this')
             train = data.voc_segmentation(root, args.train_split)
             test = data.voc_segmentation(root, args.test_split)
     except (FileNotFoundError, ValueError) as e:

@@ -3909,6 +3909,31 @@ def test_check_frozen_fails_loudly():
         ft.check_frozen(model, initial)
 
 
+def test_half_of_sbd_in_the_devkit_is_warned_about(tmp_path, voc, capsys):
+    # SBD's SegmentationClassAug/ unzipped into VOC2012 but train_aug.txt left at the devkit's top: the
+    # default split silently became train (1,464 images, not 10,582). It still does, with a warning.
+    devkit = tmp_path / 'VOCdevkit'
+    shutil.copytree(voc, devkit)
+    v12 = devkit / 'VOC2012'
+    assert data.train_aug_half_there(devkit) is None  # no SBD at all: nothing to say
+    (v12 / 'SegmentationClassAug').mkdir()
+    ids = (v12 / 'ImageSets' / 'Segmentation' / 'train.txt').read_text().split()
+    for i in ids:
+        shutil.copy(v12 / 'SegmentationClass' / f'{i}.png', v12 / 'SegmentationClassAug' / f'{i}.png')
+    (devkit / 'train_aug.txt').write_text(''.join(f'{i}\n' for i in ids))
+    assert 'SegmentationClassAug' in data.train_aug_half_there(devkit)
+    base = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--steps', '1',
+            '--batch-size', '2', '--crop', '32', '--workers', '0', '--test-images', '1', '--voc-root', str(devkit)]
+    assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
+    out = capsys.readouterr().out
+    assert 'warning: found' in out and str(devkit / 'train_aug.txt') in out and 'training images (train)' in out
+    (devkit / 'train_aug.txt').rename(v12 / 'train_aug.txt')  # where it belongs: train_aug, no warning
+    assert data.train_aug_half_there(devkit) is None
+    assert ft.main([*base, '--out', str(tmp_path / 'b')]) == 0
+    out = capsys.readouterr().out
+    assert 'warning' not in out and 'training images (train_aug)' in out
+
+
 def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     base = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
             '--input', 'gray', '--test-crops', '1', '--steps', '4', '--batch-size', '4', '--crop', '32',
