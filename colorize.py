@@ -789,6 +789,9 @@ def read_torch_file(path, missing, name, hint):
     """torch.load(path) to the CPU with weights_only=True (no code from the file runs). A missing
     file raises UserError(missing); an unreadable one '{name} could not be read (why); {hint}'."""
     path = Path(path)
+    if path.is_dir():  # a run folder given for its checkpoint: the folder exists, so 'missing' would mislead
+        inside = path / 'checkpoint.pt'
+        raise UserError(f'{name} is a folder, not a checkpoint file' + (f': pass {inside}' if inside.is_file() else ''))
     if not path.is_file():
         raise UserError(missing)
     try:

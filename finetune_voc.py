@@ -1090,6 +1090,9 @@ def read_resume(args):
         raise UserError('--resume needs --out DIR (the run folder) or the checkpoint path: --resume CKPT')
     path = args.out / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
     args.out = args.out or path.parent
+    if path.is_dir() and (path / 'checkpoint.pt').is_file():  # the run folder, for its checkpoint
+        raise UserError(f'--resume {path} is a run folder, not a checkpoint file: continue it with '
+                        f'{resume_flags(path)}')
     if not path.is_file():
         raise UserError(f'--resume: {path} does not exist; start the run without --resume (or pass --out of a run)')
     ckpt = load_checkpoint(path)

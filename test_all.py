@@ -2642,6 +2642,25 @@ def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, v
     assert f'--init {init}, which no longer exists' in capsys.readouterr().err
 
 
+def test_a_run_folder_given_for_its_checkpoint_is_named_as_such(trained, tmp_path, voc, capsys):
+    # `--checkpoint runs/x`, `--resume runs/x`, `--init runs/x`: the folder exists, so "does not exist" (or
+    # "no such file", with the advice to train one) misled; say it is a folder and what to pass.
+    run = trained.parent
+    img = _write_images(tmp_path / 'p', 1, 3)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(run), '--output', str(tmp_path / 'o')]) == 2
+    assert f'is a folder, not a checkpoint file: pass {trained}' in capsys.readouterr().err
+    assert colorize.main(['--resume', str(run)]) == 2
+    assert f'is a folder, not a checkpoint file: pass {trained}' in capsys.readouterr().err
+    assert ft.main(['--task', 'cls', '--init', str(run), '--voc-root', voc, '--out', str(tmp_path / 'f')]) == 2
+    assert f'is a folder, not a checkpoint file: pass {trained}' in capsys.readouterr().err
+    assert not (tmp_path / 'f' / 'checkpoint.pt').exists()
+    (tmp_path / 'ftrun').mkdir()
+    (tmp_path / 'ftrun' / 'checkpoint.pt').write_bytes(b'')
+    assert ft.main(['--resume', str(tmp_path / 'ftrun')]) == 2
+    assert f'is a run folder, not a checkpoint file: continue it with --resume --out {tmp_path / "ftrun"}' in \
+        capsys.readouterr().err
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
