@@ -436,6 +436,7 @@ def image_sources(args, master, hold_out=True, held=None):
         train, val = found
         train = leave_out_run_folder(train, args.data, args.out, '--data', master)
         val = val and leave_out_run_folder(val, args.val_data, args.out, '--val-data', master)
+        packed_twice(args, train + (val or []), master)
         for root in args.data:
             packed = data.pack_short_side(root)
             if master and packed is not None and packed < args.short_side[1]:
@@ -481,6 +482,29 @@ def leave_out_run_folder(paths, roots, out, flag, master):
         print(f'left out {len(paths) - len(kept)} image(s) under --out {out} (the run\'s own samples, not {flag} '
               f'images)')
     return kept
+
+
+def packed_twice(args, paths, master):
+    """A pack given beside the folder it was packed from (`--data PACK FOLDER`, or `--val-data FOLDER`) lists
+    each of those images twice, as its packed copy and as the file: they train twice as often, and a
+    held-out one is trained on through its other copy, which inflates the validation figures. Refused
+    (UserError) for a fresh run; a resumed one, whose --data cannot change, gets a warning."""
+    roots = [*args.data, *(args.val_data or [])]
+    packs = [os.path.abspath(r) for r in roots if data.pack_short_side(r) is not None]
+    if not packs or len(packs) == len(roots):
+        return
+    heads = tuple(os.path.join(p, '') for p in packs)
+    files = {p for p in paths if not p.startswith(heads)}
+    for pack in packs:
+        both = [s for s in data.PackReader(pack).sources() if s in files]
+        if not both:
+            continue
+        line = (f'{len(both):,} images are both in the pack {pack} and listed as files (e.g. {both[0]}): the pack '
+                f'was made from them, so they would be trained on twice, or validated on while trained on')
+        if not args.resume:
+            raise UserError(f'{line}; give the pack or the folder it was made from, not both')
+        if master:
+            print(f'warning: {line} (validation figures of this run are inflated)')
 
 
 def listing_problem(every):

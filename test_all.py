@@ -2661,6 +2661,22 @@ def test_a_run_folder_given_for_its_checkpoint_is_named_as_such(trained, tmp_pat
         capsys.readouterr().err
 
 
+def test_a_pack_beside_the_folder_it_was_made_from_is_refused(tmp_path, folders, capsys):
+    # `--data PACK FOLDER` (or `--val-data FOLDER`) where the pack holds FOLDER's images: each image is listed
+    # twice, and a held-out one is trained on through its other copy (half the held-out set, measured).
+    _, val = folders
+    photos = _write_images(tmp_path / 'photos', 10, 5)
+    other = _write_images(tmp_path / 'other', 10, 6)
+    pack = tmp_path / 'pack'
+    data.pack_images([str(photos), str(other)], str(pack), 48, workers=1, log=lambda *a, **k: None)
+    assert colorize.main(tiny_args(pack, val, tmp_path / 'a', '--steps', '1')) == 0  # the pack alone
+    assert colorize.main([*tiny_args(pack, val, tmp_path / 'b', '--steps', '1'), '--data', str(pack), str(photos)]) == 2
+    assert '10 images are both in the pack' in capsys.readouterr().err
+    assert colorize.main(tiny_args(pack, photos, tmp_path / 'c', '--steps', '1')) == 2  # validated on trained ones
+    assert '10 images are both in the pack' in capsys.readouterr().err
+    assert not (tmp_path / 'b' / 'checkpoint.pt').exists() and not (tmp_path / 'c' / 'checkpoint.pt').exists()
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
