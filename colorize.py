@@ -1147,63 +1147,63 @@ def train(args):
                          stop_step=args.steps)
     if master and start:
         trim_log(args.out / 'log.jsonl', start)
-    log = open(args.out / 'log.jsonl', 'a' if start else 'w') if master else None  # a fresh run, a fresh log
-    if master and start == 0:
-        evaluate_and_show(raw_model, val, args, device, log, 0)
+    # A fresh run, a fresh log; only the master writes one.
+    with (open(args.out / 'log.jsonl', 'a' if start else 'w') if master else contextlib.nullcontext()) as log:
+        if master and start == 0:
+            evaluate_and_show(raw_model, val, args, device, log, 0)
 
-    progress, step = Progress(args.batch_size * world), start
-    saved = resume_path  # the checkpoint that holds the run's latest state
-    if ckpt is not None:
-        progress.restore(ckpt.get('progress'), device, rank)
-    if master and args.compile and start < args.steps:
-        print(COMPILE_NOTE, flush=True)
-    for batch in data.watch_stalls(loader, who=f'rank {rank}: ' if world > 1 else ''):
-        if step >= args.steps:
-            break
-        torch.manual_seed(step_seed(args.seed, step, rank))
-        counter.update(batch[1])  # host-side: the statuses never left the CPU
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(step, args)
-        if classify:
-            total, parts = classify_step(fast_model, optimizer, *batch, args, device)
-        else:
-            total, parts = train_step(fast_model, optimizer, *batch, args, device)
-        step += 1
-        progress.add(torch.stack([total, *parts.values()]))
+        progress, step = Progress(args.batch_size * world), start
+        saved = resume_path  # the checkpoint that holds the run's latest state
+        if ckpt is not None:
+            progress.restore(ckpt.get('progress'), device, rank)
+        if master and args.compile and start < args.steps:
+            print(COMPILE_NOTE, flush=True)
+        for batch in data.watch_stalls(loader, who=f'rank {rank}: ' if world > 1 else ''):
+            if step >= args.steps:
+                break
+            torch.manual_seed(step_seed(args.seed, step, rank))
+            counter.update(batch[1])  # host-side: the statuses never left the CPU
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step, args)
+            if classify:
+                total, parts = classify_step(fast_model, optimizer, *batch, args, device)
+            else:
+                total, parts = train_step(fast_model, optimizer, *batch, args, device)
+            step += 1
+            progress.add(torch.stack([total, *parts.values()]))
 
-        if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
-            check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
-        if step % args.log_every == 0 or step == args.steps:
-            # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
-            means, rate = progress.take(all_reduce=dist.is_initialized())
-            if master:
-                entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
-                             **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
-                             bad=counter.bad, gray=counter.gray)
-                print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
-                log.write(json.dumps(entry) + '\n')
-                log.flush()
-        with progress.paused():  # evaluation and saving do not count against img/s
-            if master and (step % args.eval_every == 0 or step == args.steps):
-                evaluate_and_show(raw_model, val, args, device, log, step)
-            keep = args.keep_every and step % args.keep_every == 0
-            if step % args.save_every == 0 or step == args.steps or keep:
-                counts_by_rank = gather_counts(counter, world, device)
-                window = progress.state(world)
-                saved = args.out / 'checkpoint.pt'
+            if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
+                check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
+            if step % args.log_every == 0 or step == args.steps:
+                # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
+                means, rate = progress.take(all_reduce=dist.is_initialized())
                 if master:
-                    save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
-                                    held_out)
-                    if keep:
-                        keep_checkpoint(saved, step)
-        if args.exit_after is not None and step >= args.exit_after:
-            break
+                    entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
+                                 **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
+                                 bad=counter.bad, gray=counter.gray)
+                    print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
+                    log.write(json.dumps(entry) + '\n')
+                    log.flush()
+            with progress.paused():  # evaluation and saving do not count against img/s
+                if master and (step % args.eval_every == 0 or step == args.steps):
+                    evaluate_and_show(raw_model, val, args, device, log, step)
+                keep = args.keep_every and step % args.keep_every == 0
+                if step % args.save_every == 0 or step == args.steps or keep:
+                    counts_by_rank = gather_counts(counter, world, device)
+                    window = progress.state(world)
+                    saved = args.out / 'checkpoint.pt'
+                    if master:
+                        save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
+                                        held_out)
+                        if keep:
+                            keep_checkpoint(saved, step)
+            if args.exit_after is not None and step >= args.exit_after:
+                break
     all_counts = data.StatusCounter()  # over all ranks
     all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
         print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had '
               f'zero weight); ' + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
-        log.close()
     if dist.is_initialized():
         dist.barrier()
     return raw_model

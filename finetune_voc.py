@@ -1128,7 +1128,6 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     trainable = [p for group in optimizer.param_groups for p in group['params']]
     if start:
         trim_log(args.out / 'log.jsonl', start)  # the lines the killed run wrote after its checkpoint
-    log = open(args.out / 'log.jsonl', 'a' if start else 'w')  # a fresh run starts a fresh log
     progress, step = Progress(args.batch_size), start
     if ckpt is not None:
         progress.restore(ckpt.get('progress'), device)
@@ -1136,34 +1135,35 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     if args.compile and start < args.steps:
         print(COMPILE_NOTE, flush=True)
-    for batch in data.watch_stalls(loader):
-        if step >= args.steps:
-            break
-        torch.manual_seed(step_seed(args.seed, step, 0))  # pixels and dropout: a function of (seed, step)
-        for group, mult in zip(optimizer.param_groups, lr_mults):
-            group['lr'] = lr_at(step, args) * mult
-        loss = train_loss(fast_model, batch, args, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-        optimizer.step()
-        step += 1
-        progress.add(loss.reshape(1))
-        if step % args.log_every == 0 or step == args.steps:
-            (mean,), rate = progress.take()
-            entry = dict(step=step, loss=mean, lr=lr_at(step - 1, args), img_per_s=rate,
-                         peak_mem_gb=peak_memory_gb(device))
-            print(progress_line(entry, args.steps, args.batch_size), flush=True)
-            log.write(json.dumps(entry) + '\n')
-            log.flush()
-        stop = args.exit_after is not None and step >= args.exit_after
-        if step % args.save_every == 0 or step == args.steps or stop:
-            with progress.paused():  # saving does not count against img/s
-                save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info, progress.state())
-        if stop:
-            break
-    log.close()
+    with open(args.out / 'log.jsonl', 'a' if start else 'w') as log:  # a fresh run starts a fresh log
+        for batch in data.watch_stalls(loader):
+            if step >= args.steps:
+                break
+            torch.manual_seed(step_seed(args.seed, step, 0))  # pixels and dropout: a function of (seed, step)
+            for group, mult in zip(optimizer.param_groups, lr_mults):
+                group['lr'] = lr_at(step, args) * mult
+            loss = train_loss(fast_model, batch, args, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            optimizer.step()
+            step += 1
+            progress.add(loss.reshape(1))
+            if step % args.log_every == 0 or step == args.steps:
+                (mean,), rate = progress.take()
+                entry = dict(step=step, loss=mean, lr=lr_at(step - 1, args), img_per_s=rate,
+                             peak_mem_gb=peak_memory_gb(device))
+                print(progress_line(entry, args.steps, args.batch_size), flush=True)
+                log.write(json.dumps(entry) + '\n')
+                log.flush()
+            stop = args.exit_after is not None and step >= args.exit_after
+            if step % args.save_every == 0 or step == args.steps or stop:
+                with progress.paused():  # saving does not count against img/s
+                    save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
+                                    progress.state())
+            if stop:
+                break
     return step
 
 
