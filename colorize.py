@@ -448,6 +448,10 @@ def image_sources(args, master, hold_out=True, held=None):
         if val is None and not hold_out:
             val = []
         elif val is None:
+            if args.objective == 'classify' and args.classes is not None:
+                # Held out from the chosen classes: drawn from all, most would be dropped with their class.
+                names = set(chosen_classes(args, train))
+                train = [p for p in train if class_folder(p) in names]
             if held is not None:  # the random choice below depends on the whole listing
                 kept = set(held) & set(train)
                 if master and len(kept) < len(held):
@@ -573,13 +577,15 @@ class Labeled(torch.utils.data.Dataset):
         return image, status, self.labels[item[0]]
 
 
-def class_labels(args, train, val):
-    """--objective classify: label = name of the image's folder (ImageNet train layout); with
-    --classes K, a fixed random subset of K classes (nested: the 10-class subset holds the 5-class one),
-    then --subset N: N images of those classes."""
-    def folder(p):
-        return os.path.basename(os.path.dirname(p))
-    names = sorted({folder(p) for p in train})
+def class_folder(path):
+    """--objective classify: an image's label is the name of its folder (ImageNet train layout)."""
+    return os.path.basename(os.path.dirname(path))
+
+
+def chosen_classes(args, paths):
+    """The sorted class names of `paths`; with --classes K a fixed random subset of K of them (nested:
+    the 10-class subset holds the 5-class one)."""
+    names = sorted({class_folder(p) for p in paths})
     if len(names) < 2:
         raise UserError(f'--objective classify needs images in one folder per class (ImageNet train layout); '
                         f'found {len(names)} folder(s) under --data')
@@ -587,19 +593,27 @@ def class_labels(args, train, val):
         if not 2 <= args.classes <= len(names):
             raise UserError(f'--classes {args.classes}: give 2 to {len(names)} (the class folders found)')
         names = sorted(data.subset(names, args.classes, seed=1))
+    return names
+
+
+def class_labels(args, train, val):
+    """--objective classify: label = name of the image's folder (ImageNet train layout); with
+    --classes K, a fixed random subset of K classes (nested: the 10-class subset holds the 5-class one),
+    then --subset N: N images of those classes."""
+    names = chosen_classes(args, train)
     places = collections.defaultdict(set)  # class name -> the folders of that name (packs: not known)
     for p in train:
         if data.packed_entry(p) is None:
-            places[folder(p)].add(os.path.dirname(p))
+            places[class_folder(p)].add(os.path.dirname(p))
     merged = {n: sorted(d) for n, d in places.items() if len(d) > 1 and n in names}
     index = {n: i for i, n in enumerate(names)}
-    train = take_subset(args, [p for p in train if folder(p) in index])
-    val = [p for p in val if folder(p) in index]
+    train = take_subset(args, [p for p in train if class_folder(p) in index])
+    val = [p for p in val if class_folder(p) in index]
     if not val:
         raise UserError('--objective classify: no held-out image belongs to the training classes; '
                         'give --val-data with the same class folders, or use --holdout')
     return dict(names=names, train_paths=train, val_paths=val, merged=merged,
-                train=[index[folder(p)] for p in train], val=[index[folder(p)] for p in val])
+                train=[index[class_folder(p)] for p in train], val=[index[class_folder(p)] for p in val])
 
 
 def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_step=None):
@@ -1387,6 +1401,8 @@ def _timed(step, batches, warmup, iters, device, skip=0, span=contextlib.nullcon
     it = iter(batches)
     for _ in range(warmup):
         step(*next(it))
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)  # the host may run steps ahead: drop what the queue holds once they are done
     for _ in range(skip):
         next(it)
     graphs = _graphs_compiled()

@@ -3244,6 +3244,25 @@ def test_a_run_from_before_the_random_validation_choice_keeps_its_validation_ima
     assert seen[1] == [0, 1, 2, 3] and seen[0] != seen[1]  # the first four, as then; a random four now
 
 
+def test_classify_holds_out_from_the_chosen_classes(tmp_path):
+    """--classes K with --holdout H: the H held-out images come from the K classes. Drawn from all the
+    class folders, most would leave with their class (2 of 8 here, 26 of 256 at 100 of ImageNet's 1000)."""
+    root = tmp_path / 'imagenet'
+    for k in range(10):
+        folder = root / f'n{k:08d}'
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8, 3), 20 * k + i, np.uint8)).save(folder / f'{i}.png')
+    args = colorize.parse_args(['--data', str(root), '--out', str(tmp_path / 'run'), '--objective', 'classify',
+                                '--classes', '2', '--holdout', '4'])
+    labels = colorize.class_labels(args, *colorize.image_sources(args, True))
+    assert len(labels['names']) == 2 and len(labels['val_paths']) == 4
+    assert len(labels['train_paths']) == 2 * 6 - 4
+    assert {Path(p).parent.name for p in labels['val_paths'] + labels['train_paths']} <= set(labels['names'])
+    # The same classes as chosen from all folders (checkpoints name them; a resume compares them).
+    assert labels['names'] == sorted(data.subset([f'n{k:08d}' for k in range(10)], 2, seed=1))
+
+
 def test_evaluate_classifier_top1_by_hand():
     class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
         def forward(self, x):
@@ -4334,7 +4353,7 @@ def test_cuda_training_then_colorizing_agrees_with_cpu(folders, tmp_path):
 
 @needs_cuda
 def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
-    """torchrun with one process: NCCL, DDP around the compiled model and its gradient all-reduce
+    """torchrun with one process: NCCL, the DDP-wrapped model compiled and its gradient all-reduce
     (a machine with one GPU can run no more: NCCL refuses two ranks on one device); then --resume."""
     train, val = folders
     out = tmp_path / 'ddp'
