@@ -2144,7 +2144,8 @@ def test_resume_keeps_the_held_out_images_when_images_were_added(folders, tmp_pa
     assert len(held) == 4 and all(p.startswith(str(own)) for p in held)
     for i in range(40):  # enough new images that a fresh choice would (almost surely) differ
         shutil.copy(own / 'img001.jpg', own / f'new{i:02d}.jpg')
-    args = argparse.Namespace(data=[str(own)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
+    args = argparse.Namespace(data=[str(own)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55],
+                              objective='colorize', classes=None)
     assert colorize.image_sources(args, True)[1] != held
     os.remove(held[0])  # and one of them is gone
     capsys.readouterr()
@@ -4762,7 +4763,8 @@ def test_holdout_is_set_aside_from_training(tmp_path):
     folder = tmp_path / 'imgs'
     for i in range(20):
         _write_rgb(folder / f'{i:02d}.png', np.full((4, 4, 3), i, np.uint8))
-    args = argparse.Namespace(data=[str(folder)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55])
+    args = argparse.Namespace(data=[str(folder)], val_data=None, holdout=4, out=tmp_path / 'run', short_side=[32, 55],
+                              objective='colorize', classes=None)
     train, val = colorize.image_sources(args, True)
     assert len(val) == 4 and len(train) == 16 and not set(train) & set(val)
     args.holdout = 10  # too many to set aside from 20: an error, except for the benchmark, which never validates
