@@ -46,10 +46,10 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
-                      environment, fork_run, format_seconds, load_checkpoint, load_optimizer_state, lock_run,
-                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
-                      release_run_locks, rng_state, setup_device, step_seed, stop_status, trim_log)
+                      environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
+                      lock_run, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
+                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
+                      refuse_to_overwrite, release_run_locks, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1224,8 +1224,19 @@ def evaluate_classification(model, test_set, args, device):
                    ap_voc07_11point=dict(zip(names, ap11.tolist())), ap_noninterpolated=dict(zip(names, ap.tolist())),
                    test_images=len(scores), test_crops=args.test_crops)
     print(f'{"mAP":<14}{100 * results["map_voc07_11point"]:>19.1f}{100 * results["map_noninterpolated"]:>21.1f}'
-          '   (11-point: the official VOC2007 measure; non-interpolated: scikit-learn average_precision_score)')
+          '   (11-point: the official VOC2007 measure; non-interpolated: scikit-learn average_precision_score)'
+          + left_out_classes(names, ap, 'no positive test image'))
     return results
+
+
+def left_out_classes(names, values, why):
+    """'' when every class has a value; else the note that the mean is over the others (custom splits)."""
+    missing = [name for name, v in zip(names, values) if np.isnan(v)]
+    if not missing:
+        return ''
+    kept = len(names) - len(missing)
+    return (f'\n(the mean is over {kept} class{"" if kept == 1 else "es"}: {", ".join(missing)} '
+            f'{"has" if len(missing) == 1 else "have"} {why}, so no score)')
 
 
 @torch.no_grad()
@@ -1260,7 +1271,8 @@ def evaluate_segmentation(model, test_set, args, device):
     print(f'{"class":<14}{"IoU":>8}')
     for name, iou in zip(SEG_CLASSES, scores['iou']):
         print(f'{name:<14}{100 * iou:>8.1f}')
-    print(f'mIU {100 * scores["miou"]:.1f} | pixel accuracy {100 * scores["pixel_acc"]:.1f}')
+    print(f'mIU {100 * scores["miou"]:.1f} | pixel accuracy {100 * scores["pixel_acc"]:.1f}'
+          + left_out_classes(SEG_CLASSES, scores['iou'], 'no pixel in the labels or the predictions'))
     return dict(miou=scores['miou'], pixel_acc=scores['pixel_acc'], iou=dict(zip(SEG_CLASSES, scores['iou'])),
                 test_images=len(test_set), confusion=conf.cpu().tolist())
 
@@ -1369,9 +1381,14 @@ def run(args):
     if args.freeze:
         check_frozen(model, initial_state)
     evaluate = evaluate_classification if args.task == 'cls' else evaluate_segmentation
-    results = dict(task=args.task, metrics=evaluate(model, test_set, args, device), steps=step)
-    if args.feature_shift:
-        results['feature_shift'] = run_feature_shift(model, initial_state, test_items, args, device)
+    try:
+        results = dict(task=args.task, metrics=evaluate(model, test_set, args, device), steps=step)
+        if args.feature_shift:
+            results['feature_shift'] = run_feature_shift(model, initial_state, test_items, args, device)
+    except UserError as e:  # an unreadable test image, say: the training it follows is not lost
+        raise UserError(f'{error_text(e)} (testing after training; the trained weights are saved in '
+                        f'{args.out / "checkpoint.pt"}: once that is fixed, {resume_flags(args.out)} runs '
+                        f'only the test)') from None
     results.update(init=init_info, args=plain_args(args), **environment(device),
                    train_images=len(train_set), test_images=len(test_set),
                    finished=time.strftime('%Y-%m-%d %H:%M:%S'))

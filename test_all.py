@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import signal
 import socket
 import shutil
@@ -3365,6 +3366,12 @@ def test_ap_difficult_ignored_and_no_positives():
     both = ft.average_precision(np.stack([scores[:5], scores[:5]], 1), np.stack([labels[:5], -np.ones(5, int)], 1))
     assert both[0] == pytest.approx(34 / 45) and math.isnan(both[1])
     assert ft.mean_ap(both) == pytest.approx(34 / 45)
+    # ... and the printed mAP says so (custom splits can have such a class; VOC's own cannot).
+    assert ft.left_out_classes(['cat', 'sofa'], both, 'no positive test image') == \
+        '\n(the mean is over 1 class: sofa has no positive test image, so no score)'
+    assert ft.left_out_classes(['a', 'b', 'c'], [0.5, math.nan, math.nan], 'x') == \
+        '\n(the mean is over 1 class: b, c have x, so no score)'
+    assert ft.left_out_classes(['cat', 'sofa'], [0.1, 0.0], 'x') == ''
 
 
 def test_ap_matches_brute_force_thresholds():
@@ -3876,6 +3883,28 @@ def test_end_to_end_classification(tmp_path, voc, capsys, monkeypatch):
     # 8 test images in batches of 4: one line, after the first batch.
     assert [line.split(' | ')[0] for line in said.splitlines() if line.startswith('testing on')] == [
         'testing on VOC2007 test: 4/8 images']
+
+
+def test_unreadable_test_image_after_training_says_the_weights_are_saved(tmp_path, voc, capsys):
+    # A test image that cannot be read stops the run after all of its training: the message says the
+    # weights are saved and how to run only the test, and following it literally does that.
+    root = tmp_path / 'devkit'
+    shutil.copytree(voc, root)
+    first = (root / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt').read_text().split()[0]
+    image = root / 'VOC2007' / 'JPEGImages' / f'{first}.jpg'
+    good = image.read_bytes()
+    image.write_bytes(b'not a jpeg')
+    out = tmp_path / 'cls'
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', str(root), '--out', str(out), '--test-crops', '1', *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert f'{first}.jpg' in err and f'the trained weights are saved in {out / "checkpoint.pt"}' in err
+    flags = shlex.split(err.split('once that is fixed, ')[1].split(' runs only the test')[0])
+    assert _state(out / 'checkpoint.pt')['step'] == 3 and not (out / 'results.json').exists()
+    image.write_bytes(good)
+    log = (out / 'log.jsonl').read_text()
+    assert ft.main(flags) == 0
+    assert read_results(out)['steps'] == 3 and (out / 'log.jsonl').read_text() == log  # no step trained again
 
 
 def test_end_to_end_segmentation_frozen(tmp_path, voc, capsys, monkeypatch):
