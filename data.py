@@ -17,6 +17,7 @@ world, so that every command of the project runs end to end without downloads:
 
     python data.py demo                       # -> data/demo/{train,val,VOCdevkit} next to this file
     python data.py scan /data/imagenet/train /data/places205 --cache-dir runs/cache
+    python data.py scan /data/packs/imagenet-256 --write all.txt   # a list to cut down to a subset
 
 Packs (`pack_images`): decoding full-size photos is the bottleneck of pre-training, so the
 images can be decoded, shrunk to a short side (--short-side, e.g. 256) and re-encoded once, into
@@ -142,6 +143,16 @@ def find_images(roots, cache_dir=None, log=print):
         log(f'{len(found):,} images {how} in {root} ({time.perf_counter() - t0:.1f} s)')
         paths.extend(found)
     return sorted(set(paths))
+
+
+def write_list(txt, paths):
+    """Write `paths` to the list `txt` (atomically), one per line, as _read_list reads them back."""
+    odd = [p for p in paths if '\n' in p or '\r' in p or p != p.strip()]
+    if odd:
+        raise ValueError(f'{len(odd)} path(s) cannot be written to a list, whose lines are stripped: '
+                         f'e.g. {odd[0]!r}; rename them')
+    text = ''.join(os.path.abspath(p) + '\n' for p in paths)
+    atomic_write(txt, lambda f: f.write(text.encode('utf-8', errors='surrogateescape')))
 
 
 def _read_list(txt):
@@ -2248,8 +2259,13 @@ def main(argv=None):
     demo.add_argument('--n-val', type=int, default=200, help='held-out pre-training images (default %(default)s)')
     scan = sub.add_parser('scan', help='list the images under folders or .txt lists (and cache '
                           'the listing, with --cache-dir)')
-    scan.add_argument('roots', nargs='+', help='image folders or .txt lists of image paths')
+    scan.add_argument('roots', nargs='*', help='image folders or .txt lists of image paths')
+    scan.add_argument('--data', nargs='+', default=[], metavar='ROOT',
+                      help='more roots, given as pack and colorize.py take them')
     scan.add_argument('--cache-dir', default=None, help='folder for the listing cache')
+    scan.add_argument('--write', metavar='LIST.txt',
+                      help='also write the listing there, one absolute path per line: a list that --data '
+                      'takes, to cut down to a subset (of a pack\'s images too)')
     pack = sub.add_parser('pack', help='decode, shrink and re-encode images into a few large '
                           'shard files for training with --data PACK (resumable)')
     pack.add_argument('--data', nargs='+', required=True, metavar='ROOT',
@@ -2271,8 +2287,16 @@ def main(argv=None):
         if args.cmd == 'demo':
             ensure_demo(args.root, n_train=args.n_train, n_val=args.n_val)
         elif args.cmd == 'scan':
-            paths = find_images(args.roots, args.cache_dir)
+            roots = args.roots + args.data
+            if not roots:
+                fail('give the folders or .txt lists to scan: data.py scan ROOT [ROOT ...]')
+            if args.write and not args.write.endswith('.txt'):
+                fail(f'--write {args.write}: a list must end in .txt, or --data would take it for a folder')
+            paths = find_images(roots, args.cache_dir)
             print(f'{len(paths):,} images in total')
+            if args.write:
+                write_list(args.write, paths)
+                print(f'listed in {args.write}')
         else:
             pack_images(args.data, args.out, args.short_side, quality=args.quality,
                         workers=args.workers, cache_dir=args.cache_dir)

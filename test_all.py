@@ -1931,6 +1931,36 @@ def test_pack_end_to_end_with_subset_and_loader(tmp_path):
     assert copy.root == str(pack) and bytes(copy.jpeg(0)) == bytes(reader.jpeg(0))
 
 
+def test_scan_writes_a_list_that_reads_back(tmp_path, capsys):
+    # `data.py scan --write LIST.txt`: the listing of a pack and a folder as a list that --data takes,
+    # whole (the same images) or cut down by hand (exactly the kept lines).
+    root, raw = tmp_path / 'src', tmp_path / 'raw folder'
+    for i in range(5):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
+    raw_paths = [_write_rgb(raw / f'caf\u00e9 {i}.png', _smooth_rgb(30, 40, 9 + i), fmt='PNG') for i in range(2)]
+    pack = tmp_path / 'pack'
+    data.main(['pack', '--data', str(root), '--out', str(pack), '--short-side', '32', '--workers', '1'])
+    listed = tmp_path / 'lists' / 'all.txt'
+    assert data.main(['scan', str(pack), '--data', str(raw), '--write', str(listed)]) == 0
+    assert '7 images in total' in capsys.readouterr().out
+    everything = data.find_images([pack, raw], log=_quiet)
+    assert data.find_images([listed], log=_quiet) == everything
+    lines = listed.read_text(encoding='utf-8').splitlines()
+    assert len(lines) == 7 and all(os.path.isabs(line) for line in lines) and raw_paths[0] in lines
+    part = tmp_path / 'part.txt'
+    part.write_text('\n'.join(lines[:2] + lines[-1:]) + '\n', encoding='utf-8')
+    assert data.find_images([part], log=_quiet) == sorted(lines[:2] + lines[-1:])
+    assert any(data.packed_entry(p) for p in lines[:2])  # pack entries survive the trip
+    with pytest.raises(SystemExit):
+        data.main(['scan', str(raw), '--write', str(tmp_path / 'all.list')])
+    assert 'must end in .txt' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        data.main(['scan'])
+    assert 'give the folders or .txt lists to scan' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='lines are stripped'):  # its line would name another file
+        data.write_list(tmp_path / 'odd.txt', [str(raw / 'trailing space.png ')])
+
+
 def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
     # A real folder called index.npy is not a pack: its files are read as files.
     real = _write_rgb(tmp_path / 'photos' / 'index.npy' / '000000001' / 'a' / 'b.png', _smooth_rgb(20, 30, 0))
