@@ -1231,8 +1231,9 @@ def check_bad_share(counter, args, world, device):
         dist.all_reduce(both)
         seen, bad = (int(v) for v in both.tolist())
     if data.bad_share_exceeded(bad, seen, args.max_bad_share, min_seen=100):
-        raise UserError(f'{bad} of {seen} images read so far were unreadable (more than '
-                        f'--max-bad-share {args.max_bad_share}); see the warnings above for the files')
+        raise UserError(f'{bad} of {seen} images trained on so far were unreadable (more than '
+                        f'--max-bad-share {args.max_bad_share}); see the warnings above for the files (the loader '
+                        f'reads ahead, so they can name a few more)')
 
 
 def evaluate_and_show(model, val, args, device, log, step):

@@ -2325,7 +2325,7 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     # at least 100 images were read (batch 12: 120).
     assert colorize.main(tiny_args(train, val, tmp_path / 'run3', '--steps', '120', '--log-every', '1000',
                                    '--eval-every', '1000', '--max-bad-share', '0.01', '--batch-size', '12')) == 2
-    assert 'of 120 images read so far' in capsys.readouterr().err
+    assert 'of 120 images trained on so far' in capsys.readouterr().err
 
 
 def _free_port():
