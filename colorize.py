@@ -1736,9 +1736,14 @@ def kernel_times(events, steps, cuda, cuda_type):
     a GPU, CPU ops are left out (their kernels count), and so are the ranges that record_function
     annotations (e.g. "Optimizer.step#SGD.step") draw on the GPU timeline over kernels counted
     already. Torch before 2.5 does not mark those ranges (no is_user_annotation; its "Self CUDA"
-    totals counted them, pytorch#130730): there a GPU event named as a CPU event is such a range."""
+    totals counted them, pytorch#130730): there a GPU event named as a CPU event is such a range,
+    but for a Triton kernel, whose launch Inductor wraps in a CPU range of the kernel's own name
+    (torch >= 2.1, whatever the version: so the rule is for the events without is_user_annotation)."""
     kernels = []
-    cpu_names = {event.key for event in events if event.device_type != cuda_type} if cuda else set()
+    cpu_names = set()
+    if cuda and not any(hasattr(event, 'is_user_annotation') for event in events):
+        cpu_names = {event.key for event in events
+                     if event.device_type != cuda_type and not event.key.startswith('triton')}
     for event in events:
         if cuda and (event.device_type != cuda_type or getattr(event, 'is_user_annotation', False)
                      or event.key in cpu_names):

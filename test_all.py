@@ -2995,6 +2995,22 @@ def test_kernel_times_leave_out_cpu_ops_and_annotation_ranges():
                                                        (0.16, 18.0, 'multi_tensor_apply_kernel')]
 
 
+def test_kernel_times_keep_triton_kernels_beside_their_launch_ranges():
+    # Under torch.compile, Inductor wraps each Triton launch in a CPU range named as the kernel
+    # (torch._inductor.runtime.triton_heuristics: _RecordFunctionFast(inductor_meta['kernel_name'])), and
+    # the GPU kernel has that name too: the kernel is no annotation range, and counts (both torch eras).
+    from types import SimpleNamespace as Event
+    cpu, gpu = 'cpu', 'cuda'
+    name = 'triton_poi_fused_add_relu_0'
+    new = [Event(key=name, device_type=cpu, self_device_time_total=0.0, count=10, is_user_annotation=False),
+           Event(key=name, device_type=gpu, self_device_time_total=2000.0, count=10, is_user_annotation=False),
+           Event(key='sm90_xmma_fprop', device_type=gpu, self_device_time_total=3000.0, count=10,
+                 is_user_annotation=False)]
+    assert colorize.kernel_times(new, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'), (0.4, 2.0, name)]
+    old = [Event(**{k: v for k, v in vars(e).items() if k != 'is_user_annotation'}) for e in new]
+    assert colorize.kernel_times(old, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'), (0.4, 2.0, name)]
+
+
 def test_kernel_families_of_real_kernel_names():
     # Names as torch.profiler reports them on an H100/H200 (cuDNN, cuBLAS, Inductor, the runtime).
     assert colorize.kernel_family('triton_per_fused__native_batch_norm_legit_functional_convolution_backward_3') \
