@@ -1037,8 +1037,18 @@ def open_run(args, device, world, master):
     args.out = args.out or default_out(args)
     fill_defaults(args, device, world)
     args.out.mkdir(parents=True, exist_ok=True)
+    problem = None
     if master:
-        lock_run(args.out)  # before the checks below: a run still training there is not to be joined
+        try:
+            lock_run(args.out)  # before the checks below: a run still training there is not to be joined
+        except UserError as e:
+            problem = str(e)
+    if dist.is_initialized():  # every rank stops with rank 0, rather than wait for it at the listing
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise UserError(problem if master else f'rank 0: {problem}')
     refuse_to_overwrite(args.out, resume_path)
     if resume_path is not None and master:
         fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))

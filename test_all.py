@@ -2390,6 +2390,20 @@ def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
 
 
+def test_ranks_stop_together_when_the_run_folder_is_in_use(folders, tmp_path):
+    # Only rank 0 takes the run folder's lock; when another process holds it, rank 1 must stop with
+    # rank 0's line, not go on to the listing's broadcast (gloo: a traceback once rank 0 is gone).
+    import fcntl
+    train, val = folders
+    run = tmp_path / 'run'
+    run.mkdir()
+    with open(run / '.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (code0, err0), (code1, err1) = _ranks(2, tiny_args(train, val, run, '--steps', '2'))
+    assert code0 == code1 == 2, err1[-2000:]
+    assert 'is in use by' in err0 and 'rank 0: ' in err1 and 'is in use by' in err1 and 'Traceback' not in err1
+
+
 def test_ranks_refuse_to_shard_lists_that_differ():
     # As if a folder gained an image between rank 0's listing and rank 1's: every rank stops with one
     # line (unchecked, each would shard its own list: images skipped or seen twice). The ranks gather
