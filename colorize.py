@@ -472,13 +472,15 @@ def image_sources(args, master, hold_out=True, held=None):
 def leave_out_run_folder(paths, roots, out, flag, master):
     """`paths` listed from `roots` without the images under the run folder `out` when it lies inside one
     of the roots (`--data ~/photos --out ~/photos/run`): the run's own sample grids, written as it
-    trains, are no training images (a resumed run would otherwise train on them, in another order)."""
+    trains, are no training images (a resumed run would otherwise train on them, in another order).
+    An `out` that is a root itself (`--data ~/photos --out ~/photos`): its samples/ folder."""
     out = os.path.realpath(out)
     prefixes = []
     for root in roots:
         real = os.path.realpath(root)
-        if os.path.isdir(root) and out.startswith(real.rstrip(os.sep) + os.sep):
-            prefixes.append(os.path.join(os.path.abspath(root), os.path.relpath(out, real)) + os.sep)
+        run = os.path.join(out, 'samples') if out == real else out  # where write_grid puts them
+        if os.path.isdir(root) and run.startswith(real.rstrip(os.sep) + os.sep):
+            prefixes.append(os.path.join(os.path.abspath(root), os.path.relpath(run, real)) + os.sep)
     if not prefixes:
         return paths
     kept = [p for p in paths if not p.startswith(tuple(prefixes))]

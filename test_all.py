@@ -2659,6 +2659,21 @@ def test_a_run_folder_inside_data_is_not_trained_on(tmp_path, folders, capsys):
     assert _state(run / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
 
 
+def test_a_run_folder_that_is_the_data_folder_does_not_train_on_its_samples(tmp_path, folders, capsys):
+    # `--data ~/photos --out ~/photos`: the sample grids land in ~/photos/samples, inside --data; a
+    # resume listed them as a 13th training image (another list, another order).
+    _, val = folders
+    photos = _write_images(tmp_path / 'photos', 12, 5)
+    assert colorize.main(tiny_args(photos, val, photos, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
+    assert list((photos / 'samples').glob('*.png'))
+    first = _state(photos / 'checkpoint.pt')['data']['images']
+    capsys.readouterr()
+    assert colorize.main(['--out', str(photos), '--resume']) == 0
+    out = capsys.readouterr().out
+    assert 'training images changed' not in out and 'left out 1 image(s) under --out' in out
+    assert _state(photos / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
+
+
 def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, voc, capsys):
     # The data set moved (a new disk, a per-job scratch folder): --data cannot change on a resume, and the
     # old path no longer exists. The message said "does not exist" for the old path and "drop the flag" for
