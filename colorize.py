@@ -473,14 +473,15 @@ def leave_out_run_folder(paths, roots, out, flag, master):
     """`paths` listed from `roots` without the images under the run folder `out` when it lies inside one
     of the roots (`--data ~/photos --out ~/photos/run`): the run's own sample grids, written as it
     trains, are no training images (a resumed run would otherwise train on them, in another order).
-    An `out` that is a root itself (`--data ~/photos --out ~/photos`): its samples/ folder."""
-    out = os.path.realpath(out)
+    An `out` that is a root itself (`--data ~/photos --out ~/photos`): its samples/ folder. Inside as
+    spelled or as resolved: a link in the root to a run folder elsewhere is listed through the link."""
     prefixes = []
     for root in roots:
-        real = os.path.realpath(root)
-        run = os.path.join(out, 'samples') if out == real else out  # where write_grid puts them
-        if os.path.isdir(root) and run.startswith(real.rstrip(os.sep) + os.sep):
-            prefixes.append(os.path.join(os.path.abspath(root), os.path.relpath(run, real)) + os.sep)
+        for base, out_path in ((os.path.abspath(root), os.path.abspath(out)),
+                               (os.path.realpath(root), os.path.realpath(out))):
+            run = os.path.join(out_path, 'samples') if out_path == base else out_path  # where write_grid puts them
+            if os.path.isdir(root) and run.startswith(base.rstrip(os.sep) + os.sep):
+                prefixes.append(os.path.join(os.path.abspath(root), os.path.relpath(run, base)) + os.sep)
     if not prefixes:
         return paths
     kept = [p for p in paths if not p.startswith(tuple(prefixes))]

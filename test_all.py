@@ -2674,6 +2674,23 @@ def test_a_run_folder_that_is_the_data_folder_does_not_train_on_its_samples(tmp_
     assert _state(photos / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
 
 
+def test_a_run_folder_linked_into_the_data_folder_is_not_trained_on(tmp_path, folders, capsys):
+    # `--out ~/photos/run` where ~/photos/run is a link to a scratch disk: the listing goes through the
+    # link (photos/run/samples/...), so the run folder is inside --data as spelled, not as resolved.
+    _, val = folders
+    photos = _write_images(tmp_path / 'photos', 12, 5)
+    (tmp_path / 'scratch' / 'run').mkdir(parents=True)
+    os.symlink(tmp_path / 'scratch' / 'run', photos / 'run')
+    run = photos / 'run'
+    assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
+    first = _state(run / 'checkpoint.pt')['data']['images']
+    capsys.readouterr()
+    assert colorize.main(['--out', str(run), '--resume']) == 0
+    out = capsys.readouterr().out
+    assert 'training images changed' not in out and 'left out 1 image(s) under --out' in out
+    assert _state(run / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
+
+
 def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, voc, capsys):
     # The data set moved (a new disk, a per-job scratch folder): --data cannot change on a resume, and the
     # old path no longer exists. The message said "does not exist" for the old path and "drop the flag" for
