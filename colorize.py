@@ -452,6 +452,8 @@ def image_sources(args, master, hold_out=True, held=None):
                 # Held out from the chosen classes: drawn from all, most would be dropped with their class.
                 names = set(chosen_classes(args, train))
                 train = [p for p in train if class_folder(p) in names]
+                if held is not None:  # a run from before, held out from all classes: the others' were dropped
+                    held = [p for p in held if class_folder(p) in names] or held
             if held is not None:  # the random choice below depends on the whole listing
                 kept = set(held) & set(train)
                 if master and len(kept) < len(held):

@@ -3357,6 +3357,28 @@ def test_classify_holds_out_from_the_chosen_classes(tmp_path):
     assert labels['names'] == sorted(data.subset([f'n{k:08d}' for k in range(10)], 2, seed=1))
 
 
+def test_classify_resume_of_a_hold_out_from_all_classes_keeps_it_without_a_warning(tmp_path, capsys):
+    """A checkpoint written before 18f1039 held out --holdout images from all class folders, and those of
+    the classes not chosen were dropped with their class. Resumed, the same images validate, and none is
+    said to be 'no longer in --data' (they are: in the classes not chosen)."""
+    root = tmp_path / 'imagenet'
+    for k in range(10):
+        folder = root / f'n{k:08d}'
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8, 3), 20 * k + i, np.uint8)).save(folder / f'{i}.png')
+    args = colorize.parse_args(['--data', str(root), '--out', str(tmp_path / 'run'), '--objective', 'classify',
+                                '--classes', '2', '--holdout', '12'])
+    listing = data.find_images([str(root)])
+    held = data.subset(listing, 12, seed=colorize.HOLDOUT_SEED)  # as the code before drew it
+    names = colorize.chosen_classes(args, listing)
+    capsys.readouterr()
+    train, val = colorize.image_sources(args, True, held=held)
+    assert 'no longer in --data' not in capsys.readouterr().out
+    assert val == sorted(p for p in held if colorize.class_folder(p) in names) and val
+    assert not set(val) & set(train)
+
+
 def test_evaluate_classifier_top1_by_hand():
     class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
         def forward(self, x):
