@@ -497,13 +497,18 @@ def packed_twice(args, paths, master):
     """A pack given beside the folder it was packed from (`--data PACK FOLDER`, or `--val-data FOLDER`) lists
     each of those images twice, as its packed copy and as the file: they train twice as often, and a
     held-out one is trained on through its other copy, which inflates the validation figures. Refused
-    (UserError) for a fresh run; a resumed one, whose --data cannot change, gets a warning."""
-    roots = [*args.data, *(args.val_data or [])]
-    packs = [os.path.abspath(r) for r in roots if data.pack_short_side(r) is not None]
-    if not packs or len(packs) == len(roots):
+    (UserError) for a fresh run; a resumed one, whose --data cannot change, gets a warning. The packs are
+    those the listing reads (PACK/index.npy/<i>/<folder>/<name>): a pack given, or a .txt list of its images."""
+    heads, files = set(), set()
+    for p in paths:
+        parts = p.rsplit(os.sep, 4)
+        if len(parts) == 5 and parts[1] == data._PACK_INDEX and parts[2].isdigit():
+            heads.add(parts[0])
+        else:
+            files.add(p)
+    packs = sorted(h for h in heads if data.pack_short_side(h) is not None)
+    if not packs or not files:
         return
-    heads = tuple(os.path.join(p, '') for p in packs)
-    files = {p for p in paths if not p.startswith(heads)}
     for pack in packs:
         both = [s for s in data.PackReader(pack).sources() if s in files]
         if not both:

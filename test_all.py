@@ -2755,6 +2755,21 @@ def test_a_pack_beside_the_folder_it_was_made_from_is_refused(tmp_path, folders,
     assert not (tmp_path / 'b' / 'checkpoint.pt').exists() and not (tmp_path / 'c' / 'checkpoint.pt').exists()
 
 
+def test_a_list_of_packed_images_beside_the_folder_they_were_packed_from_is_refused(tmp_path, folders, capsys):
+    # `data.py scan PACK --write all.txt` makes a list of the pack's images (README: to cut down to a
+    # subset); given beside the folder the pack was made from, each image is listed twice, as with the pack.
+    _, val = folders
+    photos = _write_images(tmp_path / 'photos', 10, 5)
+    pack = tmp_path / 'pack'
+    data.pack_images([str(photos)], str(pack), 48, workers=1, log=lambda *a, **k: None)
+    assert data.main(['scan', str(pack), '--write', str(tmp_path / 'all.txt')]) == 0
+    capsys.readouterr()
+    assert colorize.main([*tiny_args(pack, val, tmp_path / 'b', '--steps', '1'),
+                          '--data', str(tmp_path / 'all.txt'), str(photos)]) == 2
+    assert '10 images are both in the pack' in capsys.readouterr().err
+    assert not (tmp_path / 'b' / 'checkpoint.pt').exists()
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
