@@ -2290,7 +2290,7 @@ def main(argv=None):
             roots = args.roots + args.data
             if not roots:
                 fail('give the folders or .txt lists to scan: data.py scan ROOT [ROOT ...]')
-            if args.write and not args.write.endswith('.txt'):
+            if args.write and not args.write.lower().endswith('.txt'):
                 fail(f'--write {args.write}: a list must end in .txt, or --data would take it for a folder')
             paths = find_images(roots, args.cache_dir)
             print(f'{len(paths):,} images in total')
