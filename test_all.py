@@ -2643,46 +2643,19 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
 
 
-def test_a_run_folder_inside_data_is_not_trained_on(tmp_path, folders, capsys):
-    # `--data ~/photos --out ~/photos/run`: the run's sample grids (samples/step_*.png) land inside --data.
-    # They are no training images: a resume that listed them would train on them, in another order.
+@pytest.mark.parametrize('where', ['inside', 'the data folder', 'linked inside'])
+def test_a_run_folder_in_the_data_folder_does_not_train_on_its_samples(tmp_path, folders, capsys, where):
+    # `--data ~/photos --out ~/photos/run` (or `--out ~/photos`, or ~/photos/run a link to a scratch disk,
+    # which the listing goes through): the run's sample grids (samples/step_*.png) land inside --data.
+    # They are no training images: a resume listed them as a 13th (another list, another order).
     _, val = folders
     photos = _write_images(tmp_path / 'photos', 12, 5)
-    run = photos / 'run'
+    run = photos if where == 'the data folder' else photos / 'run'
+    if where == 'linked inside':
+        (tmp_path / 'scratch' / 'run').mkdir(parents=True)
+        os.symlink(tmp_path / 'scratch' / 'run', run)
     assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
     assert list((run / 'samples').glob('*.png'))  # the first evaluation's grid, under --data
-    first = _state(run / 'checkpoint.pt')['data']['images']
-    capsys.readouterr()
-    assert colorize.main(['--out', str(run), '--resume']) == 0
-    out = capsys.readouterr().out
-    assert 'training images changed' not in out and 'left out 1 image(s) under --out' in out
-    assert _state(run / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
-
-
-def test_a_run_folder_that_is_the_data_folder_does_not_train_on_its_samples(tmp_path, folders, capsys):
-    # `--data ~/photos --out ~/photos`: the sample grids land in ~/photos/samples, inside --data; a
-    # resume listed them as a 13th training image (another list, another order).
-    _, val = folders
-    photos = _write_images(tmp_path / 'photos', 12, 5)
-    assert colorize.main(tiny_args(photos, val, photos, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
-    assert list((photos / 'samples').glob('*.png'))
-    first = _state(photos / 'checkpoint.pt')['data']['images']
-    capsys.readouterr()
-    assert colorize.main(['--out', str(photos), '--resume']) == 0
-    out = capsys.readouterr().out
-    assert 'training images changed' not in out and 'left out 1 image(s) under --out' in out
-    assert _state(photos / 'checkpoint.pt')['data']['images'] == first and first['count'] == 12
-
-
-def test_a_run_folder_linked_into_the_data_folder_is_not_trained_on(tmp_path, folders, capsys):
-    # `--out ~/photos/run` where ~/photos/run is a link to a scratch disk: the listing goes through the
-    # link (photos/run/samples/...), so the run folder is inside --data as spelled, not as resolved.
-    _, val = folders
-    photos = _write_images(tmp_path / 'photos', 12, 5)
-    (tmp_path / 'scratch' / 'run').mkdir(parents=True)
-    os.symlink(tmp_path / 'scratch' / 'run', photos / 'run')
-    run = photos / 'run'
-    assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
     first = _state(run / 'checkpoint.pt')['data']['images']
     capsys.readouterr()
     assert colorize.main(['--out', str(run), '--resume']) == 0
