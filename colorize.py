@@ -501,11 +501,11 @@ def packed_twice(args, paths, master):
     those the listing reads (PACK/index.npy/<i>/<folder>/<name>): a pack given, or a .txt list of its images."""
     heads, files = set(), set()
     for p in paths:
-        parts = p.rsplit(os.sep, 4)
-        if len(parts) == 5 and parts[1] == data._PACK_INDEX and parts[2].isdigit():
-            heads.add(parts[0])
-        else:
+        parts = data.pseudo_path_parts(p)
+        if parts is None:
             files.add(p)
+        else:
+            heads.add(parts[0])
     packs = sorted(h for h in heads if data.pack_short_side(h) is not None)
     if not packs or not files:
         return

@@ -1134,17 +1134,29 @@ class PackReader:
 _OPEN_PACKS = {}
 
 
-def packed_entry(path):
-    """(PackReader, i) if `path` is a pseudo-path PACK/index.npy/<i>/<folder>/<name> into a pack
-    (see pack_paths), else None. Such a string can name no real file: in a pack, index.npy is a
-    file, not a folder. Raises ValueError for a pseudo-path into an incomplete pack, past its
-    end, or whose <folder>/<name> is not that of entry i's source (a list from another pack)."""
+def pseudo_path_parts(path):
+    """(pack root, <i>, <folder>, <name>) if `path` has the shape of a pseudo-path into a pack,
+    PACK/index.npy/<i>/<folder>/<name> (see pack_paths), else None. The shape only: no file is read."""
+    if _PACK_INDEX not in path:  # most paths, at once (millions are checked when a run starts)
+        return None
     rest, name = os.path.split(path)
     rest, folder = os.path.split(rest)
     head, digits = os.path.split(rest)
     root, index_name = os.path.split(head)
     if index_name != _PACK_INDEX or not (digits.isascii() and digits.isdigit()):
         return None
+    return root, digits, folder, name
+
+
+def packed_entry(path):
+    """(PackReader, i) if `path` is a pseudo-path PACK/index.npy/<i>/<folder>/<name> into a pack
+    (see pack_paths), else None. Such a string can name no real file: in a pack, index.npy is a
+    file, not a folder. Raises ValueError for a pseudo-path into an incomplete pack, past its
+    end, or whose <folder>/<name> is not that of entry i's source (a list from another pack)."""
+    parts = pseudo_path_parts(path)
+    if parts is None:
+        return None
+    root, digits, folder, name = parts
     key = (os.getpid(), root)
     reader = _OPEN_PACKS.get(key)
     if reader is None:
