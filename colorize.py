@@ -776,10 +776,11 @@ RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains i
 _RUN_LOCKS = {}  # run folder -> its open lock file, held until release_run_locks()
 
 
-def lock_run(out):
+def lock_run(out, resume_flags='--resume'):
     """Hold an exclusive lock on out/.lock for the rest of the run: a second process training into
     the same folder (a --resume started while the run still goes on, a job started twice) would
-    overwrite its checkpoints and log, and one of the two runs would be lost. Refused with UserError."""
+    overwrite its checkpoints and log, and one of the two runs would be lost. Refused with UserError;
+    `resume_flags`: what continues the run in `out`, for the message."""
     key = os.path.realpath(out)
     if key in _RUN_LOCKS:
         return
@@ -795,7 +796,7 @@ def lock_run(out):
         lock.close()
         raise UserError(f'{out} is in use by {holder}: a run (or a --resume of it) is still training there, and '
                         f'a second one would overwrite its checkpoints; wait for it to end (or stop it), then '
-                        f'continue with --resume') from None
+                        f'continue with {resume_flags}') from None
     except OSError:  # a file system without locks (some network mounts): run unlocked
         pass
     lock.seek(0)

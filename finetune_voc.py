@@ -1340,7 +1340,7 @@ def run(args):
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     args.out.mkdir(parents=True, exist_ok=True)
-    lock_run(args.out)  # before the checks below: a run still training there is not to be joined
+    lock_run(args.out, resume_flags(args.out))  # before the checks below: a run still training there is not joined
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
                         resume_flags=resume_flags(args.out))
     if args.resume:

@@ -2634,7 +2634,9 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
             fcntl.flock(held_ft, fcntl.LOCK_EX | fcntl.LOCK_NB)
             assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(busy), '--steps', '1',
                             '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2']) == 2
-            assert 'is in use by' in capsys.readouterr().err
+            err = capsys.readouterr().err
+            # How to continue names the folder: finetune_voc.py refuses --resume alone.
+            assert 'is in use by' in err and f'continue with --resume --out {busy}' in err
             assert not (busy / 'checkpoint.pt').exists()
     # Once the other process is gone, the run continues, and lets go of its folder when it ends.
     assert colorize.main(['--out', str(run), '--resume', '--steps', '6']) == 0
