@@ -3328,15 +3328,20 @@ def test_a_run_from_before_the_random_validation_choice_keeps_its_validation_ima
     assert seen[1] == [0, 1, 2, 3] and seen[0] != seen[1]  # the first four, as then; a random four now
 
 
-def test_classify_holds_out_from_the_chosen_classes(tmp_path):
-    """--classes K with --holdout H: the H held-out images come from the K classes. Drawn from all the
-    class folders, most would leave with their class (2 of 8 here, 26 of 256 at 100 of ImageNet's 1000)."""
-    root = tmp_path / 'imagenet'
+def _ten_class_folders(root):
+    """An ImageNet-layout folder: 10 classes n00000000 .. n00000009 of 6 tiny images each."""
     for k in range(10):
         folder = root / f'n{k:08d}'
         folder.mkdir(parents=True)
         for i in range(6):
             Image.fromarray(np.full((8, 8, 3), 20 * k + i, np.uint8)).save(folder / f'{i}.png')
+    return root
+
+
+def test_classify_holds_out_from_the_chosen_classes(tmp_path):
+    """--classes K with --holdout H: the H held-out images come from the K classes. Drawn from all the
+    class folders, most would leave with their class (2 of 8 here, 26 of 256 at 100 of ImageNet's 1000)."""
+    root = _ten_class_folders(tmp_path / 'imagenet')
     args = colorize.parse_args(['--data', str(root), '--out', str(tmp_path / 'run'), '--objective', 'classify',
                                 '--classes', '2', '--holdout', '4'])
     labels = colorize.class_labels(args, *colorize.image_sources(args, True))
@@ -3351,12 +3356,7 @@ def test_classify_resume_of_a_hold_out_from_all_classes_keeps_it_without_a_warni
     """A checkpoint written before 18f1039 held out --holdout images from all class folders, and those of
     the classes not chosen were dropped with their class. Resumed, the same images validate, and none is
     said to be 'no longer in --data' (they are: in the classes not chosen)."""
-    root = tmp_path / 'imagenet'
-    for k in range(10):
-        folder = root / f'n{k:08d}'
-        folder.mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(np.full((8, 8, 3), 20 * k + i, np.uint8)).save(folder / f'{i}.png')
+    root = _ten_class_folders(tmp_path / 'imagenet')
     args = colorize.parse_args(['--data', str(root), '--out', str(tmp_path / 'run'), '--objective', 'classify',
                                 '--classes', '2', '--holdout', '12'])
     listing = data.find_images([str(root)])
