@@ -1537,13 +1537,13 @@ def train_aug_half_there(voc2012_root):
     if has_train_aug(root):
         return None
     parent = os.path.dirname(os.path.abspath(root))
-    labels = os.path.join(root, 'SegmentationClassAug')
+    labels, lists = os.path.join(root, 'SegmentationClassAug'), _train_aug_lists(root)
     found = [p for p in (labels, os.path.join(parent, 'SegmentationClassAug')) if os.path.isdir(p)]
-    found += [p for p in _train_aug_lists(root) + [os.path.join(parent, 'train_aug.txt')] if os.path.exists(p)]
+    found += [p for p in lists + [os.path.join(parent, 'train_aug.txt')] if os.path.exists(p)]
     if not found:
         return None
     return (f'found {" and ".join(found)}, but the SBD-augmented set (train_aug) needs both {labels}/ and '
-            f'{_train_aug_lists(root)[0]} (or {_train_aug_lists(root)[1]})')
+            f'{lists[0]} (or {lists[1]})')
 
 
 def voc_segmentation(voc2012_root, split, augmented=False):

@@ -866,7 +866,6 @@ def test_dense_under_autocast_and_channels_last():
     assert cast.dtype == torch.bfloat16 and (cast.float() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
-
 @pytest.mark.parametrize('arch', ['vgg16', 'alexnet'])
 def test_hypercolumn_is_bf16_under_autocast_with_the_same_logits(arch):
     # The input tap is float32 (x itself), the others bf16: concatenated as they come, torch.cat
@@ -893,6 +892,7 @@ def test_hypercolumn_is_bf16_under_autocast_with_the_same_logits(arch):
     (promoted, want, want_grads), (dtype, got, grads) = run(True), run(False)
     assert promoted == torch.float32 and dtype == torch.bfloat16
     assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
 
 def test_dense_in_float64():
     torch.manual_seed(0)
