@@ -773,17 +773,14 @@ def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
 
 
 RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
-_RUN_LOCKS = {}  # run folder -> its open lock file, held until release_run_locks()
 
 
 def lock_run(out, resume_flags='--resume'):
-    """Hold an exclusive lock on out/.lock for the rest of the run: a second process training into
-    the same folder (a --resume started while the run still goes on, a job started twice) would
-    overwrite its checkpoints and log, and one of the two runs would be lost. Refused with UserError;
-    `resume_flags`: what continues the run in `out`, for the message."""
-    key = os.path.realpath(out)
-    if key in _RUN_LOCKS:
-        return
+    """Take an exclusive lock on out/.lock and return its open file, which holds the lock until it is
+    closed (by train() here, run() in finetune_voc.py, when the run ends however it ends): a second
+    process training into the same folder (a --resume started while the run still goes on, a job
+    started twice) would overwrite its checkpoints and log, and one of the two runs would be lost.
+    Refused with UserError; `resume_flags`: what continues the run in `out`, for the message."""
     lock = open(os.path.join(out, RUN_LOCK), 'a+')
     try:
         import fcntl  # POSIX; elsewhere run folders are not locked
@@ -803,13 +800,7 @@ def lock_run(out, resume_flags='--resume'):
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     lock.flush()
-    _RUN_LOCKS[key] = lock
-
-
-def release_run_locks():
-    """Let go of the run folders locked by lock_run (the run is over)."""
-    while _RUN_LOCKS:
-        _RUN_LOCKS.popitem()[1].close()
+    return lock
 
 
 def atomic_save(obj, path):
@@ -1028,9 +1019,10 @@ def load_optimizer_state(optimizer, state, args):
         group['momentum'], group['weight_decay'] = args.momentum, decay
 
 
-def open_run(args, device, world, master):
+def open_run(args, device, world, master, run_lock):
     """Settle args and the run folder: a fresh run, or the --resume checkpoint's run (its flags).
-    Returns (checkpoint or None, its path or None)."""
+    Rank 0 locks the folder (lock_run) into `run_lock`, a contextlib.ExitStack that train() closes
+    when the run ends. Returns (checkpoint or None, its path or None)."""
     absolute_paths(vars(args), PATH_FLAGS)
     ckpt = resume_path = None
     if args.resume:
@@ -1051,7 +1043,8 @@ def open_run(args, device, world, master):
     problem = None
     if master:
         try:
-            lock_run(args.out)  # before the checks below: a run still training there is not to be joined
+            # Before the checks below: a run still training there is not to be joined.
+            run_lock.enter_context(lock_run(args.out))
         except UserError as e:
             problem = str(e)
     if dist.is_initialized():  # every rank stops with rank 0, rather than wait for it at the listing
@@ -1145,9 +1138,16 @@ def validation_set(val_paths, labels, args, ckpt, master):
 
 
 def train(args):
+    """Pre-train as `args` say (a fresh run, or --resume); returns the trained model (unwrapped).
+    Rank 0 holds the run folder's lock (lock_run, in open_run) until the run ends, however it ends."""
+    with contextlib.ExitStack() as run_lock:
+        return _train(args, run_lock)
+
+
+def _train(args, run_lock):
     device, rank, world, _ = setup_device(args)
     master = rank == 0
-    ckpt, resume_path = open_run(args, device, world, master)
+    ckpt, resume_path = open_run(args, device, world, master, run_lock)
     train_paths, val_paths, labels, held_out, train_list = training_data(args, ckpt, resume_path, master)
     if master:
         task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
@@ -1964,7 +1964,6 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        release_run_locks()
         status = stop_status(e, resume=None if args.colorize or args.benchmark else '--resume')
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
@@ -1977,7 +1976,6 @@ def main(argv=None):
             sys.stderr.flush()
             os._exit(status)
         return status
-    release_run_locks()
     if dist.is_initialized():
         # Every rank done with its collectives first: torch 2.4's gloo teardown could otherwise
         # hang in one rank once another had exited (2 of 6 runs started by hand; none of 10 with it).

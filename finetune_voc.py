@@ -24,6 +24,7 @@ device, git commit) and with --feature-shift feature_shift.json. On CUDA: bf16 a
 torch.compile, channels_last, TF32; on a CPU: float32, eager and small defaults.
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -49,7 +50,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_pat
                       environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
                       lock_run, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_to_overwrite, release_run_locks, rng_state, setup_device, step_seed, stop_status, trim_log)
+                      refuse_to_overwrite, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1318,6 +1319,13 @@ def resume_flags(out):
 
 
 def run(args):
+    """Fine-tune and test on VOC as `args` say; returns the results (None when --exit-after stopped the run).
+    The run folder's lock (lock_run) is held until the run ends, however it ends."""
+    with contextlib.ExitStack() as run_lock:
+        return _run(args, run_lock)
+
+
+def _run(args, run_lock):
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise UserError('finetune_voc.py trains on one device (the paper batches are small); '
                         'run it with python, not torchrun')
@@ -1340,7 +1348,8 @@ def run(args):
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     args.out.mkdir(parents=True, exist_ok=True)
-    lock_run(args.out, resume_flags(args.out))  # before the checks below: a run still training there is not joined
+    # Before the checks below: a run still training there is not joined.
+    run_lock.enter_context(lock_run(args.out, resume_flags(args.out)))
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
                         resume_flags=resume_flags(args.out))
     if args.resume:
@@ -1514,12 +1523,10 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        release_run_locks()
         status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out))
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status
-    release_run_locks()
     return 0
 
 
