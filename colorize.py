@@ -400,10 +400,7 @@ def image_sources(args, master, hold_out=True, held=None):
                 data.ensure_demo(args.demo_root)
             except (ValueError, OSError) as e:  # a foreign folder where the demo should be, a full disk
                 problem = str(e)
-        if dist.is_initialized():  # every rank learns whether rank 0 succeeded (and none waits forever)
-            shared = [problem]
-            dist.broadcast_object_list(shared, src=0)
-            problem = shared[0]
+        problem = rank0_problem(problem)  # every rank learns whether rank 0 succeeded (and none waits forever)
         if problem:
             raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
         if master:
@@ -420,9 +417,7 @@ def image_sources(args, master, hold_out=True, held=None):
         # Rank 0 scans (millions of files) and writes the listing cache; the other ranks then read it.
         found, problem = scan() if master else (None, None)
         if dist.is_initialized():
-            shared = [problem]
-            dist.broadcast_object_list(shared, src=0)  # also the barrier before the others read the cache
-            problem = shared[0]
+            problem = rank0_problem(problem)  # also the barrier before the others read the cache
             if not master and problem is None:
                 found, problem = scan()
             # The ranks shard one list: a folder that changed between rank 0's scan and another's
@@ -469,6 +464,16 @@ def image_sources(args, master, hold_out=True, held=None):
             val = sorted(held)
             train = [p for p in train if p not in held]
     return train, val
+
+
+def rank0_problem(problem):
+    """Rank 0's `problem` (an error message, or None) on every rank under DDP, so that all stop
+    together where rank 0 alone did the work; `problem` itself without DDP. Every rank must call it."""
+    if not dist.is_initialized():
+        return problem
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def leave_out_run_folder(paths, roots, out, flag, master):
@@ -1047,10 +1052,7 @@ def open_run(args, device, world, master, run_lock):
             run_lock.enter_context(lock_run(args.out))
         except UserError as e:
             problem = str(e)
-    if dist.is_initialized():  # every rank stops with rank 0, rather than wait for it at the listing
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
+    problem = rank0_problem(problem)  # every rank stops with rank 0, rather than wait for it at the listing
     if problem:
         raise UserError(problem if master else f'rank 0: {problem}')
     refuse_to_overwrite(args.out, resume_path)
