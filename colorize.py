@@ -651,12 +651,23 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_
     return slots.batches(loader) if slots else loader
 
 
+def model_input(lab_img):
+    """What every network here sees: L* of a Lab batch (B, 3, H, W) (or of L itself, (B, 1, H, W)),
+    as (L - 50) / 50 (B, 1, H, W) in [-1, 1], channels_last."""
+    return lab.lightness_input(lab_img).contiguous(memory_format=torch.channels_last)
+
+
+def gray_rgb(lab_img):
+    """sRGB (B, 3, H, W) in [0, 1] of a Lab batch with its colour removed: the predict-gray baseline."""
+    return lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
+
+
 def prepare(images, args, device, points=None, generator=None):
     """uint8 (B, 3, H, W) on the host -> (network input, sampled pixels, their targets, the Lab
     image), all on the device."""
     rgb = images.to(device, non_blocking=True)
     lab_img = lab.rgb_to_lab(rgb)
-    x = lab.lightness_input(lab_img).contiguous(memory_format=torch.channels_last)
+    x = model_input(lab_img)
     if points is None:
         B, _, H, W = rgb.shape
         points = sample_points(B, H, W, args.points, args.border, generator=generator, device=device)
@@ -889,8 +900,7 @@ def predict_ab(model, lightness, loss_kind):
     The network sees (L - 50) / 50; its stride-4 prediction (cell i sits at pixel 4i + 1.5) is
     decoded and upsampled bilinearly to the input's resolution.
     """
-    x = ((lightness - lab.L_CENTER) / lab.L_SCALE).contiguous(memory_format=torch.channels_last)
-    logits = model.dense(x)  # (B, D, ceil(H/4), ceil(W/4))
+    logits = model.dense(model_input(lightness))  # (B, D, ceil(H/4), ceil(W/4))
     ab = lab.decode(loss_kind, logits, dim=1)
     H, W = lightness.shape[-2:]
     return F.interpolate(ab, scale_factor=4, mode='bilinear', align_corners=False)[..., :H, :W]
@@ -921,7 +931,7 @@ def evaluate(model, val_images, args, device, chunk=32):
                                       use_lightness_weight=args.lightness_weight)  # as in training
             rgb_pred = colorize_dense(model, lab_img[:, :1], args.loss)
         truth = batch.to(device).float() / 255.0
-        gray = lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
+        gray = gray_rgb(lab_img)
         ab_pred = lab.rgb_to_lab(rgb_pred)[:, 1:]
         n = len(batch)
         sums['loss'] += total.item() * n
@@ -941,7 +951,7 @@ def write_grid(model, images, args, device, path):
     with autocast(device):
         pred = colorize_dense(model, lab_img[:, :1], args.loss)
     model.train()
-    gray = lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
+    gray = gray_rgb(lab_img)
     truth = images.to(device).float() / 255
     rows = torch.cat([gray, pred.float(), truth], dim=3)  # (N, 3, H, 3W)
     grid = torch.cat(list(rows), dim=1)  # (3, N*H, 3W)
@@ -980,8 +990,7 @@ def loss_norm(count):
 
 def classify_step(model, optimizer, images, status, labels, args, device):
     """One SGD step of the supervised baseline on the lightness of the images; bad files weigh 0."""
-    x = lab.lightness_input(lab.rgb_to_lab(images.to(device, non_blocking=True))).contiguous(
-        memory_format=torch.channels_last)
+    x = model_input(lab.rgb_to_lab(images.to(device, non_blocking=True)))
     valid = (status.to(device, non_blocking=True) != data.STATUS_BAD).float()
     with autocast(device):
         logits = model(x)
@@ -998,8 +1007,7 @@ def evaluate_classifier(model, images, labels, args, device, chunk=64):
     model.eval()
     loss = correct = 0.0
     for i in range(0, len(images), chunk):
-        x = lab.lightness_input(lab.rgb_to_lab(images[i:i + chunk].to(device))).contiguous(
-            memory_format=torch.channels_last)
+        x = model_input(lab.rgb_to_lab(images[i:i + chunk].to(device)))
         y = labels[i:i + chunk].to(device)
         with autocast(device):
             logits = model(x).float()
