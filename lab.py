@@ -201,11 +201,8 @@ def chroma_bin(c):
 
 
 def hue_centers(dtype=torch.float32, device=None):
+    """The hue bins' centre angles, (HUE_BINS,) in radians in (0, 2 pi)."""
     return (torch.arange(HUE_BINS, dtype=dtype, device=device) + 0.5) * (2 * math.pi / HUE_BINS)
-
-
-def chroma_centers(dtype=torch.float32, device=None):
-    return (torch.arange(CHROMA_BINS, dtype=dtype, device=device) + 0.5) * (CHROMA_MAX / CHROMA_BINS)
 
 
 _AB_GAMUT = {}  # computed once per process: the tables on the CPU, and a copy per device
