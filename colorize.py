@@ -1179,10 +1179,10 @@ def _train(args, run_lock):
         if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
                 and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
             keep_checkpoint(own, start)
-    raw_model = model
+    raw_model = model  # unwrapped: what is evaluated and saved (no 'module.' or '_orig_mod.' prefixes)
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    fast_model = torch.compile(model) if args.compile else model
+    fast_model = torch.compile(model) if args.compile else model  # what the training steps run
 
     classify = args.objective == 'classify'
     val = validation_set(val_paths, labels, args, ckpt, master)
@@ -1203,6 +1203,7 @@ def _train(args, run_lock):
             progress.restore(ckpt.get('progress'), device, rank)
         if master and args.compile and start < args.steps:
             print(COMPILE_NOTE, flush=True)
+        # batch: uint8 images (B, 3, H, W) on the host, their statuses (B,), for classify also labels (B,).
         for batch in data.watch_stalls(loader, who=f'rank {rank}: ' if world > 1 else ''):
             if step >= args.steps:
                 break
@@ -1217,12 +1218,15 @@ def _train(args, run_lock):
             step += 1
             progress.add(torch.stack([total, *parts.values()]))
 
-            if step % args.log_every == 0 or step == args.steps or step in (10, 100):  # early too: a broken
-                check_bad_share(counter, args, world, device)  # dataset stops in seconds (all ranks, same steps)
-            if step % args.log_every == 0 or step == args.steps:
+            last = step == args.steps
+            log_now = step % args.log_every == 0 or last
+            if log_now or step in (10, 100):  # early too: a broken dataset stops in seconds (all ranks, same steps)
+                check_bad_share(counter, args, world, device)
+            if log_now:
                 # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
                 means, rate = progress.take(all_reduce=dist.is_initialized())
                 if master:
+                    # lr_at(step - 1): the lr of the step just taken (`step` counts it already).
                     entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
                                  **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
                                  bad=counter.bad, gray=counter.gray)
@@ -1230,10 +1234,10 @@ def _train(args, run_lock):
                     log.write(json.dumps(entry) + '\n')
                     log.flush()
             with progress.paused():  # evaluation and saving do not count against img/s
-                if master and (step % args.eval_every == 0 or step == args.steps):
+                if master and (step % args.eval_every == 0 or last):
                     evaluate_and_show(raw_model, val, args, device, log, step)
                 keep = args.keep_every and step % args.keep_every == 0
-                if step % args.save_every == 0 or step == args.steps or keep:
+                if step % args.save_every == 0 or last or keep:
                     counts_by_rank = gather_counts(counter, world, device)
                     window = progress.state(world)
                     saved = args.out / 'checkpoint.pt'
