@@ -273,30 +273,41 @@ def output_dim(kind):
 def _window_gather(maps, points, window):
     """Read (B, C, H, W) maps at a window x window neighbourhood of each point (B, P, 2).
 
-    Returns (B, P, window * window, C); coordinates beyond the image are clamped to its edge.
+    Returns (values (B, P, K, C), inside (B, P, K) bool), K = window * window: the window's
+    pixels, and which of them lie in the image. A pixel beyond the edge is read at the edge (any
+    value would do) and marked outside: the window is cut at the image's edge, as the authors'
+    Caffe SparseHistogramExtractor cuts its integral-image box, so edge pixels do not count twice.
     """
     B, C, H, W = maps.shape
     r = torch.arange(window, device=maps.device) - window // 2
     dy, dx = torch.meshgrid(r, r, indexing='ij')
-    y = (points[..., 0:1].long() + dy.reshape(1, 1, -1)).clamp(0, H - 1)  # (B, P, K)
-    x = (points[..., 1:2].long() + dx.reshape(1, 1, -1)).clamp(0, W - 1)
+    y = points[..., 0:1].long() + dy.reshape(1, 1, -1)  # (B, P, K)
+    x = points[..., 1:2].long() + dx.reshape(1, 1, -1)
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
     flat = maps.reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-    index = (y * W + x).reshape(B, -1, 1).expand(-1, -1, C)
-    return flat.gather(1, index).reshape(B, points.shape[1], window * window, C)
+    index = (y.clamp(0, H - 1) * W + x.clamp(0, W - 1)).reshape(B, -1, 1).expand(-1, -1, C)
+    return flat.gather(1, index).reshape(B, points.shape[1], window * window, C), inside
 
 
-def _histogram(bins, n):
-    """Normalised histogram (B, P, n) of integer bins (B, P, K): each of the K entries adds 1/K."""
+def _share(inside):
+    """(B, P, K) bool -> float32 weights: 1 / (pixels inside) for each window pixel inside, 0 outside."""
+    inside = inside.to(torch.float32)
+    return inside / inside.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def _histogram(bins, n, inside):
+    """Normalised histogram (B, P, n) of integer bins (B, P, K): each entry inside the image adds
+    1 / (entries inside)."""
     out = torch.zeros(*bins.shape[:2], n, device=bins.device, dtype=torch.float32)
-    return out.scatter_add_(2, bins, torch.full(bins.shape, 1.0 / bins.shape[2], device=bins.device,
-                                                dtype=torch.float32))
+    return out.scatter_add_(2, bins, _share(inside))
 
 
 def make_targets(kind, lab, points, window=7):
     """Targets of a loss kind at sampled pixels.
 
     lab: (B, 3, H, W) the true colours; points: (B, P, 2) integer (y, x); window: side of the
-    square neighbourhood whose normalised bin histogram is the target (1 = one-hot of the pixel).
+    square neighbourhood whose normalised bin histogram is the target (1 = one-hot of the pixel);
+    near the image's edge only the window's pixels inside the image count (the authors' Caffe rule).
     Returns a dict of float32 tensors; all have leading dims (B, P):
       huechroma: hue (B, P, 32), chroma (B, P, 32), hue_weight (B, P) = centre chroma / 128 clipped
                  to 1, lightness (B, P) = centre L / 100.
@@ -307,31 +318,32 @@ def make_targets(kind, lab, points, window=7):
         raise ValueError(f'target window must be a positive odd number, got {window}')
     with _no_autocast(lab):
         lab = lab.float()
-        centre = _window_gather(lab, points, 1)[:, :, 0]  # (B, P, 3)
+        centre = _window_gather(lab, points, 1)[0][:, :, 0]  # (B, P, 3)
         lightness = centre[..., 0] / 100.0
         if kind == 'huechroma':
             # LCh of the window pixels only (B*P*K of them, not the whole B*H*W image). A grey
             # neighbour (no hue: lab_to_lch gives 0) counts in hue bin 0, as in the authors'
             # TensorFlow targets (HSV hue 0).
-            lch = lab_to_lch(_window_gather(lab, points, window).movedim(-1, 1))  # (B, 3, P, K)
+            values, inside = _window_gather(lab, points, window)
+            lch = lab_to_lch(values.movedim(-1, 1))  # (B, 3, P, K)
             c = torch.hypot(centre[..., 1], centre[..., 2])
-            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS),
-                        chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS),
+            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS, inside),
+                        chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS, inside),
                         hue_weight=(c / CHROMA_MAX).clamp(max=1.0), lightness=lightness)
         if kind == 'l2':
             return dict(ab=centre[..., 1:] / L2_SCALE, lightness=lightness)
         if kind == 'ab':
-            return dict(ab=_ab_soft(_window_gather(lab[:, 1:], points, window)), lightness=lightness)
+            return dict(ab=_ab_soft(*_window_gather(lab[:, 1:], points, window)), lightness=lightness)
     raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
 
 
-def _ab_soft(ab):
+def _ab_soft(ab, inside):
     """Soft joint-ab histogram (B, P, Q) of the window colours ab (B, P, K, 2).
 
     Each colour spreads Gaussian weights (sigma = AB_SIGMA) over the in-gamut cells among the 3x3
     grid cells around it (which hold its nearest cells), normalised per colour; a colour with no
-    gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the K
-    colours are averaged.
+    gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the
+    colours that are `inside` (B, P, K) the image are averaged.
     """
     offset = AB_OFFSET
     centres, lookup, nearest = _gamut_on(ab.device)
@@ -349,7 +361,7 @@ def _ab_soft(ab):
     own = cell.clamp(-offset, offset) + offset
     cls = torch.cat([cls, nearest[own[..., 0], own[..., 1]].unsqueeze(-1)], -1)  # (B, P, K, 10)
     w = torch.cat([w, outside], -1) / (total + outside)  # each colour's weights sum to 1
-    w = w / K  # the average over the window's K colours
+    w = w * _share(inside).unsqueeze(-1)  # the average over the window's colours inside the image
     out = torch.zeros(B, P, len(centres), device=ab.device, dtype=torch.float32)
     return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10).float())
 

@@ -268,15 +268,39 @@ def test_window_histogram_counts_by_hand():
     # window 1 is one-hot
     one = lab.make_targets('huechroma', img, torch.tensor([[[10, 9]]]), window=1)
     assert one['hue'][0, 0, 0].item() == 1.0
-    # Non-square images, a point in the bottom-right corner: the window is clamped to the image's
-    # edge (a 3x3 window at (H-1, W-1) reads rows H-2, H-1, H-1 and columns W-2, W-1, W-1), so the
-    # blue bottom row counts twice: 6 of 9.
+    # Non-square images, a point in the bottom-right corner: the window is cut at the image's edge,
+    # as the authors' Caffe SparseHistogramExtractor cuts its box and renormalises. A 3x3 window at
+    # (H-1, W-1) holds rows H-2, H-1 and columns W-2, W-1: 4 pixels, the blue bottom row's 2 of them.
     for H, W in ((10, 20), (20, 10)):
         img = _uniform_lab(1, H, W, 50, 40.0, 0.0)
         img[:, 1, H - 1] = 0.0
         img[:, 2, H - 1] = -40.0
         t = lab.make_targets('huechroma', img, torch.tensor([[[H - 1, W - 1]]]), window=3)
-        assert t['hue'][0, 0, 24].item() == pytest.approx(6 / 9) and t['hue'][0, 0, 0].item() == pytest.approx(3 / 9)
+        assert t['hue'][0, 0, 24].item() == pytest.approx(2 / 4) and t['hue'][0, 0, 0].item() == pytest.approx(2 / 4)
+
+
+def test_window_is_cut_at_the_image_edge_like_the_caffe_extractor():
+    # The authors' Caffe recipe (sparse_histogram_extractor_layer.cpp) sums a 7x7 box of an
+    # integral image whose corners beyond the image read 0 or are moved onto its last row and
+    # column, then divides by the sum: the histogram of the window's pixels inside the image.
+    # Top-left corner (0, 0), 7x7: rows 0..3 x columns 0..3 are inside, 16 pixels; row 0 is blue
+    # (hue bin 24), the rest red (bin 0): 4 / 16 and 12 / 16. Repeating edge pixels instead would
+    # give 28 / 49 blue.
+    img = _uniform_lab(1, 12, 9, 50, 40.0, 0.0)
+    img[:, 1, 0] = 0.0
+    img[:, 2, 0] = -40.0
+    t = lab.make_targets('huechroma', img, torch.tensor([[[0, 0]]]), window=7)
+    assert t['hue'][0, 0, 24].item() == pytest.approx(4 / 16)
+    assert t['hue'][0, 0, 0].item() == pytest.approx(12 / 16)
+    assert t['chroma'][0, 0, 10].item() == pytest.approx(1.0)
+    # The joint ab target too: the mean of the one-pixel targets of the 16 pixels inside.
+    gen = torch.Generator().manual_seed(5)
+    rand = lab.rgb_to_lab(torch.rand(1, 3, 12, 9, generator=gen))
+    got = lab.make_targets('ab', rand, torch.tensor([[[0, 0]]]), window=7)['ab'][0, 0]
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing='ij')
+    inside = torch.stack([ys.flatten(), xs.flatten()], -1).unsqueeze(0)  # (1, 16, 2)
+    want = lab.make_targets('ab', rand, inside, window=1)['ab'][0].mean(0)
+    torch.testing.assert_close(got, want)
 
 
 def test_target_window_must_be_odd():
