@@ -449,7 +449,8 @@ def _decode(kind, z):
 
 def histogram_median(p):
     """Median of histograms p (..., n) over bins of unit width on [0, n), linearly interpolated
-    inside the bin where the cumulative sum crosses 1/2."""
+    inside the bin where the cumulative sum crosses 1/2. (The authors' decoding took that bin's
+    centre, k + 0.5: at most half a bin apart.)"""
     cdf = p.cumsum(-1)
     k = (cdf < 0.5).sum(-1, keepdim=True).clamp(max=p.shape[-1] - 1)
     before = torch.where(k > 0, cdf.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(k, dtype=p.dtype))

@@ -185,7 +185,8 @@ def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=Fa
     Taps (stride): input (1), conv1_1, conv1_2 (1), conv2_x (2), conv3_x (4), conv4_x (8),
     conv5_x (16), fc6, fc7 (32) [, fov1 (64), fov2 (128)]; 12,417 channels at full size.
     `fc_dim` is the absolute channel count of fc6/fc7 (not scaled by `width`).
-    `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps.
+    `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps (the
+    authors' pre-training used p=0.5 there; finetune_voc.py sets 0.5 for classification).
     Inputs need at least 32 pixels on a side (five 2x2 poolings).
     """
     trunk = Trunk(in_channels, tap_input=True)
@@ -333,6 +334,8 @@ def sample_bilinear(feature, points, stride, matmul_cells=MATMUL_CELLS):
     F.interpolate(feature, size=(h*stride, w*stride), mode='bilinear', align_corners=False)
     [b, :, y, x] at integer pixels. Differentiable with respect to `feature`.
 
+    (The authors' sparse extractors read a map at y / stride, cell i at pixel stride * i, while
+    their dense deploy net's bilinear deconvolutions used this half-pixel rule.)
     That convention puts cell i at pixel stride * i + (stride - 1) / 2, which is exactly the centre
     of its receptive field in VGG-16 (2x2 pools, centred convs). AlexNet's and ResNet's strided
     layers centre cell i at stride * i instead, so most of their taps are read (stride - 1) / 2 pixels
