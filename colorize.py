@@ -130,6 +130,9 @@ def parse_args(argv=None):
     p.add_argument('--lightness-weight', action='store_true',
                    help="weight each pixel's loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did "
                         '(huechroma: the chroma term)')
+    p.add_argument('--fc-dropout', type=float, default=0.0, metavar='P',
+                   help='dropout after the ReLU of fc6 and fc7 (vgg16, alexnet), which the hypercolumn then reads; '
+                        "the original Caffe recipe used 0.5 (default %(default)s)")
     p.add_argument('--width', type=float, default=1.0, help='channel width multiplier (< 1 only for smoke tests)')
     p.add_argument('--fc-dim', type=int, help='fc6/fc7 channels of VGG-16 and AlexNet (default 4096; 1024 on CPU)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
@@ -267,6 +270,10 @@ def fill_defaults(args, device, world):
     args.eval_every = args.eval_every or max(1, args.steps // 5)
     args.save_every = args.save_every or args.eval_every
     args.out = args.out or default_out(args)
+    if not 0 <= args.fc_dropout < 1:
+        raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
+    if args.fc_dropout and args.arch not in ('vgg16', 'alexnet'):
+        raise UserError(f'--fc-dropout applies to fc6 and fc7, which {args.arch} does not have (vgg16, alexnet do)')
     if args.target_window < 1 or args.target_window % 2 == 0:
         raise UserError(f'--target-window must be odd and positive (a window centred on the pixel), '
                         f'got {args.target_window}')
@@ -291,7 +298,7 @@ def fill_defaults(args, device, world):
 # change the data order, the pixels or the network, and are refused.
 RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdout', 'subset', 'demo_root',
              'seed', 'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window',
-             'lightness_weight', 'width', 'fc_dim')
+             'lightness_weight', 'fc_dropout', 'width', 'fc_dim')
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every', 'keep_every')
 
@@ -692,7 +699,8 @@ class Classifier(torch.nn.Module):
 
 
 def model_config(args):
-    config = dict(arch=args.arch, objective=args.objective, loss=args.loss, width=args.width, fc_dim=args.fc_dim)
+    config = dict(arch=args.arch, objective=args.objective, loss=args.loss, width=args.width, fc_dim=args.fc_dim,
+                  fc_dropout=args.fc_dropout)
     if args.objective == 'classify':
         config['classes'] = list(args.class_names)
     return config
@@ -704,8 +712,12 @@ def make_model(config):
     if config['arch'] in ('vgg16', 'alexnet'):
         kwargs['fc_dim'] = config['fc_dim']
     if config.get('objective', 'colorize') == 'classify':
-        return Classifier(MODELS[config['arch']](**kwargs), len(config['classes']))
-    return build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
+        model = Classifier(MODELS[config['arch']](**kwargs), len(config['classes']))
+    else:
+        model = build_model(config['arch'], lab.output_dim(config['loss']), **kwargs)
+    if config.get('fc_dropout'):  # --fc-dropout (checkpoints from before it: none)
+        model.trunk.fc_dropout.p = config['fc_dropout']
+    return model
 
 
 def rng_state():

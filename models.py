@@ -186,7 +186,7 @@ def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=Fa
     conv5_x (16), fc6, fc7 (32) [, fov1 (64), fov2 (128)]; 12,417 channels at full size.
     `fc_dim` is the absolute channel count of fc6/fc7 (not scaled by `width`).
     `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps (the
-    authors' pre-training used p=0.5 there; finetune_voc.py sets 0.5 for classification).
+    authors' pre-training used p=0.5 there, colorize.py --fc-dropout; finetune_voc.py sets 0.5 for classification).
     Inputs need at least 32 pixels on a side (five 2x2 poolings).
     """
     trunk = Trunk(in_channels, tap_input=True)

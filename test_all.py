@@ -2462,6 +2462,21 @@ def test_usage_errors_are_one_line(main, argv, expected, capsys):
     assert err.count('\n') == 1 and expected in err and '--help' in err
 
 
+def test_fc_dropout_flag_drops_fc6_fc7_in_training_and_is_kept_in_the_checkpoint(folders, tmp_path):
+    # The original Caffe recipe dropped out fc6 and fc7 (p = 0.5) in pre-training, and the hypercolumn
+    # read the dropped-out maps. Same seed, data, pixels: only the dropout differs, so every weight
+    # under fc6's output gets another gradient, and the checkpoint rebuilds the model with it.
+    train, val = folders
+    for p in ('0', '0.5'):
+        assert colorize.main(tiny_args(train, val, tmp_path / p, '--steps', '1', '--fc-dropout', p)) == 0
+    plain, dropped = _state(tmp_path / '0' / 'checkpoint.pt'), _state(tmp_path / '0.5' / 'checkpoint.pt')
+    for name in ('trunk.conv1_1.conv.weight', 'trunk.fc6.conv.weight', 'trunk.fc7.conv.weight', 'head.fc1.weight'):
+        assert not torch.equal(plain['model'][name], dropped['model'][name]), name
+    assert dropped['config']['fc_dropout'] == 0.5 and dropped['args']['fc_dropout'] == 0.5
+    assert colorize.make_model(dropped['config']).trunk.fc_dropout.p == 0.5
+    assert colorize.make_model(plain['config']).trunk.fc_dropout.p == 0
+
+
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
     train, val = folders
     cases = [
@@ -2473,6 +2488,9 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         (tiny_args(train, val, tmp_path / 'o6', '--steps', '1', '--batch-size', '30'), 'fewer than one batch'),
         (tiny_args(train, val, tmp_path / 'o7', '--steps', '1', '--target-window', '4'), '--target-window must be odd'),
         (tiny_args(train, val, tmp_path / 'o8', '--steps', '1', '--border', '-1'), '--border must be at least 0'),
+        (tiny_args(train, val, tmp_path / 'o9', '--steps', '1', '--fc-dropout', '1'), '--fc-dropout is a probability'),
+        (tiny_args(train, val, tmp_path / 'o10', '--steps', '1', '-a', 'resnet50', '--fc-dropout', '0.5'),
+         'which resnet50 does not have'),
         (['--colorize', str(val)], '--checkpoint'),
         (['--colorize', str(val), '--checkpoint', str(tmp_path / 'missing.pt')], 'does not exist'),
     ]
@@ -4190,8 +4208,8 @@ def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
 RESUME_FLAGS = {
     colorize: dict(
         run={'arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdout', 'subset', 'demo_root', 'seed',
-             'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window', 'lightness_weight', 'width',
-             'fc_dim'},
+             'batch_size', 'crop', 'short_side', 'points', 'border', 'target_window', 'lightness_weight',
+             'fc_dropout', 'width', 'fc_dim'},
         schedule={'steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every', 'keep_every'},
         operational={'out', 'resume', 'device', 'workers', 'handover', 'compile', 'exit_after', 'typed_flags',
