@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -809,25 +808,11 @@ def lock_run(out, resume_flags='--resume'):
     process training into the same folder (a --resume started while the run still goes on, a job
     started twice) would overwrite its checkpoints and log, and one of the two runs would be lost.
     Refused with UserError; `resume_flags`: what continues the run in `out`, for the message."""
-    lock = open(os.path.join(out, RUN_LOCK), 'a+')
-    try:
-        import fcntl  # POSIX; elsewhere run folders are not locked
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or 'another process'
-        lock.close()
+    lock, holder = data.exclusive_lock(os.path.join(out, RUN_LOCK))
+    if lock is None:
         raise UserError(f'{out} is in use by {holder}: a run (or a --resume of it) is still training there, and '
                         f'a second one would overwrite its checkpoints; wait for it to end (or stop it), then '
-                        f'continue with {resume_flags}') from None
-    except OSError:  # a file system without locks (some network mounts): run unlocked
-        pass
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
+                        f'continue with {resume_flags}')
     return lock
 
 

@@ -1358,24 +1358,34 @@ def _lock_pack(out):
             raise ValueError(f'{out} exists and holds files that are not part of a pack (e.g. '
                              f'{foreign[0]}): pack into a new or empty folder')
     os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, _PACK_LOCK), 'a+')
+    lock, holder = exclusive_lock(os.path.join(out, _PACK_LOCK))
+    if lock is None:
+        raise ValueError(f'pack {out} is being written by {holder}: wait for it to finish (run the same '
+                         'command again afterwards to check that it is complete)')
+    return lock
+
+
+def exclusive_lock(path):
+    """Take an exclusive flock on the file `path` without waiting, and write 'pid N on HOST' into it.
+    Returns (the open file, which holds the lock until it is closed, None), or, where another process
+    holds it, (None, what that process wrote). Where flock is missing (not POSIX) or unsupported (some
+    network mounts), the file is returned unlocked: the work goes on without the guard."""
+    lock = open(path, 'a+')
     try:
-        import fcntl  # POSIX; elsewhere packs are not locked
-    except ImportError:
-        return lock
-    try:
+        import fcntl
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or 'another process'
         lock.close()
-        raise ValueError(f'pack {out} is being written by {holder}: wait for it to finish (run the same '
-                         'command again afterwards to check that it is complete)') from None
+        return None, holder
+    except (ImportError, OSError):
+        pass
     lock.seek(0)
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     lock.flush()
-    return lock
+    return lock, None
 
 
 def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size, shard_bytes, log, log_every):

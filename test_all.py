@@ -2414,6 +2414,28 @@ def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
 
 
+def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsupported(tmp_path, monkeypatch):
+    path, me = tmp_path / 'lock', f'pid {os.getpid()} on {socket.gethostname()}'
+    first, holder = data.exclusive_lock(path)
+    assert holder is None and path.read_text() == me + '\n'
+    try:  # flock locks belong to an open file: a second open in this process is refused too
+        assert data.exclusive_lock(path) == (None, me)
+    finally:
+        first.close()
+    again, holder = data.exclusive_lock(path)  # let go when the first was closed
+    again.close()
+    assert holder is None
+    # A file system without flock (some network mounts: ENOLCK): the run and the pack go on unlocked.
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(fcntl, 'flock', unsupported)
+    colorize.lock_run(tmp_path).close()
+    data._lock_pack(str(tmp_path / 'pack')).close()
+    assert (tmp_path / '.lock').read_text() == me + '\n'
+
+
 def test_ranks_stop_together_when_the_run_folder_is_in_use(folders, tmp_path):
     # Only rank 0 takes the run folder's lock; when another process holds it, rank 1 must stop with
     # rank 0's line, not go on to the listing's broadcast (gloo: a traceback once rank 0 is gone).
