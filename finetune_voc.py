@@ -1454,7 +1454,7 @@ def summarize(paths):
     already in its group (the same run given twice, or a repeat) is left out with a warning: it is
     not an independent sample.
     """
-    groups, seen, unfinished = {}, {}, []
+    groups, seen, unfinished, records = {}, {}, [], []
     for path in paths:
         if path.is_dir() and not (path / 'results.json').exists() and (path / 'checkpoint.pt').exists():
             unfinished.append(path)  # a run still going, or killed
@@ -1467,18 +1467,28 @@ def summarize(paths):
             # Paths absolute (older runs saved them as typed, relative to the folder run from: this one).
             init = os.path.abspath(r['init']['path']) if r['init'].get('path') else r['init']['kind']
             step = r['init'].get('step')  # one checkpoint file at another pre-training step: another init
+            digest = r['init'].get('digest')  # the weights themselves: a file replaced by another run's
             flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
                                    keywords=('random',))
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
-        key = json.dumps([init, step, flags], sort_keys=True)  # lists (scale, milestones) too
-        seed = r['args'].get('seed')
+        records.append((path, init, step, digest, flags, r['args'].get('seed'), metrics))
+    # One init file at one pre-training step can still hold other weights (a pre-training run redone
+    # into the same folder: another --loss, --subset, seed): where the runs record different digests
+    # there, each digest is an init of its own. (A run from before digests joins none of them.)
+    digests = {}
+    for _, init, step, digest, *_ in records:
+        digests.setdefault((init, step), set()).add(digest)
+    replaced = {k for k, d in digests.items() if len(d - {None}) > 1}
+    for path, init, step, digest, flags, seed, metrics in records:
+        weights = digest if (init, step) in replaced else None
+        key = json.dumps([init, step, weights, flags], sort_keys=True)  # lists (scale, milestones) too
         if (key, seed) in seen:
             print(f'warning: --summarize leaves out {path}: the same settings and seed {seed} as {seen[key, seed]}')
             continue
         seen[key, seed] = path
-        groups.setdefault(key, (init, flags, [], step))[2].append(metrics)
+        groups.setdefault(key, (init, flags, [], step, weights))[2].append(metrics)
     if unfinished:
         print(f'warning: --summarize leaves out {len(unfinished)} unfinished run(s) (a checkpoint, no '
               f'results.json): {" ".join(map(str, unfinished))}')
@@ -1493,12 +1503,14 @@ def summarize(paths):
                          if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
     rows = []
     for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
-        init, flags, runs, step = groups[key]
+        init, flags, runs, step, weights = groups[key]
         task = flags['task']
         if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
             init = os.path.relpath(init)  # saved absolute; shown as typed from here
         if groups[key][0] in ambiguous and step is not None:
             init += f' (step {step})'
+        if weights is not None:
+            init += f' (weights {weights})'
         row = dict(init=init, **flags, runs=len(runs))
         for name in SUMMARY_METRICS[task]:
             values = np.array([m[name] for m in runs], dtype=np.float64) * 100

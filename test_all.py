@@ -4476,6 +4476,31 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
         ft.summarize([tmp_path])
 
 
+def test_summarize_keeps_other_weights_at_one_init_path_apart(tmp_path, capsys):
+    # A pre-training folder redone (another --loss or --subset, the same step count): the fine-tuning
+    # runs name one file and step, but their digests say they started from other weights.
+    def result(name, digest, seed, value, loss):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='colorization', path='pre/checkpoint.pt', step=20, digest=digest,
+                      config=dict(arch='vgg16', loss=loss)),
+            args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
+                      extended_fov=False, seed=seed),
+            metrics=dict(map_voc07_11point=value, map_noninterpolated=value))))
+        return tmp_path / name
+    runs = [result('hc0', 'a' * 16, 0, 0.30, 'huechroma'), result('hc2', 'a' * 16, 2, 0.50, 'huechroma'),
+            result('l2-1', 'b' * 16, 1, 0.90, 'l2')]
+    rows = ft.summarize(runs)
+    # by hand: huechroma 30, 50 -> mean 40, std 14.14 (n=2); l2 alone 90 (n=1); never 56.7 over all three
+    by_runs = sorted((r['runs'], r['map_voc07_11point'][0]) for r in rows)
+    assert by_runs == [(1, pytest.approx(90.0)), (2, pytest.approx(40.0))]
+    out = capsys.readouterr().out
+    assert f'(weights {"a" * 16})' in out and f'(weights {"b" * 16})' in out
+    # One set of weights (one digest) at that path stays one group, its line unchanged.
+    rows = ft.summarize(runs[:2])
+    assert [r['runs'] for r in rows] == [1 + 1] and '(weights' not in capsys.readouterr().out
+
+
 # ================================================================================================
 # CUDA: the GPU recipe (bf16 autocast, channels_last, pinned non-blocking copies) against the CPU's
 # float32. Skipped without a GPU; on one: python -m pytest -q test_all.py -k cuda
