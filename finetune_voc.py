@@ -573,7 +573,8 @@ def initial_trunk(args, random_fc_dim=4096):
         resolve(args, 'fc_dim', config['fc_dim'], args.init)
         # colorize.py --objective classify trains the supervised baseline (RQ1) in the same format.
         kind = 'classification' if config.get('objective') == 'classify' else 'colorization'
-        return state, dict(kind=kind, path=str(args.init), config=config, step=obj.get('step'))
+        return state, dict(kind=kind, path=str(args.init), config=config, step=obj.get('step'),
+                           pretraining=pretraining_data(obj))
     if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
         state, arch = trunk_from_torchvision(obj, args.arch, f'--init {args.init}')
         conv1 = state[torchvision_key_map(arch)[0][0] + '.weight']
@@ -585,6 +586,17 @@ def initial_trunk(args, random_fc_dim=4096):
         return state, dict(kind='torchvision', path=str(args.init))
     raise UserError(f'--init {args.init} is neither a colorize.py checkpoint (a dict with "model" and "config") '
                     f'nor a state_dict of tensors')
+
+
+def pretraining_data(ckpt):
+    """What a colorize.py checkpoint was pre-trained on (RQ3), for results.json's init: --subset N,
+    --classes K, --data and --seed as given, and the image list it trained on (count and sha1, the
+    checkpoint's data.images: N images of a --subset N run). A table over N is then read from the
+    fine-tuning runs themselves, not from a pre-training folder that may have been redone since."""
+    given = ckpt.get('args') or {}
+    info = {k: given.get(k) for k in ('subset', 'classes', 'data', 'seed')}
+    info['images'] = (ckpt.get('data') or {}).get('images')
+    return info
 
 
 def weights_digest(state):
@@ -1358,7 +1370,9 @@ def _run(args, run_lock):
     train_set, test_set = make_datasets(args, train_items, test_items)
     print(f'{args.task}: {len(train_set)} training images ({args.train_split}'
           + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
-          + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init, '
+          + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init'
+          + (f' (pre-trained on --subset {init_info["pretraining"]["subset"]})'
+             if (init_info.get('pretraining') or {}).get('subset') else '') + ', '
           f'input {args.input}'
           + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
           + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'

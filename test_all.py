@@ -4476,6 +4476,20 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
         ft.summarize([tmp_path])
 
 
+def test_results_record_the_pretraining_subset_of_the_init(tmp_path, folders, voc):
+    # RQ3: a table over the pre-training subset N must be readable from the fine-tuning runs.
+    train, val = folders
+    for n in (8, 16):
+        assert colorize.main(tiny_args(train, val, tmp_path / f'pre{n}', '--steps', '1', '--subset', str(n))) == 0
+        assert ft.main(['--task', 'cls', '--init', str(tmp_path / f'pre{n}' / 'checkpoint.pt'), '--voc-root', voc,
+                        '--steps', '1', '--batch-size', '2', '--crop', '32', '--test-images', '2', '--test-crops', '1',
+                        '--workers', '0', '--device', 'cpu', '--out', str(tmp_path / f'ft{n}')]) == 0
+        pre = json.loads((tmp_path / f'ft{n}' / 'results.json').read_text())['init']['pretraining']
+        assert pre['subset'] == n and pre['images']['count'] == n  # of the folder's 24 images
+    a, b = (json.loads((tmp_path / f'ft{n}' / 'results.json').read_text())['init']['pretraining'] for n in (8, 16))
+    assert a['images']['sha1'] != b['images']['sha1']
+
+
 def test_summarize_keeps_other_weights_at_one_init_path_apart(tmp_path, capsys):
     # A pre-training folder redone (another --loss or --subset, the same step count): the fine-tuning
     # runs name one file and step, but their digests say they started from other weights.
