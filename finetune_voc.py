@@ -1010,6 +1010,12 @@ def voc_sets(args):
         n = max(1, round(args.label_fraction * len(train)))
         keep = set(data.subset(range(len(train)), n, seed=args.label_seed))
         train = [train[i] for i in sorted(keep)]
+        if args.task == 'cls':  # a random share, not stratified: a small one can miss a class entirely
+            absent = [c for c, k in zip(data.VOC_CLASSES, np.stack([y for _, y in train]).T) if not (k == 1).any()]
+            if absent:
+                print(f'warning: --label-fraction {args.label_fraction:g} (a random share of the images, not '
+                      f'stratified by class) left {len(absent)} class(es) without a positive training image: '
+                      f'{", ".join(absent)}; their test AP measures nothing learnt from labels')
     if 0 < args.test_images < len(test):
         print(f'evaluating on {args.test_images} of the {len(test)} {args.test_split} images (--test-images; '
               f'0 = all, as the paper)')

@@ -4402,6 +4402,21 @@ def test_label_fraction_is_fixed_by_its_own_seed(voc):
     assert set(subset(0, 0, 0.25)) <= set(half)  # nested for one label seed
 
 
+def test_label_fraction_warns_of_classes_it_leaves_without_a_positive(voc, capsys):
+    # The share is random, not stratified: a small one can leave a class with no positive image.
+    args = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', voc, '--label-fraction', '0.25',
+                                           '--label-seed', '3', '--batch-size', '2']), torch.device('cpu'))
+    ft.voc_sets(args)
+    out = capsys.readouterr().out
+    # By hand, independently of voc_sets: the devkit's labels and the documented draw (the first
+    # round(0.25 x 16) = 4 of default_rng(3)'s permutation of the trainval listing).
+    paths, labels = data.voc_classification(voc, 'trainval')
+    chosen = np.random.default_rng(3).permutation(len(paths))[:4]
+    absent = [c for j, c in enumerate(data.VOC_CLASSES) if not (np.asarray(labels)[chosen, j] == 1).any()]
+    assert absent  # 4 images cannot hold positives of all 20 classes here
+    assert f'left {len(absent)} class(es) without a positive training image: {", ".join(absent)};' in out
+
+
 def test_user_errors_are_one_line(tmp_path, voc, capsys):
     assert ft.main(['--voc-root', voc, '--out', str(tmp_path / 'x'), '--device', 'cpu']) == 2
     assert capsys.readouterr().err.strip().startswith('error: --init is required')
