@@ -504,7 +504,9 @@ def make_finetune_model(task, arch, trunk_state, source, input_kind='gray', widt
 def read_weights(path):
     """torch.load a weights file safely (no code runs), with one-line errors."""
     return read_torch_file(path, f'--init {path}: no such file; pass a colorize.py checkpoint, "random", or a '
-                                 f'torchvision state_dict file',
+                                 f'torchvision state_dict file (ImageNet-supervised weights are not downloaded '
+                                 f'here: where torchvision and the network are, torch.save(torchvision.models.'
+                                 f'vgg16(weights="IMAGENET1K_V1").state_dict(), "imagenet_vgg16.pth"))',
                            f'--init {path}', 'is it a complete checkpoint or state_dict?')
 
 

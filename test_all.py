@@ -4423,6 +4423,8 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     assert ft.main(['--init', str(tmp_path / 'nope.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
     err = capsys.readouterr().err.strip()
     assert 'no such file' in err and len(err.splitlines()) == 1
+    # RQ1's ImageNet-supervised init is a file made elsewhere: the message says how, nothing is downloaded.
+    assert 'torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict()' in err
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     assert ft.main(['--init', str(tmp_path / 'junk.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
     assert 'could not be read' in capsys.readouterr().err
