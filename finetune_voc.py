@@ -1322,10 +1322,15 @@ def feature_shift(trunk_before, trunk_after, images, input_kind, device, pool=4)
     return {name: linear_cka(before[name], after[name]) for name in before}
 
 
+def held_out_paths(test_items, n):
+    """The first n (by a fixed shuffle, EVAL_SEED) of the test images' paths, sorted."""
+    paths = sorted(item[0] for item in test_items)
+    return data.subset(paths, min(n, len(paths)), seed=EVAL_SEED)
+
+
 def held_out_images(test_items, n, crop):
     """The first n (by a fixed shuffle) test images as centre crops: uint8 (n, 3, crop, crop)."""
-    paths = sorted(item[0] for item in test_items)
-    chosen = data.subset(paths, min(n, len(paths)), seed=EVAL_SEED)
+    chosen = held_out_paths(test_items, n)
     crops = [data.center_crop(_load(p), crop, crop) for p in chosen]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (n, crop, crop, 3) -> (n, 3, crop, crop)
 
@@ -1442,7 +1447,11 @@ def run_feature_shift(model, initial_state, test_items, args, device):
     if len(images) < 10:
         print(f'warning: linear CKA over {len(images)} images says little: it is biased towards 1 over few '
               f'samples (over 2 it is exactly 1, whatever the features); use --shift-images of tens or more')
-    write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool))
+    # Which images (their VOC ids): CKA values of two runs compare only over the same ones, and the
+    # draw is from the evaluated test set, so --test-images changes it.
+    ids = [Path(p).stem for p in held_out_paths(test_items, args.shift_images)]
+    write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool,
+                                                     crop=args.crop, image_ids=ids))
     return shift
 
 

@@ -4044,13 +4044,22 @@ def test_end_to_end_classification(tmp_path, voc, capsys, monkeypatch):
     assert set(r['feature_shift']) == {'conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                                        'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3', 'fc6', 'fc7'}
     assert all(0 <= v <= 1 + 1e-9 for v in r['feature_shift'].values())
-    assert json.loads((out / 'feature_shift.json').read_text())['cka'] == r['feature_shift']
+    shift = json.loads((out / 'feature_shift.json').read_text())
+    assert shift['cka'] == r['feature_shift']
+    # The images it measured on are named, from the test listing, and a run from another init uses the same.
+    listed = [line.split()[0] for line in
+              (Path(voc) / 'VOC2007' / 'ImageSets' / 'Main' / 'aeroplane_test.txt').read_text().splitlines()]
+    assert len(shift['image_ids']) == 4 == len(set(shift['image_ids'])) and set(shift['image_ids']) <= set(listed)
     said = capsys.readouterr().out
     assert 'linear CKA over 4 images says little' in said
     assert len((out / 'log.jsonl').read_text().splitlines()) == 3
     # 8 test images in batches of 4: one line, after the first batch.
     assert [line.split(' | ')[0] for line in said.splitlines() if line.startswith('testing on')] == [
         'testing on VOC2007 test: 4/8 images']
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'vgg16', '--width', str(TINY['width']), '--fc-dim',
+                    str(TINY['fc_dim']), '--voc-root', voc, '--out', str(tmp_path / 'rand'), '--test-crops', '2',
+                    '--feature-shift', '--shift-images', '4', *COMMON]) == 0
+    assert json.loads((tmp_path / 'rand' / 'feature_shift.json').read_text())['image_ids'] == shift['image_ids']
 
 
 def test_unreadable_test_image_after_training_says_the_weights_are_saved(tmp_path, voc, capsys):
