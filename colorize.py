@@ -953,8 +953,7 @@ def write_grid(model, images, args, device, path):
     rows = torch.cat([gray, pred.float(), truth], dim=3)  # (N, 3, H, 3W)
     grid = torch.cat(list(rows), dim=1)  # (3, N*H, 3W)
     array = (grid.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    data.write_png(path, array)  # atomic: a kill or a full disk leaves no truncated grid
 
 
 # --- Training -----------------------------------------------------------------------------------
@@ -1867,8 +1866,7 @@ def colorize_files(args):
             failed += 1
             continue
         out = colorize_array(model, rgb, config['loss'], device, short_side)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(out).save(target)
+        data.write_png(target, out)  # atomic: a kill or a full disk leaves the earlier result, not half a file
         print(f'{path} -> {target}')
         done += 1
     print(f'colorized {done} image(s) into {args.output}' + (f'; {failed} unreadable skipped' if failed else ''))

@@ -327,6 +327,13 @@ def atomic_write(path, write):
         os.close(fd)
 
 
+def write_png(path, array):
+    """uint8 (H, W, 3) as a PNG at `path`, atomically (atomic_write): a disk that fills or a process
+    killed mid-write leaves the file that was there (an earlier run's result), never a truncated one."""
+    image = Image.fromarray(array)
+    atomic_write(path, lambda f: image.save(f, format='PNG'))
+
+
 def write_json(path, obj, indent=None):
     """obj as JSON at `path`, atomically (atomic_write)."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))

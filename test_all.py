@@ -5221,3 +5221,70 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     (tmp_path / f'f.json.tmp-{dead.pid}').write_bytes(b'half')  # named as before the host was in the name
     data.atomic_write(path, lambda f: f.write(b'new'))
     assert path.read_bytes() == b'new' and sorted(os.listdir(tmp_path)) == ['f.json', f'{prefix}{os.getppid()}']
+
+
+# ---------------------------------------------------------------- faults of the environment
+
+class _FullFile:
+    """A file opened for writing on a disk that fills after `room` bytes: a write past it fails with
+    ENOSPC and no file name, as the kernel's does. No fileno(), so that Pillow writes through write()."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, b):
+        if len(b) > self._room:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        self._room -= len(b)
+        return self._f.write(b)
+
+    def fileno(self):
+        raise io.UnsupportedOperation('fileno')
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+def _disk_fills_for(monkeypatch, match, room=0):
+    """Files whose path contains `match`, opened for writing (by anyone: Pillow, torch, the scripts),
+    fill the disk after `room` bytes."""
+    import builtins
+    real_open = builtins.open
+
+    def fake_open(file, mode='r', *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and match in os.fspath(file) and set(mode) & set('wax+'):
+            return _FullFile(f, room)
+        return f
+    monkeypatch.setattr(builtins, 'open', fake_open)
+
+
+def test_colorized_output_is_replaced_atomically_when_the_disk_fills(trained, folders, tmp_path, monkeypatch,
+                                                                       capsys):
+    # A rerun renews its results in place. Written in place, a full disk (or a kill) mid-write left a
+    # truncated PNG where the earlier result was, and the error named no file.
+    _, val = folders
+    out = tmp_path / 'colorized'
+    argv = ['--colorize', str(val), '--checkpoint', str(trained), '--output', str(out), '--device', 'cpu']
+    assert colorize.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    victim = sorted(before)[1]
+    _disk_fills_for(monkeypatch, victim, room=100)
+    capsys.readouterr()
+    assert colorize.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f'error: {out / victim}: No space left on device (writing it; what was there before is unchanged)'
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no half file, no temp left
+    # The sample grids of training are written the same way.
+    _disk_fills_for(monkeypatch, 'step_000000.png', room=100)
+    train, val = folders
+    run = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, run, '--steps', '2')) == 2
+    assert 'step_000000.png: No space left on device' in capsys.readouterr().err
+    assert os.listdir(run / 'samples') == []
