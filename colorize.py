@@ -1227,8 +1227,7 @@ def _train(args, run_lock):
                                  **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
                                  bad=counter.bad, gray=counter.gray)
                     print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
-                    log.write(json.dumps(entry) + '\n')
-                    log.flush()
+                    log_line(log, entry)
             with progress.paused():  # evaluation and saving do not count against img/s
                 if master and (step % args.eval_every == 0 or last):
                     evaluate_and_show(raw_model, val, args, device, log, step)
@@ -1278,8 +1277,7 @@ def evaluate_and_show(model, val, args, device, log, step):
               f'(gray {metrics["psnr_gray"]:.2f}) | ab RMSE {metrics["ab_rmse"]:.2f} '
               f'(gray {metrics["ab_rmse_gray"]:.2f})', flush=True)
         write_grid(model, val[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
-    log.write(json.dumps(dict(eval=True, step=step, **metrics)) + '\n')
-    log.flush()
+    log_line(log, dict(eval=True, step=step, **metrics))
 
 
 def device_name(device):
@@ -1309,6 +1307,13 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                  device_name=info['device_name'], world_size=world)]
     data.write_json(args.out / 'run.json', info, indent=2)
+
+
+def log_line(log, entry):
+    """Append `entry` to the open log.jsonl `log` as a line, flushed. A full disk names the file."""
+    with data.naming(log.name, 'appending to it; the checkpoints written are unchanged'):
+        log.write(json.dumps(entry) + '\n')
+        log.flush()
 
 
 def trim_log(path, step):

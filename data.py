@@ -277,14 +277,33 @@ def _scan_cached(root, cache_dir, log):
 
 # File-system errors the user can fix (a full disk or quota, a read-only or foreign folder): the
 # entry scripts print them as one line.
-FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+# A path whose parts are of the wrong kind (--out under a file, a file where the run folder goes, a
+# folder where a checkpoint goes) is the user's to fix too, with the hint of PATH_KIND_HINTS.
+PATH_KIND_HINTS = {errno.ENOTDIR: 'a part of that path is a file, not a folder: choose another path',
+                   errno.EEXIST: 'a file is there, where a folder is needed: move the file or choose another path',
+                   errno.EISDIR: 'a folder is there, where a file is needed: move it away or choose another path'}
+FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC),
+                  *PATH_KIND_HINTS}
 
 
 def os_error_text(e):
     """'PATH: reason' for an OSError of FIXABLE_ERRNOS, else None."""
     if e.errno not in FIXABLE_ERRNOS:
         return None
-    return f'{e.filename}: {e.strerror}' if e.filename else e.strerror
+    text = f'{e.filename}: {e.strerror}' if e.filename else e.strerror
+    return f'{text} ({PATH_KIND_HINTS[e.errno]})' if e.errno in PATH_KIND_HINTS else text
+
+
+@contextlib.contextmanager
+def naming(path, doing):
+    """An OSError raised inside that names no file (a write's or a flush's: ENOSPC, EIO) comes out
+    naming `path`, with `doing` after its reason ('appending to it'), for the one-line message."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, f'{e.strerror} ({doing})', os.fspath(path)) from e
+        raise
 
 
 def atomic_write(path, write):
@@ -1224,17 +1243,20 @@ class _PackWriter:
             self.shards.append(0)
             k += 1
             self.shard = open(os.path.join(self.root, _shard_name(k)), 'ab')
-        self.shard.write(blob)
+        with naming(self.shard.name, 'writing it'):
+            self.shard.write(blob)
         self.index[i] = (k, self.shards[k], len(blob), status)
         self.shards[k] += len(blob)
         self.counts[status] += 1
         if status == STATUS_BAD:
-            self.bad.write((json.dumps({'index': i, 'reason': reason}) + '\n').encode('utf-8'))
+            with naming(self.bad.name, 'writing it'):
+                self.bad.write((json.dumps({'index': i, 'reason': reason}) + '\n').encode('utf-8'))
 
     @staticmethod
     def _sync(f):
-        f.flush()
-        os.fsync(f.fileno())
+        with naming(f.name, 'writing it'):
+            f.flush()
+            os.fsync(f.fileno())
 
     def commit(self, done):
         """Images [0, done) are written: make them durable, then record it atomically."""
@@ -2334,7 +2356,11 @@ def main(argv=None):
     except OSError as e:
         if os_error_text(e) is None:  # a bug, not the user's to fix: the traceback
             raise
-        fail(os_error_text(e))
+        # Not fail(): its "--help lists the flags" would point at the flags, not at the disk or folder.
+        again = ('; once there is room, the same command continues the pack'
+                 if args.cmd == 'pack' and e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)) else '')
+        print(f'{ap.prog} {args.cmd}: error: {os_error_text(e)}{again}', file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print('interrupted' + (': run the same command again to continue' if args.cmd == 'pack' else ''),
               file=sys.stderr)

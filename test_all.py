@@ -5288,3 +5288,46 @@ def test_colorized_output_is_replaced_atomically_when_the_disk_fills(trained, fo
     assert colorize.main(tiny_args(train, val, run, '--steps', '2')) == 2
     assert 'step_000000.png: No space left on device' in capsys.readouterr().err
     assert os.listdir(run / 'samples') == []
+
+
+def test_an_output_path_of_the_wrong_kind_is_one_line_not_a_traceback(folders, tmp_path, capsys):
+    # --out under a file, --out that is a file: NotADirectoryError / FileExistsError came out as tracebacks
+    # from all three scripts.
+    train, val = folders
+    afile = tmp_path / 'afile'
+    afile.write_text('notes')
+    assert colorize.main(tiny_args(train, val, afile / 'run', '--steps', '1')) == 2
+    assert capsys.readouterr().err.strip() == (f'error: {afile / "run"}: Not a directory (a part of that path is a '
+                                               f'file, not a folder: choose another path)')
+    assert colorize.main(tiny_args(train, val, afile, '--steps', '1')) == 2
+    assert capsys.readouterr().err.strip() == (f'error: {afile}: File exists (a file is there, where a folder is '
+                                               f'needed: move the file or choose another path)')
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'vgg16', '--width', '0.0625', '--fc-dim', '16',
+                    '--device', 'cpu', '--out', str(afile / 'ft')]) == 2
+    assert capsys.readouterr().err.strip().startswith(f'error: {afile / "ft"}: Not a directory (')
+    assert data.main(['pack', '--data', str(train), '--out', str(afile / 'pack'), '--short-side', '32',
+                      '--workers', '1']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.split(' pack: error: ', 1)[1].startswith(f'{afile / "pack"}') and 'Not a directory' in err
+    assert 'Traceback' not in err and '--help' not in err and len(err.splitlines()) == 1
+    assert afile.read_text() == 'notes'
+
+
+def test_a_full_disk_while_logging_or_packing_names_the_file(folders, tmp_path, monkeypatch, capsys):
+    # The log's and the pack shards' writes raised ENOSPC naming no file: 'error: No space left on device',
+    # and data.py added "(`data.py pack --help` lists the flags)".
+    train, val = folders
+    run = tmp_path / 'run'
+    _disk_fills_for(monkeypatch, 'log.jsonl', room=0)
+    assert colorize.main(tiny_args(train, val, run, '--steps', '2')) == 2
+    assert capsys.readouterr().err.strip() == (f'error: {run / "log.jsonl"}: No space left on device (appending to '
+                                               f'it; the checkpoints written are unchanged)')
+    pack = tmp_path / 'pack'
+    _disk_fills_for(monkeypatch, 'shard-', room=2000)
+    assert data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '1']) == 2
+    assert capsys.readouterr().err.strip().split(' pack: error: ', 1)[1] == (
+        f'{pack / "shard-00000.bin"}: No space left on device (writing it); once there is room, the same command '
+        f'continues the pack')
+    monkeypatch.undo()
+    assert data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '1']) == 0
+    assert len(data.PackReader(pack)) == 24 and data.PackReader(pack).load_rgb(23).ndim == 3
