@@ -1318,11 +1318,12 @@ def log_line(log, entry):
 
 def trim_log(path, step):
     """Resuming at `step`: drop the log lines of later steps (the killed run got further than its
-    last checkpoint; they will be logged again) and a line cut off mid-write."""
+    last checkpoint; they will be logged again) and a line cut off mid-write, or garbled (bytes that are
+    not UTF-8, as a crash of the machine can leave at a file's end: the log is written as ASCII)."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode('utf-8', 'replace').splitlines():
         try:
             if json.loads(line)['step'] <= step:
                 kept.append(line)

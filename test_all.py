@@ -5331,3 +5331,18 @@ def test_a_full_disk_while_logging_or_packing_names_the_file(folders, tmp_path, 
     monkeypatch.undo()
     assert data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '1']) == 0
     assert len(data.PackReader(pack)) == 24 and data.PackReader(pack).load_rgb(23).ndim == 3
+
+
+def test_resume_drops_a_garbled_log_line(folders, tmp_path):
+    # A machine crash can leave garbage (not UTF-8) at the end of log.jsonl; trim_log read it with
+    # read_text() and the resume died with a UnicodeDecodeError traceback.
+    train, val = folders
+    out = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2')) == 0
+    log = out / 'log.jsonl'
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"step": 4, "lo\xff\xfe\x00\x00 garbage\n')
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--resume')) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[:len(good.splitlines())] == [json.loads(line) for line in good.splitlines()]
+    assert [e['step'] for e in lines if not e.get('eval')] == [2, 4]
