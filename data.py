@@ -1649,13 +1649,26 @@ def voc_segmentation(voc2012_root, split, augmented=False):
 
 def load_label(path):
     """Class indices uint8 (H, W) from a VOC label PNG: palette PNGs (SegmentationClass) read as
-    indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore."""
-    with Image.open(path) as im:
-        if im.mode not in ('P', 'L'):
-            raise ValueError(f'{path}: expected a palette (P) or 8-bit gray (L) PNG of class '
-                             f'indices, found mode {im.mode}; map colours to indices with '
-                             'VOC_PALETTE')
-        return np.array(im, dtype=np.uint8)
+    indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore.
+    Raises BadImage (a ValueError) naming the file for a missing, truncated or undecodable mask, or one
+    of another mode."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated mask would otherwise come back padded as if whole
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ('P', 'L'):
+                raise BadImage(path, f'expected a palette (P) or 8-bit gray (L) PNG of class indices, found '
+                                     f'mode {im.mode}; map colours to indices with VOC_PALETTE')
+            return np.array(im, dtype=np.uint8)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage(path, 'no such file') from None
+    except UnidentifiedImageError:
+        raise BadImage(path, 'not an image (Pillow cannot identify its format)') from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a truncated PNG: OSError('image file is truncated'), SyntaxError, ...
+        raise BadImage(path, f'cannot decode ({type(e).__name__}: {e})') from e
 
 
 # ----------------------------------------------------------------------------------------------

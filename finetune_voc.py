@@ -906,16 +906,32 @@ def mask_size_error(image_path, image_size, label_path, label_size):
                      f'{image_size[0]}x{image_size[1]}; labels must match their images')
 
 
+def _load_label(path):
+    """A VOC mask (data.load_label); a truncated or broken one is a UserError naming it."""
+    try:
+        return data.load_label(path)
+    except ValueError as e:  # BadImage: missing, truncated, not an image, another mode
+        raise UserError(f'cannot read VOC mask {e}; re-extract the dataset') from None
+
+
+def _header_size(path):
+    """(width, height) from the file's header; UserError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # missing, unreadable, not an image, a header cut short (struct.error, OSError, ...)
+        raise UserError(f'cannot read VOC image or mask {path} ({type(e).__name__}: {e}); re-extract the '
+                        'dataset') from None
+
+
 def check_label_sizes(pairs):
     """Each (image, mask) pair's sizes, read from the file headers: a mask that does not match its
-    image is an error now, not in a worker mid-training or at the test after it."""
+    image is an error now, not in a worker mid-training or at the test after it. (A mask truncated
+    past its header is found when it is read: _load_label.)"""
     for image_path, label_path in pairs:
-        try:
-            with Image.open(image_path) as im, Image.open(label_path) as label:
-                if im.size != label.size:
-                    raise mask_size_error(image_path, im.size, label_path, label.size)
-        except OSError as e:  # missing, unreadable, not an image
-            raise UserError(f'cannot read VOC image or mask {e}; re-extract the dataset') from None
+        image_size, label_size = _header_size(image_path), _header_size(label_path)
+        if image_size != label_size:
+            raise mask_size_error(image_path, image_size, label_path, label_size)
 
 
 class VOCClassification(torch.utils.data.Dataset):
@@ -959,7 +975,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item if self.train else (item, None)
         image_path, label_path = self.pairs[index]
-        rgb, label = _load(image_path), data.load_label(label_path)
+        rgb, label = _load(image_path), _load_label(label_path)
         if rgb.shape[:2] != label.shape:
             raise mask_size_error(image_path, rgb.shape[1::-1], label_path, label.shape[::-1])
         if self.train:

@@ -5346,3 +5346,28 @@ def test_resume_drops_a_garbled_log_line(folders, tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines[:len(good.splitlines())] == [json.loads(line) for line in good.splitlines()]
     assert [e['step'] for e in lines if not e.get('eval')] == [2, 4]
+
+
+def test_a_truncated_mask_is_one_line_naming_it(tmp_path, voc, capsys):
+    # A mask cut short past its header passed the size check, then load_label's OSError('image file is
+    # truncated') came out of the training loop (or a loader process) as a traceback naming no file; one cut
+    # inside its header gave 'cannot read VOC image or mask Truncated File Read', also naming none.
+    root = tmp_path / 'VOCdevkit'
+    shutil.copytree(voc, root)
+    masks = root / 'VOC2012' / 'SegmentationClass'
+    names = (root / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'train.txt').read_text().split()
+    argv = ['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+            '--voc-root', str(root), '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
+            '--device', 'cpu', '--out', str(tmp_path / 'seg'), '--test-images', '2']
+    for name in names:  # every training mask, so that the first batch meets one: cut 10 bytes into its pixels
+        os.truncate(masks / f'{name}.png', (masks / f'{name}.png').read_bytes().index(b'IDAT') + 14)
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf'error: cannot read VOC mask {re.escape(str(masks))}/\S+\.png: cannot decode \(OSError: '
+                        r'image file is truncated\); re-extract the dataset', err), err
+    os.truncate(masks / f'{names[0]}.png', 60)  # inside its header
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: cannot read VOC image or mask {masks / names[0]}.png (') and len(err.splitlines()) == 1
+    with pytest.raises(data.BadImage, match='image file is truncated'):
+        data.load_label(masks / f'{names[1]}.png')
