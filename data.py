@@ -1066,8 +1066,8 @@ def pack_paths(root):
 
 
 class PackReader:
-    """Random access to a complete pack (see pack_images): source names, statuses and JPEG bytes
-    from memory-mapped files, each shard mapped on first use. Pickles as its folder alone, so a
+    """Random access to a complete pack (see pack_images): source names and statuses from
+    memory-mapped files, JPEG bytes read (pread) from the shards, each opened on first use. Pickles as its folder alone, so a
     copy in another process maps the files itself. Most code reaches it through load_rgb or
     ColorImages with pseudo-paths (`packed_entry`) rather than directly."""
 
@@ -1133,14 +1133,33 @@ class PackReader:
         return self._reasons.get(i, '')
 
     def jpeg(self, i):
-        """The stored JPEG bytes of image i (a read-only view of its shard; empty if bad)."""
+        """The stored JPEG bytes of image i (empty if bad). Read with pread, not through a memory map:
+        a shard truncated while a run reads it (by hand, a sync tool, a network file system) then gives
+        a short read, BadImage, where a map's page past the new end kills the process with SIGBUS
+        (no message; a loader process's death a traceback)."""
         shard, offset, length, _ = (int(v) for v in self.index[i])
         if length == 0:
-            return memoryview(b'')
+            return b''
         if self._shards[shard] is None:
-            self._shards[shard] = np.memmap(os.path.join(self.root, _shard_name(shard)),
-                                            np.uint8, 'r')
-        return memoryview(self._shards[shard][offset:offset + length])
+            self._shards[shard] = open(os.path.join(self.root, _shard_name(shard)), 'rb', buffering=0)
+        f = self._shards[shard]
+        try:
+            if hasattr(os, 'pread'):
+                blob = os.pread(f.fileno(), length, offset)
+            else:  # Windows: one process per reader, one thread reading
+                f.seek(offset)
+                blob = f.read(length)
+        except OSError as e:  # EIO: a bad sector, a network file system gone
+            raise BadImage(self.source(i), f'cannot read {_shard_name(shard)} ({e.strerror})') from None
+        if len(blob) < length:
+            raise BadImage(self.source(i), f'{_shard_name(shard)} ends before its bytes (the shard was truncated '
+                                           'or replaced since packing: pack again)')
+        return blob
+
+    def __del__(self):
+        for f in getattr(self, '_shards', ()):
+            if f is not None:
+                f.close()
 
     def load_rgb(self, i, min_short_side=None):
         """Image i as load_rgb decodes it: RGB uint8 (H, W, 3). Raises BadImage naming the

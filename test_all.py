@@ -5371,3 +5371,34 @@ def test_a_truncated_mask_is_one_line_naming_it(tmp_path, voc, capsys):
     assert err.startswith(f'error: cannot read VOC image or mask {masks / names[0]}.png (') and len(err.splitlines()) == 1
     with pytest.raises(data.BadImage, match='image file is truncated'):
         data.load_label(masks / f'{names[1]}.png')
+
+
+def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbus(tmp_path):
+    # The shards were memory-mapped: once one was cut short under a running job (by hand, a sync tool, a
+    # network file system), reading an image past its new end killed the process with SIGBUS: no message, no
+    # count (and a loader process's death a traceback). Read with pread, it is an unreadable image, counted.
+    root = tmp_path / 'src'
+    for i in range(6):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60, 80, i), fmt='JPEG')
+    pack = tmp_path / 'pack'
+    data.pack_images([root], pack, short_side=48, workers=1, log=_quiet)
+    script = textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {str(HERE)!r})
+        import data
+        paths = data.pack_paths({str(pack)!r})
+        images = data.ColorImages(paths, 32, (32, 32), train=False)
+        assert images[(0, 0)][1] == images[(5, 0)][1] == data.STATUS_OK  # its shard opened (mapped) by the run
+        os.truncate({str(pack / 'shard-00000.bin')!r}, 100)
+        print('status:', images[(5, 0)][1] == data.STATUS_BAD)  # zeros with status bad, counted as unreadable
+        reader, i = data.packed_entry(paths[5])
+        try:
+            reader.load_rgb(i)
+        except data.BadImage as e:
+            print('bad:', e)
+    ''')
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert re.search(r'bad: \S+05\.jpg: shard-00000\.bin ends before its bytes \(the shard was truncated or '
+                     r'replaced since packing: pack again\); in its packed copy, entry 5 of ', done.stdout), done.stdout
+    assert 'status: True' in done.stdout
