@@ -845,6 +845,8 @@ def read_torch_file(path, missing, name, hint):
     if path.is_dir():  # a run folder given for its checkpoint: the folder exists, so 'missing' would mislead
         inside = path / 'checkpoint.pt'
         raise UserError(f'{name} is a folder, not a checkpoint file' + (f': pass {inside}' if inside.is_file() else ''))
+    if path.exists() and not path.is_file():  # a FIFO or a device: 'missing' would mislead, and a FIFO would hang
+        raise UserError(f'{name} is not a regular file (a named pipe, a device, ...): pass a checkpoint file')
     if not path.is_file():
         raise UserError(missing)
     try:

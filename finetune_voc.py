@@ -1130,9 +1130,9 @@ def read_resume(args):
     if path.is_dir() and (path / 'checkpoint.pt').is_file():  # the run folder, for its checkpoint
         raise UserError(f'--resume {path} is a run folder, not a checkpoint file: continue it with '
                         f'{resume_flags(path)}')
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f'--resume: {path} does not exist; start the run without --resume (or pass --out of a run)')
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # a folder, a FIFO, a device: read_torch_file says what it is
     if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))

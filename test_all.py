@@ -5402,3 +5402,20 @@ def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbu
     assert re.search(r'bad: \S+05\.jpg: shard-00000\.bin ends before its bytes \(the shard was truncated or '
                      r'replaced since packing: pack again\); in its packed copy, entry 5 of ', done.stdout), done.stdout
     assert 'status: True' in done.stdout
+
+
+def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tmp_path, capsys):
+    # A FIFO at checkpoint.pt (or /dev/zero as --init) was reported as missing: "does not exist", right after a
+    # fresh run had been refused because that checkpoint.pt exists.
+    train, val = folders
+    out = tmp_path / 'run'
+    out.mkdir()
+    os.mkfifo(out / 'checkpoint.pt')
+    assert colorize.main(tiny_args(train, val, out, '--resume')) == 2
+    assert capsys.readouterr().err.strip() == (f'error: checkpoint {out / "checkpoint.pt"} is not a regular file (a '
+                                               f'named pipe, a device, ...): pass a checkpoint file')
+    assert ft.main(['--resume', str(out / 'checkpoint.pt'), '--device', 'cpu']) == 2
+    assert 'is not a regular file' in capsys.readouterr().err
+    assert ft.main(['--task', 'cls', '--init', os.devnull, '--device', 'cpu', '--out', str(tmp_path / 'ft')]) == 2
+    assert capsys.readouterr().err.strip() == (f'error: --init {os.devnull} is not a regular file (a named pipe, a '
+                                               f'device, ...): pass a checkpoint file')
