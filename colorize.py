@@ -1231,10 +1231,15 @@ def _train(args, run_lock):
                     print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
                     log_line(log, entry)
             with progress.paused():  # evaluation and saving do not count against img/s
+                keep = args.keep_every and step % args.keep_every == 0
+                save = step % args.save_every == 0 or last or keep
+                if save:  # before the sample grid too, which would make the folder anew
+                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
+                    if problem:
+                        raise UserError(problem if master else f'rank 0: {problem}')
                 if master and (step % args.eval_every == 0 or last):
                     evaluate_and_show(raw_model, val, args, device, log, step)
-                keep = args.keep_every and step % args.keep_every == 0
-                if step % args.save_every == 0 or last or keep:
+                if save:
                     counts_by_rank = gather_counts(counter, world, device)
                     window = progress.state(world)
                     saved = args.out / 'checkpoint.pt'
@@ -1309,6 +1314,20 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                  device_name=info['device_name'], world_size=world)]
     data.write_json(args.out / 'run.json', info, indent=2)
+
+
+def log_gone(log, path, resume='--resume'):
+    """None while the open log file `log` is still the file at `path`; else the one-line problem.
+    A run folder removed (or moved) while the run trains is not made anew by the next checkpoint: the
+    new folder would hold checkpoints without the run's log.jsonl, run.json and lock, as if whole."""
+    try:
+        if os.path.samestat(os.fstat(log.fileno()), os.stat(path)):
+            return None
+    except FileNotFoundError:
+        pass
+    return (f'{path} was deleted or replaced while the run was training (its folder removed or moved?): stopped '
+            f'rather than write checkpoints into a folder without the run\'s log; if the folder was moved '
+            f'back, continue it with {resume}, else start afresh')
 
 
 def log_line(log, entry):

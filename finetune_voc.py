@@ -48,7 +48,7 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
                       environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
-                      lock_run, log_line, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
+                      lock_run, log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
                       refuse_to_overwrite, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
@@ -1195,6 +1195,9 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                 log_line(log, entry)
             stop = args.exit_after is not None and step >= args.exit_after
             if step % args.save_every == 0 or step == args.steps or stop:
+                problem = log_gone(log, args.out / 'log.jsonl', resume_flags(args.out))
+                if problem:  # the run folder removed: not made anew, without its log
+                    raise UserError(problem)
                 with progress.paused():  # saving does not count against img/s
                     save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
                                     progress.state())

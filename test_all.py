@@ -5419,3 +5419,35 @@ def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tm
     assert ft.main(['--task', 'cls', '--init', os.devnull, '--device', 'cpu', '--out', str(tmp_path / 'ft')]) == 2
     assert capsys.readouterr().err.strip() == (f'error: --init {os.devnull} is not a regular file (a named pipe, a '
                                                f'device, ...): pass a checkpoint file')
+
+
+def test_a_run_folder_removed_while_training_is_not_made_anew(folders, voc, tmp_path, monkeypatch, capsys):
+    # The next checkpoint (and sample grid) made the folder anew: a folder holding checkpoint.pt and samples/
+    # but no log.jsonl (its lines went to the deleted file), run.json or lock, as if it were a whole run.
+    train, val = folders
+    out = tmp_path / 'run'
+    real_step = colorize.train_step
+
+    def step_then_remove(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        shutil.rmtree(out, ignore_errors=True)
+        return result
+    monkeypatch.setattr(colorize, 'train_step', step_then_remove)
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--save-every', '2', '--eval-every', '2')) == 2
+    assert capsys.readouterr().err.strip() == (
+        f'error: {out / "log.jsonl"} was deleted or replaced while the run was training (its folder removed or '
+        f'moved?): stopped rather than write checkpoints into a folder without the run\'s log; if the folder was '
+        f'moved back, continue it with --resume, else start afresh')
+    assert not out.exists()
+    # finetune_voc.py likewise.
+    ft_out = tmp_path / 'ft'
+    real_loss = ft.train_loss
+
+    def loss_then_remove(*args, **kwargs):
+        shutil.rmtree(ft_out, ignore_errors=True)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(ft, 'train_loss', loss_then_remove)
+    assert ft.main(['--voc-root', voc, '--out', str(ft_out), *RESUME_BASE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {ft_out / "log.jsonl"} was deleted or replaced while the run was training')
+    assert err.endswith(f'continue it with --resume --out {ft_out}, else start afresh') and not ft_out.exists()
