@@ -1076,7 +1076,9 @@ def fork_run(resume_path, out, names):
     for name in names:
         source, target = Path(resume_path).parent / name, Path(out) / name
         if source.is_file() and not target.exists():
-            shutil.copyfile(source, target)
+            # Atomic: a copy cut short (a kill, a full disk) would stay, and 'not target.exists()' keep it.
+            with open(source, 'rb') as f:
+                data.atomic_write(target, lambda out: shutil.copyfileobj(f, out))
     print(f'continuing {resume_path} in {out} ({Path(resume_path).parent} stays as it is)')
 
 

@@ -5451,3 +5451,23 @@ def test_a_run_folder_removed_while_training_is_not_made_anew(folders, voc, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f'error: {ft_out / "log.jsonl"} was deleted or replaced while the run was training')
     assert err.endswith(f'continue it with --resume --out {ft_out}, else start afresh') and not ft_out.exists()
+
+
+def test_a_fork_whose_log_copy_fails_leaves_no_partial_log(folders, tmp_path, monkeypatch, capsys):
+    # --resume CKPT --out NEW copied log.jsonl and run.json with shutil.copyfile: a full disk (or a kill) left a
+    # partial NEW/log.jsonl, which the next --resume then kept (it copies only into a NEW without one), and the
+    # error named no file.
+    train, val = folders
+    run, fork = tmp_path / 'run', tmp_path / 'fork'
+    assert colorize.main(tiny_args(train, val, run, '--steps', '4')) == 0
+    whole = (run / 'log.jsonl').read_bytes()
+    argv = tiny_args(train, val, fork, '--steps', '6', '--resume', str(run / 'checkpoint.pt'))
+    with monkeypatch.context() as m:
+        _disk_fills_for(m, str(fork / 'log.jsonl'), room=10)
+        assert colorize.main(argv) == 2
+    assert f'error: {fork / "log.jsonl"}: No space left on device' in capsys.readouterr().err
+    assert not (fork / 'log.jsonl').exists()
+    assert colorize.main(argv) == 0
+    assert (fork / 'log.jsonl').read_bytes().startswith(whole.split(b'\n')[0])
+    assert [json.loads(line)['step'] for line in (fork / 'log.jsonl').read_text().splitlines()
+            if 'eval' not in line] == [2, 4, 6]
