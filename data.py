@@ -282,6 +282,8 @@ def _scan_cached(root, cache_dir, log):
 PATH_KIND_HINTS = {errno.ENOTDIR: 'a part of that path is a file, not a folder: choose another path',
                    errno.EEXIST: 'a file is there, where a folder is needed: move the file or choose another path',
                    errno.EISDIR: 'a folder is there, where a file is needed: move it away or choose another path'}
+# So is a storage that fails (EIO: a disk error, a network mount gone): the environment's, not a bug.
+PATH_KIND_HINTS[errno.EIO] = 'the storage failed, a disk error or a network mount gone: check it'
 FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC),
                   *PATH_KIND_HINTS}
 

@@ -5471,3 +5471,19 @@ def test_a_fork_whose_log_copy_fails_leaves_no_partial_log(folders, tmp_path, mo
     assert (fork / 'log.jsonl').read_bytes().startswith(whole.split(b'\n')[0])
     assert [json.loads(line)['step'] for line in (fork / 'log.jsonl').read_text().splitlines()
             if 'eval' not in line] == [2, 4, 6]
+
+
+def test_an_io_error_while_saving_is_one_line(tmp_path):
+    # EIO (a failing disk, a network mount gone) while writing a checkpoint came out as a traceback.
+    path = tmp_path / 'checkpoint.pt'
+    colorize.atomic_save({'w': torch.zeros(3)}, path)
+
+    def failing(f):
+        f.write(b'half')
+        raise OSError(errno.EIO, 'Input/output error')
+    with pytest.raises(OSError) as caught:
+        data.atomic_write(path, failing)
+    assert colorize.error_text(caught.value) == (f'{path}: Input/output error (writing it; what was there before '
+                                                 f'is unchanged) (the storage failed, a disk error or a network '
+                                                 f'mount gone: check it)')
+    assert torch.equal(_state(path)['w'], torch.zeros(3)) and os.listdir(tmp_path) == ['checkpoint.pt']
