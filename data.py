@@ -407,9 +407,7 @@ def load_rgb(path, min_short_side=None, exif_orientation=True):
 def _decode(source, name, min_short_side=None, exif_orientation=True):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
     `name`."""
-    # Pillow would otherwise pad a truncated file with gray and return it as if it were fine.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
+    with _decoding(name):
         if isinstance(source, str) and os.path.getsize(source) == 0:
             raise BadImage(name, 'empty file (0 bytes)')
         with Image.open(source) as im:
@@ -420,6 +418,15 @@ def _decode(source, name, min_short_side=None, exif_orientation=True):
                     im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
             return pil_to_rgb(_apply_orientation(im) if exif_orientation else im)
+
+
+@contextlib.contextmanager
+def _decoding(name):
+    """Decode with Pillow inside: any failure but running out of memory comes out as BadImage naming
+    `name`. Truncated files fail too: Pillow would otherwise pad one with gray as if it were whole."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
     except BadImage:
         raise
     except FileNotFoundError:
@@ -1673,23 +1680,11 @@ def load_label(path):
     indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore.
     Raises BadImage (a ValueError) naming the file for a missing, truncated or undecodable mask, or one
     of another mode."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated mask would otherwise come back padded as if whole
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ('P', 'L'):
-                raise BadImage(path, f'expected a palette (P) or 8-bit gray (L) PNG of class indices, found '
-                                     f'mode {im.mode}; map colours to indices with VOC_PALETTE')
-            return np.array(im, dtype=np.uint8)
-    except BadImage:
-        raise
-    except FileNotFoundError:
-        raise BadImage(path, 'no such file') from None
-    except UnidentifiedImageError:
-        raise BadImage(path, 'not an image (Pillow cannot identify its format)') from None
-    except MemoryError:
-        raise
-    except Exception as e:  # a truncated PNG: OSError('image file is truncated'), SyntaxError, ...
-        raise BadImage(path, f'cannot decode ({type(e).__name__}: {e})') from e
+    with _decoding(path), Image.open(path) as im:
+        if im.mode not in ('P', 'L'):
+            raise BadImage(path, f'expected a palette (P) or 8-bit gray (L) PNG of class indices, found '
+                                 f'mode {im.mode}; map colours to indices with VOC_PALETTE')
+        return np.array(im, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
