@@ -284,15 +284,16 @@ def test_window_is_cut_at_the_image_edge_like_the_caffe_extractor():
     # integral image whose corners beyond the image read 0 or are moved onto its last row and
     # column, then divides by the sum: the histogram of the window's pixels inside the image.
     # Top-left corner (0, 0), 7x7: rows 0..3 x columns 0..3 are inside, 16 pixels; row 0 is blue
-    # (hue bin 24), the rest red (bin 0): 4 / 16 and 12 / 16. Repeating edge pixels instead would
-    # give 28 / 49 blue.
+    # (hue bin 24) of chroma 22 (bin 5), the rest red (bin 0) of chroma 40 (bin 10): 4 / 16 and
+    # 12 / 16 in both histograms. Repeating edge pixels instead would give 28 / 49 blue.
     img = _uniform_lab(1, 12, 9, 50, 40.0, 0.0)
     img[:, 1, 0] = 0.0
-    img[:, 2, 0] = -40.0
+    img[:, 2, 0] = -22.0
     t = lab.make_targets('huechroma', img, torch.tensor([[[0, 0]]]), window=7)
     assert t['hue'][0, 0, 24].item() == pytest.approx(4 / 16)
     assert t['hue'][0, 0, 0].item() == pytest.approx(12 / 16)
-    assert t['chroma'][0, 0, 10].item() == pytest.approx(1.0)
+    assert t['chroma'][0, 0, 5].item() == pytest.approx(4 / 16)
+    assert t['chroma'][0, 0, 10].item() == pytest.approx(12 / 16)
     # The joint ab target too: the mean of the one-pixel targets of the 16 pixels inside.
     gen = torch.Generator().manual_seed(5)
     rand = lab.rgb_to_lab(torch.rand(1, 3, 12, 9, generator=gen))
@@ -1083,6 +1084,21 @@ def test_find_images_imagenet_layout(tmp_path, monkeypatch):
         f'scanning {root}: {n} images in {k} folders so far' for n, k in ((0, 1), (2, 2))]
 
 
+def test_scan_progress_lines_come_every_scan_progress_s_seconds(tmp_path, monkeypatch):
+    # A clock that reads 0, 10, 20, ... s; a line every 30 s. Checked before each folder after the root:
+    # readings 10, 20, 30 -> a line (the timer restarts at the next reading, 40), 50, 60, 70 -> a line
+    # (restart at 80), 90, 100: two lines over the root's 8 subfolders, at 40 s (3 folders listed: the
+    # root, d0, d1) and 80 s (6: up to d4).
+    for k in range(8):
+        (tmp_path / f'd{k}').mkdir()
+    ticks = iter(range(0, 1000, 10))
+    monkeypatch.setattr(data, 'time', argparse.Namespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(data, 'SCAN_PROGRESS_S', 30)
+    lines = []
+    data._scan(str(tmp_path), lines.append)
+    assert lines == [f'scanning {tmp_path}: 0 images in {n} folders so far ({t} s)' for n, t in ((3, 40), (6, 80))]
+
+
 def test_find_images_places_nested_mixed_case_and_list(tmp_path):
     root = tmp_path / 'places205'
     expected = [_write_rgb(root / 'a' / 'abbey' / '00001.jpg', fmt='JPEG'),
@@ -1766,6 +1782,10 @@ def test_pack_round_trip_matches_reference(tmp_path):
                                   os.path.basename(s)) for i, s in enumerate(sources)]
     with pytest.raises(ValueError, match='does not match the pack'):
         data.load_rgb(paths[0].replace(os.path.basename(sources[0]), 'other.jpg'))
+    tail = paths[0][len(os.path.join(str(pack), 'index.npy', f'{0:09d}')):]  # /<folder>/<name>
+    with pytest.raises(ValueError, match='holds only 9 images'):  # entries 0..8: 9 is past the end
+        data.packed_entry(os.path.join(str(pack), 'index.npy', f'{len(sources):09d}') + tail)
+    assert data.packed_entry(os.path.join(str(pack), 'index.npy', '00000000x') + tail) is None  # no entry number
     # The on-disk format, read with numpy alone.
     index = np.load(pack / 'index.npy', mmap_mode='r')
     offsets = np.load(pack / 'names-offsets.npy')
@@ -1955,7 +1975,7 @@ def test_pack_end_to_end_with_subset_and_loader(tmp_path):
     assert copy.root == str(pack) and bytes(copy.jpeg(0)) == bytes(reader.jpeg(0))
 
 
-def test_scan_writes_a_list_that_reads_back(tmp_path, capsys):
+def test_scan_writes_a_list_that_reads_back(tmp_path, capsys, monkeypatch):
     # `data.py scan --write LIST.txt`: the listing of a pack and a folder as a list that --data takes,
     # whole (the same images) or cut down by hand (exactly the kept lines).
     root, raw = tmp_path / 'src', tmp_path / 'raw folder'
@@ -1983,6 +2003,10 @@ def test_scan_writes_a_list_that_reads_back(tmp_path, capsys):
     assert 'give the folders or .txt lists to scan' in capsys.readouterr().err
     with pytest.raises(ValueError, match='lines are stripped'):  # its line would name another file
         data.write_list(tmp_path / 'odd.txt', [str(raw / 'trailing space.png ')])
+    # A relative path is written as the file it names from here, not from the list's folder.
+    monkeypatch.chdir(raw)
+    data.write_list(tmp_path / 'lists' / 'relative.txt', [os.path.basename(raw_paths[0])])
+    assert data.find_images([tmp_path / 'lists' / 'relative.txt'], log=_quiet) == [raw_paths[0]]
 
 
 def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
@@ -1990,6 +2014,8 @@ def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
     real = _write_rgb(tmp_path / 'photos' / 'index.npy' / '000000001' / 'a' / 'b.png', _smooth_rgb(20, 30, 0))
     assert data.packed_entry(real) is None
     assert data.load_rgb(real).shape == (20, 30, 3)
+    # Nor is it a pack beside the folder it was made from: a run listing it with other files goes on.
+    colorize.packed_twice(argparse.Namespace(resume=None), [real, str(tmp_path / 'photos' / 'c.png')], True)
     src = tmp_path / 'src'
     _write_rgb(src / 'x.jpg', fmt='JPEG')
     other = tmp_path / 'other'
@@ -2424,7 +2450,7 @@ def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsup
         first.close()
     again, holder = data.exclusive_lock(path)  # let go when the first was closed
     again.close()
-    assert holder is None
+    assert holder is None and path.read_text() == me + '\n'  # the holder's line replaced, not appended to
     # A file system without flock (some network mounts: ENOLCK): the run and the pack go on unlocked.
     import fcntl
 
@@ -2734,7 +2760,7 @@ def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, v
     # The data set moved (a new disk, a per-job scratch folder): --data cannot change on a resume, and the
     # old path no longer exists. The message said "does not exist" for the old path and "drop the flag" for
     # the new one, each pointing at the other; it should say how the run can go on.
-    _, val = folders
+    val = shutil.copytree(folders[1], tmp_path / 'val')
     photos = _write_images(tmp_path / 'old', 12, 5)
     run = tmp_path / 'run'
     assert colorize.main(tiny_args(photos, val, run, '--steps', '4', '--save-every', '2', '--exit-after', '2')) == 0
@@ -2746,6 +2772,9 @@ def test_resuming_after_the_data_moved_says_how_to_continue(tmp_path, folders, v
         assert f'--data {photos}, which no longer exists' in err and f'ln -s NEW_PLACE {photos}' in err
     (tmp_path / 'old').symlink_to(tmp_path / 'new')  # as the message says
     assert colorize.main(['--out', str(run), '--resume']) == 0
+    val.rename(tmp_path / 'val-new')  # --val-data is read again too
+    assert colorize.main(['--out', str(run), '--resume']) == 2
+    assert f'--val-data {val}, which no longer exists' in capsys.readouterr().err
     # finetune_voc.py reads its --init again on a resume.
     init = tmp_path / 'pre' / 'checkpoint.pt'
     init.parent.mkdir()
@@ -3087,6 +3116,12 @@ def test_kernel_times_leave_out_cpu_ops_and_annotation_ranges():
               Event(key='multi_tensor_apply_kernel', device_type=gpu, self_device_time_total=800.0, count=90)]
     assert colorize.kernel_times(events, 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'),
                                                           (0.16, 18.0, 'multi_tensor_apply_kernel')]
+    # Where torch marks the annotation ranges (is_user_annotation, torch >= 2.5), a kernel that shares a
+    # CPU event's name is a kernel still: the CPU-twin rule below is for torch 2.4's events only.
+    twin = Event(key='multi_tensor_apply_kernel', device_type=cpu, self_device_time_total=0.0, count=90,
+                 is_user_annotation=False)
+    assert colorize.kernel_times(events + [twin], 5, True, gpu) == [(0.6, 2.0, 'sm90_xmma_fprop'),
+                                                                   (0.16, 18.0, 'multi_tensor_apply_kernel')]
     # Torch 2.4's events have no is_user_annotation: the range on the GPU timeline is known by its
     # CPU twin (the record_function range itself), which has the same name.
     old = [Event(**{k: v for k, v in vars(e).items() if k != 'is_user_annotation'}) for e in events]
@@ -3240,6 +3275,17 @@ def test_slot_batches_refuse_a_batch_overwritten_before_it_was_read(monkeypatch)
     assert third.collated(pin=False)[0][:, 0, 0, 0].tolist() == [30, 31]
     batch(40)  # into the second's slot
     assert images[:, 0, 1, 1].tolist() == [20, 21]
+    # The worker starts its next batch in a slot while the main process copies that slot out (its
+    # batch number checked before the copy, and still right then): the torn copy is refused too.
+    fifth, shared = batch(60), slots.images
+
+    class WrittenDuringTheCopy:
+        def __getitem__(self, key):
+            slots.seq[key] = -1  # as collate marks a slot it is writing into
+            return shared[key]
+    monkeypatch.setattr(slots, 'images', WrittenDuringTheCopy())
+    with pytest.raises(RuntimeError, match='overwritten'):
+        fifth.collated(pin=False)
     slots.close()
     with pytest.raises(RuntimeError, match='without its SlotBatches'):
         third.collated(pin=False)
@@ -3948,7 +3994,9 @@ COMMON = ['--steps', '3', '--batch-size', '4', '--crop', '32', '--workers', '0',
 def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, monkeypatch):
     train, val = folders
     out = tmp_path / 'pre'
-    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--save-every', '3', '--keep-every', '2')) == 0
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--save-every', '3', '--keep-every', '2',
+                                   '--exit-after', '3')) == 0
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--resume')) == 0  # from step 3, not kept
     kept = sorted(p.name for p in out.glob('checkpoint-step*.pt'))
     assert kept == ['checkpoint-step0000002.pt', 'checkpoint-step0000004.pt']  # not step 3's, a plain save
     two, four = _state(out / kept[0]), _state(out / kept[1])
@@ -4193,6 +4241,9 @@ def test_half_of_sbd_in_the_devkit_is_warned_about(tmp_path, voc, capsys):
     assert ft.main([*base, '--out', str(tmp_path / 'b')]) == 0
     out = capsys.readouterr().out
     assert 'warning' not in out and 'training images (train_aug)' in out
+    # The labels unzipped a folder too high (beside VOC2012) while the list is in place: said too.
+    (v12 / 'SegmentationClassAug').rename(devkit / 'SegmentationClassAug')
+    assert data.train_aug_half_there(devkit).startswith(f'found {devkit / "SegmentationClassAug"} and ')
 
 
 def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
@@ -4506,12 +4557,14 @@ def test_results_record_the_pretraining_subset_of_the_init(tmp_path, folders, vo
     # RQ3: a table over the pre-training subset N must be readable from the fine-tuning runs.
     train, val = folders
     for n in (8, 16):
-        assert colorize.main(tiny_args(train, val, tmp_path / f'pre{n}', '--steps', '1', '--subset', str(n))) == 0
+        assert colorize.main(tiny_args(train, val, tmp_path / f'pre{n}', '--steps', '1', '--subset', str(n),
+                                       '--seed', '3')) == 0
         assert ft.main(['--task', 'cls', '--init', str(tmp_path / f'pre{n}' / 'checkpoint.pt'), '--voc-root', voc,
                         '--steps', '1', '--batch-size', '2', '--crop', '32', '--test-images', '2', '--test-crops', '1',
                         '--workers', '0', '--device', 'cpu', '--out', str(tmp_path / f'ft{n}')]) == 0
         pre = json.loads((tmp_path / f'ft{n}' / 'results.json').read_text())['init']['pretraining']
         assert pre['subset'] == n and pre['images']['count'] == n  # of the folder's 24 images
+        assert pre['seed'] == 3 and pre['data'] == [str(train)] and pre['classes'] is None  # as given
     a, b = (json.loads((tmp_path / f'ft{n}' / 'results.json').read_text())['init']['pretraining'] for n in (8, 16))
     assert a['images']['sha1'] != b['images']['sha1']
 
@@ -4539,6 +4592,9 @@ def test_summarize_keeps_other_weights_at_one_init_path_apart(tmp_path, capsys):
     # One set of weights (one digest) at that path stays one group, its line unchanged.
     rows = ft.summarize(runs[:2])
     assert [r['runs'] for r in rows] == [1 + 1] and '(weights' not in capsys.readouterr().out
+    # A run from before digests (none recorded) beside one set of weights: one init, three seeds.
+    rows = ft.summarize(runs[:2] + [result('old', None, 4, 0.40, 'huechroma')])
+    assert [r['runs'] for r in rows] == [3] and rows[0]['map_voc07_11point'][0] == pytest.approx(40.0)
 
 
 # ================================================================================================
