@@ -300,6 +300,9 @@ RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdou
              'lightness_weight', 'fc_dropout', 'width', 'fc_dim')
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every', 'keep_every')
+# What runs made before a run flag existed did (their checkpoints' args lack it): a resume takes this
+# value, and refuses another typed one, as for any run flag.
+LEGACY_ARGS = {'fc_dropout': 0.0}
 
 
 PATH_FLAGS = ('data', 'val_data', 'demo_root')
@@ -322,8 +325,8 @@ def absolute_paths(values, names, keywords=()):
 
 def resume_settings(args, ckpt, path, world, log=print):
     """Fill args from the checkpoint's run (see RUN_FLAGS); UserError where the command contradicts it."""
-    merge_resumed_args(args, absolute_paths(dict(ckpt['args']), PATH_FLAGS), RUN_FLAGS, SCHEDULE_FLAGS, path, log,
-                       must_exist=('data', 'val_data'))
+    saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS)
+    merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, log, must_exist=('data', 'val_data'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '

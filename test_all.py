@@ -2525,6 +2525,22 @@ def test_fc_dropout_flag_drops_fc6_fc7_in_training_and_is_kept_in_the_checkpoint
     assert colorize.make_model(plain['config']).trunk.fc_dropout.p == 0
 
 
+def test_fc_dropout_cannot_change_when_resuming_a_run_from_before_the_flag(folders, tmp_path, capsys):
+    # A checkpoint made before --fc-dropout existed lacks it in its args; that run trained without dropout
+    # (p = 0). Like any run flag, a resume must not turn it on: the network would change mid-run.
+    train, val = folders
+    out = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--save-every', '1', '--exit-after', '1')) == 0
+    ckpt = _state(out / 'checkpoint.pt')
+    del ckpt['args']['fc_dropout'], ckpt['config']['fc_dropout']  # as written before the flag
+    torch.save(ckpt, out / 'checkpoint.pt')
+    capsys.readouterr()
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume', '--fc-dropout', '0.5')) == 2
+    assert 'was trained with --fc-dropout 0.0' in capsys.readouterr().err
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume')) == 0
+    assert _state(out / 'checkpoint.pt')['args']['fc_dropout'] == 0.0
+
+
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
     train, val = folders
     cases = [
