@@ -1324,11 +1324,14 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
 def log_gone(log, path, resume='--resume'):
     """None while the open log file `log` is still the file at `path`; else the one-line problem.
     A run folder removed (or moved) while the run trains is not made anew by the next checkpoint: the
-    new folder would hold checkpoints without the run's log.jsonl, run.json and lock, as if whole."""
+    new folder would hold checkpoints without the run's log.jsonl, run.json and lock, as if whole.
+    Never raises: under DDP rank 0 calls it just before a collective (rank0_problem) that the other
+    ranks are already waiting in, so a stat that fails otherwise (ENOTDIR: a file now where the folder
+    was; ESTALE: an NFS folder removed) is a problem to share too, not an exception on rank 0 alone."""
     try:
         if os.path.samestat(os.fstat(log.fileno()), os.stat(path)):
             return None
-    except FileNotFoundError:
+    except OSError:
         pass
     return (f'{path} was deleted or replaced while the run was training (its folder removed or moved?): stopped '
             f'rather than write checkpoints into a folder without the run\'s log; if the folder was moved '

@@ -5525,6 +5525,24 @@ def test_a_run_folder_removed_while_training_is_not_made_anew(folders, voc, tmp_
     assert err.endswith(f'continue it with --resume --out {ft_out}, else start afresh') and not ft_out.exists()
 
 
+def test_log_gone_says_so_instead_of_raising_when_the_log_cannot_be_stat(tmp_path, monkeypatch):
+    # Under DDP rank 0 calls log_gone right before the broadcast that the other ranks already wait in: an
+    # exception there on rank 0 alone (a file now where the run folder was: ENOTDIR; an NFS folder removed:
+    # ESTALE) would leave them waiting, so every failure to find the log is the one-line problem.
+    out = tmp_path / 'run'
+    out.mkdir()
+    with open(out / 'log.jsonl', 'w') as log:
+        assert colorize.log_gone(log, out / 'log.jsonl') is None
+        shutil.rmtree(out)
+        out.write_text('a file where the run folder was')
+        assert 'was deleted or replaced while the run was training' in colorize.log_gone(log, out / 'log.jsonl')
+
+        def stale(*args, **kwargs):
+            raise OSError(errno.ESTALE, 'Stale file handle')
+        monkeypatch.setattr(colorize.os, 'fstat', stale)
+        assert 'was deleted or replaced while the run was training' in colorize.log_gone(log, out / 'log.jsonl')
+
+
 def test_a_fork_whose_log_copy_fails_leaves_no_partial_log(folders, tmp_path, monkeypatch, capsys):
     # --resume CKPT --out NEW copied log.jsonl and run.json with shutil.copyfile: a full disk (or a kill) left a
     # partial NEW/log.jsonl, which the next --resume then kept (it copies only into a NEW without one), and the
