@@ -1238,11 +1238,12 @@ def _train(args, run_lock):
             with progress.paused():  # evaluation and saving do not count against img/s
                 keep = args.keep_every and step % args.keep_every == 0
                 save = step % args.save_every == 0 or last or keep
-                if save:  # before the sample grid too, which would make the folder anew
+                show = step % args.eval_every == 0 or last
+                if save or show:  # the sample grid too would make the folder anew (all ranks, same steps)
                     problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
                     if problem:
                         raise UserError(problem if master else f'rank 0: {problem}')
-                if master and (step % args.eval_every == 0 or last):
+                if master and show:
                     evaluate_and_show(raw_model, val, args, device, log, step)
                 if save:
                     counts_by_rank = gather_counts(counter, world, device)

@@ -5511,6 +5511,21 @@ def test_a_run_folder_removed_while_training_is_not_made_anew(folders, voc, tmp_
         f'moved?): stopped rather than write checkpoints into a folder without the run\'s log; if the folder was '
         f'moved back, continue it with --resume, else start afresh')
     assert not out.exists()
+    # An evaluation between checkpoints (--eval-every 1, --save-every 4) would write its sample grid into
+    # the folder made anew before the next checkpoint finds the log gone: it stops at that evaluation.
+    # Removed once, after the first step.
+    calls = []
+
+    def step_then_remove_once(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if not calls:
+            shutil.rmtree(out, ignore_errors=True)
+        calls.append(1)
+        return result
+    monkeypatch.setattr(colorize, 'train_step', step_then_remove_once)
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--save-every', '4', '--eval-every', '1')) == 2
+    assert 'was deleted or replaced while the run was training' in capsys.readouterr().err
+    assert not out.exists() and len(calls) == 1
     # finetune_voc.py likewise.
     ft_out = tmp_path / 'ft'
     real_loss = ft.train_loss
