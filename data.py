@@ -1076,9 +1076,10 @@ def pack_paths(root):
 
 class PackReader:
     """Random access to a complete pack (see pack_images): source names and statuses from
-    memory-mapped files, JPEG bytes read (pread) from the shards, each opened on first use. Pickles as its folder alone, so a
-    copy in another process maps the files itself. Most code reaches it through load_rgb or
-    ColorImages with pseudo-paths (`packed_entry`) rather than directly."""
+    memory-mapped files, JPEG bytes read (pread) from the shards, each opened on first use. Pickles
+    as its folder alone, so a copy in another process maps and opens the files itself (a forked copy
+    shares the parent's open shards, safely: pread moves no shared file offset). Most code reaches
+    it through load_rgb or ColorImages with pseudo-paths (`packed_entry`) rather than directly."""
 
     def __init__(self, root):
         self.root = os.path.abspath(os.fspath(root))
@@ -1109,7 +1110,7 @@ class PackReader:
         self._shards = [None] * len(self.info['shards'])
         self._reasons = None
 
-    def __reduce__(self):  # never pickle the memory maps
+    def __reduce__(self):  # never pickle the memory maps or the open shards
         return PackReader, (self.root,)
 
     def __len__(self):
@@ -1183,8 +1184,8 @@ class PackReader:
                            ) from e
 
 
-# (process id, pack folder) -> PackReader. Each process maps the shards itself, once, on first
-# use: DataLoader workers (forked or spawned) never share or pickle a memory map.
+# (process id, pack folder) -> PackReader. Each process maps the index and opens the shards itself,
+# once, on first use: DataLoader workers (forked or spawned) never pickle a memory map or a file.
 _OPEN_PACKS = {}
 
 

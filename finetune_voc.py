@@ -48,8 +48,8 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
                       environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
-                      lock_run, log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
-                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
+                      lock_run, log_gone, log_line, make_model as make_colorization_model, merge_resumed_args,
+                      parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
                       refuse_to_overwrite, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
