@@ -276,16 +276,15 @@ def _scan_cached(root, cache_dir, log):
 
 
 # File-system errors the user can fix (a full disk or quota, a read-only or foreign folder): the
-# entry scripts print them as one line.
-# A path whose parts are of the wrong kind (--out under a file, a file where the run folder goes, a
-# folder where a checkpoint goes) is the user's to fix too, with the hint of PATH_KIND_HINTS.
-PATH_KIND_HINTS = {errno.ENOTDIR: 'a part of that path is a file, not a folder: choose another path',
-                   errno.EEXIST: 'a file is there, where a folder is needed: move the file or choose another path',
-                   errno.EISDIR: 'a folder is there, where a file is needed: move it away or choose another path'}
-# So is a storage that fails (EIO: a disk error, a network mount gone): the environment's, not a bug.
-PATH_KIND_HINTS[errno.EIO] = 'the storage failed, a disk error or a network mount gone: check it'
+# entry scripts print them as one line, with the hint of ERRNO_HINTS where there is one: a path whose
+# parts are of the wrong kind (--out under a file, a file where the run folder goes, a folder where a
+# checkpoint goes), or a storage that fails (EIO: the environment's, not a bug).
+ERRNO_HINTS = {errno.ENOTDIR: 'a part of that path is a file, not a folder: choose another path',
+               errno.EEXIST: 'a file is there, where a folder is needed: move the file or choose another path',
+               errno.EISDIR: 'a folder is there, where a file is needed: move it away or choose another path',
+               errno.EIO: 'the storage failed, a disk error or a network mount gone: check it'}
 FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC),
-                  *PATH_KIND_HINTS}
+                  *ERRNO_HINTS}
 
 
 def os_error_text(e):
@@ -293,7 +292,7 @@ def os_error_text(e):
     if e.errno not in FIXABLE_ERRNOS:
         return None
     text = f'{e.filename}: {e.strerror}' if e.filename else e.strerror
-    return f'{text} ({PATH_KIND_HINTS[e.errno]})' if e.errno in PATH_KIND_HINTS else text
+    return f'{text} ({ERRNO_HINTS[e.errno]})' if e.errno in ERRNO_HINTS else text
 
 
 @contextlib.contextmanager
@@ -407,7 +406,7 @@ def load_rgb(path, min_short_side=None, exif_orientation=True):
 def _decode(source, name, min_short_side=None, exif_orientation=True):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
     `name`."""
-    with _decoding(name):
+    with decoding(name):
         if isinstance(source, str) and os.path.getsize(source) == 0:
             raise BadImage(name, 'empty file (0 bytes)')
         with Image.open(source) as im:
@@ -421,7 +420,7 @@ def _decode(source, name, min_short_side=None, exif_orientation=True):
 
 
 @contextlib.contextmanager
-def _decoding(name):
+def decoding(name):
     """Decode with Pillow inside: any failure but running out of memory comes out as BadImage naming
     `name`. Truncated files fail too: Pillow would otherwise pad one with gray as if it were whole."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -1681,7 +1680,7 @@ def load_label(path):
     indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore.
     Raises BadImage (a ValueError) naming the file for a missing, truncated or undecodable mask, or one
     of another mode."""
-    with _decoding(path), Image.open(path) as im:
+    with decoding(path), Image.open(path) as im:
         if im.mode not in ('P', 'L'):
             raise BadImage(path, f'expected a palette (P) or 8-bit gray (L) PNG of class indices, found '
                                  f'mode {im.mode}; map colours to indices with VOC_PALETTE')

@@ -917,11 +917,10 @@ def _load_label(path):
 def _header_size(path):
     """(width, height) from the file's header; UserError naming the file if it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with data.decoding(path), Image.open(path) as im:
             return im.size
-    except Exception as e:  # missing, unreadable, not an image, a header cut short (struct.error, OSError, ...)
-        raise UserError(f'cannot read VOC image or mask {path} ({type(e).__name__}: {e}); re-extract the '
-                        'dataset') from None
+    except data.BadImage as e:  # missing, not an image, a header cut short (struct.error, OSError, ...)
+        raise UserError(f'cannot read VOC image or mask {e}; re-extract the dataset') from None
 
 
 def check_label_sizes(pairs):
