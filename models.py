@@ -129,6 +129,7 @@ class Trunk(nn.Module):
 
     @property
     def hypercolumn_channels(self):
+        """Channels of a hypercolumn: the sum over the taps (12,417 for the full-size VGG-16)."""
         return sum(self.tap_channels)
 
     def _record_tap(self, name):
@@ -152,6 +153,7 @@ class Trunk(nn.Module):
             self._record_tap(tap)
 
     def init_weights(self):
+        """Kaiming-normal (fan-out, ReLU) conv weights and zero biases; BatchNorm keeps its own init."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
