@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -2009,7 +2010,11 @@ def main(argv=None):
         else:
             train(args)
     except (UserError, OSError, KeyboardInterrupt) as e:
-        status = stop_status(e, resume=None if args.colorize or args.benchmark else '--resume')
+        # Name the run folder (as finetune_voc.py does): --resume alone continues runs/<arch>-<loss>,
+        # another run than one trained into --out DIR, or with another -a or --loss.
+        resume = None if args.colorize or args.benchmark else (
+            f'--resume --out {shlex.quote(str(args.out))}' if args.out else '--resume')
+        status = stop_status(e, resume=resume)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         if dist.is_initialized():

@@ -2611,6 +2611,11 @@ def test_errors_the_user_can_fix_are_one_line_wherever_they_arise(folders, tmp_p
         raise KeyboardInterrupt
     monkeypatch.setattr(colorize, 'train', interrupted)
     assert colorize.main(tiny_args(train, val, tmp_path / 'c', '--steps', '1')) == 130
+    # It names the run folder: --resume alone would continue the default runs/vgg16-huechroma instead.
+    assert capsys.readouterr().err == (f'interrupted: the last checkpoint written is intact; continue with '
+                                       f'--resume --out {tmp_path / "c"}\n')
+    # Interrupted before the folder is settled (no --out typed): no folder to name yet.
+    assert colorize.main(['--steps', '1']) == 130
     assert capsys.readouterr().err == 'interrupted: the last checkpoint written is intact; continue with --resume\n'
 
 
