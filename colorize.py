@@ -781,6 +781,12 @@ def data_identity(paths):
     return dict(count=len(paths), sha1=hashlib.sha1(b'\n'.join(map(os.fsencode, paths))).hexdigest())
 
 
+def resume_flags(out):
+    """What continues the run in `out` (RUN before it is known): --resume alone would continue the
+    default folder's run (colorize.py: runs/<arch>-<loss>), not necessarily this one."""
+    return f'--resume --out {shlex.quote(str(out)) if out else "RUN"}'
+
+
 def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
     """A run must not replace the checkpoint of another one: that is lost work. `resume_path`: the
     checkpoint being continued (None for a fresh run), the only one that `out` may hold;
@@ -1059,13 +1065,13 @@ def open_run(args, device, world, master, run_lock):
     if master:
         try:
             # Before the checks below: a run still training there is not to be joined.
-            run_lock.enter_context(lock_run(args.out))
+            run_lock.enter_context(lock_run(args.out, resume_flags(args.out)))
         except UserError as e:
             problem = str(e)
     problem = rank0_problem(problem)  # every rank stops with rank 0, rather than wait for it at the listing
     if problem:
         raise UserError(problem if master else f'rank 0: {problem}')
-    refuse_to_overwrite(args.out, resume_path)
+    refuse_to_overwrite(args.out, resume_path, resume_flags(args.out))
     if resume_path is not None and master:
         fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))
     return ckpt, resume_path
@@ -1241,7 +1247,7 @@ def _train(args, run_lock):
                 save = step % args.save_every == 0 or last or keep
                 show = step % args.eval_every == 0 or last
                 if save or show:  # the sample grid too would make the folder anew (all ranks, same steps)
-                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
+                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl', resume_flags(args.out)) if master else None)
                     if problem:
                         raise UserError(problem if master else f'rank 0: {problem}')
                 if master and show:
@@ -2012,8 +2018,7 @@ def main(argv=None):
     except (UserError, OSError, KeyboardInterrupt) as e:
         # Name the run folder (as finetune_voc.py does): --resume alone continues runs/<arch>-<loss>,
         # another run than one trained into --out DIR, or with another -a or --loss.
-        resume = None if args.colorize or args.benchmark else (
-            f'--resume --out {shlex.quote(str(args.out))}' if args.out else '--resume')
+        resume = None if args.colorize or args.benchmark else (resume_flags(args.out) if args.out else '--resume')
         status = stop_status(e, resume=resume)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise

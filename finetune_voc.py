@@ -50,7 +50,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_pat
                       environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
                       lock_run, log_gone, log_line, make_model as make_colorization_model, merge_resumed_args,
                       parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_to_overwrite, rng_state, setup_device, step_seed, stop_status, trim_log)
+                      refuse_to_overwrite, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1353,12 +1353,6 @@ def held_out_images(test_items, n, crop):
 
 
 # --- Main ---------------------------------------------------------------------------------------
-
-def resume_flags(out):
-    """What continues the run in `out` (RUN before it is known). --resume alone needs --out here: the
-    run folder's default name depends on the --init it loads."""
-    return f'--resume --out {shlex.quote(str(out)) if out else "RUN"}'
-
 
 def run(args):
     """Fine-tune and test on VOC as `args` say; returns the results (None when --exit-after stopped the run).

@@ -2737,7 +2737,8 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
     with open(run / '.lock', 'a+') as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert colorize.main(['--out', str(run), '--resume', '--steps', '6']) == 2
-        assert 'is in use by' in capsys.readouterr().err
+        err = capsys.readouterr().err  # how to continue names the folder: --resume alone is the default run's
+        assert 'is in use by' in err and f'continue with --resume --out {run}' in err
         assert (run / 'checkpoint.pt').read_bytes() == before
         busy = tmp_path / 'ft'
         busy.mkdir()
@@ -5515,7 +5516,7 @@ def test_a_run_folder_removed_while_training_is_not_made_anew(folders, voc, tmp_
     assert capsys.readouterr().err.strip() == (
         f'error: {out / "log.jsonl"} was deleted or replaced while the run was training (its folder removed or '
         f'moved?): stopped rather than write checkpoints into a folder without the run\'s log; if the folder was '
-        f'moved back, continue it with --resume, else start afresh')
+        f'moved back, continue it with --resume --out {out}, else start afresh')
     assert not out.exists()
     # An evaluation between checkpoints (--eval-every 1, --save-every 4) would write its sample grid into
     # the folder made anew before the next checkpoint finds the log gone: it stops at that evaluation.
