@@ -787,10 +787,9 @@ def resume_flags(out):
     return f'--resume --out {shlex.quote(str(out)) if out else "RUN"}'
 
 
-def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
+def refuse_to_overwrite(out, resume_path=None):
     """A run must not replace the checkpoint of another one: that is lost work. `resume_path`: the
-    checkpoint being continued (None for a fresh run), the only one that `out` may hold;
-    `resume_flags`: what continues the run in `out`, for the message."""
+    checkpoint being continued (None for a fresh run), the only one that `out` may hold."""
     path = Path(out) / 'checkpoint.pt'
     if not path.exists():
         kept = sorted(Path(out).glob('checkpoint-step*.pt'))  # --keep-every's, of a run whose checkpoint.pt is gone
@@ -799,7 +798,7 @@ def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
                             f'this run could replace: choose another --out (or move them away)')
         return
     if resume_path is None:
-        raise UserError(f'{path} exists (an earlier run); continue it with {resume_flags}, or start afresh '
+        raise UserError(f'{path} exists (an earlier run); continue it with {resume_flags(out)}, or start afresh '
                         f'with another --out (or delete that folder)')
     if path.resolve() != Path(resume_path).resolve():
         own = Path(resume_path).parent / 'checkpoint.pt'
@@ -812,17 +811,17 @@ def refuse_to_overwrite(out, resume_path=None, resume_flags='--resume'):
 RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
 
 
-def lock_run(out, resume_flags='--resume'):
+def lock_run(out):
     """Take an exclusive lock on out/.lock and return its open file, which holds the lock until it is
     closed (by train() here, run() in finetune_voc.py, when the run ends however it ends): a second
     process training into the same folder (a --resume started while the run still goes on, a job
     started twice) would overwrite its checkpoints and log, and one of the two runs would be lost.
-    Refused with UserError; `resume_flags`: what continues the run in `out`, for the message."""
+    Refused with UserError."""
     lock, holder = data.exclusive_lock(os.path.join(out, RUN_LOCK))
     if lock is None:
         raise UserError(f'{out} is in use by {holder}: a run (or a --resume of it) is still training there, and '
                         f'a second one would overwrite its checkpoints; wait for it to end (or stop it), then '
-                        f'continue with {resume_flags}')
+                        f'continue with {resume_flags(out)}')
     return lock
 
 
@@ -1065,13 +1064,13 @@ def open_run(args, device, world, master, run_lock):
     if master:
         try:
             # Before the checks below: a run still training there is not to be joined.
-            run_lock.enter_context(lock_run(args.out, resume_flags(args.out)))
+            run_lock.enter_context(lock_run(args.out))
         except UserError as e:
             problem = str(e)
     problem = rank0_problem(problem)  # every rank stops with rank 0, rather than wait for it at the listing
     if problem:
         raise UserError(problem if master else f'rank 0: {problem}')
-    refuse_to_overwrite(args.out, resume_path, resume_flags(args.out))
+    refuse_to_overwrite(args.out, resume_path)
     if resume_path is not None and master:
         fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))
     return ckpt, resume_path
@@ -1247,7 +1246,7 @@ def _train(args, run_lock):
                 save = step % args.save_every == 0 or last or keep
                 show = step % args.eval_every == 0 or last
                 if save or show:  # the sample grid too would make the folder anew (all ranks, same steps)
-                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl', resume_flags(args.out)) if master else None)
+                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
                     if problem:
                         raise UserError(problem if master else f'rank 0: {problem}')
                 if master and show:
@@ -1329,7 +1328,7 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
     data.write_json(args.out / 'run.json', info, indent=2)
 
 
-def log_gone(log, path, resume='--resume'):
+def log_gone(log, path):
     """None while the open log file `log` is still the file at `path`; else the one-line problem.
     A run folder removed (or moved) while the run trains is not made anew by the next checkpoint: the
     new folder would hold checkpoints without the run's log.jsonl, run.json and lock, as if whole.
@@ -1343,7 +1342,7 @@ def log_gone(log, path, resume='--resume'):
         pass
     return (f'{path} was deleted or replaced while the run was training (its folder removed or moved?): stopped '
             f'rather than write checkpoints into a folder without the run\'s log; if the folder was moved '
-            f'back, continue it with {resume}, else start afresh')
+            f'back, continue it with {resume_flags(Path(path).parent)}, else start afresh')
 
 
 def log_line(log, entry):

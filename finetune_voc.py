@@ -1194,7 +1194,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                 log_line(log, entry)
             stop = args.exit_after is not None and step >= args.exit_after
             if step % args.save_every == 0 or step == args.steps or stop:
-                problem = log_gone(log, args.out / 'log.jsonl', resume_flags(args.out))
+                problem = log_gone(log, args.out / 'log.jsonl')
                 if problem:  # the run folder removed: not made anew, without its log
                     raise UserError(problem)
                 with progress.paused():  # saving does not count against img/s
@@ -1385,9 +1385,8 @@ def _run(args, run_lock):
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
     args.out.mkdir(parents=True, exist_ok=True)
     # Before the checks below: a run still training there is not joined.
-    run_lock.enter_context(lock_run(args.out, resume_flags(args.out)))
-    refuse_to_overwrite(args.out, args.resume_path if args.resume else None,
-                        resume_flags=resume_flags(args.out))
+    run_lock.enter_context(lock_run(args.out))
+    refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))
     train_items, test_items = voc_sets(args)
