@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import time
 from collections import OrderedDict
@@ -1345,10 +1344,9 @@ def held_out_paths(test_items, n):
     return data.subset(paths, min(n, len(paths)), seed=EVAL_SEED)
 
 
-def held_out_images(test_items, n, crop):
-    """The first n (by a fixed shuffle) test images as centre crops: uint8 (n, 3, crop, crop)."""
-    chosen = held_out_paths(test_items, n)
-    crops = [data.center_crop(_load(p), crop, crop) for p in chosen]
+def held_out_images(paths, crop):
+    """The images at `paths` (held_out_paths) as centre crops: uint8 (n, 3, crop, crop)."""
+    crops = [data.center_crop(_load(p), crop, crop) for p in paths]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (n, crop, crop, 3) -> (n, 3, crop, crop)
 
 
@@ -1446,7 +1444,8 @@ def _run(args, run_lock):
 def run_feature_shift(model, initial_state, test_items, args, device):
     before = copy.deepcopy(model)
     before.load_state_dict(initial_state)
-    images = held_out_images(test_items, args.shift_images, args.crop)
+    chosen = held_out_paths(test_items, args.shift_images)
+    images = held_out_images(chosen, args.crop)
     shift = feature_shift(before.trunk, model.trunk, images, args.input, device, args.shift_pool)
     fewer = (f' (--shift-images {args.shift_images}, but the evaluated test set has {len(images)})'
              if len(images) < args.shift_images else '')
@@ -1459,7 +1458,7 @@ def run_feature_shift(model, initial_state, test_items, args, device):
               f'samples (over 2 it is exactly 1, whatever the features); use --shift-images of tens or more')
     # Which images (their VOC ids): CKA values of two runs compare only over the same ones, and the
     # draw is from the evaluated test set, so --test-images changes it.
-    ids = [Path(p).stem for p in held_out_paths(test_items, args.shift_images)]
+    ids = [Path(p).stem for p in chosen]
     write_json(args.out / 'feature_shift.json', dict(cka=shift, images=len(images), pool=args.shift_pool,
                                                      crop=args.crop, image_ids=ids))
     return shift

@@ -295,11 +295,11 @@ def _share(inside):
     return inside / inside.sum(-1, keepdim=True).clamp(min=1.0)
 
 
-def _histogram(bins, n, inside):
-    """Normalised histogram (B, P, n) of integer bins (B, P, K): each entry inside the image adds
-    1 / (entries inside)."""
+def _histogram(bins, n, share):
+    """Normalised histogram (B, P, n) of integer bins (B, P, K), each entry adding its `share`
+    (B, P, K) (see _share)."""
     out = torch.zeros(*bins.shape[:2], n, device=bins.device, dtype=torch.float32)
-    return out.scatter_add_(2, bins, _share(inside))
+    return out.scatter_add_(2, bins, share)
 
 
 def make_targets(kind, lab, points, window=7):
@@ -325,25 +325,27 @@ def make_targets(kind, lab, points, window=7):
             # neighbour (no hue: lab_to_lch gives 0) counts in hue bin 0, as in the authors'
             # TensorFlow targets (HSV hue 0).
             values, inside = _window_gather(lab, points, window)
+            share = _share(inside)
             lch = lab_to_lch(values.movedim(-1, 1))  # (B, 3, P, K)
             c = torch.hypot(centre[..., 1], centre[..., 2])
-            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS, inside),
-                        chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS, inside),
+            return dict(hue=_histogram(hue_bin(lch[:, 2]), HUE_BINS, share),
+                        chroma=_histogram(chroma_bin(lch[:, 1]), CHROMA_BINS, share),
                         hue_weight=(c / CHROMA_MAX).clamp(max=1.0), lightness=lightness)
         if kind == 'l2':
             return dict(ab=centre[..., 1:] / L2_SCALE, lightness=lightness)
         if kind == 'ab':
-            return dict(ab=_ab_soft(*_window_gather(lab[:, 1:], points, window)), lightness=lightness)
+            values, inside = _window_gather(lab[:, 1:], points, window)
+            return dict(ab=_ab_soft(values, _share(inside)), lightness=lightness)
     raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
 
 
-def _ab_soft(ab, inside):
+def _ab_soft(ab, share):
     """Soft joint-ab histogram (B, P, Q) of the window colours ab (B, P, K, 2).
 
     Each colour spreads Gaussian weights (sigma = AB_SIGMA) over the in-gamut cells among the 3x3
     grid cells around it (which hold its nearest cells), normalised per colour; a colour with no
     gamut cell nearby (outside sRGB) goes whole to the gamut cell nearest its own cell. Then the
-    colours that are `inside` (B, P, K) the image are averaged.
+    colours are averaged with weights `share` (B, P, K): those inside the image alike (see _share).
     """
     offset = AB_OFFSET
     centres, lookup, nearest = _gamut_on(ab.device)
@@ -361,7 +363,7 @@ def _ab_soft(ab, inside):
     own = cell.clamp(-offset, offset) + offset
     cls = torch.cat([cls, nearest[own[..., 0], own[..., 1]].unsqueeze(-1)], -1)  # (B, P, K, 10)
     w = torch.cat([w, outside], -1) / (total + outside)  # each colour's weights sum to 1
-    w = w * _share(inside).unsqueeze(-1)  # the average over the window's colours inside the image
+    w = w * share.unsqueeze(-1)  # the average over the window's colours inside the image
     out = torch.zeros(B, P, len(centres), device=ab.device, dtype=torch.float32)
     return out.scatter_add_(2, cls.clamp(min=0).reshape(B, P, K * 10), w.reshape(B, P, K * 10).float())
 
