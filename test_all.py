@@ -5250,20 +5250,30 @@ def test_evaluation_colour_figures_by_hand():
 
 # ---------------------------------------------------------------- atomic writes
 
-class _FullDisk(io.RawIOBase):
-    """A file that takes `room` bytes, then fails as a full disk does (errno ENOSPC, no file name)."""
+class _FullFile:
+    """A file opened for writing on a disk that fills after `room` bytes: a write past it fails with
+    ENOSPC and no file name, as the kernel's does. No fileno(), so that Pillow writes through write()."""
 
     def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def writable(self):
-        return True
+        self._f, self._room = f, room
 
     def write(self, b):
-        if len(b) > self.room:
+        if len(b) > self._room:
             raise OSError(errno.ENOSPC, 'No space left on device')
-        self.room -= len(b)
-        return self.f.write(b)
+        self._room -= len(b)
+        return self._f.write(b)
+
+    def fileno(self):
+        raise io.UnsupportedOperation('fileno')
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
 
 
 def test_a_full_disk_names_the_checkpoint_and_leaves_the_old_one(tmp_path):
@@ -5272,7 +5282,7 @@ def test_a_full_disk_names_the_checkpoint_and_leaves_the_old_one(tmp_path):
     path = tmp_path / 'checkpoint.pt'
     colorize.atomic_save({'w': torch.zeros(3)}, path)
     with pytest.raises(OSError) as caught:
-        data.atomic_write(path, lambda f: torch.save({'w': torch.ones(100_000)}, _FullDisk(f, 50_000)))
+        data.atomic_write(path, lambda f: torch.save({'w': torch.ones(100_000)}, _FullFile(f, 50_000)))
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
     assert colorize.error_text(caught.value) == f'{path}: No space left on device (writing it; what was there ' \
                                                 'before is unchanged)'
@@ -5302,32 +5312,6 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 # ---------------------------------------------------------------- faults of the environment
-
-class _FullFile:
-    """A file opened for writing on a disk that fills after `room` bytes: a write past it fails with
-    ENOSPC and no file name, as the kernel's does. No fileno(), so that Pillow writes through write()."""
-
-    def __init__(self, f, room):
-        self._f, self._room = f, room
-
-    def write(self, b):
-        if len(b) > self._room:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        self._room -= len(b)
-        return self._f.write(b)
-
-    def fileno(self):
-        raise io.UnsupportedOperation('fileno')
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._f.__exit__(*exc)
-
 
 def _disk_fills_for(monkeypatch, match, room=0):
     """Files whose path contains `match`, opened for writing (by anyone: Pillow, torch, the scripts),
