@@ -12,6 +12,7 @@ the lightness input, P random pixels per image (sparse hypercolumns) and their 7
 targets. On CUDA: bf16 autocast, torch.compile, channels_last, TF32. On a CPU: float32, eager,
 and smaller defaults so the demo finishes in minutes. A run writes to --out: checkpoint.pt
 (atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
+SIGTERM or SIGUSR1 (a scheduler's notice) saves a checkpoint after the current step and stops.
 """
 import argparse
 import collections
@@ -23,8 +24,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +57,14 @@ class UserError(Exception):
     """A problem the user can fix (bad argument, missing data); printed as one line, no traceback."""
 
 
+class Stopped(Exception):
+    """A training loop met a stop signal (StopSignals): it saved a checkpoint after `step` and stopped."""
+
+    def __init__(self, signum, step, checkpoint):
+        super().__init__(f'stopped at step {step} by {signal.Signals(signum).name}')
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with {}'  # Ctrl-C in training
 COMPILE_NOTE = ("torch.compile: the first step compiles the model (a minute or more, silent); the first progress "
                 "line's img/s includes it")
@@ -72,12 +83,16 @@ def error_text(e):
 
 
 def stop_status(e, resume=None):
-    """For main() of both scripts: print the one line for `e` (a UserError, OSError or Ctrl-C) and
+    """For main() of both scripts: print the one line for `e` (a UserError, OSError, Ctrl-C or Stopped) and
     return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it).
     `resume`: the flags that continue the interrupted run ('--resume'), None where there is none."""
     if isinstance(e, KeyboardInterrupt):
         print(INTERRUPTED.format(resume) if resume else 'interrupted', file=sys.stderr)
         return 130  # the shell's status for Ctrl-C
+    if isinstance(e, Stopped):
+        if not dist.is_initialized() or dist.get_rank() == 0:  # the ranks stopped together: one says so
+            print(f'{e}: {e.checkpoint} holds it; continue with {resume}', file=sys.stderr)
+        return 128 + e.signum  # the shell's status for a process ended by that signal
     if error_text(e) is None:
         return None
     print(f'error: {error_text(e)}', file=sys.stderr)
@@ -657,7 +672,8 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=slots.collate if slots else None, pin_memory=device.type == 'cuda', drop_last=True,
-        persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None)
+        persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
     return slots.batches(loader) if slots else loader
 
 
@@ -1202,11 +1218,12 @@ def _train(args, run_lock):
     if master and start:
         trim_log(args.out / 'log.jsonl', start)
     # A fresh run, a fresh log; only the master writes one.
-    with (open(args.out / 'log.jsonl', 'a' if start else 'w') if master else contextlib.nullcontext()) as log:
+    with (open(args.out / 'log.jsonl', 'a' if start else 'w') if master else contextlib.nullcontext()) as log, \
+            StopSignals(device) as stop:
         if master and start == 0:
             evaluate_and_show(raw_model, val, args, device, log, 0)
 
-        progress, step = Progress(args.batch_size * world), start
+        progress, step, stopping = Progress(args.batch_size * world), start, False
         saved = resume_path  # the checkpoint that holds the run's latest state
         if ckpt is not None:
             progress.restore(ckpt.get('progress'), device, rank)
@@ -1228,6 +1245,7 @@ def _train(args, run_lock):
             progress.add(torch.stack([total, *parts.values()]))
 
             last = step == args.steps
+            stopping = stop.agreed(step) and not last  # SIGTERM or SIGUSR1: save and stop (all ranks)
             log_now = step % args.log_every == 0 or last
             if log_now or step in (10, 100):  # early too: a broken dataset stops in seconds (all ranks, same steps)
                 check_bad_share(counter, args, world, device)
@@ -1243,7 +1261,7 @@ def _train(args, run_lock):
                     log_line(log, entry)
             with progress.paused():  # evaluation and saving do not count against img/s
                 keep = args.keep_every and step % args.keep_every == 0
-                save = step % args.save_every == 0 or last or keep
+                save = step % args.save_every == 0 or last or keep or stopping
                 show = step % args.eval_every == 0 or last
                 if save or show:  # the sample grid too would make the folder anew (all ranks, same steps)
                     problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
@@ -1260,8 +1278,12 @@ def _train(args, run_lock):
                                         held_out)
                         if keep:
                             keep_checkpoint(saved, step)
-            if args.exit_after is not None and step >= args.exit_after:
+            if stopping or (args.exit_after is not None and step >= args.exit_after):
                 break
+    if stopping:
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has saved; a rank that exited sooner would have torchrun stop it
+        raise Stopped(stop.signum, step, saved)
     all_counts = data.StatusCounter()  # over all ranks
     all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
     if master:
@@ -1326,6 +1348,91 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                  device_name=info['device_name'], world_size=world)]
     data.write_json(args.out / 'run.json', info, indent=2)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name))
+STOP_CHECK_EVERY = 10  # under DDP: steps between the ranks' exchanges of their stop requests
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 as a request to save a checkpoint and stop, met between two training
+    steps, instead of the process dying with the steps since its last checkpoint. Schedulers send
+    SIGTERM some seconds before SIGKILL (SLURM at a time limit, a preemption or scancel; torchrun
+    passes it on to its ranks), and SLURM's --signal can send SIGUSR1 earlier. Ctrl-C (SIGINT) still
+    stops at once, and SIGKILL cannot be caught. A repeated signal changes nothing: the one that
+    torchrun passes on may come right after the scheduler's own.
+
+        with StopSignals(device) as stop:
+            for batch in loader:
+                ...; step += 1
+                if stop.agreed(step): ... save a checkpoint, then raise Stopped(stop.signum, step, path)
+
+    One process reads its flag after every step. Under DDP the ranks must stop at the same step,
+    and the signal may reach one rank, or reach it earlier: every STOP_CHECK_EVERY steps each rank
+    starts an all-reduce (max) of its signal number and reads the one it started an interval
+    before, so all stop within 2 x STOP_CHECK_EVERY steps of the first signal. On CUDA that result
+    was copied to pinned memory behind an event an interval ago, so reading it does not wait for
+    the GPU's queue to drain. The handlers belong to the main thread and are put back on exit.
+    DataLoader workers ignore these signals (ignore_stop_signals): a scheduler signals every
+    process of the job, and the training process stops its workers itself."""
+
+    def __init__(self, device):
+        self.device, self.signum, self._old, self._started = device, None, {}, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._received)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _received(self, signum, frame):  # a flag only: the loop prints and saves
+        self.signum = self.signum or signum
+
+    def agreed(self, step):
+        """Whether to stop after `step`: the same answer on every rank (all ranks call it at every step)."""
+        if not dist.is_initialized():
+            return self.signum is not None
+        if step % STOP_CHECK_EVERY:
+            return False
+        earlier = self._result()
+        self._start()
+        if earlier:
+            self.signum = earlier  # every rank stops by the same signal, also one that had none
+        return bool(earlier)
+
+    def _start(self):
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32)
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            flag = flag.pin_memory().to(self.device, non_blocking=True)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if cuda:
+            host, done = torch.empty(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event()
+            host.copy_(flag, non_blocking=True)
+            done.record()
+            self._started = host, done
+        else:
+            self._started = flag, None
+
+    def _result(self):
+        """The all-reduce started at the last exchange (0 before the first): the highest signal number."""
+        if self._started is None:
+            return 0
+        host, done = self._started
+        if done is not None:
+            done.synchronize()
+        return int(host[0])
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker's worker_init_fn: the training process decides when to stop (StopSignals)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def log_gone(log, path):
@@ -2014,7 +2121,7 @@ def main(argv=None):
             benchmark(args)
         else:
             train(args)
-    except (UserError, OSError, KeyboardInterrupt) as e:
+    except (UserError, OSError, KeyboardInterrupt, Stopped) as e:
         # Name the run folder (as finetune_voc.py does): --resume alone continues runs/<arch>-<loss>,
         # another run than one trained into --out DIR, or with another -a or --loss.
         resume = None if args.colorize or args.benchmark else (resume_flags(args.out) if args.out else '--resume')

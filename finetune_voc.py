@@ -20,8 +20,9 @@ logits of 10 random crops, AP both as the VOC2007 11-point interpolated AP and a
 non-interpolated AP. Segmentation: sparse hypercolumns (128 pixels per 448 crop), new head; test
 = dense prediction at stride 4 over the whole val set, mIU from one confusion matrix. A run writes
 to --out: checkpoint.pt (atomic, resumable), log.jsonl, results.json (metrics, init, flags, torch,
-device, git commit) and with --feature-shift feature_shift.json. On CUDA: bf16 autocast,
-torch.compile, channels_last, TF32; on a CPU: float32, eager and small defaults.
+device, git commit) and with --feature-shift feature_shift.json. SIGTERM or SIGUSR1 during training
+saves a checkpoint after the current step and stops. On CUDA: bf16 autocast, torch.compile,
+channels_last, TF32; on a CPU: float32, eager and small defaults.
 """
 import argparse
 import contextlib
@@ -45,11 +46,12 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, UserError, absolute_paths, atomic_save, autocast,
-                      environment, error_text, fork_run, format_seconds, load_checkpoint, load_optimizer_state,
-                      lock_run, log_gone, log_line, make_model as make_colorization_model, merge_resumed_args,
-                      parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_to_overwrite, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log)
+from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths,
+                      atomic_save, autocast, environment, error_text, fork_run, format_seconds, ignore_stop_signals,
+                      load_checkpoint, load_optimizer_state, lock_run, log_gone, log_line,
+                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
+                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
+                      resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1146,7 +1148,8 @@ def make_loader(dataset, args, device, start_step):
                                    stop_step=args.steps)  # no reads of steps that will not run
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0)
+        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
+        worker_init_fn=ignore_stop_signals)
 
 
 def train(model, train_set, args, device, init_info, ckpt=None):
@@ -1170,7 +1173,9 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     if args.compile and start < args.steps:
         print(COMPILE_NOTE, flush=True)
-    with open(args.out / 'log.jsonl', 'a' if start else 'w') as log:  # a fresh run starts a fresh log
+    stopping = False
+    # A fresh run starts a fresh log. SIGTERM or SIGUSR1 (StopSignals): save after the step and stop.
+    with open(args.out / 'log.jsonl', 'a' if start else 'w') as log, StopSignals(device) as stop:
         for batch in data.watch_stalls(loader):
             if step >= args.steps:
                 break
@@ -1191,16 +1196,19 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                              peak_mem_gb=peak_memory_gb(device))
                 print(progress_line(entry, args.steps, args.batch_size), flush=True)
                 log_line(log, entry)
-            stop = args.exit_after is not None and step >= args.exit_after
-            if step % args.save_every == 0 or step == args.steps or stop:
+            stopping = stop.agreed(step) and step < args.steps
+            exit_now = stopping or (args.exit_after is not None and step >= args.exit_after)
+            if step % args.save_every == 0 or step == args.steps or exit_now:
                 problem = log_gone(log, args.out / 'log.jsonl')
                 if problem:  # the run folder removed: not made anew, without its log
                     raise UserError(problem)
                 with progress.paused():  # saving does not count against img/s
                     save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
                                     progress.state())
-            if stop:
+            if exit_now:
                 break
+    if stopping:
+        raise Stopped(stop.signum, step, args.out / 'checkpoint.pt')
     return step
 
 
@@ -1574,7 +1582,7 @@ def main(argv=None):
             export(args)
         else:
             run(args)
-    except (UserError, OSError, KeyboardInterrupt) as e:
+    except (UserError, OSError, KeyboardInterrupt, Stopped) as e:
         status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out))
         if status is None:  # a bug, not the user's to fix: the traceback
             raise

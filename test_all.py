@@ -7,6 +7,7 @@ out by hand, hand-computed AP, IoU, FLOP and histogram examples, independent dec
 TEST_COMPILE=1 also traces a model with torch.compile(fullgraph=True).
 """
 import argparse
+import contextlib
 import copy
 import errno
 import io
@@ -2353,6 +2354,80 @@ def test_resume_after_sigkill_is_exact(folders, tmp_path):
     _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt'))
 
 
+@contextlib.contextmanager
+def _counted(sig):
+    """A handler of `sig` for the block that counts the signals it gets (a run that set none would
+    otherwise be killed, with pytest); asserts that the run put it back."""
+    caught = []
+
+    def count(*_):
+        caught.append(sig)
+    before = signal.signal(sig, count)
+    try:
+        yield caught
+        assert signal.getsignal(sig) is count
+    finally:
+        signal.signal(sig, before)
+
+
+def _signal_at_call(fn, call, sig):
+    """`fn`, sending this process `sig` during its `call`-th call (counted from 1)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), sig)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_sigterm_saves_the_step_and_stops_and_the_resume_is_exact(folders, tmp_path, monkeypatch, capsys):
+    train, val = folders
+    common = ['--steps', '8', '--lr', '0.02']  # checkpoints at the end only (--save-every = --eval-every 100)
+    assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
+    out = tmp_path / 'b'
+    monkeypatch.setattr(colorize, 'train_step', _signal_at_call(colorize.train_step, 3, signal.SIGTERM))
+    capsys.readouterr()
+    with _counted(signal.SIGTERM) as caught:
+        assert colorize.main(tiny_args(train, val, out, *common)) == 128 + signal.SIGTERM
+    assert caught == []  # the run's own handler got it
+    assert capsys.readouterr().err == (f'stopped at step 3 by SIGTERM: {out / "checkpoint.pt"} holds it; '
+                                       f'continue with --resume --out {out}\n')
+    assert _state(out / 'checkpoint.pt')['step'] == 3  # saved there, not at a --save-every step
+    monkeypatch.undo()
+    assert colorize.main(tiny_args(train, val, out, *common, '--resume')) == 0
+    _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt'))
+    assert (tmp_path / 'a' / 'log.jsonl').read_text().count('"img_per_s"') == 4  # steps 2, 4, 6, 8
+    losses = [[json.loads(line).get('loss') for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()]
+              for r in 'ab']
+    assert losses[0] == losses[1]  # the line at step 4 spans the stop at 3, as in the run never stopped
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_run_with_its_loader_workers(folders, tmp_path):
+    # A scheduler (SLURM at a time limit, scancel) signals every process of the job, the DataLoader
+    # workers too: they must not die of it (the run would end in a traceback, unsaved), and the
+    # training process must save and stop.
+    train, val = folders
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, str(HERE / 'colorize.py'),
+                             *tiny_args(train, val, out, '--steps', '500', '--log-every', '1', '--workers', '2')],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        for line in proc.stdout:
+            if line.startswith('step 3/'):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = int(re.search(r'stopped at step (\d+) by SIGTERM', err).group(1))
+    assert 3 <= stopped < 500 and 'Traceback' not in err and 'done:' not in rest
+    assert _state(out / 'checkpoint.pt')['step'] == stopped
+
+
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     train = _write_images(tmp_path / 'train', 16, 2)
     val = _write_images(tmp_path / 'val', 4, 3)
@@ -2474,6 +2549,55 @@ def test_ranks_stop_together_when_the_run_folder_is_in_use(folders, tmp_path):
         (code0, err0), (code1, err1) = _ranks(2, tiny_args(train, val, run, '--steps', '2'))
     assert code0 == code1 == 2, err1[-2000:]
     assert 'is in use by' in err0 and 'rank 0: ' in err1 and 'is in use by' in err1 and 'Traceback' not in err1
+
+
+def test_ranks_stop_together_at_an_exchange_when_one_of_them_is_sent_sigterm(folders, tmp_path):
+    # Only rank 1 is told (a signal may reach the ranks at different times, or one only): both save
+    # at the same step, an exchange (StopSignals), and exit; rank 0 says where to continue.
+    train, val = folders
+    out = tmp_path / 'run'
+    env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(_free_port()))
+    args = tiny_args(train, val, out, '--steps', '500', '--log-every', '1', '--batch-size', '2')
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith('step 3/'):
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        (out0, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, err0[-2000:] + err1[-2000:]
+    stopped = int(re.search(r'stopped at step (\d+) by SIGTERM', err0).group(1))
+    assert stopped % colorize.STOP_CHECK_EVERY == 0 and 3 < stopped < 500 and 'stopped' not in err1
+    ckpt = _state(out / 'checkpoint.pt')
+    assert ckpt['step'] == stopped and [sum(c) for c in ckpt['counts_by_rank']] == [2 * stopped] * 2
+
+
+@pytest.mark.parametrize('backend', [pytest.param('gloo', id='gloo-cpu'), pytest.param('nccl', id='nccl-cuda', marks=(
+    pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')))])
+def test_stop_requests_are_exchanged_an_interval_before_they_are_read(backend):
+    # Under DDP a rank's request goes out at an exchange and is read back at the next one, so
+    # that on a GPU reading it never waits for the queued steps (NCCL: pinned copy and event).
+    import torch.distributed as dist
+    device = torch.device('cuda' if backend == 'nccl' else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+    try:
+        every = colorize.STOP_CHECK_EVERY
+        stop = colorize.StopSignals(device)
+        assert not any(stop.agreed(step) for step in range(1, 3 * every + 1))
+        stop.signum = signal.SIGUSR1  # as the handler sets it, just after step 3 * every
+        assert not any(stop.agreed(step) for step in range(3 * every + 1, 4 * every + 1))  # sent at 4 * every
+        assert not any(stop.agreed(step) for step in range(4 * every + 1, 5 * every))
+        assert stop.agreed(5 * every) and stop.signum == signal.SIGUSR1  # read back: every rank stops here
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ranks_refuse_to_shard_lists_that_differ():
@@ -4303,6 +4427,27 @@ def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     assert ft.main(base) == 130
     assert capsys.readouterr().err == (f"interrupted: the last checkpoint written is intact; continue with "
                                        f"--resume --out {tmp_path / 'd'}\n")
+
+
+def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
+    base = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
+            '--input', 'gray', '--test-crops', '1', '--steps', '4', '--batch-size', '4', '--crop', '32',
+            '--workers', '0', '--device', 'cpu', '--log-every', '3']
+    assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 0
+    out = tmp_path / 'b'
+    monkeypatch.setattr(ft, 'train_loss', _signal_at_call(ft.train_loss, 2, signal.SIGUSR1))
+    capsys.readouterr()
+    with _counted(signal.SIGUSR1) as caught:
+        assert ft.main([*base, '--out', str(out)]) == 128 + signal.SIGUSR1
+    assert caught == []
+    assert capsys.readouterr().err == (f'stopped at step 2 by SIGUSR1: {out / "checkpoint.pt"} holds it; '
+                                       f'continue with --resume --out {out}\n')
+    assert not (out / 'results.json').exists() and _state(out / 'checkpoint.pt')['step'] == 2
+    monkeypatch.undo()
+    assert ft.main(['--resume', '--out', str(out), '--workers', '0', '--device', 'cpu']) == 0
+    a, b = _state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt')
+    _assert_same_weights(a, b)
+    assert read_results(tmp_path / 'a')['metrics'] == read_results(out)['metrics']
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
