@@ -1280,17 +1280,20 @@ def _train(args, run_lock):
                             keep_checkpoint(saved, step)
             if stopping or (args.exit_after is not None and step >= args.exit_after):
                 break
-    if stopping:
+        # Still under StopSignals: the other ranks wait below while rank 0 saves, and a signal that
+        # reached one of them there (a repeated one, or one at the last step) would kill it, and rank 0's
+        # collective would then fail (gloo) or hang (NCCL).
+        if stopping:
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 has saved; a rank that exited sooner would have torchrun stop it
+            raise Stopped(stop.signum, step, saved)
+        all_counts = data.StatusCounter()  # over all ranks
+        all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
+        if master:
+            print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had '
+                  f'zero weight); ' + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
         if dist.is_initialized():
-            dist.barrier()  # rank 0 has saved; a rank that exited sooner would have torchrun stop it
-        raise Stopped(stop.signum, step, saved)
-    all_counts = data.StatusCounter()  # over all ranks
-    all_counts.load_state_dict(dict(counts=summed(gather_counts(counter, world, device))))
-    if master:
-        print(f'done: step {step}; {all_counts} (unreadable{"" if classify else " and grayscale"} images had '
-              f'zero weight); ' + (f'checkpoint {saved}' if saved else 'no checkpoint written yet'))
-    if dist.is_initialized():
-        dist.barrier()
+            dist.barrier()
     return raw_model
 
 

@@ -2600,6 +2600,30 @@ def test_stop_requests_are_exchanged_an_interval_before_they_are_read(backend):
         dist.destroy_process_group()
 
 
+def test_a_rank_waiting_for_rank_0_after_the_loop_is_not_killed_by_a_signal(folders, tmp_path, monkeypatch):
+    # After the last step (or the agreed stop) the other ranks wait in a collective while rank 0 saves.
+    # A signal that reaches a rank there (a repeated one, one at the last step) must not kill it: rank
+    # 0's collective would then fail (gloo: a traceback) or hang (NCCL). One gloo rank stands for them.
+    import torch.distributed as dist
+    train, val = folders
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, 'barrier', _signal_at_call(barrier, 1, signal.SIGTERM))
+    monkeypatch.setattr(colorize, 'train_step', _signal_at_call(colorize.train_step, 3, signal.SIGUSR1))
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+    try:
+        with _counted(signal.SIGTERM) as caught:
+            with pytest.raises(colorize.Stopped) as stopped:  # not main(): under DDP it ends the process
+                colorize.train(colorize.parse_args(tiny_args(train, val, tmp_path / 'a', '--steps', '500')))
+        assert caught == [] and stopped.value.signum == signal.SIGUSR1
+        assert stopped.value.step == 2 * colorize.STOP_CHECK_EVERY == _state(tmp_path / 'a' / 'checkpoint.pt')['step']
+        monkeypatch.setattr(colorize, 'gather_counts', _signal_at_call(colorize.gather_counts, 1, signal.SIGTERM))
+        with _counted(signal.SIGTERM) as caught:  # the last step's: the run ends as usual
+            colorize.train(colorize.parse_args(tiny_args(train, val, tmp_path / 'b', '--steps', '3')))
+        assert caught == [] and _state(tmp_path / 'b' / 'checkpoint.pt')['step'] == 3
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ranks_refuse_to_shard_lists_that_differ():
     # As if a folder gained an image between rank 0's listing and rank 1's: every rank stops with one
     # line (unchecked, each would shard its own list: images skipped or seen twice). The ranks gather
