@@ -1173,7 +1173,6 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     loader = make_loader(train_set, args, device, start) if start < args.steps else []
     if args.compile and start < args.steps:
         print(COMPILE_NOTE, flush=True)
-    stopping = False
     # A fresh run starts a fresh log. SIGTERM or SIGUSR1 (StopSignals): save after the step and stop.
     with open(args.out / 'log.jsonl', 'a' if start else 'w') as log, StopSignals(device) as stop:
         for batch in data.watch_stalls(loader):
@@ -1196,8 +1195,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                              peak_mem_gb=peak_memory_gb(device))
                 print(progress_line(entry, args.steps, args.batch_size), flush=True)
                 log_line(log, entry)
-            stopping = stop.agreed(step) and step < args.steps
-            exit_now = stopping or (args.exit_after is not None and step >= args.exit_after)
+            exit_now = stop.agreed(step) or (args.exit_after is not None and step >= args.exit_after)
             if step % args.save_every == 0 or step == args.steps or exit_now:
                 problem = log_gone(log, args.out / 'log.jsonl')
                 if problem:  # the run folder removed: not made anew, without its log
@@ -1207,7 +1205,9 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                                     progress.state())
             if exit_now:
                 break
-    if stopping:
+    # Also at the last step, or during its save: the test that follows would not finish before the
+    # scheduler's SIGKILL; --resume runs only the test.
+    if stop.signum is not None:
         raise Stopped(stop.signum, step, args.out / 'checkpoint.pt')
     return step
 

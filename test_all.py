@@ -4472,6 +4472,17 @@ def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tm
     a, b = _state(tmp_path / 'a' / 'checkpoint.pt'), _state(out / 'checkpoint.pt')
     _assert_same_weights(a, b)
     assert read_results(tmp_path / 'a')['metrics'] == read_results(out)['metrics']
+    # At the last step (or during its save) too: the test that follows would not finish before the
+    # scheduler's SIGKILL. The resume runs only the test.
+    out = tmp_path / 'c'
+    monkeypatch.setattr(ft, 'save_checkpoint', _signal_at_call(ft.save_checkpoint, 2, signal.SIGTERM))
+    capsys.readouterr()
+    assert ft.main([*base, '--out', str(out), '--save-every', '2']) == 128 + signal.SIGTERM  # saves at 2, 4
+    assert capsys.readouterr().err.startswith(f'stopped at step 4 by SIGTERM: {out / "checkpoint.pt"} holds it')
+    assert not (out / 'results.json').exists() and _state(out / 'checkpoint.pt')['step'] == 4
+    monkeypatch.undo()
+    assert ft.main(['--resume', '--out', str(out), '--workers', '0', '--device', 'cpu']) == 0
+    assert read_results(tmp_path / 'a')['metrics'] == read_results(out)['metrics']
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
