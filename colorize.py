@@ -673,7 +673,7 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=slots.collate if slots else None, pin_memory=device.type == 'cuda', drop_last=True,
         persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None,
-        worker_init_fn=ignore_stop_signals)
+        worker_init_fn=ignore_stop_signals, multiprocessing_context=loader_start_method(args.workers))
     return slots.batches(loader) if slots else loader
 
 
@@ -1436,6 +1436,14 @@ def ignore_stop_signals(worker_id=None):
     """A DataLoader worker's worker_init_fn: the training process decides when to stop (StopSignals)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def loader_start_method(workers):
+    """A training DataLoader's multiprocessing_context: 'fork' where Python would start its `workers`
+    from a forkserver (3.14's default on Linux), else None (the default). The forkserver is a process
+    of the job that a scheduler's signal to the whole job kills, and torch's workers stop once their
+    parent is gone, while a DDP rank still reads batches up to its next exchange (StopSignals)."""
+    return 'fork' if workers and torch.multiprocessing.get_start_method() == 'forkserver' else None
 
 
 def log_gone(log, path):

@@ -2428,6 +2428,30 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_with_its_loader_worker
     assert _state(out / 'checkpoint.pt')['step'] == stopped
 
 
+@pytest.mark.skipif('forkserver' not in torch.multiprocessing.get_all_start_methods(), reason='no forkserver here')
+def test_loader_workers_outlive_a_signal_to_the_whole_process_group_under_forkserver(folders, tmp_path):
+    # Python 3.14 starts processes from a forkserver by default on Linux: a process of the job, which the
+    # scheduler's SIGTERM kills, and the DataLoader workers, its children, stop when their parent is gone.
+    # A rank under DDP reads up to 2 x STOP_CHECK_EVERY batches after the signal before it stops.
+    train, _ = folders
+    script = textwrap.dedent(f"""
+        import argparse, os, signal, torch, colorize
+        torch.multiprocessing.set_start_method('forkserver', force=True)
+        args = argparse.Namespace(crop=32, short_side=[32, 40], objective='colorize', batch_size=2, seed=0,
+                                  workers=2, handover='slots')
+        paths = sorted(str(p) for p in colorize.Path({str(train)!r}).iterdir())
+        loader = colorize.make_loader(paths, args, 0, 1, 0, torch.device('cpu'), stop_step=60)
+        with colorize.StopSignals(torch.device('cpu')) as stop:
+            for step, batch in enumerate(loader, 1):
+                if step == 3:
+                    os.killpg(0, signal.SIGTERM)
+        print(step, stop.signum)
+        """)
+    proc = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert (proc.returncode, proc.stdout) == (0, f'60 {int(signal.SIGTERM)}\n'), proc.stderr[-2000:]
+
+
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     train = _write_images(tmp_path / 'train', 16, 2)
     val = _write_images(tmp_path / 'val', 4, 3)
