@@ -15,12 +15,14 @@ and smaller defaults so the demo finishes in minutes. A run writes to --out: che
 SIGTERM or SIGUSR1 (a scheduler's notice) saves a checkpoint after the current step and stops.
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import datetime
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -673,7 +675,7 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=slots.collate if slots else None, pin_memory=device.type == 'cuda', drop_last=True,
         persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None,
-        worker_init_fn=ignore_stop_signals, multiprocessing_context=loader_start_method(args.workers))
+        **worker_options(args.workers))
     return slots.batches(loader) if slots else loader
 
 
@@ -1376,8 +1378,8 @@ class StopSignals:
     before, so all stop within 2 x STOP_CHECK_EVERY steps of the first signal. On CUDA that result
     was copied to pinned memory behind an event an interval ago, so reading it does not wait for
     the GPU's queue to drain. The handlers belong to the main thread and are put back on exit.
-    DataLoader workers ignore these signals (ignore_stop_signals): a scheduler signals every
-    process of the job, and the training process stops its workers itself."""
+    DataLoader workers ignore these signals (worker_options): a scheduler signals every process of
+    the job, and the training process stops its workers itself."""
 
     def __init__(self, device):
         self.device, self.signum, self._old, self._started = device, None, {}, None
@@ -1432,18 +1434,35 @@ class StopSignals:
         return int(host[0])
 
 
+def worker_options(workers):
+    """DataLoader arguments for the `workers` of a training loader under StopSignals. A scheduler
+    signals every process of the job, and the training process decides when to stop, so:
+    - worker_init_fn: the workers ignore SIGTERM and SIGUSR1 (they used to die of it, ending the run
+      in a traceback);
+    - multiprocessing_context: 'fork' where Python would start them from a forkserver (3.14's
+      default on Linux): the signal kills the forkserver, and torch's workers stop once their parent
+      is gone, while a DDP rank still reads batches up to its next exchange;
+    - at the interpreter's exit the daemonic children still alive get SIGKILL (registered once,
+      however many loaders): multiprocessing's own exit handler, which runs after, sends them
+      SIGTERM and waits without a limit, so a run that ended in a traceback (which keeps its loader
+      alive until then) never exited."""
+    atexit.unregister(_kill_daemonic_children)
+    atexit.register(_kill_daemonic_children)
+    fork = workers and torch.multiprocessing.get_start_method() == 'forkserver'
+    return dict(worker_init_fn=ignore_stop_signals, multiprocessing_context='fork' if fork else None)
+
+
 def ignore_stop_signals(worker_id=None):
-    """A DataLoader worker's worker_init_fn: the training process decides when to stop (StopSignals)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def loader_start_method(workers):
-    """A training DataLoader's multiprocessing_context: 'fork' where Python would start its `workers`
-    from a forkserver (3.14's default on Linux), else None (the default). The forkserver is a process
-    of the job that a scheduler's signal to the whole job kills, and torch's workers stop once their
-    parent is gone, while a DDP rank still reads batches up to its next exchange (StopSignals)."""
-    return 'fork' if workers and torch.multiprocessing.get_start_method() == 'forkserver' else None
+def _kill_daemonic_children():
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and hasattr(signal, 'SIGCHLD'):  # not DataLoader's handler: it would report each as a failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 def log_gone(log, path):

@@ -46,12 +46,12 @@ from torch import nn
 import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
-from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths,
-                      atomic_save, autocast, environment, error_text, fork_run, format_seconds, ignore_stop_signals,
-                      load_checkpoint, load_optimizer_state, loader_start_method, lock_run, log_gone, log_line,
-                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
-                      resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log)
+from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
+                      autocast, environment, error_text, fork_run, format_seconds, load_checkpoint,
+                      load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
+                      merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
+                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, resume_flags, rng_state, setup_device,
+                      step_seed, stop_status, trim_log, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1149,7 +1149,7 @@ def make_loader(dataset, args, device, start_step):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
-        worker_init_fn=ignore_stop_signals, multiprocessing_context=loader_start_method(args.workers))
+        **worker_options(args.workers))
 
 
 def train(model, train_set, args, device, init_info, ckpt=None):

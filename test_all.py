@@ -2452,6 +2452,33 @@ def test_loader_workers_outlive_a_signal_to_the_whole_process_group_under_forkse
     assert (proc.returncode, proc.stdout) == (0, f'60 {int(signal.SIGTERM)}\n'), proc.stderr[-2000:]
 
 
+def _run_with_a_bug(script, step_function, args, tmp_path):
+    """`script`.main(args) in a new process, with `step_function` raising a RuntimeError (a bug, so a
+    traceback) at the first step: the finished process, or an error after 60 s (it hung)."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(textwrap.dedent(f'''\
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        import {script}
+        def broken(*args, **kwargs):
+            raise RuntimeError('a bug at step 1')
+        {script}.{step_function} = broken
+        sys.exit({script}.main(sys.argv[1:]))
+    '''))
+    return subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_a_run_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(folders, tmp_path):
+    # The workers ignore SIGTERM (ignore_stop_signals); multiprocessing's exit handler terminates
+    # daemonic children with SIGTERM and then waits for them, and the traceback keeps the loader
+    # alive until then: the process hung for ever (on a cluster, holding its GPUs).
+    train, val = folders
+    result = _run_with_a_bug('colorize', 'train_step', tiny_args(train, val, tmp_path / 'run', '--workers', '1'),
+                             tmp_path)
+    assert result.returncode == 1 and result.stderr.rstrip().endswith('RuntimeError: a bug at step 1')
+
+
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     train = _write_images(tmp_path / 'train', 16, 2)
     val = _write_images(tmp_path / 'val', 4, 3)
@@ -4507,6 +4534,14 @@ def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tm
     monkeypatch.undo()
     assert ft.main(['--resume', '--out', str(out), '--workers', '0', '--device', 'cpu']) == 0
     assert read_results(tmp_path / 'a')['metrics'] == read_results(out)['metrics']
+
+
+def test_a_fine_tuning_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(tmp_path, voc):
+    args = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
+            '--steps', '4', '--batch-size', '4', '--crop', '32', '--workers', '1', '--device', 'cpu',
+            '--out', str(tmp_path / 'run')]
+    result = _run_with_a_bug('finetune_voc', 'train_loss', args, tmp_path)
+    assert result.returncode == 1 and result.stderr.rstrip().endswith('RuntimeError: a bug at step 1')
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
