@@ -421,15 +421,23 @@ def image_sources(args, master, hold_out=True, held=None):
     cache = args.out / 'cache'
     log = print if master else (lambda *a, **k: None)  # one listing line per root, from rank 0
     if args.data is None:
-        problem = None
-        if master:
+        def make_demo():
             try:
                 data.ensure_demo(args.demo_root)
             except (ValueError, OSError) as e:  # a foreign folder where the demo should be, a full disk
-                problem = str(e)
-        problem = rank0_problem(problem)  # every rank learns whether rank 0 succeeded (and none waits forever)
+                return str(e)
+        problem = rank0_problem(make_demo() if master else None)  # every rank learns it (and none waits forever)
         if problem:
             raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
+        if dist.is_initialized():
+            # Another node may not see rank 0's demo world (a --demo-root on its own disk, /tmp say):
+            # the first rank of each node makes it there too, at once done where it is (a shared one).
+            first_on_node = not master and os.environ.get('LOCAL_RANK', '0') == '0'
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, make_demo() if first_on_node else None)
+            problem = next((f'rank {r} could not prepare the demo world: {p}' for r, p in enumerate(every) if p), None)
+            if problem:
+                raise UserError(problem)
         if master:
             print(f'no --data given: training on the demo world in {args.demo_root}')
         train = data.find_images([args.demo_root / 'train'], log=log)

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import inspect
 import io
 import json
 import math
@@ -2533,14 +2534,16 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
-def _ranks(processes, args):
+def _ranks(processes, args, by_rank=None):
     """colorize.py as `processes` ranks started by hand with torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...), sparing torchrun's own process: [(exit status, stderr)] by rank."""
+    MASTER_ADDR, ...), sparing torchrun's own process: [(exit status, stderr)] by rank. by_rank: a
+    dict per rank with more `args` and its `local_rank` (default: its rank, one node)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args],
+    by_rank = by_rank or [{}] * processes
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *by_rank[r].get('args', ())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
              for r in range(processes)]
     results = []
     try:
@@ -2564,6 +2567,33 @@ def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
     assert code0 == code1 == 2  # each rank prints its error and exits, none hangs or aborts
     assert 'holds no complete demo world' in err0 and 'rank 0 could not prepare' in err1
     assert (foreign / 'mine.txt').read_text() == 'not a demo world'
+
+
+def _fake_complete_demo(root):
+    """A demo world of 12 images that ensure_demo (as colorize.py calls it) takes for its full one."""
+    data.make_demo_world(root, n_train=6, n_val=6)
+    defaults = {k: v.default for k, v in inspect.signature(data.ensure_demo).parameters.items()
+                if k in ('n_train', 'n_val', 'n_trainval_2007', 'n_test_2007', 'n_train_2012', 'n_val_2012', 'seed')}
+    (root / data._DEMO_MARKER).write_text(json.dumps({'version': data._DEMO_VERSION, **defaults}))
+    return root
+
+
+def test_the_first_rank_of_each_node_prepares_the_demo_world_it_sees(tmp_path):
+    # Two nodes (rank 1 is LOCAL_RANK 0 on its own) without a shared --demo-root (/tmp is per node):
+    # rank 1 does not see rank 0's demo world, so it must make its own, not crash listing a missing
+    # folder. Simulated by a folder of rank 1's own that holds something else, which ensure_demo
+    # refuses: both ranks stop with the line that names rank 1 (before: rank 1's traceback, rank 0's gloo error).
+    mine = _fake_complete_demo(tmp_path / 'node0')
+    theirs = tmp_path / 'node1'
+    theirs.mkdir()
+    (theirs / 'mine.txt').write_text('not a demo world')
+    args = ['--out', str(tmp_path / 'out'), '--device', 'cpu', '--steps', '1', '--width', '0.0625', '--fc-dim', '16',
+            '--crop', '32', '--batch-size', '2', '--workers', '0']
+    (code0, err0), (code1, err1) = _ranks(2, args, by_rank=[dict(args=['--demo-root', str(mine)]),
+                                                          dict(args=['--demo-root', str(theirs)], local_rank=0)])
+    assert code0 == code1 == 2, err0[-2000:] + err1[-2000:]
+    assert 'rank 1 could not prepare the demo world' in err0 and 'holds no complete demo world' in err1
+    assert 'Traceback' not in err0 + err1
 
 
 def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsupported(tmp_path, monkeypatch):
