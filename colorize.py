@@ -1070,12 +1070,19 @@ def open_run(args, device, world, master, run_lock):
     Rank 0 locks the folder (lock_run) into `run_lock`, a contextlib.ExitStack that train() closes
     when the run ends. Returns (checkpoint or None, its path or None)."""
     absolute_paths(vars(args), PATH_FLAGS)
-    ckpt = resume_path = None
+    ckpt = resume_path = problem = None
     if args.resume:
         # --resume CKPT continues in CKPT's folder unless --out says otherwise.
         resume_path = (args.out or default_out(args)) / 'checkpoint.pt' if args.resume == 'auto' else Path(args.resume)
         args.out = args.out or resume_path.parent
-        ckpt = load_checkpoint(resume_path)
+        try:
+            ckpt = load_checkpoint(resume_path)
+        except UserError as e:
+            if not dist.is_initialized():
+                raise
+            problem = str(e)  # perhaps this rank's alone (a node that does not see the run folder): say it on all
+    same_start(problem, ckpt, args.out or default_out(args))
+    if args.resume:
         if str(ckpt['config'].get('objective', 'colorize')).startswith('voc-'):
             raise UserError(f'{resume_path} is a finetune_voc.py checkpoint: continue it with finetune_voc.py '
                             f'--resume {resume_path}')
@@ -1100,6 +1107,30 @@ def open_run(args, device, world, master, run_lock):
     if resume_path is not None and master:
         fork_run(resume_path, args.out, ('log.jsonl', 'run.json'))
     return ckpt, resume_path
+
+
+def same_start(problem, ckpt, out):
+    """Under DDP, stop every rank with one line unless all loaded their --resume checkpoint (`problem`: why
+    this one could not) and start at the same step (None: afresh). A node that does not see the run
+    folder (--out on its own disk), or a job script that chose --resume on each node by what that node
+    saw there, would have ranks train from different steps, lr and momentum, in step with each other."""
+    if not dist.is_initialized():
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (problem, None if ckpt is None else ckpt.get('step', '?')))
+    problem = next((f'rank {r}: {p}' for r, (p, _) in enumerate(every) if p), None)
+    steps = [step for _, step in every]
+    read = next((r for r, step in enumerate(steps) if step is not None), None)
+    if problem and read is not None:
+        problem += f' (rank {read} read it: every node must see the run folder, on a file system they share)'
+    differs = next((r for r, step in enumerate(steps) if step != steps[0]), None)
+    if problem is None and differs is not None:
+        def start(step):
+            return 'starts afresh' if step is None else f'resumes at step {step}'
+        problem = (f'rank 0 {start(steps[0])} but rank {differs} {start(steps[differs])}: the ranks must see the '
+                   f'same run folder {out} (on a file system that all nodes share) and get the same flags')
+    if problem:
+        raise UserError(problem)
 
 
 def fork_run(resume_path, out, names):

@@ -2596,6 +2596,27 @@ def test_the_first_rank_of_each_node_prepares_the_demo_world_it_sees(tmp_path):
     assert 'Traceback' not in err0 + err1
 
 
+def test_ranks_that_would_start_from_different_steps_stop_together(folders, tmp_path):
+    # A node that does not see the run folder (--out on its own disk), or a job script that adds
+    # --resume on each node by what that node sees: rank 0 resumes, rank 1 starts afresh. Before,
+    # they trained in step with each other from different steps (lr, momentum, data), silently.
+    train, val = folders
+    run = tmp_path / 'run'
+    assert colorize.main(tiny_args(train, val, run, '--steps', '2')) == 0  # one process: checked before its world
+    (code0, err0), (code1, err1) = _ranks(2, tiny_args(train, val, run, '--steps', '4'), by_rank=[
+        dict(args=['--resume']), dict(args=['--out', str(tmp_path / 'node1-run')])])
+    assert code0 == code1 == 2, err0[-2000:] + err1[-2000:]
+    line = 'error: rank 0 resumes at step 2 but rank 1 starts afresh: the ranks must see the same run folder '
+    assert err0.startswith(line + str(run)) and err1.startswith(line)
+    # Both resuming, rank 1 without the checkpoint: its reason, on every rank.
+    (code0, err0), (code1, err1) = _ranks(2, tiny_args(train, val, run, '--steps', '4', '--resume'), by_rank=[
+        {}, dict(args=['--out', str(tmp_path / 'node1-run')])])
+    assert code0 == code1 == 2 and err0 == err1, err0[-2000:] + err1[-2000:]
+    assert err0.startswith(f'error: rank 1: checkpoint {tmp_path / "node1-run" / "checkpoint.pt"} does not exist')
+    assert 'rank 0 read it' in err0
+    assert _state(run / 'checkpoint.pt')['step'] == 2
+
+
 def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsupported(tmp_path, monkeypatch):
     path, me = tmp_path / 'lock', f'pid {os.getpid()} on {socket.gethostname()}'
     first, holder = data.exclusive_lock(path)
