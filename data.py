@@ -2320,9 +2320,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def printable_output():
     """Print any path: a file name that is not UTF-8 holds surrogate escapes, which a strict stdout
-    (Python's default under a UTF-8 locale without UTF-8 mode) refuses with UnicodeEncodeError."""
+    (Python's default under a UTF-8 locale without UTF-8 mode) refuses with UnicodeEncodeError. And
+    print each line as it comes: stdout to a file (a cluster job's log) is block-buffered, so the
+    lines of a long listing, say, would show up only at the first progress line, minutes later."""
     if hasattr(sys.stdout, 'reconfigure'):
-        sys.stdout.reconfigure(errors='backslashreplace')
+        sys.stdout.reconfigure(errors='backslashreplace', line_buffering=True)
 
 
 def main(argv=None):

@@ -2617,6 +2617,26 @@ def test_ranks_that_would_start_from_different_steps_stop_together(folders, tmp_
     assert _state(run / 'checkpoint.pt')['step'] == 2
 
 
+def test_lines_reach_a_log_file_as_they_are_printed(tmp_path):
+    # A cluster job's stdout is a file, block-buffered: a long listing's progress lines showed up
+    # only with the first progress line of training, minutes later (unless PYTHONUNBUFFERED was set).
+    code = ('import sys, data; data.printable_output(); data.find_images(sys.argv[1], log=print); '
+            'sys.stdin.read()')  # then waits until told to end
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+    images = _write_images(tmp_path / 'images', 2, 0)
+    with open(tmp_path / 'job.out', 'w') as log:
+        proc = subprocess.Popen([sys.executable, '-c', code, str(images)], cwd=HERE, env=env, stdout=log,
+                                stdin=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not (tmp_path / 'job.out').read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (tmp_path / 'job.out').read_text() == f'2 images scanned in {images} (0.0 s)\n'
+        finally:
+            proc.communicate(b'', timeout=60)
+    assert proc.returncode == 0
+
+
 def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsupported(tmp_path, monkeypatch):
     path, me = tmp_path / 'lock', f'pid {os.getpid()} on {socket.gethostname()}'
     first, holder = data.exclusive_lock(path)
