@@ -835,6 +835,7 @@ def refuse_to_overwrite(out, resume_path=None):
 
 
 RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
+RUN_FILES = ('log.jsonl', 'run.json', 'results.json')  # written beside the checkpoints (results: finetune_voc.py)
 
 
 def lock_run(out):
@@ -848,6 +849,15 @@ def lock_run(out):
         raise UserError(f'{out} is in use by {holder}: a run (or a --resume of it) is still training there, and '
                         f'a second one would overwrite its checkpoints; wait for it to end (or stop it), then '
                         f'continue with {resume_flags(out)}')
+    if lock.locked:  # (not where flock is missing)
+        # No other process writes here, so every temp file of a write is a killed one's, also one of
+        # another host (a job killed while saving, then requeued on another node: a checkpoint's size).
+        for entry in os.scandir(out):
+            written = entry.name.partition('.tmp-')[0]  # the file whose write left it
+            if (entry.name != written and entry.is_file(follow_symlinks=False)
+                    and (written in RUN_FILES or written.startswith('checkpoint'))):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
     return lock
 
 

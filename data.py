@@ -1426,18 +1426,20 @@ def exclusive_lock(path):
     """Take an exclusive flock on the file `path` without waiting, and write 'pid N on HOST' into it.
     Returns (the open file, which holds the lock until it is closed, None), or, where another process
     holds it, (None, what that process wrote). Where flock is missing (not POSIX) or unsupported (some
-    network mounts), the file is returned unlocked: the work goes on without the guard."""
+    network mounts), the file is returned unlocked: the work goes on without the guard. The file's
+    attribute `locked` says which."""
     lock = open(path, 'a+')
     try:
         import fcntl
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.locked = True
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or 'another process'
         lock.close()
         return None, holder
     except (ImportError, OSError):
-        pass
+        lock.locked = False
     lock.seek(0)
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')

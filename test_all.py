@@ -2637,6 +2637,26 @@ def test_lines_reach_a_log_file_as_they_are_printed(tmp_path):
     assert proc.returncode == 0
 
 
+def test_locking_a_run_folder_removes_the_temp_files_of_killed_writes_from_any_host(tmp_path, monkeypatch):
+    # A job killed while saving (SIGKILL after the scheduler's grace time), requeued on another node:
+    # the temp file its host left (a checkpoint's size) was removed only by a write on that host.
+    left = [tmp_path / f'{name}.tmp-othernode-{os.getpid()}' for name in ('checkpoint.pt', 'log.jsonl', 'run.json')]
+    kept = [tmp_path / 'notes.txt.tmp-othernode-1', tmp_path / 'checkpoint.pt']
+    for path in left + kept:
+        path.write_bytes(b'x')
+    colorize.lock_run(tmp_path).close()
+    assert [p.exists() for p in left + kept] == [False] * len(left) + [True] * len(kept)
+    # Without flock (ENOLCK) another process may be writing them: they stay.
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(fcntl, 'flock', unsupported)
+    left[0].write_bytes(b'x')
+    colorize.lock_run(tmp_path).close()
+    assert left[0].exists()
+
+
 def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsupported(tmp_path, monkeypatch):
     path, me = tmp_path / 'lock', f'pid {os.getpid()} on {socket.gethostname()}'
     first, holder = data.exclusive_lock(path)
