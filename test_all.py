@@ -2608,13 +2608,26 @@ def test_ranks_that_would_start_from_different_steps_stop_together(folders, tmp_
     assert code0 == code1 == 2, err0[-2000:] + err1[-2000:]
     line = 'error: rank 0 resumes at step 2 but rank 1 starts afresh: the ranks must see the same run folder '
     assert err0.startswith(line + str(run)) and err1.startswith(line)
-    # Both resuming, rank 1 without the checkpoint: its reason, on every rank.
-    (code0, err0), (code1, err1) = _ranks(2, tiny_args(train, val, run, '--steps', '4', '--resume'), by_rank=[
-        {}, dict(args=['--out', str(tmp_path / 'node1-run')])])
-    assert code0 == code1 == 2 and err0 == err1, err0[-2000:] + err1[-2000:]
-    assert err0.startswith(f'error: rank 1: checkpoint {tmp_path / "node1-run" / "checkpoint.pt"} does not exist')
-    assert 'rank 0 read it' in err0
     assert _state(run / 'checkpoint.pt')['step'] == 2
+
+
+def test_same_start_says_which_rank_could_not_read_the_checkpoint(monkeypatch):
+    # Both resuming, rank 1 without the checkpoint (in-process: the ranks' answers by hand): its
+    # reason, on every rank, and that rank 0 read it.
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
+    rank1 = ('checkpoint n1/checkpoint.pt does not exist', None)
+    monkeypatch.setattr(dist, 'all_gather_object', lambda every, mine: every.__setitem__(slice(None), [mine, rank1]))
+    with pytest.raises(colorize.UserError) as e:
+        colorize.same_start(None, dict(step=2), 'run')
+    assert str(e.value) == ('rank 1: checkpoint n1/checkpoint.pt does not exist (rank 0 read it: every node must '
+                            'see the run folder, on a file system they share)')
+    rank1 = (None, 2)
+    colorize.same_start(None, dict(step=2), 'run')  # the same step: no problem
+    rank1 = (None, 3)
+    with pytest.raises(colorize.UserError, match='^rank 0 resumes at step 2 but rank 1 resumes at step 3: '):
+        colorize.same_start(None, dict(step=2), 'run')
 
 
 def test_lines_reach_a_log_file_as_they_are_printed(tmp_path):
@@ -4627,12 +4640,14 @@ def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tm
     assert read_results(tmp_path / 'a')['metrics'] == read_results(out)['metrics']
 
 
-def test_a_fine_tuning_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(tmp_path, voc):
-    args = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--voc-root', voc,
-            '--steps', '4', '--batch-size', '4', '--crop', '32', '--workers', '1', '--device', 'cpu',
-            '--out', str(tmp_path / 'run')]
-    result = _run_with_a_bug('finetune_voc', 'train_loss', args, tmp_path)
-    assert result.returncode == 1 and result.stderr.rstrip().endswith('RuntimeError: a bug at step 1')
+def test_fine_tuning_loader_workers_are_those_of_pre_training(monkeypatch):
+    # The same worker_options as colorize.py's loader, whose behaviour its tests check in a process
+    # of their own (SIGTERM to the whole process group; a traceback's exit): each costs seconds.
+    made = []
+    monkeypatch.setattr(torch.utils.data, 'DataLoader', lambda *args, **kwargs: made.append(kwargs))
+    ft.make_loader(list(range(8)), argparse.Namespace(batch_size=2, seed=0, steps=4, workers=1), torch.device('cpu'), 0)
+    assert made[0]['worker_init_fn'] is colorize.ignore_stop_signals
+    assert made[0].items() >= colorize.worker_options(1).items()
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
