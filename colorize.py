@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -835,7 +836,9 @@ def refuse_to_overwrite(out, resume_path=None):
 
 
 RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
-RUN_FILES = ('log.jsonl', 'run.json', 'results.json')  # written beside the checkpoints (results: finetune_voc.py)
+# What runs write into their folder (results.json, feature_shift.json: finetune_voc.py), and kept_path's names.
+RUN_FILES = ('checkpoint.pt', 'log.jsonl', 'run.json', 'results.json', 'feature_shift.json')
+KEPT_NAME = re.compile(r'checkpoint-step\d+\.pt')
 
 
 def lock_run(out):
@@ -853,9 +856,10 @@ def lock_run(out):
         # No other process writes here, so every temp file of a write is a killed one's, also one of
         # another host (a job killed while saving, then requeued on another node: a checkpoint's size).
         for entry in os.scandir(out):
-            written = entry.name.partition('.tmp-')[0]  # the file whose write left it
-            if (entry.name != written and entry.is_file(follow_symlinks=False)
-                    and (written in RUN_FILES or written.startswith('checkpoint'))):
+            # data.atomic_write's temp names: <file>.tmp-<host>-<pid> (<file>.tmp-<pid> before hosts were named)
+            written, tmp, writer = entry.name.partition('.tmp-')  # the file whose write left it, and its writer
+            if (tmp and writer.rpartition('-')[2].isdigit() and entry.is_file(follow_symlinks=False)
+                    and (written in RUN_FILES or KEPT_NAME.fullmatch(written))):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
     return lock

@@ -2654,7 +2654,11 @@ def test_locking_a_run_folder_removes_the_temp_files_of_killed_writes_from_any_h
     # A job killed while saving (SIGKILL after the scheduler's grace time), requeued on another node:
     # the temp file its host left (a checkpoint's size) was removed only by a write on that host.
     left = [tmp_path / f'{name}.tmp-othernode-{os.getpid()}' for name in ('checkpoint.pt', 'log.jsonl', 'run.json')]
-    kept = [tmp_path / 'notes.txt.tmp-othernode-1', tmp_path / 'checkpoint.pt']
+    left += [tmp_path / 'checkpoint-step0000010.pt.tmp-othernode-7', tmp_path / 'feature_shift.json.tmp-othernode-7',
+             tmp_path / 'results.json.tmp-7']  # a kept checkpoint's, fine-tuning's, one named before hosts were
+    # The user's files, whatever their names: only those of the run's own writes go.
+    kept = [tmp_path / 'notes.txt.tmp-othernode-1', tmp_path / 'checkpoint.pt', tmp_path / 'checkpoint_old.pt.tmp-1',
+            tmp_path / 'checkpoint.pt.tmp-mine']
     for path in left + kept:
         path.write_bytes(b'x')
     colorize.lock_run(tmp_path).close()
