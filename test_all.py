@@ -2372,7 +2372,8 @@ def _counted(sig):
 
 
 def _signal_at_call(fn, call, sig):
-    """`fn`, sending this process `sig` during its `call`-th call (counted from 1)."""
+    """`fn`, sending this process `sig` during its `call`-th call (counted from 1); its attribute
+    `calls` lists one 1 per call so far."""
     calls = []
 
     def wrapped(*args, **kwargs):
@@ -2380,6 +2381,7 @@ def _signal_at_call(fn, call, sig):
         if len(calls) == call:
             os.kill(os.getpid(), sig)
         return fn(*args, **kwargs)
+    wrapped.calls = calls
     return wrapped
 
 
@@ -2403,6 +2405,46 @@ def test_sigterm_saves_the_step_and_stops_and_the_resume_is_exact(folders, tmp_p
     losses = [[json.loads(line).get('loss') for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()]
               for r in 'ab']
     assert losses[0] == losses[1]  # the line at step 4 spans the stop at 3, as in the run never stopped
+
+
+def test_a_signal_at_the_last_step_ends_the_run_as_usual(folders, tmp_path, monkeypatch, capsys):
+    # The last step's checkpoint is the run's end: a stop there is no stop (exit 0, 'done:'), as
+    # under DDP (test_a_rank_waiting_for_rank_0_after_the_loop_is_not_killed_by_a_signal).
+    train, val = folders
+    monkeypatch.setattr(colorize, 'train_step', _signal_at_call(colorize.train_step, 3, signal.SIGTERM))
+    with _counted(signal.SIGTERM) as caught:
+        assert colorize.main(tiny_args(train, val, tmp_path / 'run', '--steps', '3')) == 0
+    captured = capsys.readouterr()
+    assert caught == [] and 'done: step 3' in captured.out and 'stopped' not in captured.err
+    assert _state(tmp_path / 'run' / 'checkpoint.pt')['step'] == 3
+
+
+def test_a_repeated_signal_keeps_the_first_one(monkeypatch):
+    # torchrun passes on the scheduler's SIGTERM right after SLURM's --signal SIGUSR1 (say): the run
+    # stops by the first; one process reads its flag at every step.
+    with _counted(signal.SIGTERM), _counted(signal.SIGUSR1):
+        with colorize.StopSignals(torch.device('cpu')) as stop:
+            assert not stop.agreed(1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.agreed(2) and stop.signum == signal.SIGUSR1
+
+
+def test_the_ranks_stop_by_the_highest_signal_number_not_their_sum(monkeypatch):
+    # Every rank got SIGTERM (a scheduler signals them all): they stop by SIGTERM, an all-reduce MAX
+    # of their signal numbers (a SUM would be 30, SIGPWR). In-process: the other rank's flag by hand.
+    import torch.distributed as dist
+    other = torch.tensor([int(signal.SIGTERM)], dtype=torch.int32)
+    reduce = {dist.ReduceOp.MAX: torch.maximum, dist.ReduceOp.SUM: torch.add}
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'all_reduce', lambda flag, op: flag.copy_(reduce[op](flag, other)))
+    every = colorize.STOP_CHECK_EVERY
+    stop = colorize.StopSignals(torch.device('cpu'))
+    stop.signum = signal.SIGTERM
+    assert not stop.agreed(every) and stop.agreed(2 * every) and stop.signum == signal.SIGTERM
+    stop = colorize.StopSignals(torch.device('cpu'))  # this rank SIGUSR1, the other SIGTERM: the higher
+    stop.signum = signal.SIGUSR1
+    assert not stop.agreed(every) and stop.agreed(2 * every) and stop.signum == signal.SIGTERM
 
 
 def test_sigterm_to_the_whole_process_group_stops_the_run_with_its_loader_workers(folders, tmp_path):
@@ -2596,6 +2638,25 @@ def test_the_first_rank_of_each_node_prepares_the_demo_world_it_sees(tmp_path):
     assert 'Traceback' not in err0 + err1
 
 
+def test_rank_0_and_the_first_rank_of_each_other_node_prepare_the_demo_world(tmp_path, monkeypatch):
+    # Not every rank: eight ranks of a node rendering the same demo world at once (each in up to 8
+    # processes) would only race to one rename. In-process, as each kind of rank, its peers' answers by hand.
+    import torch.distributed as dist
+    root = _fake_complete_demo(tmp_path / 'demo')
+    made = []
+    monkeypatch.setattr(data, 'ensure_demo', lambda root: made.append(root))
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 4)
+    monkeypatch.setattr(dist, 'broadcast_object_list', lambda objects, src: None)  # rank 0 made it
+    monkeypatch.setattr(dist, 'all_gather_object', lambda every, mine: every.__setitem__(slice(None), [None] * 4))
+    args = colorize.parse_args(['--demo-root', str(root), '--out', str(tmp_path / 'out')])
+    for master, local_rank, makes in [(True, '0', 1), (False, '1', 0), (False, '0', 1)]:  # rank 0, 1; node 2's first
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        made.clear()
+        train, val = colorize.image_sources(args, master)
+        assert made == [root] * makes and len(train) + len(val) == 12, (master, local_rank)
+
+
 def test_ranks_that_would_start_from_different_steps_stop_together(folders, tmp_path):
     # A node that does not see the run folder (--out on its own disk), or a job script that adds
     # --resume on each node by what that node sees: rank 0 resumes, rank 1 starts afresh. Before,
@@ -2649,9 +2710,11 @@ def test_locking_a_run_folder_removes_the_temp_files_of_killed_writes_from_any_h
              tmp_path / 'results.json.tmp-7']  # a kept checkpoint's, fine-tuning's, one named before hosts were
     # The user's files, whatever their names: only those of the run's own writes go.
     kept = [tmp_path / 'notes.txt.tmp-othernode-1', tmp_path / 'checkpoint.pt', tmp_path / 'checkpoint_old.pt.tmp-1',
-            tmp_path / 'checkpoint.pt.tmp-mine']
+            tmp_path / 'checkpoint.pt.tmp-mine', tmp_path / 'run.json.tmpl']
     for path in left + kept:
         path.write_bytes(b'x')
+    (tmp_path / 'checkpoint.pt.tmp-othernode-9').symlink_to(tmp_path / 'notes.txt.tmp-othernode-1')  # no write's
+    kept.append(tmp_path / 'checkpoint.pt.tmp-othernode-9')
     colorize.lock_run(tmp_path).close()
     assert [p.exists() for p in left + kept] == [False] * len(left) + [True] * len(kept)
     # Without flock (ENOLCK) another process may be writing them: they stay.
@@ -2765,6 +2828,7 @@ def test_a_rank_waiting_for_rank_0_after_the_loop_is_not_killed_by_a_signal(fold
             with pytest.raises(colorize.Stopped) as stopped:  # not main(): under DDP it ends the process
                 colorize.train(colorize.parse_args(tiny_args(train, val, tmp_path / 'a', '--steps', '500')))
         assert caught == [] and stopped.value.signum == signal.SIGUSR1
+        assert dist.barrier.calls == [1]  # the ranks met after rank 0's save, before they stopped
         assert stopped.value.step == 2 * colorize.STOP_CHECK_EVERY == _state(tmp_path / 'a' / 'checkpoint.pt')['step']
         monkeypatch.setattr(colorize, 'gather_counts', _signal_at_call(colorize.gather_counts, 1, signal.SIGTERM))
         with _counted(signal.SIGTERM) as caught:  # the last step's: the run ends as usual
@@ -4643,6 +4707,15 @@ def test_fine_tuning_loader_workers_are_those_of_pre_training(monkeypatch):
     ft.make_loader(list(range(8)), argparse.Namespace(batch_size=2, seed=0, steps=4, workers=1), torch.device('cpu'), 0)
     assert made[0]['worker_init_fn'] is colorize.ignore_stop_signals
     assert made[0].items() >= colorize.worker_options(1).items()
+
+
+def test_loader_options_under_forkserver_start_workers_by_fork_and_none_without_workers(monkeypatch):
+    # Python 3.14's default start method on Linux: a loader without workers takes no start method
+    # (DataLoader refuses one: "multiprocessing_context can only be used with multi-process loading").
+    monkeypatch.setattr(torch.multiprocessing, 'get_start_method', lambda *args, **kwargs: 'forkserver')
+    assert colorize.worker_options(1)['multiprocessing_context'] == 'fork'
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, **colorize.worker_options(0))
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
 
 
 # What --resume does with each flag of the two scripts, decided here by hand: a run flag (the data, the
