@@ -2447,43 +2447,27 @@ def test_the_ranks_stop_by_the_highest_signal_number_not_their_sum(monkeypatch):
     assert not stop.agreed(every) and stop.agreed(2 * every) and stop.signum == signal.SIGTERM
 
 
-def test_sigterm_to_the_whole_process_group_stops_the_run_with_its_loader_workers(folders, tmp_path):
-    # A scheduler (SLURM at a time limit, scancel) signals every process of the job, the DataLoader
-    # workers too: they must not die of it (the run would end in a traceback, unsaved), and the
-    # training process must save and stop.
-    train, val = folders
-    out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, str(HERE / 'colorize.py'),
-                             *tiny_args(train, val, out, '--steps', '500', '--log-every', '1', '--workers', '2')],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'))
-    try:
-        for line in proc.stdout:
-            if line.startswith('step 3/'):
-                break
-        os.killpg(proc.pid, signal.SIGTERM)
-        rest, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    stopped = int(re.search(r'stopped at step (\d+) by SIGTERM', err).group(1))
-    assert 3 <= stopped < 500 and 'Traceback' not in err and 'done:' not in rest
-    assert _state(out / 'checkpoint.pt')['step'] == stopped
-
-
-@pytest.mark.skipif('forkserver' not in torch.multiprocessing.get_all_start_methods(), reason='no forkserver here')
-def test_loader_workers_outlive_a_signal_to_the_whole_process_group_under_forkserver(folders, tmp_path):
-    # Python 3.14 starts processes from a forkserver by default on Linux: a process of the job, which the
-    # scheduler's SIGTERM kills, and the DataLoader workers, its children, stop when their parent is gone.
-    # A rank under DDP reads up to 2 x STOP_CHECK_EVERY batches after the signal before it stops.
-    train, _ = folders
-    script = textwrap.dedent(f"""
+def _loader_script(train, method, body):
+    """Python source that makes a training loader (colorize.make_loader: two workers, 60 steps of
+    batch 2 from `train`) with the start method `method` as `loader`, then runs `body`."""
+    return textwrap.dedent(f"""
         import argparse, os, signal, torch, colorize
-        torch.multiprocessing.set_start_method('forkserver', force=True)
+        torch.multiprocessing.set_start_method({method!r}, force=True)
         args = argparse.Namespace(crop=32, short_side=[32, 40], objective='colorize', batch_size=2, seed=0,
                                   workers=2, handover='slots')
         paths = sorted(str(p) for p in colorize.Path({str(train)!r}).iterdir())
         loader = colorize.make_loader(paths, args, 0, 1, 0, torch.device('cpu'), stop_step=60)
+        """) + textwrap.dedent(body)
+
+
+@pytest.mark.parametrize('method', ['fork', 'forkserver'])
+def test_loader_workers_outlive_a_signal_to_the_whole_process_group(folders, tmp_path, method):
+    # A scheduler (SLURM at a time limit, scancel) signals every process of the job, the loader's
+    # workers too: they must not die of it (the run would end in a traceback, unsaved); a rank under
+    # DDP reads up to 2 x STOP_CHECK_EVERY batches after the signal before it stops. Python 3.14
+    # starts processes from a forkserver by default on Linux: a process of the job, which the signal
+    # kills, and the DataLoader workers, its children, stop when their parent is gone.
+    script = _loader_script(folders[0], method, """
         with colorize.StopSignals(torch.device('cpu')) as stop:
             for step, batch in enumerate(loader, 1):
                 if step == 3:
@@ -2495,31 +2479,17 @@ def test_loader_workers_outlive_a_signal_to_the_whole_process_group_under_forkse
     assert (proc.returncode, proc.stdout) == (0, f'60 {int(signal.SIGTERM)}\n'), proc.stderr[-2000:]
 
 
-def _run_with_a_bug(script, step_function, args, tmp_path):
-    """`script`.main(args) in a new process, with `step_function` raising a RuntimeError (a bug, so a
-    traceback) at the first step: the finished process, or an error after 60 s (it hung)."""
-    driver = tmp_path / 'driver.py'
-    driver.write_text(textwrap.dedent(f'''\
-        import sys
-        sys.path.insert(0, {str(HERE)!r})
-        import {script}
-        def broken(*args, **kwargs):
+def test_a_process_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(folders):
+    # The workers ignore SIGTERM; multiprocessing's exit handler terminates daemonic children with
+    # SIGTERM and then waits for them, and a traceback keeps the loader alive until then (a run's
+    # frames hold it): the process hung for ever (on a cluster, holding its GPUs).
+    script = _loader_script(folders[0], 'fork', """
+        for batch in loader:
             raise RuntimeError('a bug at step 1')
-        {script}.{step_function} = broken
-        sys.exit({script}.main(sys.argv[1:]))
-    '''))
-    return subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=60,
+        """)
+    proc = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
-
-
-def test_a_run_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(folders, tmp_path):
-    # The workers ignore SIGTERM (ignore_stop_signals); multiprocessing's exit handler terminates
-    # daemonic children with SIGTERM and then waits for them, and the traceback keeps the loader
-    # alive until then: the process hung for ever (on a cluster, holding its GPUs).
-    train, val = folders
-    result = _run_with_a_bug('colorize', 'train_step', tiny_args(train, val, tmp_path / 'run', '--workers', '1'),
-                             tmp_path)
-    assert result.returncode == 1 and result.stderr.rstrip().endswith('RuntimeError: a bug at step 1')
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith('RuntimeError: a bug at step 1'), proc.stderr
 
 
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
