@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -159,7 +160,8 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0,
                    help='seed of the initial weights, data order, augmentation, pixels and dropout')
     p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores this process may '
-                   'use, its CPU affinity, per GPU, less one, at most 16; 1 on CPU)')
+                   'use, its CPU affinity, split among the ranks of its node that share them, less one, at most '
+                   '16; 1 on CPU)')
     p.add_argument('--handover', choices=('slots', 'torch'), default='slots',
                    help='how loader processes hand batches to the main process: slots (shared memory set aside '
                         'once, data.SlotBatches; default) or torch (DataLoader\'s own: new shared memory per batch)')
@@ -263,6 +265,7 @@ def autocast(device):
 
 def fill_defaults(args, device, world):
     """Machine- and data-dependent defaults (smaller ones on a CPU, which train() then says)."""
+    cores = cores_of_this_process()  # first: under DDP a collective, which every rank must reach
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
     for name in ('steps', 'batch_size', 'points', 'crop', 'fc_dim', 'holdout', 'log_every', 'eval_every',
                  'save_every', 'subset', 'workers', 'warmup'):
@@ -282,8 +285,7 @@ def fill_defaults(args, device, world):
     args.border = args.border if args.border is not None else args.crop // 7
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:  # decoding JPEGs is what usually starves a GPU: give it the node's cores
-        per_gpu = data.usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-        args.workers = max(1, min(16, per_gpu - 1)) if device.type == 'cuda' else 1
+        args.workers = max(1, min(16, cores - 1)) if device.type == 'cuda' else 1
     args.log_every = args.log_every or max(1, args.steps // 50)
     args.eval_every = args.eval_every or max(1, args.steps // 5)
     args.save_every = args.save_every or args.eval_every
@@ -325,6 +327,19 @@ LEGACY_ARGS = {'fc_dropout': 0.0}
 
 
 PATH_FLAGS = ('data', 'val_data', 'demo_root')
+
+
+def cores_of_this_process():
+    """This process's share of the cores it may run on (its CPU affinity), split evenly with the
+    other processes of its node (under DDP) whose affinity overlaps it: torchrun's ranks all share
+    the node's cores, while tasks that srun binds to cores of their own (--cpus-per-task) share none."""
+    mine = set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
+    if not dist.is_initialized():
+        return len(mine)
+    host, every = socket.gethostname(), [None] * dist.get_world_size()
+    dist.all_gather_object(every, (host, sorted(mine)))
+    sharing = sum(1 for other, cores in every if other == host and not mine.isdisjoint(cores))
+    return max(1, len(mine) // sharing)
 
 
 def absolute_paths(values, names, keywords=()):

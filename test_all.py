@@ -2642,6 +2642,26 @@ def test_ranks_that_would_start_from_different_steps_stop_together(folders, tmp_
     assert _state(run / 'checkpoint.pt')['step'] == 2
 
 
+def test_the_workers_default_splits_only_the_cores_that_ranks_of_a_node_share(monkeypatch):
+    # torchrun's ranks of a node share its cores; tasks that srun binds to cores of their own do not,
+    # and dividing those again by the ranks per node (LOCAL_WORLD_SIZE, as before) left 12-core tasks
+    # of an 8-GPU node 1 worker each. The ranks' answers by hand (this process is rank 0 of 4).
+    import torch.distributed as dist
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(12)))
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 4)
+    here = socket.gethostname()
+
+    def workers(others):
+        monkeypatch.setattr(dist, 'all_gather_object', lambda every, mine: every.__setitem__(slice(None),
+                                                                                              [mine, *others]))
+        args = colorize.parse_args(['--device', 'cuda'])
+        return colorize.fill_defaults(args, torch.device('cuda'), 4).workers
+    assert workers([(here, list(range(12)))] * 3) == 12 // 4 - 1  # torchrun: one node's cores, four ranks
+    assert workers([(here, list(range(12 * k, 12 * k + 12))) for k in (1, 2, 3)]) == 11  # srun, bound tasks
+    assert workers([('node2', list(range(12)))] * 3) == 11  # the same cores' numbers on other nodes
+
+
 def test_same_start_says_which_rank_could_not_read_the_checkpoint(monkeypatch):
     # Both resuming, rank 1 without the checkpoint (in-process: the ranks' answers by hand): its
     # reason, on every rank, and that rank 0 read it.
