@@ -2447,49 +2447,40 @@ def test_the_ranks_stop_by_the_highest_signal_number_not_their_sum(monkeypatch):
     assert not stop.agreed(every) and stop.agreed(2 * every) and stop.signum == signal.SIGTERM
 
 
-def _loader_script(train, method, body):
-    """Python source that makes a training loader (colorize.make_loader: two workers, 60 steps of
-    batch 2 from `train`) with the start method `method` as `loader`, then runs `body`."""
-    return textwrap.dedent(f"""
+def test_loader_workers_outlive_a_stop_signal_and_never_keep_the_process_from_exiting(folders):
+    # One process (each costs seconds), a training loader (colorize.make_loader, two workers) made
+    # three times in turn:
+    # - twice with SIGTERM to the whole process group at batch 3, the workers started by fork and
+    #   by a forkserver. A scheduler (SLURM at a time limit, scancel) signals every process of the
+    #   job: the workers must not die of it (the run would end in a traceback, unsaved), as a rank
+    #   under DDP reads up to 2 x STOP_CHECK_EVERY batches after the signal before it stops. Python
+    #   3.14 starts processes from a forkserver by default on Linux: a process of the job, which
+    #   the signal kills, and the DataLoader workers, its children, stop when their parent is gone.
+    # - then a bug at the first batch. The workers ignore SIGTERM; multiprocessing's exit handler
+    #   terminates daemonic children with SIGTERM and then waits for them, and the traceback keeps
+    #   the loader alive until then: the process hung for ever (on a cluster, holding its GPUs).
+    script = textwrap.dedent(f"""
         import argparse, os, signal, torch, colorize
-        torch.multiprocessing.set_start_method({method!r}, force=True)
         args = argparse.Namespace(crop=32, short_side=[32, 40], objective='colorize', batch_size=2, seed=0,
                                   workers=2, handover='slots')
-        paths = sorted(str(p) for p in colorize.Path({str(train)!r}).iterdir())
+        paths = sorted(str(p) for p in colorize.Path({str(folders[0])!r}).iterdir())
+        for method in ('fork', 'forkserver'):
+            torch.multiprocessing.set_start_method(method, force=True)
+            loader = colorize.make_loader(paths, args, 0, 1, 0, torch.device('cpu'), stop_step=60)
+            with colorize.StopSignals(torch.device('cpu')) as stop:
+                for step, batch in enumerate(loader, 1):
+                    if step == 3:
+                        os.killpg(0, signal.SIGTERM)
+            print(method, step, stop.signum, flush=True)
         loader = colorize.make_loader(paths, args, 0, 1, 0, torch.device('cpu'), stop_step=60)
-        """) + textwrap.dedent(body)
-
-
-@pytest.mark.parametrize('method', ['fork', 'forkserver'])
-def test_loader_workers_outlive_a_signal_to_the_whole_process_group(folders, tmp_path, method):
-    # A scheduler (SLURM at a time limit, scancel) signals every process of the job, the loader's
-    # workers too: they must not die of it (the run would end in a traceback, unsaved); a rank under
-    # DDP reads up to 2 x STOP_CHECK_EVERY batches after the signal before it stops. Python 3.14
-    # starts processes from a forkserver by default on Linux: a process of the job, which the signal
-    # kills, and the DataLoader workers, its children, stop when their parent is gone.
-    script = _loader_script(folders[0], method, """
-        with colorize.StopSignals(torch.device('cpu')) as stop:
-            for step, batch in enumerate(loader, 1):
-                if step == 3:
-                    os.killpg(0, signal.SIGTERM)
-        print(step, stop.signum)
-        """)
-    proc = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=120,
-                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert (proc.returncode, proc.stdout) == (0, f'60 {int(signal.SIGTERM)}\n'), proc.stderr[-2000:]
-
-
-def test_a_process_that_ends_in_a_traceback_exits_though_its_loader_workers_ignore_sigterm(folders):
-    # The workers ignore SIGTERM; multiprocessing's exit handler terminates daemonic children with
-    # SIGTERM and then waits for them, and a traceback keeps the loader alive until then (a run's
-    # frames hold it): the process hung for ever (on a cluster, holding its GPUs).
-    script = _loader_script(folders[0], 'fork', """
         for batch in loader:
-            raise RuntimeError('a bug at step 1')
+            raise RuntimeError('a bug at batch 1')
         """)
     proc = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert proc.returncode == 1 and proc.stderr.rstrip().endswith('RuntimeError: a bug at step 1'), proc.stderr
+                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    term = int(signal.SIGTERM)
+    assert proc.stdout == f'fork 60 {term}\nforkserver 60 {term}\n', proc.stderr[-2000:]
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith('RuntimeError: a bug at batch 1'), proc.stderr
 
 
 def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
