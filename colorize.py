@@ -333,7 +333,7 @@ def cores_of_this_process():
     """This process's share of the cores it may run on (its CPU affinity), split evenly with the
     other processes of its node (under DDP) whose affinity overlaps it: torchrun's ranks all share
     the node's cores, while tasks that srun binds to cores of their own (--cpus-per-task) share none."""
-    mine = set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
+    mine = data.usable_core_ids()
     if not dist.is_initialized():
         return len(mine)
     host, every = socket.gethostname(), [None] * dist.get_world_size()
@@ -871,9 +871,8 @@ def lock_run(out):
         # No other process writes here, so every temp file of a write is a killed one's, also one of
         # another host (a job killed while saving, then requeued on another node: a checkpoint's size).
         for entry in os.scandir(out):
-            # data.atomic_write's temp names: <file>.tmp-<host>-<pid> (<file>.tmp-<pid> before hosts were named)
-            written, tmp, writer = entry.name.partition('.tmp-')  # the file whose write left it, and its writer
-            if (tmp and writer.rpartition('-')[2].isdigit() and entry.is_file(follow_symlinks=False)
+            written = data.atomic_write_target(entry.name)  # the file whose write left it
+            if (written and entry.is_file(follow_symlinks=False)
                     and (written in RUN_FILES or KEPT_NAME.fullmatch(written))):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)

@@ -93,12 +93,17 @@ _CACHE_VERSION = 1
 _RACY_NS = 2_000_000_000  # directory mtimes this close to the scan are not trusted (coarse clocks)
 
 
-def usable_cores():
-    """Cores this process may run on (a cgroup or SLURM allocation, not the whole node)."""
+def usable_core_ids():
+    """The cores this process may run on (a cgroup or SLURM allocation, not the whole node): a set."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores():
+    """How many cores this process may run on (usable_core_ids)."""
+    return len(usable_core_ids())
 
 
 def find_images(roots, cache_dir=None, log=print):
@@ -345,6 +350,13 @@ def atomic_write(path, write):
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_target(name):
+    """The name of the file whose atomic_write left the temp file `name` (<file>.tmp-<host>-<pid>,
+    or <file>.tmp-<pid> as before hosts were named), else None."""
+    written, tmp, writer = name.partition('.tmp-')
+    return written if tmp and writer.rpartition('-')[2].isdigit() else None
 
 
 def write_png(path, array):
