@@ -879,6 +879,15 @@ def lock_run(out):
     return lock
 
 
+def remove_if_unused(out):
+    """Remove the run folder `out`, made by this run, if the run ended having written nothing there but
+    its lock: a run refused at start-up (a mistyped --data, too few images) leaves no folder behind."""
+    with contextlib.suppress(OSError):
+        if os.listdir(out) == [RUN_LOCK]:
+            os.remove(os.path.join(out, RUN_LOCK))
+            os.rmdir(out)
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated file. GPU
     tensors are saved as CPU tensors, so that a plain torch.load reads the file on any machine."""
@@ -1120,10 +1129,13 @@ def open_run(args, device, world, master, run_lock):
         resume_settings(args, ckpt, resume_path, world, log=print if master else None)
     args.out = args.out or default_out(args)
     fill_defaults(args, device, world)
+    made = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
     problem = None
     if master:
         try:
+            if made:  # a callback runs after the lock below is let go (last in, first out)
+                run_lock.callback(remove_if_unused, args.out)
             # Before the checks below: a run still training there is not to be joined.
             run_lock.enter_context(lock_run(args.out))
         except UserError as e:

@@ -50,8 +50,8 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       autocast, environment, error_text, fork_run, format_seconds, load_checkpoint,
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
-                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, resume_flags, rng_state, setup_device,
-                      step_seed, stop_status, trim_log, worker_options)
+                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, remove_if_unused, resume_flags,
+                      rng_state, setup_device, step_seed, stop_status, trim_log, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -1389,6 +1389,8 @@ def _run(args, run_lock):
         kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
+    if not args.out.exists():  # called after the lock below is let go (last in, first out)
+        run_lock.callback(remove_if_unused, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     # Before the checks below: a run still training there is not joined.
     run_lock.enter_context(lock_run(args.out))

@@ -2907,6 +2907,7 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         assert err.startswith('error: ') and needle in err and 'Traceback' not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'o7').exists()  # refused before the run folder is made
+    assert not (tmp_path / 'o1').exists()  # refused in it, having written nothing there: removed, its .lock too
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(os.urandom(1000))
     assert colorize.main(['--colorize', str(val), '--checkpoint', str(corrupt)]) == 2
@@ -4909,6 +4910,12 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
                     '--device', 'cpu', '--out', str(tmp_path / 'p')]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --points 65: a 8 crop has only 64 pixels') and len(err.strip().splitlines()) == 1
+    # Refused in the run folder it made, having written nothing there but its .lock: the folder is removed.
+    assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'q')]) == 2
+    assert 'novoc' in capsys.readouterr().err and not (tmp_path / 'q').exists()
+    (tmp_path / 'mine').mkdir()  # a folder the user made stays
+    assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'mine')]) == 2
+    assert 'novoc' in capsys.readouterr().err and (tmp_path / 'mine').is_dir()
 
 
 def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
