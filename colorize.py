@@ -937,13 +937,28 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_mismatch(error, model, state):
+    """What a RuntimeError of model.load_state_dict(state) says does not fit, in a line: its first size
+    mismatch (else its first line). When that is head.fc1 of a hypercolumn model, whose trunk fitted,
+    the cause is named: the checkpoint's hypercolumn has another width than this code's taps give."""
+    shapes = [line.strip() for line in str(error).splitlines() if 'size mismatch' in line]
+    if not shapes:
+        return str(error).splitlines()[0]
+    fc1, trunk = state.get('head.fc1.weight'), getattr(model, 'trunk', None)
+    if ('head.fc1.weight' in shapes[0] and torch.is_tensor(fc1) and fc1.dim() == 2
+            and hasattr(trunk, 'tap_names') and fc1.shape[1] != trunk.hypercolumn_channels):
+        return (f'{shapes[0]} Its trunk fits, but its head reads a hypercolumn of {fc1.shape[1]} channels, and '
+                f'the taps of this code\'s trunk ({", ".join(trunk.tap_names)}) give {trunk.hypercolumn_channels}: '
+                f'the checkpoint was written with other hypercolumn taps (models.py changed since?)')
+    return shapes[0]
+
+
 def load_model_state(model, state, path):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # same names, other shapes
-        shapes = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
         raise UserError(f'checkpoint {path} does not match the model its config describes: '
-                        f'{shapes[0] if shapes else str(e).splitlines()[0]}') from None
+                        f'{load_mismatch(e, model, state)}') from None
     if missing or unexpected:
         raise UserError(f'checkpoint {path} does not match the model: missing {missing[:3]}..., '
                         f'unexpected {unexpected[:3]}... ({len(missing)} missing, {len(unexpected)} unexpected)')

@@ -47,7 +47,7 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, environment, error_text, fork_run, format_seconds, load_checkpoint,
+                      autocast, environment, error_text, fork_run, format_seconds, load_checkpoint, load_mismatch,
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
                       read_torch_file, refuse_fewer_steps, refuse_to_overwrite, remove_if_unused, resume_flags,
@@ -525,10 +525,14 @@ def colorization_trunk(ckpt, source):
                         f'one; pass the checkpoint.pt written by colorize.py')
     try:
         model = make_colorization_model(config)
-        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f'{source}: its weights do not fit the model its config describes ({config}): '
+        raise UserError(f'{source}: its config describes no model ({config}): '
                         f'{type(e).__name__}: {str(e).splitlines()[0]}') from None
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f'{source}: its weights do not fit the model its config describes ({config}): '
+                        f'{load_mismatch(e, model, ckpt["model"])}') from None
     if missing or unexpected:
         raise UserError(f'{source}: its weights do not fit a {config["arch"]} {objective} model of width '
                         f'{config["width"]}: missing {sorted(missing)[:4]} ({len(missing)}), unexpected '

@@ -4062,6 +4062,19 @@ def test_wrong_checkpoint_fails_with_clear_message(tmp_path):
     lacking = {k: v for k, v in state.items() if k != 'conv3_2.conv.bias'}
     with pytest.raises(colorize.UserError, match=r'conv3_2\.conv\.bias'):
         ft.make_finetune_model('seg', 'vgg16', lacking, 'ckpt', **TINY)
+    # A checkpoint written when the hypercolumn had one more tap (4 channels at width 1/16): the trunk
+    # fits, head.fc1 does not; the line names the cause. This code's tiny VGG-16 taps give 1 (input) +
+    # 2 x 4 + 2 x 8 + 3 x 16 + 3 x 32 + 3 x 32 + 2 x 16 (fc6, fc7) = 297 channels.
+    ckpt = torch.load(tmp_path / 'c.pt', weights_only=True)
+    fc1 = ckpt['model']['head.fc1.weight']
+    ckpt['model']['head.fc1.weight'] = torch.cat([fc1, fc1[:, :4]], 1)
+    for load in (lambda: ft.colorization_trunk(ckpt, 'ckpt'),
+                 lambda: colorize.load_model_state(colorize.make_model(ckpt['config']), ckpt['model'], 'c.pt')):
+        with pytest.raises(colorize.UserError) as e:
+            load()
+        assert 'size mismatch for head.fc1.weight' in str(e.value)
+        assert 'hypercolumn of 301 channels' in str(e.value) and 'give 297' in str(e.value)
+        assert 'taps' in str(e.value) and 'conv1_1, conv1_2' in str(e.value)
     # An AlexNet checkpoint for a VGG-16 flag: one line, says what to do.
     colorize_checkpoint(tmp_path / 'a.pt', 'alexnet')
     args = ft.parse_args(['--init', str(tmp_path / 'a.pt'), '-a', 'vgg16'])
