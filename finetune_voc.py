@@ -27,6 +27,7 @@ channels_last, TF32; on a CPU: float32, eager and small defaults.
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -89,7 +90,6 @@ L_FROM_RGB = (10.765438, 23.061646, 62.671641, 8.704467)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation, RGB in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_BN_EPS = 1e-5  # nn.BatchNorm2d's default, used by torchvision's ResNets
-TORCHVISION_FINAL = {'alexnet': 'classifier.6', 'vgg16': 'classifier.6', 'resnet50': 'fc', 'resnet152': 'fc'}
 
 
 # --- Arguments ----------------------------------------------------------------------------------
@@ -656,14 +656,20 @@ def resolve(args, name, value, source):
 # --- torchvision export and import --------------------------------------------------------------
 
 def _resnet_blocks(arch):
-    """Our bottleneck names by stage, in order: {2: ['res2a', 'res2b', 'res2c'], 3: [...], ...}."""
+    """Our bottleneck names by stage, in order: {2: ('res2a', 'res2b', 'res2c'), 3: (...), ...}; {} for a
+    trunk without bottlenecks (AlexNet, VGG-16)."""
+    return dict(_bottleneck_stages(MODELS[arch]))
+
+
+@functools.lru_cache(maxsize=None)
+def _bottleneck_stages(factory):
     with torch.device('meta'):  # names only: nothing is allocated
-        trunk = MODELS[arch](in_channels=1, width=1 / 64, batchnorm=False)
+        trunk = factory(in_channels=1, width=1 / 64, batchnorm=False)
     stages = {}
     for name, module in trunk.named_children():
         if isinstance(module, Bottleneck):
             stages.setdefault(int(name[3]), []).append(name)
-    return stages
+    return {stage: tuple(names) for stage, names in stages.items()}
 
 
 def torchvision_key_map(arch):
@@ -683,9 +689,10 @@ def torchvision_key_map(arch):
         return ([(f'{n}.conv', f'features.{i}', 'conv') for n, i in zip(['conv1', 'conv2', 'conv3', 'conv4', 'conv5'],
                                                                        [0, 3, 6, 8, 10])]
                 + [('fc6.conv', 'classifier.1', ('fc', 6)), ('fc7.conv', 'classifier.4', ('fc', 1))])
-    if arch in ('resnet50', 'resnet152'):
+    stages = _resnet_blocks(arch)  # any ResNet of models.py's _resnet: torchvision's layout, other depths alike
+    if stages:
         entries = [('conv1.conv', ('conv1', 'bn1'), 'conv_bn')]
-        for stage, blocks in _resnet_blocks(arch).items():
+        for stage, blocks in stages.items():
             for i, block in enumerate(blocks):
                 tv = f'layer{stage - 1}.{i}'
                 for k, branch in enumerate(['branch2a', 'branch2b', 'branch2c'], 1):
@@ -693,7 +700,13 @@ def torchvision_key_map(arch):
                 if i == 0:  # the projection shortcut
                     entries.append((f'{block}.branch1.conv', (f'{tv}.downsample.0', f'{tv}.downsample.1'), 'conv_bn'))
         return entries
-    raise ValueError(f'no torchvision key map for {arch!r}; choose one of {sorted(MODELS)}')
+    raise ValueError(f'no torchvision key map for {arch!r}: there is one for alexnet, vgg16 and the ResNets '
+                     f'(models._resnet); write its entries in torchvision_key_map')
+
+
+def torchvision_final(arch):
+    """The name of torchvision's final 1000-way layer, which the trunk leaves out."""
+    return 'classifier.6' if arch in ('alexnet', 'vgg16') else 'fc'
 
 
 def torchvision_keys(arch):
@@ -785,7 +798,7 @@ def export_torchvision(trunk_state, arch):
 
 
 def trunk_from_torchvision(sd, arch=None, source='state_dict'):
-    """A torchvision state_dict (alexnet, vgg16, resnet50, resnet152) -> (our BN-free 1-channel trunk state, arch).
+    """A torchvision state_dict (alexnet, vgg16, a ResNet of MODELS) -> (our BN-free 1-channel trunk state, arch).
 
     The inverse of export_torchvision: BatchNorm folded into the convs, Linear fc6/fc7 reshaped to
     convs, the RGB conv1 turned into a lightness conv1 (lightness_conv_from_rgb). The keys must be
@@ -797,7 +810,7 @@ def trunk_from_torchvision(sd, arch=None, source='state_dict'):
     if arch is not None and arch != detected:
         raise UserError(f'{source} holds torchvision {detected} weights, but -a {arch} was given; '
                         f'omit -a or pass {detected}')
-    final = TORCHVISION_FINAL[detected]
+    final = torchvision_final(detected)
     required = [k for k in torchvision_keys(detected) if not k.endswith('num_batches_tracked')]
     optional = ({k for k in torchvision_keys(detected) if k.endswith('num_batches_tracked')}
                 | {f'{final}.weight', f'{final}.bias'})
@@ -827,17 +840,21 @@ def trunk_from_torchvision(sd, arch=None, source='state_dict'):
 
 def detect_torchvision_arch(sd, source):
     if 'layer4.0.conv1.weight' in sd:
-        blocks = len({k.split('.')[1] for k in sd if k.startswith('layer3.')})
-        arch = {6: 'resnet50', 36: 'resnet152'}.get(blocks)
-        if arch is None:
-            raise UserError(f'{source}: a ResNet with {blocks} blocks in layer3; only resnet50 (6) and '
-                            f'resnet152 (36) are supported')
-        return arch
+        blocks = tuple(len({k.split('.')[1] for k in sd if k.startswith(f'layer{i}.')}) for i in (1, 2, 3, 4))
+        resnets = {}  # blocks per stage -> arch, for the ResNets of MODELS
+        for arch in MODELS:
+            stages = _resnet_blocks(arch)
+            if stages:
+                resnets[tuple(len(names) for names in stages.values())] = arch
+        if blocks not in resnets:
+            known = ', '.join(f'{arch} {list(b)}' for b, arch in resnets.items())
+            raise UserError(f'{source}: a ResNet with {list(blocks)} blocks in layer1..4; models.py has {known}')
+        return resnets[blocks]
     if 'features.28.weight' in sd:
         return 'vgg16'
     if 'features.10.weight' in sd and 'classifier.1.weight' in sd:
         return 'alexnet'
-    raise UserError(f'{source} is neither a colorize.py checkpoint nor a torchvision alexnet/vgg16/resnet50/resnet152 '
+    raise UserError(f'{source} is neither a colorize.py checkpoint nor a torchvision {"/".join(sorted(MODELS))} '
                     f'state_dict (first keys: {list(sd)[:3]})')
 
 
@@ -847,7 +864,7 @@ def export(args):
     sd = export_torchvision(state, args.arch)
     args.export.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(sd, args.export)
-    final = TORCHVISION_FINAL[args.arch]
+    final = torchvision_final(args.arch)
     # torchvision's networks are full width, with 4096-channel fc6/fc7 (AlexNet, VGG-16).
     off = [f'width {args.width:g} (torchvision: 1)'] if args.width != 1.0 else []
     if args.arch in ('alexnet', 'vgg16') and args.fc_dim != 4096:

@@ -4235,6 +4235,27 @@ def test_torchvision_round_trip(arch):
         close(back[k], state[k], 1e-5)
 
 
+def test_torchvision_maps_follow_the_registry(monkeypatch):
+    # A ResNet added to models.MODELS (here ResNet-101, blocks 3, 4, 23, 3) gets the torchvision key map,
+    # the export's final layer and the import's detection without an edit in finetune_voc.py.
+    taps = ['conv1', 'res2c', 'res3b3', 'res4b22', 'res5c']
+    monkeypatch.setitem(MODELS, 'resnet101', lambda in_channels=1, width=1.0, batchnorm=True, extended_fov=False:
+                        models._resnet((3, 4, 23, 3), (3, 4), taps, in_channels, width, batchnorm, extended_fov))
+    with torch.device('meta'):
+        sd = ft.export_torchvision(MODELS['resnet101'](in_channels=1, batchnorm=False).state_dict(), 'resnet101')
+    expected = _resnet_tv([3, 4, 23, 3])
+    assert set(expected) - set(sd) == {'fc.weight', 'fc.bias'} and set(sd) <= set(expected)
+    assert all(tuple(v.shape) == expected[k] for k, v in sd.items())
+    torch.manual_seed(0)
+    state = MODELS['resnet101'](in_channels=1, batchnorm=False, width=1 / 32).state_dict()
+    back, detected = ft.trunk_from_torchvision(ft.export_torchvision(state, 'resnet101'))
+    assert detected == 'resnet101' and list(back) == list(state)
+    # A depth that models.py lacks (here layer2 one block short) is refused with the depths it has.
+    short = {k: v for k, v in ft.export_torchvision(state, 'resnet101').items() if not k.startswith('layer2.3.')}
+    with pytest.raises(colorize.UserError, match=r'\[3, 3, 23, 3\] blocks.*resnet101 \[3, 4, 23, 3\]'):
+        ft.trunk_from_torchvision(short)
+
+
 def test_torchvision_resnet_batchnorm_import():
     # A torchvision-style bias-free conv + BatchNorm with real statistics, computed with F.batch_norm.
     torch.manual_seed(1)
