@@ -20,6 +20,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -292,8 +293,9 @@ def fill_defaults(args, device, world):
     args.out = args.out or default_out(args)
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
-    if args.fc_dropout and args.arch not in ('vgg16', 'alexnet'):
-        raise UserError(f'--fc-dropout applies to fc6 and fc7, which {args.arch} does not have (vgg16, alexnet do)')
+    if args.fc_dropout and not has_fc(args.arch):
+        raise UserError(f'--fc-dropout applies to fc6 and fc7, which {args.arch} does not have '
+                        f'({", ".join(a for a in sorted(MODELS) if has_fc(a))} do)')
     if args.target_window < 1 or args.target_window % 2 == 0:
         raise UserError(f'--target-window must be odd and positive (a window centred on the pixel), '
                         f'got {args.target_window}')
@@ -751,11 +753,20 @@ def model_config(args):
     return config
 
 
+def has_fc(arch):
+    """Whether the trunk has fc6/fc7 (AlexNet, VGG-16): read off its factory in MODELS, which then takes fc_dim."""
+    return 'fc_dim' in inspect.signature(MODELS[arch]).parameters
+
+
+def trunk_kwargs(arch, width, fc_dim):
+    """The factory's width and, for a trunk with fc6/fc7, fc_dim (the others take none)."""
+    return dict(width=width, fc_dim=fc_dim) if has_fc(arch) else dict(width=width)
+
+
 def make_model(config):
     """The network a checkpoint's config describes: a HypercolumnNet (colorize) or a Classifier."""
-    kwargs = dict(width=config['width'])
-    if config['arch'] in ('vgg16', 'alexnet'):
-        kwargs['fc_dim'] = config['fc_dim']
+    arch = config['arch']
+    kwargs = trunk_kwargs(arch, config['width'], config['fc_dim'] if has_fc(arch) else None)
     if config.get('objective', 'colorize') == 'classify':
         model = Classifier(MODELS[config['arch']](**kwargs), len(config['classes']))
     else:

@@ -48,11 +48,12 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, environment, error_text, fork_run, format_seconds, load_checkpoint, load_mismatch,
-                      load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
-                      merge_resumed_args, parameter_groups, peak_memory_gb, plain_args, progress_line,
-                      read_torch_file, refuse_fewer_steps, refuse_to_overwrite, remove_if_unused, resume_flags,
-                      rng_state, setup_device, step_seed, stop_status, trim_log, worker_options)
+                      autocast, environment, error_text, fork_run, format_seconds, has_fc, load_checkpoint,
+                      load_mismatch, load_optimizer_state, lock_run, log_gone, log_line,
+                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
+                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
+                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
+                      trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
@@ -412,13 +413,6 @@ def unpad_fc6(trunk, crop):
     return True
 
 
-def trunk_kwargs(arch, width, fc_dim):
-    kwargs = dict(width=width)
-    if arch in ('alexnet', 'vgg16'):
-        kwargs['fc_dim'] = fc_dim
-    return kwargs
-
-
 def build_transfer_model(task, arch, in_channels=1, width=1.0, fc_dim=4096, extended_fov=False,
                          head_dim=1024, dropout=0.5):
     """The BN-free network fine-tuned on VOC: VOCClassifier (cls) or HypercolumnNet(trunk, 21) (seg)."""
@@ -588,7 +582,7 @@ def initial_trunk(args, random_fc_dim=4096):
         width = conv1.shape[0] / 64
         resolve(args, 'arch', arch, args.init)
         resolve(args, 'width', width, args.init)
-        fc = torchvision_key_map(arch)[-1][0] + '.weight' if arch in ('alexnet', 'vgg16') else None
+        fc = torchvision_key_map(arch)[-1][0] + '.weight' if has_fc(arch) else None
         resolve(args, 'fc_dim', state[fc].shape[0] if fc else 4096, args.init)
         return state, dict(kind='torchvision', path=str(args.init))
     raise UserError(f'--init {args.init} is neither a colorize.py checkpoint (a dict with "model" and "config") '
@@ -867,7 +861,7 @@ def export(args):
     final = torchvision_final(args.arch)
     # torchvision's networks are full width, with 4096-channel fc6/fc7 (AlexNet, VGG-16).
     off = [f'width {args.width:g} (torchvision: 1)'] if args.width != 1.0 else []
-    if args.arch in ('alexnet', 'vgg16') and args.fc_dim != 4096:
+    if has_fc(args.arch) and args.fc_dim != 4096:
         off.append(f'fc6/fc7 with {args.fc_dim} channels (torchvision: 4096)')
     loads = (f'torchvision.models.{args.arch}().load_state_dict(torch.load(PATH, weights_only=True), strict=False) '
              f'leaves exactly {final}.weight, {final}.bias missing' if not off else

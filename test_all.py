@@ -4256,6 +4256,21 @@ def test_torchvision_maps_follow_the_registry(monkeypatch):
         ft.trunk_from_torchvision(short)
 
 
+def test_fc_dim_follows_the_factory(monkeypatch):
+    # A trunk with fc6/fc7 added to models.MODELS (a VGG-16 under another name here, as a VGG-19 would be)
+    # gets its fc_dim and --fc-dropout from its factory's signature, in both scripts; fc_dim was
+    # dropped for any arch but vgg16 and alexnet, so its fc6/fc7 silently had 4096 channels.
+    monkeypatch.setitem(MODELS, 'vgg16x', lambda in_channels=1, width=1.0, fc_dim=4096, batchnorm=True,
+                        extended_fov=False: vgg16(in_channels, width, fc_dim, batchnorm, extended_fov))
+    model = colorize.make_model(dict(arch='vgg16x', loss='huechroma', **TINY))
+    assert model.trunk.fc6.conv.weight.shape == (16, 32, 7, 7)  # fc_dim 16 on conv5_3's 512 / 16 channels
+    assert ft.random_trunk('vgg16x', TINY['width'], 16, 0)['fc7.conv.weight'].shape == (16, 16, 1, 1)
+    assert colorize.fill_defaults(colorize.parse_args(['-a', 'vgg16x', '--fc-dropout', '0.5']),
+                                  torch.device('cpu'), 1).fc_dropout == 0.5
+    with pytest.raises(colorize.UserError, match=r'resnet50 does not have \(alexnet, vgg16, vgg16x do\)'):
+        colorize.fill_defaults(colorize.parse_args(['-a', 'resnet50', '--fc-dropout', '0.5']), torch.device('cpu'), 1)
+
+
 def test_torchvision_resnet_batchnorm_import():
     # A torchvision-style bias-free conv + BatchNorm with real statistics, computed with F.batch_norm.
     torch.manual_seed(1)
