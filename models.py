@@ -258,7 +258,9 @@ def _resnet(blocks, numbered_stages, taps, in_channels, width, batchnorm, extend
             trunk.append(name, Bottleneck(trunk.out_channels, mid, out, stride, batchnorm),
                          stride=stride, tap=name if name in taps else None)
     missing = set(taps) - set(trunk.tap_names)
-    assert not missing, f'tap names {sorted(missing)} are not layers of this ResNet'
+    if missing:  # not an assert: under python -O the hypercolumn would silently lose these taps
+        raise ValueError(f'tap names {sorted(missing)} are not layers of this ResNet (its layers: conv1, '
+                         f'{", ".join(name for name, _ in trunk.steps if name.startswith("res"))})')
     if extended_fov:
         _append_extended_fov(trunk, width, batchnorm, affine=True)
     trunk.init_weights()

@@ -691,6 +691,12 @@ def test_full_size_tap_lists():
                              'res5c']
 
 
+def test_resnet_tap_names_must_be_layers():
+    # ResNet-50's stage 3 is res3a..res3d (letters); a tap named as in ResNet-152 (res3b1) is refused.
+    with pytest.raises(ValueError, match=r"\['res3b1'\] are not layers.*res3a, res3b, res3c, res3d, res4a"):
+        models._resnet((3, 4, 6, 3), (), ['conv1', 'res3b1'], 1, 1 / 16, False, False)
+
+
 def test_checkpoint_key_names():
     with torch.device('meta'):
         keys = {arch: set(build_model(arch, 64).state_dict()) for arch in ARCHS}
