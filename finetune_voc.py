@@ -54,7 +54,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
                       remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
                       trunk_kwargs, worker_options)
-from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm
+from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
 SEG_CLASSES = ('background',) + tuple(data.VOC_CLASSES)
@@ -422,6 +422,9 @@ def build_transfer_model(task, arch, in_channels=1, width=1.0, fc_dim=4096, exte
         if hasattr(trunk, 'fc_dropout'):  # AlexNet, VGG-16: dropout after fc6 and fc7
             trunk.fc_dropout.p = dropout
         return VOCClassifier(trunk)
+    # The test's dense prediction tiles by the trunk's receptive field: a layer that receptive_field
+    # does not know fails here, not after training.
+    receptive_field(trunk)
     return HypercolumnNet(trunk, len(SEG_CLASSES), head_dim=head_dim, dropout=dropout)
 
 

@@ -853,6 +853,19 @@ def test_receptive_fields_by_hand():
         models.receptive_field(trunk)
 
 
+def test_segmentation_model_with_a_layer_the_tiling_does_not_know_fails_at_build(monkeypatch):
+    # Segmentation's test tiles dense prediction by the receptive field: a trunk with a layer that
+    # receptive_field does not know is refused when the model is built, not after training.
+    def odd(**kwargs):
+        trunk = vgg16(**kwargs)
+        trunk.append('odd', nn.AvgPool2d(2), stride=2)
+        return trunk
+    monkeypatch.setitem(MODELS, 'odd', odd)
+    with pytest.raises(ValueError, match='unknown layer odd'):
+        ft.build_transfer_model('seg', 'odd', **TINY)
+    ft.build_transfer_model('cls', 'odd', **TINY)  # classification has no dense test
+
+
 @pytest.mark.parametrize('arch, fov, size, tile', [('vgg16', False, (902, 201), 128), ('alexnet', False, (200, 700), 128),
                                                    ('resnet50', False, (760, 100), 128), ('vgg16', True, (1700, 64), 128),
                                                    ('resnet152', False, (1800, 40), 128)])
