@@ -49,7 +49,7 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
                       autocast, environment, error_text, fork_run, format_seconds, has_fc, load_checkpoint,
-                      load_mismatch, load_optimizer_state, lock_run, log_gone, log_line,
+                      load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone, log_line,
                       make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
                       remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
@@ -1176,7 +1176,7 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     lr_mults = (1.0, args.bias_lr_mult)  # of parameter_groups' two groups: weights, then biases
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        load_model_state(model, ckpt['model'], args.resume_path)
         load_optimizer_state(optimizer, ckpt['optimizer'], args)
         start = ckpt['step']
         print(f'resumed from {args.resume_path} at step {start}')

@@ -4094,6 +4094,13 @@ def test_wrong_checkpoint_fails_with_clear_message(tmp_path):
         assert 'size mismatch for head.fc1.weight' in str(e.value)
         assert 'hypercolumn of 301 channels' in str(e.value) and 'give 297' in str(e.value)
         assert 'taps' in str(e.value) and 'conv1_1, conv1_2' in str(e.value)
+    # The same for a fine-tuning run's own checkpoint, resumed (it was a RuntimeError's traceback).
+    model = ft.build_transfer_model('seg', 'vgg16', **TINY)
+    state = model.state_dict()
+    state['head.fc1.weight'] = torch.cat([state['head.fc1.weight'], state['head.fc1.weight'][:, :4]], 1)
+    args = argparse.Namespace(weight_decay=0.0, lr=0.1, momentum=0.9, bias_lr_mult=1.0, resume_path='r/checkpoint.pt')
+    with pytest.raises(colorize.UserError, match=r'r/checkpoint.pt does not match.*hypercolumn of 301 channels.*give 297'):
+        ft.train(model, None, args, torch.device('cpu'), {}, dict(model=state))
     # An AlexNet checkpoint for a VGG-16 flag: one line, says what to do.
     colorize_checkpoint(tmp_path / 'a.pt', 'alexnet')
     args = ft.parse_args(['--init', str(tmp_path / 'a.pt'), '-a', 'vgg16'])
