@@ -2945,7 +2945,7 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
 
 class _Refuses(torch.utils.data.Dataset):
     def __len__(self):
-        return 4
+        return 1
 
     def __getitem__(self, i):
         raise colorize.UserError(f'image {i} is unreadable: fix or remove it')
@@ -2954,8 +2954,12 @@ class _Refuses(torch.utils.data.Dataset):
 def test_errors_the_user_can_fix_are_one_line_wherever_they_arise(folders, tmp_path, monkeypatch, capsys):
     train, val = folders
     # A UserError raised in a DataLoader worker comes back wrapped, with the worker's traceback.
+    batches = iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1))
     with pytest.raises(colorize.UserError) as caught:
-        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+        next(batches)
+    # Read to the end, which stops the worker now: left to the garbage collector (the traceback holds
+    # the iterator in a cycle), its shutdown waited 5 s for the worker, in whichever later test collected it.
+    assert next(batches, None) is None
     assert 'Traceback' in str(caught.value)
     assert colorize.error_text(caught.value) == 'image 0 is unreadable: fix or remove it'
     # An output folder on a read-only file system.
