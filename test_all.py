@@ -2533,17 +2533,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(processes, args):
-    """colorize.py under torchrun on a free port; the finished process."""
+def _torchrun(processes, args, log_dir):
+    """colorize.py under torchrun on a free port; the finished process. log_dir: torchrun's own
+    (without one it makes a /tmp/torchelastic_* folder per run and leaves it there)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={processes}', f'--master_port={_free_port()}',
-           str(HERE / 'colorize.py'), *args]
+           f'--log-dir={log_dir}', str(HERE / 'colorize.py'), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 def test_torchrun_two_cpu_processes(folders, tmp_path):
     train, val = folders
     out = tmp_path / 'ddp'
-    result = _torchrun(2, tiny_args(train, val, out, '--steps', '4', '--batch-size', '2'))
+    result = _torchrun(2, tiny_args(train, val, out, '--steps', '4', '--batch-size', '2'), tmp_path / 'logs')
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'world 2 (gloo DDP)' in result.stdout and 'step 4/4' in result.stdout
     assert json.loads((out / 'run.json').read_text())['world_size'] == 2
@@ -5179,7 +5180,8 @@ def test_cuda_torchrun_one_process_runs_nccl_ddp_compiled(folders, tmp_path):
     train, val = folders
     out = tmp_path / 'ddp'
     for steps, more in (('4', ('--keep-every', '3')), ('6', ('--resume',))):
-        result = _torchrun(1, tiny_args(train, val, out, '--steps', steps, '--device', 'cuda', '--compile', *more))
+        result = _torchrun(1, tiny_args(train, val, out, '--steps', steps, '--device', 'cuda', '--compile', *more),
+                           tmp_path / 'logs')
         assert result.returncode == 0, result.stderr[-2000:]
         assert 'world 1 (nccl DDP)' in result.stdout and f'step {steps}/{steps}' in result.stdout
         assert colorize.COMPILE_NOTE in result.stdout
