@@ -180,6 +180,8 @@ def test_lch_of_grey_and_of_a_hue_just_below_zero():
     greys = (torch.arange(256.0) / 255).expand(3, 256).reshape(3, 256, 1)
     for dtype in (torch.float32, torch.float64):
         assert lab.hue_bin(lab.lab_to_lch(lab.rgb_to_lab(greys.to(dtype)))[2]).eq(0).all()
+    # A colour of chroma 0.28 (the least chroma of a non-grey 8-bit sRGB colour) keeps its hue: pi / 4.
+    assert lab.lab_to_lch(_pixels([(50.0, 0.2, 0.2)]))[2].item() == pytest.approx(math.pi / 4)
     # d|ab|/d(a, b) = (a, b) / |ab|: (3/5, 4/5) at (3, 4), by hand; 0 at grey
     torch.testing.assert_close(x.grad[:, 1:], torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1e-7], [0.6, 0.8]]))
 
