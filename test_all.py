@@ -3329,6 +3329,10 @@ def test_paper_defaults():
     args = colorize.parse_args([])
     assert (args.target_window, args.loss, args.momentum, args.weight_decay) == (7, 'huechroma', 0.9, 5e-4)
     assert args.lr_milestones == [0.5, 0.75, 0.875]  # 1.0M, 1.5M, 1.75M of 2M iterations
+    # The head: Linear(hypercolumn, 1024) -> ReLU -> Dropout(0.5) -> Linear (DESIGN 4). make_model
+    # passes neither size nor rate: they are build_model's defaults.
+    head = colorize.make_model(dict(arch='alexnet', loss='huechroma', width=1 / 16, fc_dim=16)).head
+    assert head.fc1.out_features == 1024 and head.dropout.p == 0.5
 
 
 def test_step_seeds_differ_across_steps_ranks_and_seeds():
