@@ -4018,18 +4018,20 @@ def test_multilabel_loss_ignores_difficult():
 
 def test_confusion_and_miou_by_hand():
     label = np.array([[0, 0, 1, 1], [2, 2, 255, 1]], np.uint8)
-    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]], np.uint8)
-    # Counted by hand over the 7 labelled pixels (rows true, columns predicted):
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 1]], np.uint8)
+    # Counted by hand over the 7 labelled pixels (rows true, columns predicted). Row sums (2, 3, 2)
+    # and column sums (2, 4, 1) differ, so mixing up false positives and false negatives shows.
     expected = np.array([[1, 1, 0],
-                         [0, 2, 1],
+                         [0, 3, 0],
                          [1, 0, 1]])
     conf = ft.confusion_matrix(pred, label, num_classes=3)
     np.testing.assert_array_equal(conf, expected)
     scores = ft.segmentation_scores(conf)
-    # IoU: class 0: 1 / (1 + 1 + 1) = 1/3; class 1: 2 / (2 + 1 + 1) = 1/2; class 2: 1 / (1 + 1 + 1) = 1/3.
-    assert scores['iou'] == pytest.approx([1 / 3, 1 / 2, 1 / 3])
-    assert scores['miou'] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
-    assert scores['pixel_acc'] == pytest.approx(4 / 7)
+    # IoU = TP / (TP + FP + FN): class 0: 1 / (1 + 1 + 1) = 1/3; class 1: 3 / (3 + 1 + 0) = 3/4;
+    # class 2: 1 / (1 + 0 + 1) = 1/2.
+    assert scores['iou'] == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    assert scores['miou'] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert scores['pixel_acc'] == pytest.approx(5 / 7)
     torch_conf = ft.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), num_classes=3)
     np.testing.assert_array_equal(torch_conf.numpy(), expected)
     # A class never present nor predicted has no IoU and is left out of the mean.
