@@ -5382,6 +5382,20 @@ def test_scale_crop_keeps_label_values_when_scaling():
         assert set(np.unique(out)) == {0, 7, 255}
 
 
+def test_scale_crop_scales_the_image_by_a_factor_drawn_from_the_range():
+    # An 8 x 8 image in a 32 crop, scaled by s ~ U[0.5, 2] (the protocol's range), lands as a square
+    # of round(8 s) labelled pixels a side in the padding (255): the first draw is s. Over 400 seeds
+    # the sides reach both ends, 4 and 16 (each about 1 draw in 24).
+    sides = []
+    for s in range(400):
+        want = round(8 * rng(s).uniform(0.5, 2.0))
+        _, lab_out = ft.random_scale_crop(_coords(8, 8), np.zeros((8, 8), np.uint8), 32, (0.5, 2.0), rng(s))
+        rows, cols = np.nonzero(lab_out != ft.IGNORE)
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1, len(rows)) == (want, want, want * want), s
+        sides.append(want)
+    assert min(sides) == 4 and max(sides) == 16
+
+
 def test_scale_crop_reaches_every_offset():
     """Larger than the crop: source offsets 0..room; smaller: destination offsets 0..crop - size."""
     big, small = _coords(20, 20), _coords(5, 5)
