@@ -3413,9 +3413,12 @@ def test_training_under_bf16_autocast(folders, tmp_path, monkeypatch, loss):
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
-def test_benchmark_mode_tiny(folders, tmp_path, capsys):
+def test_benchmark_mode_tiny(folders, tmp_path, monkeypatch, capsys):
     train, val = folders
     out = tmp_path / 'bench'
+    # The matmul reference (which nothing below reads) at 256 rather than 2048: 1.1 s on one core.
+    matmul_tflops = colorize._matmul_tflops
+    monkeypatch.setattr(colorize, '_matmul_tflops', lambda device, n: matmul_tflops(device, 256))
     assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
                                    '--bench-photo', '60', '100', '--bench-profile')) == 0
     info = json.loads((out / 'benchmark.json').read_text())
