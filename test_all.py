@@ -5753,6 +5753,10 @@ def test_evaluation_colour_figures_by_hand():
     want = math.sqrt(((a_r - 10) ** 2 + (b_r + 10) ** 2 + (a_b - 10) ** 2 + (b_b + 10) ** 2) / 4)
     assert m['ab_rmse'] == pytest.approx(want, abs=1e-2)
     assert m['psnr'] != pytest.approx(m['psnr_gray'], abs=0.1)
+    # The validation loss: l2 on (a, b) / 128, the same at every sampled pixel of an image, averaged
+    # over the two images.
+    l2 = (((a_r - 10) ** 2 + (b_r + 10) ** 2) + ((a_b - 10) ** 2 + (b_b + 10) ** 2)) / 2 / lab.L2_SCALE ** 2
+    assert m['loss'] == pytest.approx(l2, rel=1e-4)
 
 
 # ---------------------------------------------------------------- atomic writes
