@@ -5759,6 +5759,28 @@ def test_evaluation_colour_figures_by_hand():
     assert m['loss'] == pytest.approx(l2, rel=1e-4)
 
 
+class _DenseCells(torch.nn.Module):
+    """A colorizer whose dense output is the given (1, D, h, w) cells, whatever the input."""
+
+    def __init__(self, cells):
+        super().__init__()
+        self.cells = cells
+
+    def dense(self, x):
+        return self.cells
+
+
+def test_predicted_colour_is_upsampled_bilinearly_from_the_cell_centres():
+    # Cells sit at pixels 4 i + 1.5 (stride 4): two cells of a* = 0 and 8 give, along a row of 8
+    # pixels, 0 up to the first centre, then 2 per pixel (1 at pixel 2, 0.5 past the centre), 8 beyond
+    # the second. By hand; nearest-cell upsampling would give 0, 0, 0, 0, 8, 8, 8, 8.
+    cells = torch.zeros(1, 2, 1, 2)
+    cells[0, 0, 0, 1] = 8 / lab.L2_SCALE  # l2 logits are (a, b) / L2_SCALE
+    ab = colorize.predict_ab(_DenseCells(cells), torch.full((1, 1, 3, 8), 50.0), 'l2')
+    assert ab.shape == (1, 2, 3, 8) and (ab[0, 1] == 0).all()
+    torch.testing.assert_close(ab[0, 0], torch.tensor([[0.0, 0, 1, 3, 5, 7, 8, 8]] * 3))
+
+
 # ---------------------------------------------------------------- atomic writes
 
 class _FullFile:
