@@ -492,6 +492,13 @@ def test_ab_soft_target_by_hand():
     assert t[cell[(10.0, 0.0)]].item() == pytest.approx(math.exp(-2) / total)
     assert t[cell[(-10.0, 10.0)]].item() == pytest.approx(math.exp(-4) / total)
     assert t.sum().item() == pytest.approx(1.0)
+    # Off the grid, (a, b) = (6, 0): its nearest cell is (10, 0), and the weights go to the 3x3 cells
+    # around that one, a in {0, 10, 20} (truncating 0.6 to cell 0 would take a = -10 instead of 20).
+    t = lab.make_targets('ab', _uniform_lab(1, 4, 4, 50, 6, 0), torch.tensor([[[2, 2]]]), window=1)['ab'][0, 0]
+    w = {(a, b): math.exp(-((a - 6) ** 2 + b ** 2) / 50) for a in (0, 10, 20) for b in (-10, 0, 10)}
+    assert all(lookup[offset + a // 10, offset + b // 10] >= 0 for a, b in w)  # all in gamut
+    for (a, b), v in w.items():
+        assert t[cell[(float(a), float(b))]].item() == pytest.approx(v / sum(w.values())), (a, b)
 
 
 @pytest.mark.parametrize('kind', lab.LOSSES)
