@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import gc
 import inspect
 import io
 import json
@@ -535,6 +536,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _live_children():
+    """This process's children that have not exited (Linux; elsewhere none are seen): {pid: command}."""
+    pids = [c for f in Path('/proc/self/task').glob('*/children') for c in f.read_text().split()]
+    live = {}
+    for pid in pids:
+        try:
+            state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+            command = Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state != 'Z':  # a zombie has exited: its Popen reaps it
+            live[int(pid)] = command[:200]
+    return live
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_running():
+    """Each test ends its own processes and puts back the handlers and folder it changes: a DataLoader
+    worker left to the garbage collector cost whichever later test collected it 5 s, and the next
+    test would run with a changed SIGTERM handler or working folder."""
+    children, cwd = _live_children(), os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    deadline = time.monotonic() + 1.0  # a child killed just now may not have exited yet
+    while (left := {p: c for p, c in _live_children().items() if p not in children}) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if left:  # not the next tests' problem: a DataLoader iterator in a reference cycle ends its workers when
+        gc.collect()  # collected (killing one instead would make torch's SIGCHLD handler raise here)
+    assert not left, f'the test left processes running: {left}'
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, 'the test left a signal handler changed'
+    assert os.getcwd() == cwd, 'the test left the working folder changed'
 
 
 def tiny(arch, **kwargs):
