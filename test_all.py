@@ -5811,6 +5811,28 @@ class _DenseCells(torch.nn.Module):
         return self.cells
 
 
+class _ColourOfLightness(torch.nn.Module):
+    """A colorizer (deepest stride 32) whose a* at each stride-4 cell is 20 x its mean network input."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = argparse.Namespace(out_stride=32)
+
+    def dense(self, x):
+        a = F.avg_pool2d(x, 4, ceil_mode=True) * 20 / lab.L2_SCALE
+        return torch.cat([a, torch.zeros_like(a)], 1)
+
+
+def test_colorizing_pads_the_lightness_with_its_edge_pixels():
+    # A uniform photo of 37 x 45 pixels is padded to 64 x 64 (multiples of the stride 32) before the
+    # network sees it: with its own edge pixels repeated, every cell sees the same lightness and the
+    # photo comes back one colour; zero padding (L* = 0) would darken the cells along the right and
+    # bottom edges and so their colour.
+    photo = np.full((37, 45, 3), 200, np.uint8)
+    out = colorize.colorize_array(_ColourOfLightness(), photo, 'l2', torch.device('cpu'))
+    assert out.shape == (37, 45, 3) and (out == out[0, 0]).all() and out[0, 0, 0] > out[0, 0, 1]  # a* > 0: red
+
+
 def test_predicted_colour_is_upsampled_bilinearly_from_the_cell_centres():
     # Cells sit at pixels 4 i + 1.5 (stride 4): two cells of a* = 0 and 8 give, along a row of 8
     # pixels, 0 up to the first centre, then 2 per pixel (1 at pixel 2, 0.5 past the centre), 8 beyond
