@@ -254,6 +254,10 @@ def parse_device(name):
         device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f'--device {name!r} is not a device: use cuda, cuda:N or cpu') from e
+    if device.type not in ('cuda', 'cpu'):  # mps (Apple), xpu, ...: never run, so refused before any work
+        raise UserError(f'--device {name}: this code runs on cuda (bf16) or cpu (float32) only; {device.type} is '
+                        f'not supported (untested: precision, compile and the pinned copies are set up for '
+                        f'cuda and cpu alone): use --device cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device {name} asked for CUDA, but torch.cuda.is_available() is False')
     return device

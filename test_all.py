@@ -3332,6 +3332,9 @@ def test_device_flag_names_a_gpu_with_an_index(monkeypatch, capsys):
         colorize.setup_device(Namespace(device='cuda:2'))
     with pytest.raises(colorize.UserError, match='not a device'):
         colorize.setup_device(Namespace(device='gpu'))
+    for name in ('mps', 'xpu:0', 'meta'):  # valid torch devices this code never ran on: refused, not a traceback later
+        with pytest.raises(colorize.UserError, match=f'--device {name}: this code runs on cuda .* or cpu .* only'):
+            colorize.setup_device(Namespace(device=name))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(colorize.UserError, match='is_available'):
         colorize.setup_device(Namespace(device='cuda'))
