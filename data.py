@@ -982,10 +982,12 @@ def _pack_task(task):
 
 def _process_pool(workers):
     """A pool of `workers` processes: fork where there is fork (a spawned worker would spend
-    seconds importing torch), else spawn. The callers' workers use numpy and Pillow only. The
-    workers exit within a second of their parent's death (a killed `pack` leaves none behind)."""
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
+    seconds importing torch), except on macOS, else spawn. macOS's system libraries (which torch
+    loads) may hold threads that fork does not copy, so Python itself spawns there by default since
+    3.8. The callers' workers use numpy and Pillow only. The workers exit within a second of their
+    parent's death (a killed `pack` leaves none behind)."""
+    fork = 'fork' in multiprocessing.get_all_start_methods() and sys.platform != 'darwin'
+    ctx = multiprocessing.get_context('fork' if fork else 'spawn')
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
                                                   initargs=(os.getpid(),))
 
@@ -2242,7 +2244,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
     pool = None
     try:
         if workers > 1:
-            # fork where there is fork: a spawned worker would spend seconds importing torch.
+            # fork where there is fork (not on macOS): a spawned worker would spend seconds importing torch.
             # Forking is safe even if torch's thread pools run here: the workers use numpy
             # element-wise code and Pillow only, and the colour tables (the one use of BLAS)
             # are built before the fork.

@@ -2104,6 +2104,20 @@ def test_pack_paths_cannot_be_real_files_and_out_checks(tmp_path):
     assert data.load_rgb(data.find_images(listed, log=_quiet)[0]).shape[:2] == (6, 8)  # never upscaled
 
 
+def test_pack_pools_fork_except_on_macos(monkeypatch):
+    # Python's own default start method: spawn on macOS since 3.8 (fork may crash in the system
+    # libraries' threads there), fork on Linux before 3.14 (the pool avoids 3.14's forkserver: a
+    # spawned worker imports torch). No worker starts: the pool starts them on its first task.
+    fork = 'fork' if 'fork' in torch.multiprocessing.get_all_start_methods() else 'spawn'  # (Windows: no fork)
+    for platform, method in (('linux', fork), ('darwin', 'spawn')):
+        monkeypatch.setattr(sys, 'platform', platform)
+        pool = data._process_pool(1)
+        try:
+            assert pool._mp_context.get_start_method() == method, platform
+        finally:
+            pool.shutdown()
+
+
 def test_pack_workers_exit_when_their_parent_is_killed(tmp_path):
     script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import data, os\n"
               "pool = data._process_pool(2)\n"
