@@ -2126,6 +2126,8 @@ def print_row(r):
               f'{c["machine_cores"]:.0f} cores busy, over {c["seconds"]:.2f} s'
               + (' (under 1 s: the kernel counts CPU time in 10 ms ticks, so these are rough)'
                  if c['seconds'] < 1 else ''), flush=True)
+    elif 'cpu' in r:  # CpuUse found no /proc (macOS, Windows)
+        print('  cpu: not measured (it is read from /proc, which only Linux has)', flush=True)
 
 
 # --- Colorizing photos --------------------------------------------------------------------------

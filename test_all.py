@@ -3765,6 +3765,25 @@ def test_cpu_seconds_reads_proc_stat_fields_14_and_15(tmp_path):
     assert colorize._cpu_seconds(tmp_path / 'gone') is None
 
 
+def test_benchmark_rows_say_where_cpu_use_cannot_be_read(monkeypatch, capsys):
+    # macOS and Windows have no /proc: no figures, and a line that says why rather than none.
+    real_listdir, real_open = os.listdir, open
+
+    def no_proc(real):
+        def call(path, *args, **kwargs):
+            if os.fspath(path).startswith('/proc'):
+                raise FileNotFoundError(2, 'No such file or directory', os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+    monkeypatch.setattr(os, 'listdir', no_proc(real_listdir))
+    monkeypatch.setattr('builtins.open', no_proc(real_open))
+    with colorize.CpuUse() as cpu:
+        pass
+    assert cpu.result is None and cpu.per_step(steps=2, images=8, workers=1) is None
+    colorize.print_row(dict(model='loader', data='alone (1 workers)', img_per_s=10.0, ms_per_step=1.0, cpu=None))
+    assert capsys.readouterr().out.splitlines()[1:] == ['  cpu: not measured (it is read from /proc, which only Linux has)']
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='reads /proc (Linux)')
 def test_cpu_use_splits_main_thread_other_threads_and_child_processes():
     # Over one span: the main thread burns 0.2 s of CPU, another thread 0.1 s, a child process 0.3 s
