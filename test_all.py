@@ -548,7 +548,9 @@ def _live_children():
             command = Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
         except (OSError, IndexError):
             continue  # gone meanwhile
-        if state != 'Z':  # a zombie has exited: its Popen reaps it
+        # A zombie has exited (its Popen reaps it); multiprocessing's resource tracker and forkserver
+        # are started once and serve the process until it ends.
+        if state != 'Z' and not any(f'multiprocessing.{s}' in command for s in ('resource_tracker', 'forkserver')):
             live[int(pid)] = command[:200]
     return live
 
