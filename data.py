@@ -947,9 +947,9 @@ def _decode_string(offsets, buffer, i):
 def shrink_to_short_side(rgb, short_side):
     """uint8 (H, W, 3) -> uint8 (h, w, 3) with min(h, w) == short_side, the aspect ratio kept (long
     side rounded), by Pillow: Image.fromarray(rgb).resize((w, h), Image.LANCZOS,
-    reducing_gap=3.0), i.e. a box reduce() by an integer factor first when shrinking more than
-    3x, then LANCZOS. Images whose short side is <= short_side are returned as they are (never
-    upscaled)."""
+    reducing_gap=3.0), i.e. a box reduce() by the integer factor int(ratio / 3) first when that is
+    at least 2 (shrinking 6x or more), then LANCZOS for the remaining 3x to 6x; below 6x, LANCZOS
+    alone. Images whose short side is <= short_side are returned as they are (never upscaled)."""
     h, w = rgb.shape[:2]
     if min(h, w) <= short_side:
         return rgb
