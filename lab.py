@@ -156,8 +156,9 @@ def lab_to_rgb(lab, clip=True):
 def lab_to_lch(lab):
     """L*a*b* -> LCh_ab (..., 3, H, W): L unchanged, C = |ab| >= 0, h = atan2(b, a) in [0, 2 pi).
 
-    A grey (C < GREY_CHROMA) has no hue: h = 0, whatever rounding left in a and b (up to 3e-5 for
-    8-bit greys, which would otherwise scatter over hue bins by the arithmetic of each device).
+    A grey (C < GREY_CHROMA) has no hue: h = 0, whatever rounding left in a and b (up to 3.8e-5
+    for 8-bit greys in float32 on a CPU, which would otherwise scatter over hue bins by the
+    arithmetic of each device).
     At a = b = 0 the gradients are 0 (|ab| and atan2 have none there; autograd would give NaN)."""
     with _no_autocast(lab):
         L, a, b = _float(lab).unbind(-3)
