@@ -372,7 +372,7 @@ def _ab_soft(ab, share):
 # --- Losses -------------------------------------------------------------------------------------
 
 def _kl(target, logits):
-    """KL(target || softmax(logits)) over the last dim, in float32; 0 log 0 = 0."""
+    """KL(target || softmax(logits)) over the last dim, in float32 (float64 for float64 logits); 0 log 0 = 0."""
     logp = F.log_softmax(_float(logits), dim=-1)
     return (torch.xlogy(target, target) - target * logp).sum(-1)
 
