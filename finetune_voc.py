@@ -233,6 +233,17 @@ def fill_defaults(args, device):
     return args
 
 
+def variant_name(args):
+    """What sets this run apart from the protocol's run of its init, for the default --out's name
+    ('-lab-fov-labels0.1-probe-seed1'), so that runs over --label-fraction, --seed, ... need no --out."""
+    parts = [args.input if args.input != TASK_DEFAULTS[args.task]['input'] else '',
+             'fov' if args.extended_fov else '',
+             f'labels{args.label_fraction:g}' if args.label_fraction is not None else '',
+             f'labelseed{args.label_seed}' if args.label_fraction is not None and args.label_seed else '',
+             'probe' if args.freeze else '', f'seed{args.seed}' if args.seed else '']
+    return ''.join(f'-{p}' for p in parts if p)
+
+
 def lr_at(step, args):
     """The learning rate of step `step` (from 0): --lr times --lr-gamma per milestone passed
     (fractions of --steps), with no warm-up, as the protocols' Caffe step policy; colorize.lr_at is
@@ -1406,7 +1417,7 @@ def _run(args, run_lock):
         init_name = Path(args.init).parent.name or init_name  # and a kept step: vgg16-huechroma-step0010000
         kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
         init_name += f'-{kept.group(1)}' if kept else ''
-    args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}'
+    args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}{variant_name(args)}'
     if not args.out.exists():  # called after the lock below is let go (last in, first out)
         run_lock.callback(remove_if_unused, args.out)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4554,11 +4554,25 @@ def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, 
     before = (out / kept[0]).read_bytes()
     assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--keep-every', '2')) == 2
     assert (out / kept[0]).read_bytes() == before
-    # Fine-tuned from a kept step, the run's default folder names the step: no clash with the final one.
+    # Fine-tuned from a kept step, the run's default folder names the step: no clash with the final one
+    # (and a --seed other than 0, as other variants of the protocol's run: variant_name).
     monkeypatch.setattr(ft, 'HERE', tmp_path)
     assert ft.main(['--task', 'cls', '--init', str(out / kept[0]), '--voc-root', voc, '--test-crops', '1',
-                    '--exit-after', '1', *COMMON]) == 0
-    assert (tmp_path / 'runs' / 'voc-cls-vgg16-pre-step0000002' / 'checkpoint.pt').exists()
+                    '--exit-after', '1', '--seed', '1', *COMMON]) == 0
+    assert (tmp_path / 'runs' / 'voc-cls-vgg16-pre-step0000002-seed1' / 'checkpoint.pt').exists()
+
+
+def test_default_finetune_folder_names_what_sets_the_run_apart():
+    def name(task='cls', **given):
+        flags = dict(input=None, extended_fov=False, label_fraction=None, label_seed=0, freeze=False, seed=0)
+        args = argparse.Namespace(task=task, **{**flags, **given})
+        args.input = args.input or ('lab' if task == 'cls' else 'gray')  # as fill_defaults sets it
+        return ft.variant_name(args)
+    assert name() == name('seg') == name(input='lab') == name('seg', input='gray') == ''  # the protocol's runs
+    assert name('seg', input='lab', extended_fov=True, label_fraction=0.1, label_seed=2, freeze=True, seed=3) == \
+        '-lab-fov-labels0.1-labelseed2-probe-seed3'
+    assert name(input='gray', label_fraction=0.25) == '-gray-labels0.25'
+    assert name(label_seed=5) == ''  # without --label-fraction the label seed changes nothing
 
 
 def test_keep_every_keeps_a_step_whose_keep_was_interrupted(folders, tmp_path, monkeypatch):
