@@ -981,11 +981,11 @@ def _pack_task(task):
 
 
 def _process_pool(workers):
-    """A pool of `workers` processes: fork where there is fork (a spawned worker would spend
-    seconds importing torch), except on macOS, else spawn. macOS's system libraries (which torch
-    loads) may hold threads that fork does not copy, so Python itself spawns there by default since
-    3.8. The callers' workers use numpy and Pillow only. The workers exit within a second of their
-    parent's death (a killed `pack` leaves none behind)."""
+    """A pool of `workers` processes, forked (a spawned worker would spend seconds importing torch)
+    except where there is no fork and on macOS, whose system libraries (which torch loads) may hold
+    threads that fork does not copy: Python itself spawns there by default since 3.8. The callers'
+    workers use numpy and Pillow only. The workers exit within a second of their parent's death (a
+    killed `pack` leaves none behind)."""
     fork = 'fork' in multiprocessing.get_all_start_methods() and sys.platform != 'darwin'
     ctx = multiprocessing.get_context('fork' if fork else 'spawn')
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
