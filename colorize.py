@@ -1363,6 +1363,9 @@ def _train(args, run_lock):
             if log_now:
                 # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
                 means, rate = progress.take(all_reduce=dist.is_initialized())
+                problem = diverged(means, step, lr_at(step - 1, args))
+                if problem:
+                    raise UserError(problem)
                 if master:
                     # lr_at(step - 1): the lr of the step just taken (`step` counts it already).
                     entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
@@ -1383,6 +1386,9 @@ def _train(args, run_lock):
                 if save:
                     counts_by_rank = gather_counts(counter, world, device)
                     window = progress.state(world)
+                    problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
+                    if problem:  # in the steps since the last progress line: save none of them
+                        raise UserError(problem)
                     saved = args.out / 'checkpoint.pt'
                     if master:
                         save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
@@ -1572,6 +1578,21 @@ def _kill_daemonic_children():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
         child.kill()
+
+
+def diverged(values, step, lr):
+    """The one line that stops a run whose training loss is no longer finite, or None.
+
+    values: floats (the means of a progress line, or the sums of the open window at a checkpoint).
+    A NaN or inf loss poisons the weights for good: the run would go on printing nan and save
+    them, and the test after fine-tuning would score argmax over NaN logits. Every rank sees the
+    same values (all-reduced or all-gathered), so every rank stops at the same step.
+    """
+    if all(math.isfinite(v) for v in values):
+        return None
+    return (f'the training loss is {next(v for v in values if not math.isfinite(v))} at step {step}: training '
+            f'diverged (lr {lr:g}); no checkpoint holds a step after the previous progress line. Lower --lr '
+            f'(given with --resume, it applies from the checkpoint on) or check the init')
 
 
 def log_gone(log, path):

@@ -52,7 +52,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone, log_line,
                       make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
-                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
+                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log, diverged,
                       trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
@@ -1220,6 +1220,9 @@ def train(model, train_set, args, device, init_info, ckpt=None):
             progress.add(loss.reshape(1))
             if step % args.log_every == 0 or step == args.steps:
                 (mean,), rate = progress.take()
+                problem = diverged([mean], step, lr_at(step - 1, args))
+                if problem:
+                    raise UserError(problem)
                 entry = dict(step=step, loss=mean, lr=lr_at(step - 1, args), img_per_s=rate,
                              peak_mem_gb=peak_memory_gb(device))
                 print(progress_line(entry, args.steps, args.batch_size), flush=True)
@@ -1229,9 +1232,13 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                 problem = log_gone(log, args.out / 'log.jsonl')
                 if problem:  # the run folder removed: not made anew, without its log
                     raise UserError(problem)
+                window = progress.state()
+                problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
+                if problem:  # in the steps since the last progress line: save none of them
+                    raise UserError(problem)
                 with progress.paused():  # saving does not count against img/s
                     save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
-                                    progress.state())
+                                    window)
             if exit_now:
                 break
     # Also at the last step, or during its save: the test that follows would not finish before the

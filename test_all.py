@@ -2222,6 +2222,47 @@ def _assert_same_weights(a, b):
 
 # --- colorize.py: training ---------------------------------------------------------------------
 
+def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, monkeypatch):
+    """A NaN loss ends the run (status 2) at the next progress line or checkpoint, whichever comes
+    first, and no checkpoint holds a step after it; before, the run printed nan to the end, saved
+    NaN weights and (fine-tuning) scored argmax over NaN logits."""
+    train, val = folders
+    calls = []
+
+    def nan_from_third(step):
+        def wrapped(*a, **k):
+            calls.append(1)
+            total, parts = step(*a, **k)
+            return (total * float('nan'), parts) if len(calls) >= 3 else (total, parts)
+        return wrapped
+
+    monkeypatch.setattr(colorize, 'train_step', nan_from_third(colorize.train_step))
+    out = tmp_path / 'run'  # progress lines at 2, 4; checkpoints at 3, 6: the one at 3 meets it
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--save-every', '3')) == 2
+    err = capsys.readouterr().err
+    assert 'training loss is nan at step 3' in err and 'diverged' in err
+    assert not (out / 'checkpoint.pt').exists()
+    calls.clear()
+
+    def nan_loss(loss_fn):
+        def wrapped(*a, **k):
+            calls.append(1)
+            loss = loss_fn(*a, **k)
+            return loss * float('nan') if len(calls) >= 3 else loss
+        return wrapped
+
+    monkeypatch.setattr(ft, 'train_loss', nan_loss(ft.train_loss))
+    out = tmp_path / 'ft'  # progress lines at every step, checkpoints at 2 and 4: the line at 3 meets it
+    assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(out), '--steps', '4',
+                    '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '0',
+                    '--log-every', '1', '--save-every', '2', '--test-crops', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'training loss is nan at step 3' in err
+    assert _state(out / 'checkpoint.pt')['step'] == 2
+    assert not (out / 'results.json').exists()
+
+
+
 def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     train, val = folders
     out = tmp_path / 'run'
