@@ -13,7 +13,7 @@
     python finetune_voc.py --export vgg16_color.pth --init CKPT                       # torchvision weights
 
 --init takes a colorize.py checkpoint (BatchNorm folded, colorization head dropped), `random`
-(Kaiming), or a state_dict in torchvision's naming (alexnet, vgg16, resnet50, resnet152), whose
+(Kaiming; a ResNet's residual branches at zero), or a state_dict in torchvision's naming (alexnet, vgg16, resnet50, resnet152), whose
 RGB conv1 is converted to our lightness input. Classification: random scale U[0.5, 2], 224 crops,
 multi-label BCE on a new 20-way layer over the global-average-pooled deepest tap; test = mean
 logits of 10 random crops, AP both as the VOC2007 11-point interpolated AP and as the
@@ -561,7 +561,8 @@ PRETRAINING_HEADS = {
 
 
 def random_trunk(arch, width, fc_dim, seed):
-    """Kaiming-initialised (fan-out, zero biases; models.Trunk.init_weights) BN-free 1-channel trunk."""
+    """Kaiming-initialised (fan-out, zero biases; models.Trunk.init_weights) BN-free 1-channel trunk;
+    a ResNet's residual branches start at zero (models._resnet)."""
     torch.manual_seed(seed)
     return MODELS[arch](in_channels=1, batchnorm=False, **trunk_kwargs(arch, width, fc_dim)).state_dict()
 

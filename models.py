@@ -240,7 +240,12 @@ def _finish_fc(trunk, fc6, bn, width, extended_fov):
 
 
 def _resnet(blocks, numbered_stages, taps, in_channels, width, batchnorm, extended_fov):
-    """ResNet trunk with Caffe names: conv1, res2a.., res3a, res3b1.. (numbered stages) or res3b.."""
+    """ResNet trunk with Caffe names: conv1, res2a.., res3a, res3b1.. (numbered stages) or res3b..
+
+    Each block's residual branch starts at zero (the scale of its last BN, or without BN the weights
+    of its last conv; Goyal et al. 2017): the sums would otherwise grow block by block, to |x| ~ 1e6
+    at ResNet-152's res4b35 with BN at its initial statistics or without BN.
+    """
     trunk = Trunk(in_channels, tap_input=False)
     trunk.append('conv1', ConvBN(in_channels, _scaled(64, width), 7, 2, 3, batchnorm=batchnorm, affine=True),
                  stride=2, tap='conv1')
@@ -264,6 +269,10 @@ def _resnet(blocks, numbered_stages, taps, in_channels, width, batchnorm, extend
     if extended_fov:
         _append_extended_fov(trunk, width, batchnorm, affine=True)
     trunk.init_weights()
+    for module in trunk.modules():  # each residual branch starts at zero: every block is its shortcut
+        if isinstance(module, Bottleneck):
+            last = module.branch2c
+            nn.init.zeros_(last.bn.weight if batchnorm else last.conv.weight)
     return trunk
 
 

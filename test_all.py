@@ -574,9 +574,19 @@ def leaves_nothing_running():
 
 
 def tiny(arch, **kwargs):
-    """A model small enough for CPU tests: 1/16 width, 16-wide fc6/fc7 and head."""
+    """A model small enough for CPU tests: 1/16 width, 16-wide fc6/fc7 and head. A ResNet's residual
+    branches, which start at zero, get BN scale 1 (or Kaiming conv weights), so that the tests of
+    dense, tiled and folded outputs see their convolutions."""
     fc = dict(fc_dim=16) if arch in ('alexnet', 'vgg16') else {}
-    return build_model(arch, out_dim=5, head_dim=16, width=1 / 16, **fc, **kwargs)
+    model = build_model(arch, out_dim=5, head_dim=16, width=1 / 16, **fc, **kwargs)
+    for m in model.modules():
+        if isinstance(m, models.Bottleneck):
+            last = m.branch2c
+            if isinstance(last.bn, nn.BatchNorm2d):
+                nn.init.ones_(last.bn.weight)
+            else:
+                nn.init.kaiming_normal_(last.conv.weight, mode='fan_out', nonlinearity='relu')
+    return model
 
 
 def close(actual, expected, rel=1e-5):
@@ -740,6 +750,25 @@ def test_resnet_tap_names_must_be_layers():
     # ResNet-50's stage 3 is res3a..res3d (letters); a tap named as in ResNet-152 (res3b1) is refused.
     with pytest.raises(ValueError, match=r"\['res3b1'\] are not layers.*res3a, res3b, res3c, res3d, res4a"):
         models._resnet((3, 4, 6, 3), (), ['conv1', 'res3b1'], 1, 1 / 16, False, False)
+
+
+@pytest.mark.parametrize('batchnorm', [True, False])
+def test_resnet_blocks_start_as_their_shortcut(batchnorm):
+    """Each residual branch starts at zero (Goyal et al. 2017; torchvision's zero_init_residual): an
+    identity block passes a non-negative input through unchanged, in train and in eval mode, and the
+    whole BN-free trunk (finetune_voc.py --init random) stays at the scale of its input. Before, a
+    quarter-width ResNet-152's residual sums grew block by block: its eval-mode hypercolumn (BN at
+    mean 0 / var 1) reached |x| ~ 1e6 and its l2 pre-training loss 6,000 at step 3; the BN-free
+    transfer model gave logits of 3e6 and NaN at the second step."""
+    torch.manual_seed(0)
+    trunk = models.resnet152(width=1 / 16, batchnorm=batchnorm)
+    x = torch.rand(2, trunk.res4b20.out_channels, 5, 5)
+    for mode in (True, False):
+        trunk.train(mode)
+        with torch.no_grad():
+            assert torch.equal(trunk.res4b20(x), x)  # relu(0 + x) = x for x >= 0
+            deepest = trunk(torch.randn(2, 1, 64, 64))[-1]
+        assert torch.isfinite(deepest).all() and deepest.abs().mean() < 10
 
 
 def test_checkpoint_key_names():
