@@ -13,8 +13,8 @@
     python finetune_voc.py --export vgg16_color.pth --init CKPT                       # torchvision weights
 
 --init takes a colorize.py checkpoint (BatchNorm folded, colorization head dropped), `random`
-(Kaiming; a ResNet's residual branches at zero), or a state_dict in torchvision's naming (alexnet, vgg16, resnet50, resnet152), whose
-RGB conv1 is converted to our lightness input. Classification: random scale U[0.5, 2], 224 crops,
+(Kaiming; a ResNet's residual branches at zero), or a state_dict in torchvision's naming (alexnet,
+vgg16, resnet50, resnet152), whose RGB conv1 is converted to our lightness input. Classification: random scale U[0.5, 2], 224 crops,
 multi-label BCE on a new 20-way layer over the global-average-pooled deepest tap; test = mean
 logits of 10 random crops, AP both as the VOC2007 11-point interpolated AP and as the
 non-interpolated AP. Segmentation: sparse hypercolumns (128 pixels per 448 crop), new head; test
@@ -48,11 +48,11 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, environment, error_text, fork_run, format_seconds, has_fc, load_checkpoint,
+                      autocast, diverged, environment, error_text, fork_run, format_seconds, has_fc, load_checkpoint,
                       load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone, log_line,
                       make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
-                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log, diverged,
+                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
                       trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
