@@ -1225,12 +1225,20 @@ def restore_training(ckpt, path, model, optimizer, counter, args, device, rank):
     if 'counts_by_rank' in ckpt:  # each rank counts its own share of the images
         counter.load_state_dict(dict(counts=ckpt['counts_by_rank'][rank]))
     elif rank == 0:
-        counter.load_state_dict(ckpt['counts'])
+        counter.load_state_dict(legacy_counts(ckpt['counts']))
     torch.set_rng_state(ckpt['rng']['cpu'])
     # (Each step reseeds from (seed, step, rank); the saved states matter only before step 1.)
     if device.type == 'cuda' and len(ckpt['rng']['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
     return ckpt['step']
+
+
+def legacy_counts(counts):
+    """A checkpoint's image counts as data.StatusCounter reads them. The first commit (db53b26) saved
+    {'seen', 'bad', 'gray'}, images read in all; later ones {'counts': [ok, bad, gray]}."""
+    if 'counts' in counts or 'seen' not in counts:
+        return counts
+    return {'counts': [counts['seen'] - counts['bad'] - counts['gray'], counts['bad'], counts['gray']]}
 
 
 def training_data(args, ckpt, resume_path, master):

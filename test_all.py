@@ -5868,6 +5868,11 @@ def test_each_rank_resumes_its_own_counts_and_window():
         counter = data.StatusCounter()
         colorize.restore_training(old, 'ckpt.pt', model, optimizer, counter, args, cpu, rank)
         assert counter.counts == expected
+    # The first commit (db53b26) saved images read in all: 28 read, 1 bad and 5 gray leave 22 ok.
+    first = {**old, 'counts': dict(seen=28, bad=1, gray=5)}
+    counter = data.StatusCounter()
+    colorize.restore_training(first, 'ckpt.pt', model, optimizer, counter, args, cpu, 0)
+    assert counter.counts == [22, 1, 5]
 
 
 # ---------------------------------------------------------------- defaults and figures the README states
