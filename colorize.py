@@ -1460,8 +1460,9 @@ def environment(device):
 
 
 def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
-    """run.json: args, versions, device, commit. A resumed run keeps the first start and lists each
-    resumption (step, time, commit, torch, device), since those may differ between the parts."""
+    """run.json: args, versions, device, commit. A resumed run keeps the first start (its time,
+    commit, versions and device) and lists each resumption (step, time, commit, torch, device), since
+    those may differ between the parts (a git pull between them, say); args are the latest part's."""
     now = time.strftime('%Y-%m-%d %H:%M:%S')
     info = dict(args=plain_args(args), **environment(device), world_size=world, train_images=n_train,
                 val_images=n_val, started=now)
@@ -1471,10 +1472,11 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             first = json.loads(path.read_text())
         except ValueError:
             first = {}
-        info['started'] = first.get('started', now)
-        info['resumed'] = first.get('resumed', []) + [
-            dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
-                 device_name=info['device_name'], world_size=world)]
+        part = dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
+                    device_name=info['device_name'], world_size=world)
+        for name in ('started', 'torch', 'python', 'device', 'device_name', 'git_commit'):
+            info[name] = first.get(name, info[name])
+        info['resumed'] = first.get('resumed', []) + [part]
     data.write_json(args.out / 'run.json', info, indent=2)
 
 

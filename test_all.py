@@ -2444,6 +2444,9 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, mon
     # The killed run had logged beyond its checkpoint, the last line cut off mid-write.
     with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
         f.write(json.dumps(dict(step=4, loss=9.0)) + '\n{"step": 5, "lo')
+    # Started by an older commit and torch (a git pull before the resume): run.json keeps them.
+    first = json.loads((tmp_path / 'b' / 'run.json').read_text())
+    (tmp_path / 'b' / 'run.json').write_text(json.dumps({**first, 'git_commit': 'c0ffee', 'torch': '2.4.1'}))
     assert colorize.main(['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']) == 0
     printed = capsys.readouterr().out
     assert 'demo world' not in printed and 'resumed from' in printed and 'step 6/6' in printed
@@ -2456,6 +2459,8 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, mon
     assert [e['loss'] for e in log if not e.get('eval')] == [e['loss'] for e in uncut if not e.get('eval')]
     run = json.loads((tmp_path / 'b' / 'run.json').read_text())
     assert [r['step'] for r in run['resumed']] == [3] and run['started'] <= run['resumed'][0]['time']
+    assert (run['git_commit'], run['torch']) == ('c0ffee', '2.4.1')
+    assert (run['resumed'][0]['git_commit'], run['resumed'][0]['torch']) == (colorize.git_commit(), torch.__version__)
 
     resume = ['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']
     assert colorize.main([*resume, '--seed', '4']) == 2  # another data order: refused
