@@ -328,8 +328,9 @@ RUN_FLAGS = ('arch', 'objective', 'classes', 'loss', 'data', 'val_data', 'holdou
 SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every', 'keep_every')
 # What runs made before a run flag existed did (their checkpoints' args lack it): a resume takes this
-# value, and refuses another typed one, as for any run flag.
-LEGACY_ARGS = {'fc_dropout': 0.0}
+# value, and refuses another typed one, as for any run flag. (--objective and --classes came with
+# 365c0cc, --fc-dropout with 947915a.)
+LEGACY_ARGS = {'fc_dropout': 0.0, 'objective': 'colorize', 'classes': None}
 
 
 PATH_FLAGS = ('data', 'val_data', 'demo_root')

@@ -3036,10 +3036,14 @@ def test_fc_dropout_cannot_change_when_resuming_a_run_from_before_the_flag(folde
     assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--save-every', '1', '--exit-after', '1')) == 0
     ckpt = _state(out / 'checkpoint.pt')
     del ckpt['args']['fc_dropout'], ckpt['config']['fc_dropout']  # as written before the flag
+    # The first commit had no --objective (nor --classes): its runs colorized.
+    del ckpt['args']['objective'], ckpt['args']['classes'], ckpt['config']['objective']
     torch.save(ckpt, out / 'checkpoint.pt')
     capsys.readouterr()
     assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume', '--fc-dropout', '0.5')) == 2
     assert 'was trained with --fc-dropout 0.0' in capsys.readouterr().err
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume', '--objective', 'classify')) == 2
+    assert 'was trained with --objective colorize' in capsys.readouterr().err
     assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume')) == 0
     assert _state(out / 'checkpoint.pt')['args']['fc_dropout'] == 0.0
 
