@@ -48,12 +48,12 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, diverged, environment, error_text, fork_run, format_seconds, has_fc, load_checkpoint,
-                      load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone, log_line,
-                      make_model as make_colorization_model, merge_resumed_args, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_to_overwrite,
-                      remove_if_unused, resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log,
-                      trunk_kwargs, worker_options)
+                      autocast, diverged, environment, error_text, fork_run, format_seconds, git_commit, has_fc,
+                      load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone,
+                      log_line, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
+                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
+                      refuse_to_overwrite, remove_if_unused, resume_flags, rng_state, setup_device, step_seed,
+                      stop_status, trim_log, trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -1168,7 +1168,10 @@ def read_resume(args):
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, must_exist=('init', 'voc_root'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
-    args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed)]
+    # The commit that trained the steps before this one (None: a checkpoint from before 2026-11-27 did
+    # not say): results.json's git_commit is only the last part's, and a git pull may come between.
+    args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed,
+                                                            trained_by=saved.get('git_commit'))]
     args.resume_path = path
     return ckpt
 
@@ -1411,6 +1414,7 @@ def _run(args, run_lock):
     device, _, _, _ = setup_device(args, distributed=False)
     absolute_paths(vars(args), PATH_FLAGS, keywords=('random',))
     ckpt = read_resume(args) if args.resume else None
+    args.git_commit = git_commit()  # saved with the checkpoint's args, for the next resumption's trained_by
     args.task = args.task or 'cls'
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS

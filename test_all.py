@@ -5018,13 +5018,17 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
         f.write(json.dumps(dict(step=3, loss=9.9)) + '\n{"step": 4, "lo')
     assert ft.main([*resume, '--steps', '1']) == 2  # it would end before the checkpoint's step 2
     assert 'is at step 2: --steps 1 would end before' in capsys.readouterr().err
+    # Its first part ran on an older commit (a git pull came between): the resumption names it.
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
+    torch.save({**ckpt, 'args': {**ckpt['args'], 'git_commit': 'c0ffee'}}, out / 'checkpoint.pt')
     assert ft.main([*resume, '--steps', '6', '--weight-decay', '0.01']) == 0  # the schedule's: they win
     assert 'resuming with --steps 6 where' in capsys.readouterr().out
     r = read_results(out)
     assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
     # The tests the run was started with run after it, though the resuming command did not repeat them.
     assert json.loads((out / 'feature_shift.json').read_text())['images'] == 2 and 'feature_shift' in r
-    assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6], weight_decay=[5e-4, 0.01]))]
+    assert r['args']['resumptions'] == [dict(step=2, changed=dict(steps=[4, 6], weight_decay=[5e-4, 0.01]),
+                                             trained_by='c0ffee')]
     groups = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
     assert [g['weight_decay'] for g in groups] == [0.01, 0.0]  # applied, not only announced
     steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
