@@ -1275,6 +1275,11 @@ def training_data(args, ckpt, resume_path, master):
               f'but not in the order it would have had' + ('' if held_out is None or 'held_out' in ckpt['data'] else
               '; and its held-out images, chosen from the listing by a checkpoint that did not record them, '
               'are others now: validation figures are not comparable across this resume'))
+    if ckpt is not None and 'images' not in ckpt['data'] and args.data is not None and master:
+        print(f'warning: {resume_path} does not record its training images (written before 996eedb, '
+              f'2026-11-25), so a --data changed since cannot be noticed: it would change the data order'
+              + ('' if held_out is None else ' and swap held-out images into training (validation figures '
+                 'then not comparable across this resume)'))
     return train_paths, val_paths, labels, held_out, train_list
 
 

@@ -2396,6 +2396,14 @@ def test_resume_keeps_the_held_out_images_when_images_were_added(folders, tmp_pa
     assert colorize.main(['--out', str(tmp_path / 'run'), '--resume', '--steps', '3']) == 0
     assert 'it validates on a new choice' in capsys.readouterr().out
     assert len(set(_state(tmp_path / 'run' / 'checkpoint.pt')['data']['held_out']) - set(held)) == 4
+    # A checkpoint written before 996eedb records neither list: a changed --data cannot be noticed,
+    # so the resume says that it cannot tell (it had gone on in silence, the held-out images swapped).
+    ckpt = _state(tmp_path / 'run' / 'checkpoint.pt')
+    ckpt['data'] = dict(seed=ckpt['data']['seed'], step=ckpt['data']['step'])
+    torch.save(ckpt, tmp_path / 'run' / 'checkpoint.pt')
+    assert colorize.main(['--out', str(tmp_path / 'run'), '--resume', '--steps', '4']) == 0
+    out = capsys.readouterr().out
+    assert out.count('does not record its training images') == 1 and 'held-out' in out
 
 
 def test_resume_after_exit_is_exact(folders, tmp_path):
