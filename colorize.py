@@ -1480,6 +1480,10 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             first = {}
         part = dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                     device_name=info['device_name'], world_size=world)
+        last = (first.get('resumed') or [first])[-1].get('git_commit')
+        if last and part['git_commit'] and last != part['git_commit']:
+            print(f'note: the steps before {resumed_at} ran commit {last[:12]}, this is {part["git_commit"][:12]}: '
+                  f'what the code changed between them (data, targets, loss) applies from here on')
         for name in ('started', 'torch', 'python', 'device', 'device_name', 'git_commit'):
             info[name] = first.get(name, info[name])
         info['resumed'] = first.get('resumed', []) + [part]

@@ -1172,6 +1172,10 @@ def read_resume(args):
     # not say): results.json's git_commit is only the last part's, and a git pull may come between.
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed,
                                                             trained_by=saved.get('git_commit'))]
+    before, now = saved.get('git_commit'), git_commit()
+    if before and now and before != now:
+        print(f'note: the steps before {ckpt["step"]} ran commit {before[:12]}, this is {now[:12]}: what the code '
+              f'changed between them (data, sampling, loss) applies from here on')
     args.resume_path = path
     return ckpt
 

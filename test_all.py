@@ -2458,6 +2458,7 @@ def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, mon
     assert colorize.main(['--out', str(tmp_path / 'b'), '--resume', '--device', 'cpu', '--workers', '0']) == 0
     printed = capsys.readouterr().out
     assert 'demo world' not in printed and 'resumed from' in printed and 'step 6/6' in printed
+    assert printed.count('steps before 3 ran commit c0ffee, this is ') == (colorize.git_commit() is not None)
     _assert_same_weights(_state(tmp_path / 'a' / 'checkpoint.pt'), _state(tmp_path / 'b' / 'checkpoint.pt'))
     assert _state(tmp_path / 'b' / 'checkpoint.pt')['args']['data'] == [str(train)]
     log = [json.loads(line) for line in (tmp_path / 'b' / 'log.jsonl').read_text().splitlines()]
@@ -5030,7 +5031,9 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
     torch.save({**ckpt, 'args': {**ckpt['args'], 'git_commit': 'c0ffee'}}, out / 'checkpoint.pt')
     assert ft.main([*resume, '--steps', '6', '--weight-decay', '0.01']) == 0  # the schedule's: they win
-    assert 'resuming with --steps 6 where' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'resuming with --steps 6 where' in printed
+    assert printed.count('steps before 2 ran commit c0ffee, this is ') == (colorize.git_commit() is not None)
     r = read_results(out)
     assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
     # The tests the run was started with run after it, though the resuming command did not repeat them.
