@@ -897,7 +897,9 @@ def lock_run(out):
 
 def remove_if_unused(out):
     """Remove the run folder `out`, made by this run, if the run ended having written nothing there but
-    its lock: a run refused at start-up (a mistyped --data, too few images) leaves no folder behind."""
+    its lock: a run refused at start-up (a mistyped --data, too few images) leaves no folder behind.
+    Called only by the lock's holder, before it lets go: a process that opened the .lock meanwhile
+    fails to lock it (without waiting), and one that opens it later makes a new one (rmdir then fails)."""
     with contextlib.suppress(OSError):
         if os.listdir(out) == [RUN_LOCK]:
             os.remove(os.path.join(out, RUN_LOCK))
@@ -1165,10 +1167,10 @@ def open_run(args, device, world, master, run_lock):
     problem = None
     if master:
         try:
-            if made:  # a callback runs after the lock below is let go (last in, first out)
-                run_lock.callback(remove_if_unused, args.out)
             # Before the checks below: a run still training there is not to be joined.
             run_lock.enter_context(lock_run(args.out))
+            if made:  # only once locked (a run refused by another's lock would remove its .lock), and run
+                run_lock.callback(remove_if_unused, args.out)  # before the lock is let go (last in, first out)
         except UserError as e:
             problem = str(e)
     problem = rank0_problem(problem)  # every rank stops with rank 0, rather than wait for it at the listing

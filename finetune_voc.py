@@ -1434,11 +1434,12 @@ def _run(args, run_lock):
         kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
         init_name += f'-{kept.group(1)}' if kept else ''
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}{variant_name(args)}'
-    if not args.out.exists():  # called after the lock below is let go (last in, first out)
-        run_lock.callback(remove_if_unused, args.out)
+    made = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
     # Before the checks below: a run still training there is not joined.
     run_lock.enter_context(lock_run(args.out))
+    if made:  # only once locked (a run refused by another's lock would remove its .lock), and run
+        run_lock.callback(remove_if_unused, args.out)  # before the lock is let go (last in, first out)
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))

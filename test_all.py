@@ -3278,6 +3278,36 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
 
 
+def test_a_run_refused_by_another_runs_lock_leaves_that_runs_folder(folders, tmp_path, voc, monkeypatch, capsys):
+    # Two runs started at once into a new --out: both see no folder, the other one makes it and locks it
+    # first (here inside lock_run, as another process would, through a file of its own). The refused
+    # one must not remove that run's folder and .lock: a third would then train there alongside it.
+    import fcntl
+    train, val = folders
+    held = []
+
+    def other_locks_first(lock_run):
+        def wrapped(out):
+            held.append(open(os.path.join(out, colorize.RUN_LOCK), 'a+'))
+            fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock_run(out)
+        return wrapped
+
+    monkeypatch.setattr(colorize, 'lock_run', other_locks_first(colorize.lock_run))
+    monkeypatch.setattr(ft, 'lock_run', other_locks_first(ft.lock_run))
+    try:
+        run = tmp_path / 'new'
+        assert colorize.main(tiny_args(train, val, run, '--steps', '1')) == 2
+        assert 'is in use by' in capsys.readouterr().err and (run / colorize.RUN_LOCK).is_file()
+        busy = tmp_path / 'ft'
+        assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(busy), '--steps', '1',
+                        '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2']) == 2
+        assert 'is in use by' in capsys.readouterr().err and (busy / colorize.RUN_LOCK).is_file()
+    finally:
+        for f in held:
+            f.close()
+
+
 @pytest.mark.parametrize('where', ['inside', 'the data folder', 'linked inside'])
 def test_a_run_folder_in_the_data_folder_does_not_train_on_its_samples(tmp_path, folders, capsys, where):
     # `--data ~/photos --out ~/photos/run` (or `--out ~/photos`, or ~/photos/run a link to a scratch disk,
