@@ -1397,14 +1397,14 @@ def _train(args, run_lock):
                     problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
                     if problem:
                         raise UserError(problem if master else f'rank 0: {problem}')
+                    window = progress.state(world)  # (every rank: the replicas' sums are gathered)
+                    problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
+                    if problem:  # in the steps since the last progress line: neither evaluate nor save them
+                        raise UserError(problem)
                 if master and show:
                     evaluate_and_show(raw_model, val, args, device, log, step)
                 if save:
                     counts_by_rank = gather_counts(counter, world, device)
-                    window = progress.state(world)
-                    problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
-                    if problem:  # in the steps since the last progress line: save none of them
-                        raise UserError(problem)
                     saved = args.out / 'checkpoint.pt'
                     if master:
                         save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,

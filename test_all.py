@@ -2272,6 +2272,15 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     assert 'training loss is nan at step 3' in err and 'diverged' in err
     assert not (out / 'checkpoint.pt').exists()
     calls.clear()
+    # An evaluation at that step (before the checkpoint) neither scores nor draws the NaN weights.
+    out = tmp_path / 'run-eval'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--save-every', '3', '--eval-every', '3')) == 2
+    said = capsys.readouterr()
+    assert 'training loss is nan at step 3' in said.err and 'eval step 3' not in said.out
+    assert [e['step'] for e in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if e.get('eval')] == [0]
+    assert (out / 'samples' / 'step_000000.png').exists() and not (out / 'samples' / 'step_000003.png').exists()
+    assert not (out / 'checkpoint.pt').exists()
+    calls.clear()
 
     def nan_loss(loss_fn):
         def wrapped(*a, **k):
