@@ -1482,7 +1482,10 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             first = {}
         part = dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                     device_name=info['device_name'], world_size=world)
-        last = (first.get('resumed') or [first])[-1].get('git_commit')
+        # The steps before resumed_at: the last part that started before it (not the latest part,
+        # when a kept checkpoint of an earlier step is resumed in place).
+        last = next((p.get('git_commit') for p in reversed([first] + first.get('resumed', []))
+                     if p.get('step', 0) < resumed_at), None)
         if last and part['git_commit'] and last != part['git_commit']:
             print(f'note: the steps before {resumed_at} ran commit {last[:12]}, this is {part["git_commit"][:12]}: '
                   f'what the code changed between them (data, targets, loss) applies from here on')

@@ -2446,6 +2446,21 @@ def test_resume_into_another_folder_forks_the_run(folders, tmp_path, capsys):
     assert f'checkpoint {ckpt}' in capsys.readouterr().out and not (tmp_path / 'c' / 'checkpoint.pt').exists()
 
 
+def test_resume_note_names_the_commit_that_trained_the_steps_before(tmp_path, capsys, monkeypatch):
+    # run.json of a run started by commit a (steps 0..4) and resumed at 4 by commit b; resumed now, by b,
+    # from its kept checkpoint of step 2 in place: steps 1..2 ran commit a.
+    a, b = 'a' * 40, 'b' * 40
+    (tmp_path / 'run.json').write_text(json.dumps(dict(started='t0', git_commit=a, resumed=[dict(step=4, git_commit=b)])))
+    monkeypatch.setattr(colorize, 'git_commit', lambda: b)
+    args = argparse.Namespace(out=tmp_path)
+    colorize.write_run_info(args, torch.device('cpu'), 1, 1, 1, resumed_at=2)
+    assert f'the steps before 2 ran commit {a[:12]}, this is {b[:12]}' in capsys.readouterr().out
+    colorize.write_run_info(args, torch.device('cpu'), 1, 1, 1, resumed_at=5)  # after b's resumption: no note
+    assert 'note:' not in capsys.readouterr().out
+    info = json.loads((tmp_path / 'run.json').read_text())
+    assert info['git_commit'] == a and [p['step'] for p in info['resumed']] == [4, 2, 5]
+
+
 def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, monkeypatch):
     """`--out DIR --resume` alone continues the run as it was started (its data, network and
     schedule), not the demo world with default settings; contradicting flags are refused."""
