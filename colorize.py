@@ -1615,9 +1615,9 @@ def diverged(values, step, lr):
     """
     if all(math.isfinite(v) for v in values):
         return None
-    return (f'the training loss is {next(v for v in values if not math.isfinite(v))} at step {step}: training '
-            f'diverged (lr {lr:g}); no checkpoint holds a step after the previous progress line. Lower --lr '
-            f'(given with --resume, it applies from the checkpoint on) or check the init')
+    return (f'the training loss is {next(v for v in values if not math.isfinite(v))} at step {step} (over the '
+            f'steps since the last check): training diverged (lr {lr:g}); no checkpoint was written after it. '
+            f'Lower --lr (given with --resume, it applies from the checkpoint on) or check the init')
 
 
 def log_gone(log, path):
