@@ -633,8 +633,9 @@ def resumed_init(saved, current, args):
     training (--freeze checks them, --feature-shift compares with them): then UserError."""
     if not saved:
         return current
-    if 'digest' in saved:
-        unchanged = saved['digest'] == current.get('digest')
+    if 'digest' in saved or 'random_digest' in saved:
+        key = 'digest' if 'digest' in saved else 'random_digest'
+        unchanged = saved[key] == current.get(key)
     else:  # a checkpoint from before digests (and absolute paths): its step is what it recorded
         unchanged = saved.get('step') == current.get('step')
         saved = {**saved, 'path': current.get('path')}
@@ -642,13 +643,16 @@ def resumed_init(saved, current, args):
         return current
     steps = (f' (pre-training step {saved["step"]} then, {current["step"]} now)'
              if saved.get('step') is not None and saved.get('step') != current.get('step') else '')
-    why = f'--init {args.init} no longer holds the weights this run started from{steps}'
+    if saved.get('kind') == 'random':
+        why, back = ('--init random builds other weights than this run started from (the code changed since it '
+                     'started)', 'check out the commit that started it')
+    else:
+        why, back = f'--init {args.init} no longer holds the weights this run started from{steps}', 'put that file back'
     if args.freeze:
-        raise UserError(f'{why}; --freeze checks the initial weights after training: put that file back, or '
-                        f'start a new run')
+        raise UserError(f'{why}; --freeze checks the initial weights after training: {back}, or start a new run')
     if args.feature_shift:
-        raise UserError(f'{why}; --feature-shift compares with the initial weights after training: put that file '
-                        f'back, or resume with --no-feature-shift')
+        raise UserError(f'{why}; --feature-shift compares with the initial weights after training: {back}, or '
+                        f'resume with --no-feature-shift')
     print(f'note: {why}; the run goes on from its checkpoint, and results.json names the init it started from')
     return saved
 
@@ -1424,8 +1428,9 @@ def _run(args, run_lock):
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
     trunk_state, init_info = initial_trunk(args, colorize_defaults['fc_dim'])
     fill_defaults(args, device)
-    if init_info['kind'] != 'random':
-        init_info['digest'] = weights_digest(trunk_state)
+    # The weights' digest; for --init random apart from 'digest' (--summarize groups runs by that, and
+    # each seed's random weights differ), so that a resume sees when the code builds others now.
+    init_info['digest' if init_info['kind'] != 'random' else 'random_digest'] = weights_digest(trunk_state)
     if ckpt is not None:
         init_info = resumed_init(ckpt.get('init'), init_info, args)
     init_name = init_info['kind']

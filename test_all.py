@@ -5748,7 +5748,7 @@ def test_a_mask_that_does_not_match_its_image_stops_the_run_before_training(tmp_
     assert 'cannot read VOC image or mask' in capsys.readouterr().err and not (out / 'checkpoint.pt').exists()
 
 
-def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
+def test_resume_after_the_init_file_changed(tmp_path, voc, capsys, monkeypatch):
     """colorize.py rewrites its checkpoint as pre-training goes on: a resumed fine-tuning run names
     the init it started from, and one that needs the initial weights after training refuses."""
     colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
@@ -5771,6 +5771,17 @@ def test_resume_after_the_init_file_changed(tmp_path, voc, capsys):
     assert ft.main(['--out', str(tmp_path / 'plain'), *resume]) == 0
     assert 'no longer holds the weights this run started from' in capsys.readouterr().out
     assert read_results(tmp_path / 'plain')['init'] == started and len(started['digest']) == 16
+    # --init random rebuilds the initial weights on resume: where the code now builds others (a change
+    # of the init between the start and the resume), --freeze's check after training would call it a bug.
+    rand = ['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', *base[2:]]
+    assert ft.main([*rand, '--out', str(tmp_path / 'probe'), '--exit-after', '1', '--freeze']) == 0
+    assert ft.main(['--out', str(tmp_path / 'probe'), *resume, '--exit-after', '2']) == 0  # the same code: on
+    built = ft.random_trunk
+    monkeypatch.setattr(ft, 'random_trunk', lambda *a: {k: v + 1 for k, v in built(*a).items()})
+    capsys.readouterr()
+    assert ft.main(['--out', str(tmp_path / 'probe'), *resume]) == 2
+    err = capsys.readouterr().err
+    assert 'error: --init random builds other weights than this run started from' in err and '--freeze' in err
 
 
 @pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
