@@ -898,8 +898,9 @@ def lock_run(out):
 def remove_if_unused(out):
     """Remove the run folder `out`, made by this run, if the run ended having written nothing there but
     its lock: a run refused at start-up (a mistyped --data, too few images) leaves no folder behind.
-    Called only by the lock's holder, before it lets go: a process that opened the .lock meanwhile
-    fails to lock it (without waiting), and one that opens it later makes a new one (rmdir then fails)."""
+    Called only by the lock's holder, before it lets go: a process that opens the .lock after it was
+    removed makes a new one (rmdir then fails). (One that opened the old .lock before and takes its
+    flock just after the holder lets go goes on into a folder that is gone, and fails at its first write.)"""
     with contextlib.suppress(OSError):
         if os.listdir(out) == [RUN_LOCK]:
             os.remove(os.path.join(out, RUN_LOCK))
@@ -1467,6 +1468,14 @@ def environment(device):
                 device_name=device_name(device), git_commit=git_commit())
 
 
+def note_other_commit(before, now, step):
+    """Say so when a run is resumed at `step` by another commit than `before`, which ran the steps
+    before it (a git pull between; None where a commit is not known)."""
+    if before and now and before != now:
+        print(f'note: the steps before {step} ran commit {before[:12]}, this is {now[:12]}: what the code changed '
+              f'between them (data, sampling, targets, loss) applies from here on')
+
+
 def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
     """run.json: args, versions, device, commit. A resumed run keeps the first start (its time,
     commit, versions and device) and lists each resumption (step, time, commit, torch, device), since
@@ -1486,9 +1495,7 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
         # when a kept checkpoint of an earlier step is resumed in place).
         last = next((p.get('git_commit') for p in reversed([first] + first.get('resumed', []))
                      if p.get('step', 0) < resumed_at), None)
-        if last and part['git_commit'] and last != part['git_commit']:
-            print(f'note: the steps before {resumed_at} ran commit {last[:12]}, this is {part["git_commit"][:12]}: '
-                  f'what the code changed between them (data, targets, loss) applies from here on')
+        note_other_commit(last, part['git_commit'], resumed_at)
         for name in ('started', 'torch', 'python', 'device', 'device_name', 'git_commit'):
             info[name] = first.get(name, info[name])
         info['resumed'] = first.get('resumed', []) + [part]

@@ -50,8 +50,8 @@ from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLO
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
                       autocast, diverged, environment, error_text, fork_run, format_seconds, git_commit, has_fc,
                       load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone,
-                      log_line, make_model as make_colorization_model, merge_resumed_args, parameter_groups,
-                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
+                      log_line, make_model as make_colorization_model, merge_resumed_args, note_other_commit,
+                      parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
                       refuse_to_overwrite, remove_if_unused, resume_flags, rng_state, setup_device, step_seed,
                       stop_status, trim_log, trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
@@ -1176,10 +1176,7 @@ def read_resume(args):
     # not say): results.json's git_commit is only the last part's, and a git pull may come between.
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed,
                                                             trained_by=saved.get('git_commit'))]
-    before, now = saved.get('git_commit'), git_commit()
-    if before and now and before != now:
-        print(f'note: the steps before {ckpt["step"]} ran commit {before[:12]}, this is {now[:12]}: what the code '
-              f'changed between them (data, sampling, loss) applies from here on')
+    note_other_commit(saved.get('git_commit'), args.git_commit, ckpt['step'])
     args.resume_path = path
     return ckpt
 
@@ -1421,8 +1418,8 @@ def _run(args, run_lock):
                         'run it with python, not torchrun')
     device, _, _, _ = setup_device(args, distributed=False)
     absolute_paths(vars(args), PATH_FLAGS, keywords=('random',))
-    ckpt = read_resume(args) if args.resume else None
     args.git_commit = git_commit()  # saved with the checkpoint's args, for the next resumption's trained_by
+    ckpt = read_resume(args) if args.resume else None
     args.task = args.task or 'cls'
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
