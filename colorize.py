@@ -335,6 +335,57 @@ LEGACY_ARGS = {'fc_dropout': 0.0, 'objective': 'colorize', 'classes': None}
 
 PATH_FLAGS = ('data', 'val_data', 'demo_root')
 
+# The flags each mode reads (dests). A flag typed for a mode that does not read it would be silently
+# ignored, though the user believes it applied: main() refuses it (unread_flags_problem). Training
+# reads every flag but these; --benchmark's kinds each read part of BENCHMARK_FLAGS (a warning names
+# the rest, which a script may pass to all its kinds).
+COLORIZE_FLAGS = frozenset({'colorize', 'checkpoint', 'output', 'net_short_side', 'device'})
+BENCH_ONLY_FLAGS = frozenset({'benchmark', 'bench_warmup', 'bench_steps', 'bench_profile', 'bench_photo'})
+BENCHMARK_FLAGS = BENCH_ONLY_FLAGS | {
+    'net_short_side', 'arch', 'loss', 'data', 'demo_root', 'subset', 'batch_size', 'crop', 'short_side', 'points',
+    'border', 'target_window', 'lightness_weight', 'fc_dropout', 'width', 'fc_dim', 'device', 'compile', 'seed',
+    'workers', 'handover', 'out', 'momentum', 'weight_decay'}
+BENCHMARK_COLORIZE_FLAGS = frozenset({'benchmark', 'bench_photo', 'net_short_side', 'arch', 'loss', 'width', 'fc_dim',
+                                      'fc_dropout', 'seed', 'crop', 'short_side', 'device', 'out'})
+BENCHMARK_KIND_FLAGS = {'all': BENCHMARK_FLAGS, 'train': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side'},
+                        'loader': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side', 'bench_profile'},
+                        'colorize': BENCHMARK_COLORIZE_FLAGS}
+UNREAD_HINTS = {  # (mode, flag) -> what the user may have meant
+    ('training', 'checkpoint'): 'continue a run with --resume CKPT; fine-tune from it with finetune_voc.py --init CKPT',
+    ('training', 'output'): '--out names the run folder',
+    ('--benchmark', 'output'): '--out names the folder of benchmark.json',
+    ('--colorize', 'out'): '--output names the folder of the colorized images',
+    ('--benchmark', 'steps'): '--bench-steps sets the timed steps',
+    ('--benchmark', 'resume'): 'it builds a fresh network of the flags given',
+    ('--benchmark', 'objective'): 'it times the colorizer and the same trunk as a classifier',
+}
+
+
+def flag_name(dest):
+    return '--' + dest.replace('_', '-')
+
+
+def unread_flags_problem(args):
+    """The one-line refusal of the first typed flag that the chosen mode (training, --colorize or
+    --benchmark) does not read, or None. A warning line for --benchmark KIND's unread flags."""
+    mode = '--colorize' if args.colorize else '--benchmark' if args.benchmark else 'training'
+    reads = {'--colorize': COLORIZE_FLAGS, '--benchmark': BENCHMARK_FLAGS}.get(mode)
+    if reads is None:  # training: every flag but those of the other modes
+        reads = set(vars(args)) - (COLORIZE_FLAGS | BENCH_ONLY_FLAGS) | {'device'}
+    if args.colorize and args.benchmark:
+        return '--colorize and --benchmark are two modes: give one'
+    for name in sorted(args.typed_flags - reads):
+        hint = UNREAD_HINTS.get((mode, name))
+        return (f'{flag_name(name)} does not apply to {mode}' + ('' if mode != 'training' else
+                                                                 ' (without --colorize or --benchmark)')
+                + f', which would ignore it{f" ({hint})" if hint else ""}: drop it')
+    if args.benchmark:
+        unread = sorted(args.typed_flags - BENCHMARK_KIND_FLAGS[args.benchmark])
+        if unread:
+            print(f'warning: --benchmark {args.benchmark} does not read {", ".join(map(flag_name, unread))} '
+                  f'(other kinds of --benchmark do)', file=sys.stderr)
+    return None
+
 
 def cores_of_this_process():
     """This process's share of the cores it may run on (its CPU affinity), split evenly with the
@@ -2306,6 +2357,9 @@ def main(argv=None):
     data.printable_output()
     args = parse_args(argv)
     try:
+        problem = unread_flags_problem(args)
+        if problem:
+            raise UserError(problem)
         if (args.colorize or args.benchmark) and int(os.environ.get('WORLD_SIZE', '1')) > 1:
             raise UserError(f'--{"colorize" if args.colorize else "benchmark"} runs on one device: '
                             'run it with python, not torchrun')

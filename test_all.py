@@ -2238,6 +2238,16 @@ def tiny_args(train, val, out, *extra):
             *extra]
 
 
+def bench_args(train, out, *extra):
+    """tiny_args without the flags that --benchmark does not read (and refuses): --val-data, --log-every,
+    --eval-every."""
+    argv = tiny_args(train, None, out, *extra)
+    for flag in ('--val-data', '--log-every', '--eval-every'):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    return argv
+
+
 def _state(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -3468,6 +3478,40 @@ def test_one_device_modes_refuse_torchrun(monkeypatch, capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_flags_that_the_mode_does_not_read_are_refused(capsys, tmp_path):
+    """A flag typed for a mode that never reads it (--colorize reads the checkpoint's network; training has no
+    --checkpoint; --benchmark builds a fresh colorizer) was silently ignored; now one line, before any work."""
+    out, img = tmp_path / 'out', tmp_path / 'x.jpg'
+    cases = [  # (argv, the flag named, the hint)
+        (['--colorize', str(img), '--checkpoint', 'c.pt', '--loss', 'l2'], '--loss does not apply to --colorize', ''),
+        (['--colorize', str(img), '--checkpoint', 'c.pt', '--out', str(out)], '--out does not apply', '--output names'),
+        (['--colorize', str(img), '--checkpoint', 'c.pt', '--resume'], '--resume does not apply to --colorize', ''),
+        (['--colorize', str(img), '--benchmark'], 'two modes', ''),
+        (['--out', str(out), '--checkpoint', 'c.pt'], '--checkpoint does not apply to training', '--resume CKPT'),
+        (['--out', str(out), '--output', str(out)], '--output does not apply to training', '--out names'),
+        (['--out', str(out), '--net-short-side', '100'], '--net-short-side does not apply to training', ''),
+        (['--out', str(out), '--bench-steps', '5'], '--bench-steps does not apply to training', ''),
+        (['--benchmark', '--out', str(out), '--objective', 'classify'], '--objective does not apply to --bench', ''),
+        (['--benchmark', 'train', '--out', str(out), '--steps', '5'], '--steps does not apply', '--bench-steps'),
+        (['--benchmark', '--out', str(out), '--val-data', str(tmp_path)], '--val-data does not apply', ''),
+        (['--benchmark', '--out', str(out), '--resume'], '--resume does not apply to --benchmark', ''),
+    ]
+    for argv, named, hint in cases:
+        assert colorize.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and hint in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not any(tmp_path.iterdir())
+    # --benchmark's kinds share its flags (a script may pass the same to each): one warning line names those
+    # that the kind does not read.
+    args = colorize.parse_args(['--benchmark', 'colorize', '--batch-size', '4', '--bench-steps', '2', '--crop', '32'])
+    assert colorize.unread_flags_problem(args) is None
+    assert capsys.readouterr().err == ('warning: --benchmark colorize does not read --batch-size, --bench-steps '
+                                       '(other kinds of --benchmark do)\n')
+    args = colorize.parse_args(['--benchmark', 'loader', '--bench-profile', '--bench-photo', '6', '8'])
+    assert colorize.unread_flags_problem(args) is None
+    assert '--bench-photo, --bench-profile' in capsys.readouterr().err
+
+
 def test_device_flag_names_a_gpu_with_an_index(monkeypatch, capsys):
     """`--device cuda` means the current GPU: torch.cuda.set_device refuses a bare 'cuda' (the first
     GPU run failed on it). torch.cuda's answers are faked, so this runs on a CPU."""
@@ -3627,8 +3671,8 @@ def test_benchmark_mode_tiny(folders, tmp_path, monkeypatch, capsys):
     # The matmul reference (which nothing below reads) at 256 rather than 2048: 1.1 s on one core.
     matmul_tflops = colorize._matmul_tflops
     monkeypatch.setattr(colorize, '_matmul_tflops', lambda device, n: matmul_tflops(device, 256))
-    assert colorize.main(tiny_args(train, val, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
-                                   '--bench-photo', '60', '100', '--bench-profile')) == 0
+    assert colorize.main(bench_args(train, out, '--benchmark', '--bench-warmup', '1', '--bench-steps', '2',
+                                    '--bench-photo', '60', '100', '--bench-profile')) == 0
     info = json.loads((out / 'benchmark.json').read_text())
     rows = info['rows']
     assert [(r['model'], r['data'].split()[0]) for r in rows] == [
@@ -3676,8 +3720,8 @@ def test_benchmark_mode_tiny(folders, tmp_path, monkeypatch, capsys):
     assert all(f'over {s:.2f} s (under 1 s:' in printed for s in spans) and all(s < 1 for s in spans)
     assert "ms/step waiting for the loader's next batch" in printed
     # --benchmark loader: only the two loader rows, the FLOPs counted alike (the network's).
-    assert colorize.main(tiny_args(train, val, tmp_path / 'loader', '--benchmark', 'loader', '--bench-warmup', '1',
-                                   '--bench-steps', '2')) == 0
+    assert colorize.main(bench_args(train, tmp_path / 'loader', '--benchmark', 'loader', '--bench-warmup', '1',
+                                    '--bench-steps', '2')) == 0
     alone = json.loads((tmp_path / 'loader' / 'benchmark.json').read_text())
     assert [(r['model'], r['data'].split()[0]) for r in alone['rows']] == [('colorizer', 'loader'), ('loader', 'alone')]
     assert alone['rows'][0]['gflops_per_img'] == pytest.approx(rows[0]['gflops_per_img']) and 'colorize' not in alone
