@@ -297,6 +297,14 @@ def fill_defaults(args, device, world):
     args.out = args.out or default_out(args)
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
+    typed = getattr(args, 'typed_flags', frozenset())
+    if 'classes' in typed and args.objective != 'classify':
+        raise UserError('--classes applies to --objective classify; --objective colorize would ignore it: drop it')
+    unread = sorted(typed & COLOR_TARGET_FLAGS) if args.objective == 'classify' else []
+    if unread and (not dist.is_initialized() or dist.get_rank() == 0):
+        # A warning: they change nothing, and a script may pass the same flags to both objectives.
+        print(f'warning: --objective classify does not read {", ".join(map(flag_name, unread))} (the colour '
+              f'targets\' flags): they change nothing here', file=sys.stderr)
     if args.fc_dropout and not has_fc(args.arch):
         raise UserError(f'--fc-dropout applies to fc6 and fc7, which {args.arch} does not have '
                         f'({", ".join(a for a in sorted(MODELS) if has_fc(a))} do)')
@@ -350,6 +358,8 @@ BENCHMARK_COLORIZE_FLAGS = frozenset({'benchmark', 'bench_photo', 'net_short_sid
 BENCHMARK_KIND_FLAGS = {'all': BENCHMARK_FLAGS, 'train': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side'},
                         'loader': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side', 'bench_profile'},
                         'colorize': BENCHMARK_COLORIZE_FLAGS}
+# The flags of the colour targets, which --objective classify does not read (fill_defaults warns).
+COLOR_TARGET_FLAGS = frozenset({'loss', 'target_window', 'lightness_weight', 'points', 'border'})
 UNREAD_HINTS = {  # (mode, flag) -> what the user may have meant
     ('training', 'checkpoint'): 'continue a run with --resume CKPT; fine-tune from it with finetune_voc.py --init CKPT',
     ('training', 'output'): '--out names the run folder',

@@ -3512,6 +3512,24 @@ def test_flags_that_the_mode_does_not_read_are_refused(capsys, tmp_path):
     assert '--bench-photo, --bench-profile' in capsys.readouterr().err
 
 
+def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
+    """--classes without --objective classify was ignored in silence: refused. The colour targets' flags with
+    it change nothing (a script may pass them to both objectives): a warning names them."""
+    # (a --data that does not exist: --classes is refused before it is read)
+    assert colorize.main(['--device', 'cpu', '--out', str(tmp_path / 'run'), '--data', str(tmp_path / 'none'),
+                          '--classes', '5']) == 2
+    assert '--classes applies to --objective classify' in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    args = colorize.parse_args(['--objective', 'classify', '--classes', '5', '--crop', '32', '--loss', 'l2',
+                                '--points', '16', '--border', '4', '--target-window', '1', '--lightness-weight'])
+    assert colorize.fill_defaults(args, torch.device('cpu'), 1).classes == 5
+    assert capsys.readouterr().err == ('warning: --objective classify does not read --border, --lightness-weight, '
+                                       '--loss, --points, --target-window (the colour targets\' flags): they '
+                                       'change nothing here\n')
+    colorize.fill_defaults(colorize.parse_args(['--points', '16', '--crop', '32']), torch.device('cpu'), 1)
+    assert capsys.readouterr().err == ''
+
+
 def test_device_flag_names_a_gpu_with_an_index(monkeypatch, capsys):
     """`--device cuda` means the current GPU: torch.cuda.set_device refuses a bare 'cuda' (the first
     GPU run failed on it). torch.cuda's answers are faked, so this runs on a CPU."""
