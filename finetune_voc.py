@@ -48,7 +48,8 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, diverged, environment, error_text, fork_run, format_seconds, git_commit, has_fc,
+                      autocast, diverged, environment, error_text, flag_name, fork_run, format_seconds, git_commit,
+                      has_fc,
                       load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone,
                       log_line, make_model as make_colorization_model, merge_resumed_args, note_other_commit,
                       parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
@@ -191,6 +192,25 @@ SCHEDULE_FLAGS = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'momentum', 'weigh
                   'shift_images', 'shift_pool')
 PATH_FLAGS = ('init', 'voc_root', 'demo_root')  # saved absolute (colorize.absolute_paths)
 LEGACY_ARGS = {'bias_lr_mult': 1.0}  # what runs made before a flag existed did (their args lack it)
+
+
+# The flags that --export and --summarize read (dests): typed with either, another flag would be
+# ignored in silence, so main() refuses it (unread_flags_problem). Training reads all but these two.
+EXPORT_FLAGS = frozenset({'export', 'init', 'arch', 'width', 'fc_dim', 'seed'})
+SUMMARIZE_FLAGS = frozenset({'summarize'})
+
+
+def unread_flags_problem(args):
+    """The one-line refusal of a typed flag that --export or --summarize does not read, or None."""
+    if args.export and args.summarize:
+        return '--export and --summarize are two modes: give one'
+    if not (args.export or args.summarize):
+        return None
+    mode, reads = ('--export', EXPORT_FLAGS) if args.export else ('--summarize', SUMMARIZE_FLAGS)
+    for name in sorted(args.typed_flags - reads):
+        hint = ' (--export names the file it writes)' if (mode, name) == ('--export', 'out') else ''
+        return f'{flag_name(name)} does not apply to {mode}, which would ignore it{hint}: drop it'
+    return None
 
 
 def fill_defaults(args, device):
@@ -1626,6 +1646,9 @@ def main(argv=None):
     data.printable_output()
     args = parse_args(argv)
     try:
+        problem = unread_flags_problem(args)
+        if problem:
+            raise UserError(problem)
         if args.summarize:
             summarize(args.summarize)
         elif args.export:

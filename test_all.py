@@ -3512,6 +3512,20 @@ def test_flags_that_the_mode_does_not_read_are_refused(capsys, tmp_path):
     assert '--bench-photo, --bench-profile' in capsys.readouterr().err
 
 
+def test_finetune_flags_that_export_or_summarize_do_not_read_are_refused(tmp_path, capsys):
+    """--export and --summarize read a few flags; the others (--task, --out, ...) were ignored in silence."""
+    for argv, named in ((['--summarize', str(tmp_path), '--task', 'seg'], '--task does not apply to --summarize'),
+                        (['--export', str(tmp_path / 'e.pth'), '--init', 'random', '--out', str(tmp_path / 'o')],
+                         '--out does not apply to --export, which would ignore it (--export names the file'),
+                        (['--export', str(tmp_path / 'e.pth'), '--init', 'random', '--steps', '5'], '--steps does'),
+                        (['--export', str(tmp_path / 'e.pth'), '--summarize', str(tmp_path)], 'two modes')):
+        assert ft.main(argv) == 2
+        assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert ft.unread_flags_problem(ft.parse_args(['--export', 'e.pth', '--init', 'c.pt', '-a', 'vgg16', '--width',
+                                                  '0.5', '--fc-dim', '16', '--seed', '1'])) is None
+
+
 def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
     """--classes without --objective classify was ignored in silence: refused. The colour targets' flags with
     it change nothing (a script may pass them to both objectives): a warning names them."""
