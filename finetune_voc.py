@@ -234,6 +234,10 @@ def fill_defaults(args, device):
     for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    typed = getattr(args, 'typed_flags', frozenset())
+    for name, why in unread_training_flags(args):
+        if name in typed:
+            raise UserError(f'{flag_name(name)} {why}, so this run would ignore it: drop it')
     if args.test_images < 0:
         raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
     if args.task == 'seg' and args.points > args.crop ** 2:
@@ -251,6 +255,21 @@ def fill_defaults(args, device):
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
     return args
+
+
+def unread_training_flags(args):
+    """[(dest, why)] of the flags that this run (its task, arch, --label-fraction, --feature-shift) does not
+    read: fill_defaults refuses them typed, as they would be ignored in silence."""
+    unread = {'cls': [('points', 'applies to --task seg'), ('head_dim', 'applies to --task seg')],
+              'seg': [('test_crops', 'applies to --task cls (segmentation is tested densely, once per image)')]}
+    unread = unread[args.task]
+    if args.task == 'cls' and args.arch is not None and not has_fc(args.arch):
+        unread.append(('dropout', f'applies to fc6 and fc7 in --task cls, which {args.arch} does not have'))
+    if args.label_fraction is None:
+        unread.append(('label_seed', 'chooses the --label-fraction subset, and no --label-fraction is given'))
+    if not args.feature_shift:
+        unread += [(name, 'is a setting of --feature-shift, not given') for name in ('shift_images', 'shift_pool')]
+    return unread
 
 
 def variant_name(args):

@@ -3526,6 +3526,29 @@ def test_finetune_flags_that_export_or_summarize_do_not_read_are_refused(tmp_pat
                                                   '0.5', '--fc-dim', '16', '--seed', '1'])) is None
 
 
+def test_finetune_flags_that_the_run_does_not_read_are_refused(tmp_path, capsys):
+    """Flags of the other task, --label-seed without --label-fraction, --shift-* without --feature-shift and
+    --dropout for cls on a ResNet (no fc6/fc7) were ignored in silence (and split --summarize's groups)."""
+    cpu = torch.device('cpu')
+    for argv, named in ((['--task', 'cls', '--points', '64'], '--points applies to --task seg'),
+                        (['--task', 'cls', '--head-dim', '64'], '--head-dim applies to --task seg'),
+                        (['--task', 'seg', '--test-crops', '3'], '--test-crops applies to --task cls'),
+                        (['--label-seed', '2'], '--label-seed chooses the --label-fraction subset'),
+                        (['--shift-images', '8'], '--shift-images is a setting of --feature-shift'),
+                        (['--shift-pool', '2'], '--shift-pool is a setting of --feature-shift'),
+                        (['--task', 'cls', '-a', 'resnet50', '--dropout', '0.3'], 'which resnet50 does not have')):
+        with pytest.raises(ft.UserError, match=re.escape(named)):
+            ft.fill_defaults(ft.parse_args(argv), cpu)
+    for argv in (['--task', 'seg', '--points', '64', '--head-dim', '64', '-a', 'resnet50', '--dropout', '0.3'],
+                 ['--task', 'cls', '--test-crops', '3', '-a', 'vgg16', '--dropout', '0.3'],
+                 ['--label-fraction', '0.5', '--label-seed', '2'], ['--feature-shift', '--shift-images', '8']):
+        ft.fill_defaults(ft.parse_args(argv), cpu)
+    # Refused before the run folder is made.
+    assert ft.main(['--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16', '--device', 'cpu',
+                    '--out', str(tmp_path / 'run'), '--label-seed', '1']) == 2
+    assert '--label-seed' in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
     """--classes without --objective classify was ignored in silence: refused. The colour targets' flags with
     it change nothing (a script may pass them to both objectives): a warning names them."""
