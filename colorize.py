@@ -300,11 +300,6 @@ def fill_defaults(args, device, world):
     typed = getattr(args, 'typed_flags', frozenset())
     if 'classes' in typed and args.objective != 'classify':
         raise UserError('--classes applies to --objective classify; --objective colorize would ignore it: drop it')
-    unread = sorted(typed & COLOR_TARGET_FLAGS) if args.objective == 'classify' else []
-    if unread and (not dist.is_initialized() or dist.get_rank() == 0):
-        # A warning: they change nothing, and a script may pass the same flags to both objectives.
-        print(f'warning: --objective classify does not read {", ".join(map(flag_name, unread))} (the colour '
-              f'targets\' flags): they change nothing here', file=sys.stderr)
     if args.fc_dropout and not has_fc(args.arch):
         raise UserError(f'--fc-dropout applies to fc6 and fc7, which {args.arch} does not have '
                         f'({", ".join(a for a in sorted(MODELS) if has_fc(a))} do)')
@@ -323,6 +318,17 @@ def fill_defaults(args, device, world):
     if args.short_side[0] < args.crop:
         raise UserError(f'--short-side {args.short_side[0]} {args.short_side[1]}: LO must be at least --crop '
                         f'{args.crop}, or crops would need padding (and colour targets for the padding)')
+    # Warnings last, once no check above refuses the run (its error is then the one line to read).
+    # Not refusals: these change nothing, and a script may pass the same flags to every -a and objective.
+    unread = sorted(typed & COLOR_TARGET_FLAGS) if args.objective == 'classify' else []
+    unread_fc_dim = 'fc_dim' in typed and not has_fc(args.arch)
+    if (unread or unread_fc_dim) and (not dist.is_initialized() or dist.get_rank() == 0):
+        if unread:
+            print(f'warning: --objective classify does not read {", ".join(map(flag_name, unread))} (the colour '
+                  f'targets\' flags): they change nothing here', file=sys.stderr)
+        if unread_fc_dim:
+            print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
+                  f'nothing here', file=sys.stderr)
     return args
 
 

@@ -617,6 +617,9 @@ def initial_trunk(args, random_fc_dim=4096):
                         '"random", or a torchvision state_dict file')
     if args.init == 'random':
         args.arch = args.arch or 'vgg16'
+        if 'fc_dim' in getattr(args, 'typed_flags', ()) and not has_fc(args.arch):
+            print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
+                  f'nothing here', file=sys.stderr)
         args.width = args.width or 1.0
         args.fc_dim = args.fc_dim or random_fc_dim
         return random_trunk(args.arch, args.width, args.fc_dim, args.seed), dict(kind='random')

@@ -3565,6 +3565,11 @@ def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
                                        'change nothing here\n')
     colorize.fill_defaults(colorize.parse_args(['--points', '16', '--crop', '32']), torch.device('cpu'), 1)
     assert capsys.readouterr().err == ''
+    # A run refused for another reason prints its error alone, not a warning first.
+    with pytest.raises(colorize.UserError, match='--border must be at least 0'):
+        colorize.fill_defaults(colorize.parse_args(['--objective', 'classify', '--loss', 'l2', '--border', '-1',
+                                                    '-a', 'resnet50', '--fc-dim', '16']), torch.device('cpu'), 1)
+    assert capsys.readouterr().err == ''
 
 
 def test_device_flag_names_a_gpu_with_an_index(monkeypatch, capsys):
@@ -4624,7 +4629,7 @@ def test_torchvision_maps_follow_the_registry(monkeypatch):
         ft.trunk_from_torchvision(short)
 
 
-def test_fc_dim_follows_the_factory(monkeypatch):
+def test_fc_dim_follows_the_factory(monkeypatch, capsys):
     # A trunk with fc6/fc7 added to models.MODELS (a VGG-16 under another name here, as a VGG-19 would be)
     # gets its fc_dim and --fc-dropout from its factory's signature, in both scripts; fc_dim was
     # dropped for any arch but vgg16 and alexnet, so its fc6/fc7 silently had 4096 channels.
@@ -4637,6 +4642,15 @@ def test_fc_dim_follows_the_factory(monkeypatch):
                                   torch.device('cpu'), 1).fc_dropout == 0.5
     with pytest.raises(colorize.UserError, match=r'resnet50 does not have \(alexnet, vgg16, vgg16x do\)'):
         colorize.fill_defaults(colorize.parse_args(['-a', 'resnet50', '--fc-dropout', '0.5']), torch.device('cpu'), 1)
+    # --fc-dim on a trunk without fc6/fc7 changed nothing, in silence: a warning says so (in both scripts).
+    capsys.readouterr()
+    colorize.fill_defaults(colorize.parse_args(['-a', 'resnet50', '--fc-dim', '16']), torch.device('cpu'), 1)
+    ft.initial_trunk(ft.parse_args(['--init', 'random', '-a', 'resnet50', '--fc-dim', '16', '--width', '0.0625']))
+    warning = 'warning: --fc-dim sets the channels of fc6 and fc7, which resnet50 does not have: it changes nothing'
+    assert capsys.readouterr().err.count(warning) == 2
+    colorize.fill_defaults(colorize.parse_args(['-a', 'vgg16x', '--fc-dim', '16']), torch.device('cpu'), 1)
+    ft.initial_trunk(ft.parse_args(['--init', 'random', '-a', 'vgg16x', '--fc-dim', '16', '--width', '0.0625']))
+    assert capsys.readouterr().err == ''
 
 
 def test_torchvision_resnet_batchnorm_import():
