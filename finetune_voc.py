@@ -109,7 +109,9 @@ def parse_args(argv=None):
     p.add_argument('--voc-root', type=Path, help='a VOCdevkit folder holding VOC2007 (cls) or VOC2012 (seg); default: '
                    "the demo world's VOC-layout set, generated on first use under --demo-root")
     p.add_argument('--demo-root', type=Path, default=DEMO_ROOT, help='where the demo world lives / is generated')
-    p.add_argument('--out', type=Path, help='run folder (default runs/voc-<task>-<arch>-<init name>)')
+    p.add_argument('--out', type=Path, help='run folder (default runs/voc-<task>-<arch>-<init name><variant> beside '
+                   'finetune_voc.py; the variant names what sets the run apart from the protocol\'s: -lab or -gray '
+                   '(--input), -fov, -labels0.1, -labelseed2, -probe (--freeze), -seed1)')
     p.add_argument('--train-split', help='training split (default: trainval for cls; for seg train_aug, i.e. '
                    'train + SBD, when SegmentationClassAug/ and train_aug.txt are present, else train)')
     p.add_argument('--test-split', help='evaluation split (default test for cls, val for seg)')
@@ -167,8 +169,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed of the init, data order, augmentation and pixels')
     p.add_argument('--workers', type=int, help='data loader processes (default min(8, cores) on CUDA, 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
-                   help='continue from CKPT (default: <out>/checkpoint.pt, which needs --out) with its flags; flags '
-                        'given anew may change only the schedule, logging and test flags')
+                   help='continue from CKPT (default: <out>/checkpoint.pt, which needs --out) with its flags; a run '
+                        'flag given anew must have the run\'s value, a schedule, logging or test flag wins (RUN_FLAGS, '
+                        'SCHEDULE_FLAGS); --device, --workers, --compile are this process\'s own')
     p.add_argument('--log-every', type=int, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--save-every', type=int, help='steps between checkpoints (default ~10 per run)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')

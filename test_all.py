@@ -5171,6 +5171,28 @@ RESUME_FLAGS = {
 }
 
 
+def test_help_names_the_default_out_variants_and_what_a_resume_may_change(monkeypatch, capsys):
+    """finetune_voc.py --help gave the default --out as runs/voc-<task>-<arch>-<init name>, without the
+    variant (-seed1, -probe, ...) that the code appends; both scripts' --resume said that only the schedule
+    may change, where the flags of how the process runs (--device, --workers, ...) are its own."""
+    monkeypatch.setenv('COLUMNS', '1000')  # no wrapping
+    with pytest.raises(SystemExit):
+        ft.parse_args(['--help'])
+    shown = capsys.readouterr().out
+    args = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--input', 'gray', '--extended-fov', '--label-fraction',
+                                           '0.1', '--label-seed', '2', '--freeze', '--seed', '1']), torch.device('cpu'))
+    variant = ft.variant_name(args)
+    assert variant == '-gray-fov-labels0.1-labelseed2-probe-seed1'
+    assert all(f' -{part}' in shown for part in variant[1:].split('-'))
+    for script in (colorize, ft):
+        with pytest.raises(SystemExit):
+            script.parse_args(['--help'])
+        resume = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith('--resume'))
+        own = re.findall(r'--([a-z-]+)', resume.split(';')[-1])
+        assert own and not {o.replace('-', '_') for o in own} & set(script.RUN_FLAGS + script.SCHEDULE_FLAGS)
+        assert set(RESUME_FLAGS[script]['operational']) >= {o.replace('-', '_') for o in own}
+
+
 @pytest.mark.parametrize('script', [colorize, ft], ids=['colorize', 'finetune_voc'])
 def test_every_flag_has_its_resume_rule(script):
     """A flag added without a rule, or one that lost its rule, would be silently reset or changed on resume."""
