@@ -121,8 +121,8 @@ def parse_args(argv=None):
     p.add_argument('--data', nargs='+', metavar='ROOT',
                    help='image folders (scanned recursively) or .txt lists of paths; default: the demo world')
     p.add_argument('--val-data', nargs='+', metavar='ROOT',
-                   help='held-out image folders or lists; default: the demo val set, or --holdout images '
-                        'set aside from --data')
+                   help='held-out image folders or lists, with --data; default: the demo val set, or --holdout '
+                        'images set aside from --data')
     p.add_argument('--holdout', type=int, help='held-out images for validation (default 256; 64 on CPU), '
                    'set aside from --data when no --val-data is given')
     p.add_argument('--subset', type=int, metavar='N', help='train on a fixed random subset of N images (RQ3)')
@@ -300,6 +300,11 @@ def fill_defaults(args, device, world):
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
     typed = getattr(args, 'typed_flags', frozenset())
+    if args.data is None and 'val_data' in typed:
+        raise UserError('--val-data without --data: a run without --data trains and validates on the demo world '
+                        '(its own val set), which would ignore --val-data; give the training images with --data')
+    if args.data is not None and 'demo_root' in typed:
+        raise UserError('--demo-root is where the demo world goes, which a run with --data does not use: drop it')
     if 'classes' in typed and args.objective != 'classify':
         raise UserError('--classes applies to --objective classify; --objective colorize would ignore it: drop it')
     if args.fc_dropout and not has_fc(args.arch):

@@ -238,6 +238,8 @@ def fill_defaults(args, device):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     typed = getattr(args, 'typed_flags', frozenset())
+    if args.voc_root is not None and 'demo_root' in typed:
+        raise UserError('--demo-root is where the demo world goes, which a run with --voc-root does not use: drop it')
     for name, why in unread_training_flags(args):
         if name in typed:
             raise UserError(f'{flag_name(name)} {why}, so this run would ignore it: drop it')

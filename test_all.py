@@ -3549,6 +3549,21 @@ def test_finetune_flags_that_the_run_does_not_read_are_refused(tmp_path, capsys)
     assert '--label-seed' in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
+def test_data_flags_that_the_run_does_not_read_are_refused():
+    """--val-data without --data was ignored in silence (the demo world's own val set validated the run), and
+    --demo-root beside --data (--voc-root) too."""
+    cpu = torch.device('cpu')
+    with pytest.raises(colorize.UserError, match='--val-data without --data'):
+        colorize.fill_defaults(colorize.parse_args(['--val-data', 'val']), cpu, 1)
+    with pytest.raises(colorize.UserError, match='--demo-root is where the demo world goes'):
+        colorize.fill_defaults(colorize.parse_args(['--data', 'train', '--demo-root', 'demo']), cpu, 1)
+    with pytest.raises(colorize.UserError, match='--demo-root is where the demo world goes'):
+        ft.fill_defaults(ft.parse_args(['--voc-root', 'VOCdevkit', '--demo-root', 'demo']), cpu)
+    colorize.fill_defaults(colorize.parse_args(['--data', 'train', '--val-data', 'val']), cpu, 1)
+    colorize.fill_defaults(colorize.parse_args(['--demo-root', 'demo']), cpu, 1)
+    ft.fill_defaults(ft.parse_args(['--demo-root', 'demo']), cpu)
+
+
 def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
     """--classes without --objective classify was ignored in silence: refused. The colour targets' flags with
     it change nothing (a script may pass them to both objectives): a warning names them."""
