@@ -2376,8 +2376,8 @@ def main(argv=None):
                       'images are kept as they are), e.g. 256')
     pack.add_argument('--quality', type=int, default=90, help='JPEG quality of the packed images (default %(default)s)')
     pack.add_argument('--workers', type=int, default=None,
-                      help='decoding processes (default: the cores this process may use, its CPU '
-                      'affinity; 1 = in this process)')
+                      help='decoding processes, at least 1 (default: the cores this process may use, its '
+                      'CPU affinity; 1 = in this process)')
     pack.add_argument('--cache-dir', default=None, help='folder for the listing cache')
     args = ap.parse_args(argv)
     fail = sub.choices[args.cmd].error  # `data.py pack --help`, not `data.py --help`, lists pack's flags
@@ -2396,6 +2396,9 @@ def main(argv=None):
                 write_list(args.write, paths)
                 print(f'listed in {args.write}')
         else:
+            if args.workers is not None and args.workers < 1:  # 0 would fall to the default: every core
+                fail(f'--workers {args.workers}: give 1 (decode in this process) or more processes, or leave it out '
+                     f'for the cores this process may use')
             pack_images(args.data, args.out, args.short_side, quality=args.quality,
                         workers=args.workers, cache_dir=args.cache_dir)
     except ValueError as e:

@@ -2000,7 +2000,7 @@ def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
 def test_training_warns_when_a_pack_is_smaller_than_the_short_side_range(folders, tmp_path, capsys):
     train, val = folders
     pack = tmp_path / 'pack'
-    data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '40', '--workers', '0'])
+    data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '40', '--workers', '1'])
     assert data.pack_short_side(pack) == 40 and data.pack_short_side(train) is None
     capsys.readouterr()
     # --crop 32: the default short-side range is [32, 55], so 41..55 would upscale the packed images
@@ -2096,6 +2096,11 @@ def test_scan_writes_a_list_that_reads_back(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         data.main(['scan'])
     assert 'give the folders or .txt lists to scan' in capsys.readouterr().err
+    # pack --workers 0 fell to the default, a process per core (a test here typed it for 'in this process').
+    with pytest.raises(SystemExit):
+        data.main(['pack', '--data', str(raw), '--out', str(tmp_path / 'p0'), '--short-side', '8', '--workers', '0'])
+    assert '--workers 0: give 1 (decode in this process) or more' in capsys.readouterr().err
+    assert not (tmp_path / 'p0').exists()
     with pytest.raises(ValueError, match='lines are stripped'):  # its line would name another file
         data.write_list(tmp_path / 'odd.txt', [str(raw / 'trailing space.png ')])
     # A relative path is written as the file it names from here, not from the list's folder.
