@@ -305,6 +305,9 @@ def fill_defaults(args, device, world):
                         '(its own val set), which would ignore --val-data; give the training images with --data')
     if args.data is not None and 'demo_root' in typed:
         raise UserError('--demo-root is where the demo world goes, which a run with --data does not use: drop it')
+    if 'target_window' in typed and args.loss == 'l2' and args.objective == 'colorize':
+        raise UserError('--target-window sets the window of the histogram targets (--loss huechroma, ab); --loss l2 '
+                        'regresses each pixel\'s own (a, b) and would ignore it: drop it')
     if 'classes' in typed and args.objective != 'classify':
         raise UserError('--classes applies to --objective classify; --objective colorize would ignore it: drop it')
     if args.fc_dropout and not has_fc(args.arch):

@@ -3590,6 +3590,11 @@ def test_flags_of_the_other_objective_are_refused_or_named(tmp_path, capsys):
         colorize.fill_defaults(colorize.parse_args(['--objective', 'classify', '--loss', 'l2', '--border', '-1',
                                                     '-a', 'resnet50', '--fc-dim', '16']), torch.device('cpu'), 1)
     assert capsys.readouterr().err == ''
+    # --loss l2 regresses the pixel's own (a, b): a --target-window was ignored in silence.
+    with pytest.raises(colorize.UserError, match='--loss l2 regresses each pixel.s own'):
+        colorize.fill_defaults(colorize.parse_args(['--loss', 'l2', '--target-window', '3']), torch.device('cpu'), 1)
+    for loss in ('ab', 'huechroma'):
+        colorize.fill_defaults(colorize.parse_args(['--loss', loss, '--target-window', '3']), torch.device('cpu'), 1)
 
 
 def test_device_flag_names_a_gpu_with_an_index(monkeypatch, capsys):
