@@ -318,6 +318,7 @@ def fill_defaults(args, device, world):
                         f'got {args.target_window}')
     if args.border < 0:
         raise UserError(f'--border must be at least 0, got {args.border}')
+    refuse_milestones_outside(args.lr_milestones)
     if args.keep_every is not None and args.keep_every < 0:
         raise UserError(f'--keep-every must be a step count, or 0 for none, got {args.keep_every}')
     if args.crop <= 2 * args.border:
@@ -340,6 +341,15 @@ def fill_defaults(args, device, world):
             print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
                   f'nothing here', file=sys.stderr)
     return args
+
+
+def refuse_milestones_outside(milestones):
+    """--lr-milestones are fractions of --steps: one at 0 or below would drop the lr from the first step, one
+    at 1 or above (a step count typed, say) never, in silence (both scripts)."""
+    wrong = [m for m in milestones if not 0 < m < 1]
+    if wrong:
+        raise UserError(f'--lr-milestones {" ".join(f"{m:g}" for m in milestones)}: each is a fraction of --steps, '
+                        f'between 0 and 1 (0.5: half way), got {wrong[0]:g}')
 
 
 # Flags that define a run: --resume takes the ones not given from the checkpoint (so resuming with

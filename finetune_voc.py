@@ -49,12 +49,11 @@ import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
                       autocast, diverged, environment, error_text, flag_name, fork_run, format_seconds, git_commit,
-                      has_fc,
-                      load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run, log_gone,
-                      log_line, make_model as make_colorization_model, merge_resumed_args, note_other_commit,
+                      has_fc, load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run,
+                      log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, note_other_commit,
                       parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_to_overwrite, remove_if_unused, resume_flags, rng_state, setup_device, step_seed,
-                      stop_status, trim_log, trunk_kwargs, worker_options)
+                      refuse_milestones_outside, refuse_to_overwrite, remove_if_unused, resume_flags, rng_state,
+                      setup_device, step_seed, stop_status, trim_log, trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -243,6 +242,7 @@ def fill_defaults(args, device):
     for name, why in unread_training_flags(args):
         if name in typed:
             raise UserError(f'{flag_name(name)} {why}, so this run would ignore it: drop it')
+    refuse_milestones_outside(args.lr_milestones)
     if args.test_images < 0:
         raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
     if args.task == 'seg' and args.points > args.crop ** 2:

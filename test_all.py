@@ -3660,6 +3660,16 @@ def test_lr_schedule_by_hand():
     args = colorize.parse_args(['--steps', '100', '--lr', '1.0', '--warmup', '4'])
     got = [colorize.lr_at(s, args) for s in (0, 3, 4, 49, 50, 74, 75, 87, 88, 99)]
     assert got == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # Milestones are fractions of --steps: step counts (500 of 1000) never dropped the lr, and 0 dropped it
+    # from the first step, in silence; both scripts refuse them.
+    cpu = torch.device('cpu')
+    for milestones in (['500', '750'], ['0', '0.5'], ['0.5', '1']):
+        with pytest.raises(colorize.UserError, match='each is a fraction of --steps, between 0 and 1'):
+            colorize.fill_defaults(colorize.parse_args(['--lr-milestones', *milestones]), cpu, 1)
+        with pytest.raises(colorize.UserError, match='each is a fraction of --steps, between 0 and 1'):
+            ft.fill_defaults(ft.parse_args(['--lr-milestones', *milestones]), cpu)
+    assert colorize.fill_defaults(colorize.parse_args(['--lr-milestones', '0.01', '0.99']), cpu, 1).lr_milestones == [
+        0.01, 0.99]
 
 
 def test_paper_defaults():
