@@ -2220,6 +2220,11 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
     complete; several processes calling it at once is safe (one rename wins). `workers`:
     processes to render in (default: the usable cores, at most 8, or 1 below 1,000 images; 1 = in this process).
     """
+    counts = dict(n_train=n_train, n_val=n_val, n_trainval_2007=n_trainval_2007, n_test_2007=n_test_2007,
+                  n_train_2012=n_train_2012, n_val_2012=n_val_2012)
+    negative = next((name for name, n in counts.items() if n < 0), None)
+    if negative:  # range() would make none, and the marker would record the negative count as the world's size
+        raise ValueError(f'--{negative.replace("_", "-")} {counts[negative]}: an image count is 0 or more')
     root = os.path.abspath(os.fspath(root))
     params = {'version': _DEMO_VERSION, 'n_train': n_train, 'n_val': n_val,
               'n_trainval_2007': n_trainval_2007, 'n_test_2007': n_test_2007,

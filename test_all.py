@@ -2096,6 +2096,11 @@ def test_scan_writes_a_list_that_reads_back(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         data.main(['scan'])
     assert 'give the folders or .txt lists to scan' in capsys.readouterr().err
+    # demo --n-train -5 made a world of 0 training images that its marker called -5.
+    with pytest.raises(SystemExit):
+        data.main(['demo', '--root', str(tmp_path / 'demo'), '--n-train', '-5'])
+    assert '--n-train -5: an image count is 0 or more' in capsys.readouterr().err
+    assert not (tmp_path / 'demo').exists()
     # pack --workers 0 fell to the default, a process per core (a test here typed it for 'in this process').
     with pytest.raises(SystemExit):
         data.main(['pack', '--data', str(raw), '--out', str(tmp_path / 'p0'), '--short-side', '8', '--workers', '0'])
