@@ -456,10 +456,25 @@ def resume_settings(args, ckpt, path, world, log=print):
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS)
     merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, log, must_exist=('data', 'val_data'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
+    note_moved_lr(args, saved, ckpt['step'], lr_at, log)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
                         f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
                         f'(or the same total over nodes)')
+
+
+def note_moved_lr(args, saved, step, lr_at, log):
+    """--resume with another --steps (or milestones, warm-up; both scripts): the milestones are
+    fractions of --steps, so the rate of the next step can jump, e.g. up 100x when a finished 1000-step
+    run goes on to 2000 (its three drops undone but the first). Print a line to `log` when it moved."""
+    if all(saved.get(k) == getattr(args, k, None) for k in ('steps', 'lr_milestones', 'warmup')):
+        return  # only --lr (--lr-gamma) changed: the line that says so is enough
+    schedule = ('steps', 'lr', 'lr_milestones', 'lr_gamma', 'warmup')
+    before = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in schedule if k in saved}})
+    was, now = lr_at(step, before), lr_at(step, args)
+    if log and not math.isclose(was, now, rel_tol=1e-9):
+        log(f'the learning rate of step {step + 1} is {now:g} where the run had {was:g} (--lr-milestones are '
+            f'fractions of --steps {args.steps})')
 
 
 def refuse_fewer_steps(steps, done, path):

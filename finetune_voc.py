@@ -50,10 +50,11 @@ from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLO
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
                       autocast, diverged, environment, error_text, flag_name, fork_run, format_seconds, git_commit,
                       has_fc, load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run,
-                      log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, note_other_commit,
-                      parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_fewer_steps,
-                      refuse_milestones_outside, refuse_to_overwrite, remove_if_unused, resume_flags, rng_state,
-                      setup_device, step_seed, stop_status, trim_log, trunk_kwargs, worker_options)
+                      log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, note_moved_lr,
+                      note_other_commit, parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file,
+                      refuse_fewer_steps, refuse_milestones_outside, refuse_to_overwrite, remove_if_unused,
+                      resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log, trunk_kwargs,
+                      worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -1219,6 +1220,7 @@ def read_resume(args):
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, must_exist=('init', 'voc_root'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
+    note_moved_lr(args, saved, ckpt['step'], lr_at, print)
     # The commit that trained the steps before this one (None: a checkpoint from before 2026-11-27 did
     # not say): results.json's git_commit is only the last part's, and a git pull may come between.
     args.resumptions = saved.get('resumptions', []) + [dict(step=ckpt['step'], changed=changed,

@@ -3677,6 +3677,37 @@ def test_lr_schedule_by_hand():
         0.01, 0.99]
 
 
+def test_resume_with_other_steps_says_when_the_learning_rate_moves():
+    """The milestones are fractions of --steps: a finished 1000-step run resumed to 2000 trains its step 1001 at
+    1e-3 x 0.1 (one milestone passed, 0.5 x 2000) where it had 1e-3 x 0.1^3, in silence before."""
+    cpu, lines = torch.device('cpu'), []
+    first = colorize.fill_defaults(colorize.parse_args(['--steps', '1000', '--lr', '1e-3']), cpu, 1)
+    ckpt = dict(args=colorize.plain_args(first), step=1000)
+    colorize.resume_settings(colorize.parse_args(['--steps', '2000']), ckpt, Path('run/checkpoint.pt'), 1,
+                             log=lines.append)
+    assert lines[-1] == ('the learning rate of step 1001 is 0.0001 where the run had 1e-06 (--lr-milestones are '
+                         'fractions of --steps 2000)')
+    lines.clear()  # --lr alone: its own line says it all; --steps that moves no milestone past step 400: none
+    colorize.resume_settings(colorize.parse_args(['--lr', '0.01']), ckpt, Path('run/checkpoint.pt'), 1,
+                             log=lines.append)
+    colorize.resume_settings(colorize.parse_args(['--steps', '1000']), dict(ckpt, step=400),
+                             Path('run/checkpoint.pt'), 1, log=lines.append)
+    assert not any('learning rate of step' in line for line in lines)
+
+
+def test_finetune_resume_with_other_steps_says_when_the_learning_rate_moves(tmp_path, capsys):
+    """finetune_voc.py likewise: cls halves the rate at each eighth of --steps, so a finished 800-step run
+    resumed to 1600 trains step 801 at 1e-3 x 0.5^4 where it had 1e-3 x 0.5^7."""
+    first = ft.fill_defaults(ft.parse_args(['--init', 'random', '--steps', '800']), torch.device('cpu'))
+    path = tmp_path / 'checkpoint.pt'
+    torch.save(dict(model={}, config=dict(objective='voc-cls'), args=colorize.plain_args(first), step=800), path)
+    args = ft.parse_args(['--resume', str(path), '--steps', '1600'])
+    args.git_commit = None  # as _run sets it
+    ft.read_resume(args)
+    assert (f'the learning rate of step 801 is {1e-3 * 0.5 ** 4:g} where the run had {1e-3 * 0.5 ** 7:g} '
+            f'(--lr-milestones are fractions of --steps 1600)') in capsys.readouterr().out
+
+
 def test_paper_defaults():
     args = colorize.parse_args([])
     assert (args.target_window, args.loss, args.momentum, args.weight_decay) == (7, 'huechroma', 0.9, 5e-4)
@@ -5262,6 +5293,7 @@ def test_resume_takes_run_flags_refuses_changes_and_lets_schedule_flags_win(tmp_
     assert ft.main([*resume, '--steps', '6', '--weight-decay', '0.01']) == 0  # the schedule's: they win
     printed = capsys.readouterr().out
     assert 'resuming with --steps 6 where' in printed
+    assert 'the learning rate of step' not in printed  # step 3 of 4 or of 6: before seg's first milestone both
     assert printed.count('steps before 2 ran commit c0ffee, this is ') == (colorize.git_commit() is not None)
     r = read_results(out)
     assert r['steps'] == 6 and r['args']['head_dim'] == 16 and r['args']['batch_size'] == 2
