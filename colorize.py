@@ -71,6 +71,8 @@ class Stopped(Exception):
 
 
 INTERRUPTED = 'interrupted: the last checkpoint written is intact; continue with {}'  # Ctrl-C in training
+# Ctrl-C before the run folder holds a checkpoint: --resume would find none there.
+INTERRUPTED_AT_START = 'interrupted before the run\'s first checkpoint: nothing to resume; run the same command again'
 COMPILE_NOTE = ("torch.compile: the first step compiles the model (a minute or more, silent); the first progress "
                 "line's img/s includes it")
 
@@ -87,12 +89,15 @@ def error_text(e):
     return data.os_error_text(e) if isinstance(e, OSError) else None
 
 
-def stop_status(e, resume=None):
+def stop_status(e, resume=None, out=None):
     """For main() of both scripts: print the one line for `e` (a UserError, OSError, Ctrl-C or Stopped) and
     return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it).
-    `resume`: the flags that continue the interrupted run ('--resume'), None where there is none."""
+    `resume`: the flags that continue the interrupted run ('--resume'), None where there is none; `out`:
+    the run folder, where known: Ctrl-C before it holds a checkpoint.pt says to start again instead."""
     if isinstance(e, KeyboardInterrupt):
-        print(INTERRUPTED.format(resume) if resume else 'interrupted', file=sys.stderr)
+        started = out is None or (Path(out) / 'checkpoint.pt').exists()
+        print((INTERRUPTED.format(resume) if started else INTERRUPTED_AT_START) if resume else 'interrupted',
+              file=sys.stderr)
         return 130  # the shell's status for Ctrl-C
     if isinstance(e, Stopped):
         if not dist.is_initialized() or dist.get_rank() == 0:  # the ranks stopped together: one says so
@@ -2424,7 +2429,7 @@ def main(argv=None):
         # Name the run folder (as finetune_voc.py does): --resume alone continues runs/<arch>-<loss>,
         # another run than one trained into --out DIR, or with another -a or --loss.
         resume = None if args.colorize or args.benchmark else (resume_flags(args.out) if args.out else '--resume')
-        status = stop_status(e, resume=resume)
+        status = stop_status(e, resume=resume, out=args.out)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         if dist.is_initialized():

@@ -1685,7 +1685,8 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, OSError, KeyboardInterrupt, Stopped) as e:
-        status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out))
+        status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out),
+                             out=args.out)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status

@@ -3175,10 +3175,16 @@ def test_errors_the_user_can_fix_are_one_line_wherever_they_arise(folders, tmp_p
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(colorize, 'train', interrupted)
+    (tmp_path / 'c').mkdir()
+    (tmp_path / 'c' / 'checkpoint.pt').touch()  # the run has saved a checkpoint
     assert colorize.main(tiny_args(train, val, tmp_path / 'c', '--steps', '1')) == 130
     # It names the run folder: --resume alone would continue the default runs/vgg16-huechroma instead.
     assert capsys.readouterr().err == (f'interrupted: the last checkpoint written is intact; continue with '
                                        f'--resume --out {tmp_path / "c"}\n')
+    # Before the run's first checkpoint: --resume would find none there, so not that advice.
+    assert colorize.main(tiny_args(train, val, tmp_path / 'e', '--steps', '1')) == 130
+    assert capsys.readouterr().err == ("interrupted before the run's first checkpoint: nothing to resume; run the "
+                                       "same command again\n")
     # Interrupted before the folder is settled (no --out typed): no folder to name yet.
     assert colorize.main(['--steps', '1']) == 130
     assert capsys.readouterr().err == 'interrupted: the last checkpoint written is intact; continue with --resume\n'
@@ -5157,12 +5163,20 @@ def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     assert (tmp_path / 'a' / 'checkpoint.pt').read_bytes() == before
     # Ctrl-C says the same: --resume alone would not find the run here.
     def interrupted(args):
-        args.out = tmp_path / 'd'
+        args.out = tmp_path / 'a'  # a run with a checkpoint
         raise KeyboardInterrupt
     monkeypatch.setattr(ft, 'run', interrupted)
     assert ft.main(base) == 130
     assert capsys.readouterr().err == (f"interrupted: the last checkpoint written is intact; continue with "
-                                       f"--resume --out {tmp_path / 'd'}\n")
+                                       f"--resume --out {tmp_path / 'a'}\n")
+    # Before the run's first checkpoint: --resume would find none there, so not that advice.
+    def interrupted_early(args):
+        args.out = tmp_path / 'd'
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ft, 'run', interrupted_early)
+    assert ft.main(base) == 130
+    assert capsys.readouterr().err == ("interrupted before the run's first checkpoint: nothing to resume; run the "
+                                       "same command again\n")
 
 
 def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
