@@ -1027,12 +1027,16 @@ def _read_json(path):
     """The JSON object in `path`, or None if there is no such file."""
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         return None
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise ValueError(f'{path} is not valid JSON ({e}); it belongs to a pack: delete the '
                          'pack folder and pack again') from None
+    if not isinstance(obj, dict):
+        raise ValueError(f'{path} holds a JSON {type(obj).__name__}, not the object a pack writes there; '
+                         'delete the pack folder and pack again')
+    return obj
 
 
 def _pack_command(root, params):
@@ -1044,10 +1048,11 @@ def _pack_command(root, params):
 
 def _pack_state(root):
     """'complete', 'incomplete' (packing started, not finished) or None (not a pack)."""
+    if os.path.isfile(os.path.join(root, _PACK_COMPLETE)) and any(
+            os.path.exists(os.path.join(root, n)) for n in (_PACK_INDEX, _PACK_NAMES, _shard_name(0))):
+        return 'complete'  # whole or not: PackReader checks (index.npy lost in a copy, say)
     if not os.path.isfile(os.path.join(root, _PACK_INDEX)):
         return None
-    if os.path.exists(os.path.join(root, _PACK_COMPLETE)):
-        return 'complete'
     if os.path.exists(os.path.join(root, _PACK_PROGRESS)):
         return 'incomplete'
     return None
@@ -1102,26 +1107,70 @@ class PackReader:
         if state is None:
             raise ValueError(f'{self.root} is not a pack: expected a folder written by '
                              '`python data.py pack`')
-        self.info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
-        if self.info.get('version') != _PACK_VERSION:
-            raise ValueError(f'pack {self.root} has format version {self.info.get("version")}, '
+        self.info = info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
+        if info.get('version') != _PACK_VERSION:
+            raise ValueError(f'pack {self.root} has format version {info.get("version")}, '
                              f'this data.py reads version {_PACK_VERSION}: pack the images again')
-        n = self.info['total']
-        self.index = np.load(os.path.join(self.root, _PACK_INDEX), mmap_mode='r')  # (N, 4) int64
-        self._offsets = np.load(os.path.join(self.root, _PACK_NAME_OFFSETS), mmap_mode='r')
-        self._names = np.memmap(os.path.join(self.root, _PACK_NAMES), np.uint8, 'r')
-        if self.index.shape != (n, len(_PACK_COLUMNS)) or self._offsets.shape != (n + 1,):
-            raise ValueError(f'pack {self.root} is damaged: {_PACK_COMPLETE} says {n} images, '
-                             f'but {_PACK_INDEX} has shape {self.index.shape} and '
-                             f'{_PACK_NAME_OFFSETS} {self._offsets.shape}; pack again')
-        for k, length in enumerate(self.info['shards']):
+        n, shards = info.get('total'), info.get('shards')
+        if not (type(n) is int and n >= 0 and isinstance(shards, list) and shards
+                and all(type(s) is int and s >= 0 for s in shards)):
+            raise self._damaged(f'{_PACK_COMPLETE} lacks its image count or shard lengths')
+        arrays = {}
+        for name in (_PACK_INDEX, _PACK_NAME_OFFSETS):
+            try:
+                arrays[name] = np.load(os.path.join(self.root, name), mmap_mode='r')
+            except FileNotFoundError:
+                raise self._damaged(f'{name} is missing') from None
+            except (ValueError, EOFError) as e:  # cut short, a flipped header byte, not an .npy
+                raise self._damaged(f'{name} cannot be read ({e})') from None
+        self.index, self._offsets = arrays[_PACK_INDEX], arrays[_PACK_NAME_OFFSETS]
+        if (self.index.dtype != np.int64 or self.index.shape != (n, len(_PACK_COLUMNS))
+                or self._offsets.dtype != np.int64 or self._offsets.shape != (n + 1,)):
+            raise self._damaged(f'{_PACK_COMPLETE} says {n} images, but {_PACK_INDEX} has shape '
+                                f'{self.index.shape} ({self.index.dtype}) and {_PACK_NAME_OFFSETS} '
+                                f'{self._offsets.shape} ({self._offsets.dtype})')
+        names = os.path.join(self.root, _PACK_NAMES)
+        size = os.path.getsize(names) if os.path.exists(names) else None
+        if size is None or size == 0 or int(self._offsets[0]) != 0 or int(self._offsets[-1]) != size:
+            raise self._damaged(f'{names} holds {size} bytes, {int(self._offsets[-1])} expected')
+        self._names = np.memmap(names, np.uint8, 'r')
+        for k, length in enumerate(shards):
             path = os.path.join(self.root, _shard_name(k))
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size is None or size < length:
-                raise ValueError(f'pack {self.root} is damaged: {path} holds {size} bytes, '
-                                 f'{length} expected; pack again')
+                raise self._damaged(f'{path} holds {size} bytes, {length} expected')
+        self._check_entries()
         self._shards = [None] * len(self.info['shards'])
         self._reasons = None
+
+    def _damaged(self, what):
+        return ValueError(f'pack {self.root} is damaged: {what}; delete the folder and pack again')
+
+    def _check_entries(self, rows=1 << 20):
+        """Every entry of index.npy a place within its shard with a status, and the name offsets in
+        order: a flipped bit or a hand edit there would otherwise mislabel images or read others' bytes.
+        Once per process and index file (a forked loader process inherits the check)."""
+        path = os.path.join(self.root, _PACK_INDEX)
+        st = os.stat(path)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _CHECKED_PACKS:
+            return
+        shard_sizes = np.array(self.info['shards'] + [-1], dtype=np.int64)  # -1: no such shard
+        for a in range(0, len(self.index), rows):
+            shard, offset, length, status = np.asarray(self.index[a:a + rows]).T
+            shard = np.where((shard >= 0) & (shard < len(shard_sizes) - 1), shard, -1)
+            wrong = ((shard < 0) | (offset < 0) | (length < 0) | (length > shard_sizes[shard] - offset)
+                     | ~np.isin(status, (STATUS_OK, STATUS_GRAY, STATUS_BAD))
+                     | ((status == STATUS_BAD) & (length != 0)))
+            if wrong.any():
+                i = a + int(np.argmax(wrong))
+                raise self._damaged(f'entry {i} of {_PACK_INDEX} (shard, offset, length, status) is '
+                                    f'{tuple(int(v) for v in self.index[i])}: not bytes within a shard, '
+                                    'or an unknown status')
+        for a in range(0, len(self._offsets) - 1, rows):
+            if (np.diff(np.asarray(self._offsets[a:a + rows + 1])) < 0).any():
+                raise self._damaged(f'the name offsets in {_PACK_NAME_OFFSETS} go backwards')
+        _CHECKED_PACKS.add(key)
 
     def __reduce__(self):  # never pickle the memory maps or the open shards
         return PackReader, (self.root,)
@@ -1148,12 +1197,19 @@ class PackReader:
         return self.status(i) == STATUS_GRAY
 
     def reason(self, i):
-        """Why image i could not be packed ('' if it was)."""
+        """Why image i could not be packed ('' if it was). Its status says that it is bad; a reason lost
+        from a damaged bad.jsonl is said to be lost, rather than stop the run."""
         if self._reasons is None:
-            with open(os.path.join(self.root, _PACK_BAD), encoding='utf-8') as f:
-                rows = [json.loads(line) for line in f]
-            self._reasons = {r['index']: r['reason'] for r in rows}
-        return self._reasons.get(i, '')
+            self._reasons = {}
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                with open(os.path.join(self.root, _PACK_BAD), encoding='utf-8') as f:
+                    for line in f:
+                        with contextlib.suppress(ValueError, KeyError, TypeError):
+                            row = json.loads(line)
+                            self._reasons[int(row['index'])] = str(row['reason'])
+        if self.status(i) != STATUS_BAD:
+            return ''
+        return self._reasons.get(i) or f'unreadable when packed (the reason is missing from {_PACK_BAD})'
 
     def jpeg(self, i):
         """The stored JPEG bytes of image i (empty if bad). Read with pread, not through a memory map:
@@ -1196,6 +1252,9 @@ class PackReader:
             raise BadImage(e.path, f'{e.reason}; in its packed copy, entry {i} of {self.root}'
                            ) from e
 
+
+# (index.npy path, inode, size, mtime) of the packs whose entries this process checked (PackReader._check_entries).
+_CHECKED_PACKS = set()
 
 # (process id, pack folder) -> PackReader. Each process maps the index and opens the shards itself,
 # once, on first use: DataLoader workers (forked or spawned) never pickle a memory map or a file.

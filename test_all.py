@@ -6506,6 +6506,61 @@ def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbu
     assert 'status: True' in done.stdout
 
 
+def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tmp_path):
+    # A pack cut short or bit-flipped (an interrupted copy, a bad disk) gave tracebacks (a names-offsets.npy
+    # missing, an empty index.npy, a shard number out of range in a loader process) or, worse, ran on:
+    # a truncated names.bin gave images empty or cut names (and so other class folders), an unknown status
+    # trained as ok. Now each is refused when the pack is opened, naming the file; a lost bad.jsonl only
+    # loses the reasons of the bad images.
+    root = tmp_path / 'src'
+    for i in range(4):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
+    (root / 'zz.jpg').write_bytes(b'')  # bad: entry 4
+    pack = tmp_path / 'pack'
+    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    n_names = (pack / 'names.bin').stat().st_size
+    shard = (pack / 'shard-00000.bin').stat().st_size
+
+    def damaged(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(pack, copy)
+        damage(copy)
+        return copy
+
+    def set_entry(row, column, value):
+        def damage(copy):
+            index = np.load(copy / 'index.npy', mmap_mode='r+')
+            index[row, column] = value
+            index.flush()
+        return damage
+
+    cases = {
+        'names_cut': (lambda c: os.truncate(c / 'names.bin', n_names - 3), f'names.bin holds {n_names - 3} bytes, '
+                      f'{n_names} expected'),
+        'offsets_lost': (lambda c: os.remove(c / 'names-offsets.npy'), 'names-offsets.npy is missing'),
+        'index_lost': (lambda c: os.remove(c / 'index.npy'), 'index.npy is missing'),
+        'index_empty': (lambda c: os.truncate(c / 'index.npy', 0), 'index.npy cannot be read'),
+        'status_unknown': (set_entry(1, 3, 7), r'entry 1 of index.npy \(shard, offset, length, status\) is \(0, \d+, \d+, 7\)'),
+        'past_the_shard': (set_entry(2, 1, shard), 'entry 2 of index.npy'),
+        'no_such_shard': (set_entry(3, 0, 1), r'entry 3 of index.npy \(shard, offset, length, status\) is \(1,'),
+        'bad_with_bytes': (set_entry(0, 3, data.STATUS_BAD), 'entry 0 of index.npy'),
+        'complete_a_list': (lambda c: (c / 'complete.json').write_text('[1]'), 'holds a JSON list'),
+    }
+    for name, (damage, message) in cases.items():
+        with pytest.raises(ValueError, match=message) as err:
+            data.find_images(damaged(name, damage), log=_quiet)
+        assert 'delete the' in str(err.value) and 'pack again' in str(err.value), name
+    # Damage past the checks' reach still reads: a lost bad.jsonl, a cut one.
+    for name, damage in {'bad_lost': lambda c: os.remove(c / 'bad.jsonl'),
+                         'bad_cut': lambda c: os.truncate(c / 'bad.jsonl', 9)}.items():
+        paths = data.find_images(damaged(name, damage), log=_quiet)
+        with pytest.raises(data.BadImage, match=r'zz\.jpg: unreadable when packed \(the reason is missing from '
+                                                r'bad\.jsonl\); recorded when packing'):
+            data.load_rgb(paths[4])
+        assert data.load_rgb(paths[0]).shape == (32, 40, 3)
+    data._OPEN_PACKS.clear()
+
+
 def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tmp_path, capsys):
     # A FIFO at checkpoint.pt (or /dev/zero as --init) was reported as missing: "does not exist", right after a
     # fresh run had been refused because that checkpoint.pt exists.
