@@ -1397,6 +1397,19 @@ def _pack_start(root, params, paths):
     return progress
 
 
+def _check_progress(root, progress):
+    """ValueError unless progress.json's dict has the fields and types that _pack_start writes."""
+    fields = {'params': dict, 'total': int, 'done': int, 'shards': list, 'bad_bytes': int, 'counts': list}
+    wrong = [k for k, kind in fields.items() if type(progress.get(k)) is not kind]
+    if not wrong and not (0 <= progress['done'] <= progress['total'] and progress['shards']
+                          and all(type(v) is int for v in progress['shards'] + progress['counts'])
+                          and len(progress['counts']) == len(STATUS_NAMES)):
+        wrong = ['done', 'shards', 'counts']
+    if wrong:
+        raise ValueError(f'{os.path.join(root, _PACK_PROGRESS)} is damaged (its {", ".join(wrong)}): '
+                         f'delete {root} and pack again')
+
+
 def _check_pack_params(root, found, params):
     if found.get('version') != _PACK_VERSION:
         raise ValueError(f'{root} holds a pack of format version {found.get("version")}, but '
@@ -1527,6 +1540,7 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
         return complete
     progress = _read_json(os.path.join(out, _PACK_PROGRESS))
     if progress is not None:
+        _check_progress(out, progress)
         _check_pack_params(out, progress, params)
         log(f'resuming the pack in {out} at {progress["done"]:,}/{progress["total"]:,} images '
             '(the image list saved when it started)')
@@ -1535,8 +1549,20 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
         progress = _pack_start(out, params, paths)
         del paths
     total, start = progress['total'], progress['done']
-    offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
-    names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
+    try:  # an interrupted copy of an unfinished pack
+        offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
+        names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
+        index = np.load(os.path.join(out, _PACK_INDEX), mmap_mode='r')
+        if index.shape != (total, len(_PACK_COLUMNS)) or offsets.shape != (total + 1,):
+            raise ValueError(f'{_PACK_INDEX} has shape {index.shape}, {_PACK_NAME_OFFSETS} {offsets.shape}; '
+                             f'{_PACK_PROGRESS} says {total} images')
+        del index
+        if int(offsets[-1]) != len(names):
+            raise ValueError(f'{_PACK_NAMES} holds {len(names)} bytes, {int(offsets[-1])} expected')
+    except (OSError, ValueError, EOFError, IndexError) as e:
+        if isinstance(e, OSError) and os_error_text(e) is not None:  # unreadable: the user's to fix
+            raise
+        raise ValueError(f'the unfinished pack in {out} is damaged ({e}): delete {out} and pack again') from None
     # Tasks never straddle chunks: the end of a task may be the end of a chunk, to commit.
     spans = [(t0, min(t0 + task_size, c0 + chunk, total), min(c0 + chunk, total))
              for c0 in range(start, total, chunk)

@@ -6561,6 +6561,34 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
     data._OPEN_PACKS.clear()
 
 
+def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
+    # An unfinished pack copied in part, or its progress.json edited, gave tracebacks when `pack` went on
+    # (KeyError, FileNotFoundError) or numpy's words alone ('EOF: reading array header').
+    root = tmp_path / 'src'
+    for i in range(3):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
+    pack = tmp_path / 'pack'
+    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    os.remove(pack / 'complete.json')  # killed between its last commit and complete.json
+    progress = json.loads((pack / 'progress.json').read_text())
+    cases = {'no_params': (lambda c: (c / 'progress.json').write_text(json.dumps(
+                 {k: v for k, v in progress.items() if k != 'params'})), r'progress\.json is damaged \(its params\)'),
+             'done_text': (lambda c: (c / 'progress.json').write_text(json.dumps({**progress, 'done': '2'})),
+                           r'progress\.json is damaged \(its done\)'),
+             'index_lost': (lambda c: os.remove(c / 'index.npy'), r'is damaged \(.*No such file.*index\.npy'),
+             'index_cut': (lambda c: os.truncate(c / 'index.npy', 100), 'is damaged'),
+             'names_cut': (lambda c: os.truncate(c / 'names.bin', 10), r'names\.bin holds 10 bytes')}
+    for name, (damage, message) in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(pack, copy)
+        damage(copy)
+        with pytest.raises(ValueError, match=message) as err:
+            data.pack_images([root], copy, short_side=32, workers=1, log=_quiet)
+        assert f'delete {copy} and pack again' in str(err.value), name
+    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)  # undamaged: finishes
+    assert (pack / 'complete.json').exists()
+
+
 def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tmp_path, capsys):
     # A FIFO at checkpoint.pt (or /dev/zero as --init) was reported as missing: "does not exist", right after a
     # fresh run had been refused because that checkpoint.pt exists.
