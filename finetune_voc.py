@@ -990,11 +990,19 @@ def mask_size_error(image_path, image_size, label_path, label_size):
 
 
 def _load_label(path):
-    """A VOC mask (data.load_label); a truncated or broken one is a UserError naming it."""
+    """A VOC mask (data.load_label); a truncated or broken one, or one with a value that is no class
+    (0..20) and not void (255), is a UserError naming it. Such a value made an IndexError in the loss
+    (a device-side assert on CUDA), or in the test's confusion matrix after training."""
     try:
-        return data.load_label(path)
+        label = data.load_label(path)
     except ValueError as e:  # BadImage: missing, truncated, not an image, another mode
         raise UserError(f'cannot read VOC mask {e}; re-extract the dataset') from None
+    wrong = np.unique(label[(label > len(data.VOC_CLASSES)) & (label != 255)])
+    if wrong.size:
+        raise UserError(f'VOC mask {path} holds {"values" if wrong.size > 1 else "value"} '
+                        f'{", ".join(map(str, wrong[:5].tolist()))}{", ..." if wrong.size > 5 else ""}, where a '
+                        f'mask holds class indices 0..{len(data.VOC_CLASSES)} and 255 (void): map them to those')
+    return label
 
 
 def _header_size(path):

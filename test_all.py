@@ -6475,6 +6475,25 @@ def test_a_truncated_mask_is_one_line_naming_it(tmp_path, voc, capsys):
         data.load_label(masks / f'{names[1]}.png')
 
 
+def test_a_mask_value_that_is_no_class_and_not_void_is_one_line_naming_it(tmp_path):
+    # A mask value of 21..254 (another label set's masks, colours mapped wrongly) made an IndexError traceback
+    # in the training loss ('Target 21 is out of bounds'; a device-side assert on CUDA) or, in a test mask,
+    # in the confusion matrix after training. 0..20 are VOC's classes (background, 20 objects), 255 void.
+    palette = [v for i in range(256) for v in (i, i, i)]
+    def mask(name, values):
+        im = Image.fromarray(np.array(values, dtype=np.uint8).reshape(2, -1), 'P')
+        im.putpalette(palette)
+        im.save(tmp_path / name)
+        return str(tmp_path / name)
+    good = mask('good.png', [0, 20, 255, 7])
+    assert ft._load_label(good).tolist() == [[0, 20], [255, 7]]
+    with pytest.raises(ft.UserError, match=r'^VOC mask \S+/one\.png holds value 21, where a mask holds class indices '
+                                           r'0\.\.20 and 255 \(void\)'):
+        ft._load_label(mask('one.png', [0, 21, 255, 3]))
+    with pytest.raises(ft.UserError, match=r'holds values 21, 22, 23, 24, 25, \.\.\., where'):
+        ft._load_label(mask('many.png', [21, 22, 23, 24, 25, 254]))
+
+
 def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbus(tmp_path):
     # The shards were memory-mapped: once one was cut short under a running job (by hand, a sync tool, a
     # network file system), reading an image past its new end killed the process with SIGBUS: no message, no
