@@ -1645,6 +1645,26 @@ def _extract_advice(voc_dir, year, tar):
     return f'extract {tar} in {voc_dir} {unpacks}'
 
 
+def _voc_list_lines(path):
+    """[(line number, fields)] of the non-blank lines of a VOC list file. A byte-order mark (a file saved
+    by a Windows editor) is dropped; bytes that are not UTF-8 are a ValueError naming the file."""
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            return [(n, line.split()) for n, line in enumerate(f, 1) if line.split()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not a text list of image ids ({e}); re-extract the dataset') from None
+
+
+def _refuse_repeats(path, numbered_ids):
+    """ValueError naming the first id that `path` lists twice: its image would count twice in training or,
+    in a test split, in the figures."""
+    seen = {}
+    for lineno, i in numbered_ids:
+        if i in seen:
+            raise ValueError(f'{path}:{lineno}: {i} is listed again (first on line {seen[i]}); each image once')
+        seen[i] = lineno
+
+
 def voc_classification(voc2007_root, split):
     """VOC2007 classification set `split` (train, val, trainval, test).
 
@@ -1665,16 +1685,16 @@ def voc_classification(voc2007_root, split):
                 f'{os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py demo` writes it)')
         rows = {}
         order = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
-                    raise ValueError(f'{path}:{lineno}: expected "<image id> <1|-1|0>", '
-                                     f'found {line.strip()!r}')
-                rows[parts[0]] = int(parts[1])
-                order.append(parts[0])
+        lines = _voc_list_lines(path)
+        for lineno, parts in lines:
+            if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
+                raise ValueError(f'{path}:{lineno}: expected "<image id> <1|-1|0>", '
+                                 f'found {" ".join(parts)!r}')
+            rows[parts[0]] = int(parts[1])
+            order.append(parts[0])
+        if not order:
+            raise ValueError(f'{path} lists no images')
+        _refuse_repeats(path, [(n, parts[0]) for n, parts in lines])
         if ids is None:
             ids = order
         elif set(rows) != set(ids):
@@ -1746,17 +1766,20 @@ def voc_segmentation(voc2012_root, split, augmented=False):
                 f'or use the demo world\'s {os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py '
                 'demo` writes it)')
         label_dir = 'SegmentationClass'
-    pairs = []
-    with open(list_path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 2:
-                pairs.append(tuple(os.path.join(root, p.lstrip('/')) for p in parts))
-            elif len(parts) == 1:
-                pairs.append((os.path.join(root, 'JPEGImages', f'{parts[0]}.jpg'),
-                              os.path.join(root, label_dir, f'{parts[0]}.png')))
+    pairs, numbered = [], []
+    for lineno, parts in _voc_list_lines(list_path):
+        if len(parts) == 2:
+            pairs.append(tuple(os.path.join(root, p.lstrip('/')) for p in parts))
+        elif len(parts) == 1:
+            pairs.append((os.path.join(root, 'JPEGImages', f'{parts[0]}.jpg'),
+                          os.path.join(root, label_dir, f'{parts[0]}.png')))
+        else:
+            raise ValueError(f'{list_path}:{lineno}: expected an image id or "/JPEGImages/<id>.jpg '
+                             f'/{label_dir}/<id>.png", found {" ".join(parts)!r}')
+        numbered.append((lineno, pairs[-1][0]))
     if not pairs:
         raise ValueError(f'{list_path} lists no images')
+    _refuse_repeats(list_path, numbered)
     missing = [p for pair in pairs for p in pair if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f'{len(missing)} files listed in {list_path} are missing, e.g. '

@@ -5750,6 +5750,45 @@ def test_find_images_does_not_cache_a_folder_changed_just_now(tmp_path):
 
 # ---------------------------------------------------------------- VOC lists
 
+def test_voc_lists_with_odd_lines_are_refused_in_one_line_naming_the_line(tmp_path):
+    # An empty test split made a traceback after training ('need at least one array to stack'); a segmentation
+    # line of three fields was dropped without a word; an image listed twice counted twice (in a test split,
+    # in the figures); a byte-order mark made the first id another ('\ufeff2012_000001'); a list that is not
+    # UTF-8 gave the codec's words without the file's name.
+    main = tmp_path / 'VOC2007' / 'ImageSets' / 'Main'
+    main.mkdir(parents=True)
+    def cls_lists(text, encoding='utf-8'):
+        for c in data.VOC_CLASSES:
+            (main / f'{c}_test.txt').write_text(text, encoding=encoding)
+    cls_lists('')
+    with pytest.raises(ValueError, match=r'aeroplane_test\.txt lists no images'):
+        data.voc_classification(tmp_path / 'VOC2007', 'test')
+    cls_lists('000001 1\n000002 -1\n000001 0\n')
+    with pytest.raises(ValueError, match=r'aeroplane_test\.txt:3: 000001 is listed again \(first on line 1\)'):
+        data.voc_classification(tmp_path / 'VOC2007', 'test')
+    cls_lists('000001 1\n000002 -1\n', encoding='utf-8-sig')
+    paths, labels = data.voc_classification(tmp_path / 'VOC2007', 'test')
+    assert [os.path.basename(p) for p in paths] == ['000001.jpg', '000002.jpg'] and labels[:, 0].tolist() == [1, -1]
+    (main / 'cow_test.txt').write_bytes(b'00000\xe9 1\n')
+    with pytest.raises(ValueError, match=r'cow_test\.txt is not a text list of image ids \(.utf-8. codec'):
+        data.voc_classification(tmp_path / 'VOC2007', 'test')
+    v12 = tmp_path / 'VOC2012'
+    seg = v12 / 'ImageSets' / 'Segmentation'
+    seg.mkdir(parents=True)
+    for i in ('a', 'b'):
+        _write_rgb(v12 / 'JPEGImages' / f'{i}.jpg', fmt='JPEG')
+        _write_rgb(v12 / 'SegmentationClass' / f'{i}.png', np.zeros((6, 8), np.uint8), fmt='PNG')
+    (seg / 'train.txt').write_text('a\nb x y\n')
+    with pytest.raises(ValueError, match=r'train\.txt:2: expected an image id or "/JPEGImages/<id>\.jpg '
+                                         r'/SegmentationClass/<id>\.png", found .b x y.'):
+        data.voc_segmentation(v12, 'train')
+    (seg / 'train.txt').write_text('a\n/JPEGImages/a.jpg /SegmentationClass/a.png\n')
+    with pytest.raises(ValueError, match=r'train\.txt:2: \S+a\.jpg is listed again \(first on line 1\)'):
+        data.voc_segmentation(v12, 'train')
+    (seg / 'train.txt').write_text('a\nb\n', encoding='utf-8-sig')
+    assert [os.path.basename(p) for p, _ in data.voc_segmentation(v12, 'train')] == ['a.jpg', 'b.jpg']
+
+
 def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
     main = tmp_path / 'VOC2007' / 'ImageSets' / 'Main'
     main.mkdir(parents=True)
