@@ -1047,10 +1047,25 @@ def read_torch_file(path, missing, name, hint):
         raise UserError(f'{name} is not a regular file (a named pipe, a device, ...): pass a checkpoint file')
     if not path.is_file():
         raise UserError(missing)
+    if path.stat().st_size == 0:  # torch.load's error says nothing there
+        raise UserError(f'{name} is an empty file (0 bytes); {hint}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why, no traceback
-        raise UserError(f'{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); {hint}') from None
+        why = (str(e).splitlines() or [''])[0]
+        raise UserError(f'{name} could not be read ({type(e).__name__}{": " + why if why else ""}); {hint}') from None
+
+
+def checkpoint_fields_error(ckpt):
+    """What is wrong with the fields of a dict with "model" and "config" that the scripts read (a checkpoint
+    edited by hand, or another program's): their types, in a few words; None when they are as written."""
+    kinds = {'config': (dict, 'a dict'), 'model': (dict, 'a dict'), 'args': (dict, 'a dict'), 'step': (int, 'an int')}
+    wrong = [f'"{k}" is {type(v).__name__}' + (f' {v!r:.40}' if isinstance(v, (str, int, float, type(None))) else '')
+             + f', not {name}' for k, (kind, name) in kinds.items()
+             if k in ckpt and not (isinstance(v := ckpt[k], kind) and not isinstance(v, bool))]
+    if not wrong and not all(torch.is_tensor(v) for v in ckpt['model'].values()):
+        wrong = ['"model" holds other things than tensors']
+    return '; '.join(wrong) or None
 
 
 def load_checkpoint(path):
@@ -1060,6 +1075,9 @@ def load_checkpoint(path):
                            f'checkpoint {path}', 'is it a complete file written by colorize.py?')
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'config' not in ckpt:
         raise UserError(f'{path} is not a colorize.py checkpoint (expected a dict with "model" and "config")')
+    wrong = checkpoint_fields_error(ckpt)
+    if wrong:
+        raise UserError(f'{path} is not a checkpoint as the scripts write them: {wrong}')
     return ckpt
 
 

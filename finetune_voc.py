@@ -48,13 +48,13 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, diverged, environment, error_text, flag_name, fork_run, format_seconds, git_commit,
-                      has_fc, load_checkpoint, load_mismatch, load_model_state, load_optimizer_state, lock_run,
-                      log_gone, log_line, make_model as make_colorization_model, merge_resumed_args, note_moved_lr,
-                      note_other_commit, parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file,
-                      refuse_fewer_steps, refuse_milestones_outside, refuse_to_overwrite, remove_if_unused,
-                      resume_flags, rng_state, setup_device, step_seed, stop_status, trim_log, trunk_kwargs,
-                      worker_options)
+                      autocast, checkpoint_fields_error, diverged, environment, error_text, flag_name, fork_run,
+                      format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
+                      load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
+                      merge_resumed_args, note_moved_lr, note_other_commit, parameter_groups, peak_memory_gb,
+                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_milestones_outside,
+                      refuse_to_overwrite, remove_if_unused, resume_flags, rng_state, setup_device, step_seed,
+                      stop_status, trim_log, trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -631,6 +631,9 @@ def initial_trunk(args, random_fc_dim=4096):
         return random_trunk(args.arch, args.width, args.fc_dim, args.seed), dict(kind='random')
     obj = read_weights(args.init)
     if isinstance(obj, dict) and 'model' in obj and 'config' in obj:
+        wrong = checkpoint_fields_error(obj)
+        if wrong:
+            raise UserError(f'--init {args.init} is not a checkpoint as colorize.py writes them: {wrong}')
         state, config = colorization_trunk(obj, f'--init {args.init}')
         resolve(args, 'arch', config['arch'], args.init)
         resolve(args, 'width', config['width'], args.init)

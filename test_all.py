@@ -6647,6 +6647,35 @@ def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
     assert (pack / 'complete.json').exists()
 
 
+def test_an_empty_or_hand_edited_checkpoint_is_one_line(tmp_path, capsys):
+    # An empty checkpoint (a copy that failed, `touch`) made an IndexError traceback in the error handler itself
+    # (torch.load's message is empty), in all three entry points; a "config", "model", "args" or "step" of
+    # another type (edited by hand, another program's file) made AttributeError or TypeError tracebacks.
+    empty = tmp_path / 'empty.pt'
+    empty.write_bytes(b'')
+    with pytest.raises(colorize.UserError, match=r'^checkpoint \S+empty\.pt is an empty file \(0 bytes\); is it '):
+        colorize.load_checkpoint(empty)
+    with pytest.raises(colorize.UserError, match=r'^--init \S+empty\.pt is an empty file \(0 bytes\)'):
+        ft.read_weights(empty)
+    good = {'model': {'w': torch.zeros(1)}, 'config': {'arch': 'alexnet'}, 'args': {}, 'step': 3}
+    for edit, message in [({'config': 'alexnet'}, '"config" is str .alexnet., not a dict'),
+                          ({'model': [torch.zeros(1)]}, '"model" is list, not a dict'),
+                          ({'args': None}, '"args" is NoneType None, not a dict'),
+                          ({'step': '3'}, '"step" is str .3., not an int'),
+                          ({'model': {'w': 1.0}}, '"model" holds other things than tensors')]:
+        torch.save({**good, **edit}, tmp_path / 'edited.pt')
+        with pytest.raises(colorize.UserError, match=r'^\S+edited\.pt is not a checkpoint as the scripts write '
+                                                     r'them: ' + message):
+            colorize.load_checkpoint(tmp_path / 'edited.pt')
+    torch.save(good, tmp_path / 'good.pt')
+    assert colorize.load_checkpoint(tmp_path / 'good.pt')['step'] == 3
+    torch.save({**good, 'config': 'alexnet'}, tmp_path / 'edited.pt')
+    args = argparse.Namespace(init=str(tmp_path / 'edited.pt'), arch=None, width=None, fc_dim=None, seed=0)
+    with pytest.raises(colorize.UserError, match=r'^--init \S+edited\.pt is not a checkpoint as colorize\.py '
+                                                 r'writes them: "config" is str'):
+        ft.initial_trunk(args)
+
+
 def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tmp_path, capsys):
     # A FIFO at checkpoint.pt (or /dev/zero as --init) was reported as missing: "does not exist", right after a
     # fresh run had been refused because that checkpoint.pt exists.
