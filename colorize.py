@@ -1612,8 +1612,15 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
     if resumed_at and path.exists():
         try:
             first = json.loads(path.read_text())
-        except ValueError:
+        except ValueError as e:  # UnicodeDecodeError too
+            first = f'not JSON ({e})'
+        if not isinstance(first, dict) or not isinstance(first.get('resumed', []), list):
+            # Edited by hand or cut short: say so, rather than a traceback or dropping its record without a word.
+            why = first if isinstance(first, str) else 'not the object this script writes'
+            print(f'warning: {path} is {why}: it is written anew, without the first start\'s time, commit and '
+                  'versions', file=sys.stderr)
             first = {}
+        first['resumed'] = [p for p in first.get('resumed', []) if isinstance(p, dict)]
         part = dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                     device_name=info['device_name'], world_size=world)
         # The steps before resumed_at: the last part that started before it (not the latest part,

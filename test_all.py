@@ -2481,6 +2481,19 @@ def test_resume_note_names_the_commit_that_trained_the_steps_before(tmp_path, ca
     assert info['git_commit'] == a and [p['step'] for p in info['resumed']] == [4, 2, 5]
 
 
+def test_resume_with_a_run_json_edited_by_hand_warns_and_writes_it_anew(tmp_path, capsys):
+    # A run.json that held a JSON list (or a "resumed" that is no list) made the resume an AttributeError or
+    # TypeError traceback; one cut short was replaced without a word.
+    args = argparse.Namespace(out=tmp_path)
+    for text, why in [('[1, 2]', 'not the object this script writes'), ('{"resumed": 3}', 'not the object'),
+                      ('{"started": "t0", "git', 'not JSON')]:
+        (tmp_path / 'run.json').write_text(text)
+        colorize.write_run_info(args, torch.device('cpu'), 1, 1, 1, resumed_at=2)
+        err = capsys.readouterr().err
+        assert f'warning: {tmp_path / "run.json"} is {why}' in err and 'written anew' in err, (text, err)
+        assert [p['step'] for p in json.loads((tmp_path / 'run.json').read_text())['resumed']] == [2]
+
+
 def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, monkeypatch):
     """`--out DIR --resume` alone continues the run as it was started (its data, network and
     schedule), not the demo world with default settings; contradicting flags are refused."""
