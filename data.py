@@ -162,7 +162,8 @@ def write_list(txt, paths):
 
 def _read_list(txt):
     base = os.path.dirname(txt)
-    with open(txt, encoding='utf-8', errors='surrogateescape') as f:  # names in other encodings: their bytes
+    # names in other encodings: their bytes; a byte-order mark (a list saved by a Windows editor) is dropped
+    with open(txt, encoding='utf-8-sig', errors='surrogateescape') as f:
         lines = [s.strip() for s in f]
     entries = [s for s in lines if s and not s.startswith('#')]
     if not entries:

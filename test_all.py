@@ -1229,6 +1229,19 @@ def test_find_images_follows_symlinked_folders_once(tmp_path):
     assert os.path.realpath(found[1]) == os.path.realpath(ext)
 
 
+def test_an_image_list_with_a_byte_order_mark_reads_its_first_path(tmp_path):
+    # A .txt list saved by a Windows editor starts with a byte-order mark: its first path became '\ufeff/...',
+    # taken as relative, and the list was refused ('its first entry ... does not exist').
+    root = os.fsencode(tmp_path)
+    names = [b'a.jpg', b'caf\xe9.jpg']  # the second not UTF-8: its bytes must come through as they are
+    for name in names:
+        _write_rgb(os.fsdecode(os.path.join(root, name)), fmt='JPEG')
+    listing = b'\xef\xbb\xbf' + b''.join(os.path.join(root, n) + b'\r\n' for n in names)
+    (tmp_path / 'list.txt').write_bytes(listing)
+    found = data.find_images(tmp_path / 'list.txt', log=_quiet)
+    assert [os.fsencode(p) for p in found] == [os.path.join(root, n) for n in names]
+
+
 def test_find_images_errors(tmp_path):
     with pytest.raises(ValueError, match='does not exist'):
         data.find_images(tmp_path / 'nope', log=lambda s: None)
