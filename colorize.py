@@ -2375,12 +2375,13 @@ def output_names(items, output):
     if earlier:
         print(f'left out {earlier} image(s) under --output {output} (earlier results, not inputs)')
     inputs = {Path(path).resolve() for path, _ in jobs}
-    taken, named, done = set(), [], set()
+    taken, named, done, twice = set(), [], {}, []
     for path, rel in jobs:
         source = Path(path).resolve()
-        if source in done:  # named twice (a file and its folder, say): colorized once
+        if source in done:  # named twice (a file and its folder, a link to another input): colorized once
+            if path != done[source][0]:
+                twice.append((path, *done[source]))
             continue
-        done.add(source)
         target, k = output / rel, 1
         while target in taken:
             k += 1
@@ -2389,6 +2390,11 @@ def output_names(items, output):
             raise UserError(f'--colorize would write over the input image {target}; choose another --output')
         taken.add(target)
         named.append((path, target))
+        done[source] = (path, target)
+    if twice:  # said, so that an output missing for an input name is not a mystery
+        path, first, target = twice[0]
+        print(f'{len(twice)} input name(s) are the same file as another one (a link, or a file given with its '
+              f'folder), colorized once: e.g. {path} is {first}, colorized as {target}')
     return named
 
 

@@ -3286,6 +3286,20 @@ def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
         colorize.output_names([str(single), str(tmp_path / 'empty')], tmp_path / 'out')
 
 
+def test_colorize_says_which_input_names_were_the_same_file(tmp_path, capsys):
+    # A link in a folder to another of its photos: the photo was colorized once, under the name that sorts
+    # first (the link's), and the other name had no output, without a word.
+    photos = tmp_path / 'photos'
+    _write_rgb(photos / 'photo.jpg', fmt='JPEG')
+    os.symlink('photo.jpg', photos / 'link.jpg')
+    jobs = colorize.output_names([str(photos), str(photos / 'photo.jpg')], tmp_path / 'out')
+    assert [(Path(p).name, t.name) for p, t in jobs] == [('link.jpg', 'link.png')]
+    out = capsys.readouterr().out
+    assert (f'2 input name(s) are the same file as another one (a link, or a file given with its folder), '
+            f'colorized once: e.g. {photos / "photo.jpg"} is {photos / "link.jpg"}, colorized as '
+            f'{tmp_path / "out" / "link.png"}') in out, out
+
+
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
     # The README's `--colorize photo.jpg photos/`: a folder given relative to the working directory.
     _write_rgb(tmp_path / 'photos' / 'a' / 'x.jpg', fmt='JPEG')
