@@ -1282,7 +1282,7 @@ def open_run(args, device, world, master, run_lock):
         if str(ckpt['config'].get('objective', 'colorize')).startswith('voc-'):
             raise UserError(f'{resume_path} is a finetune_voc.py checkpoint: continue it with finetune_voc.py '
                             f'--resume {resume_path}')
-        if 'args' not in ckpt or 'optimizer' not in ckpt or 'data' not in ckpt:
+        if not all(isinstance(ckpt.get(k), dict) for k in ('args', 'optimizer', 'data', 'rng')):
             raise UserError(f'{resume_path} is a colorize.py checkpoint without its training state; '
                             f'use it with finetune_voc.py --init or colorize.py --colorize, not --resume')
         resume_settings(args, ckpt, resume_path, world, log=print if master else None)

@@ -1228,6 +1228,9 @@ def read_resume(args):
     ckpt = load_checkpoint(path)  # a folder, a FIFO, a device: read_torch_file says what it is
     if not str(ckpt.get('config', {}).get('objective', '')).startswith('voc-'):
         raise UserError(f'--resume {path} is not a finetune_voc.py checkpoint; pass it as --init instead')
+    if not isinstance(ckpt.get('optimizer'), dict):  # a copy stripped to its weights, say
+        raise UserError(f'--resume {path} is a finetune_voc.py checkpoint without its training state (its optimizer): '
+                        f'it cannot be continued')
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, must_exist=('init', 'voc_root'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)

@@ -6714,6 +6714,20 @@ def test_an_empty_or_hand_edited_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(colorize.UserError, match=r'^--init \S+edited\.pt is not a checkpoint as colorize\.py '
                                                  r'writes them: "config" is str'):
         ft.initial_trunk(args)
+    # Resumed without its training state (a copy stripped to its weights, or a field edited to null): a KeyError,
+    # TypeError or AttributeError traceback before; now the line that says it cannot be continued.
+    run = tmp_path / 'run'
+    run.mkdir()
+    state = dict(good, optimizer={}, data={}, rng={})
+    for field in ('rng', 'optimizer', 'data'):
+        for edit in ({field: None}, {k: v for k, v in state.items() if k != field}):
+            torch.save({**state, **edit} if field in edit else edit, run / 'checkpoint.pt')
+            assert colorize.main(['--out', str(run), '--resume', '--device', 'cpu']) == 2
+            assert 'is a colorize.py checkpoint without its training state' in capsys.readouterr().err, field
+    torch.save(dict(good, config={'objective': 'voc-cls'}, optimizer=None), run / 'checkpoint.pt')
+    with pytest.raises(colorize.UserError, match=r'finetune_voc\.py checkpoint without its training state \(its '
+                                                 r'optimizer\): it cannot be continued'):
+        ft.read_resume(argparse.Namespace(out=run, resume='auto'))
 
 
 def test_a_checkpoint_path_that_is_a_fifo_or_device_is_named_as_such(folders, tmp_path, capsys):
