@@ -238,16 +238,18 @@ def _load_cache(path, root, log):
             cache = json.load(f)
         if cache.get('version') != _CACHE_VERSION or cache.get('root') != root:
             return None
-    except (OSError, ValueError) as e:
-        log(f'ignoring unreadable image cache {path} ({e}); rescanning {root}')
+        dirs = [(os.path.join(root, d), mtime) for d, mtime in cache['dirs']]
+        files = [os.path.join(root, p) for p in cache['files']]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or edited by hand
+        log(f'ignoring unreadable image cache {path} ({type(e).__name__}: {e}); rescanning {root}')
         return None
-    for d, mtime in cache['dirs']:
+    for d, mtime in dirs:
         try:
-            if os.stat(os.path.join(root, d)).st_mtime_ns != mtime:
+            if os.stat(d).st_mtime_ns != mtime:
                 return None
-        except OSError:
+        except (OSError, TypeError, ValueError):
             return None
-    return [os.path.join(root, p) for p in cache['files']]
+    return files
 
 
 def _scan_cached(root, cache_dir, log):

@@ -1256,6 +1256,25 @@ def test_find_images_errors(tmp_path):
         data.find_images(bad_list, log=lambda s: None)
 
 
+def test_a_listing_cache_edited_by_hand_is_rescanned_with_a_line(tmp_path):
+    # A listing cache whose JSON is whole but not as written (a field missing or of another type) made a KeyError,
+    # TypeError or AttributeError traceback; the cache is only a shortcut, so the folder is scanned again.
+    root, cache = tmp_path / 'imgs', tmp_path / 'cache'
+    for name in ('a.jpg', 'b.png'):
+        _write_rgb(root / name, fmt='JPEG' if name.endswith('jpg') else 'PNG')
+    expected = [str(root / 'a.jpg'), str(root / 'b.png')]
+    os.utime(root, ns=(0, 0))  # not changed just now: the listing is cached
+    assert data.find_images(root, cache_dir=cache, log=_quiet) == expected
+    (path,) = cache.glob('images-*.json')
+    written = json.loads(path.read_text())
+    for edited in [[1], {k: v for k, v in written.items() if k != 'dirs'}, {**written, 'files': 3},
+                   {**written, 'dirs': [[1, 2]]}]:
+        path.write_text(json.dumps(edited))
+        lines = []
+        assert data.find_images(root, cache_dir=cache, log=lines.append) == expected
+        assert any(line.startswith(f'ignoring unreadable image cache {path}') for line in lines), (edited, lines)
+
+
 def test_find_images_cache_reused_then_invalidated(tmp_path, monkeypatch):
     root = tmp_path / 'imgs'
     files = [_write_rgb(root / 'a' / 'deep' / f'{i}.jpg', fmt='JPEG') for i in range(3)]
