@@ -636,8 +636,8 @@ class ColorImages(torch.utils.data.Dataset):
             raise TypeError('ColorImages(train=True) takes (index, sample_seed) pairs; feed it '
                             'from InfiniteSampler (DataLoader(..., sampler=InfiniteSampler(...)))')
         path = self.path(int(index))
-        entry = packed_entry(path)
         try:
+            entry = _packed_entry_or_bad(path)
             # Decode at least as large as the largest short side the augmentation asks for.
             if entry is None:
                 rgb, gray = load_rgb(path, min_short_side=self.hi), None
@@ -657,6 +657,15 @@ class ColorImages(torch.utils.data.Dataset):
         else:
             out = center_crop(rgb, self.crop, self.lo)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), status
+
+
+def _packed_entry_or_bad(path):
+    """packed_entry(path), its ValueError a BadImage: a pack made again or damaged since the run listed it
+    (seen by a loader process that opens it afresh) gives unreadable images, counted, not a traceback."""
+    try:
+        return packed_entry(path)
+    except ValueError as e:
+        raise BadImage(path, str(e)) from None
 
 
 _MASK64 = (1 << 64) - 1

@@ -6678,6 +6678,24 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
     data._OPEN_PACKS.clear()
 
 
+def test_a_pack_damaged_after_the_run_listed_it_gives_bad_images_not_a_traceback(tmp_path, capsys):
+    # A loader process opens the pack afresh: once it was cut short (or made again) after the run listed it, the
+    # ValueError of opening it came out of the worker as a traceback; now each image is a counted bad image.
+    root = tmp_path / 'src'
+    for i in range(2):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
+    pack = tmp_path / 'pack'
+    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    images = data.ColorImages(data.pack_paths(pack), 32, (32, 32), train=False)
+    os.truncate(pack / 'names.bin', 10)
+    data._OPEN_PACKS.clear()  # as in a loader process that opens the pack now
+    capsys.readouterr()
+    assert images[(1, 0)][1] == data.STATUS_BAD
+    assert re.search(r'warning: bad image \S+01\.jpg \(pack \S+ is damaged: \S+names\.bin holds 10 bytes',
+                     capsys.readouterr().err)
+    data._OPEN_PACKS.clear()
+
+
 def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
     # An unfinished pack copied in part, or its progress.json edited, gave tracebacks when `pack` went on
     # (KeyError, FileNotFoundError) or numpy's words alone ('EOF: reading array header').
