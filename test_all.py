@@ -540,7 +540,12 @@ def one_thread():
 
 def _live_children():
     """This process's children that have not exited (Linux; elsewhere none are seen): {pid: command}."""
-    pids = [c for f in Path('/proc/self/task').glob('*/children') for c in f.read_text().split()]
+    pids = []
+    for f in Path('/proc/self/task').glob('*/children'):
+        try:
+            pids += f.read_text().split()
+        except OSError:
+            continue  # a thread that ended between the listing and the read
     live = {}
     for pid in pids:
         try:
