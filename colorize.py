@@ -1557,16 +1557,21 @@ def _train(args, run_lock):
 
 
 def check_bad_share(counter, args, world, device):
-    """Stop the run (every rank at the same step) when too many images are unreadable."""
-    seen, bad = counter.seen, counter.bad
+    """Stop the run (every rank at the same step) when too many images are unreadable, or when none
+    of the first 100 or more could be trained on (all unreadable or grayscale: zero weight)."""
+    seen, bad, gray = counter.seen, counter.bad, counter.gray
     if world > 1:
-        both = torch.tensor([seen, bad], dtype=torch.float64, device=device)
-        dist.all_reduce(both)
-        seen, bad = (int(v) for v in both.tolist())
+        counts = torch.tensor([seen, bad, gray], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        seen, bad, gray = (int(v) for v in counts.tolist())
     if data.bad_share_exceeded(bad, seen, args.max_bad_share, min_seen=100):
         raise UserError(f'{bad} of {seen} images trained on so far were unreadable (more than '
                         f'--max-bad-share {args.max_bad_share}); see the warnings above for the files (the loader '
                         f'reads ahead, so they can name a few more)')
+    if seen >= 100 and bad + gray == seen:  # the loss has had zero weight at every step: nothing is learned
+        raise UserError(f'none of the {seen} images trained on so far could be read: check --data' if not gray else
+                        f'none of the {seen} images trained on so far had colour ({gray} grayscale, {bad} '
+                        f'unreadable), and colorization learns only from colour photos: check --data')
 
 
 def evaluate_and_show(model, val, args, device, log, step):

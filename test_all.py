@@ -2768,6 +2768,16 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     assert colorize.main(tiny_args(train, val, tmp_path / 'run3', '--steps', '120', '--log-every', '1000',
                                    '--eval-every', '1000', '--max-bad-share', '0.01', '--batch-size', '12')) == 2
     assert 'of 120 images trained on so far' in capsys.readouterr().err
+    # Grayscale photos only (a folder of gray copies, say): zero weight at every step, so the run
+    # stops at step 10 (batch 12: 120 images read), whatever --max-bad-share allows.
+    gray = tmp_path / 'gray'
+    gray.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((40, 40, 3), 10 * i, np.uint8)).save(gray / f'g{i}.png')
+    assert colorize.main(tiny_args(gray, val, tmp_path / 'run4', '--steps', '120', '--log-every', '1000',
+                                   '--eval-every', '1000', '--batch-size', '12')) == 2
+    err = capsys.readouterr().err
+    assert 'none of the 120 images trained on so far had colour (120 grayscale, 0 unreadable)' in err
 
 
 def _free_port():
