@@ -3780,7 +3780,8 @@ def test_finetune_resume_with_other_steps_says_when_the_learning_rate_moves(tmp_
     resumed to 1600 trains step 801 at 1e-3 x 0.5^4 where it had 1e-3 x 0.5^7."""
     first = ft.fill_defaults(ft.parse_args(['--init', 'random', '--steps', '800']), torch.device('cpu'))
     path = tmp_path / 'checkpoint.pt'
-    torch.save(dict(model={}, config=dict(objective='voc-cls'), args=colorize.plain_args(first), step=800), path)
+    torch.save(dict(model={}, optimizer={}, config=dict(objective='voc-cls'), args=colorize.plain_args(first),
+                    step=800), path)
     args = ft.parse_args(['--resume', str(path), '--steps', '1600'])
     args.git_commit = None  # as _run sets it
     ft.read_resume(args)
