@@ -298,9 +298,9 @@ def fill_defaults(args, device, world):
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:  # decoding JPEGs is what usually starves a GPU: give it the node's cores
         args.workers = max(1, min(16, cores - 1)) if device.type == 'cuda' else 1
-    args.log_every = args.log_every or max(1, args.steps // 50)
-    args.eval_every = args.eval_every or max(1, args.steps // 5)
-    args.save_every = args.save_every or args.eval_every
+    if getattr(args, 'derived_from_steps', None) is None:  # a fresh run; resume_intervals sets a resumed one's
+        args.derived_from_steps = [name for name in STEP_INTERVALS if getattr(args, name) is None]
+    derive_intervals(args)
     args.out = args.out or default_out(args)
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
@@ -346,6 +346,45 @@ def fill_defaults(args, device, world):
             print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
                   f'nothing here', file=sys.stderr)
     return args
+
+
+# The intervals that fill_defaults derives from --steps. A run records those that its first start did not
+# type (args.derived_from_steps, saved with its args), so that a resume with another --steps derives
+# them anew (resume_intervals). --keep-every has no default of --steps; --warmup (2% of --steps) is kept
+# as the run had it: the warm-up it ran, which a longer --steps would restart part way.
+STEP_INTERVALS = ('log_every', 'eval_every', 'save_every')
+
+
+def derive_intervals(args):
+    """Fill the STEP_INTERVALS that are None from args.steps: ~50 progress lines, ~5 evaluations, a
+    checkpoint at each evaluation."""
+    if args.log_every is None:
+        args.log_every = max(1, args.steps // 50)
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 5)
+    if args.save_every is None:
+        args.save_every = args.eval_every
+
+
+def resume_intervals(args, saved, intervals, derive, log):
+    """--resume (both scripts; after merge_resumed_args): the `intervals` that the run's first start
+    derived from --steps (saved['derived_from_steps']) and this command does not type are derived anew
+    by `derive` when --steps changed, with a line to `log` (None: quiet); a 100-step run resumed to
+    2000 evaluated every 20 steps before. Typed ones, then or now, are kept. A checkpoint without the
+    record (before 2026-11-27) keeps its intervals, as then; the same --steps keeps them (exact)."""
+    record = saved.get('derived_from_steps')
+    args.derived_from_steps = ([name for name in record if name in intervals and name not in args.typed_flags]
+                               if isinstance(record, list) else [])
+    if saved.get('steps') == args.steps or not args.derived_from_steps:
+        return
+    was = {name: getattr(args, name) for name in args.derived_from_steps}
+    for name in was:
+        setattr(args, name, None)
+    derive(args)
+    if log and any(getattr(args, name) != value for name, value in was.items()):
+        log(f'--steps {args.steps}: ' + ', '.join(f'{flag_name(name)} {getattr(args, name)}' for name in was)
+            + f' (derived from --steps, where the run had {", ".join(str(v) for v in was.values())}; type them '
+            f'to keep those)')
 
 
 def refuse_milestones_outside(milestones):
@@ -461,6 +500,7 @@ def resume_settings(args, ckpt, path, world, log=print):
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS)
     merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, log, must_exist=('data', 'val_data'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
+    resume_intervals(args, saved, STEP_INTERVALS, derive_intervals, log)
     note_moved_lr(args, saved, ckpt['step'], lr_at, log)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '

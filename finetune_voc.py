@@ -53,8 +53,8 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, note_moved_lr, note_other_commit, parameter_groups, peak_memory_gb,
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_milestones_outside,
-                      refuse_to_overwrite, remove_if_unused, resume_flags, rng_state, setup_device, step_seed,
-                      stop_status, trim_log, trunk_kwargs, worker_options)
+                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device,
+                      step_seed, stop_status, trim_log, trunk_kwargs, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -232,8 +232,12 @@ def fill_defaults(args, device):
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:
         args.workers = min(8, data.usable_cores()) if device.type == 'cuda' else 1
-    args.log_every = args.log_every or max(1, args.steps // 50)
-    args.save_every = args.save_every or max(1, args.steps // 10)
+    for name in STEP_INTERVALS:  # before they are derived: a typed 0 was taken as not given
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f'{flag_name(name)} must be positive, got {getattr(args, name)}')
+    if getattr(args, 'derived_from_steps', None) is None:  # a fresh run; resume_intervals sets a resumed one's
+        args.derived_from_steps = [name for name in STEP_INTERVALS if getattr(args, name) is None]
+    derive_intervals(args)
     for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
@@ -261,6 +265,18 @@ def fill_defaults(args, device):
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
     return args
+
+
+# The intervals that fill_defaults derives from --steps (recorded as in colorize.py, STEP_INTERVALS there).
+STEP_INTERVALS = ('log_every', 'save_every')
+
+
+def derive_intervals(args):
+    """Fill the STEP_INTERVALS that are None from args.steps: ~50 progress lines, ~10 checkpoints."""
+    if args.log_every is None:
+        args.log_every = max(1, args.steps // 50)
+    if args.save_every is None:
+        args.save_every = max(1, args.steps // 10)
 
 
 def unread_training_flags(args):
@@ -1234,6 +1250,7 @@ def read_resume(args):
     saved = absolute_paths({**LEGACY_ARGS, **ckpt['args']}, PATH_FLAGS, keywords=('random',))
     changed = merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, must_exist=('init', 'voc_root'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
+    resume_intervals(args, saved, STEP_INTERVALS, derive_intervals, print)
     note_moved_lr(args, saved, ckpt['step'], lr_at, print)
     # The commit that trained the steps before this one (None: a checkpoint from before 2026-11-27 did
     # not say): results.json's git_commit is only the last part's, and a git pull may come between.

@@ -3789,6 +3789,50 @@ def test_finetune_resume_with_other_steps_says_when_the_learning_rate_moves(tmp_
             f'(--lr-milestones are fractions of --steps 1600)') in capsys.readouterr().out
 
 
+def test_resume_with_other_steps_derives_the_intervals_that_were_not_typed(tmp_path, capsys):
+    """A 100-step run resumed to 2000 kept the intervals derived from 100 (an evaluation every 20 steps, a
+    progress line every 2): those the first start did not type are derived anew (2000 / 50, 2000 / 5), with
+    a line; typed ones (then or now) stay, and the same --steps, or a checkpoint without the record, keeps
+    the saved ones. finetune_voc.py likewise (2000 / 50, 2000 / 10)."""
+    cpu, path, lines = torch.device('cpu'), Path('run/checkpoint.pt'), []
+    first = colorize.fill_defaults(colorize.parse_args(['--steps', '100', '--save-every', '10']), cpu, 1)
+    assert (first.log_every, first.eval_every, first.save_every) == (2, 20, 10)
+    ckpt = dict(args=colorize.plain_args(first), step=100)
+
+    def resumed(argv, ckpt=ckpt):
+        args = colorize.parse_args(argv)
+        colorize.resume_settings(args, ckpt, path, 1, log=lines.append)
+        return colorize.fill_defaults(args, cpu, 1)
+    args = resumed(['--steps', '2000'])
+    assert (args.log_every, args.eval_every, args.save_every) == (40, 400, 10)
+    assert ('--steps 2000: --log-every 40, --eval-every 400 (derived from --steps, where the run had 2, 20; type '
+            'them to keep those)') in lines
+    args = resumed(['--steps', '2000', '--eval-every', '50'])  # typed now: it wins, and stays typed
+    assert (args.log_every, args.eval_every, args.save_every) == (40, 50, 10)
+    again = resumed(['--steps', '3000'], dict(args=colorize.plain_args(args), step=2000))
+    assert (again.log_every, again.eval_every, again.save_every) == (60, 50, 10)
+    lines.clear()
+    args = resumed(['--steps', '100'])  # the same --steps: the run's own (exact resume), no line
+    assert (args.log_every, args.eval_every, args.save_every) == (2, 20, 10)
+    legacy = {k: v for k, v in colorize.plain_args(first).items() if k != 'derived_from_steps'}
+    args = resumed(['--steps', '2000'], dict(args=legacy, step=100))
+    assert (args.log_every, args.eval_every, args.save_every) == (2, 20, 10)
+    assert not any('derived from --steps' in line for line in lines)
+    first = ft.fill_defaults(ft.parse_args(['--init', 'random', '--steps', '100', '--log-every', '5']), cpu)
+    assert (first.log_every, first.save_every) == (5, 10)
+    torch.save(dict(model={}, optimizer={}, config=dict(objective='voc-cls'), args=colorize.plain_args(first),
+                    step=100), tmp_path / 'checkpoint.pt')
+    args = ft.parse_args(['--resume', str(tmp_path / 'checkpoint.pt'), '--steps', '2000'])
+    args.git_commit = None  # as _run sets it
+    ft.read_resume(args)
+    ft.fill_defaults(args, cpu)
+    assert (args.log_every, args.save_every) == (5, 200)
+    assert ('--steps 2000: --save-every 200 (derived from --steps, where the run had 10; type them to keep '
+            'those)') in capsys.readouterr().out
+    with pytest.raises(ft.UserError, match='--log-every must be positive, got 0'):  # it was taken as not given
+        ft.fill_defaults(ft.parse_args(['--log-every', '0']), cpu)
+
+
 def test_paper_defaults():
     args = colorize.parse_args([])
     assert (args.target_window, args.loss, args.momentum, args.weight_decay) == (7, 'huechroma', 0.9, 5e-4)
