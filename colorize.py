@@ -193,9 +193,10 @@ def parse_args(argv=None):
                         'compiled and eager; the same trunk as a classifier as baseline) and/or colorizing a '
                         '1-megapixel photo (at --net-short-side and at its own size); default: all; '
                         'loader: only the colorizer through the real loader, and the loader alone')
-    p.add_argument('--bench-warmup', type=int, default=10, help='--benchmark: untimed steps, compilation '
-                   'included (default %(default)s)')
-    p.add_argument('--bench-steps', type=int, default=20, help='--benchmark: timed steps (default %(default)s)')
+    p.add_argument('--bench-warmup', type=int, help='--benchmark: untimed steps, compilation included, and '
+                   'untimed calls of --benchmark colorize (default 10 steps, 1 call)')
+    p.add_argument('--bench-steps', type=int, help='--benchmark: timed steps, and timed calls of --benchmark '
+                   'colorize, which gives their median (default 20 steps; 10 calls on a GPU, 3 on a CPU)')
     p.add_argument('--bench-profile', action='store_true',
                    help='--benchmark: also profile the training steps (torch.profiler): where the time goes, by '
                         'kernel family, and the longest kernels, in OUT/profile-*.txt; and time the colorizer with '
@@ -423,8 +424,9 @@ BENCHMARK_FLAGS = BENCH_ONLY_FLAGS | {
     'net_short_side', 'arch', 'loss', 'data', 'demo_root', 'subset', 'batch_size', 'crop', 'short_side', 'points',
     'border', 'target_window', 'lightness_weight', 'fc_dropout', 'width', 'fc_dim', 'device', 'compile', 'seed',
     'workers', 'handover', 'out', 'momentum', 'weight_decay'}
-BENCHMARK_COLORIZE_FLAGS = frozenset({'benchmark', 'bench_photo', 'net_short_side', 'arch', 'loss', 'width', 'fc_dim',
-                                      'fc_dropout', 'seed', 'crop', 'short_side', 'device', 'out'})
+BENCHMARK_COLORIZE_FLAGS = frozenset({'benchmark', 'bench_photo', 'bench_warmup', 'bench_steps', 'net_short_side',
+                                      'arch', 'loss', 'width', 'fc_dim', 'fc_dropout', 'seed', 'crop', 'short_side',
+                                      'device', 'out'})
 BENCHMARK_KIND_FLAGS = {'all': BENCHMARK_FLAGS, 'train': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side'},
                         'loader': BENCHMARK_FLAGS - {'bench_photo', 'net_short_side', 'bench_profile'},
                         'colorize': BENCHMARK_COLORIZE_FLAGS}
@@ -2095,8 +2097,21 @@ def _repeat(batch):
         yield batch
 
 
+def bench_counts(args, device, colorizing=False):
+    """(untimed, timed) repeats of a --benchmark part: --bench-warmup and --bench-steps where given,
+    else the part's own defaults: 10 and 20 training steps; 1 and 10 (a GPU) or 3 (a CPU) calls of
+    colorize_array, a whole photo each."""
+    default = (1, 10 if device.type == 'cuda' else 3) if colorizing else (10, 20)
+    return (default[0] if args.bench_warmup is None else args.bench_warmup,
+            default[1] if args.bench_steps is None else args.bench_steps)
+
+
 def benchmark(args):
     """`--benchmark`: training throughput and/or colorizing speed; writes OUT/benchmark.json."""
+    if args.bench_warmup is not None and args.bench_warmup < 0:
+        raise UserError(f'--bench-warmup must be at least 0, got {args.bench_warmup}')
+    if args.bench_steps is not None and args.bench_steps < 1:
+        raise UserError(f'--bench-steps must be at least 1, got {args.bench_steps}')
     device, rank, world, _ = setup_device(args)
     args.objective = 'colorize'  # the classifier baseline is built from the same trunk
     fill_defaults(args, device, world)
@@ -2121,7 +2136,7 @@ def benchmark(args):
 def benchmark_training(args, device, rank, world):
     """Training img/s on synthetic device-resident data (compiled and eager, colorizer and the same
     trunk as a classifier), then end to end through the real loader. Returns the table's rows."""
-    B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
+    B, (warmup, iters) = args.batch_size, bench_counts(args, device)
     print(f'training steps: batch {B}, crop {args.crop}, {args.points} points')
     gen = torch.Generator().manual_seed(0)
     # All on the device: a copy from pageable host memory would wait for the GPU at every step.
@@ -2157,7 +2172,7 @@ def benchmark_training(args, device, rank, world):
             if profiling:
                 rows[-1]['profile'] = profile_steps(step, batch, device, 1000 * seconds,
                                                     args.out / f'profile-{name}.txt',
-                                                    steps=min(5, args.bench_steps))
+                                                    steps=min(5, iters))
             del net, fast, opt
     rows += benchmark_loader(args, device, rank, world, flops=rows[0]['gflops_per_img'] * 1e9)
     ratio = rows[0]['tflops'] / rows[1]['tflops']
@@ -2169,7 +2184,7 @@ def benchmark_training(args, device, rank, world):
 def benchmark_loader(args, device, rank, world, flops=None):
     """The colorizer's training steps end to end, fed by the real loader (folders, a pack, or the
     demo), then the loader alone: two rows. `flops` per image: counted here unless given."""
-    B, warmup, iters = args.batch_size, args.bench_warmup, args.bench_steps
+    B, (warmup, iters) = args.batch_size, bench_counts(args, device)
     train_paths = take_subset(args, image_sources(args, rank == 0, hold_out=False)[0])
     torch.manual_seed(args.seed)
     net = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
@@ -2223,7 +2238,8 @@ def benchmark_colorize(args, device, size):
     """Wall-clock seconds of colorize_array on a random (H, W) = `size` photo (uint8 in host memory to
     uint8 in host memory), for an untrained model of these args with BatchNorm folded, as
     `--colorize` runs it: at --net-short-side (default: the middle of --short-side) and at the
-    photo's own size. Median of a few calls after one warm-up call. Returns the rows."""
+    photo's own size. The median of --bench-steps calls after --bench-warmup untimed ones (bench_counts).
+    Returns the rows."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.backends.cudnn.benchmark = False  # as in --colorize, where every photo size is new
     torch.manual_seed(args.seed)
@@ -2231,15 +2247,16 @@ def benchmark_colorize(args, device, size):
     model = model.to(memory_format=torch.channels_last)
     photo = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
     side = network_short_side(args.net_short_side, args.short_side)
-    rows = []
+    rows, (warmup, calls) = [], bench_counts(args, device, colorizing=True)
     n = 8192 if device.type == 'cuda' else 2048
     peak = _matmul_tflops(device, n)
     precision = 'bf16' if device.type == 'cuda' else 'float32'
     print(f'reference: a {n}x{n} matmul ({precision}) runs at {peak:.3g} TFLOP/s here')
     for short_side in dict.fromkeys([side, 0]):  # once if they are the same
-        colorize_array(model, photo, args.loss, device, short_side)  # warm-up (allocator, lazy init)
+        for _ in range(warmup):  # the allocator, lazy init
+            colorize_array(model, photo, args.loss, device, short_side)
         times = []
-        for _ in range(10 if device.type == 'cuda' else 3):
+        for _ in range(calls):
             start = time.perf_counter()
             colorize_array(model, photo, args.loss, device, short_side)  # ends on the host: synced
             times.append(time.perf_counter() - start)
@@ -2247,10 +2264,11 @@ def benchmark_colorize(args, device, size):
         with counter:
             colorize_array(model, photo, args.loss, device, short_side)
         rows.append(dict(photo=f'{size[1]}x{size[0]}', net_short_side=short_side, seconds=float(np.median(times)),
-                         gflops=counter.get_total_flops() / 1e9, matmul_tflops=peak))
+                         calls=calls, warmup_calls=warmup, gflops=counter.get_total_flops() / 1e9,
+                         matmul_tflops=peak))
         r = rows[-1]
         print(f'colorize a {r["photo"]} photo, network at short side {short_side or "(own size)"}: '
-              f'{1000 * r["seconds"]:.0f} ms ({r["gflops"]:.0f} GFLOP, '
+              f'{1000 * r["seconds"]:.0f} ms (median of {calls} calls; {r["gflops"]:.0f} GFLOP, '
               f'{r["gflops"] / r["seconds"] / 1000:.3g} TFLOP/s)',
               flush=True)
     return rows

@@ -3595,8 +3595,8 @@ def test_flags_that_the_mode_does_not_read_are_refused(capsys, tmp_path):
     # that the kind does not read.
     args = colorize.parse_args(['--benchmark', 'colorize', '--batch-size', '4', '--bench-steps', '2', '--crop', '32'])
     assert colorize.unread_flags_problem(args) is None
-    assert capsys.readouterr().err == ('warning: --benchmark colorize does not read --batch-size, --bench-steps '
-                                       '(other kinds of --benchmark do)\n')
+    assert capsys.readouterr().err == ('warning: --benchmark colorize does not read --batch-size (other kinds of '
+                                       '--benchmark do)\n')
     args = colorize.parse_args(['--benchmark', 'loader', '--bench-profile', '--bench-photo', '6', '8'])
     assert colorize.unread_flags_problem(args) is None
     assert '--bench-photo, --bench-profile' in capsys.readouterr().err
@@ -3919,6 +3919,32 @@ def test_training_under_bf16_autocast(folders, tmp_path, monkeypatch, loss):
     assert all(math.isfinite(e['loss']) for e in log) and [e['step'] for e in log if e.get('eval')] == [0, 4]
     state = _state(out / 'checkpoint.pt')['model']
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_benchmark_colorize_times_bench_steps_calls_after_bench_warmup_calls(tmp_path, monkeypatch, capsys):
+    """--benchmark colorize timed 3 calls (10 on a GPU) after 1 warm-up call whatever --bench-steps and
+    --bench-warmup said, with a warning that it did not read them: it reads them, and those counts stay its
+    defaults. Each network short side gets the warm-up calls, the timed calls, then one call counting FLOPs."""
+    monkeypatch.setattr(colorize, '_matmul_tflops', lambda device, n: 1.0)  # the roof, read by nothing here
+    colorize_array, sides = colorize.colorize_array, []
+
+    def counted(model, photo, loss, device, short_side):
+        sides.append(short_side)
+        return colorize_array(model, photo, loss, device, short_side)
+    monkeypatch.setattr(colorize, 'colorize_array', counted)
+    tiny = ['--benchmark', 'colorize', '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--short-side', '32',
+            '40', '--bench-photo', '36', '48', '--out', str(tmp_path), '--device', 'cpu']
+    assert colorize.main(tiny + ['--bench-warmup', '0', '--bench-steps', '2']) == 0
+    assert sides == [36] * (0 + 2 + 1) + [0] * (0 + 2 + 1)  # at --net-short-side (the middle, 36), at its own
+    rows = json.loads((tmp_path / 'benchmark.json').read_text())['colorize']
+    assert [(r['calls'], r['warmup_calls']) for r in rows] == [(2, 0), (2, 0)]
+    assert 'does not read' not in capsys.readouterr().err
+    args = colorize.parse_args(tiny)  # untyped: today's counts, which the calls above show bench_counts to rule
+    assert [colorize.bench_counts(args, torch.device(d), colorizing=True) for d in ('cpu', 'cuda')] == [(1, 3), (1, 10)]
+    assert colorize.bench_counts(args, torch.device('cuda')) == (10, 20)  # training steps'
+    for flag, value in (('--bench-steps', '0'), ('--bench-warmup', '-1')):
+        assert colorize.main(tiny + [flag, value]) == 2
+        assert f'{flag} must be at least' in capsys.readouterr().err
 
 
 def test_benchmark_mode_tiny(folders, tmp_path, monkeypatch, capsys):
