@@ -11,7 +11,7 @@ Training reads uint8 crops from Pillow workers and does all float work on the de
 the lightness input, P random pixels per image (sparse hypercolumns) and their 7x7 histogram
 targets. On CUDA: bf16 autocast, torch.compile, channels_last, TF32. On a CPU: float32, eager,
 and smaller defaults so the demo finishes in minutes. A run writes to --out: checkpoint.pt
-(atomic, resumable exactly), log.jsonl, run.json and samples/step_*.png (gray | colour | truth).
+(atomic, resumable exactly), log.jsonl, run.json and samples/step_NNNNNNN.png (gray | colour | truth).
 SIGTERM or SIGUSR1 (a scheduler's notice) saves a checkpoint after the current step and stops.
 """
 import argparse
@@ -302,6 +302,8 @@ def fill_defaults(args, device, world):
     if getattr(args, 'derived_from_steps', None) is None:  # a fresh run; resume_intervals sets a resumed one's
         args.derived_from_steps = [name for name in STEP_INTERVALS if getattr(args, name) is None]
     derive_intervals(args)
+    if getattr(args, 'sample_digits', None) is None:  # a fresh run; resume_settings sets a resumed one's
+        args.sample_digits = max(SAMPLE_DIGITS, len(str(args.steps)))
     args.out = args.out or default_out(args)
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
@@ -503,11 +505,31 @@ def resume_settings(args, ckpt, path, world, log=print):
     merge_resumed_args(args, saved, RUN_FLAGS, SCHEDULE_FLAGS, path, log, must_exist=('data', 'val_data'))
     refuse_fewer_steps(args.steps, ckpt['step'], path)
     resume_intervals(args, saved, STEP_INTERVALS, derive_intervals, log)
+    resume_sample_digits(args, saved, path, log)
     note_moved_lr(args, saved, ckpt['step'], lr_at, log)
     if ckpt.get('world', world) != world:
         raise UserError(f'{path} was trained by {ckpt["world"]} processes, this is {world}: the data order and '
                         f'the global batch depend on it; resume with torchrun --nproc_per_node={ckpt["world"]} '
                         f'(or the same total over nodes)')
+
+
+# The digits of the step in the sample grids' names (samples/step_NNNNNNN.png), as in kept checkpoints'
+# (kept_path): more if the first start's --steps has more. Fixed for the run (args.sample_digits), so
+# that its grids sort by name in step order; a run from before 2026-11-27 (no record) keeps its 6.
+SAMPLE_DIGITS = 7
+
+
+def resume_sample_digits(args, saved, path, log):
+    """--resume: the run's width of the sample grids' step (SAMPLE_DIGITS; 6 before the record), with a
+    warning to `log` when --steps outgrows it (the names of the later grids would sort out of order)."""
+    digits = args.sample_digits = saved.get('sample_digits', 6)
+    if not isinstance(digits, int) or isinstance(digits, bool) or digits < 1:
+        raise UserError(f'{path}: its args\' sample_digits is {digits!r}, not a number of digits (edited by '
+                        f'hand?); set it to the digits of its sample grids\' names')
+    if log and len(str(args.steps)) > digits and args.objective == 'colorize':
+        log(f'warning: --steps {args.steps} has more digits than the names of this run\'s sample grids '
+            f'(samples/step_{0:0{digits}d}.png): from step {10 ** digits} on, they sort out of step order by '
+            f'name (step_{10 ** digits}.png before step_{2 * 10 ** (digits - 1)}.png)')
 
 
 def note_moved_lr(args, saved, step, lr_at, log):
@@ -1626,7 +1648,7 @@ def evaluate_and_show(model, val, args, device, log, step):
         print(f'eval step {step}: val loss {metrics["loss"]:.4f} | PSNR {metrics["psnr"]:.2f} dB '
               f'(gray {metrics["psnr_gray"]:.2f}) | ab RMSE {metrics["ab_rmse"]:.2f} '
               f'(gray {metrics["ab_rmse_gray"]:.2f})', flush=True)
-        write_grid(model, val[:8], args, device, args.out / 'samples' / f'step_{step:06d}.png')
+        write_grid(model, val[:8], args, device, args.out / 'samples' / f'step_{step:0{args.sample_digits}d}.png')
     log_line(log, dict(eval=True, step=step, **metrics))
 
 

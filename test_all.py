@@ -2335,7 +2335,7 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     said = capsys.readouterr()
     assert 'training loss is nan at step 3' in said.err and 'eval step 3' not in said.out
     assert [e['step'] for e in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if e.get('eval')] == [0]
-    assert (out / 'samples' / 'step_000000.png').exists() and not (out / 'samples' / 'step_000003.png').exists()
+    assert (out / 'samples' / 'step_0000000.png').exists() and not (out / 'samples' / 'step_0000003.png').exists()
     assert not (out / 'checkpoint.pt').exists()
     calls.clear()
 
@@ -2372,7 +2372,7 @@ def test_training_writes_run_folder_and_learns(folders, tmp_path, capsys):
     assert {'loss', 'chroma', 'hue', 'lr', 'img_per_s'} <= set(log[1])
     run = json.loads((out / 'run.json').read_text())
     assert run['torch'] == torch.__version__ and run['args']['arch'] == 'vgg16'
-    with Image.open(out / 'samples' / 'step_000012.png') as grid:
+    with Image.open(out / 'samples' / 'step_0000012.png') as grid:
         assert grid.size == (3 * 32, 6 * 32)  # gray | prediction | truth, one row per held-out image
     ckpt = _state(out / 'checkpoint.pt')
     assert ckpt['step'] == 12 and ckpt['config']['arch'] == 'vgg16'
@@ -3831,6 +3831,33 @@ def test_resume_with_other_steps_derives_the_intervals_that_were_not_typed(tmp_p
             'those)') in capsys.readouterr().out
     with pytest.raises(ft.UserError, match='--log-every must be positive, got 0'):  # it was taken as not given
         ft.fill_defaults(ft.parse_args(['--log-every', '0']), cpu)
+
+
+def test_sample_grid_names_sort_in_step_order_within_a_run(capsys):
+    """Sample grids were samples/step_%06d.png: a run of more than 999,999 steps (the paper's 16M images at batch
+    8: 2M steps) named step_1000000.png, which sorts before step_200000.png. The width is now the kept
+    checkpoints' 7 digits, or those of the first start's --steps when more, kept by every resume (mixed
+    widths would sort wrongly too); a run from before (no record) keeps its 6, with a warning when --steps
+    outgrows them."""
+    cpu, path, lines = torch.device('cpu'), Path('run/checkpoint.pt'), []
+    first = colorize.fill_defaults(colorize.parse_args(['--steps', '100']), cpu, 1)
+    huge = colorize.fill_defaults(colorize.parse_args(['--steps', '20000000']), cpu, 1)
+    assert (first.sample_digits, huge.sample_digits) == (7, 8)
+    names = [f'step_{step:0{first.sample_digits}d}.png' for step in (0, 400_000, 800_000, 1_200_000, 2_000_000)]
+    assert sorted(names) == names
+    args = colorize.parse_args(['--steps', '9000000'])
+    colorize.resume_settings(args, dict(args=colorize.plain_args(first), step=100), path, 1, log=lines.append)
+    assert colorize.fill_defaults(args, cpu, 1).sample_digits == 7 and not any('warning' in x for x in lines)
+    legacy = {k: v for k, v in colorize.plain_args(first).items() if k != 'sample_digits'}
+    args = colorize.parse_args(['--steps', '2000000'])
+    colorize.resume_settings(args, dict(args=legacy, step=100), path, 1, log=lines.append)
+    assert colorize.fill_defaults(args, cpu, 1).sample_digits == 6
+    assert ('warning: --steps 2000000 has more digits than the names of this run\'s sample grids '
+            '(samples/step_000000.png): from step 1000000 on, they sort out of step order by name (step_1000000.png '
+            'before step_200000.png)') in lines
+    with pytest.raises(colorize.UserError, match="sample_digits is '7', not a number of digits"):
+        colorize.resume_settings(colorize.parse_args([]), dict(args=dict(legacy, sample_digits='7'), step=100),
+                                 path, 1, log=None)
 
 
 def test_paper_defaults():
@@ -6567,11 +6594,11 @@ def test_colorized_output_is_replaced_atomically_when_the_disk_fills(trained, fo
     assert err == f'error: {out / victim}: No space left on device (writing it; what was there before is unchanged)'
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no half file, no temp left
     # The sample grids of training are written the same way.
-    _disk_fills_for(monkeypatch, 'step_000000.png', room=100)
+    _disk_fills_for(monkeypatch, 'step_0000000.png', room=100)
     train, val = folders
     run = tmp_path / 'run'
     assert colorize.main(tiny_args(train, val, run, '--steps', '2')) == 2
-    assert 'step_000000.png: No space left on device' in capsys.readouterr().err
+    assert 'step_0000000.png: No space left on device' in capsys.readouterr().err
     assert os.listdir(run / 'samples') == []
 
 
