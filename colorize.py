@@ -1622,8 +1622,11 @@ def _train(args, run_lock):
 
 def check_bad_share(counter, args, world, device):
     """Stop the run (every rank at the same step) when too many images are unreadable, or when none
-    of the first 100 or more could be trained on (all unreadable or grayscale: zero weight)."""
+    of the first 100 or more could be trained on (all unreadable, or for colorization grayscale: zero
+    weight; --objective classify trains on grayscale photos' lightness like any other's)."""
     seen, bad, gray = counter.seen, counter.bad, counter.gray
+    if args.objective == 'classify':  # its loss weighs only unreadable images by zero (classify_step)
+        gray = 0
     if world > 1:
         counts = torch.tensor([seen, bad, gray], dtype=torch.float64, device=device)
         dist.all_reduce(counts)

@@ -2780,6 +2780,23 @@ def test_bad_and_gray_images_are_counted_and_skipped(tmp_path, capsys):
     assert 'none of the 120 images trained on so far had colour (120 grayscale, 0 unreadable)' in err
 
 
+def test_the_stop_for_gray_photos_is_colorization_s_only():
+    """--objective classify trains on grayscale photos (its loss weighs only unreadable ones by zero):
+    120 gray images of 120 stopped it as if nothing could be learned; all unreadable still stops both."""
+    def check(objective, ok, bad, gray):
+        counter = data.StatusCounter()
+        counter.update(torch.tensor([data.STATUS_OK] * ok + [data.STATUS_BAD] * bad + [data.STATUS_GRAY] * gray))
+        args = argparse.Namespace(objective=objective, max_bad_share=1.0)
+        colorize.check_bad_share(counter, args, 1, torch.device('cpu'))
+    check('classify', 0, 0, 120)
+    check('colorize', 1, 0, 119)  # one colour photo: something is learned
+    with pytest.raises(colorize.UserError, match='none of the 120 images .* had colour'):
+        check('colorize', 0, 0, 120)
+    for objective in ('colorize', 'classify'):
+        with pytest.raises(colorize.UserError, match='none of the 120 images trained on so far could be read'):
+            check(objective, 0, 120, 0)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
