@@ -6869,6 +6869,7 @@ def test_an_empty_or_hand_edited_checkpoint_is_one_line(tmp_path, capsys):
                           ({'model': [torch.zeros(1)]}, '"model" is list, not a dict'),
                           ({'args': None}, '"args" is NoneType None, not a dict'),
                           ({'step': '3'}, '"step" is str .3., not an int'),
+                          ({'step': True}, '"step" is bool True, not an int'),  # a bool is an int to isinstance
                           ({'model': {'w': 1.0}}, '"model" holds other things than tensors')]:
         torch.save({**good, **edit}, tmp_path / 'edited.pt')
         with pytest.raises(colorize.UserError, match=r'^\S+edited\.pt is not a checkpoint as the scripts write '
