@@ -2529,6 +2529,11 @@ def test_resume_with_a_run_json_edited_by_hand_warns_and_writes_it_anew(tmp_path
         err = capsys.readouterr().err
         assert f'warning: {tmp_path / "run.json"} is {why}' in err and 'written anew' in err, (text, err)
         assert [p['step'] for p in json.loads((tmp_path / 'run.json').read_text())['resumed']] == [2]
+    # A part of "resumed" that is no object is dropped (it was a traceback at p.get), the rest kept.
+    (tmp_path / 'run.json').write_text('{"started": "t0", "resumed": [3, {"step": 1}]}')
+    colorize.write_run_info(args, torch.device('cpu'), 1, 1, 1, resumed_at=2)
+    info = json.loads((tmp_path / 'run.json').read_text())
+    assert info['started'] == 't0' and [p['step'] for p in info['resumed']] == [1, 2]
 
 
 def test_resume_takes_the_run_from_the_checkpoint(folders, tmp_path, capsys, monkeypatch):
