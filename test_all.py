@@ -3354,6 +3354,9 @@ def test_colorize_says_which_input_names_were_the_same_file(tmp_path, capsys):
     assert (f'2 input name(s) are the same file as another one (a link, or a file given with its folder), '
             f'colorized once: e.g. {photos / "photo.jpg"} is {photos / "link.jpg"}, colorized as '
             f'{tmp_path / "out" / "link.png"}') in out, out
+    # The same name typed twice is no other name: no line.
+    assert len(colorize.output_names([str(photos / 'photo.jpg')] * 2, tmp_path / 'out')) == 1
+    assert capsys.readouterr().out == ''
 
 
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
