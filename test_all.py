@@ -4925,6 +4925,14 @@ def test_fc_dim_follows_the_factory(monkeypatch, capsys):
     colorize.fill_defaults(colorize.parse_args(['-a', 'vgg16x', '--fc-dim', '16']), torch.device('cpu'), 1)
     ft.initial_trunk(ft.parse_args(['--init', 'random', '-a', 'vgg16x', '--fc-dim', '16', '--width', '0.0625']))
     assert capsys.readouterr().err == ''
+    # Under torchrun the warnings are rank 0's alone (one line, not one per process).
+    argv = ['-a', 'resnet50', '--fc-dim', '16', '--objective', 'classify', '--points', '16', '--crop', '32']
+    monkeypatch.setattr(colorize, 'cores_of_this_process', lambda: 1)  # (a collective under DDP)
+    monkeypatch.setattr(colorize.dist, 'is_initialized', lambda: True)
+    for rank, lines in ((1, 0), (0, 2)):
+        monkeypatch.setattr(colorize.dist, 'get_rank', lambda: rank)
+        colorize.fill_defaults(colorize.parse_args(argv), torch.device('cpu'), 2)
+        assert capsys.readouterr().err.count('warning: ') == lines, rank
 
 
 def test_torchvision_resnet_batchnorm_import():
