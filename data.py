@@ -1143,7 +1143,9 @@ class PackReader:
                                 f'{self._offsets.shape} ({self._offsets.dtype})')
         names = os.path.join(self.root, _PACK_NAMES)
         size = os.path.getsize(names) if os.path.exists(names) else None
-        if size is None or size == 0 or int(self._offsets[0]) != 0 or int(self._offsets[-1]) != size:
+        if int(self._offsets[0]) != 0:  # (the names would be read shifted)
+            raise self._damaged(f'{_PACK_NAME_OFFSETS} starts at {int(self._offsets[0])}, not 0')
+        if size is None or size == 0 or int(self._offsets[-1]) != size:
             raise self._damaged(f'{names} holds {size} bytes, {int(self._offsets[-1])} expected')
         self._names = np.memmap(names, np.uint8, 'r')
         for k, length in enumerate(shards):
