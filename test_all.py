@@ -6816,6 +6816,7 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         'status_unknown': (set_entry(1, 3, 7), r'entry 1 of index.npy \(shard, offset, length, status\) is \(0, \d+, \d+, 7\)'),
         'past_the_shard': (set_entry(2, 1, shard), 'entry 2 of index.npy'),
         'no_such_shard': (set_entry(3, 0, 1), r'entry 3 of index.npy \(shard, offset, length, status\) is \(1,'),
+        'far_shard': (set_entry(3, 0, 9), r'entry 3 of index.npy \(shard, offset, length, status\) is \(9,'),
         'bad_with_bytes': (set_entry(0, 3, data.STATUS_BAD), 'entry 0 of index.npy'),
         'complete_a_list': (lambda c: (c / 'complete.json').write_text('[1]'), 'holds a JSON list'),
     }
