@@ -6810,6 +6810,7 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         'names_longer': (lambda c: open(c / 'names.bin', 'ab').write(b'xy'), f'names.bin holds {n_names + 2} bytes, '
                          f'{n_names} expected'),
         'offsets_shifted': (set_offset(0, 1), 'names-offsets.npy starts at 1, not 0'),
+        'offsets_backwards': (set_offset(2, 0), 'the name offsets in names-offsets.npy go backwards'),
         'offsets_lost': (lambda c: os.remove(c / 'names-offsets.npy'), 'names-offsets.npy is missing'),
         'index_lost': (lambda c: os.remove(c / 'index.npy'), 'index.npy is missing'),
         'index_empty': (lambda c: os.truncate(c / 'index.npy', 0), 'index.npy cannot be read'),
