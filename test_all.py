@@ -6870,7 +6870,11 @@ def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
                            r'progress\.json is damaged \(its done\)'),
              'index_lost': (lambda c: os.remove(c / 'index.npy'), r'is damaged \(.*No such file.*index\.npy'),
              'index_cut': (lambda c: os.truncate(c / 'index.npy', 100), 'is damaged'),
-             'names_cut': (lambda c: os.truncate(c / 'names.bin', 10), r'names\.bin holds 10 bytes')}
+             'names_cut': (lambda c: os.truncate(c / 'names.bin', 10), r'names\.bin holds 10 bytes'),
+             'counts_short': (lambda c: (c / 'progress.json').write_text(json.dumps({**progress, 'counts': [3]})),
+                              r'progress\.json is damaged \(its done, shards, counts\)'),
+             'index_other_shape': (lambda c: np.save(c / 'index.npy', np.zeros((2, 4), np.int64)),
+                                   r'index\.npy has shape \(2, 4\), names-offsets\.npy \(4,\); progress\.json says 3 images')}
     for name, (damage, message) in cases.items():
         copy = tmp_path / name
         shutil.copytree(pack, copy)
