@@ -2137,6 +2137,9 @@ def test_scan_writes_a_list_that_reads_back(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         data.main(['demo', '--root', str(tmp_path / 'demo'), '--n-train', '-5'])
     assert '--n-train -5: an image count is 0 or more' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the bound: -1 is refused too
+        data.main(['demo', '--root', str(tmp_path / 'demo'), '--n-val', '-1'])
+    assert '--n-val -1: an image count is 0 or more' in capsys.readouterr().err
     assert not (tmp_path / 'demo').exists()
     # pack --workers 0 fell to the default, a process per core (a test here typed it for 'in this process').
     with pytest.raises(SystemExit):
