@@ -1692,7 +1692,10 @@ def write_run_info(args, device, world, n_train, n_val, resumed_at=0):
             print(f'warning: {path} is {why}: it is written anew, without the first start\'s time, commit and '
                   'versions', file=sys.stderr)
             first = {}
-        first['resumed'] = [p for p in first.get('resumed', []) if isinstance(p, dict)]
+        # A part edited by hand (no object, or a step that is no count) is dropped: the others still say when.
+        first['resumed'] = [p for p in first.get('resumed', []) if isinstance(p, dict)
+                            and type(p.get('step', 0)) is int]
+        first.pop('step', None)  # (the first part starts at 0; this script writes no top-level step)
         part = dict(step=resumed_at, time=now, git_commit=info['git_commit'], torch=info['torch'],
                     device_name=info['device_name'], world_size=world)
         # The steps before resumed_at: the last part that started before it (not the latest part,

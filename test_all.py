@@ -2532,8 +2532,9 @@ def test_resume_with_a_run_json_edited_by_hand_warns_and_writes_it_anew(tmp_path
         err = capsys.readouterr().err
         assert f'warning: {tmp_path / "run.json"} is {why}' in err and 'written anew' in err, (text, err)
         assert [p['step'] for p in json.loads((tmp_path / 'run.json').read_text())['resumed']] == [2]
-    # A part of "resumed" that is no object is dropped (it was a traceback at p.get), the rest kept.
-    (tmp_path / 'run.json').write_text('{"started": "t0", "resumed": [3, {"step": 1}]}')
+    # A part of "resumed" that is no object, or whose step is no count, is dropped (tracebacks at p.get and at
+    # the comparison of steps), the rest kept.
+    (tmp_path / 'run.json').write_text('{"started": "t0", "step": "0", "resumed": [3, {"step": 1}, {"step": "4"}]}')
     colorize.write_run_info(args, torch.device('cpu'), 1, 1, 1, resumed_at=2)
     info = json.loads((tmp_path / 'run.json').read_text())
     assert info['started'] == 't0' and [p['step'] for p in info['resumed']] == [1, 2]
