@@ -346,8 +346,7 @@ def fill_defaults(args, device, world):
             print(f'warning: --objective classify does not read {", ".join(map(flag_name, unread))} (the colour '
                   f'targets\' flags): they change nothing here', file=sys.stderr)
         if unread_fc_dim:
-            print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
-                  f'nothing here', file=sys.stderr)
+            print(unread_fc_dim_warning(args.arch), file=sys.stderr)
     return args
 
 
@@ -388,6 +387,12 @@ def resume_intervals(args, saved, intervals, derive, log):
         log(f'--steps {args.steps}: ' + ', '.join(f'{flag_name(name)} {getattr(args, name)}' for name in was)
             + f' (derived from --steps, where the run had {", ".join(str(v) for v in was.values())}; type them '
             f'to keep those)')
+
+
+def unread_fc_dim_warning(arch):
+    """The line for --fc-dim typed for a trunk without fc6/fc7 (both scripts): not a refusal, as a script may
+    pass one --fc-dim to every -a."""
+    return f'warning: --fc-dim sets the channels of fc6 and fc7, which {arch} does not have: it changes nothing here'
 
 
 def refuse_milestones_outside(milestones):

@@ -54,7 +54,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       merge_resumed_args, note_moved_lr, note_other_commit, parameter_groups, peak_memory_gb,
                       plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_milestones_outside,
                       refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device,
-                      step_seed, stop_status, trim_log, trunk_kwargs, worker_options)
+                      step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -264,6 +264,7 @@ def fill_defaults(args, device):
         raise UserError(f'--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI')
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
+    warn_unread_fc_dim(args)  # last: a run refused above prints its error alone
     return args
 
 
@@ -277,6 +278,13 @@ def derive_intervals(args):
         args.log_every = max(1, args.steps // 50)
     if args.save_every is None:
         args.save_every = max(1, args.steps // 10)
+
+
+def warn_unread_fc_dim(args):
+    """--fc-dim typed with --init random for a trunk without fc6/fc7 changes nothing: a warning (run, --export)."""
+    if (args.init == 'random' and 'fc_dim' in getattr(args, 'typed_flags', ()) and args.arch is not None
+            and not has_fc(args.arch)):
+        print(unread_fc_dim_warning(args.arch), file=sys.stderr)
 
 
 def unread_training_flags(args):
@@ -639,9 +647,6 @@ def initial_trunk(args, random_fc_dim=4096):
                         '"random", or a torchvision state_dict file')
     if args.init == 'random':
         args.arch = args.arch or 'vgg16'
-        if 'fc_dim' in getattr(args, 'typed_flags', ()) and not has_fc(args.arch):
-            print(f'warning: --fc-dim sets the channels of fc6 and fc7, which {args.arch} does not have: it changes '
-                  f'nothing here', file=sys.stderr)
         args.width = args.width or 1.0
         args.fc_dim = args.fc_dim or random_fc_dim
         return random_trunk(args.arch, args.width, args.fc_dim, args.seed), dict(kind='random')
@@ -941,6 +946,7 @@ def detect_torchvision_arch(sd, source):
 def export(args):
     """--export PATH --init CKPT: write the trunk as a torchvision state_dict."""
     state, info = initial_trunk(args)
+    warn_unread_fc_dim(args)
     sd = export_torchvision(state, args.arch)
     args.export.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(sd, args.export)

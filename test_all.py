@@ -4907,7 +4907,7 @@ def test_torchvision_maps_follow_the_registry(monkeypatch):
         ft.trunk_from_torchvision(short)
 
 
-def test_fc_dim_follows_the_factory(monkeypatch, capsys):
+def test_fc_dim_follows_the_factory(monkeypatch, capsys, tmp_path):
     # A trunk with fc6/fc7 added to models.MODELS (a VGG-16 under another name here, as a VGG-19 would be)
     # gets its fc_dim and --fc-dropout from its factory's signature, in both scripts; fc_dim was
     # dropped for any arch but vgg16 and alexnet, so its fc6/fc7 silently had 4096 channels.
@@ -4922,12 +4922,23 @@ def test_fc_dim_follows_the_factory(monkeypatch, capsys):
         colorize.fill_defaults(colorize.parse_args(['-a', 'resnet50', '--fc-dropout', '0.5']), torch.device('cpu'), 1)
     # --fc-dim on a trunk without fc6/fc7 changed nothing, in silence: a warning says so (in both scripts).
     capsys.readouterr()
+
+    def transfer(*argv):  # finetune_voc.py's run up to its checks: initial_trunk resolves -a, then fill_defaults
+        args = ft.parse_args(['--init', 'random', '--fc-dim', '16', '--width', '0.0625', *argv])
+        ft.initial_trunk(args)
+        return ft.fill_defaults(args, torch.device('cpu'))
     colorize.fill_defaults(colorize.parse_args(['-a', 'resnet50', '--fc-dim', '16']), torch.device('cpu'), 1)
-    ft.initial_trunk(ft.parse_args(['--init', 'random', '-a', 'resnet50', '--fc-dim', '16', '--width', '0.0625']))
+    transfer('-a', 'resnet50')
+    ft.export(ft.parse_args(['--export', str(tmp_path / 'r50.pth'), '--init', 'random', '-a', 'resnet50', '--fc-dim',
+                             '16', '--width', '0.0625']))
     warning = 'warning: --fc-dim sets the channels of fc6 and fc7, which resnet50 does not have: it changes nothing'
-    assert capsys.readouterr().err.count(warning) == 2
+    assert capsys.readouterr().err.count(warning) == 3
     colorize.fill_defaults(colorize.parse_args(['-a', 'vgg16x', '--fc-dim', '16']), torch.device('cpu'), 1)
-    ft.initial_trunk(ft.parse_args(['--init', 'random', '-a', 'vgg16x', '--fc-dim', '16', '--width', '0.0625']))
+    transfer('-a', 'vgg16x')
+    assert capsys.readouterr().err == ''
+    # A run refused for another reason prints its error alone (in finetune_voc.py too), not the warning first.
+    with pytest.raises(colorize.UserError, match='--points applies to --task seg'):
+        transfer('-a', 'resnet50', '--points', '8')
     assert capsys.readouterr().err == ''
     # Under torchrun the warnings are rank 0's alone (one line, not one per process).
     argv = ['-a', 'resnet50', '--fc-dim', '16', '--objective', 'classify', '--points', '16', '--crop', '32']
