@@ -1127,6 +1127,10 @@ class PackReader:
         if not (type(n) is int and n >= 0 and isinstance(shards, list) and shards
                 and all(type(s) is int and s >= 0 for s in shards)):
             raise self._damaged(f'{_PACK_COMPLETE} lacks its image count or shard lengths')
+        params = info.get('params')
+        if not (isinstance(params, dict) and 'short_side' in params
+                and (params['short_side'] is None or type(params['short_side']) is int)):
+            raise self._damaged(f'{_PACK_COMPLETE} lacks its parameters (params.short_side)')  # pack_short_side's
         arrays = {}
         for name in (_PACK_INDEX, _PACK_NAME_OFFSETS):
             try:

@@ -6835,6 +6835,9 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         'far_shard': (set_entry(3, 0, 9), r'entry 3 of index.npy \(shard, offset, length, status\) is \(9,'),
         'bad_with_bytes': (set_entry(0, 3, data.STATUS_BAD), 'entry 0 of index.npy'),
         'complete_a_list': (lambda c: (c / 'complete.json').write_text('[1]'), 'holds a JSON list'),
+        'complete_no_params': (lambda c: (c / 'complete.json').write_text(json.dumps(
+            {k: v for k, v in json.loads((c / 'complete.json').read_text()).items() if k != 'params'})),
+            r'complete\.json lacks its parameters'),
     }
     for name, (damage, message) in cases.items():
         with pytest.raises(ValueError, match=message) as err:
