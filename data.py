@@ -1079,6 +1079,7 @@ def pack_short_side(root):
 
 def _incomplete_pack_error(root):
     progress = _read_json(os.path.join(root, _PACK_PROGRESS))
+    _check_progress(root, progress)  # damaged: that line (delete it, pack again), not a KeyError below
     return ValueError(f'pack {root} is incomplete ({progress["done"]:,} of '
                       f'{progress["total"]:,} images packed): run `'
                       f'{_pack_command(root, progress["params"])}` again to finish it')

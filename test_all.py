@@ -6900,6 +6900,11 @@ def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
         with pytest.raises(ValueError, match=message) as err:
             data.pack_images([root], copy, short_side=32, workers=1, log=_quiet)
         assert f'delete {copy} and pack again' in str(err.value), name
+    # Listed for training (not packed), an unfinished pack with a damaged progress.json says so too: where the
+    # line says how far packing got, a field missing was a KeyError traceback, and a count edited to text the
+    # words "Cannot specify ',' with 's'."
+    with pytest.raises(ValueError, match=r'progress\.json is damaged \(its done\): delete \S+ and pack again'):
+        data.find_images(tmp_path / 'done_text', log=_quiet)
     data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)  # undamaged: finishes
     assert (pack / 'complete.json').exists()
 
