@@ -1504,6 +1504,7 @@ def _complete_pack(out, params, log):
     """complete.json's dict if `out` is a complete pack made with `params` (else ValueError), or None."""
     complete = _read_json(os.path.join(out, _PACK_COMPLETE))
     if complete is not None:
+        PackReader(out)  # damaged (complete.json without its fields, say): that line, not a KeyError below
         _check_pack_params(out, complete, params)
         log(f'pack {out} is already complete ({complete["total"]:,} images, made with the same '
             'arguments): nothing to do (a pack holds the images listed when it started; to take in '

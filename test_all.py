@@ -6843,6 +6843,9 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         with pytest.raises(ValueError, match=message) as err:
             data.find_images(damaged(name, damage), log=_quiet)
         assert 'delete the' in str(err.value) and 'pack again' in str(err.value), name
+    # `pack` run again into a damaged complete pack says so too (a complete.json without its params was a KeyError).
+    with pytest.raises(ValueError, match=r'complete\.json lacks its parameters'):
+        data.pack_images([root], tmp_path / 'complete_no_params', short_side=32, workers=1, log=_quiet)
     # Damage past the checks' reach still reads: a lost bad.jsonl, a cut one.
     for name, damage in {'bad_lost': lambda c: os.remove(c / 'bad.jsonl'),
                          'bad_cut': lambda c: os.truncate(c / 'bad.jsonl', 9)}.items():
