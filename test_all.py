@@ -1278,6 +1278,9 @@ def test_a_listing_cache_edited_by_hand_is_rescanned_with_a_line(tmp_path):
         lines = []
         assert data.find_images(root, cache_dir=cache, log=lines.append) == expected
         assert any(line.startswith(f'ignoring unreadable image cache {path}') for line in lines), (edited, lines)
+    # A folder name that no path can have (a NUL byte): taken as a changed folder, so scanned again, no traceback.
+    path.write_text(json.dumps({**written, 'dirs': [['a\u0000b', 1]]}))
+    assert data.find_images(root, cache_dir=cache, log=_quiet) == expected
 
 
 def test_find_images_cache_reused_then_invalidated(tmp_path, monkeypatch):
