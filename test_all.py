@@ -4228,24 +4228,24 @@ def test_cuda_loader_slots_hand_over_pinned_batches(folders):
 def test_watch_stalls_speaks_while_the_loop_waits_for_a_batch_and_only_then(capsys):
     def batches():
         yield 'a'
-        time.sleep(1.0)  # a worker stuck in a read, then answering
+        time.sleep(0.5)  # a worker stuck in a read, then answering
         yield 'b'
-        time.sleep(0.5)  # and again, shorter
+        time.sleep(0.25)  # and again, shorter
         yield 'c'
 
     got, said = [], []
-    for batch in data.watch_stalls(batches(), after=0.2, who='rank 1: '):
+    for batch in data.watch_stalls(batches(), after=0.1, who='rank 1: '):
         got.append(batch)
         said.append(capsys.readouterr().err.splitlines())  # what the wait for this batch brought
         if batch == 'a':
-            time.sleep(0.6)  # the step's own work: not a wait, even though it outlasts `after`
+            time.sleep(0.3)  # the step's own work: not a wait, even though it outlasts `after`
             assert capsys.readouterr().err == ''
     assert got == ['a', 'b', 'c'] and said[0] == []
-    # The 1 s wait crosses 0.2, 0.4 and 0.8 s; the 0.5 s one, starting over, 0.2 and 0.4 s (a loaded
+    # The 0.5 s wait crosses 0.1, 0.2 and 0.4 s; the 0.25 s one, starting over, 0.1 and 0.2 s (a loaded
     # machine may be late for the last of each).
     assert 2 <= len(said[1]) <= 3 and 1 <= len(said[2]) <= 2
     assert all(line.startswith('rank 1: no batch from the loader for ') for line in said[1] + said[2])
-    time.sleep(0.2)
+    time.sleep(0.1)  # the thread checks every after / 4 = 25 ms
     assert not any(t.name == 'watch_stalls' for t in threading.enumerate())  # stopped with the loop
 
 
