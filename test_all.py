@@ -2057,11 +2057,11 @@ def test_pack_says_when_a_read_keeps_it_waiting(tmp_path, monkeypatch, capsys):
     real_task = data._pack_task
 
     def slow(task):  # a file on a mount that takes its time to answer
-        time.sleep(0.4)
+        time.sleep(0.2)
         return real_task(task)
 
     monkeypatch.setattr(data, '_pack_task', slow)
-    monkeypatch.setattr(data, 'STALL_WARNING_S', 0.1)
+    monkeypatch.setattr(data, 'STALL_WARNING_S', 0.05)  # lines at 0.05 and 0.1 s (0.2: late) of each 0.2 s read
     info = data.pack_images([root], tmp_path / 'pack', short_side=48, workers=1, task_size=2, log=_quiet)
     assert info['counts']['ok'] == 3
     said = capsys.readouterr().err.splitlines()
