@@ -1004,14 +1004,17 @@ def _process_pool(workers):
                                                   initargs=(os.getpid(),))
 
 
+PARENT_CHECK_S = 1.0  # seconds between exit_with_parent's looks at the parent process
+
+
 def exit_with_parent(parent, message=None):
-    """A daemon thread that ends this process (within a second, printing `message` to stderr) once
-    its parent `parent` is gone. For a pool worker waiting for tasks, which would otherwise wait
-    forever (it holds the queue's other end itself), and a torchrun worker whose torchrun was
-    killed (it would train on unseen, holding its GPU)."""
+    """A daemon thread that ends this process (within PARENT_CHECK_S, a second, printing `message`
+    to stderr) once its parent `parent` is gone. For a pool worker waiting for tasks, which would
+    otherwise wait forever (it holds the queue's other end itself), and a torchrun worker whose
+    torchrun was killed (it would train on unseen, holding its GPU)."""
     def watch():
         while os.getppid() == parent:
-            time.sleep(1.0)
+            time.sleep(PARENT_CHECK_S)
         try:
             if message:
                 print(message, file=sys.stderr, flush=True)

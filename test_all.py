@@ -2204,6 +2204,7 @@ def test_pack_pools_fork_except_on_macos(monkeypatch):
 
 def test_pack_workers_exit_when_their_parent_is_killed(tmp_path):
     script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import data, os\n"
+              "data.PARENT_CHECK_S = 0.1\n"  # the workers look 10 times a second, not once (a test's time)
               "pool = data._process_pool(2)\n"
               "print(*sorted({pool.submit(os.getpid).result() for _ in range(8)}), flush=True)\n"
               "time.sleep(60)\n")
@@ -2227,7 +2228,7 @@ def test_pack_workers_exit_when_their_parent_is_killed(tmp_path):
             return False
     deadline = time.time() + 10
     while any(map(alive, workers)) and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.02)
     assert not any(map(alive, workers))
 
 
