@@ -25,9 +25,11 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -2612,17 +2614,9 @@ def test_resume_after_sigkill_is_exact(folders, tmp_path):
     common = ['--steps', '8', '--save-every', '1', '--lr', '0.02']
     assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
     out = tmp_path / 'b'
-    # The run in a fork of this process (a new interpreter spent 1-2 s importing torch): the same
-    # thread count (float reductions may round differently with another), its output to /dev/null.
-    pid = os.fork()
-    if pid == 0:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            os._exit(colorize.main(tiny_args(train, val, out, *common)))
-        finally:
-            os._exit(99)
+    # The run in a fork of this process: the same thread count (float reductions may round
+    # differently with another).
+    pid = _fork_main(tiny_args(train, val, out, *common))
     deadline, status = time.time() + 60, None
     while status is None and not (out / 'checkpoint.pt').exists() and time.time() < deadline:
         done, code = os.waitpid(pid, os.WNOHANG)
@@ -2853,26 +2847,69 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
+def _fork_main(argv, env=None, stderr_path=os.devnull):
+    """colorize.main(argv) in a fork of this process, as `python colorize.py ARGV` would run it (a new
+    interpreter spends 1-2 s importing torch): `env` added to its environment, stdout to /dev/null,
+    stderr to `stderr_path`, an uncaught exception's traceback there and exit status 1. Its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.environ.update(env or {})
+        for fd, path in ((1, os.devnull), (2, stderr_path)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(target, fd)
+            os.close(target)
+        # pytest's captures write to files of their own, not to fds 1 and 2
+        sys.stdout = open(1, 'w', closefd=False)
+        sys.stderr = open(2, 'w', errors='backslashreplace', closefd=False)
+        try:
+            code = colorize.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
 def _ranks(processes, args, by_rank=None):
     """colorize.py as `processes` ranks started by hand with torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...), sparing torchrun's own process: [(exit status, stderr)] by rank. by_rank: a
-    dict per rank with more `args` and its `local_rank` (default: its rank, one node)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
+    MASTER_ADDR, ...), sparing torchrun's own process, each a fork of this one (_fork_main):
+    [(exit status, stderr)] by rank. by_rank: a dict per rank with more `args` and its `local_rank`
+    (default: its rank, one node)."""
+    env = dict(OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
     by_rank = by_rank or [{}] * processes
-    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *by_rank[r].get('args', ())],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
-             for r in range(processes)]
-    results = []
+    errs = [tempfile.mkstemp(prefix=f'rank{r}-', suffix='.err') for r in range(processes)]
+    for fd, _ in errs:
+        os.close(fd)
+    pids = [_fork_main([*args, *by_rank[r].get('args', ())], stderr_path=errs[r][1],
+                       env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
+            for r in range(processes)]
+    codes = [None] * processes
     try:
-        for p in procs:
-            _, err = p.communicate(timeout=240)
-            results.append((p.returncode, err))
-        return results
+        deadline = time.monotonic() + 240
+        while None in codes and time.monotonic() < deadline:
+            for r, pid in enumerate(pids):
+                if codes[r] is None:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[r] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        assert None not in codes, f'ranks still running after 240 s: {codes}'
+        return [(code, Path(path).read_text(errors='replace')) for code, (_, path) in zip(codes, errs)]
     finally:  # a rank still waiting (the failure this catches) is not left behind
-        for p in procs:
-            p.kill()
+        for r, pid in enumerate(pids):
+            if codes[r] is None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        for _, path in errs:
+            os.remove(path)
 
 
 def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
