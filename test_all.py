@@ -2847,10 +2847,11 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
-def _fork_main(argv, env=None, stderr_path=os.devnull):
+def _fork_main(argv, env=None, stderr_path=os.devnull, stdout_fd=None):
     """colorize.main(argv) in a fork of this process, as `python colorize.py ARGV` would run it (a new
-    interpreter spends 1-2 s importing torch): `env` added to its environment, stdout to /dev/null,
-    stderr to `stderr_path`, an uncaught exception's traceback there and exit status 1. Its pid."""
+    interpreter spends 1-2 s importing torch): `env` added to its environment, stdout to /dev/null
+    (or to the file descriptor `stdout_fd`), stderr to `stderr_path`, an uncaught exception's
+    traceback there and exit status 1. Its pid."""
     pid = os.fork()
     if pid:
         return pid
@@ -2858,7 +2859,7 @@ def _fork_main(argv, env=None, stderr_path=os.devnull):
     try:
         os.environ.update(env or {})
         for fd, path in ((1, os.devnull), (2, stderr_path)):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if fd == 2 or stdout_fd is None else stdout_fd
             os.dup2(target, fd)
             os.close(target)
         # pytest's captures write to files of their own, not to fds 1 and 2
@@ -2891,9 +2892,20 @@ def _ranks(processes, args, by_rank=None):
     pids = [_fork_main([*args, *by_rank[r].get('args', ())], stderr_path=errs[r][1],
                        env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
             for r in range(processes)]
-    codes = [None] * processes
     try:
-        deadline = time.monotonic() + 240
+        codes = _wait_forks(pids, 240)
+        return [(code, Path(path).read_text(errors='replace')) for code, (_, path) in zip(codes, errs)]
+    finally:
+        for _, path in errs:
+            os.remove(path)
+
+
+def _wait_forks(pids, timeout):
+    """The exit statuses of the forks `pids` (as Popen.returncode), asserting that they end within
+    `timeout` s; one still running then (a rank waiting for ever: the failures these catch) is killed."""
+    codes = [None] * len(pids)
+    try:
+        deadline = time.monotonic() + timeout
         while None in codes and time.monotonic() < deadline:
             for r, pid in enumerate(pids):
                 if codes[r] is None:
@@ -2901,15 +2913,13 @@ def _ranks(processes, args, by_rank=None):
                     if done:
                         codes[r] = os.waitstatus_to_exitcode(status)
             time.sleep(0.01)
-        assert None not in codes, f'ranks still running after 240 s: {codes}'
-        return [(code, Path(path).read_text(errors='replace')) for code, (_, path) in zip(codes, errs)]
-    finally:  # a rank still waiting (the failure this catches) is not left behind
+        assert None not in codes, f'still running after {timeout} s: {codes}'
+        return codes
+    finally:
         for r, pid in enumerate(pids):
             if codes[r] is None:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-        for _, path in errs:
-            os.remove(path)
 
 
 def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
@@ -3103,22 +3113,30 @@ def test_ranks_stop_together_at_an_exchange_when_one_of_them_is_sent_sigterm(fol
     # at the same step, an exchange (StopSignals), and exit; rank 0 says where to continue.
     train, val = folders
     out = tmp_path / 'run'
-    env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+    env = dict(OMP_NUM_THREADS='1', WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                MASTER_PORT=str(_free_port()))
     args = tiny_args(train, val, out, '--steps', '500', '--log-every', '1', '--batch-size', '2')
-    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
-    try:
-        for line in procs[0].stdout:
-            if line.startswith('step 3/'):
-                break
-        procs[1].send_signal(signal.SIGTERM)
-        (out0, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
+    errs = [tmp_path / f'rank{r}.err' for r in range(2)]
+    pids = []
+    try:  # forks of this process, as _ranks starts them; rank 1 first, without the pipe of rank 0's stdout
+        pids.append(_fork_main(args, env=dict(env, RANK='1', LOCAL_RANK='1'), stderr_path=errs[1]))
+        read, write = os.pipe()
+        pids.insert(0, _fork_main(args, env=dict(env, RANK='0', LOCAL_RANK='0'), stderr_path=errs[0], stdout_fd=write))
+        os.close(write)
+        with open(read, errors='replace') as stdout0:
+            for line in stdout0:
+                if line.startswith('step 3/'):
+                    break
+            os.kill(pids[1], signal.SIGTERM)
+            codes = _wait_forks(pids, 120)
     finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, err0[-2000:] + err1[-2000:]
+        for pid in pids:  # after an error above (_wait_forks reaps its own)
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+    err0, err1 = (e.read_text(errors='replace') for e in errs)
+    assert codes == [128 + signal.SIGTERM] * 2, err0[-2000:] + err1[-2000:]
     stopped = int(re.search(r'stopped at step (\d+) by SIGTERM', err0).group(1))
     assert stopped % colorize.STOP_CHECK_EVERY == 0 and 3 < stopped < 500 and 'stopped' not in err1
     ckpt = _state(out / 'checkpoint.pt')
