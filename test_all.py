@@ -2847,11 +2847,11 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
-def _fork_main(argv, env=None, stderr_path=os.devnull, stdout_fd=None):
+def _fork_main(argv, env=None, stderr_path=os.devnull, stdout_fd=None, call=None):
     """colorize.main(argv) in a fork of this process, as `python colorize.py ARGV` would run it (a new
     interpreter spends 1-2 s importing torch): `env` added to its environment, stdout to /dev/null
     (or to the file descriptor `stdout_fd`), stderr to `stderr_path`, an uncaught exception's
-    traceback there and exit status 1. Its pid."""
+    traceback there and exit status 1. call: a function run instead (exit status 0 when it returns). Its pid."""
     pid = os.fork()
     if pid:
         return pid
@@ -2866,7 +2866,7 @@ def _fork_main(argv, env=None, stderr_path=os.devnull, stdout_fd=None):
         sys.stdout = open(1, 'w', closefd=False)
         sys.stderr = open(2, 'w', errors='backslashreplace', closefd=False)
         try:
-            code = colorize.main(argv)
+            code = colorize.main(argv) if call is None else call() or 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -6835,26 +6835,27 @@ def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbu
         _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60, 80, i), fmt='JPEG')
     pack = tmp_path / 'pack'
     data.pack_images([root], pack, short_side=48, workers=1, log=_quiet)
-    script = textwrap.dedent(f'''
-        import os, sys
-        sys.path.insert(0, {str(HERE)!r})
-        import data
-        paths = data.pack_paths({str(pack)!r})
+    def run():  # in a fork of this process (SIGBUS would end it)
+        paths = data.pack_paths(str(pack))
         images = data.ColorImages(paths, 32, (32, 32), train=False)
         assert images[(0, 0)][1] == images[(5, 0)][1] == data.STATUS_OK  # its shard opened (mapped) by the run
-        os.truncate({str(pack / 'shard-00000.bin')!r}, 100)
+        os.truncate(pack / 'shard-00000.bin', 100)
         print('status:', images[(5, 0)][1] == data.STATUS_BAD)  # zeros with status bad, counted as unreadable
         reader, i = data.packed_entry(paths[5])
         try:
             reader.load_rgb(i)
         except data.BadImage as e:
             print('bad:', e)
-    ''')
-    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    out, err = tmp_path / 'fork.out', tmp_path / 'fork.err'
+    stdout = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    pid = _fork_main(None, stderr_path=err, stdout_fd=stdout, call=run)
+    os.close(stdout)
+    [code] = _wait_forks([pid], 120)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert code == 0, (code, stderr[-2000:])
     assert re.search(r'bad: \S+05\.jpg: shard-00000\.bin ends before its bytes \(the shard was truncated or '
-                     r'replaced since packing: pack again\); in its packed copy, entry 5 of ', done.stdout), done.stdout
-    assert 'status: True' in done.stdout
+                     r'replaced since packing: pack again\); in its packed copy, entry 5 of ', stdout), stdout
+    assert 'status: True' in stdout
 
 
 def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tmp_path):
