@@ -6813,7 +6813,7 @@ def test_a_mask_value_that_is_no_class_and_not_void_is_one_line_naming_it(tmp_pa
     # in the confusion matrix after training. 0..20 are VOC's classes (background, 20 objects), 255 void.
     palette = [v for i in range(256) for v in (i, i, i)]
     def mask(name, values):
-        im = Image.fromarray(np.array(values, dtype=np.uint8).reshape(2, -1), 'P')
+        im = Image.frombytes('P', (len(values) // 2, 2), bytes(values))  # fromarray's mode argument is deprecated
         im.putpalette(palette)
         im.save(tmp_path / name)
         return str(tmp_path / name)
