@@ -25,11 +25,9 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -2614,20 +2612,15 @@ def test_resume_after_sigkill_is_exact(folders, tmp_path):
     common = ['--steps', '8', '--save-every', '1', '--lr', '0.02']
     assert colorize.main(tiny_args(train, val, tmp_path / 'a', *common)) == 0
     out = tmp_path / 'b'
-    # The run in a fork of this process: the same thread count (float reductions may round
-    # differently with another).
-    pid = _fork_main(tiny_args(train, val, out, *common))
-    deadline, status = time.time() + 60, None
-    while status is None and not (out / 'checkpoint.pt').exists() and time.time() < deadline:
-        done, code = os.waitpid(pid, os.WNOHANG)
-        if done:  # finished (or died) before it wrote a checkpoint
-            status = code
-        else:
-            time.sleep(0.01)
-    if status is None:
-        os.kill(pid, signal.SIGKILL)
-        status = os.waitpid(pid, 0)[1]
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL  # killed, not finished before it came
+    # Same thread count as this process: float reductions may round differently with another.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *tiny_args(train, val, out, *common)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while not (out / 'checkpoint.pt').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished before the signal came
     assert (out / 'checkpoint.pt').exists()
     killed_at = _state(out / 'checkpoint.pt')['step']
     # Killed mid-run, from a checkpoint of --save-every 1 (not the final one of step 8: resuming
@@ -2847,79 +2840,26 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
     assert sum(' scanned in ' in line or ' cached in ' in line for line in result.stdout.splitlines()) == 2
 
 
-def _fork_main(argv, env=None, stderr_path=os.devnull, stdout_fd=None, call=None):
-    """colorize.main(argv) in a fork of this process, as `python colorize.py ARGV` would run it (a new
-    interpreter spends 1-2 s importing torch): `env` added to its environment, stdout to /dev/null
-    (or to the file descriptor `stdout_fd`), stderr to `stderr_path`, an uncaught exception's
-    traceback there and exit status 1. call: a function run instead (exit status 0 when it returns). Its pid."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        os.environ.update(env or {})
-        for fd, path in ((1, os.devnull), (2, stderr_path)):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if fd == 2 or stdout_fd is None else stdout_fd
-            os.dup2(target, fd)
-            os.close(target)
-        # pytest's captures write to files of their own, not to fds 1 and 2
-        sys.stdout = open(1, 'w', closefd=False)
-        sys.stderr = open(2, 'w', errors='backslashreplace', closefd=False)
-        try:
-            code = colorize.main(argv) if call is None else call() or 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-
-
 def _ranks(processes, args, by_rank=None):
     """colorize.py as `processes` ranks started by hand with torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...), sparing torchrun's own process, each a fork of this one (_fork_main):
-    [(exit status, stderr)] by rank. by_rank: a dict per rank with more `args` and its `local_rank`
-    (default: its rank, one node)."""
-    env = dict(OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
+    MASTER_ADDR, ...), sparing torchrun's own process: [(exit status, stderr)] by rank. by_rank: a
+    dict per rank with more `args` and its `local_rank` (default: its rank, one node)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
     by_rank = by_rank or [{}] * processes
-    errs = [tempfile.mkstemp(prefix=f'rank{r}-', suffix='.err') for r in range(processes)]
-    for fd, _ in errs:
-        os.close(fd)
-    pids = [_fork_main([*args, *by_rank[r].get('args', ())], stderr_path=errs[r][1],
-                       env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
-            for r in range(processes)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args, *by_rank[r].get('args', ())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(by_rank[r].get('local_rank', r))))
+             for r in range(processes)]
+    results = []
     try:
-        codes = _wait_forks(pids, 240)
-        return [(code, Path(path).read_text(errors='replace')) for code, (_, path) in zip(codes, errs)]
-    finally:
-        for _, path in errs:
-            os.remove(path)
-
-
-def _wait_forks(pids, timeout):
-    """The exit statuses of the forks `pids` (as Popen.returncode), asserting that they end within
-    `timeout` s; one still running then (a rank waiting for ever: the failures these catch) is killed."""
-    codes = [None] * len(pids)
-    try:
-        deadline = time.monotonic() + timeout
-        while None in codes and time.monotonic() < deadline:
-            for r, pid in enumerate(pids):
-                if codes[r] is None:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        codes[r] = os.waitstatus_to_exitcode(status)
-            time.sleep(0.01)
-        assert None not in codes, f'still running after {timeout} s: {codes}'
-        return codes
-    finally:
-        for r, pid in enumerate(pids):
-            if codes[r] is None:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            results.append((p.returncode, err))
+        return results
+    finally:  # a rank still waiting (the failure this catches) is not left behind
+        for p in procs:
+            p.kill()
 
 
 def test_ranks_stop_together_when_the_demo_cannot_be_made(tmp_path):
@@ -3113,30 +3053,22 @@ def test_ranks_stop_together_at_an_exchange_when_one_of_them_is_sent_sigterm(fol
     # at the same step, an exchange (StopSignals), and exit; rank 0 says where to continue.
     train, val = folders
     out = tmp_path / 'run'
-    env = dict(OMP_NUM_THREADS='1', WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+    env = dict(os.environ, OMP_NUM_THREADS='1', WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                MASTER_PORT=str(_free_port()))
     args = tiny_args(train, val, out, '--steps', '500', '--log-every', '1', '--batch-size', '2')
-    errs = [tmp_path / f'rank{r}.err' for r in range(2)]
-    pids = []
-    try:  # forks of this process, as _ranks starts them; rank 1 first, without the pipe of rank 0's stdout
-        pids.append(_fork_main(args, env=dict(env, RANK='1', LOCAL_RANK='1'), stderr_path=errs[1]))
-        read, write = os.pipe()
-        pids.insert(0, _fork_main(args, env=dict(env, RANK='0', LOCAL_RANK='0'), stderr_path=errs[0], stdout_fd=write))
-        os.close(write)
-        with open(read, errors='replace') as stdout0:
-            for line in stdout0:
-                if line.startswith('step 3/'):
-                    break
-            os.kill(pids[1], signal.SIGTERM)
-            codes = _wait_forks(pids, 120)
+    procs = [subprocess.Popen([sys.executable, str(HERE / 'colorize.py'), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith('step 3/'):
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        (out0, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
     finally:
-        for pid in pids:  # after an error above (_wait_forks reaps its own)
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-    err0, err1 = (e.read_text(errors='replace') for e in errs)
-    assert codes == [128 + signal.SIGTERM] * 2, err0[-2000:] + err1[-2000:]
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, err0[-2000:] + err1[-2000:]
     stopped = int(re.search(r'stopped at step (\d+) by SIGTERM', err0).group(1))
     assert stopped % colorize.STOP_CHECK_EVERY == 0 and 3 < stopped < 500 and 'stopped' not in err1
     ckpt = _state(out / 'checkpoint.pt')
@@ -6835,27 +6767,26 @@ def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbu
         _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60, 80, i), fmt='JPEG')
     pack = tmp_path / 'pack'
     data.pack_images([root], pack, short_side=48, workers=1, log=_quiet)
-    def run():  # in a fork of this process (SIGBUS would end it)
-        paths = data.pack_paths(str(pack))
+    script = textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {str(HERE)!r})
+        import data
+        paths = data.pack_paths({str(pack)!r})
         images = data.ColorImages(paths, 32, (32, 32), train=False)
         assert images[(0, 0)][1] == images[(5, 0)][1] == data.STATUS_OK  # its shard opened (mapped) by the run
-        os.truncate(pack / 'shard-00000.bin', 100)
+        os.truncate({str(pack / 'shard-00000.bin')!r}, 100)
         print('status:', images[(5, 0)][1] == data.STATUS_BAD)  # zeros with status bad, counted as unreadable
         reader, i = data.packed_entry(paths[5])
         try:
             reader.load_rgb(i)
         except data.BadImage as e:
             print('bad:', e)
-    out, err = tmp_path / 'fork.out', tmp_path / 'fork.err'
-    stdout = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    pid = _fork_main(None, stderr_path=err, stdout_fd=stdout, call=run)
-    os.close(stdout)
-    [code] = _wait_forks([pid], 120)
-    stdout, stderr = out.read_text(), err.read_text()
-    assert code == 0, (code, stderr[-2000:])
+    ''')
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert re.search(r'bad: \S+05\.jpg: shard-00000\.bin ends before its bytes \(the shard was truncated or '
-                     r'replaced since packing: pack again\); in its packed copy, entry 5 of ', stdout), stdout
-    assert 'status: True' in stdout
+                     r'replaced since packing: pack again\); in its packed copy, entry 5 of ', done.stdout), done.stdout
+    assert 'status: True' in done.stdout
 
 
 def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tmp_path):
