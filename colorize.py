@@ -284,7 +284,7 @@ def fill_defaults(args, device, world):
                  'save_every', 'subset', 'workers', 'warmup'):
         value, least = getattr(args, name), 0 if name in ('workers', 'warmup') else 1
         if value is not None and value < least:
-            raise UserError(f'--{name.replace("_", "-")} must be at least {least}, got {value}')
+            raise UserError(f'{flag_name(name)} must be at least {least}, got {value}')
     args.crop = args.crop if args.crop is not None else d['crop']
     args.batch_size = args.batch_size if args.batch_size is not None else d['batch_size']
     args.fc_dim = args.fc_dim if args.fc_dim is not None else d['fc_dim']
@@ -569,7 +569,7 @@ def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print, 
         gone = [p for p in (was if isinstance(was, list) else [was])
                 if isinstance(p, str) and os.path.isabs(p) and not os.path.exists(p)]
         if gone:
-            flag = '--' + name.replace('_', '-')
+            flag = flag_name(name)
             raise UserError(f'{path} was trained with {flag} {gone[0]}, which no longer exists (moved, or not mounted '
                             f'here?). A resumed run reads the same paths, so {flag} cannot change: make {gone[0]} '
                             f'lead to the files again (e.g. ln -s NEW_PLACE {gone[0]}) and resume without {flag}')
@@ -581,7 +581,7 @@ def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print, 
         if name not in args.typed_flags or given == was:
             setattr(args, name, Path(was) if isinstance(getattr(args, name), Path) and was is not None else was)
             continue
-        flag = '--' + name.replace('_', '-')
+        flag = flag_name(name)
         shown = ' '.join(map(str, was)) if isinstance(was, list) else was
         if name not in schedule_flags:
             raise UserError(f'{path} was trained with {flag} {shown}; resuming with another {flag} would not continue '

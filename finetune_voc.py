@@ -240,7 +240,7 @@ def fill_defaults(args, device):
     derive_intervals(args)
     for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):
         if getattr(args, name) <= 0:
-            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+            raise UserError(f'{flag_name(name)} must be positive, got {getattr(args, name)}')
     typed = getattr(args, 'typed_flags', frozenset())
     if args.voc_root is not None and 'demo_root' in typed:
         raise UserError('--demo-root is where the demo world goes, which a run with --voc-root does not use: drop it')
@@ -733,7 +733,7 @@ def resolve(args, name, value, source):
     """Take a model property from the --init source; a flag that says otherwise is an error."""
     given = getattr(args, name)
     if given is not None and given != value and not (isinstance(value, float) and math.isclose(given, value)):
-        raise UserError(f'--{name.replace("_", "-")} {given} contradicts {source}, which has {value}; '
+        raise UserError(f'{flag_name(name)} {given} contradicts {source}, which has {value}; '
                         f'omit the flag or pass {value}')
     setattr(args, name, value)
 
