@@ -281,8 +281,8 @@ def fill_defaults(args, device, world):
     cores = cores_of_this_process()  # first: under DDP a collective, which every rank must reach
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
     for name in ('steps', 'batch_size', 'points', 'crop', 'fc_dim', 'holdout', 'log_every', 'eval_every',
-                 'save_every', 'subset', 'workers', 'warmup'):
-        value, least = getattr(args, name), 0 if name in ('workers', 'warmup') else 1
+                 'save_every', 'subset', 'workers', 'warmup', 'bench_warmup', 'bench_steps'):
+        value, least = getattr(args, name), 0 if name in ('workers', 'warmup', 'bench_warmup') else 1
         if value is not None and value < least:
             raise UserError(f'{flag_name(name)} must be at least {least}, got {value}')
     args.crop = args.crop if args.crop is not None else d['crop']
@@ -2141,10 +2141,6 @@ def bench_counts(args, device, colorizing=False):
 
 def benchmark(args):
     """`--benchmark`: training throughput and/or colorizing speed; writes OUT/benchmark.json."""
-    if args.bench_warmup is not None and args.bench_warmup < 0:
-        raise UserError(f'--bench-warmup must be at least 0, got {args.bench_warmup}')
-    if args.bench_steps is not None and args.bench_steps < 1:
-        raise UserError(f'--bench-steps must be at least 1, got {args.bench_steps}')
     device, rank, world, _ = setup_device(args)
     args.objective = 'colorize'  # the classifier baseline is built from the same trunk
     fill_defaults(args, device, world)

@@ -14,8 +14,8 @@
 
 --init takes a colorize.py checkpoint (BatchNorm folded, colorization head dropped), `random`
 (Kaiming; a ResNet's residual branches at zero), or a state_dict in torchvision's naming (alexnet,
-vgg16, resnet50, resnet152), whose RGB conv1 is converted to our lightness input. Classification: random scale U[0.5, 2], 224 crops,
-multi-label BCE on a new 20-way layer over the global-average-pooled deepest tap; test = mean
+vgg16, resnet50, resnet152), whose RGB conv1 is converted to our lightness input. Classification:
+random scale U[0.5, 2], 224 crops, multi-label BCE on a new 20-way layer over the global-average-pooled deepest tap; test = mean
 logits of 10 random crops, AP both as the VOC2007 11-point interpolated AP and as the
 non-interpolated AP. Segmentation: sparse hypercolumns (128 pixels per 448 crop), new head; test
 = dense prediction at stride 4 over the whole val set, mIU from one confusion matrix. A run writes
@@ -232,14 +232,11 @@ def fill_defaults(args, device):
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     if args.workers is None:
         args.workers = min(8, data.usable_cores()) if device.type == 'cuda' else 1
-    for name in STEP_INTERVALS:  # before they are derived: a typed 0 was taken as not given
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f'{flag_name(name)} must be positive, got {getattr(args, name)}')
     if getattr(args, 'derived_from_steps', None) is None:  # a fresh run; resume_intervals sets a resumed one's
         args.derived_from_steps = [name for name in STEP_INTERVALS if getattr(args, name) is None]
     derive_intervals(args)
-    for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool'):
-        if getattr(args, name) <= 0:
+    for name in ('steps', 'batch_size', 'crop', 'test_crops', 'points', 'shift_images', 'shift_pool', *STEP_INTERVALS):
+        if getattr(args, name) <= 0:  # (a typed --log-every 0 too: derive_intervals fills only those not given)
             raise UserError(f'{flag_name(name)} must be positive, got {getattr(args, name)}')
     typed = getattr(args, 'typed_flags', frozenset())
     if args.voc_root is not None and 'demo_root' in typed:
