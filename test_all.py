@@ -538,6 +538,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+SERVES_THE_PROCESS = ('multiprocessing.resource_tracker', 'multiprocessing.forkserver',
+                      'torch/_inductor/compile_worker')
+
+
 def _live_children():
     """This process's children that have not exited (Linux; elsewhere none are seen): {pid: command}."""
     pids = []
@@ -553,9 +557,10 @@ def _live_children():
             command = Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
         except (OSError, IndexError):
             continue  # gone meanwhile
-        # A zombie has exited (its Popen reaps it); multiprocessing's resource tracker and forkserver
-        # are started once and serve the process until it ends.
-        if state != 'Z' and not any(f'multiprocessing.{s}' in command for s in ('resource_tracker', 'forkserver')):
+        # A zombie has exited (its Popen reaps it); multiprocessing's resource tracker and forkserver,
+        # and Inductor's pool of compile workers (the first in-process torch.compile starts it), are
+        # started once and serve the process until it ends.
+        if state != 'Z' and not any(s in command for s in SERVES_THE_PROCESS):
             live[int(pid)] = command[:200]
     return live
 
@@ -576,6 +581,22 @@ def leaves_nothing_running():
     assert not left, f'the test left processes running: {left}'
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, 'the test left a signal handler changed'
     assert os.getcwd() == cwd, 'the test left the working folder changed'
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='reads /proc (Linux)')
+def test_live_children_sees_a_child_but_not_the_pools_that_serve_the_process():
+    """The fixture above counts a test's own children, not Inductor's compile workers: on a GPU the
+    first in-process compiled test started that pool and was failed for it (the CUDA tests, an H100)."""
+    sleep = [sys.executable, '-c', 'import time; time.sleep(30)']
+    own = subprocess.Popen(sleep)
+    pool = subprocess.Popen(sleep + ['/site-packages/torch/_inductor/compile_worker/__main__.py'])
+    try:
+        live = _live_children()  # Popen returns once the child has exec'd: its command line is its own
+        assert own.pid in live and pool.pid not in live
+    finally:
+        for p in (own, pool):
+            p.kill()
+            p.wait()
 
 
 def tiny(arch, **kwargs):
