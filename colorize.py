@@ -145,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay, not on biases (default %(default)s)')
     p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 64 on CPU)')
     p.add_argument('--short-side', type=int, nargs=2, metavar=('LO', 'HI'),
-                   help='random short-side resize range before cropping (default crop x [1, 1.7], the '
+                   help='random short-side resize range before cropping (default crop x [1, 600 / 352], the '
                         "paper's 352-600 for a 352 crop)")
     p.add_argument('--points', type=int, default=128,
                    help='sampled pixels per image (sparse hypercolumns; default %(default)s)')
