@@ -418,9 +418,10 @@ def load_rgb(path, min_short_side=None, exif_orientation=True):
     return _decode(path, path, min_short_side, exif_orientation)
 
 
-def _decode(source, name, min_short_side=None, exif_orientation=True):
+def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=False):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
-    `name`."""
+    `name`. as_image=True: the same pixels as a Pillow image in mode RGB, which the loader resizes
+    as it is (a copy to numpy and back into Pillow took a tenth of its time per image)."""
     with decoding(name):
         if isinstance(source, str) and os.path.getsize(source) == 0:
             raise BadImage(name, 'empty file (0 bytes)')
@@ -431,7 +432,10 @@ def _decode(source, name, min_short_side=None, exif_orientation=True):
                 if scale < 1:
                     im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
-            return pil_to_rgb(_apply_orientation(im) if exif_orientation else im)
+            im = _apply_orientation(im) if exif_orientation else im
+            if not as_image:
+                return pil_to_rgb(im)
+            return im if im.mode == 'RGB' and 'transparency' not in im.info else Image.fromarray(pil_to_rgb(im))
 
 
 @contextlib.contextmanager
@@ -550,11 +554,18 @@ def random_crop(rgb, crop, short_side_range, flip, rng):
     window, flip horizontally with p = 0.5 if `flip`. uint8 (H, W, 3) -> uint8 (crop, crop, 3),
     C-contiguous, possibly read-only (a view of Pillow's output: copy before writing into it).
     The draws from `rng` (np.random.Generator) are the same in number whatever the image."""
+    x, flipped = _random_window(rgb, crop, short_side_range, flip, rng)
+    return mirror(x) if flipped else np.ascontiguousarray(x)
+
+
+def _random_window(rgb, crop, short_side_range, flip, rng):
+    """random_crop's window before any flip, and whether to flip it: (uint8 (crop, crop, 3), possibly
+    a read-only view, bool). `rgb` as _resized_crop takes it."""
     lo, hi = short_side_range
     short = int(rng.integers(lo, hi + 1))
     u_y, u_x, u_flip = rng.random(3)
     x = _resized_crop(rgb, crop, short, lambda room: int(u_y * (room + 1)), lambda room: int(u_x * (room + 1)))
-    return mirror(x) if flip and u_flip < 0.5 else np.ascontiguousarray(x)
+    return x, bool(flip and u_flip < 0.5)
 
 
 def mirror(a):
@@ -575,16 +586,18 @@ def _resized_crop(rgb, crop, short_side, top, left):
 
     Only the window is resampled, from the source pixels under it (Pillow's resize with a box),
     never the whole resized image: a 2 x 3000 banner at short side 600 would be 1.6 GB. Values
-    match resizing the whole image and cropping to within 1-2 levels of 255 (fixed-point rounding)."""
-    h, w = rgb.shape[:2]
+    match resizing the whole image and cropping to within 1-2 levels of 255 (fixed-point rounding).
+    `rgb`: uint8 (H, W, 3), or a Pillow image in mode RGB (resized as it is: the same pixels)."""
+    image = rgb if isinstance(rgb, Image.Image) else None
+    w, h = image.size if image is not None else rgb.shape[1::-1]
     nh, nw = (h, w) if min(h, w) == short_side else _short_side_size(h, w, short_side)
     y0, x0 = top(max(nh, crop) - crop), left(max(nw, crop) - crop)
     ch, cw = min(nh, crop), min(nw, crop)  # a side shorter than the crop is padded, not cut
     if (nh, nw) == (h, w):
-        window = rgb[y0:y0 + ch, x0:x0 + cw]
+        window = (rgb if image is None else np.asarray(image))[y0:y0 + ch, x0:x0 + cw]
     else:
         sy, sx = h / nh, w / nw
-        window = np.asarray(Image.fromarray(rgb).resize(
+        window = np.asarray((Image.fromarray(rgb) if image is None else image).resize(
             (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
     return _pad_to(window, crop)
 
@@ -639,23 +652,26 @@ class ColorImages(torch.utils.data.Dataset):
         try:
             entry = _packed_entry_or_bad(path)
             # Decode at least as large as the largest short side the augmentation asks for.
+            # (As a Pillow image: resized as it is, see _decode; same pixels as load_rgb's.)
             if entry is None:
-                rgb, gray = load_rgb(path, min_short_side=self.hi), None
+                im, gray = _decode(path, path, min_short_side=self.hi, as_image=True), None
             else:  # a packed image: its gray flag was computed when packing
                 reader, i = entry
-                rgb, gray = reader.load_rgb(i, min_short_side=self.hi), reader.is_gray(i)
+                im, gray = reader.load_rgb(i, min_short_side=self.hi, as_image=True), reader.is_gray(i)
         except BadImage as e:
             print(f'warning: bad image {e.path} ({e.reason}); returned as zeros with status 1',
                   file=sys.stderr, flush=True)
             return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), STATUS_BAD
         if self.min_colorful and gray is None:
-            gray = is_grayscale(rgb)
+            gray = is_grayscale(np.asarray(im))
         status = STATUS_GRAY if self.min_colorful and gray else STATUS_OK
         if self.train:
-            out = random_crop(rgb, self.crop, (self.lo, self.hi), self.flip,
-                              np.random.default_rng(sample_seed))
+            out, flipped = _random_window(im, self.crop, (self.lo, self.hi), self.flip,
+                                          np.random.default_rng(sample_seed))
+            out = out[:, ::-1] if flipped else out
         else:
-            out = center_crop(rgb, self.crop, self.lo)
+            out = center_crop(im, self.crop, self.lo)
+        # (crop, crop, 3) -> (3, crop, crop): one copy, the flip done in it at no extra cost
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), status
 
 
@@ -1262,14 +1278,14 @@ class PackReader:
             if f is not None:
                 f.close()
 
-    def load_rgb(self, i, min_short_side=None):
-        """Image i as load_rgb decodes it: RGB uint8 (H, W, 3). Raises BadImage naming the
-        source file for images that were bad when packed (with the reason recorded then) or
-        whose stored bytes do not decode."""
+    def load_rgb(self, i, min_short_side=None, as_image=False):
+        """Image i as load_rgb decodes it: RGB uint8 (H, W, 3) (as_image=True: a Pillow image in mode
+        RGB, see _decode). Raises BadImage naming the source file for images that were bad when packed
+        (with the reason recorded then) or whose stored bytes do not decode."""
         if self.status(i) == STATUS_BAD:
             raise BadImage(self.source(i), f'{self.reason(i)}; recorded when packing {self.root}')
         try:
-            return _decode(io.BytesIO(self.jpeg(i)), self.source(i), min_short_side)
+            return _decode(io.BytesIO(self.jpeg(i)), self.source(i), min_short_side, as_image=as_image)
         except BadImage as e:
             raise BadImage(e.path, f'{e.reason}; in its packed copy, entry {i} of {self.root}'
                            ) from e

@@ -1599,6 +1599,66 @@ def test_color_images_statuses_and_workers(tmp_path, capsys):
         assert torch.equal(x0, x1) and torch.equal(s0, s1)
 
 
+def _crop_by_hand(rgb, crop, short, place, flip):
+    """ColorImages' view of uint8 (H, W, 3) rgb, (3, crop, crop), from its definition: Pillow's bilinear
+    resize of the window under the crop (box in source pixels), centred zero padding, offsets
+    place(room) for (top, left), a numpy mirror; no resize when the short side is already `short`."""
+    h, w = rgb.shape[:2]
+    nh, nw = (h, w) if min(h, w) == short else (
+        (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short))
+    y0, x0 = place[0](max(nh, crop) - crop), place[1](max(nw, crop) - crop)
+    ch, cw = min(nh, crop), min(nw, crop)
+    if (nh, nw) == (h, w):
+        window = rgb[y0:y0 + ch, x0:x0 + cw]
+    else:
+        sy, sx = h / nh, w / nw
+        window = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR,
+                                                        box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
+    ph, pw = crop - ch, crop - cw
+    out = np.pad(window, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    return torch.from_numpy(np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1)))
+
+
+def test_color_images_pixels_are_the_crop_of_load_rgb_by_hand(tmp_path):
+    """ColorImages resizes the decoded Pillow image as it is (no copy to numpy and back) and flips in
+    its transpose copy: for every mode the decoding converts, from files and from a pack, its pixels are
+    those of load_rgb's array cropped by hand (resized, sliced when the short side is kept, padded)."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / 'src'
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated
+    alpha = np.dstack([_smooth_rgb(44, 40, 5), rng.integers(0, 256, (44, 40, 1), dtype=np.uint8)])
+    pal = Image.fromarray(_smooth_rgb(40, 48, 6)).quantize(16)
+    pal.info['transparency'] = 3
+    paths = [_write_rgb(src / 'rgb.jpg', _smooth_rgb(40, 56, 1), fmt='JPEG'),
+             _write_rgb(src / 'rot.jpg', _smooth_rgb(56, 40, 2), fmt='JPEG', exif=exif.tobytes())]
+    Image.fromarray(_smooth_rgb(40, 50, 3)[..., 0]).save(src / 'gray.jpg')  # mode L
+    Image.fromarray(_smooth_rgb(42, 40, 4)).convert('CMYK').save(src / 'cmyk.jpg')
+    Image.fromarray(alpha).save(src / 'rgba.png')
+    pal.save(src / 'pal.png', transparency=3)
+    Image.frombytes('I;16', (45, 40), (_smooth_rgb(40, 45, 7)[..., 0].astype('<u2') * 257).tobytes()).save(
+        src / 'i16.png')
+    paths += [str(src / n) for n in ('gray.jpg', 'cmyk.jpg', 'rgba.png', 'pal.png', 'i16.png')]
+    assert [Image.open(p).mode for p in paths] == ['RGB', 'RGB', 'L', 'CMYK', 'RGBA', 'P', 'I;16']
+    data.pack_images([src], tmp_path / 'pack', short_side=40, workers=1, log=_quiet)
+    packed = data.find_images(tmp_path / 'pack', log=_quiet)
+    for listed in (paths, packed):
+        for crop, sides in ((32, (36, 48)), (32, (40, 41)), (32, (20, 24))):  # resized; short side kept; padded
+            train = data.ColorImages(listed, crop, sides, min_colorful=False)
+            val = data.ColorImages(listed, crop, sides, train=False, min_colorful=False)
+            for i, path in enumerate(listed):
+                rgb = data.load_rgb(path)
+                for seed in range(6):
+                    draws = np.random.default_rng(seed)
+                    short = int(draws.integers(sides[0], sides[1] + 1))
+                    u = draws.random(3)
+                    place = (lambda room: int(u[0] * (room + 1)), lambda room: int(u[1] * (room + 1)))
+                    want = _crop_by_hand(rgb, crop, short, place, u[2] < 0.5)
+                    assert torch.equal(train[(i, seed)][0], want), (path, crop, sides, seed)
+                want = _crop_by_hand(rgb, crop, sides[0], (lambda room: room // 2,) * 2, False)
+                assert torch.equal(val[i][0], want), (path, crop, sides)
+
+
 def test_infinite_sampler_ranks_resume_epochs():
     n, b, world = 103, 5, 3
     per_epoch = (n // world) // b  # 6 steps; 90 of 103 samples per epoch
