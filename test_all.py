@@ -11,6 +11,7 @@ import contextlib
 import copy
 import errno
 import gc
+import importlib.util
 import inspect
 import io
 import json
@@ -2028,6 +2029,21 @@ def test_pack_round_trip_matches_reference(tmp_path):
     # Decoding with a smaller short side drafts the stored JPEG, as for files.
     assert data.load_rgb(paths[sources.index(src['big_jpeg'])], min_short_side=30).shape == (32, 48, 3)
 
+
+
+def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_path, capsys):
+    """.ci/loader_profile.py (README, Benchmark) repeats ColorImages' calls part by part: it must keep
+    up with data.py's functions, and leave out images that were bad when packed (no bytes to decode)."""
+    _pack_sources(tmp_path / 'src')
+    data.pack_images([tmp_path / 'src'], tmp_path / 'pack', short_side=64, quality=85, workers=1, log=_quiet)
+    spec = importlib.util.spec_from_file_location('loader_profile', Path(__file__).parent / '.ci' / 'loader_profile.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(tmp_path / 'pack'), '--crop', '32', '--short-side', '32', '40', '--batch-size', '4',
+                 '--n', '8', '--repeats', '1'])
+    out = capsys.readouterr().out
+    assert out.startswith('8 images, crop 32, short side 32-40') and all(part in out for part in script.PARTS)
+    assert 'ColorImages[...] + collate, untimed inside' in out
 
 def test_pack_bad_and_gray_through_color_images(tmp_path, capsys):
     src = _pack_sources(tmp_path / 'src')

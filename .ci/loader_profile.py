@@ -83,8 +83,12 @@ def profile(args, who=''):
     clock = time.thread_time if args.clock == 'cpu' else time.perf_counter
     paths = data.pack_paths(args.pack)
     ds = data.ColorImages(paths, args.crop, tuple(args.short_side))
-    it = iter(data.InfiniteSampler(len(paths), args.batch_size, seed=0))
-    samples = [next(it) for _ in range(args.n - args.n % args.batch_size)]
+    entries = [data.packed_entry(path) for path in paths]
+    bad = {k for k, (reader, i) in enumerate(entries) if reader.status(i) == data.STATUS_BAD}
+    if len(bad) == len(paths):
+        sys.exit(f'{args.pack}: no readable image to time')
+    it = (s for s in iter(data.InfiniteSampler(len(paths), args.batch_size, seed=0)) if s[0] not in bad)
+    samples = [next(it) for _ in range(args.n - args.n % args.batch_size)]  # images bad when packed left out
     whole(ds, samples[:2 * args.batch_size], args.batch_size, clock)  # warm: opens the pack, reads its pages
     spent, totals = [], []
     for _ in range(args.repeats):
