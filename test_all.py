@@ -3665,6 +3665,24 @@ def test_a_list_of_packed_images_beside_the_folder_they_were_packed_from_is_refu
     assert not (tmp_path / 'b' / 'checkpoint.pt').exists()
 
 
+def test_readme_loads_a_checkpoint_with_lab_and_models_alone(trained, tmp_path):
+    # The README's recipe (Using lab.py and models.py) for a colorize.py checkpoint, run as written on
+    # the trained VGG-16 and on a ResNet-50 checkpoint whose config holds an fc_dim, as colorize.py's does.
+    text = (HERE / 'README.md').read_text()
+    block = re.search(r"```python\n(ckpt = torch\.load\('runs/vgg16-huechroma/checkpoint\.pt'.*?)```", text, re.S)
+    assert block, 'README: the checkpoint-loading block of "Using lab.py and models.py" is gone'
+    resnet = build_model('resnet50', lab.output_dim('l2'), width=0.0625)
+    torch.save(dict(config=dict(arch='resnet50', objective='colorize', loss='l2', width=0.0625, fc_dim=16,
+                                fc_dropout=0.0), model=resnet.state_dict()), tmp_path / 'resnet.pt')
+    for path in (trained, tmp_path / 'resnet.pt'):
+        scope = dict(torch=torch, lab=lab, build_model=build_model, fold_batchnorm=fold_batchnorm)
+        exec(block.group(1).replace('runs/vgg16-huechroma/checkpoint.pt', str(path)), scope)
+        saved = torch.load(path, map_location='cpu', weights_only=True)['model']
+        loaded = scope['model'].state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+        assert not scope['net'].training
+
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
