@@ -6579,6 +6579,9 @@ def test_pretraining_defaults_follow_the_global_batch_and_the_crop():
     c = colorize.fill_defaults(colorize.parse_args([]), torch.device('cpu'), 1)
     assert (c.crop, c.batch_size, c.fc_dim, c.steps, c.warmup, c.border) == (64, 8, 1024, 100, 2, 9)
     assert c.lr == pytest.approx(1e-3)
+    # README, How long: 15,625 steps of 128 on eight GPUs; 2,000,000 of 8 on a CPU with --data.
+    assert colorize.fill_defaults(colorize.parse_args(['--data', '/d']), torch.device('cuda'), 8).steps == 15_625
+    assert colorize.fill_defaults(colorize.parse_args(['--data', '/d']), torch.device('cpu'), 1).steps == 2_000_000
 
 
 def test_transfer_lr_schedules_of_the_protocols():
