@@ -1720,6 +1720,11 @@ def test_lab_and_models_stand_alone():
         roots = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         roots |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert roots <= {'torch', 'math', 'copy', 'collections', 'functools'}, (name, roots)
+    # README: data.py imports no other file of the repository either (colorize.py imports it).
+    tree = ast.parse((HERE / 'data.py').read_text())
+    roots = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not roots & {p.stem for p in HERE.glob('*.py')}, roots
 
 
 def test_voc_palette_standard_values():
