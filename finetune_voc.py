@@ -269,6 +269,17 @@ def fill_defaults(args, device):
 STEP_INTERVALS = ('log_every', 'save_every')
 
 
+def cpu_note(args):
+    """What the first line says of a CPU run: small crop, batch and test, which finish the demo in minutes;
+    with --voc-root the steps stay the protocol's (80,000 / 40,000), which it says unless --steps was typed."""
+    small = 'small crop and batch, and a smaller test (cls: fewer crops; seg: 50 images)'
+    if args.voc_root is None:
+        return f' (CPU: {small} so the demo finishes in minutes)'
+    typed = getattr(args, 'typed_flags', ())
+    steps = '' if 'steps' in typed else '; the steps are the protocol\'s: give --steps N for a short run'
+    return f' (CPU: {small}{steps})'
+
+
 def derive_intervals(args):
     """Fill the STEP_INTERVALS that are None from args.steps: ~50 progress lines, ~10 checkpoints."""
     if args.log_every is None:
@@ -1538,9 +1549,7 @@ def _run(args, run_lock):
           f'input {args.input}'
           + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
           + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
-          + ('' if device.type == 'cuda' else
-             ' (CPU: small crop and batch, and a smaller test (cls: fewer crops; seg: 50 images) so the demo '
-             'finishes in minutes)'))
+          + ('' if device.type == 'cuda' else cpu_note(args)))
 
     model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', input_kind=args.input,
                                 width=args.width, fc_dim=args.fc_dim, extended_fov=args.extended_fov,

@@ -6589,6 +6589,17 @@ def test_pretraining_defaults_follow_the_global_batch_and_the_crop():
     assert colorize.fill_defaults(colorize.parse_args(['--data', '/d']), torch.device('cpu'), 1).steps == 2_000_000
 
 
+def test_the_cpu_note_speaks_of_the_demo_only_for_the_demo():
+    """A CPU run's first line said 'so the demo finishes in minutes' also with --data (2,000,000 steps) or
+    --voc-root (80,000): there it says that the steps are the full schedule's, unless --steps was typed."""
+    for script, data_flags in ((colorize, ['--data', '/d']), (ft, ['--voc-root', '/v'])):
+        assert 'the demo finishes in minutes' in script.cpu_note(script.parse_args([]))
+        note = script.cpu_note(script.parse_args(data_flags))
+        assert 'demo' not in note and 'give --steps' in note, (script.__name__, note)
+        note = script.cpu_note(script.parse_args([*data_flags, '--steps', '5']))
+        assert 'demo' not in note and '--steps' not in note, (script.__name__, note)
+
+
 def test_transfer_lr_schedules_of_the_protocols():
     """README: segmentation x0.1 at 22.5k and 30k of 40k (at 563 and 750 of --steps 1000);
     classification halved every 10k of 80k."""
