@@ -5,7 +5,7 @@
     python finetune_voc.py --task seg --init CKPT --voc-root /data/VOCdevkit --train-split train_aug
     python finetune_voc.py --task seg --init CKPT --extended-fov                      # the paper's best
     python finetune_voc.py --task cls --init random -a alexnet                        # RQ1: random init
-    python finetune_voc.py --task cls --init vgg16_imagenet.pth                       # RQ1: ImageNet labels
+    python finetune_voc.py --task cls --init imagenet_vgg16.pth                       # RQ1: ImageNet labels
     python finetune_voc.py --task seg --init CKPT --label-fraction 0.1                # RQ3: 10% of the labels
     python finetune_voc.py --task cls --init CKPT --feature-shift                     # RQ4: CKA per layer
     python finetune_voc.py --task cls --init CKPT --freeze                            # linear probe
