@@ -276,13 +276,14 @@ def autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
 
 
-def cpu_note(args):
-    """What the first line says of a CPU run: small defaults, which finish the demo in minutes; with --data
-    the steps stay the paper's 16M images (2,000,000 of 8), which it says unless --steps was typed."""
+def cpu_note(args, world=1):
+    """What the first line says of a CPU run (after fill_defaults): small defaults, which finish the demo in
+    minutes; with --data the steps stay the paper's 16M images (2,000,000 of 8), which it says where the run
+    has that many (a typed --steps 1000, or a 1000-step run resumed without it, has not)."""
     if args.data is None:
         return ' (CPU: small defaults so the demo finishes in minutes; a GPU runs 224 crops, batch 128)'
-    typed = getattr(args, 'typed_flags', ())
-    steps = '' if 'steps' in typed else '; the steps are the full schedule\'s: give --steps N for a short run'
+    full = args.steps == math.ceil(PAPER_SAMPLES / (args.batch_size * world))
+    steps = '; the steps are the full schedule\'s: give --steps N for a short run' if full else ''
     return f' (CPU: small crop and batch; a GPU runs 224 crops, batch 128{steps})'
 
 
@@ -1521,7 +1522,7 @@ def _train(args, run_lock):
         ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
         print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}{ddp}; '
               f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
-              f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args)))
+              f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args, world)))
 
     torch.manual_seed(args.seed)
     model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)

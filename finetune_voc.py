@@ -270,13 +270,14 @@ STEP_INTERVALS = ('log_every', 'save_every')
 
 
 def cpu_note(args):
-    """What the first line says of a CPU run: small crop, batch and test, which finish the demo in minutes;
-    with --voc-root the steps stay the protocol's (80,000 / 40,000), which it says unless --steps was typed."""
+    """What the first line says of a CPU run (after fill_defaults): small crop, batch and test, which finish the
+    demo in minutes; with --voc-root the steps stay the protocol's (80,000 / 40,000), which it says where the
+    run has that many (a typed --steps 1000, or a 1000-step run resumed without it, has not)."""
     small = 'small crop and batch, and a smaller test (cls: fewer crops; seg: 50 images)'
     if args.voc_root is None:
         return f' (CPU: {small} so the demo finishes in minutes)'
-    typed = getattr(args, 'typed_flags', ())
-    steps = '' if 'steps' in typed else '; the steps are the protocol\'s: give --steps N for a short run'
+    full = args.steps == TASK_DEFAULTS[args.task]['steps']
+    steps = '; the steps are the protocol\'s: give --steps N for a short run' if full else ''
     return f' (CPU: {small}{steps})'
 
 

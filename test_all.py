@@ -6589,15 +6589,33 @@ def test_pretraining_defaults_follow_the_global_batch_and_the_crop():
     assert colorize.fill_defaults(colorize.parse_args(['--data', '/d']), torch.device('cpu'), 1).steps == 2_000_000
 
 
+def _cpu_note(script, argv, saved=None, world=1):
+    """The CPU note of `script`'s run with `argv` (after fill_defaults; `saved`: a checkpoint's args, which
+    --resume fills the flags not typed from, see merge_resumed_args), and its filled args."""
+    args = script.parse_args(argv)
+    if saved is not None:
+        colorize.merge_resumed_args(args, saved, script.RUN_FLAGS, script.SCHEDULE_FLAGS, 'ckpt', log=None)
+    if script is colorize:
+        return script.cpu_note(script.fill_defaults(args, torch.device('cpu'), world), world), args
+    return script.cpu_note(script.fill_defaults(args, torch.device('cpu'))), args
+
+
 def test_the_cpu_note_speaks_of_the_demo_only_for_the_demo():
     """A CPU run's first line said 'so the demo finishes in minutes' also with --data (2,000,000 steps) or
-    --voc-root (80,000): there it says that the steps are the full schedule's, unless --steps was typed."""
+    --voc-root (80,000): there it says that the steps are the full schedule's where they are (2,000,000 of 8
+    on one process, 1,000,000 on two; 80,000), not for a typed --steps 5 nor for a 1000-step run resumed
+    without --steps (which takes the checkpoint's 1000)."""
     for script, data_flags in ((colorize, ['--data', '/d']), (ft, ['--voc-root', '/v'])):
-        assert 'the demo finishes in minutes' in script.cpu_note(script.parse_args([]))
-        note = script.cpu_note(script.parse_args(data_flags))
+        assert 'the demo finishes in minutes' in _cpu_note(script, [])[0]
+        note = _cpu_note(script, data_flags)[0]
         assert 'demo' not in note and 'give --steps' in note, (script.__name__, note)
-        note = script.cpu_note(script.parse_args([*data_flags, '--steps', '5']))
+        note = _cpu_note(script, [*data_flags, '--steps', '5'])[0]
         assert 'demo' not in note and '--steps' not in note, (script.__name__, note)
+        saved = colorize.plain_args(_cpu_note(script, [*data_flags, '--steps', '1000'])[1])
+        note, resumed = _cpu_note(script, [*data_flags, '--resume'], saved=saved)
+        assert resumed.steps == 1000 and 'demo' not in note and '--steps' not in note, (script.__name__, note)
+    note, args = _cpu_note(colorize, ['--data', '/d'], world=2)  # torchrun on CPUs
+    assert args.steps == 1_000_000 and 'give --steps' in note, note
 
 
 def test_transfer_lr_schedules_of_the_protocols():
