@@ -2039,7 +2039,7 @@ def test_pack_round_trip_matches_reference(tmp_path):
 
 
 
-def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_path, capsys):
+def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_path, capsys, monkeypatch):
     """.ci/loader_profile.py (README, Benchmark) repeats ColorImages' calls part by part: it must keep
     up with data.py's functions, and leave out images that were bad when packed (no bytes to decode)."""
     _pack_sources(tmp_path / 'src')
@@ -2047,10 +2047,16 @@ def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_pa
     spec = importlib.util.spec_from_file_location('loader_profile', Path(__file__).parent / '.ci' / 'loader_profile.py')
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main([str(tmp_path / 'pack'), '--crop', '32', '--short-side', '32', '40', '--batch-size', '4',
+    # The image sizes that reach the resized crop, in the timed parts and in ColorImages: the same (a pack at
+    # 64 with short sides 16-20 is decoded at half size by JPEG's draft, 64 -> 32 >= 20, in both).
+    seen, window = [], data._random_window
+    monkeypatch.setattr(data, '_random_window', lambda im, *a: seen.append(im.size) or window(im, *a))
+    script.main([str(tmp_path / 'pack'), '--crop', '16', '--short-side', '16', '20', '--batch-size', '4',
                  '--n', '8', '--repeats', '2'])
     out = capsys.readouterr().out
-    assert out.startswith('8 images, crop 32, short side 32-40') and all(part in out for part in script.PARTS)
+    assert out.startswith('8 images, crop 16, short side 16-20') and all(part in out for part in script.PARTS)
+    assert len(seen) == 8 + 2 * 16 and min(min(size) for size in seen) < 64
+    assert sorted(seen[8:16]) == sorted(seen[16:24]) == sorted(seen[24:32]), seen  # warm-up, then parts, whole
     # .ci/gpu's summary takes the last line: the untimed figure (the best pass), as its table shows it.
     untimed = re.search(r'ColorImages\[\.\.\.\] \+ collate, untimed inside +([0-9.]+) \(passes: ([0-9.]+), ([0-9.]+)\)', out)
     assert untimed and float(untimed[1]) == min(float(untimed[2]), float(untimed[3])), out
