@@ -1642,7 +1642,11 @@ def test_color_images_pixels_are_the_crop_of_load_rgb_by_hand(tmp_path):
     keyed = _smooth_rgb(40, 44, 8) // 64 * 64  # mode RGB with a transparency key: the key's pixels are white
     Image.fromarray(keyed).save(src / 'keyed.png', transparency=tuple(int(v) for v in keyed[0, 0]))
     paths += [str(src / n) for n in ('gray.jpg', 'cmyk.jpg', 'rgba.png', 'pal.png', 'i16.png', 'keyed.png')]
-    assert [Image.open(p).mode for p in paths] == ['RGB', 'RGB', 'L', 'CMYK', 'RGBA', 'P', 'I;16', 'RGB']
+    modes = []
+    for p in paths:
+        with Image.open(p) as im:
+            modes.append(im.mode)
+    assert modes == ['RGB', 'RGB', 'L', 'CMYK', 'RGBA', 'P', 'I;16', 'RGB']
     assert (data.load_rgb(paths[-1]) == 255).all(axis=2).mean() >= (keyed == keyed[0, 0]).all(axis=2).mean() > 0.05
     data.pack_images([src], tmp_path / 'pack', short_side=40, workers=1, log=_quiet)
     packed = data.find_images(tmp_path / 'pack', log=_quiet)
