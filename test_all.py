@@ -3707,6 +3707,26 @@ def test_readme_loads_a_checkpoint_with_lab_and_models_alone(trained, tmp_path):
         assert not scope['net'].training
 
 
+def test_readme_internal_links_lead_to_headings():
+    # Every `](#anchor)` of README.md names a heading, by GitHub's rule: lowercase, punctuation but '-'
+    # and '_' dropped, spaces to '-', a repeated anchor numbered -1, -2, ... Lines in code blocks are
+    # no headings (a `# comment` there).
+    def slug(title):
+        return re.sub(r'[^\w\- ]', '', title.strip().lower()).replace(' ', '-')
+    assert slug("Transfer to PASCAL VOC: `finetune_voc.py`") == 'transfer-to-pascal-voc-finetune_vocpy'
+    text = (HERE / 'README.md').read_text()
+    anchors, seen, fenced = set(), Counter(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith('```'):
+            fenced = not fenced
+        elif not fenced and re.match(r'#{1,6} ', line):
+            a = slug(line.lstrip('#'))
+            anchors.add(a if not seen[a] else f'{a}-{seen[a]}')
+            seen[a] += 1
+    links = re.findall(r'\]\(#([^)]*)\)', text)
+    assert len(links) > 10 and {'platforms', 'quick-start'} <= anchors
+    assert sorted(set(links) - anchors) == []
+
 def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     ckpt = _state(trained)
     ckpt['config']['arch'] = 'alexnet'
