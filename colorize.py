@@ -2234,25 +2234,28 @@ def benchmark_loader(args, device, rank, world, flops=None):
         flops = _flops_per_image(lambda im, st: train_step(net, opt, im, st, args, device), next(batches), B,
                                  net)
     queued = args.workers * LOADER_PREFETCH  # the most batches the workers hold ready
+    # Both rows time each worker's making 4 batches or more (with 15 workers and 20 steps, each made one
+    # or two, and a window of half a second on a GPU).
+    steps = max(iters, 4 * args.workers)
     cpu = CpuUse()  # where the host's CPU goes while timing: main thread, other threads, workers
     seconds, mem, recompiles, waited = _timed(lambda im, st: train_step(fast, opt, im, st, args, device), batches,
-                                              warmup, iters, device, skip=queued, span=cpu)
+                                              warmup, steps, device, skip=queued, span=cpu)
     rows = []
     rows.append(dict(model='colorizer', data=f'loader ({args.workers} workers)', compiled=args.compile,
                      img_per_s=B / seconds, ms_per_step=1000 * seconds, gflops_per_img=flops / 1e9,
-                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles,
-                     host_wait_ms=1000 * waited, cpu=cpu.per_step(iters, iters * B, args.workers)))
+                     tflops=flops * B / seconds / 1e12, peak_mem_gb=mem, recompiles=recompiles, steps=steps,
+                     host_wait_ms=1000 * waited, cpu=cpu.per_step(steps, steps * B, args.workers)))
     print_row(rows[-1])
     # The loader alone: the most it can feed. Each batch's images only go to the device, as in a step
     # (on a CPU that reads each batch once, which matters: a page not read costs nothing). Queued
-    # batches dropped first, as above; each worker makes 4 batches or more.
-    cpu, steps = CpuUse(), max(iters, 4 * args.workers)
+    # batches dropped first, as above.
+    cpu = CpuUse()
     sink = torch.empty((B, 3, args.crop, args.crop), dtype=torch.uint8, device=device)
     seconds = _timed(lambda images, *rest: sink.copy_(images, non_blocking=True), batches, 0, steps, device,
                      skip=queued, span=cpu)[0]
     rows.append(dict(model='loader', data=f'alone ({args.workers} workers)', compiled=False, img_per_s=B / seconds,
                      ms_per_step=1000 * seconds, gflops_per_img=0.0, tflops=0.0, peak_mem_gb=0.0, recompiles=0,
-                     cpu=cpu.per_step(steps, steps * B, args.workers)))
+                     steps=steps, cpu=cpu.per_step(steps, steps * B, args.workers)))
     print_row(rows[-1])
     return rows
 

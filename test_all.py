@@ -4221,10 +4221,12 @@ def test_benchmark_mode_tiny(folders, tmp_path, monkeypatch, capsys):
     assert all(f'over {s:.2f} s (under 1 s:' in printed for s in spans) and all(s < 1 for s in spans)
     assert "ms/step waiting for the loader's next batch" in printed
     # --benchmark loader: only the two loader rows, the FLOPs counted alike (the network's).
+    # Its rows time 4 batches per loader process, 8 with 2, where --bench-steps says 2 (in-process: 2).
     assert colorize.main(bench_args(train, tmp_path / 'loader', '--benchmark', 'loader', '--bench-warmup', '1',
-                                    '--bench-steps', '2')) == 0
+                                    '--bench-steps', '2', '--workers', '2')) == 0
     alone = json.loads((tmp_path / 'loader' / 'benchmark.json').read_text())
     assert [(r['model'], r['data'].split()[0]) for r in alone['rows']] == [('colorizer', 'loader'), ('loader', 'alone')]
+    assert [r['steps'] for r in alone['rows']] == [8, 8] and [r['steps'] for r in rows[3:]] == [2, 2]
     assert alone['rows'][0]['gflops_per_img'] == pytest.approx(rows[0]['gflops_per_img']) and 'colorize' not in alone
     assert alone['switch_interval'] == sys.getswitchinterval() and alone['sharing_strategy'] in ('file_descriptor',
                                                                                                'file_system')
