@@ -6951,15 +6951,23 @@ def test_a_mask_value_that_is_no_class_and_not_void_is_one_line_naming_it(tmp_pa
         ft._load_label(mask('many.png', [21, 22, 23, 24, 25, 254]))
 
 
+def _pack_of_jpegs(tmp_path, n, size=(40, 50), short_side=32, empty=()):
+    """n smooth JPEGs 00.jpg.. (and empty files named in `empty`: bad images) in tmp_path/src, packed
+    into tmp_path/pack by one worker: (src, pack)."""
+    root, pack = tmp_path / 'src', tmp_path / 'pack'
+    for i in range(n):
+        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(*size, i), fmt='JPEG')
+    for name in empty:
+        (root / name).write_bytes(b'')
+    data.pack_images([root], pack, short_side=short_side, workers=1, log=_quiet)
+    return root, pack
+
+
 def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbus(tmp_path):
     # The shards were memory-mapped: once one was cut short under a running job (by hand, a sync tool, a
     # network file system), reading an image past its new end killed the process with SIGBUS: no message, no
     # count (and a loader process's death a traceback). Read with pread, it is an unreadable image, counted.
-    root = tmp_path / 'src'
-    for i in range(6):
-        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(60, 80, i), fmt='JPEG')
-    pack = tmp_path / 'pack'
-    data.pack_images([root], pack, short_side=48, workers=1, log=_quiet)
+    _, pack = _pack_of_jpegs(tmp_path, 6, size=(60, 80), short_side=48)
     script = textwrap.dedent(f'''
         import os, sys
         sys.path.insert(0, {str(HERE)!r})
@@ -6988,12 +6996,7 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
     # a truncated names.bin gave images empty or cut names (and so other class folders), an unknown status
     # trained as ok. Now each is refused when the pack is opened, naming the file; a lost bad.jsonl only
     # loses the reasons of the bad images.
-    root = tmp_path / 'src'
-    for i in range(4):
-        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
-    (root / 'zz.jpg').write_bytes(b'')  # bad: entry 4
-    pack = tmp_path / 'pack'
-    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    root, pack = _pack_of_jpegs(tmp_path, 4, empty=['zz.jpg'])  # zz.jpg: entry 4, bad
     n_names = (pack / 'names.bin').stat().st_size
     shard = (pack / 'shard-00000.bin').stat().st_size
 
@@ -7058,11 +7061,7 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
 def test_a_pack_damaged_after_the_run_listed_it_gives_bad_images_not_a_traceback(tmp_path, capsys):
     # A loader process opens the pack afresh: once it was cut short (or made again) after the run listed it, the
     # ValueError of opening it came out of the worker as a traceback; now each image is a counted bad image.
-    root = tmp_path / 'src'
-    for i in range(2):
-        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
-    pack = tmp_path / 'pack'
-    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    _, pack = _pack_of_jpegs(tmp_path, 2)
     images = data.ColorImages(data.pack_paths(pack), 32, (32, 32), train=False)
     os.truncate(pack / 'names.bin', 10)
     data._OPEN_PACKS.clear()  # as in a loader process that opens the pack now
@@ -7076,11 +7075,7 @@ def test_a_pack_damaged_after_the_run_listed_it_gives_bad_images_not_a_traceback
 def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
     # An unfinished pack copied in part, or its progress.json edited, gave tracebacks when `pack` went on
     # (KeyError, FileNotFoundError) or numpy's words alone ('EOF: reading array header').
-    root = tmp_path / 'src'
-    for i in range(3):
-        _write_rgb(root / f'{i:02d}.jpg', _smooth_rgb(40, 50, i), fmt='JPEG')
-    pack = tmp_path / 'pack'
-    data.pack_images([root], pack, short_side=32, workers=1, log=_quiet)
+    root, pack = _pack_of_jpegs(tmp_path, 3)
     os.remove(pack / 'complete.json')  # killed between its last commit and complete.json
     progress = json.loads((pack / 'progress.json').read_text())
     cases = {'no_params': (lambda c: (c / 'progress.json').write_text(json.dumps(
