@@ -174,8 +174,8 @@ def parse_args(argv=None):
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue the run of CKPT (default: <out>/checkpoint.pt) with its settings (data, '
                         'network, schedule); a run flag given anew must have the run\'s value, a schedule or logging '
-                        'flag wins (RUN_FLAGS, SCHEDULE_FLAGS); --device, --workers, --compile, --handover are this '
-                        'process\'s own')
+                        'flag wins (README: Resuming and changing a run); --device, --workers, --compile, --handover '
+                        'are this process\'s own')
     p.add_argument('--log-every', type=int, default=None, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--eval-every', type=int, default=None, help='steps between evaluations (default ~5 per run)')
     p.add_argument('--save-every', type=int, default=None, help='steps between checkpoints (default = --eval-every)')

@@ -170,8 +170,8 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, help='data loader processes (default min(8, cores) on CUDA, 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue from CKPT (default: <out>/checkpoint.pt, which needs --out) with its flags; a run '
-                        'flag given anew must have the run\'s value, a schedule, logging or test flag wins (RUN_FLAGS, '
-                        'SCHEDULE_FLAGS); --device, --workers, --compile are this process\'s own')
+                        'flag given anew must have the run\'s value, a schedule, logging or test flag wins (README: '
+                        'Run folders, results and resuming); --device, --workers, --compile are this process\'s own')
     p.add_argument('--log-every', type=int, help='steps between progress lines (default ~50 lines)')
     p.add_argument('--save-every', type=int, help='steps between checkpoints (default ~10 per run)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
