@@ -278,13 +278,19 @@ def autocast(device):
 
 def cpu_note(args, world=1):
     """What the first line says of a CPU run (after fill_defaults): small defaults, which finish the demo in
-    minutes; with --data the steps stay the paper's 16M images (2,000,000 of 8), which it says where the run
-    has that many (a typed --steps 1000, or a 1000-step run resumed without it, has not)."""
-    if args.data is None:
-        return ' (CPU: small defaults so the demo finishes in minutes; a GPU runs 224 crops, batch 128)'
-    full = args.steps == math.ceil(PAPER_SAMPLES / (args.batch_size * world))
-    steps = '; the steps are the full schedule\'s: give --steps N for a short run' if full else ''
-    return f' (CPU: small crop and batch; a GPU runs 224 crops, batch 128{steps})'
+    minutes, where the run has them (not with a typed --crop 224, say); with --data the steps stay the paper's
+    16M images (2,000,000 of 8), which it says where the run has that many (a typed --steps 1000, or a
+    1000-step run resumed without it, has not)."""
+    cpu, gpu = CPU_DEFAULTS, GPU_DEFAULTS
+    small = args.crop <= cpu['crop'] and args.batch_size <= cpu['batch_size']
+    gpu_runs = f'a GPU runs {gpu["crop"]} crops, batch {gpu["batch_size"]}'
+    if args.data is None and small and args.steps <= cpu['demo_steps']:
+        return f' (CPU: small defaults so the demo finishes in minutes; {gpu_runs})'
+    full = args.data is not None and args.steps == math.ceil(PAPER_SAMPLES / (args.batch_size * world))
+    parts = ['small crop and batch'] if small else []
+    parts += [gpu_runs] if (args.crop, args.batch_size) != (gpu['crop'], gpu['batch_size']) else []
+    parts += ["the steps are the full schedule's: give --steps N for a short run"] if full else []
+    return f' (CPU: {"; ".join(parts)})' if parts else ''
 
 
 def fill_defaults(args, device, world):

@@ -270,15 +270,23 @@ STEP_INTERVALS = ('log_every', 'save_every')
 
 
 def cpu_note(args):
-    """What the first line says of a CPU run (after fill_defaults): small crop, batch and test, which finish the
-    demo in minutes; with --voc-root the steps stay the protocol's (80,000 / 40,000), which it says where the
-    run has that many (a typed --steps 1000, or a 1000-step run resumed without it, has not)."""
-    small = 'small crop and batch, and a smaller test (cls: fewer crops; seg: 50 images)'
-    if args.voc_root is None:
-        return f' (CPU: {small} so the demo finishes in minutes)'
-    full = args.steps == TASK_DEFAULTS[args.task]['steps']
-    steps = '; the steps are the protocol\'s: give --steps N for a short run' if full else ''
-    return f' (CPU: {small}{steps})'
+    """What the first line says of a CPU run (after fill_defaults): small crop and batch and a smaller test,
+    which finish the demo in minutes, where the run has them (not with a typed --crop 224, say); with
+    --voc-root the steps stay the protocol's (80,000 / 40,000), which it says where the run has that many (a
+    typed --steps 1000, or a 1000-step run resumed without it, has not)."""
+    cpu = CPU_DEFAULTS[args.task]
+    small = args.crop <= cpu['crop'] and args.batch_size <= cpu['batch_size']
+    shrunk = ['small crop and batch'] if small else []
+    if args.task == 'cls' and args.test_crops < TASK_DEFAULTS['cls']['test_crops']:
+        shrunk.append(f'{args.test_crops} test crops')
+    if args.task == 'seg' and args.test_images:
+        shrunk.append(f'{args.test_images} test images')
+    if args.voc_root is None and small and args.steps <= cpu['demo_steps']:
+        return f' (CPU: {", ".join(shrunk)} so the demo finishes in minutes)'
+    full = args.voc_root is not None and args.steps == TASK_DEFAULTS[args.task]['steps']
+    parts = [', '.join(shrunk)] if shrunk else []
+    parts += ["the steps are the protocol's: give --steps N for a short run"] if full else []
+    return f' (CPU: {"; ".join(parts)})' if parts else ''
 
 
 def derive_intervals(args):

@@ -6657,6 +6657,11 @@ def test_the_cpu_note_speaks_of_the_demo_only_for_the_demo():
         assert resumed.steps == 1000 and 'demo' not in note and '--steps' not in note, (script.__name__, note)
     note, args = _cpu_note(colorize, ['--data', '/d'], world=2)  # torchrun on CPUs
     assert args.steps == 1_000_000 and 'give --steps' in note, note
+    # Typed large sizes: neither "small" nor "the demo finishes in minutes" (it said both).
+    for script, big in ((colorize, ['--crop', '224', '--batch-size', '128']), (ft, ['--crop', '224', '--batch-size', '16'])):
+        for data_flags in ([], ['--voc-root', '/v'] if script is ft else ['--data', '/d']):
+            note = _cpu_note(script, [*big, *data_flags, '--steps', '5'])[0]
+            assert 'small' not in note and 'demo' not in note, (script.__name__, note)
 
 
 def test_transfer_lr_schedules_of_the_protocols():
