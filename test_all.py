@@ -2058,7 +2058,8 @@ def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_pa
     script.main([str(tmp_path / 'pack'), '--crop', '16', '--short-side', '16', '20', '--batch-size', '4',
                  '--n', '8', '--repeats', '2'])
     out = capsys.readouterr().out
-    assert out.startswith('8 images, crop 16, short side 16-20') and all(part in out for part in script.PARTS)
+    assert out.splitlines()[0].startswith('host: ') and all(part in out for part in script.PARTS)
+    assert out.splitlines()[1].startswith('8 images, crop 16, short side 16-20')
     assert len(seen) == 8 + 2 * 16 and min(min(size) for size in seen) < 64
     assert sorted(seen[8:16]) == sorted(seen[16:24]) == sorted(seen[24:32]), seen  # warm-up, then parts, whole
     # .ci/gpu's summary takes the last line: the untimed figure (the best pass), as its table shows it.
@@ -2066,8 +2067,23 @@ def test_loader_profile_script_times_every_part_of_a_pack_with_bad_images(tmp_pa
     assert untimed and float(untimed[1]) == min(float(untimed[2]), float(untimed[3])), out
     last = out.strip().splitlines()[-1]
     assert last == f'ms of wall time per image, ColorImages[...] + collate untimed inside, the mean of 1 process(es): {untimed[1]}'
-    assert re.search(r"grep -E '\^ms of \.\* the mean of' \"\$OUT/loader-profile-\$n\.log\"",
+    assert re.search(r"grep -E '\^\(host:\|ms of \.\* the mean of\)' \"\$OUT/loader-profile-\$n\.log\"",
                      (HERE / '.ci' / 'gpu').read_text()), '.ci/gpu no longer takes that line'
+
+def test_loader_profile_host_line_counts_hyperthreads_as_cores_they_share():
+    """The host line counts physical cores by (physical id, core id): two sockets of two cores with two
+    threads each are 8 logical CPUs on 4 cores (a hand-written /proc/cpuinfo)."""
+    spec = importlib.util.spec_from_file_location('loader_profile', Path(__file__).parent / '.ci' / 'loader_profile.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    blocks = [f'processor\t: {k}\nmodel name\t: Xeon Test\nphysical id\t: {k // 4}\ncore id\t: {k % 2}\n'
+              f'cpu MHz\t\t: {2000 + 100 * k}.000\n' for k in range(8)]
+    line = script.host_cpus('\n'.join(blocks), 6, 'max 100000\n')
+    assert line == ('host: Xeon Test; 8 logical CPUs on 4 cores (2 per core); this process may use 6; '
+                    'clock now 2000-2700 MHz; cgroup cpu.max max 100000')
+    # A VM's cpuinfo without core ids (some hypervisors): the cores are not guessed.
+    assert 'an unknown number of cores' in script.host_cpus('processor\t: 0\nmodel name\t: V\n', 1)
+
 
 def test_pack_bad_and_gray_through_color_images(tmp_path, capsys):
     src = _pack_sources(tmp_path / 'src')

@@ -115,6 +115,31 @@ def profile(args, who=''):
     return min(totals) * 1e3 / n
 
 
+def host_cpus(cpuinfo, usable, cpu_max=None):
+    """One line on the host's CPUs, from the text of /proc/cpuinfo: the model, logical CPUs on how many
+    physical cores (two threads per core share one core's units: a loader process then gets less done per
+    CPU second), this process's `usable` CPUs, the clock now, and the cgroup's cpu.max (quota and period in
+    us; "max": none), where known. Read on the GPU host, it says why an image costs more CPU time there."""
+    cpus = [dict((k.strip(), v.strip()) for k, _, v in (line.partition(':') for line in block.splitlines()))
+            for block in cpuinfo.strip().split('\n\n') if 'processor' in block]
+    cores = {(c.get('physical id'), c.get('core id')) for c in cpus}
+    known = cpus and all(None not in core for core in cores)
+    mhz = sorted(float(c['cpu MHz']) for c in cpus if c.get('cpu MHz'))
+    line = (f'host: {cpus[0].get("model name", "?") if cpus else "?"}; {len(cpus)} logical CPUs on '
+            + (f'{len(cores)} cores ({len(cpus) / len(cores):g} per core)' if known else 'an unknown number of cores')
+            + f'; this process may use {usable}')
+    line += f'; clock now {mhz[0]:.0f}-{mhz[-1]:.0f} MHz' if mhz else ''
+    return line + (f'; cgroup cpu.max {cpu_max.strip()}' if cpu_max else '')
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def _run(job):
     args, k = job
     return profile(args, who=f'process {k}: ')
@@ -137,6 +162,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < args.batch_size:
         p.error('--n must be at least --batch-size')
+    print(host_cpus(_read('/proc/cpuinfo') or '', len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                    else os.cpu_count(), _read('/sys/fs/cgroup/cpu.max')), flush=True)
     if args.processes == 1:
         figures = [profile(args)]
     else:
