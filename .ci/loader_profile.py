@@ -140,6 +140,12 @@ def _read(path):
         return None
 
 
+def host_line():
+    """host_cpus of this machine (.ci/gpu all prints it first)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return host_cpus(_read('/proc/cpuinfo') or '', usable, _read('/sys/fs/cgroup/cpu.max'))
+
+
 def _run(job):
     args, k = job
     return profile(args, who=f'process {k}: ')
@@ -162,8 +168,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < args.batch_size:
         p.error('--n must be at least --batch-size')
-    print(host_cpus(_read('/proc/cpuinfo') or '', len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                    else os.cpu_count(), _read('/sys/fs/cgroup/cpu.max')), flush=True)
+    print(host_line(), flush=True)
     if args.processes == 1:
         figures = [profile(args)]
     else:
