@@ -525,6 +525,17 @@ def is_grayscale(rgb, tol=6, quantile=0.99):
     r, g, b = (rgb[::step, ::step, c] for c in range(3))
     # Channel by channel: numpy's max over a last axis of 3 took 25x longer, more than the decoding.
     spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8: max >= min
+    # np.quantile interpolates between the sorted spreads k and k + 1, k = floor(quantile (n - 1)), so
+    # the answer depends only on how many spreads are <= tol, unless that count puts the boundary at
+    # k (with a margin of one against rounding): a count, not np.quantile's partition, which took
+    # 1.5 ms of 1.7 for a 500 x 375 photo.
+    n = spread.size
+    k = math.floor(quantile * (n - 1))
+    within = n - np.count_nonzero(spread > tol)  # sorted, spreads 0 .. within - 1 are <= tol
+    if k + 2 < within:  # both neighbours <= tol
+        return True
+    if k - 1 >= within:  # the lower neighbour > tol, and the interpolation is not below it
+        return False
     return bool(np.quantile(spread.astype(np.int16), quantile) <= tol)
 
 

@@ -1497,6 +1497,26 @@ def test_is_grayscale():
         assert data.is_grayscale(img) == gray_expected, (second_largest, largest)
 
 
+def test_is_grayscale_agrees_with_the_quantile_at_every_count_near_the_boundary():
+    """is_grayscale counts the spreads above tol instead of sorting them: against np.quantile of the
+    spreads (np.ptp over the channels, a second formula) for every count of coloured pixels around 1%,
+    with spreads just above and far above tol, in images of several sizes (also strided: >= 512 px)."""
+    rng = np.random.default_rng(0)
+    for h, w in ((10, 10), (17, 23), (40, 50), (512, 600)):
+        n = len(range(0, h, max(1, min(h, w) // 256))) * len(range(0, w, max(1, min(h, w) // 256)))
+        for over in sorted({*range(max(0, n // 100 - 3), n // 100 + 4), 0, n // 2}):
+            for high, noise in [(high, noise) for high in (7, 8, 60, 255) for noise in (3, 7)]:
+                img = np.repeat(rng.integers(0, 200, (h, w, 1), dtype=np.uint8), 3, axis=2)
+                img[..., 1] += rng.integers(0, noise, (h, w), dtype=np.uint8)  # spreads <= 6: gray
+                step = max(1, min(h, w) // 256)
+                sampled = img[::step, ::step]  # (a view) the pixels that is_grayscale reads
+                ys, xs = np.unravel_index(rng.choice(n, over, replace=False), sampled.shape[:2])
+                sampled[ys, xs, 2] = sampled[ys, xs, 1].astype(int) + rng.integers(7, high + 1, over)
+                sampled[ys, xs, 0] = sampled[ys, xs, 1]
+                expected = np.quantile(np.ptp(sampled.astype(np.int16), axis=2), 0.99) <= 6
+                assert data.is_grayscale(img) == expected, (h, w, over, high, noise)
+
+
 # ----------------------------------------------------------------------------------------------
 # augmentation, dataset, sampler
 
