@@ -1268,10 +1268,10 @@ class PackReader:
         shard, offset, length, _ = (int(v) for v in self.index[i])
         if length == 0:
             return b''
-        if self._shards[shard] is None:
-            self._shards[shard] = open(os.path.join(self.root, _shard_name(shard)), 'rb', buffering=0)
-        f = self._shards[shard]
-        try:
+        try:  # opened on first use: a shard removed since the pack was checked (made again) is unreadable
+            if self._shards[shard] is None:
+                self._shards[shard] = open(os.path.join(self.root, _shard_name(shard)), 'rb', buffering=0)
+            f = self._shards[shard]
             if hasattr(os, 'pread'):
                 blob = os.pread(f.fileno(), length, offset)
             else:  # Windows: one process per reader, one thread reading

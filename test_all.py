@@ -7104,6 +7104,16 @@ def test_a_pack_damaged_after_the_run_listed_it_gives_bad_images_not_a_traceback
     # ValueError of opening it came out of the worker as a traceback; now each image is a counted bad image.
     _, pack = _pack_of_jpegs(tmp_path, 2)
     images = data.ColorImages(data.pack_paths(pack), 32, (32, 32), train=False)
+    # A shard removed after the process checked the pack, before its first read of it (the pack being made
+    # again): opening it was a FileNotFoundError traceback out of the loader process.
+    data._OPEN_PACKS.clear()
+    data.packed_entry(images.path(0))  # opened and checked; the shards are opened on first read
+    os.rename(pack / 'shard-00000.bin', pack / 'away.bin')
+    capsys.readouterr()
+    assert images[(0, 0)][1] == data.STATUS_BAD
+    assert re.search(r'warning: bad image \S+00\.jpg \(cannot read shard-00000\.bin \(No such file or directory\)',
+                     capsys.readouterr().err)
+    os.rename(pack / 'away.bin', pack / 'shard-00000.bin')
     os.truncate(pack / 'names.bin', 10)
     data._OPEN_PACKS.clear()  # as in a loader process that opens the pack now
     capsys.readouterr()
