@@ -978,6 +978,11 @@ def _encode_strings(strings):
     return offsets, np.frombuffer(b''.join(encoded), dtype=np.uint8)
 
 
+def _size_problem(path, size, expected):
+    """What is wrong with the pack file `path` of `size` bytes (None: there is no such file)."""
+    return f'{path} is missing' if size is None else f'{path} holds {size} bytes, {expected} expected'
+
+
 def _decode_string(offsets, buffer, i):
     a, b = int(offsets[i]), int(offsets[i + 1])
     return bytes(buffer[a:b]).decode('utf-8', 'surrogateescape')
@@ -1181,13 +1186,13 @@ class PackReader:
         if int(self._offsets[0]) != 0:  # (the names would be read shifted)
             raise self._damaged(f'{_PACK_NAME_OFFSETS} starts at {int(self._offsets[0])}, not 0')
         if size is None or size == 0 or int(self._offsets[-1]) != size:
-            raise self._damaged(f'{names} holds {size} bytes, {int(self._offsets[-1])} expected')
+            raise self._damaged(_size_problem(names, size, int(self._offsets[-1])))
         self._names = np.memmap(names, np.uint8, 'r')
         for k, length in enumerate(shards):
             path = os.path.join(self.root, _shard_name(k))
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size is None or size < length:
-                raise self._damaged(f'{path} holds {size} bytes, {length} expected')
+                raise self._damaged(_size_problem(path, size, length))
         self._check_entries()
         self._shards = [None] * len(self.info['shards'])
         self._reasons = None
@@ -1379,9 +1384,8 @@ class _PackWriter:
     def _truncate(self, path, length):
         size = os.path.getsize(path) if os.path.exists(path) else None
         if size is None or size < length:
-            raise ValueError(f'pack {self.root} is damaged: {path} holds {size} bytes, fewer '
-                             f'than the {length} that {_PACK_PROGRESS} records; delete '
-                             f'{self.root} and pack again')
+            raise ValueError(f'pack {self.root} is damaged: {_size_problem(path, size, length)} (by '
+                             f'{_PACK_PROGRESS}); delete {self.root} and pack again')
         if size > length:
             os.truncate(path, length)
 

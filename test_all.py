@@ -7069,6 +7069,9 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         'offsets_shifted': (set_offset(0, 1), 'names-offsets.npy starts at 1, not 0'),
         'offsets_backwards': (set_offset(2, 0), 'the name offsets in names-offsets.npy go backwards'),
         'offsets_lost': (lambda c: os.remove(c / 'names-offsets.npy'), 'names-offsets.npy is missing'),
+        'names_lost': (lambda c: os.remove(c / 'names.bin'), r'names\.bin is missing'),  # was "holds None bytes"
+        'shard_lost': (lambda c: os.remove(c / 'shard-00000.bin'), r'shard-00000\.bin is missing'),
+        'shard_cut': (lambda c: os.truncate(c / 'shard-00000.bin', 5), f'shard-00000.bin holds 5 bytes, {shard} expected'),
         'index_lost': (lambda c: os.remove(c / 'index.npy'), 'index.npy is missing'),
         'index_empty': (lambda c: os.truncate(c / 'index.npy', 0), 'index.npy cannot be read'),
         'status_unknown': (set_entry(1, 3, 7), r'entry 1 of index.npy \(shard, offset, length, status\) is \(0, \d+, \d+, 7\)'),
@@ -7136,6 +7139,7 @@ def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
              'index_lost': (lambda c: os.remove(c / 'index.npy'), r'is damaged \(.*No such file.*index\.npy'),
              'index_cut': (lambda c: os.truncate(c / 'index.npy', 100), 'is damaged'),
              'names_cut': (lambda c: os.truncate(c / 'names.bin', 10), r'names\.bin holds 10 bytes'),
+             'shard_lost': (lambda c: os.remove(c / 'shard-00000.bin'), r'shard-00000\.bin is missing \(by progress'),
              'counts_short': (lambda c: (c / 'progress.json').write_text(json.dumps({**progress, 'counts': [3]})),
                               r'progress\.json is damaged \(its done, shards, counts\)'),
              'index_other_shape': (lambda c: np.save(c / 'index.npy', np.zeros((2, 4), np.int64)),
