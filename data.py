@@ -54,6 +54,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -949,7 +950,7 @@ def watch_stalls(batches, after=None, who='', waiting_for='batch from the loader
 # ----------------------------------------------------------------------------------------------
 # Packs: pre-resized JPEG bytes in a few large files, for training without per-image file opens
 
-_PACK_VERSION = 1
+_PACK_VERSION = 2  # written by `pack`; packs of version 1 (no CRC32s) are still read, and finished as such
 _PACK_INDEX = 'index.npy'
 _PACK_NAMES, _PACK_NAME_OFFSETS = 'names.bin', 'names-offsets.npy'
 _PACK_BAD = 'bad.jsonl'
@@ -958,7 +959,9 @@ _PACK_LOCK = 'lock'  # held (flock) by the process writing the pack
 _PACK_FILES = (_PACK_INDEX, _PACK_NAMES, _PACK_NAME_OFFSETS, _PACK_BAD, _PACK_PROGRESS,
                _PACK_COMPLETE, _PACK_LOCK)
 PACK_SHARD_BYTES = 4 << 30  # a new shard once the current one would grow past 4 GiB
-_PACK_COLUMNS = ('shard', 'offset', 'length', 'status')  # index.npy columns, int64
+# index.npy's int64 columns by format version; crc: zlib.crc32 of the stored JPEG bytes (0 for none).
+_PACK_COLUMNS = {1: ('shard', 'offset', 'length', 'status'), 2: ('shard', 'offset', 'length', 'status', 'crc')}
+_PACK_CRC_FILES = (_PACK_INDEX, _PACK_NAMES, _PACK_NAME_OFFSETS)  # their CRC32s in complete.json (version 2)
 
 
 def _shard_name(k):
@@ -1156,9 +1159,10 @@ class PackReader:
             raise ValueError(f'{self.root} is not a pack: expected a folder written by '
                              '`python data.py pack`')
         self.info = info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
-        if info.get('version') != _PACK_VERSION:
-            raise ValueError(f'pack {self.root} has format version {info.get("version")}, '
-                             f'this data.py reads version {_PACK_VERSION}: pack the images again')
+        self.version = info.get('version')
+        if not (type(self.version) is int and self.version in _PACK_COLUMNS):
+            raise ValueError(f'pack {self.root} has format version {self.version}, this data.py reads '
+                             f'versions {", ".join(map(str, _PACK_COLUMNS))}: pack the images again')
         n, shards = info.get('total'), info.get('shards')
         if not (type(n) is int and n >= 0 and isinstance(shards, list) and shards
                 and all(type(s) is int and s >= 0 for s in shards)):
@@ -1176,7 +1180,7 @@ class PackReader:
             except (ValueError, EOFError) as e:  # cut short, a flipped header byte, not an .npy
                 raise self._damaged(f'{name} cannot be read ({e})') from None
         self.index, self._offsets = arrays[_PACK_INDEX], arrays[_PACK_NAME_OFFSETS]
-        if (self.index.dtype != np.int64 or self.index.shape != (n, len(_PACK_COLUMNS))
+        if (self.index.dtype != np.int64 or self.index.shape != (n, len(_PACK_COLUMNS[self.version]))
                 or self._offsets.dtype != np.int64 or self._offsets.shape != (n + 1,)):
             raise self._damaged(f'{_PACK_COMPLETE} says {n} images, but {_PACK_INDEX} has shape '
                                 f'{self.index.shape} ({self.index.dtype}) and {_PACK_NAME_OFFSETS} '
@@ -1211,7 +1215,7 @@ class PackReader:
             return
         shard_sizes = np.array(self.info['shards'] + [-1], dtype=np.int64)  # -1: no such shard
         for a in range(0, len(self.index), rows):
-            shard, offset, length, status = np.asarray(self.index[a:a + rows]).T
+            shard, offset, length, status = np.asarray(self.index[a:a + rows, :4]).T
             shard = np.where((shard >= 0) & (shard < len(shard_sizes) - 1), shard, -1)
             wrong = ((shard < 0) | (offset < 0) | (length < 0) | (length > shard_sizes[shard] - offset)
                      | ~np.isin(status, (STATUS_OK, STATUS_GRAY, STATUS_BAD))
@@ -1219,7 +1223,7 @@ class PackReader:
             if wrong.any():
                 i = a + int(np.argmax(wrong))
                 raise self._damaged(f'entry {i} of {_PACK_INDEX} (shard, offset, length, status) is '
-                                    f'{tuple(int(v) for v in self.index[i])}: not bytes within a shard, '
+                                    f'{tuple(int(v) for v in self.index[i, :4])}: not bytes within a shard, '
                                     'or an unknown status')
         for a in range(0, len(self._offsets) - 1, rows):
             if (np.diff(np.asarray(self._offsets[a:a + rows + 1])) < 0).any():
@@ -1270,7 +1274,7 @@ class PackReader:
         a shard truncated while a run reads it (by hand, a sync tool, a network file system) then gives
         a short read, BadImage, where a map's page past the new end kills the process with SIGBUS
         (no message; a loader process's death a traceback)."""
-        shard, offset, length, _ = (int(v) for v in self.index[i])
+        shard, offset, length = (int(v) for v in self.index[i, :3])
         if length == 0:
             return b''
         try:  # opened on first use: a shard removed since the pack was checked (made again) is unreadable
@@ -1399,7 +1403,8 @@ class _PackWriter:
             self.shard = open(os.path.join(self.root, _shard_name(k)), 'ab')
         with naming(self.shard.name, 'writing it'):
             self.shard.write(blob)
-        self.index[i] = (k, self.shards[k], len(blob), status)
+        row = (k, self.shards[k], len(blob), status, zlib.crc32(blob))
+        self.index[i] = row[:self.index.shape[1]]  # a pack of version 1, begun before CRCs, goes on without
         self.shards[k] += len(blob)
         self.counts[status] += 1
         if status == STATUS_BAD:
@@ -1427,6 +1432,15 @@ class _PackWriter:
         del self.index
 
 
+def _file_crc32(path, block=1 << 24):
+    """zlib.crc32 of the whole file `path`, read in blocks of `block` bytes."""
+    crc = 0
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(block), b''):
+            crc = zlib.crc32(b, crc)
+    return crc
+
+
 def _pack_start(root, params, paths):
     """Lay out an empty pack for `paths` in `root` (no pack files in it yet, or only those of a
     start that was interrupted before its first progress.json: `_lock_pack` has checked that it
@@ -1439,7 +1453,7 @@ def _pack_start(root, params, paths):
         f.write(buffer.tobytes())
     np.save(os.path.join(root, _PACK_NAME_OFFSETS), offsets)
     index = np.lib.format.open_memmap(os.path.join(root, _PACK_INDEX), mode='w+', dtype=np.int64,
-                                      shape=(len(paths), len(_PACK_COLUMNS)))
+                                      shape=(len(paths), len(_PACK_COLUMNS[_PACK_VERSION])))
     index.flush()
     del index
     for name in (_shard_name(0), _PACK_BAD):
@@ -1464,9 +1478,9 @@ def _check_progress(root, progress):
 
 
 def _check_pack_params(root, found, params):
-    if found.get('version') != _PACK_VERSION:
+    if not (type(found.get('version')) is int and found['version'] in _PACK_COLUMNS):
         raise ValueError(f'{root} holds a pack of format version {found.get("version")}, but '
-                         f'this data.py writes version {_PACK_VERSION}: pack into another '
+                         f'this data.py knows versions {", ".join(map(str, _PACK_COLUMNS))}: pack into another '
                          f'folder, or delete {root} to repack')
     old = found['params']
     flags = {'roots': '--data', 'short_side': '--short-side', 'quality': '--quality'}
@@ -1494,15 +1508,17 @@ def pack_images(roots, out, short_side, quality=90, workers=None, cache_dir=None
 
         shard-00000.bin, ...  the JPEG bytes back to back; a new shard once one would pass
                               `shard_bytes` (4 GiB)
-        index.npy             int64 (N, 4): shard, offset, length, status per image, in the
-                              sorted order of find_images (np.load(..., mmap_mode='r'));
+        index.npy             int64 (N, 5): shard, offset, length, status, crc per image, in
+                              the sorted order of find_images (np.load(..., mmap_mode='r'));
                               status STATUS_OK, STATUS_GRAY (still stored) or STATUS_BAD
-                              (length 0, nothing stored)
+                              (length 0, nothing stored); crc the zlib.crc32 of the stored
+                              bytes (format version 2; version 1 packs have (N, 4), no crc)
         names.bin, names-offsets.npy  the source paths: UTF-8 (surrogateescape) back to back,
                               int64 (N + 1,) offsets; path i = names[off[i]:off[i + 1]]
         bad.jsonl             {"index": i, "reason": "..."} per bad image
         progress.json         params (roots, short_side, quality), done, shard lengths, ...
-        complete.json         written last: params, total, shard lengths, status counts
+        complete.json         written last: version, params, total, shard lengths, status
+                              counts, and the CRC32s of index.npy, names.bin, names-offsets.npy
 
     Work proceeds in chunks of `chunk` images, in order, over `workers` processes (default:
     usable_cores(); 1 = in this process) in tasks of `task_size` images; after each chunk the shards are
@@ -1607,7 +1623,7 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
         offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
         names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
         index = np.load(os.path.join(out, _PACK_INDEX), mmap_mode='r')
-        if index.shape != (total, len(_PACK_COLUMNS)) or offsets.shape != (total + 1,):
+        if index.shape != (total, len(_PACK_COLUMNS[progress['version']])) or offsets.shape != (total + 1,):
             raise ValueError(f'{_PACK_INDEX} has shape {index.shape}, {_PACK_NAME_OFFSETS} {offsets.shape}; '
                              f'{_PACK_PROGRESS} says {total} images')
         del index
@@ -1651,8 +1667,10 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
             pool.shutdown(cancel_futures=True)
         writer.close()
     counts = dict(zip(STATUS_NAMES, writer.counts))
-    info = {'version': _PACK_VERSION, 'params': params, 'total': total,
+    info = {'version': progress['version'], 'params': params, 'total': total,
             'shards': writer.shards, 'counts': counts}
+    if progress['version'] >= 2:
+        info['crc32'] = {name: _file_crc32(os.path.join(out, name)) for name in _PACK_CRC_FILES}
     write_json(os.path.join(out, _PACK_COMPLETE), info)
     bad_note = f' (reasons in {os.path.join(out, _PACK_BAD)})' if counts['bad'] else ''
     log(f'packed {total:,} images into {out} in {_duration(time.perf_counter() - t_start)}: '

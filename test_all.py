@@ -29,6 +29,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -2040,18 +2041,20 @@ def test_pack_round_trip_matches_reference(tmp_path):
     offsets = np.load(pack / 'names-offsets.npy')
     names = (pack / 'names.bin').read_bytes()
     assert [names[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])] == sources
-    assert index.shape == (len(sources), 4) and index.dtype == np.int64
+    assert index.shape == (len(sources), 5) and index.dtype == np.int64 and info['version'] == 2
     shards = [(pack / f'shard-{k:05d}.bin').read_bytes() for k in range(len(info['shards']))]
     assert [len(b) for b in shards] == info['shards']
+    assert info['crc32'] == {n: zlib.crc32((pack / n).read_bytes()) for n in ('index.npy', 'names.bin', 'names-offsets.npy')}
     by_name = {v: k for k, v in src.items()}
     for i, (source, path) in enumerate(zip(sources, paths)):
-        shard, offset, length, status = (int(v) for v in index[i])
+        shard, offset, length, status, crc = (int(v) for v in index[i])
         kind = by_name[source]
         if kind.startswith('bad_'):
-            assert status == data.STATUS_BAD and length == 0
+            assert status == data.STATUS_BAD and length == 0 and crc == 0
             continue
         expected = _reference_packed_jpeg(source, 64, 85)
         assert shards[shard][offset:offset + length] == expected, kind
+        assert crc == zlib.crc32(expected), kind
         rgb = data.load_rgb(path)
         assert np.array_equal(rgb, np.asarray(Image.open(io.BytesIO(expected)).convert('RGB'))), kind
         assert status == (data.STATUS_GRAY if kind == 'gray' else data.STATUS_OK), kind
@@ -2173,6 +2176,18 @@ def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match='is incomplete') as err:
             fn()
         assert f'python data.py pack --data {root} --out {part} --short-side 48' in str(err.value)
+    # A pack begun by a data.py of format version 1 (no CRC column) is finished as such: the same files but
+    # for that column and complete.json's version, no CRC32s there.
+    v1 = tmp_path / 'part-v1'
+    shutil.copytree(part, v1)
+    np.save(v1 / 'index.npy', np.load(part / 'index.npy')[:, :4])
+    (v1 / 'progress.json').write_text(json.dumps({**progress, 'version': 1}))
+    data.pack_images([root], v1, **kw)
+    assert np.array_equal(np.load(v1 / 'index.npy'), np.load(whole / 'index.npy')[:, :4])
+    complete = json.loads((whole / 'complete.json').read_text())
+    assert json.loads((v1 / 'complete.json').read_text()) == {**{k: v for k, v in complete.items() if k != 'crc32'},
+                                                             'version': 1}
+    assert all(_pack_files(v1)[n] == c for n, c in _pack_files(whole).items() if n.startswith('shard-'))
     lines = []
     data.pack_images([root], part, **dict(kw, workers=2, chunk=3, log=lines.append))
     assert 'resuming' in lines[0] and '4/12' in lines[0]
@@ -7002,6 +7017,38 @@ def _pack_of_jpegs(tmp_path, n, size=(40, 50), short_side=32, empty=()):
         (root / name).write_bytes(b'')
     data.pack_images([root], pack, short_side=short_side, workers=1, log=_quiet)
     return root, pack
+
+
+def _as_format_1(pack, copy):
+    """A copy of `pack` as a data.py of pack format version 1 wrote it: no CRC column in index.npy, no CRC32s of
+    files in complete.json."""
+    shutil.copytree(pack, copy)
+    np.save(copy / 'index.npy', np.load(pack / 'index.npy')[:, :4])
+    complete = json.loads((pack / 'complete.json').read_text())
+    del complete['crc32']
+    (copy / 'complete.json').write_text(json.dumps({**complete, 'version': 1}))
+    return copy
+
+
+def test_a_pack_of_format_version_1_reads_and_lists_as_before(tmp_path):
+    # Packs written before the CRC column (format version 1) train and list as they did; `pack` run again
+    # into one finds it complete.
+    root, pack = _pack_of_jpegs(tmp_path, 3, empty=['zz.jpg'])
+    old = _as_format_1(pack, tmp_path / 'old')
+    paths, old_paths = data.find_images(pack, log=_quiet), data.find_images(old, log=_quiet)
+    assert [p[len(str(old)):] for p in old_paths] == [p[len(str(pack)):] for p in paths] and len(paths) == 4
+    for p, q in zip(paths[:3], old_paths):
+        assert np.array_equal(data.load_rgb(p), data.load_rgb(q))
+    with pytest.raises(data.BadImage, match=r'zz\.jpg: empty file'):
+        data.load_rgb(old_paths[3])
+    lines = []
+    assert data.pack_images([root], old, short_side=32, workers=1, log=lines.append)['version'] == 1
+    assert 'is already complete' in lines[0]
+    (old / 'complete.json').write_text((old / 'complete.json').read_text().replace('"version": 1', '"version": 3'))
+    data._OPEN_PACKS.clear()
+    with pytest.raises(ValueError, match=r'has format version 3, this data\.py reads versions 1, 2: pack the images'):
+        data.find_images(old, log=_quiet)
+    data._OPEN_PACKS.clear()
 
 
 def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbus(tmp_path):
