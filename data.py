@@ -25,7 +25,8 @@ a few large shard files with an index, then read without per-image file opens (r
 again to finish):
 
     python data.py pack --data /data/imagenet/train --out /data/packs/imagenet-256 --short-side 256
-    python colorize.py --data /data/packs/imagenet-256 --short-side 224 256 ...
+    python data.py verify /scratch/packs/imagenet-256   # after copying it: sizes and CRC32s as packed
+    python colorize.py --data /scratch/packs/imagenet-256 --short-side 224 256 ...
 
 find_images turns a pack root into one pseudo-path per image, PACK/index.npy/<i>/<folder>/<name>
 (entry i; <folder>/<name> are those of the source, so class folders and file names read from
@@ -1150,7 +1151,7 @@ class PackReader:
     shares the parent's open shards, safely: pread moves no shared file offset). Most code reaches
     it through load_rgb or ColorImages with pseudo-paths (`packed_entry`) rather than directly."""
 
-    def __init__(self, root):
+    def __init__(self, root, check_shards=True):
         self.root = os.path.abspath(os.fspath(root))
         state = _pack_state(self.root)
         if state == 'incomplete':
@@ -1192,7 +1193,7 @@ class PackReader:
         if size is None or size == 0 or int(self._offsets[-1]) != size:
             raise self._damaged(_size_problem(names, size, int(self._offsets[-1])))
         self._names = np.memmap(names, np.uint8, 'r')
-        for k, length in enumerate(shards):
+        for k, length in enumerate(shards if check_shards else ()):  # verify_pack names what they lose
             path = os.path.join(self.root, _shard_name(k))
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size is None or size < length:
@@ -1293,6 +1294,22 @@ class PackReader:
                                            'or replaced since packing: pack again)')
         return blob
 
+    def problem(self, i):
+        """What is wrong with image i's stored bytes, '' if nothing (and for an image bad when packed,
+        which stores none): with CRC32s (format version 2), bytes other than those packed; without,
+        bytes that do not decode. Bytes that cannot be read (a shard cut short, missing) count in both."""
+        if self.status(i) == STATUS_BAD:
+            return ''
+        try:
+            blob = self.jpeg(i)
+            if self.version < 2:
+                _decode(io.BytesIO(blob), self.source(i), as_image=True)
+        except BadImage as e:
+            return e.reason
+        if self.version >= 2 and zlib.crc32(blob) != int(self.index[i, 4]):
+            return 'its bytes differ from those packed (CRC32 mismatch)'
+        return ''
+
     def __del__(self):
         for f in getattr(self, '_shards', ()):
             if f is not None:
@@ -1355,6 +1372,93 @@ def packed_entry(path):
         raise ValueError(f'{path} does not match the pack {reader.root}: {found}; was the pack '
                          'made again since this image list was made? List it again')
     return reader, i
+
+
+VERIFY_SHOWN = 100  # failed images named one per line by verify_pack; the rest counted by shard
+
+
+def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
+    """Check the complete pack `root` against what `pack` recorded, after copying it, say: each shard's
+    size, the CRC32s of index.npy, names.bin and names-offsets.npy, and each stored image's CRC32 (a
+    pack of format version 1 has none: its images are decoded instead). Logs a line per failed file
+    and image (source path, shard), progress every `log_every` s, and a summary; returns the failures,
+    [(file name, entry i or None, what)]. A pack it cannot open at all raises PackReader's ValueError.
+    `workers` processes (default usable_cores(); 1 = in this process) take `task_size` images a task."""
+    try:
+        reader = PackReader(root, check_shards=False)
+    except ValueError as e:
+        if _pack_state(os.path.abspath(os.fspath(root))) != 'complete':  # not a pack, or unfinished: as it says
+            raise
+        raise ValueError(f'{e} (a copy: copy it again from the original pack)') from None
+    t_start = t_log = time.perf_counter()
+    failed = _verify_files(reader)
+    for _, _, what in failed:
+        log(f'failed: {what}')
+    n, workers, shown = len(reader), workers or usable_cores(), 0
+    spans = [(a, min(a + task_size, n)) for a in range(0, n, task_size)]
+    pool = _process_pool(workers) if workers > 1 and n > task_size else None
+    try:
+        found = _ordered_map(_verify_task, ((reader.root, a, b) for a, b in spans), pool, 4 * workers)
+        for (_, b), problems in zip(spans, found):
+            for i, what in problems:
+                failed.append((_shard_name(int(reader.index[i, 0])), i, what))
+                shown += 1
+                if shown <= VERIFY_SHOWN:
+                    log(f'failed: entry {i} ({reader.source(i)}) in {failed[-1][0]}: {what}')
+            now = time.perf_counter()
+            if now - t_log >= log_every:
+                t_log, rate = now, b / max(now - t_start, 1e-9)
+                log(f'verify: {b:,}/{n:,} images ({100 * b / n:.1f}%), {rate:,.0f} img/s, '
+                    f'ETA {_duration((n - b) / rate)}, {len(failed):,} failed')
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    log(_verify_summary(reader, failed, time.perf_counter() - t_start))
+    return failed
+
+
+def _verify_files(reader):
+    """verify_pack's checks of whole files: [(file name, None, what)]."""
+    failed = []
+    for k, length in enumerate(reader.info['shards']):
+        path = os.path.join(reader.root, _shard_name(k))
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != length:
+            failed.append((_shard_name(k), None, _size_problem(path, size, length)))
+    crcs = reader.info.get('crc32')
+    if reader.version >= 2 and not (isinstance(crcs, dict) and all(n in crcs for n in _PACK_CRC_FILES)):
+        failed.append((_PACK_COMPLETE, None, f'{os.path.join(reader.root, _PACK_COMPLETE)} lacks the CRC32s '
+                       'of the files (its "crc32")'))
+    elif reader.version >= 2:
+        paths = {n: os.path.join(reader.root, n) for n in _PACK_CRC_FILES}
+        failed += [(n, None, f'{path} differs from the file packed (CRC32 mismatch)') for n, path in paths.items()
+                   if _file_crc32(path) != crcs[n]]
+    return failed
+
+
+def _verify_task(task):
+    """Runs in worker processes: [(i, what is wrong)] for the images [a, b) of a pack, task = (root, a, b)."""
+    root, a, b = task
+    reader = PackReader(root, check_shards=False)
+    return [(i, what) for i, what in ((i, reader.problem(i)) for i in range(a, b)) if what]
+
+
+def _verify_summary(reader, failed, seconds):
+    n, stored = len(reader), int((reader.index[:, 2] > 0).sum())
+    if failed:
+        per_file = collections.Counter(name for name, i, _ in failed if i is not None)
+        images, names = sum(per_file.values()), sorted({name for name, _, _ in failed})
+        more = f' ({images - VERIFY_SHOWN:,} not named above)' if images > VERIFY_SHOWN else ''
+        return (f'pack {reader.root} FAILED verification: {images:,} of {n:,} images{more}; '
+                'files to copy again from the original pack: '
+                + ', '.join(name + (f' ({per_file[name]:,} of its images)' if per_file[name] else '') for name in names)
+                + f'; then verify again ({_duration(seconds)})')
+    if reader.version < 2:
+        return (f'pack {reader.root} has no checksums (format version 1, packed before CRC32s): its '
+                f'shard sizes match and all {stored:,} stored images of {n:,} decode; a changed byte '
+                f'that still decodes goes unseen (pack again for CRC32s) ({_duration(seconds)})')
+    return (f'pack {reader.root} verified: shard sizes and the CRC32s of its files and all {stored:,} '
+            f'stored images of {n:,} are as packed ({_duration(seconds)})')
 
 
 def _duration(seconds):
@@ -2564,6 +2668,12 @@ def main(argv=None):
                       help='decoding processes, at least 1 (default: the cores this process may use, its '
                       'CPU affinity; 1 = in this process)')
     pack.add_argument('--cache-dir', default=None, help='folder for the listing cache')
+    verify = sub.add_parser('verify', help='check a pack (after copying it) against the sizes and CRC32s '
+                            'recorded when it was packed; exit status 1 if a check fails')
+    verify.add_argument('pack', help='pack folder')
+    verify.add_argument('--workers', type=int, default=None,
+                        help='checking processes, at least 1 (default: the cores this process may use; 1 = in '
+                        'this process)')
     args = ap.parse_args(argv)
     fail = sub.choices[args.cmd].error  # `data.py pack --help`, not `data.py --help`, lists pack's flags
     try:  # a wrong path or argument: the message says what to do, no traceback needed
@@ -2580,10 +2690,12 @@ def main(argv=None):
             if args.write:
                 write_list(args.write, paths)
                 print(f'listed in {args.write}')
+        elif args.workers is not None and args.workers < 1:  # 0 would fall to the default: every core
+            fail(f'--workers {args.workers}: give 1 (decode in this process) or more processes, or leave it out '
+                 f'for the cores this process may use')
+        elif args.cmd == 'verify':
+            return 1 if verify_pack(args.pack, workers=args.workers) else 0
         else:
-            if args.workers is not None and args.workers < 1:  # 0 would fall to the default: every core
-                fail(f'--workers {args.workers}: give 1 (decode in this process) or more processes, or leave it out '
-                     f'for the cores this process may use')
             pack_images(args.data, args.out, args.short_side, quality=args.quality,
                         workers=args.workers, cache_dir=args.cache_dir)
     except ValueError as e:

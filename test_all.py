@@ -2207,6 +2207,17 @@ def test_pack_resume_after_interruption_is_identical(tmp_path, monkeypatch):
         data.pack_images([root], part, **dict(kw, short_side=40))
     with pytest.raises(ValueError, match='other arguments: --data'):
         data.pack_images([root, tmp_path / 'whole'], part, **kw)
+    # The resumed pack's CRC32s are right, on both sides of the interruption: it verifies, and a flipped byte in
+    # an image packed before it (entry 2) or after (entry 9, 08.jpg) is named.
+    assert data.verify_pack(part, workers=1, log=_quiet) == []
+    _flip_byte(part, 2)
+    _flip_byte(part, 9)
+    lines = []
+    shards = np.load(part / 'index.npy')[:, 0]
+    assert [f[:2] for f in data.verify_pack(part, workers=1, log=lines.append)] == [
+        (f'shard-{shards[2]:05d}.bin', 2), (f'shard-{shards[9]:05d}.bin', 9)]
+    assert lines[:2] == [f'failed: entry {i} ({root / name}) in shard-{shards[i]:05d}.bin: its bytes differ from '
+                         'those packed (CRC32 mismatch)' for i, name in ((2, '02.jpg'), (9, '08.jpg'))]
 
 
 def test_training_warns_when_a_pack_is_smaller_than_the_short_side_range(folders, tmp_path, capsys):
@@ -7049,6 +7060,83 @@ def test_a_pack_of_format_version_1_reads_and_lists_as_before(tmp_path):
     with pytest.raises(ValueError, match=r'has format version 3, this data\.py reads versions 1, 2: pack the images'):
         data.find_images(old, log=_quiet)
     data._OPEN_PACKS.clear()
+
+
+def _flip_byte(pack, i, at=None, mask=0x01):
+    """Flip bits of byte `at` (default: the middle one) of entry i's stored JPEG bytes in its shard."""
+    shard, offset, length = (int(v) for v in np.load(pack / 'index.npy')[i, :3])
+    with open(pack / f'shard-{shard:05d}.bin', 'r+b') as f:
+        f.seek(offset + (length // 2 if at is None else at))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, capsys, monkeypatch):
+    # A copy cut short, or a flipped bit, was caught only where it made an image undecodable, counted as bad while
+    # training; a changed byte that still decodes trained silently. `data.py verify` checks sizes and CRC32s.
+    root, pack = _pack_of_jpegs(tmp_path, 5, empty=['zz.jpg'])  # 00.jpg..04.jpg, zz.jpg: entry 5, bad
+    sources = sorted(str(p) for p in root.iterdir())
+    index = np.load(pack / 'index.npy')
+    shard = (pack / 'shard-00000.bin').stat().st_size
+
+    def verify(name, damage, workers='1'):
+        copy = tmp_path / name
+        shutil.copytree(pack, copy)
+        damage(copy)
+        rc = data.main(['verify', str(copy), '--workers', workers])
+        return rc, capsys.readouterr()
+
+    rc, out = verify('sound', lambda c: None)
+    assert rc == 0 and out.out == (f'pack {tmp_path / "sound"} verified: shard sizes and the CRC32s of its files and '
+                                   'all 5 stored images of 6 are as packed (0 s)\n')
+    rc, out = verify('flipped', lambda c: _flip_byte(c, 3))
+    assert rc == 1 and out.out.splitlines() == [
+        f'failed: entry 3 ({sources[3]}) in shard-00000.bin: its bytes differ from those packed (CRC32 mismatch)',
+        f'pack {tmp_path / "flipped"} FAILED verification: 1 of 6 images; files to copy again from the original '
+        'pack: shard-00000.bin (1 of its images); then verify again (0 s)']
+    assert data.verify_pack(tmp_path / 'flipped', workers=2, task_size=2, log=_quiet) == [  # over a pool of processes
+        ('shard-00000.bin', 3, 'its bytes differ from those packed (CRC32 mismatch)')]
+    cut = int(index[3, 1]) + 10  # entries 3 and 4 lose bytes
+    rc, out = verify('cut', lambda c: os.truncate(c / 'shard-00000.bin', cut))
+    lines = out.out.splitlines()
+    assert rc == 1 and lines[0] == f'failed: {tmp_path / "cut" / "shard-00000.bin"} holds {cut} bytes, {shard} expected'
+    assert [re.match(r'failed: entry (\d) \((\S+)\) in shard-00000\.bin: shard-00000\.bin ends before its bytes', line)
+            .groups() for line in lines[1:3]] == [('3', sources[3]), ('4', sources[4])]
+    assert 'FAILED verification: 2 of 6 images; files to copy again from the original pack: shard-00000.bin (2' in lines[3]
+    rc, out = verify('lost', lambda c: os.remove(c / 'shard-00000.bin'))
+    assert rc == 1 and out.out.count('cannot read shard-00000.bin (No such file or directory)') == 5
+    assert out.out.splitlines()[0] == f'failed: {tmp_path / "lost" / "shard-00000.bin"} is missing'
+    # The files without a CRC32 of their own: index.npy (a status ok turned gray reads, but is wrong), names.bin.
+    for name, damage in {'index.npy': lambda c: np.save(c / 'index.npy', index + np.array([0, 0, 0, 2, 0]) * (index[:, 3:4] == 0)),
+                         'names.bin': lambda c: (c / 'names.bin').write_bytes((c / 'names.bin').read_bytes().replace(b'03.jpg', b'03.jpf'))}.items():
+        rc, out = verify(name.replace('.', '_'), damage)
+        assert rc == 1 and out.out.startswith(f'failed: {tmp_path / name.replace(".", "_") / name} differs from the file '
+                                              'packed (CRC32 mismatch)\n'), out.out
+    # Many failed images: the first VERIFY_SHOWN named, the rest counted.
+    monkeypatch.setattr(data, 'VERIFY_SHOWN', 1)
+    rc, out = verify('lost_many', lambda c: os.remove(c / 'shard-00000.bin'))
+    assert out.out.count('failed: entry') == 1 and '5 of 6 images (4 not named above)' in out.out
+    # A damage that keeps the pack from opening: the one line of PackReader, exit status 2.
+    with pytest.raises(SystemExit) as exit:
+        verify('no_index', lambda c: os.remove(c / 'index.npy'))
+    assert exit.value.code == 2 and re.search(r'index\.npy is missing; delete the folder and pack again \(a copy: copy it '
+                                              r'again from the original pack\)', capsys.readouterr().err)
+    # A pack of format version 1: no checksums; each stored image decodes (one without its JPEG start does not).
+    old = _as_format_1(pack, tmp_path / 'old')
+    failed = data.verify_pack(old, workers=1, log=_quiet)
+    _flip_byte(old, 2, at=0, mask=0xff)  # FF D8 -> 00 D8: not an image
+    lines = []
+    assert failed == [] and [f[:2] for f in data.verify_pack(old, workers=1, log=lines.append)] == [('shard-00000.bin', 2)]
+    assert lines[0].startswith(f'failed: entry 2 ({sources[2]}) in shard-00000.bin: not an image')
+    assert lines[1].startswith(f'pack {old} FAILED verification: 1 of 6 images;')
+    _flip_byte(old, 2, at=0, mask=0xff)
+    lines.clear()
+    assert data.verify_pack(old, workers=1, log=lines.append, log_every=0) == []
+    assert lines[0] == 'verify: 6/6 images (100.0%), ' + lines[0].split(', ')[1] + ', ETA 0 s, 0 failed'
+    assert lines[1] == (f'pack {old} has no checksums (format version 1, packed before CRC32s): its shard sizes match '
+                        'and all 5 stored images of 6 decode; a changed byte that still decodes goes unseen (pack '
+                        'again for CRC32s) (0 s)')
 
 
 def test_a_pack_shard_truncated_while_training_reads_it_is_a_bad_image_not_sigbus(tmp_path):
