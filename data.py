@@ -1162,8 +1162,8 @@ class PackReader:
         self.info = info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
         self.version = info.get('version')
         if not (type(self.version) is int and self.version in _PACK_COLUMNS):
-            raise ValueError(f'pack {self.root} has format version {self.version}, this data.py reads '
-                             f'versions {", ".join(map(str, _PACK_COLUMNS))}: pack the images again')
+            raise ValueError(f'pack {self.root} has format version {self.version}, this data.py reads versions '
+                             f'{", ".join(map(str, _PACK_COLUMNS))}: {_newer_or(self.version, "pack the images again")}')
         n, shards = info.get('total'), info.get('shards')
         if not (type(n) is int and n >= 0 and isinstance(shards, list) and shards
                 and all(type(s) is int and s >= 0 for s in shards)):
@@ -1581,11 +1581,18 @@ def _check_progress(root, progress):
                          f'delete {root} and pack again')
 
 
+def _newer_or(version, advice):
+    """What to do about a pack of format `version`, which this data.py does not read: `advice`, unless a
+    newer data.py wrote it."""
+    newer = type(version) is int and version > max(_PACK_COLUMNS)
+    return 'a newer data.py wrote it: update this one (git pull), or ' + advice if newer else advice
+
+
 def _check_pack_params(root, found, params):
     if not (type(found.get('version')) is int and found['version'] in _PACK_COLUMNS):
-        raise ValueError(f'{root} holds a pack of format version {found.get("version")}, but '
-                         f'this data.py knows versions {", ".join(map(str, _PACK_COLUMNS))}: pack into another '
-                         f'folder, or delete {root} to repack')
+        raise ValueError(f'{root} holds a pack of format version {found.get("version")}, but this data.py knows '
+                         f'versions {", ".join(map(str, _PACK_COLUMNS))}: '
+                         + _newer_or(found.get('version'), f'pack into another folder, or delete {root} to repack'))
     old = found['params']
     flags = {'roots': '--data', 'short_side': '--short-side', 'quality': '--quality'}
     diffs = [f'{flag} {_cli_value(old.get(k))} (asked: {_cli_value(params[k])})'

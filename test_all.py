@@ -7057,7 +7057,20 @@ def test_a_pack_of_format_version_1_reads_and_lists_as_before(tmp_path):
     assert 'is already complete' in lines[0]
     (old / 'complete.json').write_text((old / 'complete.json').read_text().replace('"version": 1', '"version": 3'))
     data._OPEN_PACKS.clear()
-    with pytest.raises(ValueError, match=r'has format version 3, this data\.py reads versions 1, 2: pack the images'):
+    # A pack of a later format (a newer data.py on the machine that packed it): update, rather than pack again only.
+    with pytest.raises(ValueError, match=r'has format version 3, this data\.py reads versions 1, 2: a newer data\.py '
+                                         r'wrote it: update this one \(git pull\), or pack the images again$'):
+        data.find_images(old, log=_quiet)
+    unfinished = tmp_path / 'unfinished'
+    shutil.copytree(old, unfinished)
+    os.remove(unfinished / 'complete.json')
+    progress = json.loads((unfinished / 'progress.json').read_text())
+    (unfinished / 'progress.json').write_text(json.dumps({**progress, 'version': 3}))
+    with pytest.raises(ValueError, match=r'version 3, but this data\.py knows versions 1, 2: a newer data\.py wrote it: '
+                                         r'update this one \(git pull\), or pack into another folder'):
+        data.pack_images([root], unfinished, short_side=32, workers=1, log=_quiet)
+    (old / 'complete.json').write_text((old / 'complete.json').read_text().replace('"version": 3', '"version": 0'))
+    with pytest.raises(ValueError, match=r'has format version 0, this data\.py reads versions 1, 2: pack the images again$'):
         data.find_images(old, log=_quiet)
     data._OPEN_PACKS.clear()
 
