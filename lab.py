@@ -82,6 +82,24 @@ def _float(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _image(x, name, space, channels=3):
+    """Check that x is an image (..., C, H, W) with `channels` channels in dim -3 (None: any) and a
+    dtype that `space` ('sRGB', 'L*a*b*', 'LCh') can be read from; raise a ValueError saying what to do."""
+    if x.dim() < 3 or (channels is not None and x.shape[-3] != channels):
+        hint = (' (for N pixels in an (N, 3) tensor x, pass x.T.reshape(3, N, 1))' if x.dim() < 3 else
+                ' (channels last? pass x.movedim(-1, -3))' if x.shape[-1] == 3 else '')
+        raise ValueError(f'{name} expects {space} as (..., {channels or "C"}, H, W), channels in dim -3; '
+                         f'got shape {tuple(x.shape)}{hint}')
+    if space == 'sRGB' and not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise ValueError(f'{name} reads uint8 as 8-bit levels (/ 255) and floating point as [0, 1]; got {x.dtype}: '
+                         'convert it first (x.float() / 255 for 8-bit levels, / 65535 for 16-bit)')
+    if space != 'sRGB' and (x.dtype in (torch.uint8, torch.bool) or x.is_complex()):
+        raise ValueError(f'{name} expects {space} values in a floating-point tensor, got {x.dtype}'
+                         + (": an 8-bit encoding (OpenCV's: L * 255 / 100, a + 128, b + 128)? Decode it to float first"
+                            if x.dtype == torch.uint8 else ''))
+    return x
+
+
 def _no_autocast(x):
     return torch.autocast(x.device.type, enabled=False) if x.device.type in ('cuda', 'cpu') else _Null()
 
@@ -125,11 +143,11 @@ def _f_inv(t):
 def rgb_to_lab(rgb):
     """sRGB (..., 3, H, W) in [0, 1] (gamma-encoded; uint8 is read as /255) -> L*a*b* (..., 3, H, W).
 
-    L in [0, 100]; for inputs in [0, 1], a in [-86.2, 98.3] and b in [-107.9, 94.5]. Float32 under
-    autocast, float64 if given float64.
+    L in [0, 100]; for inputs in [0, 1], a in [-86.2, 98.3] and b in [-107.9, 94.5]. Float64 gives
+    float64; any other floating dtype (half and bfloat16 included) and uint8 give float32, also under
+    autocast. Other integer dtypes raise a ValueError (8-bit levels in int64 would give L* = 9342 for white).
     """
-    if rgb.shape[-3] != 3:
-        raise ValueError(f'rgb_to_lab expects 3 channels in dim -3, got shape {tuple(rgb.shape)}')
+    _image(rgb, 'rgb_to_lab', 'sRGB')
     with _no_autocast(rgb):
         x = _float(rgb) / 255.0 if rgb.dtype == torch.uint8 else _float(rgb)
         fx, fy, fz = _f(_matmul3(RGB_TO_XYZ, srgb_to_linear(x), scale=WHITE_D65)).unbind(-3)
@@ -137,12 +155,14 @@ def rgb_to_lab(rgb):
 
 
 def lab_to_rgb(lab, clip=True):
-    """L*a*b* (..., 3, H, W) -> gamma-encoded sRGB (..., 3, H, W), clipped to [0, 1] unless clip=False.
+    """L*a*b* (..., 3, H, W), L in [0, 100], a and b in Lab units -> gamma-encoded sRGB (..., 3, H, W),
+    clipped to [0, 1] unless clip=False.
 
-    Out-of-gamut colours give values outside [0, 1] when clip=False.
+    Out-of-gamut colours (and L outside [0, 100]) give values outside [0, 1] when clip=False; a clipped
+    channel has zero gradient. Float64 gives float64, other floating dtypes float32 (also under
+    autocast); uint8 and bool raise a ValueError (uint8 cannot hold a signed a or b).
     """
-    if lab.shape[-3] != 3:
-        raise ValueError(f'lab_to_rgb expects 3 channels in dim -3, got shape {tuple(lab.shape)}')
+    _image(lab, 'lab_to_rgb', 'L*a*b*')
     with _no_autocast(lab):
         lab = _float(lab)
         L, a, b = lab.unbind(-3)
@@ -161,7 +181,7 @@ def lab_to_lch(lab):
     arithmetic of each device).
     At a = b = 0 the gradients are 0 (|ab| and atan2 have none there; autograd would give NaN)."""
     with _no_autocast(lab):
-        L, a, b = _float(lab).unbind(-3)
+        L, a, b = _float(_image(lab, 'lab_to_lch', 'L*a*b*')).unbind(-3)
         zero_ab = (a == 0) & (b == 0)
         a = torch.where(zero_ab, torch.ones_like(a), a)  # any nonzero point: its values are replaced below
         zero = torch.zeros_like(a)
@@ -174,18 +194,20 @@ def lab_to_lch(lab):
 def lch_to_lab(lch):
     """LCh_ab (..., 3, H, W), h in radians -> L*a*b*."""
     with _no_autocast(lch):
-        L, C, h = _float(lch).unbind(-3)
+        L, C, h = _float(_image(lch, 'lch_to_lab', 'LCh')).unbind(-3)
         return torch.stack([L, C * torch.cos(h), C * torch.sin(h)], dim=-3)
 
 
 def lightness_input(lab):
-    """The network input: (L - 50) / 50 as (..., 1, H, W), L in [0, 100] -> [-1, 1]."""
-    return (_float(lab[..., :1, :, :]) - L_CENTER) / L_SCALE
+    """The network input from L*a*b* (..., C, H, W) with L in channel 0: (L - 50) / 50 as (..., 1, H, W),
+    L in [0, 100] -> [-1, 1]. Float32 (float64 for float64)."""
+    return (_float(_image(lab, 'lightness_input', 'L*a*b*', channels=None)[..., :1, :, :]) - L_CENTER) / L_SCALE
 
 
 def lab_input(lab):
-    """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W)."""
-    L, a, b = _float(lab).unbind(-3)
+    """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W); for sRGB
+    colours a / 50 is in [-1.72, 1.97] and b / 50 in [-2.16, 1.89]. Float32 (float64 for float64)."""
+    L, a, b = _float(_image(lab, 'lab_input', 'L*a*b*')).unbind(-3)
     return torch.stack([(L - L_CENTER) / L_SCALE, a / AB_SCALE, b / AB_SCALE], dim=-3)
 
 

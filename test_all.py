@@ -124,6 +124,31 @@ def test_lab_to_rgb_clips_unless_asked():
     assert raw.min() < 0 or raw.max() > 1
 
 
+def test_colour_conversions_refuse_what_they_would_misread():
+    # Pixels as (N, 3) or a bare (3,), with channels last: a ValueError naming the layout (it was an
+    # IndexError of a tuple, or of unbind's dim).
+    funcs = [lab.rgb_to_lab, lab.lab_to_rgb, lab.lab_to_lch, lab.lch_to_lab, lab.lightness_input, lab.lab_input]
+    for f in funcs:
+        for shape in ((10, 3), (3,)):
+            with pytest.raises(ValueError, match=r'dim -3.*reshape\(3, N, 1\)'):
+                f(torch.rand(shape))
+        if f is not lab.lightness_input:  # which reads channel 0 of any (..., C, H, W)
+            with pytest.raises(ValueError, match=r'dim -3.*movedim\(-1, -3\)'):  # an (H, W, 3) image
+                f(torch.rand(4, 5, 3))
+    # Integer sRGB other than uint8: 8-bit levels in int64 gave L* = 9341 for white, in silence.
+    with pytest.raises(ValueError, match='uint8.*int64'):
+        lab.rgb_to_lab(torch.full((3, 1, 1), 255, dtype=torch.int64))
+    assert lab.rgb_to_lab(torch.full((3, 1, 1), 255, dtype=torch.uint8)).flatten().tolist() == [100, 0, 0]
+    # uint8 cannot hold L*a*b* (a and b are signed): it is an encoding such as OpenCV's.
+    for f in funcs[1:]:
+        with pytest.raises(ValueError, match='OpenCV'):
+            f(torch.full((3, 1, 1), 128, dtype=torch.uint8))
+    # Half precision is read, and computed in float32: the published value of sRGB red (exact in fp16).
+    red = lab.rgb_to_lab(_pixels([(1.0, 0.0, 0.0)], torch.float16))
+    assert red.dtype == torch.float32
+    torch.testing.assert_close(red, _pixels([SRGB_LAB_TABLE[0][1]], torch.float32), atol=2e-3, rtol=0)
+
+
 def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(1)
     rgb = (torch.rand(2, 3, 4, 4, dtype=torch.float64, generator=gen) * 0.9 + 0.05).requires_grad_()
