@@ -308,7 +308,7 @@ def _window_gather(maps, points, window):
     x = points[..., 1:2].long() + dx.reshape(1, 1, -1)
     inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
     flat = maps.reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-    index = (y.clamp(0, H - 1) * W + x.clamp(0, W - 1)).reshape(B, -1, 1).expand(-1, -1, C)
+    index = (y.clamp(0, H - 1) * W + x.clamp(0, W - 1)).reshape(B, y.shape[1] * y.shape[2], 1).expand(-1, -1, C)
     return flat.gather(1, index).reshape(B, points.shape[1], window * window, C), inside
 
 
@@ -331,6 +331,9 @@ def make_targets(kind, lab, points, window=7):
     lab: (B, 3, H, W) the true colours; points: (B, P, 2) integer (y, x); window: side of the
     square neighbourhood whose normalised bin histogram is the target (1 = one-hot of the pixel);
     near the image's edge only the window's pixels inside the image count (the authors' Caffe rule).
+    Points should lie in the image; that is not checked (it would wait for the GPU): a point whose
+    window misses the image gets all-zero histograms, and its centre values from the nearest edge
+    pixel. Other shapes of lab or points raise a ValueError; B = 0 gives empty targets.
     Returns a dict of float32 tensors; all have leading dims (B, P):
       huechroma: hue (B, P, 32), chroma (B, P, 32), hue_weight (B, P) = centre chroma / 128 clipped
                  to 1, lightness (B, P) = centre L / 100.
@@ -339,6 +342,12 @@ def make_targets(kind, lab, points, window=7):
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f'target window must be a positive odd number, got {window}')
+    if lab.dim() != 4 or lab.shape[1] != 3:
+        raise ValueError(f'make_targets expects lab as (B, 3, H, W), got shape {tuple(lab.shape)} '
+                         '(one image: pass lab[None] and points[None])')
+    if points.dim() != 3 or points.shape[2] != 2 or points.shape[0] != lab.shape[0]:
+        raise ValueError(f'make_targets expects points as (B, P, 2) (y, x) with the B = {lab.shape[0]} of lab, '
+                         f'got shape {tuple(points.shape)}')
     with _no_autocast(lab):
         lab = lab.float()
         centre = _window_gather(lab, points, 1)[0][:, :, 0]  # (B, P, 3)

@@ -341,6 +341,27 @@ def test_target_window_must_be_odd():
         lab.make_targets('huechroma', _uniform_lab(1, 8, 8, 50, 0, 0), torch.zeros(1, 1, 2, dtype=torch.long), 4)
 
 
+def test_targets_of_an_empty_batch_and_of_misshapen_inputs():
+    # An empty batch (0, 3, H, W) gives empty targets (it died in a reshape(0, -1, 1)); Q = the
+    # gamut's cell count.
+    Q = len(lab.ab_gamut()[0])
+    want = {'huechroma': dict(hue=(0, 5, 32), chroma=(0, 5, 32), hue_weight=(0, 5), lightness=(0, 5)),
+            'l2': dict(ab=(0, 5, 2), lightness=(0, 5)), 'ab': dict(ab=(0, 5, Q), lightness=(0, 5))}
+    for kind in lab.LOSSES:
+        t = lab.make_targets(kind, torch.zeros(0, 3, 8, 8), torch.zeros(0, 5, 2, dtype=torch.long))
+        assert {k: tuple(v.shape) for k, v in t.items()} == want[kind], kind
+    # One image without its batch dim, points without theirs or of another batch, 4 channels:
+    # a ValueError that says which (they were unpacking and reshape errors, or for l2 with 4 channels
+    # a 3-channel 'ab' target in silence).
+    img, pts = _uniform_lab(2, 8, 8, 50, 10, 10), torch.full((2, 5, 2), 4)
+    for bad_img, bad_pts, match in ((img[0], pts[0], r'lab as \(B, 3, H, W\).*lab\[None\]'),
+                                    (img, pts[0], r'points as \(B, P, 2\)'), (img, pts[:1], 'B = 2'),
+                                    (torch.cat([img, img[:, :1]], 1), pts, r'shape \(2, 4, 8, 8\)')):
+        for kind in lab.LOSSES:
+            with pytest.raises(ValueError, match=match):
+                lab.make_targets(kind, bad_img, bad_pts)
+
+
 def test_ab_gamut_cells_are_reached_by_srgb():
     centres, lookup, offset = lab.ab_gamut()
     # primaries' ab fall in a gamut cell; a far-out colour does not
