@@ -416,7 +416,8 @@ def lightness_weight(lightness):
 def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False, norm=None):
     """The colorization loss, averaged over sampled pixels of valid images.
 
-    logits: (B, P, D) network outputs (any float dtype); targets: from make_targets; valid: (B,)
+    logits: (B, P, D) network outputs (any float dtype), D = output_dim(kind), at the points of the
+    targets (other shapes raise a ValueError); targets: from make_targets; valid: (B,)
     0/1 weights per image (grayscale or unreadable images get 0) or None. use_lightness_weight
     multiplies the per-pixel loss by w(L): the chroma term's for huechroma (as the original Caffe
     recipe did), the whole loss for l2 and ab. norm: what the summed per-pixel loss is divided by,
@@ -425,6 +426,9 @@ def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False, no
     gradient is that of the mean over all their pixels however the valid images fall.
     Returns (total, parts): a scalar tensor and a dict of named scalar tensors (no host sync).
     """
+    if logits.dim() != 3 or logits.shape[2] != output_dim(kind) or targets['lightness'].shape != logits.shape[:2]:
+        raise ValueError(f'color_loss({kind!r}) expects logits (B, P, {output_dim(kind)}) at the (B, P) points of '
+                         f"the targets {tuple(targets['lightness'].shape)}, got {tuple(logits.shape)}")
     B, P = logits.shape[:2]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w = torch.ones(B, P, dtype=dtype, device=logits.device) if valid is None else valid.to(dtype).view(B, 1).expand(B, P)
@@ -448,12 +452,16 @@ def color_loss(kind, logits, targets, valid=None, use_lightness_weight=False, no
 def decode(kind, logits, dim=-1):
     """Network outputs -> predicted (a, b) in Lab units, with the output channels at `dim`.
 
-    logits: (B, P, D) with dim=-1, or (B, D, h, w) with dim=1. Returns the same shape with 2
-    channels (a, b) at `dim`, float32 (float64 for float64 logits).
+    logits: (B, P, D) with dim=-1, or (B, D, h, w) with dim=1, D = output_dim(kind) (else a
+    ValueError). Returns the same shape with 2 channels (a, b) at `dim`, float32 (float64 for
+    float64 logits).
       huechroma: hue = circular mean of the hue histogram; chroma = median of the chroma
                  histogram times min(R / 0.96, 1), R = resultant length of the hue histogram.
       ab: annealed mean (T = 0.38) of the cell centres.  l2: the regressed (a, b).
     """
+    if logits.shape[dim] != output_dim(kind):
+        raise ValueError(f'decode({kind!r}) expects {output_dim(kind)} channels in dim {dim}, '
+                         f'got shape {tuple(logits.shape)}')
     with _no_autocast(logits):  # the ab annealed mean is a matmul, which autocast would run in bf16
         return _decode(kind, _float(logits).movedim(dim, -1)).movedim(-1, dim)
 

@@ -405,6 +405,24 @@ def test_kl_loss_zero_at_target_and_hand_value():
     assert parts['hue'].item() == pytest.approx(2.5 * math.log(32), rel=1e-6)  # w(L) is the chroma term's only
 
 
+def test_loss_and_decode_refuse_logits_of_another_size():
+    # l2 logits (B, P, 1) broadcast against the (B, P, 2) target and ab logits (B, P, 1) gave a
+    # negative "KL", in silence; huechroma decoding of 67 channels read 35 chroma bins.
+    g = torch.Generator().manual_seed(0)
+    img = torch.stack([torch.rand(2, 8, 8, generator=g) * 100, torch.randn(2, 8, 8, generator=g) * 30,
+                       torch.randn(2, 8, 8, generator=g) * 30], 1)
+    for kind, D in (('huechroma', 64), ('l2', 2), ('ab', len(lab.ab_gamut()[0]))):
+        t = lab.make_targets(kind, img, torch.full((2, 5, 2), 4))
+        assert lab.color_loss(kind, torch.zeros(2, 5, D), t)[0].item() >= 0
+        for bad in ((2, 5, 1), (2, 5, D + 1), (2, 1, D), (5, D)):
+            with pytest.raises(ValueError, match=f'expects logits \\(B, P, {D}\\)'):
+                lab.color_loss(kind, torch.zeros(bad), t)
+        assert lab.decode(kind, torch.zeros(2, D, 3, 4), dim=1).shape == (2, 2, 3, 4)
+        for bad, dim in (((2, 5, D + 3), -1), ((2, D, 3, 4), -1), ((2, 1, 3, 4), 1)):
+            with pytest.raises(ValueError, match=f'expects {D} channels in dim {dim}'):
+                lab.decode(kind, torch.zeros(bad), dim=dim)
+
+
 def test_lightness_weight_by_hand():
     # w(L) = min(3L, 1, 3(1 - L)): a ramp up to L = 1/3, flat to 2/3, a ramp down to 1.
     L = torch.tensor([0.0, 1 / 6, 1 / 3, 0.5, 2 / 3, 0.9, 1.0], dtype=torch.float64)
