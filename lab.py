@@ -179,15 +179,20 @@ def lab_to_lch(lab):
     A grey (C < GREY_CHROMA) has no hue: h = 0, whatever rounding left in a and b (up to 3.8e-5
     for 8-bit greys in float32 on a CPU, which would otherwise scatter over hue bins by the
     arithmetic of each device).
-    At a = b = 0 the gradients are 0 (|ab| and atan2 have none there; autograd would give NaN)."""
+    At a = b = 0 the gradients are 0 (|ab| and atan2 have none there; autograd would give NaN); h has
+    gradient 0 for a grey."""
     with _no_autocast(lab):
         L, a, b = _float(_image(lab, 'lab_to_lch', 'L*a*b*')).unbind(-3)
         zero_ab = (a == 0) & (b == 0)
         a = torch.where(zero_ab, torch.ones_like(a), a)  # any nonzero point: its values are replaced below
         zero = torch.zeros_like(a)
         C = torch.where(zero_ab, zero, torch.hypot(a, b))
-        h = torch.remainder(torch.atan2(b, a), 2 * math.pi)
-        h = torch.where((C < GREY_CHROMA) | (h >= 2 * math.pi), zero, h)  # remainder(-1e-8, 2 pi) is 2 pi in fp32
+        grey = C < GREY_CHROMA
+        # atan2's backward takes 1 / (a^2 + b^2), inf for |ab| near 1e-20 in fp32 (1e-160 in fp64), and
+        # 0 * inf = NaN passes the where below: a grey's atan2 sees (1, 0) instead.
+        h = torch.atan2(torch.where(grey, zero, b), torch.where(grey, torch.ones_like(a), a))
+        h = torch.remainder(h, 2 * math.pi)
+        h = torch.where(grey | (h >= 2 * math.pi), zero, h)  # remainder(-1e-8, 2 pi) is 2 pi in fp32
         return torch.stack([L, C, h], dim=-3)
 
 

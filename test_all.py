@@ -212,6 +212,12 @@ def test_lch_of_grey_and_of_a_hue_just_below_zero():
     assert lab.lab_to_lch(_pixels([(50.0, 0.2, 0.2)]))[2].item() == pytest.approx(math.pi / 4)
     # d|ab|/d(a, b) = (a, b) / |ab|: (3/5, 4/5) at (3, 4), by hand; 0 at grey
     torch.testing.assert_close(x.grad[:, 1:], torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1e-7], [0.6, 0.8]]))
+    # A tiny chroma, |ab| near 1e-20 in float32 (1e-160 in float64), where atan2's backward overflows:
+    # d(C + h)/d(a, b) is (a, b) / |ab| = (1, 1) / sqrt 2 (h is constant 0 for a grey), not NaN.
+    for dtype, v in ((torch.float32, 1e-20), (torch.float64, 1e-160)):
+        x = torch.tensor([50.0, v, v], dtype=dtype).view(3, 1, 1).requires_grad_()
+        lab.lab_to_lch(x)[1:].sum().backward()
+        torch.testing.assert_close(x.grad.flatten(), torch.tensor([0, 0.5 ** 0.5, 0.5 ** 0.5], dtype=dtype))
 
 
 def test_decode_of_float64_logits_is_float64_exact():
