@@ -120,14 +120,16 @@ def _matmul3(m, x, scale=(1.0, 1.0, 1.0)):
 
 
 def srgb_to_linear(c):
-    """Gamma-encoded sRGB in [0, 1] -> linear light. Exact IEC 61966-2-1 piecewise curve."""
+    """Gamma-encoded sRGB in [0, 1] -> linear light in [0, 1], elementwise (any shape, the input's float
+    dtype). Exact IEC 61966-2-1 piecewise curve; outside [0, 1] it goes on (linear below 0, the power above 1)."""
     # Clamp inside the power branch so that torch.where never differentiates a NaN.
     power = ((c.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4
     return torch.where(c > 0.04045, power, c / 12.92)
 
 
 def linear_to_srgb(c):
-    """Linear light -> gamma-encoded sRGB; the exact inverse of srgb_to_linear."""
+    """Linear light -> gamma-encoded sRGB, elementwise (any shape, the input's float dtype); the exact
+    inverse of srgb_to_linear, outside [0, 1] too."""
     power = 1.055 * c.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055
     return torch.where(c > 0.0031308, power, c * 12.92)
 
@@ -146,6 +148,8 @@ def rgb_to_lab(rgb):
     L in [0, 100]; for inputs in [0, 1], a in [-86.2, 98.3] and b in [-107.9, 94.5]. Float64 gives
     float64; any other floating dtype (half and bfloat16 included) and uint8 give float32, also under
     autocast. Other integer dtypes raise a ValueError (8-bit levels in int64 would give L* = 9342 for white).
+    White is (100, 0, 0) in float32; in float64 it is (100.000004, -1.7e-5, 6.7e-6), as the middle row of
+    the 7-digit RGB_TO_XYZ sums to 1.0000001.
     """
     _image(rgb, 'rgb_to_lab', 'sRGB')
     with _no_autocast(rgb):
@@ -197,7 +201,8 @@ def lab_to_lch(lab):
 
 
 def lch_to_lab(lch):
-    """LCh_ab (..., 3, H, W), h in radians -> L*a*b*."""
+    """LCh_ab (..., 3, H, W), C in Lab units, h in radians (any angle) -> L*a*b* (..., 3, H, W).
+    Float32 (float64 for float64)."""
     with _no_autocast(lch):
         L, C, h = _float(_image(lch, 'lch_to_lab', 'LCh')).unbind(-3)
         return torch.stack([L, C * torch.cos(h), C * torch.sin(h)], dim=-3)
@@ -219,12 +224,14 @@ def lab_input(lab):
 # --- Bins and targets ---------------------------------------------------------------------------
 
 def hue_bin(h):
-    """Hue in radians [0, 2 pi) -> bin index in [0, HUE_BINS); wraps around 2 pi."""
+    """Hue in radians, any shape -> int64 bin index in [0, HUE_BINS) of the same shape; any angle is
+    taken modulo 2 pi (-0.1 is in the last bin)."""
     return torch.floor(h * (HUE_BINS / (2 * math.pi))).long().remainder(HUE_BINS)
 
 
 def chroma_bin(c):
-    """Chroma in Lab units -> bin index in [0, CHROMA_BINS); chroma >= CHROMA_MAX lands in the last bin."""
+    """Chroma in Lab units, any shape -> int64 bin index in [0, CHROMA_BINS) of the same shape; chroma
+    >= CHROMA_MAX lands in the last bin, below 0 in the first. NaN has no bin (the index is garbage)."""
     return torch.floor(c * (CHROMA_BINS / CHROMA_MAX)).clamp(0, CHROMA_BINS - 1).long()  # clamp first: inf
 
 
@@ -288,7 +295,8 @@ def _gamut_on(device):
 
 
 def output_dim(kind):
-    """Number of network outputs per pixel for a loss kind."""
+    """Number of network outputs per pixel for a loss kind (an int): huechroma 64 (32 hue and 32
+    chroma bins), l2 2, ab Q = len(ab_gamut()[0])."""
     if kind == 'huechroma':
         return HUE_BINS + CHROMA_BINS
     if kind == 'l2':
@@ -338,7 +346,8 @@ def make_targets(kind, lab, points, window=7):
     near the image's edge only the window's pixels inside the image count (the authors' Caffe rule).
     Points should lie in the image; that is not checked (it would wait for the GPU): a point whose
     window misses the image gets all-zero histograms, and its centre values from the nearest edge
-    pixel. Other shapes of lab or points raise a ValueError; B = 0 gives empty targets.
+    pixel. Other shapes of lab or points raise a ValueError; B = 0 gives empty targets. The targets
+    are not detached: where lab needs a gradient, so do all but the hue and chroma histograms.
     Returns a dict of float32 tensors; all have leading dims (B, P):
       huechroma: hue (B, P, 32), chroma (B, P, 32), hue_weight (B, P) = centre chroma / 128 clipped
                  to 1, lightness (B, P) = centre L / 100.
@@ -414,7 +423,8 @@ def _kl(target, logits):
 
 
 def lightness_weight(lightness):
-    """The original's w(L) = min(3L, 1, 3(1 - L)), L in [0, 1]: dark and bright pixels count less."""
+    """The original's w(L) = min(3L, 1, 3(1 - L)), L = L* / 100 in [0, 1], any shape -> w in [0, 1] of
+    the same shape (0 outside [0, 1]): dark and bright pixels count less."""
     return torch.minimum(torch.minimum(3 * lightness, torch.ones_like(lightness)), 3 * (1 - lightness)).clamp(min=0)
 
 
@@ -495,9 +505,9 @@ def _decode(kind, z):
 
 
 def histogram_median(p):
-    """Median of histograms p (..., n) over bins of unit width on [0, n), linearly interpolated
-    inside the bin where the cumulative sum crosses 1/2. (The authors' decoding took that bin's
-    centre, k + 0.5: at most half a bin apart.)"""
+    """Median of histograms p (..., n), each summing to 1, over bins of unit width on [0, n): (...) in
+    bin units, in [0, n], linearly interpolated inside the bin where the cumulative sum crosses 1/2.
+    (The authors' decoding took that bin's centre, k + 0.5: at most half a bin apart.)"""
     cdf = p.cumsum(-1)
     k = (cdf < 0.5).sum(-1, keepdim=True).clamp(max=p.shape[-1] - 1)
     before = torch.where(k > 0, cdf.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(k, dtype=p.dtype))
