@@ -256,6 +256,9 @@ def ab_gamut():
     return centres.clone(), lookup.clone(), AB_OFFSET
 
 
+# Built as normal tensors whatever mode the first call is in: decode('ab') multiplies by the cached
+# centres, and autograd cannot save an inference-mode tensor for the backward.
+@torch.inference_mode(False)
 def _gamut_tables():
     """(centres, lookup, nearest) on the CPU, built on the first call (whatever the default device)."""
     if 'cpu' not in _AB_GAMUT:
@@ -286,6 +289,7 @@ def _gamut_tables():
     return _AB_GAMUT['cpu']
 
 
+@torch.inference_mode(False)  # as _gamut_tables
 def _gamut_on(device):
     """(centres, lookup, nearest) on `device`, copied there once (no per-step host-to-device copy)."""
     key = str(device)

@@ -574,6 +574,24 @@ def test_ab_soft_target_by_hand():
         assert t[cell[(float(a), float(b))]].item() == pytest.approx(v / sum(w.values())), (a, b)
 
 
+def test_decode_ab_trains_after_a_first_call_in_inference_mode():
+    # The gamut tables are cached at the first call; made under torch.inference_mode they were
+    # inference tensors, and decode('ab') of logits that need a gradient then raised ("Inference
+    # tensors cannot be saved for backward") for the rest of the process.
+    lab._AB_GAMUT.clear()  # a fresh process's first call
+    with torch.inference_mode():
+        Q = lab.output_dim('ab')
+        lab.decode('ab', torch.zeros(1, 1, Q))
+    # float32 logits use the cached centres as they are (float64 ones multiply by a fresh copy).
+    logits = torch.randn(1, 2, Q, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    lab.decode('ab', logits).sum().backward()
+    # The reference: float64, checked against finite differences.
+    ref = logits.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: lab.decode('ab', z), (ref,))
+    lab.decode('ab', ref).sum().backward()
+    torch.testing.assert_close(logits.grad, ref.grad.float())
+
+
 @pytest.mark.parametrize('kind', lab.LOSSES)
 def test_decode_is_float32_under_autocast(kind):
     # colorize.py decodes inside the bf16 autocast region; the ab annealed mean is a matmul that
