@@ -101,7 +101,9 @@ def _image(x, name, space, channels=3):
 
 
 def _no_autocast(x):
-    return torch.autocast(x.device.type, enabled=False) if x.device.type in ('cuda', 'cpu') else _Null()
+    """Autocast off on x's device, wherever torch has autocast (cuda, cpu, mps, xpu, ...)."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else _Null()
 
 
 class _Null:

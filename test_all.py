@@ -604,6 +604,16 @@ def test_decode_is_float32_under_autocast(kind):
     torch.testing.assert_close(got, reference)
 
 
+def test_colour_maths_turns_autocast_off_on_every_device_type_that_has_it():
+    # Only cuda and cpu were: under autocast on mps or xpu, decode('ab')'s matmul would run in half
+    # precision. A tensor on a device this machine may lack: only its device.type is read.
+    for kind in ('xpu', 'mps', 'cuda', 'cpu'):
+        if torch.amp.is_autocast_available(kind):
+            guard = lab._no_autocast(argparse.Namespace(device=torch.device(kind)))
+            assert isinstance(guard, torch.autocast) and guard.device == kind and not guard._enabled, kind
+    assert isinstance(lab._no_autocast(torch.empty(0, device='meta')), lab._Null)
+
+
 def test_histogram_median_by_hand():
     p = torch.tensor([[0.1, 0.2, 0.4, 0.3], [0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
     # row 0: cdf 0.1, 0.3, 0.7 -> crosses in bin 2 at (0.5 - 0.3) / 0.4 = 0.5 -> 2.5
