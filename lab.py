@@ -423,9 +423,10 @@ def _ab_soft(ab, share):
 # --- Losses -------------------------------------------------------------------------------------
 
 def _kl(target, logits):
-    """KL(target || softmax(logits)) over the last dim, in float32 (float64 for float64 logits); 0 log 0 = 0."""
+    """KL(target || softmax(logits)) over the last dim, in float32 (float64 for float64 logits); 0 log 0 = 0,
+    and 0 log q = 0 also where q = 0 (a logit of -inf, e.g. a masked class, where the target is 0)."""
     logp = F.log_softmax(_float(logits), dim=-1)
-    return (torch.xlogy(target, target) - target * logp).sum(-1)
+    return (torch.xlogy(target, target) - torch.where(target > 0, target * logp, 0.0)).sum(-1)
 
 
 def lightness_weight(lightness):

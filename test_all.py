@@ -429,6 +429,25 @@ def test_loss_and_decode_refuse_logits_of_another_size():
                 lab.decode(kind, torch.zeros(bad), dim=dim)
 
 
+def test_kl_loss_with_a_masked_class():
+    # A logit of -inf (a class masked out) where the target is 0 adds nothing: 0 log 0 = 0 (it was
+    # 0 x -inf = NaN, the whole loss NaN). Hand value: hue one-hot on bin 3, uniform over the other 31
+    # bins -> KL = log 31, weighted 5 x 0.5; chroma half/half on bins 1, 2 of 32 -> log 16.
+    hue, chroma = torch.zeros(1, 1, 32), torch.zeros(1, 1, 32)
+    hue[..., 3] = 1
+    chroma[..., [1, 2]] = 0.5
+    t = dict(hue=hue, chroma=chroma, hue_weight=torch.tensor([[0.5]]), lightness=torch.tensor([[0.5]]))
+    logits = torch.zeros(1, 1, 64)
+    logits[..., 5] = -math.inf
+    logits.requires_grad_()
+    total, parts = lab.color_loss('huechroma', logits, t)
+    assert parts['hue'].item() == pytest.approx(2.5 * math.log(31), rel=1e-6)
+    assert parts['chroma'].item() == pytest.approx(math.log(16), rel=1e-6)
+    total.backward()
+    # d/dz of 2.5 KL = 2.5 (softmax - target): 2.5 / 31 on the 30 other live hue bins, 0 on the masked one
+    assert logits.grad[0, 0, 5].item() == 0 and logits.grad[0, 0, 6].item() == pytest.approx(2.5 / 31, rel=1e-5)
+
+
 def test_lightness_weight_by_hand():
     # w(L) = min(3L, 1, 3(1 - L)): a ramp up to L = 1/3, flat to 2/3, a ramp down to 1.
     L = torch.tensor([0.0, 1 / 6, 1 / 3, 0.5, 2 / 3, 0.9, 1.0], dtype=torch.float64)
