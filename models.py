@@ -81,7 +81,8 @@ def _conv(conv, x):
     if conv.bias is not None:
         out = out + conv.bias[:, None].to(out.dtype)  # bf16 under autocast, as conv(x) returns
     h = H + 2 * conv.padding[0] - conv.dilation[0] * (k[0] - 1)
-    return out.view(B, -1, h, W + 2 * conv.padding[1] - conv.dilation[1] * (k[1] - 1))
+    # out_channels, not -1: view cannot infer a dimension of an empty batch (B = 0)
+    return out.view(B, conv.out_channels, h, W + 2 * conv.padding[1] - conv.dilation[1] * (k[1] - 1))
 
 
 class Bottleneck(nn.Module):

@@ -1045,6 +1045,20 @@ def test_dense_equals_sparse(arch, size):
     close(grid, sparse.reshape(2, gh, gw, 5).permute(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize('arch', ARCHS)
+def test_empty_batch(arch):
+    # A batch of no images (B = 0) gives empty outputs of the documented shapes, in train and eval
+    # mode. On a CPU a conv whose kernel spans its map (the fov convs on a 1x1 map, VGG-16's fc6 on
+    # 2x2) is a matmul reshaped with view(B, -1, ...), which cannot infer -1 when B = 0.
+    model = tiny(arch, extended_fov=True)
+    x, points = torch.randn(0, 1, 64, 64), torch.zeros(0, 3, 2, dtype=torch.int64)
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            assert model(x, points).shape == (0, 3, 5)
+            assert model.dense(x).shape == (0, 5, 16, 16)
+
+
 def test_receptive_fields_by_hand():
     # size += (kernel - 1) * distance between cells so far; the distance grows by each stride.
     vgg = 1 + 2 * 2 + 1 + 2 * (2 * 2) + 2 + 3 * (2 * 4) + 4 + 3 * (2 * 8) + 8 + 3 * (2 * 16) + 16 + 6 * 32
