@@ -111,7 +111,8 @@ class Bottleneck(nn.Module):
 class Trunk(nn.Module):
     """A chain of named layers; the outputs of some of them (the taps) form the hypercolumn.
 
-    forward(x): x (B, in_channels, H, W) -> list over taps of (B, tap_channels[t], h_t, w_t),
+    forward(x): x (B, in_channels, H, W), H and W at least `min_size` (else ValueError; 1 for all
+    but VGG-16) -> list over taps of (B, tap_channels[t], h_t, w_t),
     h_t ~ H / tap_strides[t] (VGG-16's pooling rounds down; AlexNet's and ResNet's padded layers
     and the extended-FOV pools round up). Taps are read after ReLU, in `tap_names` order; the last
     one is the deepest feature, for global pooling.
@@ -125,6 +126,7 @@ class Trunk(nn.Module):
         self.steps = []  # (module name, tap name or None) in execution order
         self.tap_names, self.tap_channels, self.tap_strides = [], [], []
         self.out_channels, self.out_stride = in_channels, 1  # of the last step appended
+        self.min_size = 1  # pixels per side of the smallest input (VGG-16: 32); forward refuses less
         if tap_input:
             self._record_tap('input')
 
@@ -162,6 +164,16 @@ class Trunk(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x):
+        # Python-level shape tests only (no host sync, no graph break under torch.compile): without
+        # them an unbatched image fails deep inside (unpacking a 3-d map, or BatchNorm's "expected
+        # 4D input") and a too-small one in a pooling ("Output size is too small").
+        if x.dim() != 4:
+            raise ValueError(f'expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}'
+                             + (': for one image, add the batch dimension (x[None])' if x.dim() == 3 else ''))
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(f'a {x.shape[-2]}x{x.shape[-1]} input is too small for this trunk: it needs at least '
+                             f'{self.min_size} pixels on each side (fewer leave its deepest maps empty); '
+                             f'resize or pad the image')
         taps = [x] if self.tap_input else []
         for name, tap in self.steps:
             x = self._modules[name](x)
@@ -190,9 +202,10 @@ def vgg16(in_channels=1, width=1.0, fc_dim=4096, batchnorm=True, extended_fov=Fa
     `fc_dim` is the absolute channel count of fc6/fc7 (not scaled by `width`).
     `trunk.fc_dropout` (p=0) follows the ReLU of fc6 and fc7 and is part of their taps (the
     authors' pre-training used p=0.5 there, colorize.py --fc-dropout; finetune_voc.py sets 0.5 for classification).
-    Inputs need at least 32 pixels on a side (five 2x2 poolings).
+    Inputs need at least 32 pixels on a side (five 2x2 poolings): `min_size`, checked by forward.
     """
     trunk = Trunk(in_channels, tap_input=True)
+    trunk.min_size = 32
     bn = dict(batchnorm=batchnorm, affine=False)
     for stage, (channels, convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)], 1):
         if stage > 1:

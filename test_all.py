@@ -1059,6 +1059,29 @@ def test_empty_batch(arch):
             assert model.dense(x).shape == (0, 5, 16, 16)
 
 
+def test_inputs_of_the_wrong_shape_are_refused_with_what_to_do():
+    # VGG-16's five unpadded 2x2 poolings need 2 ** 5 = 32 pixels per side: 32 gives a 1x1 fc7,
+    # 31 would leave pool5 empty (torch's "Output size is too small" from deep inside).
+    model = tiny('vgg16').eval()
+    with torch.no_grad():
+        assert model.trunk(torch.randn(1, 1, 32, 40))[-1].shape[-2:] == (1, 1)
+        for size in [(31, 64), (64, 31), (8, 8)]:
+            with pytest.raises(ValueError, match=f'a {size[0]}x{size[1]} input is too small.*at least 32 pixels'):
+                model(torch.randn(1, 1, *size), torch.zeros(1, 2, 2))
+            with pytest.raises(ValueError, match='too small'):
+                model.dense(torch.randn(1, 1, *size))
+        # AlexNet and the ResNets pad their strided layers: any size down to 1x1 has maps.
+        assert tiny('alexnet').eval().dense(torch.randn(1, 1, 1, 1)).shape == (1, 5, 1, 1)
+        # One image without its batch dimension: BatchNorm's "expected 4D input", or, BN folded away,
+        # an unpacking error in sample_bilinear.
+        folded = fold_batchnorm(model)
+        for net in (model, folded):
+            with pytest.raises(ValueError, match=r'\(B, 1, H, W\), got shape \(1, 64, 64\).*x\[None\]'):
+                net(torch.randn(1, 64, 64), torch.zeros(1, 2, 2))
+            with pytest.raises(ValueError, match=r'x\[None\]'):
+                net.dense(torch.randn(1, 64, 64))
+
+
 def test_receptive_fields_by_hand():
     # size += (kernel - 1) * distance between cells so far; the distance grows by each stride.
     vgg = 1 + 2 * 2 + 1 + 2 * (2 * 2) + 2 + 3 * (2 * 4) + 4 + 3 * (2 * 8) + 8 + 3 * (2 * 16) + 16 + 6 * 32
