@@ -356,10 +356,14 @@ def sample_bilinear(feature, points, stride, matmul_cells=MATMUL_CELLS):
 
     feature: (B, C, h, w), contiguous or channels_last, the map of a layer with `stride` (pixels
     per cell). points: (B, P, 2) pixel coordinates (y, x) of the input image, int or float
-    (integer = pixel centre). Maps of at most `matmul_cells` cells are read by a matmul, larger ones
-    by a gather (the same values). Returns (B, P, C) in feature's dtype, equal to
+    (integer = pixel centre), any value: a position beyond the map's first or last cell centre reads
+    that edge cell (the clamp F.interpolate applies at its border), so a point outside the image
+    reads the map's edge and raises nothing. Maps of at most `matmul_cells` cells are read by a
+    matmul, larger ones by a gather (the same values). Returns (B, P, C) in feature's dtype, equal to
     F.interpolate(feature, size=(h*stride, w*stride), mode='bilinear', align_corners=False)
-    [b, :, y, x] at integer pixels. Differentiable with respect to `feature`.
+    [b, :, y', x'] at integer pixels, y' = y clamped to [0, h*stride - 1], x' likewise.
+    Differentiable with respect to `feature`, and to float `points` (piecewise linear in them: zero
+    gradient where clamped).
 
     (The authors' sparse extractors read a map at y / stride, cell i at pixel stride * i, while
     their dense deploy net's bilinear deconvolutions used this half-pixel rule.)

@@ -800,6 +800,31 @@ def test_sample_bilinear_gradient_matches_interpolate(cells):
     assert ours.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('stride', [1, 4])
+def test_sample_bilinear_outside_the_image_reads_the_edge(stride, cells):
+    # Points up to 3 maps' extents beyond every side: the upsampled map at the nearest pixel inside it.
+    g = torch.Generator().manual_seed(2)
+    feature = torch.randn(2, 3, 5, 7, generator=g)
+    H, W = 5 * stride, 7 * stride
+    points = torch.stack([torch.randint(-3 * H, 4 * H, (2, 60), generator=g),
+                          torch.randint(-3 * W, 4 * W, (2, 60), generator=g)], dim=-1)
+    inside = torch.stack([points[..., 0].clamp(0, H - 1), points[..., 1].clamp(0, W - 1)], dim=-1)
+    assert (inside != points).any(-1).float().mean() > 0.5
+    expected = upsample_reference(feature, stride, inside)
+    torch.testing.assert_close(sample_bilinear(feature, points, stride, cells), expected, rtol=0, atol=1e-6)
+
+
+def test_sample_bilinear_gradcheck(cells):
+    """Finite differences in float64 on a tiny map, with respect to the map and to float points.
+    Points at integer + 0.3 px are never at a cell centre of the stride-4 map ((y + 0.8) / 4 - 0.5
+    is never an integer), where the reading has a kink; some lie outside (a zero gradient)."""
+    g = torch.Generator().manual_seed(4)
+    feature = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    points = torch.stack([torch.randint(-4, 20, (2, 6), generator=g), torch.randint(-4, 24, (2, 6), generator=g)],
+                         dim=-1).double().add(0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, p: sample_bilinear(f, p, 4, cells), (feature, points))
+
+
 def test_sample_bilinear_keeps_low_precision_dtype(cells):
     feature = torch.randn(1, 4, 6, 6).to(torch.bfloat16)
     points = torch.tensor([[[0, 0], [10, 17], [23, 23]]])
