@@ -1049,25 +1049,40 @@ def test_resnet_matches_torchvision(arch, blocks):
 
 # ---------------------------------------------------------------- dense vs sparse
 
-def grid_points(B, gh, gw):
-    """(B, gh*gw, 2) float pixel positions (4i + 1.5, 4j + 1.5) of the stride-4 grid, row-major."""
+def grid_points(B, gh, gw, s=4):
+    """(B, gh*gw, 2) float pixel positions (s*i + (s-1)/2, s*j + (s-1)/2) of the stride-s grid, row-major."""
     i, j = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
-    return torch.stack([4 * i + 1.5, 4 * j + 1.5], dim=-1).reshape(1, -1, 2).expand(B, -1, -1)
+    return torch.stack([s * i + (s - 1) / 2, s * j + (s - 1) / 2], dim=-1).reshape(1, -1, 2).expand(B, -1, -1)
+
+
+def dense_reference(model, x, s):
+    """The head on every tap resized by F.interpolate by tap stride / s (bilinear, align_corners=False:
+    its cell i reads the tap at pixel s*i + (s-1)/2), over the cells that every resized tap has."""
+    taps = [F.interpolate(m, scale_factor=t / s, mode='bilinear', align_corners=False, recompute_scale_factor=False)
+            for m, t in zip(model.trunk(x), model.trunk.tap_strides)]
+    gh, gw = min(t.shape[-2] for t in taps), min(t.shape[-1] for t in taps)
+    columns = torch.cat([t[..., :gh, :gw] for t in taps], 1).permute(0, 2, 3, 1)  # (B, gh, gw, C)
+    return model.head(columns).permute(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize('size', [(64, 64), (70, 93)])
 @pytest.mark.parametrize('arch', ARCHS)
 def test_dense_equals_sparse(arch, size):
-    # extended_fov adds two taps after the plain trunk's, so it also covers the plain model.
+    # extended_fov adds two taps after the plain trunk's, so it also covers the plain model. The
+    # stride-3 grid is one whose cells no map's cells tile.
     torch.manual_seed(0)
     model = tiny(arch, extended_fov=True).eval()
     x = torch.randn(2, 1, *size)
-    with torch.no_grad():
-        grid = model.dense(x)
-        gh, gw = -(-size[0] // 4), -(-size[1] // 4)
-        assert grid.shape == (2, 5, gh, gw)
-        sparse = model(x, grid_points(2, gh, gw))  # (B, gh*gw, 5)
-    close(grid, sparse.reshape(2, gh, gw, 5).permute(0, 3, 1, 2))
+    for s in (4, 3):
+        with torch.no_grad():
+            grid = model.dense(x, stride=s)
+            gh, gw = -(-size[0] // s), -(-size[1] // s)
+            assert grid.shape == (2, 5, gh, gw)
+            sparse = model(x, grid_points(2, gh, gw, s))  # (B, gh*gw, 5)
+            reference = dense_reference(model, x, s)
+        close(grid, sparse.reshape(2, gh, gw, 5).permute(0, 3, 1, 2))
+        close(grid[..., :reference.shape[-2], :reference.shape[-1]], reference)
+        assert reference.numel() >= 0.5 * grid.numel()  # not all: VGG-16 at 70 x 93 has 2 x 2 fc7 maps (64 px)
 
 
 @pytest.mark.parametrize('arch', ARCHS)
