@@ -1246,13 +1246,42 @@ def test_dense_in_float64():
         close(got.float(), model.float().dense(x), rel=1e-4)
 
 
-def test_sparse_gradients_reach_trunk_and_head():
+@pytest.mark.parametrize('arch', ARCHS)
+def test_sparse_gradients_reach_every_parameter_and_tap(arch):
+    # Eval mode: BatchNorm's running statistics pass the gradient on to the conv biases before a
+    # non-affine BN (in train mode BN subtracts them again). The reference reads every tap through
+    # F.interpolate instead of sample_bilinear: the same gradients, for every parameter, and for
+    # every tap's map on its own (each map made a leaf, so that only the reading reaches it).
     torch.manual_seed(0)
-    model = tiny('resnet50')
-    x = torch.randn(2, 1, 64, 64)
-    model(x, sample_points(2, 64, 64, 8, border=16)).square().sum().backward()
-    for name in ['trunk.conv1.conv.weight', 'trunk.res2a.branch2a.conv.weight', 'head.fc1.weight']:
-        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    model = tiny(arch, extended_fov=True).eval()
+    x, points = torch.randn(2, 1, 64, 64), sample_points(2, 64, 64, 8, border=0)
+
+    def reference(maps):
+        columns = [upsample_reference(m, s, points) for m, s in zip(maps, model.trunk.tap_strides)]
+        return model.head(torch.cat(columns, -1)).square().sum()
+
+    params = list(model.parameters())
+    grads = torch.autograd.grad(model(x, points).square().sum(), params)
+    expected = torch.autograd.grad(reference(model.trunk(x)), params)
+    leaves = []
+    hook = model.trunk.register_forward_hook(lambda module, args, maps: leaves.extend(
+        m.detach().requires_grad_() for m in maps) or leaves)
+    grads += torch.autograd.grad(model(x, points).square().sum(), leaves)
+    hook.remove()
+    expected += torch.autograd.grad(reference(leaves), leaves)
+    names = [n for n, _ in model.named_parameters()] + model.trunk.tap_names
+    for name, got, want in zip(names, grads, expected):
+        assert want.abs().sum() > 0, name
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+    if arch.startswith('resnet'):
+        # A fresh ResNet's residual branches start at zero (their last BN scale): at the first step
+        # every layer of a branch before that scale gets exactly no gradient, as the README says.
+        fresh = build_model(arch, 5, head_dim=16, width=1 / 16)
+        fresh(torch.randn(2, 1, 64, 64), sample_points(2, 64, 64, 8, border=0)).square().sum().backward()
+        block = fresh.trunk.res3a
+        for layer in (block.branch2a.conv, block.branch2a.bn, block.branch2b.conv, block.branch2c.conv):
+            assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters())
+        assert block.branch2c.bn.weight.grad.abs().sum() > 0 and block.branch1.conv.weight.grad.abs().sum() > 0
 
 
 def test_fc_dropout_is_applied_to_fc_taps():
