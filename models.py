@@ -88,7 +88,7 @@ def _conv(conv, x):
 class Bottleneck(nn.Module):
     """ResNet bottleneck with Caffe branch names, stride on the 3x3 conv (torchvision, "v1.5").
 
-    (B, in_channels, H, W) -> (B, out_channels, H/stride, W/stride). BN here is affine after a
+    (B, in_channels, H, W) -> (B, out_channels, ceil(H/stride), ceil(W/stride)). BN here is affine after a
     bias-free conv (standard ResNet): the paper's non-affine BN after a bias-free conv would leave
     the layer with no learnable shift at all.
     """
@@ -456,9 +456,14 @@ class HypercolumnNet(nn.Module):
     def dense(self, x, stride=4, tile=1024):
         """The head on every cell of the stride-`stride` grid: (B, out_dim, ceil(H/s), ceil(W/s)).
 
+        x: (B, trunk.in_channels, H, W); stride s: pixels between cells, any positive integer (4 is
+        what finetune_voc.py and colorize.py use); tile: pixels, a positive integer, or None.
+
         Cell (i, j) is the pixel position (s*i + (s-1)/2, s*j + (s-1)/2), so in eval mode
         dense(x)[:, :, i, j] == forward(x, [[4i + 1.5, 4j + 1.5]]) for s = 4, and bilinear
-        upsampling by s (align_corners=False) gives a full-resolution map.
+        upsampling by s (align_corners=False) gives a full-resolution map. A cell whose position
+        lies past the image's last pixel (H or W not a multiple of s) reads the maps at their edge,
+        as `sample_bilinear` does.
 
         So that memory stays bounded, an input with a side longer than tile + 2 * margin pixels is
         processed in tiles of `tile` pixels (rounded up to the trunk's stride), each run with a
@@ -561,8 +566,10 @@ def tile_margin(trunk, stride=4):
 
 
 def build_model(arch, out_dim, head_dim=1024, dropout=0.5, **trunk_kwargs):
-    """HypercolumnNet on MODELS[arch](**trunk_kwargs): in_channels, width, batchnorm, extended_fov,
-    and for AlexNet and VGG-16 fc_dim."""
+    """HypercolumnNet on MODELS[arch](**trunk_kwargs): in_channels, width (channel multiplier, > 0),
+    batchnorm, extended_fov, and for AlexNet and VGG-16 fc_dim. out_dim: logits per pixel; head_dim:
+    the head's hidden width; dropout: the head's dropout probability, in [0, 1). An arch not in
+    MODELS raises ValueError."""
     if arch not in MODELS:
         raise ValueError(f'unknown arch {arch!r}: choose one of {sorted(MODELS)}')
     return HypercolumnNet(MODELS[arch](**trunk_kwargs), out_dim, head_dim, dropout)
