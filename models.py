@@ -470,7 +470,9 @@ class HypercolumnNet(nn.Module):
         margin wide enough that no output cell kept from it sees the tile's edge (`tile_margin`:
         288 px for VGG-16, 256 for AlexNet, 800 for ResNet-152, whose receptive field is large).
         Each piece is then at most that rounded-up tile + 2 * margin pixels on a side, and the
-        result equals the one-piece one up to float rounding. tile=None: always in one piece.
+        result equals the one-piece one up to float rounding in eval mode (in train mode BatchNorm
+        normalises each piece by its own statistics and updates its running ones once per piece).
+        tile=None: always in one piece.
         """
         H, W = x.shape[-2:]
         if tile is None:
