@@ -89,13 +89,14 @@ def error_text(e):
     return data.os_error_text(e) if isinstance(e, OSError) else None
 
 
-def stop_status(e, resume=None, out=None):
+def stop_status(e, resume=None, out=None, fresh=False):
     """For main() of both scripts: print the one line for `e` (a UserError, OSError, Ctrl-C or Stopped) and
     return the exit status, or None when the user cannot fix its cause (a bug: main re-raises it).
     `resume`: the flags that continue the interrupted run ('--resume'), None where there is none; `out`:
-    the run folder, where known: Ctrl-C before it holds a checkpoint.pt says to start again instead."""
+    the run folder, where known: Ctrl-C before it holds a checkpoint.pt says to start again instead, as
+    it does for a `fresh` run (no --resume) stopped before its folder is known."""
     if isinstance(e, KeyboardInterrupt):
-        started = out is None or (Path(out) / 'checkpoint.pt').exists()
+        started = not fresh and (out is None or (Path(out) / 'checkpoint.pt').exists())
         print((INTERRUPTED.format(resume) if started else INTERRUPTED_AT_START) if resume else 'interrupted',
               file=sys.stderr)
         return 130  # the shell's status for Ctrl-C
@@ -2569,9 +2570,11 @@ def main(argv=None):
             train(args)
     except (UserError, OSError, KeyboardInterrupt, Stopped) as e:
         # Name the run folder (as finetune_voc.py does): --resume alone continues runs/<arch>-<loss>,
-        # another run than one trained into --out DIR, or with another -a or --loss.
+        # another run than one trained into --out DIR, or with another -a or --loss. No folder yet and no
+        # --resume: stopped before fill_defaults (under torchrun, waiting there for the other ranks), nothing
+        # written, nothing to continue.
         resume = None if args.colorize or args.benchmark else (resume_flags(args.out) if args.out else '--resume')
-        status = stop_status(e, resume=resume, out=args.out)
+        status = stop_status(e, resume=resume, out=args.out, fresh=args.out is None and not args.resume)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         if dist.is_initialized():

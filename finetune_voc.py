@@ -1738,7 +1738,7 @@ def main(argv=None):
             run(args)
     except (UserError, OSError, KeyboardInterrupt, Stopped) as e:
         status = stop_status(e, resume=None if args.summarize or args.export else resume_flags(args.out),
-                             out=args.out)
+                             out=args.out, fresh=args.out is None and not args.resume)  # (as colorize.py's)
         if status is None:  # a bug, not the user's to fix: the traceback
             raise
         return status

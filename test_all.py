@@ -3681,8 +3681,12 @@ def test_errors_the_user_can_fix_are_one_line_wherever_they_arise(folders, tmp_p
     assert colorize.main(tiny_args(train, val, tmp_path / 'e', '--steps', '1')) == 130
     assert capsys.readouterr().err == ("interrupted before the run's first checkpoint: nothing to resume; run the "
                                        "same command again\n")
-    # Interrupted before the folder is settled (no --out typed): no folder to name yet.
+    # Interrupted before the folder is settled (no --out typed; under torchrun, fill_defaults waits for the
+    # other ranks): a fresh run has written nothing, a --resume one has its checkpoint, no folder to name yet.
     assert colorize.main(['--steps', '1']) == 130
+    assert capsys.readouterr().err == ("interrupted before the run's first checkpoint: nothing to resume; run the "
+                                       "same command again\n")
+    assert colorize.main(['--steps', '1', '--resume']) == 130
     assert capsys.readouterr().err == 'interrupted: the last checkpoint written is intact; continue with --resume\n'
 
 
@@ -5848,6 +5852,9 @@ def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     assert ft.main(base) == 130
     assert capsys.readouterr().err == ("interrupted before the run's first checkpoint: nothing to resume; run the "
                                        "same command again\n")
+    # Before fill_defaults names the folder (no --out typed): a fresh run, nothing to resume.
+    monkeypatch.setattr(ft, 'run', lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert ft.main(base) == 130 and 'nothing to resume' in capsys.readouterr().err
 
 
 def test_sigusr1_saves_the_fine_tuning_step_and_stops_and_the_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
