@@ -5427,6 +5427,61 @@ def test_torchvision_resnet_batchnorm_import():
         ft.trunk_from_torchvision(sd, 'vgg16')
 
 
+@pytest.mark.parametrize('arch', ['vgg16', 'resnet50'])
+def test_torchvision_weights_through_init_and_export(arch):
+    # README (Inits, input and export), as measured with the real torchvision (.ci/torchvision_check.py):
+    # torchvision weights taken through --init and --export come back with conv1 changed (its response
+    # to gray images kept), VGG-16's other layers bit-identical, and a ResNet's convs and BatchNorms
+    # rewritten (BN folded, exported as weight 1, mean 0, variance 1 - eps) but computing the same.
+    g = torch.Generator().manual_seed(0)
+    kwargs = TINY if arch == 'vgg16' else dict(width=1 / 16)
+    sd0 = ft.export_torchvision(MODELS[arch](in_channels=1, batchnorm=False, **kwargs).state_dict(), arch)
+    for k, v in sd0.items():  # torchvision-named tensors of tiny shapes, with real-looking BN statistics
+        if k.endswith('running_var') or (k.endswith('.weight') and v.dim() == 1):
+            v.uniform_(0.5, 1.5, generator=g)
+        elif v.is_floating_point():
+            v.normal_(0, 0.5, generator=g)
+    sd1 = ft.export_torchvision(ft.trunk_from_torchvision(sd0, arch)[0], arch)
+    assert list(sd1) == list(sd0)
+    changed = {k for k in sd0 if not torch.equal(sd0[k], sd1[k])}
+
+    def layer(sd, conv, bn, x):  # torchvision's conv (+ BatchNorm in eval mode)
+        if bn is None:
+            return F.conv2d(x, sd[f'{conv}.weight'], sd[f'{conv}.bias'])
+        return F.batch_norm(F.conv2d(x, sd[f'{conv}.weight']), sd[f'{bn}.running_mean'], sd[f'{bn}.running_var'],
+                            sd[f'{bn}.weight'], sd[f'{bn}.bias'], eps=1e-5)
+    if arch == 'vgg16':
+        first = ('features.0', None)
+        assert changed == {'features.0.weight', 'features.0.bias'}
+    else:
+        first = ('conv1', 'bn1')
+        assert changed == {k for k in sd0 if not k.endswith('num_batches_tracked')}
+        for k in sd1:
+            if k.endswith(('bn1.weight', 'bn2.weight', 'bn3.weight', 'downsample.1.weight')):
+                assert (sd1[k] == 1).all(), k
+            elif k.endswith('running_mean'):
+                assert (sd1[k] == 0).all(), k
+            elif k.endswith('running_var'):
+                assert torch.allclose(sd1[k], torch.full_like(sd1[k], 0.99999), rtol=0, atol=1e-7), k
+        pairs = [(k[:-len('.weight')], k[:-len('conv1.weight')] + 'bn1') for k in sd0 if k.endswith('conv1.weight')]
+        pairs += [(f'{p}.conv{i}', f'{p}.bn{i}') for p in sorted({k.rsplit('.', 2)[0] for k in sd0 if '.conv2.' in k})
+                  for i in (2, 3)]
+        pairs += [(k[:-len('.0.weight')] + '.0', k[:-len('.0.weight')] + '.1') for k in sd0 if k.endswith('downsample.0.weight')]
+        pairs = [p for p in pairs if p[0] != 'conv1']
+        assert len(pairs) == 3 * 16 + 4  # ResNet-50: 16 bottlenecks of 3 convs, 4 projections
+        for conv, bn in pairs:
+            x = torch.randn(2, sd0[f'{conv}.weight'].shape[1], 3, 3, generator=g)
+            close(layer(sd1, conv, bn, x), layer(sd0, conv, bn, x), 1e-5)
+    # conv1 on torchvision's input (ImageNet mean / std, written out): the same on a gray image, not on colour.
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    gray = image_batch(2, 16, seed=1).float().mean(1, keepdim=True).expand(2, 3, 16, 16) / 255
+    close(layer(sd1, *first, (gray - mean) / std), layer(sd0, *first, (gray - mean) / std), 1e-5)
+    colour = image_batch(2, 16, seed=1).float() / 255
+    assert not torch.allclose(layer(sd1, *first, (colour - mean) / std), layer(sd0, *first, (colour - mean) / std),
+                              atol=1e-2)
+
+
 def test_lightness_approximation_error():
     k0, kr, kg, kb = ft.L_FROM_RGB
     # The constants are the least-squares fit they claim to be (17^3 grid, lab.rgb_to_lab's L*).
