@@ -2429,7 +2429,9 @@ def print_row(r):
 
 # --- Colorizing photos --------------------------------------------------------------------------
 
-def colorize_files(args):
+def colorize_files(args, log_every=5.0):
+    """--colorize: each input to a PNG in --output; a progress line every `log_every` s, then a summary.
+    Returns the exit status: 0, or 1 if some inputs could not be decoded (each named)."""
     if args.checkpoint is None:
         raise UserError('--colorize needs --checkpoint CKPT (a checkpoint.pt written by training)')
     device = parse_device(args.device) if args.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -2444,19 +2446,37 @@ def colorize_files(args):
     short_side = network_short_side(args.net_short_side, ckpt.get('args', {}).get('short_side'))
     jobs = output_names(args.colorize, args.output)
     args.output.mkdir(parents=True, exist_ok=True)
-    done = failed = 0
-    for path, target in jobs:
+    failed, n = [], len(jobs)
+    t_start = t_log = time.perf_counter()
+    for k, (path, target) in enumerate(jobs, 1):
         try:
             rgb = data.load_rgb(path)  # EXIF orientation applied; grayscale becomes 3 equal channels
         except data.BadImage as e:
             print(f'warning: skipping {e}', file=sys.stderr)
-            failed += 1
-            continue
-        out = colorize_array(model, rgb, config['loss'], device, short_side)
-        data.write_png(target, out)  # atomic: a kill or a full disk leaves the earlier result, not half a file
-        print(f'{path} -> {target}')
-        done += 1
-    print(f'colorized {done} image(s) into {args.output}' + (f'; {failed} unreadable skipped' if failed else ''))
+            failed.append(path)
+        else:
+            out = colorize_array(model, rgb, config['loss'], device, short_side)
+            data.write_png(target, out)  # atomic: a kill or a full disk leaves the earlier result, not half a file
+        now = time.perf_counter()
+        if now - t_log >= log_every and k < n:
+            t_log, rate = now, k / max(now - t_start, 1e-9)
+            print(f'colorize: {k}/{n} images ({100 * k / n:.0f}%), {rate:.1f} img/s, '
+                  f'ETA {format_seconds((n - k) / rate)}, {len(failed)} unreadable', flush=True)
+    print(f'colorized {n - len(failed)} of {n} image(s) into {args.output} '
+          f'in {format_seconds(time.perf_counter() - t_start)}' + unreadable_text(failed))
+    return 1 if failed else 0  # as `data.py verify`: 1 says some inputs were not done, 2 that nothing could start
+
+
+COLORIZE_SHOWN = 10  # unreadable inputs named in the summary line
+
+
+def unreadable_text(failed):
+    """The summary's end for the unreadable inputs `failed` (each also had its warning line)."""
+    if not failed:
+        return ''
+    more = f' and {len(failed) - COLORIZE_SHOWN} more' if len(failed) > COLORIZE_SHOWN else ''
+    return (f'; {len(failed)} unreadable, skipped (see the warnings above): '
+            + ', '.join(failed[:COLORIZE_SHOWN]) + more)
 
 
 def output_names(items, output):
@@ -2487,7 +2507,7 @@ def output_names(items, output):
     if earlier:
         print(f'left out {earlier} image(s) under --output {output} (earlier results, not inputs)')
     inputs = {Path(path).resolve() for path, _ in jobs}
-    taken, named, done, twice = set(), [], {}, []
+    taken, named, done, twice, renamed = set(), [], {}, [], []
     for path, rel in jobs:
         source = Path(path).resolve()
         if source in done:  # named twice (a file and its folder, a link to another input): colorized once
@@ -2500,6 +2520,8 @@ def output_names(items, output):
             target = output / rel.with_name(f'{rel.stem}_{k}.png')
         if target.resolve() in inputs:
             raise UserError(f'--colorize would write over the input image {target}; choose another --output')
+        if k > 1:
+            renamed.append((path, target))
         taken.add(target)
         named.append((path, target))
         done[source] = (path, target)
@@ -2507,6 +2529,10 @@ def output_names(items, output):
         path, first, target = twice[0]
         print(f'{len(twice)} input name(s) are the same file as another one (a link, or a file given with its '
               f'folder), colorized once: e.g. {path} is {first}, colorized as {target}')
+    if renamed:  # said, so that x_2.png can be traced back to its input
+        print(f'{len(renamed)} input(s) would have had the output name of another one (x.jpg and x.png, or files '
+              'of the same name from two folders) and got _2, _3, ...: ' + ', '.join(f'{path} -> {target}' for path, target in renamed[:COLORIZE_SHOWN])
+              + (f' and {len(renamed) - COLORIZE_SHOWN} more' if len(renamed) > COLORIZE_SHOWN else ''))
     return named
 
 
@@ -2563,8 +2589,8 @@ def main(argv=None):
             raise UserError(f'--{"colorize" if args.colorize else "benchmark"} runs on one device: '
                             'run it with python, not torchrun')
         if args.colorize:
-            colorize_files(args)
-        elif args.benchmark:
+            return colorize_files(args)
+        if args.benchmark:
             benchmark(args)
         else:
             train(args)

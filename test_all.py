@@ -3777,6 +3777,33 @@ def test_colorize_says_which_input_names_were_the_same_file(tmp_path, capsys):
     assert capsys.readouterr().out == ''
 
 
+def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, capsys):
+    # A folder as collections come: two photos, x.jpg beside x.png, a zero-byte file, a cut-off JPEG.
+    photos = tmp_path / 'photos'
+    for name in ('a.png', 'x.jpg', 'x.png'):
+        _write_rgb(photos / name, size=(12, 10), fmt='JPEG' if name.endswith('jpg') else 'PNG')
+    (photos / 'empty.jpg').write_bytes(b'')
+    whole = (photos / 'x.jpg').read_bytes()
+    (photos / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
+    out = tmp_path / 'out'
+    argv = ['--colorize', str(photos), '--checkpoint', str(trained), '--output', str(out), '--device', 'cpu']
+    # log_every=0: a progress line after every image but the last, with its count and an ETA.
+    assert colorize.colorize_files(colorize.parse_args(argv), log_every=0) == 1  # some inputs not done
+    printed = capsys.readouterr()
+    progress = [line for line in printed.out.splitlines() if line.startswith('colorize: ')]
+    assert [line.split(' images')[0] for line in progress] == [f'colorize: {k}/5' for k in range(1, 5)]
+    assert all(re.search(r'img/s, ETA \d+:\d\d:\d\d, [0-2] unreadable$', line) for line in progress), progress
+    assert (f'{photos / "x.png"} -> {out / "x_2.png"}') in printed.out  # which input x_2.png came from
+    assert (f'colorized 3 of 5 image(s) into {out} in ') in printed.out
+    assert printed.out.rstrip().endswith(f'2 unreadable, skipped (see the warnings above): {photos / "cut.jpg"}, '
+                                         f'{photos / "empty.jpg"}'), printed.out
+    assert printed.err.count('warning: skipping') == 2
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'x.png', 'x_2.png']
+    # Every input readable: status 0, and the summary names none.
+    assert colorize.main(['--colorize', str(photos / 'a.png'), *argv[2:]]) == 0
+    assert 'unreadable' not in capsys.readouterr().out
+
+
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
     # The README's `--colorize photo.jpg photos/`: a folder given relative to the working directory.
     _write_rgb(tmp_path / 'photos' / 'a' / 'x.jpg', fmt='JPEG')
