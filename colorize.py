@@ -2450,7 +2450,8 @@ def colorize_files(args, log_every=5.0):
     t_start = t_log = time.perf_counter()
     for k, (path, target) in enumerate(jobs, 1):
         try:
-            rgb = data.load_rgb(path)  # EXIF orientation applied; grayscale becomes 3 equal channels
+            # EXIF orientation applied, an ICC profile's colours converted to sRGB; grayscale: 3 equal channels
+            rgb = data.load_rgb(path, to_srgb=True)
         except data.BadImage as e:
             print(f'warning: skipping {e}', file=sys.stderr)
             failed.append(path)

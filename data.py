@@ -398,10 +398,14 @@ class BadImage(ValueError):
         self.path, self.reason = path, reason
 
 
-def load_rgb(path, min_short_side=None, exif_orientation=True):
+def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False):
     """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied (exif_orientation=False: the
     stored pixel grid, which annotations such as VOC's masks index; a pack holds its images already
     turned upright, so for its pseudo-paths the flag changes nothing).
+
+    to_srgb=True (colorizing photos): an image with an embedded ICC profile (Adobe RGB, Display P3, a
+    CMYK press profile, a gray gamma) has its pixels converted to sRGB first (`icc_to_srgb`); without
+    it (training, packs) the stored values are taken as sRGB.
 
     With `min_short_side`, large JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8 through
     Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
@@ -417,10 +421,10 @@ def load_rgb(path, min_short_side=None, exif_orientation=True):
     if entry is not None:
         reader, i = entry
         return reader.load_rgb(i, min_short_side)
-    return _decode(path, path, min_short_side, exif_orientation)
+    return _decode(path, path, min_short_side, exif_orientation, to_srgb=to_srgb)
 
 
-def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=False):
+def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=False, to_srgb=False):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
     `name`. as_image=True: the same pixels as a Pillow image in mode RGB, which the loader resizes
     as it is (a copy to numpy and back into Pillow took a tenth of its time per image)."""
@@ -435,6 +439,7 @@ def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=F
                     im.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
             im = _apply_orientation(im) if exif_orientation else im
+            im = icc_to_srgb(im, name) if to_srgb else im
             if not as_image:
                 return pil_to_rgb(im)
             return im if im.mode == 'RGB' and 'transparency' not in im.info else Image.fromarray(pil_to_rgb(im))
@@ -475,6 +480,37 @@ def _apply_orientation(im):
         orientation = 1
     method = EXIF_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
     return im.transpose(method) if method is not None else im
+
+
+ICC_MODES = {'RGB': 'RGB', 'RGBA': 'RGBA', 'CMYK': 'RGB', 'L': 'RGB'}  # Pillow mode -> mode after icc_to_srgb
+
+
+def icc_to_srgb(im, name):
+    """The loaded image `im` with its pixels converted from its embedded ICC profile to sRGB (LittleCMS
+    through Pillow's ImageCms, perceptual intent; alpha kept); `im` itself when it has no profile. A
+    profile that cannot be used (unreadable, or of another colour space than the pixels) leaves the
+    pixels as stored, with a warning naming `name`."""
+    icc = im.info.get('icc_profile')
+    if not icc:
+        return im
+    try:
+        if im.mode not in ICC_MODES:
+            raise ValueError(f'no conversion for mode {im.mode}')
+        return _icc_transform(icc, im.mode).apply(im)
+    except MemoryError:
+        raise
+    except Exception as e:  # ImageCms.PyCMSError, OSError, ImportError (a Pillow without LittleCMS)
+        print(f'warning: {name}: its ICC profile was not applied, pixels taken as sRGB '
+              f'({type(e).__name__}: {e})', file=sys.stderr)
+        return im
+
+
+@functools.lru_cache(maxsize=16)
+def _icc_transform(icc, mode):
+    """The ImageCms transform from the profile `icc` (bytes) to sRGB; photos of one camera share it."""
+    from PIL import ImageCms  # not at import time: training never needs it
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return ImageCms.buildTransform(source, ImageCms.createProfile('sRGB'), mode, ICC_MODES[mode])
 
 
 def pil_to_rgb(im):

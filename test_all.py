@@ -3736,6 +3736,55 @@ def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_p
     assert (lightness(plain) - lightness(rgb)).abs().median() < 1.0
 
 
+def _linear_srgb_icc():
+    """A hand-made ICC v2 display profile: sRGB's primaries (their D50-adapted XYZ, as in the sRGB
+    profile) with a gamma 1.0 curve, so a pixel value v means linear light v / 255."""
+    def s15(v):
+        return struct.pack('>i', round(v * 65536))
+
+    def xyz(x, y, z):
+        return b'XYZ ' + bytes(4) + s15(x) + s15(y) + s15(z)
+    curv = b'curv' + bytes(4) + struct.pack('>IH', 1, 0x0100) + bytes(2)  # one u8Fixed8 gamma: 1.0
+    desc = b'desc' + bytes(4) + struct.pack('>I', 12) + b'linear sRGB\0' + bytes(4 + 4 + 2 + 1 + 67)
+    tags = [(b'desc', desc), (b'wtpt', xyz(0.9642, 1.0, 0.8249)), (b'rXYZ', xyz(0.4360747, 0.2225045, 0.0139322)),
+            (b'gXYZ', xyz(0.3850649, 0.7168786, 0.0971045)), (b'bXYZ', xyz(0.1430804, 0.0606169, 0.7141733)),
+            (b'rTRC', curv), (b'gTRC', curv), (b'bTRC', curv), (b'cprt', b'text' + bytes(4) + b'none\0')]
+    start, table, body = 128 + 4 + 12 * len(tags), b'', b''
+    for sig, data_ in tags:
+        data_ += bytes(-len(data_) % 4)
+        table += sig + struct.pack('>II', start + len(body), len(data_))
+        body += data_
+    header = (struct.pack('>I', start + len(body)) + bytes(4) + struct.pack('>I', 0x02100000) + b'mntrRGB XYZ '
+              + bytes(12) + b'acsp' + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    return header + struct.pack('>I', len(tags)) + table + body
+
+
+def test_colorize_converts_an_embedded_icc_profile_to_srgb(trained, tmp_path, capsys):
+    # A photo whose profile says its values are linear light: taken as sRGB, level 64 (Y = 0.25, L* = 57)
+    # would be read as L* = 27, and the output would be far darker than the photo looks.
+    pytest.importorskip('PIL.ImageCms')
+    v = np.arange(256, dtype=np.float64)
+    rgb = np.stack([v, np.roll(v, 85), np.roll(v, 170)], -1).reshape(16, 16, 3).astype(np.uint8)
+    photo = tmp_path / 'linear.png'
+    Image.fromarray(rgb).save(photo, icc_profile=_linear_srgb_icc())
+    c = rgb / 255.0  # linear light; IEC 61966-2-1's encoding, written out here
+    srgb = np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055) * 255
+    assert np.abs(data.load_rgb(str(photo), to_srgb=True) - srgb).max() <= 1.0
+    assert np.array_equal(data.load_rgb(str(photo)), rgb)  # training's pixels: as stored
+    out = tmp_path / 'out'
+    assert colorize.main(['--colorize', str(photo), '--checkpoint', str(trained), '--output', str(out),
+                          '--device', 'cpu']) == 0
+    y = c @ [0.2126729, 0.7151522, 0.0721750]  # CIE Y of linear sRGB
+    want = np.where(y > (6 / 29) ** 3, np.cbrt(y), y / (3 * (6 / 29) ** 2) + 4 / 29) * 116 - 16
+    got = lab.rgb_to_lab(torch.from_numpy(np.asarray(Image.open(out / 'linear.png')).copy()).permute(2, 0, 1))[0]
+    assert np.median(np.abs(got.numpy() - want)) < 1.0
+    # A profile of another colour space than the pixels (a CMYK photo with an RGB profile): as stored, said.
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', icc_profile=_linear_srgb_icc())
+    assert np.array_equal(data.load_rgb(str(tmp_path / 'cmyk.jpg'), to_srgb=True),
+                          data.load_rgb(str(tmp_path / 'cmyk.jpg')))
+    assert 'cmyk.jpg: its ICC profile was not applied, pixels taken as sRGB' in capsys.readouterr().err
+
+
 def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
     photos = tmp_path / 'photos'
     for rel in ('a/x.jpg', 'b/x.jpg', 'a/x.png', 'y.JPEG'):
