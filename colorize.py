@@ -2450,13 +2450,16 @@ def colorize_files(args, log_every=5.0):
     t_start = t_log = time.perf_counter()
     for k, (path, target) in enumerate(jobs, 1):
         try:
-            # EXIF orientation applied, an ICC profile's colours converted to sRGB; grayscale: 3 equal channels
-            rgb = data.load_rgb(path, to_srgb=True)
+            # EXIF orientation applied, an ICC profile's colours converted to sRGB; grayscale: 3 equal channels;
+            # a 4th channel, alpha, where the photo has transparency
+            rgb = data.load_rgb(path, to_srgb=True, alpha=True)
         except data.BadImage as e:
             print(f'warning: skipping {e}', file=sys.stderr)
             failed.append(path)
         else:
-            out = colorize_array(model, rgb, config['loss'], device, short_side)
+            out = colorize_array(model, rgb[..., :3], config['loss'], device, short_side)
+            if rgb.shape[2] == 4:  # transparency kept: a cut-out stays one
+                out = np.concatenate([out, rgb[..., 3:]], axis=2)
             data.write_png(target, out)  # atomic: a kill or a full disk leaves the earlier result, not half a file
         now = time.perf_counter()
         if now - t_log >= log_every and k < n:

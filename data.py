@@ -365,7 +365,7 @@ def atomic_write_target(name):
 
 
 def write_png(path, array):
-    """uint8 (H, W, 3) as a PNG at `path`, atomically (atomic_write): a disk that fills or a process
+    """uint8 (H, W, 3), or (H, W, 4) RGBA, as a PNG at `path`, atomically (atomic_write): a disk that fills or a process
     killed mid-write leaves the file that was there (an earlier run's result), never a truncated one."""
     image = Image.fromarray(array)
     atomic_write(path, lambda f: image.save(f, format='PNG'))
@@ -398,14 +398,15 @@ class BadImage(ValueError):
         self.path, self.reason = path, reason
 
 
-def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False):
+def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False, alpha=False):
     """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied (exif_orientation=False: the
     stored pixel grid, which annotations such as VOC's masks index; a pack holds its images already
     turned upright, so for its pseudo-paths the flag changes nothing).
 
     to_srgb=True (colorizing photos): an image with an embedded ICC profile (Adobe RGB, Display P3, a
     CMYK press profile, a gray gamma) has its pixels converted to sRGB first (`icc_to_srgb`); without
-    it (training, packs) the stored values are taken as sRGB.
+    it (training, packs) the stored values are taken as sRGB. alpha=True (colorizing photos): an image
+    with transparency comes as RGBA uint8 (H, W, 4), its colour not composited (see `pil_to_rgb`).
 
     With `min_short_side`, large JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8 through
     Image.draft) whose short side is still >= min_short_side. Raises BadImage (a ValueError)
@@ -421,10 +422,10 @@ def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False):
     if entry is not None:
         reader, i = entry
         return reader.load_rgb(i, min_short_side)
-    return _decode(path, path, min_short_side, exif_orientation, to_srgb=to_srgb)
+    return _decode(path, path, min_short_side, exif_orientation, to_srgb=to_srgb, alpha=alpha)
 
 
-def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=False, to_srgb=False):
+def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=False, to_srgb=False, alpha=False):
     """load_rgb's decoding of `source`, a file path or a binary file object; BadImage names
     `name`. as_image=True: the same pixels as a Pillow image in mode RGB, which the loader resizes
     as it is (a copy to numpy and back into Pillow took a tenth of its time per image)."""
@@ -441,7 +442,7 @@ def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=F
             im = _apply_orientation(im) if exif_orientation else im
             im = icc_to_srgb(im, name) if to_srgb else im
             if not as_image:
-                return pil_to_rgb(im)
+                return pil_to_rgb(im, alpha)
             return im if im.mode == 'RGB' and 'transparency' not in im.info else Image.fromarray(pil_to_rgb(im))
 
 
@@ -513,11 +514,12 @@ def _icc_transform(icc, mode):
     return ImageCms.buildTransform(source, ImageCms.createProfile('sRGB'), mode, ICC_MODES[mode])
 
 
-def pil_to_rgb(im):
+def pil_to_rgb(im, alpha=False):
     """RGB uint8 (H, W, 3) from a loaded PIL image of any mode.
 
     1, L, P, RGB, CMYK, YCbCr: Pillow's own conversion. LA, La, PA, RGBA, RGBa, and P or L or RGB
-    with a transparency key: composited over white. I;16* (16-bit): v / 257, i.e. the 16-bit range
+    with a transparency key: composited over white, or with alpha=True returned as RGBA (H, W, 4) as
+    Pillow converts them (straight, not premultiplied, colour; a key's colour gets alpha 0). I;16* (16-bit): v / 257, i.e. the 16-bit range
     mapped onto 0..255 without clipping. I (32-bit) and F: 0..1 -> x255 (F only), 0..255 as is,
     0..65535 -> /257, any other range min-max stretched to 0..255.
     """
@@ -538,6 +540,8 @@ def pil_to_rgb(im):
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
         return _gray_to_rgb(a)
     if mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa') or 'transparency' in im.info:
+        if alpha:
+            return np.asarray(im.convert('RGBA'), dtype=np.uint8).copy()
         rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
         out = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)

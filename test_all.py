@@ -3785,6 +3785,33 @@ def test_colorize_converts_an_embedded_icc_profile_to_srgb(trained, tmp_path, ca
     assert 'cmyk.jpg: its ICC profile was not applied, pixels taken as sRGB' in capsys.readouterr().err
 
 
+def _lightness(rgb8):
+    """CIE L* of sRGB uint8 (..., 3), by the IEC 61966-2-1 and CIE formulas in numpy (not lab.py)."""
+    c = rgb8 / 255.0
+    y = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4) @ [0.2126729, 0.7151522, 0.0721750]
+    return np.where(y > (6 / 29) ** 3, np.cbrt(y), y / (3 * (6 / 29) ** 2) + 4 / 29) * 116 - 16
+
+
+def test_colorize_keeps_a_photo_s_transparency(trained, tmp_path):
+    # A cut-out (RGBA: opaque, half and fully transparent columns) and a gray one with alpha (LA): the
+    # outputs keep the alpha, and their colour has the lightness of the stored, not whitened, colour.
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)
+    alpha = np.repeat(np.array([255, 128, 0], np.uint8), 6)[None].repeat(12, 0)
+    Image.fromarray(np.dstack([rgb, alpha]), 'RGBA').save(tmp_path / 'cut.png')
+    Image.fromarray(np.dstack([rgb[..., 1], alpha]), 'LA').save(tmp_path / 'gray.png')
+    out = tmp_path / 'out'
+    assert colorize.main(['--colorize', str(tmp_path / 'cut.png'), str(tmp_path / 'gray.png'), '--checkpoint',
+                          str(trained), '--output', str(out), '--device', 'cpu']) == 0
+    for name, colour in (('cut.png', rgb), ('gray.png', np.repeat(rgb[..., 1:2], 3, 2))):
+        got = Image.open(out / name)
+        assert got.mode == 'RGBA' and np.array_equal(np.asarray(got)[..., 3], alpha), name
+        dl = np.abs(_lightness(np.asarray(got)[..., :3]) - _lightness(colour))
+        assert np.median(dl) < 1.0, (name, np.median(dl))
+    # Training still sees them composited over white, in 3 channels.
+    assert data.load_rgb(str(tmp_path / 'cut.png'))[0, -1].tolist() == [255, 255, 255]
+
+
 def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
     photos = tmp_path / 'photos'
     for rel in ('a/x.jpg', 'b/x.jpg', 'a/x.png', 'y.JPEG'):
