@@ -7024,6 +7024,26 @@ def test_colorizing_keeps_the_full_resolution_lightness():
     assert np.abs(out.astype(int) - photo).max() <= 1
 
 
+def test_colorizing_a_large_photo_works_in_bands_of_rows(monkeypatch):
+    """The full-resolution Lab conversions run on bands of rows (a whole 48-megapixel photo's float
+    temporaries took 5.6 GB), with the result of converting the whole image at once, as it was done before."""
+    torch.manual_seed(0)
+    net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='l2', width=0.0625, fc_dim=16)).eval()
+    photo = np.random.default_rng(2).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    cpu = torch.device('cpu')
+    with torch.no_grad():  # the reference: the whole image at once
+        L = lab.rgb_to_lab(torch.from_numpy(photo).permute(2, 0, 1)[None])[:, :1]
+        ab = colorize.predict_ab(net, F.pad(L, (0, 2, 0, 24), mode='replicate'), 'l2')[..., :40, :30]  # to 64 x 32
+        want = (lab.lab_to_rgb(torch.cat([L, ab], 1))[0] * 255 + 0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    seen = []
+    for name in ('rgb_to_lab', 'lab_to_rgb'):
+        monkeypatch.setattr(lab, name, lambda x, f=getattr(lab, name): seen.append(x.shape[-2:].numel()) or f(x))
+    monkeypatch.setattr(colorize, 'BAND_PIXELS', 64)  # 2 rows of 30 pixels a band
+    got = colorize.colorize_array(net, photo, 'l2', cpu)
+    assert seen and max(seen) == 60, seen  # never the whole 40 x 30 at once
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 0.01
+
+
 def test_progress_rate_counts_only_the_steps_timed_since_resuming(monkeypatch):
     clock = iter([0.0, 1.0, 1.0])
     monkeypatch.setattr(colorize.time, 'perf_counter', lambda: next(clock))
