@@ -2519,14 +2519,15 @@ def output_names(items, output):
                 twice.append((path, *done[source]))
             continue
         target, k = output / rel, 1
-        while target in taken:
+        # Compared without letter case: on macOS and Windows X.png and x.png are one file.
+        while str(target).casefold() in taken:
             k += 1
             target = output / rel.with_name(f'{rel.stem}_{k}.png')
         if target.resolve() in inputs:
             raise UserError(f'--colorize would write over the input image {target}; choose another --output')
         if k > 1:
             renamed.append((path, target))
-        taken.add(target)
+        taken.add(str(target).casefold())
         named.append((path, target))
         done[source] = (path, target)
     if twice:  # said, so that an output missing for an input name is not a mystery
@@ -2534,8 +2535,8 @@ def output_names(items, output):
         print(f'{len(twice)} input name(s) are the same file as another one (a link, or a file given with its '
               f'folder), colorized once: e.g. {path} is {first}, colorized as {target}')
     if renamed:  # said, so that x_2.png can be traced back to its input
-        print(f'{len(renamed)} input(s) would have had the output name of another one (x.jpg and x.png, or files '
-              'of the same name from two folders) and got _2, _3, ...: ' + ', '.join(f'{path} -> {target}' for path, target in renamed[:COLORIZE_SHOWN])
+        print(f'{len(renamed)} input(s) would have had the output name of another one (x.jpg and x.png, X.jpg and '
+              'x.jpg, or files of the same name from two folders) and got _2, _3, ...: ' + ', '.join(f'{path} -> {target}' for path, target in renamed[:COLORIZE_SHOWN])
               + (f' and {len(renamed) - COLORIZE_SHOWN} more' if len(renamed) > COLORIZE_SHOWN else ''))
     return named
 

@@ -3814,22 +3814,23 @@ def test_colorize_keeps_a_photo_s_transparency(trained, tmp_path):
 
 def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
     photos = tmp_path / 'photos'
-    for rel in ('a/x.jpg', 'b/x.jpg', 'a/x.png', 'y.JPEG'):
+    for rel in ('a/x.jpg', 'b/x.jpg', 'a/x.png', 'y.JPEG', 'b/X.jpg'):
         _write_rgb(photos / rel, fmt='JPEG' if rel.lower().endswith(('jpg', 'jpeg')) else 'PNG')
     single = tmp_path / 'single' / 'x.jpg'
     _write_rgb(single, fmt='JPEG')
     jobs = colorize.output_names([str(photos), str(single)], tmp_path / 'out')
     got = {Path(path).relative_to(tmp_path).as_posix(): target.relative_to(tmp_path / 'out').as_posix()
            for path, target in jobs}
-    assert got == {'photos/a/x.jpg': 'a/x.png', 'photos/a/x.png': 'a/x_2.png', 'photos/b/x.jpg': 'b/x.png',
-                   'photos/y.JPEG': 'y.png', 'single/x.jpg': 'x.png'}
+    # b/X.png and b/x.png would be one file on macOS and Windows: the second name sorted gets _2.
+    assert got == {'photos/a/x.jpg': 'a/x.png', 'photos/a/x.png': 'a/x_2.png', 'photos/b/X.jpg': 'b/X.png',
+                   'photos/b/x.jpg': 'b/x_2.png', 'photos/y.JPEG': 'y.png', 'single/x.jpg': 'x.png'}
     with pytest.raises(colorize.UserError, match='over the input'):
         colorize.output_names([str(photos)], photos)  # photos/a/x.png would be replaced
     # An --output inside the folder: a second run does not take the first one's results as photos.
     _write_rgb(photos / 'colorized' / 'y.png')
     targets = [t.relative_to(photos / 'colorized').as_posix()
                for _, t in colorize.output_names([str(photos)], photos / 'colorized')]
-    assert targets == ['a/x.png', 'a/x_2.png', 'b/x.png', 'y.png']
+    assert targets == ['a/x.png', 'a/x_2.png', 'b/X.png', 'b/x_2.png', 'y.png']
     # A folder without images: one line naming it, not a traceback from the listing.
     (tmp_path / 'empty').mkdir()
     with pytest.raises(colorize.UserError, match='--colorize .*empty.*no images'):
