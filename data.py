@@ -365,8 +365,8 @@ def atomic_write_target(name):
 
 
 def write_png(path, array):
-    """uint8 (H, W, 3), or (H, W, 4) RGBA, as a PNG at `path`, atomically (atomic_write): a disk that fills or a process
-    killed mid-write leaves the file that was there (an earlier run's result), never a truncated one."""
+    """uint8 (H, W, 3), or (H, W, 4) RGBA, as a PNG at `path`, atomically (atomic_write): a disk that fills
+    or a process killed mid-write leaves the file that was there (an earlier run's result), never a truncated one."""
     image = Image.fromarray(array)
     atomic_write(path, lambda f: image.save(f, format='PNG'))
 
@@ -519,9 +519,10 @@ def pil_to_rgb(im, alpha=False):
 
     1, L, P, RGB, CMYK, YCbCr: Pillow's own conversion. LA, La, PA, RGBA, RGBa, and P or L or RGB
     with a transparency key: composited over white, or with alpha=True returned as RGBA (H, W, 4) as
-    Pillow converts them (straight, not premultiplied, colour; a key's colour gets alpha 0). I;16* (16-bit): v / 257, i.e. the 16-bit range
-    mapped onto 0..255 without clipping. I (32-bit) and F: 0..1 -> x255 (F only), 0..255 as is,
-    0..65535 -> /257, any other range min-max stretched to 0..255.
+    Pillow converts them (straight, not premultiplied, colour; a key's colour gets alpha 0).
+    I;16* (16-bit): v / 257, i.e. the 16-bit range mapped onto 0..255 without clipping. I (32-bit)
+    and F: 0..1 -> x255 (F only), 0..255 as is, 0..65535 -> /257, any other range min-max stretched
+    to 0..255.
     """
     mode = im.mode
     if mode.startswith('I;16'):
