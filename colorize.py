@@ -2499,6 +2499,9 @@ def output_names(items, output):
                 found = data.find_images([p])
             except ValueError as e:  # no images under it, an unfinished pack
                 raise UserError(f'--colorize {item}: {e}') from None
+            if found and data.pseudo_path_parts(found[0]) is not None:  # its images shrunk for training
+                raise UserError(f'--colorize {item}: a pack (`data.py pack`), whose images are copies shrunk for '
+                                'training; colorize the folders it was packed from')
             for path in found:
                 if below and os.path.realpath(path).startswith(out_root + os.sep):  # earlier results
                     earlier += 1

@@ -3835,6 +3835,10 @@ def test_colorize_output_names_never_collide_or_replace_inputs(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(colorize.UserError, match='--colorize .*empty.*no images'):
         colorize.output_names([str(single), str(tmp_path / 'empty')], tmp_path / 'out')
+    # A pack holds training copies (shrunk): refused, where its outputs went to index.npy/<i>/... at 64 px.
+    data.pack_images([photos / 'a'], tmp_path / 'pack', short_side=64, workers=1, log=_quiet)
+    with pytest.raises(colorize.UserError, match='a pack .*colorize the folders it was packed from'):
+        colorize.output_names([str(tmp_path / 'pack')], tmp_path / 'out')
 
 
 def test_colorize_says_which_input_names_were_the_same_file(tmp_path, capsys):
