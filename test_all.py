@@ -3798,8 +3798,8 @@ def test_colorize_keeps_a_photo_s_transparency(trained, tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)
     alpha = np.repeat(np.array([255, 128, 0], np.uint8), 6)[None].repeat(12, 0)
-    Image.fromarray(np.dstack([rgb, alpha]), 'RGBA').save(tmp_path / 'cut.png')
-    Image.fromarray(np.dstack([rgb[..., 1], alpha]), 'LA').save(tmp_path / 'gray.png')
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / 'cut.png')
+    Image.fromarray(np.dstack([rgb[..., 1], alpha])).save(tmp_path / 'gray.png')
     out = tmp_path / 'out'
     assert colorize.main(['--colorize', str(tmp_path / 'cut.png'), str(tmp_path / 'gray.png'), '--checkpoint',
                           str(trained), '--output', str(out), '--device', 'cpu']) == 0
