@@ -114,7 +114,8 @@ def find_images(roots, cache_dir=None, log=print):
     A root is either a folder, scanned recursively (extensions IMAGE_EXTENSIONS in any letter
     case; names starting with '.' skipped; symlinked folders followed, each real folder visited
     once), or a .txt file with one image path per line (relative paths are relative to the txt
-    file's folder; blank lines and lines starting with '#' ignored).
+    file's folder; blank lines and lines starting with '#' ignored; UTF-8, a byte-order mark
+    dropped; a UTF-16 list is a ValueError).
 
     With `cache_dir`, each folder root's listing is cached in cache_dir/images-<hash of the
     absolute root>.json together with the mtime of every scanned folder. The cache is reused
@@ -163,10 +164,17 @@ def write_list(txt, paths):
 
 
 def _read_list(txt):
+    """The paths listed in the .txt list `txt` (see find_images), normalised and joined to the list's
+    folder; ValueError for a list in UTF-16, with no paths, or whose first entry is missing."""
     base = os.path.dirname(txt)
     # names in other encodings: their bytes; a byte-order mark (a list saved by a Windows editor) is dropped
-    with open(txt, encoding='utf-8-sig', errors='surrogateescape') as f:
-        lines = [s.strip() for s in f]
+    with open(txt, 'rb') as f:
+        raw = f.read()
+    if b'\0' in raw:  # no path holds a NUL byte: UTF-16 (Windows PowerShell's `>` writes it)
+        raise ValueError(f'image list {txt} is not UTF-8 text (it holds NUL bytes: UTF-16, as Windows '
+                         'PowerShell\'s `>` writes, or not text at all); save it as UTF-8, one path per line')
+    # (universal newlines, as open() splits: not str.splitlines, which also splits at U+0085, U+2028...)
+    lines = [s.strip() for s in io.TextIOWrapper(io.BytesIO(raw), encoding='utf-8-sig', errors='surrogateescape')]
     entries = [s for s in lines if s and not s.startswith('#')]
     if not entries:
         raise ValueError(f'image list {txt} holds no paths: expected one image path per line '

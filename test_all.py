@@ -1493,6 +1493,18 @@ def test_an_image_list_with_a_byte_order_mark_reads_its_first_path(tmp_path):
     assert [os.fsencode(p) for p in found] == [os.path.join(root, n) for n in names]
 
 
+def test_an_image_list_saved_as_utf16_is_refused_in_one_line(tmp_path):
+    # Windows PowerShell's `dir -Name > list.txt` writes UTF-16: its first path read as '\udcff\udcfe.\x00.\x00/...',
+    # refused as a path that does not exist, with the NUL bytes printed through the message.
+    _write_rgb(tmp_path / 'a.jpg', fmt='JPEG')
+    (tmp_path / 'list.txt').write_bytes('a.jpg\r\n'.encode('utf-16'))
+    with pytest.raises(ValueError, match=r'list\.txt is not UTF-8 text .*UTF-16') as caught:
+        data.find_images(tmp_path / 'list.txt', log=_quiet)
+    assert '\x00' not in str(caught.value)
+    (tmp_path / 'list.txt').write_bytes('a.jpg\r\n'.encode('utf-8'))  # the same list as UTF-8 reads
+    assert data.find_images(tmp_path / 'list.txt', log=_quiet) == [str(tmp_path / 'a.jpg')]
+
+
 def test_find_images_errors(tmp_path):
     with pytest.raises(ValueError, match='does not exist'):
         data.find_images(tmp_path / 'nope', log=lambda s: None)
