@@ -165,7 +165,7 @@ def write_list(txt, paths):
 
 def _read_list(txt):
     """The paths listed in the .txt list `txt` (see find_images), normalised and joined to the list's
-    folder; ValueError for a list in UTF-16, with no paths, or whose first entry is missing."""
+    folder; ValueError for a list in UTF-16, with no paths, or whose first entry is missing or a folder."""
     base = os.path.dirname(txt)
     # names in other encodings: their bytes; a byte-order mark (a list saved by a Windows editor) is dropped
     with open(txt, 'rb') as f:
@@ -185,6 +185,9 @@ def _read_list(txt):
         raise ValueError(f'image list {txt}: its first entry {entries[0]!r} resolves to '
                          f'{paths[0]}, which does not exist; relative paths are taken from the '
                          'list\'s folder')
+    if os.path.isdir(paths[0]):  # each line would be a bad image, a whole run of warnings
+        raise ValueError(f'image list {txt}: its first entry {entries[0]!r} is the folder {paths[0]}; a list '
+                         'names image files, one per line (pass a folder itself, not in a list, to scan it)')
     return paths
 
 

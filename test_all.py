@@ -1505,6 +1505,16 @@ def test_an_image_list_saved_as_utf16_is_refused_in_one_line(tmp_path):
     assert data.find_images(tmp_path / 'list.txt', log=_quiet) == [str(tmp_path / 'a.jpg')]
 
 
+def test_an_image_list_of_folders_is_refused_in_one_line(tmp_path):
+    # A list naming folders (class folders chosen by hand) was accepted: every line then a bad image in training.
+    _write_rgb(tmp_path / 'n01' / 'a.jpg', fmt='JPEG')
+    (tmp_path / 'list.txt').write_text('n01\n')
+    with pytest.raises(ValueError, match=r"first entry 'n01' is the folder .*names image files"):
+        data.find_images(tmp_path / 'list.txt', log=_quiet)
+    (tmp_path / 'list.txt').write_text('n01/a.jpg\n')
+    assert data.find_images(tmp_path / 'list.txt', log=_quiet) == [str(tmp_path / 'n01' / 'a.jpg')]
+
+
 def test_find_images_errors(tmp_path):
     with pytest.raises(ValueError, match='does not exist'):
         data.find_images(tmp_path / 'nope', log=lambda s: None)
