@@ -154,7 +154,10 @@ def find_images(roots, cache_dir=None, log=print):
 
 
 def write_list(txt, paths):
-    """Write `paths` to the list `txt` (atomically), one per line, as _read_list reads them back."""
+    """Write `paths` (str or os.PathLike) to the list `txt` (atomically), one absolute path per line, as
+    find_images reads them back. ValueError for a path that a line cannot hold (a line break, or
+    spaces at either end)."""
+    paths = [os.fspath(p) for p in paths]
     odd = [p for p in paths if '\n' in p or '\r' in p or p != p.strip()]
     if odd:
         raise ValueError(f'{len(odd)} path(s) cannot be written to a list, whose lines are stripped: '

@@ -1515,6 +1515,15 @@ def test_an_image_list_of_folders_is_refused_in_one_line(tmp_path):
     assert data.find_images(tmp_path / 'list.txt', log=_quiet) == [str(tmp_path / 'n01' / 'a.jpg')]
 
 
+def test_write_list_takes_path_objects_and_writes_absolute_paths(tmp_path, monkeypatch):
+    # write_list([Path(...)]) raised TypeError ("argument of type 'PosixPath' is not iterable").
+    img = Path(_write_rgb(tmp_path / 'imgs' / 'a b.jpg', fmt='JPEG'))
+    monkeypatch.chdir(tmp_path / 'imgs')
+    data.write_list(tmp_path / 'lists' / 'l.txt', [img, Path('a b.jpg')])  # relative: to the working folder
+    assert (tmp_path / 'lists' / 'l.txt').read_text() == f'{img}\n{img}\n'
+    assert data.find_images(tmp_path / 'lists' / 'l.txt', log=_quiet) == [str(img)]
+
+
 def test_find_images_errors(tmp_path):
     with pytest.raises(ValueError, match='does not exist'):
         data.find_images(tmp_path / 'nope', log=lambda s: None)
