@@ -122,7 +122,9 @@ def find_images(roots, cache_dir=None, log=print):
     while all those mtimes are unchanged (checked by stat, no listing): adding or removing a
     file or subfolder changes its parent's mtime and triggers a rescan. Editing a file in place
     does not, and need not. A scan is not cached when a folder changed less than 2 s before it
-    (file-system clocks are coarse, so a later change could keep the same mtime).
+    (file-system clocks are coarse, so a later change could keep the same mtime), nor when the
+    cache cannot be written (a read-only or full cache_dir): a warning goes to `log`, and the
+    listing is returned all the same.
 
     A root that is a pack folder (`python data.py pack`, see pack_images) gives its pseudo-paths
     (`pack_paths`), which load_rgb and ColorImages read from the pack; an incomplete pack raises
@@ -292,10 +294,13 @@ def _scan_cached(root, cache_dir, log):
             log(f'not caching the listing of {root}: {racy[0]} changed less than 2 s ago')
         else:
             rel = lambda p: os.path.relpath(p, root)  # noqa: E731
-            write_json(cache_file, {
-                'version': _CACHE_VERSION, 'root': root,
-                'dirs': [[rel(d), mtime] for d, mtime in dirs],
-                'files': [rel(p) for p in files]})
+            try:
+                write_json(cache_file, {
+                    'version': _CACHE_VERSION, 'root': root,
+                    'dirs': [[rel(d), mtime] for d, mtime in dirs],
+                    'files': [rel(p) for p in files]})
+            except OSError as e:  # a read-only or full cache folder: the scan (an hour on NFS) is still good
+                log(f'warning: not caching the listing of {root}: {e.filename or cache_file}: {e.strerror or e}')
     return files, 'scanned'
 
 

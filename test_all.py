@@ -1560,6 +1560,19 @@ def test_a_listing_cache_edited_by_hand_is_rescanned_with_a_line(tmp_path):
     assert data.find_images(root, cache_dir=cache, log=_quiet) == expected
 
 
+def test_a_listing_cache_that_cannot_be_written_warns_and_returns_the_listing(tmp_path):
+    # A cache folder that cannot be written (read-only, full, or here under a file) raised OSError after the
+    # whole scan, which on a network file system can take an hour; the cache is a shortcut, the listing good.
+    root = tmp_path / 'imgs'
+    expected = [_write_rgb(root / 'a.jpg', fmt='JPEG')]
+    os.utime(root, ns=(0, 0))  # not changed just now: the listing would be cached
+    (tmp_path / 'file').write_text('')
+    lines = []
+    assert data.find_images(root, cache_dir=tmp_path / 'file' / 'cache', log=lines.append) == expected
+    assert lines[0].startswith(f'warning: not caching the listing of {root}: {tmp_path / "file" / "cache"}')
+    assert 'Not a directory' in lines[0] and '1 images scanned' in lines[1]
+
+
 def test_find_images_cache_reused_then_invalidated(tmp_path, monkeypatch):
     root = tmp_path / 'imgs'
     files = [_write_rgb(root / 'a' / 'deep' / f'{i}.jpg', fmt='JPEG') for i in range(3)]
