@@ -2031,8 +2031,7 @@ def voc_segmentation(voc2012_root, split, augmented=False):
     if split == 'train_aug':
         val_list = os.path.join(root, 'ImageSets', 'Segmentation', 'val.txt')
         if os.path.exists(val_list):
-            with open(val_list) as f:
-                val_ids = {s.strip() for s in f if s.strip()}
+            val_ids = {parts[0] for _, parts in _voc_list_lines(val_list)}  # as read for a split: BOM, CRLF
             aug_ids = {os.path.splitext(os.path.basename(img))[0] for img, _ in pairs}
             overlap = aug_ids & val_ids
             if overlap:

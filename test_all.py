@@ -2091,6 +2091,11 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
     with pytest.raises(ValueError, match='val'):
         data.voc_segmentation(voc12, 'train_aug')
+    # A val.txt saved with a byte-order mark and CRLF (a Windows editor): its first id read as '\ufeff2011_000002'
+    # and the leak of that image passed unseen.
+    (voc12 / 'ImageSets/Segmentation/val.txt').write_bytes(b'\xef\xbb\xbf2011_000002\r\n')
+    with pytest.raises(ValueError, match='contains 1 images of the val set'):
+        data.voc_segmentation(voc12, 'train_aug')
     # VOC2007 ships segmentation lists and masks too: one year's folder never stands in for the other's.
     (voc07 / 'ImageSets' / 'Segmentation').mkdir()
     (voc07 / 'ImageSets' / 'Segmentation' / 'train.txt').write_text('000005\n')
