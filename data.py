@@ -780,7 +780,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
     (up to `stop_step` when given: a training run's last step, so that the loader's workers never
     read, nor warn about, images of steps that will not run).
 
-    Epoch e is the permutation torch.randperm(n) drawn with seed * 1000003 + e. Each epoch has
+    Epoch e is the permutation torch.randperm(n) drawn with seed * 1000003 + e (mod 2^64; `seed`
+    any int). Each epoch has
     steps_per_epoch = (n // world_size) // batch_size steps (the remainder is dropped so ranks
     stay in step); step k of the epoch reads positions [k * world_size * batch_size, ...) of the
     permutation, of which rank r takes the r-th block of batch_size. Global step s therefore
@@ -803,8 +804,10 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self._perm_epoch, self._perm = None, None
 
     def permutation(self, epoch):
+        """Epoch `epoch`'s permutation of range(n): int64 numpy array (n,), cached for the last epoch."""
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            # mod 2^64, as torch takes it (it refuses larger ints): a seed from time.time_ns() works too
+            g = torch.Generator().manual_seed((self.seed * 1000003 + epoch) & _MASK64)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
         return self._perm
 

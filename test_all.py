@@ -6629,6 +6629,10 @@ def test_infinite_sampler_reads_the_documented_positions():
         joined = [pair for r in ranks for pair in r.batch(step)]
         assert [i for i, _ in joined] == perm[k * world * b:(k + 1) * world * b]
         assert joined == one.batch(step)
+    # A seed of time.time_ns() (over 2^64 once multiplied) raised 'Overflow when unpacking long long': mod 2^64.
+    big = 1_700_000_000_123_456_789
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed((big * 1000003 + 1) % 2 ** 64)).tolist()
+    assert [i for i, _ in data.InfiniteSampler(n, b, seed=big).batch(n // b)] == perm[:b]  # epoch 1, step 0
 
 
 # ---------------------------------------------------------------- find_images cache
