@@ -109,13 +109,17 @@ def usable_cores():
 
 
 def find_images(roots, cache_dir=None, log=print):
-    """Sorted, de-duplicated list of image paths from `roots` (a path or a list of paths).
+    """Sorted, de-duplicated list of absolute image paths (str) from `roots` (a path or a list of
+    paths). De-duplicated as strings: an image reached by two roots under two paths is listed twice.
 
     A root is either a folder, scanned recursively (extensions IMAGE_EXTENSIONS in any letter
     case; names starting with '.' skipped; symlinked folders followed, each real folder visited
-    once), or a .txt file with one image path per line (relative paths are relative to the txt
-    file's folder; blank lines and lines starting with '#' ignored; UTF-8, a byte-order mark
-    dropped; a UTF-16 list is a ValueError).
+    once, its images listed under the first path to it, depth first in name order), or a .txt
+    file with one image path per line (relative paths are relative to the txt file's folder;
+    blank lines and lines starting with '#' ignored, spaces at either end of a line dropped;
+    UTF-8, a byte-order mark dropped; a UTF-16 list is a ValueError). Raises ValueError for a
+    root that does not exist, a folder with no images, a list with no paths or whose first path
+    is missing or a folder. Logs one line per root to `log`.
 
     With `cache_dir`, each folder root's listing is cached in cache_dir/images-<hash of the
     absolute root>.json together with the mtime of every scanned folder. The cache is reused
@@ -337,10 +341,16 @@ def naming(path, doing):
 
 
 def atomic_write(path, write):
-    """write(f) into a temp file beside `path` (binary), flush it to disk, rename it over `path`.
+    """write(f) into a temp file beside `path` (binary), flush it to disk, rename it over `path`;
+    returns None. Makes the missing folders of `path`.
 
     A crash or power loss at any moment leaves either the old file or the new one, never a
-    truncated one (the fsyncs make the rename durable on journaling file systems and NFS too).
+    truncated one (the fsyncs make the rename durable on journaling file systems and NFS too). An
+    exception in write(f) (any, Ctrl-C too) removes the temp file and is re-raised; an OSError of a
+    write that names no file (a full disk) comes out as OSError naming `path`. The new file has the
+    permissions of any new file (0o666 less the umask), not those of the file it replaces. The temp
+    file is named <path>.tmp-<host>-<pid>: two threads of one process must not write one path at
+    once.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -385,13 +395,16 @@ def atomic_write_target(name):
 
 def write_png(path, array):
     """uint8 (H, W, 3), or (H, W, 4) RGBA, as a PNG at `path`, atomically (atomic_write): a disk that fills
-    or a process killed mid-write leaves the file that was there (an earlier run's result), never a truncated one."""
+    or a process killed mid-write leaves the file that was there (an earlier run's result), never a truncated one.
+    Pillow's TypeError for an array of another dtype (float, int64: convert first), before anything is written."""
     image = Image.fromarray(array)
     atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 
 def write_json(path, obj, indent=None):
-    """obj as JSON at `path`, atomically (atomic_write)."""
+    """obj as JSON at `path`, atomically (atomic_write). As json.dumps writes it: a float NaN or inf
+    becomes NaN / Infinity, which Python reads back but strict JSON readers refuse. TypeError for an
+    object JSON cannot hold, the file at `path` left as it was."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
@@ -468,7 +481,8 @@ def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=F
 @contextlib.contextmanager
 def decoding(name):
     """Decode with Pillow inside: any failure but running out of memory comes out as BadImage naming
-    `name`. Truncated files fail too: Pillow would otherwise pad one with gray as if it were whole."""
+    `name`. Truncated files fail too: Pillow would otherwise pad one with gray as if it were whole.
+    (So it sets Pillow's process-wide ImageFile.LOAD_TRUNCATED_IMAGES to False, for other code too.)"""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
@@ -711,6 +725,7 @@ class ColorImages(torch.utils.data.Dataset):
         return len(self._offsets) - 1
 
     def path(self, index):
+        """The path (str) of image `index`, as given."""
         return _decode_string(self._offsets, self._buffer, index)
 
     def __getitem__(self, item):
@@ -1917,6 +1932,9 @@ def voc_classification(voc2007_root, split):
     Returns (image paths, int8 array (N, 20) of labels in {1, -1, 0} in VOC_CLASSES order):
     1 present, -1 absent, 0 only 'difficult' instances (ignored in loss and AP). Reads
     ImageSets/Main/<class>_<split>.txt as distributed ('000005 -1' lines, one or more spaces).
+    The paths are JPEGImages/<id>.jpg, not checked to exist (finetune_voc.py checks them).
+    FileNotFoundError for a missing list file (with the tar to extract); ValueError for a list with
+    a line of another form, no lines, an id twice, or other ids than the first class's list.
     """
     root = _voc_dir(voc2007_root, 2007)
     ids, labels = None, []
@@ -1988,6 +2006,10 @@ def voc_segmentation(voc2012_root, split, augmented=False):
     SegmentationClassAug/<id>.png and the list ImageSets/Segmentation/train_aug.txt (or
     train_aug.txt at the VOC2012 root), whose lines are ids or '/JPEGImages/x.jpg
     /SegmentationClassAug/x.png' pairs. train_aug must not overlap val.
+    FileNotFoundError for a missing list or listed file; ValueError for a list with a line of another
+    form, no lines or an image twice, or a train_aug that holds val images. Masks are not read: a mask
+    of another size than its image, or with values that are no class, is not found here (load_label
+    reads one; finetune_voc.py checks sizes from the headers before training).
     """
     root = _voc_dir(voc2012_root, 2012)
     if augmented and split == 'train':
@@ -2048,7 +2070,8 @@ def load_label(path):
     """Class indices uint8 (H, W) from a VOC label PNG: palette PNGs (SegmentationClass) read as
     indices, not colours; plain 8-bit gray PNGs (SegmentationClassAug) as is. 255 = ignore.
     Raises BadImage (a ValueError) naming the file for a missing, truncated or undecodable mask, or one
-    of another mode."""
+    of another mode (an RGB colour mask). The values are returned as stored, unchecked (a value that is
+    no class, 21..254, included), and the size is not compared with the image's."""
     with decoding(path), Image.open(path) as im:
         if im.mode not in ('P', 'L'):
             raise BadImage(path, f'expected a palette (P) or 8-bit gray (L) PNG of class indices, found '
