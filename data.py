@@ -161,9 +161,11 @@ def find_images(roots, cache_dir=None, log=print):
 
 def write_list(txt, paths):
     """Write `paths` (str or os.PathLike) to the list `txt` (atomically), one absolute path per line, as
-    find_images reads them back. ValueError for a path that a line cannot hold (a line break, or
-    spaces at either end)."""
+    find_images reads them back. ValueError for no paths (find_images refuses an empty list) or a
+    path that a line cannot hold (a line break, or spaces at either end); nothing is written then."""
     paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError(f'write_list: no paths to write to {txt}; a list without any is refused when read')
     odd = [p for p in paths if '\n' in p or '\r' in p or p != p.strip()]
     if odd:
         raise ValueError(f'{len(odd)} path(s) cannot be written to a list, whose lines are stripped: '

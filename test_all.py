@@ -1522,6 +1522,10 @@ def test_write_list_takes_path_objects_and_writes_absolute_paths(tmp_path, monke
     data.write_list(tmp_path / 'lists' / 'l.txt', [img, Path('a b.jpg')])  # relative: to the working folder
     assert (tmp_path / 'lists' / 'l.txt').read_text() == f'{img}\n{img}\n'
     assert data.find_images(tmp_path / 'lists' / 'l.txt', log=_quiet) == [str(img)]
+    # No paths: an empty file was written, which find_images then refused ('holds no paths').
+    with pytest.raises(ValueError, match='no paths to write'):
+        data.write_list(tmp_path / 'lists' / 'none.txt', [])
+    assert not (tmp_path / 'lists' / 'none.txt').exists()
 
 
 def test_find_images_errors(tmp_path):
