@@ -431,6 +431,9 @@ class BadImage(ValueError):
         super().__init__(f'{path}: {reason}')
         self.path, self.reason = path, reason
 
+    def __reduce__(self):  # pickled as its two arguments: a process pool's worker sends it back whole
+        return type(self), (self.path, self.reason)
+
 
 def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False, alpha=False):
     """Decode `path` to RGB uint8 (H, W, 3), EXIF orientation applied (exif_orientation=False: the

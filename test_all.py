@@ -1734,6 +1734,11 @@ def test_bad_files_raise_bad_image(tmp_path, monkeypatch):
         assert path in str(err.value) and err.value.path == path and err.value.reason, kind
     with pytest.raises(data.BadImage, match='no such file'):
         data.load_rgb(tmp_path / 'missing.jpg')
+    # Pickled (a process pool's worker sends its exception back so): unpickling called BadImage(message) and
+    # failed, and concurrent.futures then reported the whole pool broken, not the file.
+    back = pickle.loads(pickle.dumps(data.BadImage('/d/a.jpg', 'empty file (0 bytes)')))
+    assert type(back) is data.BadImage and (back.path, back.reason) == ('/d/a.jpg', 'empty file (0 bytes)')
+    assert str(back) == '/d/a.jpg: empty file (0 bytes)'
 
 
 def test_is_grayscale():
