@@ -527,12 +527,21 @@ ICC_MODES = {'RGB': 'RGB', 'RGBA': 'RGBA', 'CMYK': 'RGB', 'L': 'RGB'}  # Pillow 
 def icc_to_srgb(im, name):
     """The loaded image `im` with its pixels converted from its embedded ICC profile to sRGB (LittleCMS
     through Pillow's ImageCms, perceptual intent; alpha kept); `im` itself when it has no profile. A
-    profile that cannot be used (unreadable, or of another colour space than the pixels) leaves the
-    pixels as stored, with a warning naming `name`."""
+    palette image, or an L or RGB one with a transparency key, is first made RGB, RGBA or LA as
+    pil_to_rgb reads it (the transform would drop a key's alpha; it takes no palette). A profile that
+    cannot be used (unreadable, or of another colour space than the pixels) leaves the pixels as
+    stored, with a warning naming `name`."""
     icc = im.info.get('icc_profile')
     if not icc:
         return im
+    key = im.mode in ('P', 'L', 'RGB') and 'transparency' in im.info
+    if im.mode in ('P', 'PA') or key:
+        im = im.convert('LA' if im.mode == 'L' else 'RGBA' if im.mode == 'PA' or key else 'RGB')
     try:
+        if im.mode == 'LA':  # LittleCMS garbles gray + alpha (all 0 alpha): the gray alone, its alpha put back
+            out = _icc_transform(icc, 'L').apply(im.getchannel('L'))
+            out.putalpha(im.getchannel('A'))
+            return out
         if im.mode not in ICC_MODES:
             raise ValueError(f'no conversion for mode {im.mode}')
         return _icc_transform(icc, im.mode).apply(im)

@@ -3794,9 +3794,10 @@ def test_colorize_keeps_full_resolution_lightness_and_orientation(trained, tmp_p
     assert (lightness(plain) - lightness(rgb)).abs().median() < 1.0
 
 
-def _linear_srgb_icc():
+def _linear_icc(gray=False):
     """A hand-made ICC v2 display profile: sRGB's primaries (their D50-adapted XYZ, as in the sRGB
-    profile) with a gamma 1.0 curve, so a pixel value v means linear light v / 255."""
+    profile) with a gamma 1.0 curve, so a pixel value v means linear light v / 255; gray=True: a gray
+    profile (D50 white, the same curve)."""
     def s15(v):
         return struct.pack('>i', round(v * 65536))
 
@@ -3804,16 +3805,18 @@ def _linear_srgb_icc():
         return b'XYZ ' + bytes(4) + s15(x) + s15(y) + s15(z)
     curv = b'curv' + bytes(4) + struct.pack('>IH', 1, 0x0100) + bytes(2)  # one u8Fixed8 gamma: 1.0
     desc = b'desc' + bytes(4) + struct.pack('>I', 12) + b'linear sRGB\0' + bytes(4 + 4 + 2 + 1 + 67)
-    tags = [(b'desc', desc), (b'wtpt', xyz(0.9642, 1.0, 0.8249)), (b'rXYZ', xyz(0.4360747, 0.2225045, 0.0139322)),
-            (b'gXYZ', xyz(0.3850649, 0.7168786, 0.0971045)), (b'bXYZ', xyz(0.1430804, 0.0606169, 0.7141733)),
-            (b'rTRC', curv), (b'gTRC', curv), (b'bTRC', curv), (b'cprt', b'text' + bytes(4) + b'none\0')]
+    colour = ([(b'kTRC', curv)] if gray else
+              [(b'rXYZ', xyz(0.4360747, 0.2225045, 0.0139322)), (b'gXYZ', xyz(0.3850649, 0.7168786, 0.0971045)),
+               (b'bXYZ', xyz(0.1430804, 0.0606169, 0.7141733)), (b'rTRC', curv), (b'gTRC', curv), (b'bTRC', curv)])
+    tags = [(b'desc', desc), (b'wtpt', xyz(0.9642, 1.0, 0.8249)), *colour, (b'cprt', b'text' + bytes(4) + b'none\0')]
     start, table, body = 128 + 4 + 12 * len(tags), b'', b''
     for sig, data_ in tags:
         data_ += bytes(-len(data_) % 4)
         table += sig + struct.pack('>II', start + len(body), len(data_))
         body += data_
-    header = (struct.pack('>I', start + len(body)) + bytes(4) + struct.pack('>I', 0x02100000) + b'mntrRGB XYZ '
-              + bytes(12) + b'acsp' + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    header = (struct.pack('>I', start + len(body)) + bytes(4) + struct.pack('>I', 0x02100000) + b'mntr'
+              + (b'GRAY' if gray else b'RGB ') + b'XYZ ' + bytes(12) + b'acsp' + bytes(28) + s15(0.9642) + s15(1.0)
+              + s15(0.8249) + bytes(48))
     return header + struct.pack('>I', len(tags)) + table + body
 
 
@@ -3824,7 +3827,7 @@ def test_colorize_converts_an_embedded_icc_profile_to_srgb(trained, tmp_path, ca
     v = np.arange(256, dtype=np.float64)
     rgb = np.stack([v, np.roll(v, 85), np.roll(v, 170)], -1).reshape(16, 16, 3).astype(np.uint8)
     photo = tmp_path / 'linear.png'
-    Image.fromarray(rgb).save(photo, icc_profile=_linear_srgb_icc())
+    Image.fromarray(rgb).save(photo, icc_profile=_linear_icc())
     c = rgb / 255.0  # linear light; IEC 61966-2-1's encoding, written out here
     srgb = np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055) * 255
     assert np.abs(data.load_rgb(str(photo), to_srgb=True) - srgb).max() <= 1.0
@@ -3837,11 +3840,39 @@ def test_colorize_converts_an_embedded_icc_profile_to_srgb(trained, tmp_path, ca
     got = lab.rgb_to_lab(torch.from_numpy(np.asarray(Image.open(out / 'linear.png')).copy()).permute(2, 0, 1))[0]
     assert np.median(np.abs(got.numpy() - want)) < 1.0
     # A profile of another colour space than the pixels (a CMYK photo with an RGB profile): as stored, said.
-    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', icc_profile=_linear_srgb_icc())
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg', icc_profile=_linear_icc())
     assert np.array_equal(data.load_rgb(str(tmp_path / 'cmyk.jpg'), to_srgb=True),
                           data.load_rgb(str(tmp_path / 'cmyk.jpg')))
     assert 'cmyk.jpg: its ICC profile was not applied, pixels taken as sRGB' in capsys.readouterr().err
 
+
+def test_an_icc_profile_keeps_a_transparency_key_and_converts_palette_and_gray_with_alpha(tmp_path, capsys):
+    # With a profile, an RGB PNG's transparency key was lost (the transform's output has no key: an opaque
+    # RGB output), and a palette image or gray with alpha kept its stored values with a warning.
+    pytest.importorskip('PIL.ImageCms')
+    v = np.arange(0, 256, 17, dtype=np.uint8)  # 16 levels
+    rgb = np.stack([v, v[::-1], np.roll(v, 5)], -1).reshape(4, 4, 3)
+
+    def srgb(levels):  # linear levels -> sRGB levels, IEC 61966-2-1's encoding written out here
+        c = levels / 255.0
+        return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055) * 255
+    key = tmp_path / 'key.png'
+    Image.fromarray(rgb).save(key, icc_profile=_linear_icc(), transparency=tuple(int(c) for c in rgb[1, 2]))
+    palette = tmp_path / 'palette.png'
+    Image.fromarray(rgb).convert('P', palette=Image.Palette.ADAPTIVE, colors=16).save(palette, icc_profile=_linear_icc())
+    gray = tmp_path / 'gray.png'
+    alpha = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+    Image.fromarray(np.dstack([rgb[..., 0], alpha]), 'LA').save(gray, icc_profile=_linear_icc(gray=True))
+    got = data.load_rgb(str(key), to_srgb=True, alpha=True)
+    assert got.shape == (4, 4, 4) and got[..., 3].tolist() == [[0 if (i, j) == (1, 2) else 255 for j in range(4)]
+                                                               for i in range(4)]
+    assert np.abs(got[..., :3] - srgb(rgb)).max() <= 1.0
+    stored = data.load_rgb(str(palette))  # the palette's colours, as stored
+    assert np.abs(data.load_rgb(str(palette), to_srgb=True) - srgb(stored)).max() <= 1.0
+    got = data.load_rgb(str(gray), to_srgb=True, alpha=True)
+    assert got.shape == (4, 4, 4) and np.array_equal(got[..., 3], alpha)
+    assert np.abs(got[..., :3] - srgb(rgb[..., :1])).max() <= 1.0
+    assert 'warning' not in capsys.readouterr().err
 
 def _lightness(rgb8):
     """CIE L* of sRGB uint8 (..., 3), by the IEC 61966-2-1 and CIE formulas in numpy (not lab.py)."""
