@@ -1474,7 +1474,8 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
     size, the CRC32s of index.npy, names.bin and names-offsets.npy, and each stored image's CRC32 (a
     pack of format version 1 has none: its images are decoded instead). Logs a line per failed file
     and image (source path, shard), progress every `log_every` s, and a summary; returns the failures,
-    [(file name, entry i or None, what)]. A pack it cannot open at all raises PackReader's ValueError.
+    [(file name, entry i or None, what)]. An index.npy that fails its CRC32 leaves the images unchecked:
+    their places and CRC32s are read from it. A pack it cannot open at all raises PackReader's ValueError.
     `workers` processes (default usable_cores(); 1 = in this process) take `task_size` images a task."""
     try:
         reader = PackReader(root, check_shards=False)
@@ -1487,8 +1488,9 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
     for _, _, what in failed:
         log(f'failed: {what}')
     n, workers, shown = len(reader), workers or usable_cores(), 0
-    spans = [(a, min(a + task_size, n)) for a in range(0, n, task_size)]
-    pool = _process_pool(workers) if workers > 1 and n > task_size else None
+    index_failed = any(name == _PACK_INDEX for name, _, _ in failed)  # would blame sound shards for its errors
+    spans = [] if index_failed else [(a, min(a + task_size, n)) for a in range(0, n, task_size)]
+    pool = _process_pool(workers) if workers > 1 and len(spans) > 1 else None
     try:
         found = _ordered_map(_verify_task, ((reader.root, a, b) for a, b in spans), pool, 4 * workers)
         for (_, b), problems in zip(spans, found):
@@ -1541,7 +1543,9 @@ def _verify_summary(reader, failed, seconds):
         per_file = collections.Counter(name for name, i, _ in failed if i is not None)
         images, names = sum(per_file.values()), sorted({name for name, _, _ in failed})
         more = f' ({images - VERIFY_SHOWN:,} not named above)' if images > VERIFY_SHOWN else ''
-        return (f'pack {reader.root} FAILED verification: {images:,} of {n:,} images{more}; '
+        checked = (f'{images:,} of {n:,} images{more}' if _PACK_INDEX not in names else
+                   f'its {n:,} images not checked ({_PACK_INDEX} says where they are and their CRC32s)')
+        return (f'pack {reader.root} FAILED verification: {checked}; '
                 'files to copy again from the original pack: '
                 + ', '.join(name + (f' ({per_file[name]:,} of its images)' if per_file[name] else '') for name in names)
                 + f'; then verify again ({_duration(seconds)})')

@@ -7636,6 +7636,11 @@ def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, ca
         rc, out = verify(name.replace('.', '_'), damage)
         assert rc == 1 and out.out.startswith(f'failed: {tmp_path / name.replace(".", "_") / name} differs from the file '
                                               'packed (CRC32 mismatch)\n'), out.out
+    # A changed CRC32 or offset in index.npy: the images are not checked against it (they named the sound shard).
+    rc, out = verify('index_crc', lambda c: np.save(c / 'index.npy', index ^ np.array([0, 0, 0, 0, 1]) * (np.arange(6)[:, None] == 3)))
+    assert rc == 1 and out.out.splitlines()[1:] == [
+        f'pack {tmp_path / "index_crc"} FAILED verification: its 6 images not checked (index.npy says where they are and '
+        'their CRC32s); files to copy again from the original pack: index.npy; then verify again (0 s)']
     # Many failed images: the first VERIFY_SHOWN named, the rest counted.
     monkeypatch.setattr(data, 'VERIFY_SHOWN', 1)
     rc, out = verify('lost_many', lambda c: os.remove(c / 'shard-00000.bin'))
