@@ -3947,7 +3947,7 @@ def test_colorize_says_which_input_names_were_the_same_file(tmp_path, capsys):
     assert capsys.readouterr().out == ''
 
 
-def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, capsys):
+def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, capsys, monkeypatch):
     # A folder as collections come: two photos, x.jpg beside x.png, a zero-byte file, a cut-off JPEG.
     photos = tmp_path / 'photos'
     for name in ('a.png', 'x.jpg', 'x.png'):
@@ -3958,6 +3958,7 @@ def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, 
     out = tmp_path / 'out'
     argv = ['--colorize', str(photos), '--checkpoint', str(trained), '--output', str(out), '--device', 'cpu']
     # log_every=0: a progress line after every image but the last, with its count and an ETA.
+    monkeypatch.setattr(colorize, 'COLORIZE_SHOWN', 1)  # the summary names 1 unreadable input, counts the rest
     assert colorize.colorize_files(colorize.parse_args(argv), log_every=0) == 1  # some inputs not done
     printed = capsys.readouterr()
     progress = [line for line in printed.out.splitlines() if line.startswith('colorize: ')]
@@ -3965,8 +3966,8 @@ def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, 
     assert all(re.search(r'img/s, ETA \d+:\d\d:\d\d, [0-2] unreadable$', line) for line in progress), progress
     assert (f'{photos / "x.png"} -> {out / "x_2.png"}') in printed.out  # which input x_2.png came from
     assert (f'colorized 3 of 5 image(s) into {out} in ') in printed.out
-    assert printed.out.rstrip().endswith(f'2 unreadable, skipped (see the warnings above): {photos / "cut.jpg"}, '
-                                         f'{photos / "empty.jpg"}'), printed.out
+    assert printed.out.rstrip().endswith(f'2 unreadable, skipped (see the warnings above): {photos / "cut.jpg"} '
+                                         'and 1 more'), printed.out
     assert printed.err.count('warning: skipping') == 2
     assert sorted(p.name for p in out.iterdir()) == ['a.png', 'x.png', 'x_2.png']
     # Every input readable: status 0, and the summary names none.
@@ -7127,18 +7128,18 @@ def test_colorizing_a_large_photo_works_in_bands_of_rows(monkeypatch):
     temporaries took 5.6 GB), with the result of converting the whole image at once, as it was done before."""
     torch.manual_seed(0)
     net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='l2', width=0.0625, fc_dim=16)).eval()
-    photo = np.random.default_rng(2).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    photo = np.random.default_rng(2).integers(0, 256, (41, 30, 3), dtype=np.uint8)  # the last band: 1 row
     cpu = torch.device('cpu')
     with torch.no_grad():  # the reference: the whole image at once
         L = lab.rgb_to_lab(torch.from_numpy(photo).permute(2, 0, 1)[None])[:, :1]
-        ab = colorize.predict_ab(net, F.pad(L, (0, 2, 0, 24), mode='replicate'), 'l2')[..., :40, :30]  # to 64 x 32
+        ab = colorize.predict_ab(net, F.pad(L, (0, 2, 0, 23), mode='replicate'), 'l2')[..., :41, :30]  # to 64 x 32
         want = (lab.lab_to_rgb(torch.cat([L, ab], 1))[0] * 255 + 0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
     seen = []
     for name in ('rgb_to_lab', 'lab_to_rgb'):
         monkeypatch.setattr(lab, name, lambda x, f=getattr(lab, name): seen.append(x.shape[-2:].numel()) or f(x))
     monkeypatch.setattr(colorize, 'BAND_PIXELS', 64)  # 2 rows of 30 pixels a band
     got = colorize.colorize_array(net, photo, 'l2', cpu)
-    assert seen and max(seen) == 60, seen  # never the whole 40 x 30 at once
+    assert seen and max(seen) == 60, seen  # never the whole 41 x 30 at once
     assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 0.01
 
 
@@ -7234,6 +7235,14 @@ def test_the_cpu_note_speaks_of_the_demo_only_for_the_demo():
         for data_flags in ([], ['--voc-root', '/v'] if script is ft else ['--data', '/d']):
             note = _cpu_note(script, [*big, *data_flags, '--steps', '5'])[0]
             assert 'small' not in note and 'demo' not in note, (script.__name__, note)
+    # Each condition alone: a typed batch of 128 is not small; 5,000 demo steps do not finish in minutes; the
+    # protocol's 10 test crops are not a smaller test.
+    note = _cpu_note(colorize, ['--batch-size', '128'])[0]
+    assert 'small' not in note and 'demo' not in note, note
+    note = _cpu_note(colorize, ['--steps', '5000'])[0]
+    assert 'small crop and batch' in note and 'demo' not in note, note
+    note = _cpu_note(ft, ['--test-crops', '10'])[0]
+    assert 'small crop and batch' in note and 'test crops' not in note, note
 
 
 def test_transfer_lr_schedules_of_the_protocols():
@@ -7650,6 +7659,13 @@ def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, ca
         verify('no_index', lambda c: os.remove(c / 'index.npy'))
     assert exit.value.code == 2 and re.search(r'index\.npy is missing; delete the folder and pack again \(a copy: copy it '
                                               r'again from the original pack\)', capsys.readouterr().err)
+    # An unfinished pack is no damaged copy: the line that says to finish it, alone. --workers 0: refused, as for pack.
+    for name, damage, workers, said in (('unfinished', lambda c: os.remove(c / 'complete.json'), '1', 'is incomplete'),
+                                        ('workers_0', lambda c: None, '0', '--workers 0: give 1')):
+        with pytest.raises(SystemExit) as exit:
+            verify(name, damage, workers)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and said in err and 'a copy' not in err, err
     # A pack of format version 1: no checksums; each stored image decodes (one without its JPEG start does not).
     old = _as_format_1(pack, tmp_path / 'old')
     failed = data.verify_pack(old, workers=1, log=_quiet)
