@@ -591,8 +591,8 @@ def pil_to_rgb(im, alpha=False):
         if alpha:
             return np.asarray(im.convert('RGBA'), dtype=np.uint8).copy()
         rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
-        alpha = rgba[..., 3:] / 255.0
-        out = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        opacity = rgba[..., 3:] / 255.0
+        out = rgba[..., :3] * opacity + 255.0 * (1.0 - opacity)
         return np.ascontiguousarray(np.round(out).astype(np.uint8))
     if mode != 'RGB':
         im = im.convert('RGB')
