@@ -209,6 +209,9 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', type=Path, help='trained checkpoint for --colorize')
     p.add_argument('--output', type=Path, default=Path('colorized'),
                    help='folder for colorized images (default %(default)s)')
+    p.add_argument('--skip-existing', action='store_true',
+                   help='--colorize: leave an output that is newer than its photo and the checkpoint (a rerun '
+                        'of a stopped job goes on where it stopped); default: every output written anew')
     p.add_argument('--net-short-side', type=int, metavar='N',
                    help='--colorize: the network sees each photo resized to this short side; its colour is '
                         'upsampled and put on the photo\'s full-resolution lightness (default: the middle of '
@@ -443,7 +446,7 @@ PATH_FLAGS = ('data', 'val_data', 'demo_root')
 # ignored, though the user believes it applied: main() refuses it (unread_flags_problem). Training
 # reads every flag but these; --benchmark's kinds each read part of BENCHMARK_FLAGS (a warning names
 # the rest, which a script may pass to all its kinds).
-COLORIZE_FLAGS = frozenset({'colorize', 'checkpoint', 'output', 'net_short_side', 'device'})
+COLORIZE_FLAGS = frozenset({'colorize', 'checkpoint', 'output', 'net_short_side', 'device', 'skip_existing'})
 BENCH_ONLY_FLAGS = frozenset({'benchmark', 'bench_warmup', 'bench_steps', 'bench_profile', 'bench_photo'})
 BENCHMARK_FLAGS = BENCH_ONLY_FLAGS | {
     'net_short_side', 'arch', 'loss', 'data', 'demo_root', 'subset', 'batch_size', 'crop', 'short_side', 'points',
@@ -2445,6 +2448,8 @@ def colorize_files(args, log_every=5.0):
     model = fold_batchnorm(model.eval()).to(device).eval().to(memory_format=torch.channels_last)
     short_side = network_short_side(args.net_short_side, ckpt.get('args', {}).get('short_side'))
     jobs = output_names(args.colorize, args.output)
+    if args.skip_existing:
+        jobs = outputs_to_renew(jobs, args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)
     failed, n = [], len(jobs)
     t_start = t_log = time.perf_counter()
@@ -2472,6 +2477,18 @@ def colorize_files(args, log_every=5.0):
 
 
 COLORIZE_SHOWN = 10  # unreadable inputs named in the summary line
+
+
+def outputs_to_renew(jobs, checkpoint):
+    """--skip-existing: the jobs (input, output) whose output is missing, or older than its input or the
+    checkpoint (a photo edited, a model trained on since); says how many it leaves."""
+    since = os.path.getmtime(checkpoint)
+    todo = [(path, target) for path, target in jobs
+            if not target.exists() or target.stat().st_mtime < max(since, os.path.getmtime(path))]
+    if len(todo) < len(jobs):
+        print(f'--skip-existing: left {len(jobs) - len(todo)} of {len(jobs)} output(s) that are newer than their '
+              f'photo and the checkpoint')
+    return todo
 
 
 def unreadable_text(failed):

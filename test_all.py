@@ -3975,6 +3975,36 @@ def test_colorize_counts_names_and_reports_unreadable_inputs(trained, tmp_path, 
     assert 'unreadable' not in capsys.readouterr().out
 
 
+def test_colorize_skip_existing_goes_on_where_a_stopped_job_stopped(trained, tmp_path, capsys):
+    photos, out = tmp_path / 'photos', tmp_path / 'out'
+    for name in ('a.png', 'b.png', 'c.png'):
+        _write_rgb(photos / name, size=(12, 10))
+    argv = ['--colorize', str(photos), '--checkpoint', str(trained), '--output', str(out), '--device', 'cpu']
+    assert colorize.main(argv) == 0
+    # A stopped job: b's output never written; a's photo edited since; c's output done (marked to see it kept).
+    (out / 'b.png').unlink()
+    later = os.path.getmtime(out / 'c.png') + 10
+    (out / 'a.png').write_bytes(b'old')
+    os.utime(photos / 'a.png', (later, later))
+    (out / 'c.png').write_bytes(b'kept')
+    os.utime(out / 'c.png', (later, later))  # newer than its photo and the checkpoint
+    capsys.readouterr()
+    assert colorize.main([*argv, '--skip-existing']) == 0
+    printed = capsys.readouterr().out
+    assert '--skip-existing: left 1 of 3 output(s)' in printed and 'colorized 2 of 2 image(s)' in printed, printed
+    assert (out / 'c.png').read_bytes() == b'kept' and Image.open(out / 'b.png').size == (12, 10)
+    assert (out / 'a.png').read_bytes() != b'old'  # its photo is newer: written anew
+    # A checkpoint newer than every output (trained on since): all renewed. Without the flag: all renewed.
+    os.utime(trained, (later + 10, later + 10))
+    assert colorize.main([*argv, '--skip-existing']) == 0 and (out / 'c.png').read_bytes() != b'kept'
+    os.utime(trained, None)
+    (out / 'c.png').write_bytes(b'kept')
+    assert colorize.main(argv) == 0 and (out / 'c.png').read_bytes() != b'kept'
+    # Training does not read it: refused there, as other --colorize flags are.
+    assert colorize.main(['--skip-existing', '--steps', '1']) == 2
+    assert '--skip-existing does not apply to training' in capsys.readouterr().err
+
+
 def test_colorize_output_names_of_a_relative_folder(tmp_path, monkeypatch):
     # The README's `--colorize photo.jpg photos/`: a folder given relative to the working directory.
     _write_rgb(tmp_path / 'photos' / 'a' / 'x.jpg', fmt='JPEG')
