@@ -6207,7 +6207,7 @@ RESUME_FLAGS = {
         schedule={'steps', 'lr', 'lr_milestones', 'warmup', 'momentum', 'weight_decay', 'max_bad_share',
                   'log_every', 'eval_every', 'save_every', 'keep_every'},
         operational={'out', 'resume', 'device', 'workers', 'handover', 'compile', 'exit_after', 'typed_flags',
-                     'colorize', 'checkpoint', 'output', 'net_short_side',  # the colorizing mode
+                     'colorize', 'checkpoint', 'output', 'net_short_side', 'skip_existing',  # the colorizing mode
                      'benchmark', 'bench_steps', 'bench_warmup', 'bench_photo', 'bench_profile'}),
     ft: dict(
         run={'task', 'arch', 'init', 'input', 'voc_root', 'demo_root', 'train_split', 'extended_fov', 'width',
