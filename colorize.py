@@ -2491,13 +2491,15 @@ def outputs_to_renew(jobs, checkpoint):
     return todo
 
 
+def first_few(items):
+    """The first COLORIZE_SHOWN of `items` (str), joined by ', ', and how many more there are."""
+    more = f' and {len(items) - COLORIZE_SHOWN} more' if len(items) > COLORIZE_SHOWN else ''
+    return ', '.join(items[:COLORIZE_SHOWN]) + more
+
+
 def unreadable_text(failed):
     """The summary's end for the unreadable inputs `failed` (each also had its warning line)."""
-    if not failed:
-        return ''
-    more = f' and {len(failed) - COLORIZE_SHOWN} more' if len(failed) > COLORIZE_SHOWN else ''
-    return (f'; {len(failed)} unreadable, skipped (see the warnings above): '
-            + ', '.join(failed[:COLORIZE_SHOWN]) + more)
+    return f'; {len(failed)} unreadable, skipped (see the warnings above): {first_few(failed)}' if failed else ''
 
 
 def output_names(items, output):
@@ -2556,8 +2558,8 @@ def output_names(items, output):
               f'folder), colorized once: e.g. {path} is {first}, colorized as {target}')
     if renamed:  # said, so that x_2.png can be traced back to its input
         print(f'{len(renamed)} input(s) would have had the output name of another one (x.jpg and x.png, X.jpg and '
-              'x.jpg, or files of the same name from two folders) and got _2, _3, ...: ' + ', '.join(f'{path} -> {target}' for path, target in renamed[:COLORIZE_SHOWN])
-              + (f' and {len(renamed) - COLORIZE_SHOWN} more' if len(renamed) > COLORIZE_SHOWN else ''))
+              'x.jpg, or files of the same name from two folders) and got _2, _3, ...: '
+              + first_few([f'{path} -> {target}' for path, target in renamed]))
     return named
 
 

@@ -1074,6 +1074,11 @@ def _encode_strings(strings):
     return offsets, np.frombuffer(b''.join(encoded), dtype=np.uint8)
 
 
+def _size_or_none(path):
+    """The size in bytes of the file `path`, None where there is none."""
+    return os.path.getsize(path) if os.path.exists(path) else None
+
+
 def _size_problem(path, size, expected):
     """What is wrong with the pack file `path` of `size` bytes (None: there is no such file)."""
     return f'{path} is missing' if size is None else f'{path} holds {size} bytes, {expected} expected'
@@ -1279,7 +1284,7 @@ class PackReader:
                                 f'{self.index.shape} ({self.index.dtype}) and {_PACK_NAME_OFFSETS} '
                                 f'{self._offsets.shape} ({self._offsets.dtype})')
         names = os.path.join(self.root, _PACK_NAMES)
-        size = os.path.getsize(names) if os.path.exists(names) else None
+        size = _size_or_none(names)
         if int(self._offsets[0]) != 0:  # (the names would be read shifted)
             raise self._damaged(f'{_PACK_NAME_OFFSETS} starts at {int(self._offsets[0])}, not 0')
         if size is None or size == 0 or int(self._offsets[-1]) != size:
@@ -1287,7 +1292,7 @@ class PackReader:
         self._names = np.memmap(names, np.uint8, 'r')
         for k, length in enumerate(shards if check_shards else ()):  # verify_pack names what they lose
             path = os.path.join(self.root, _shard_name(k))
-            size = os.path.getsize(path) if os.path.exists(path) else None
+            size = _size_or_none(path)
             if size is None or size < length:
                 raise self._damaged(_size_problem(path, size, length))
         self._check_entries()
@@ -1516,7 +1521,7 @@ def _verify_files(reader):
     failed = []
     for k, length in enumerate(reader.info['shards']):
         path = os.path.join(reader.root, _shard_name(k))
-        size = os.path.getsize(path) if os.path.exists(path) else None
+        size = _size_or_none(path)
         if size != length:
             failed.append((_shard_name(k), None, _size_problem(path, size, length)))
     crcs = reader.info.get('crc32')
@@ -1586,7 +1591,7 @@ class _PackWriter:
         self.bad = open(os.path.join(root, _PACK_BAD), 'ab')
 
     def _truncate(self, path, length):
-        size = os.path.getsize(path) if os.path.exists(path) else None
+        size = _size_or_none(path)
         if size is None or size < length:
             raise ValueError(f'pack {self.root} is damaged: {_size_problem(path, size, length)} (by '
                              f'{_PACK_PROGRESS}); delete {self.root} and pack again')
