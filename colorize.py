@@ -350,6 +350,7 @@ def fill_defaults(args, device, world):
     refuse_milestones_outside(args.lr_milestones)
     if args.keep_every is not None and args.keep_every < 0:
         raise UserError(f'--keep-every must be a step count, or 0 for none, got {args.keep_every}')
+    refuse_crop_below_min(args.arch, args.crop)
     if args.crop <= 2 * args.border:
         raise UserError(f'--border {args.border} leaves no pixels to sample in a {args.crop} crop; '
                         f'use a smaller --border or a larger --crop')
@@ -958,6 +959,24 @@ def model_config(args):
 def has_fc(arch):
     """Whether the trunk has fc6/fc7 (AlexNet, VGG-16): read off its factory in MODELS, which then takes fc_dim."""
     return 'fc_dim' in inspect.signature(MODELS[arch]).parameters
+
+
+def min_crop(arch):
+    """The smallest input side the trunk of `arch` takes (models.Trunk.min_size: 32 for VGG-16's five poolings,
+    1 for the others), read off a trunk of one channel per layer (milliseconds; built under fork_rng, so the
+    random numbers of its init leave the run's unchanged; not on the meta device, whose first use imports
+    torch._dynamo, a second). Both scripts refuse a smaller --crop before any data is read, which would
+    otherwise stop at the first forward pass with a traceback (both scripts)."""
+    with torch.random.fork_rng(devices=[]):
+        return MODELS[arch](**trunk_kwargs(arch, 1e-3, 1)).min_size
+
+
+def refuse_crop_below_min(arch, crop):
+    """A --crop too small for the trunk of `arch` (min_crop): one line (both scripts)."""
+    least = min_crop(arch)
+    if crop < least:
+        raise UserError(f'--crop {crop} is too small for -a {arch}: its trunk needs inputs of at least {least} '
+                        f'pixels on each side; use --crop {least} or more')
 
 
 def trunk_kwargs(arch, width, fc_dim):

@@ -52,9 +52,10 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, note_moved_lr, note_other_commit, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_fewer_steps, refuse_milestones_outside,
-                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device,
-                      step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
+                      plain_args, progress_line, read_torch_file, refuse_crop_below_min, refuse_fewer_steps,
+                      refuse_milestones_outside, refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals,
+                      rng_state, setup_device, step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning,
+                      worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -250,6 +251,8 @@ def fill_defaults(args, device):
     if args.task == 'seg' and args.points > args.crop ** 2:
         raise UserError(f'--points {args.points}: a {args.crop} crop has only {args.crop ** 2} pixels to sample '
                         f'(without replacement)')
+    if args.arch is not None:  # resolved from --init before (initial_trunk)
+        refuse_crop_below_min(args.arch, args.crop)
     if args.scale is None and args.task == 'seg':
         args.scale = [1.0, 1.0]  # the authors' segmentation code: pad to the crop, crop, flip; no scaling
     elif args.scale is None:

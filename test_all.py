@@ -3671,6 +3671,13 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
          'which resnet50 does not have'),
         (['--colorize', str(val)], '--checkpoint'),
         (['--colorize', str(val), '--checkpoint', str(tmp_path / 'missing.pt')], 'does not exist'),
+        # VGG-16's five 2x2 poolings need 2 ** 5 = 32 pixels a side: a smaller --crop stopped at the first forward
+        # pass with models.py's ValueError. Refused before --data (missing here) is listed, in training and
+        # in --benchmark.
+        (tiny_args(tmp_path / 'nowhere', val, tmp_path / 'o11', '--crop', '31', '--short-side', '31', '40'),
+         '--crop 31 is too small for -a vgg16: its trunk needs inputs of at least 32 pixels on each side'),
+        (bench_args(tmp_path / 'nowhere', tmp_path / 'o12', '--crop', '16', '--short-side', '16', '20', '--border',
+                    '2', '--benchmark', 'train'), '--crop 16 is too small for -a vgg16'),
     ]
     for argv, needle in cases:
         assert colorize.main(argv) == 2, argv
@@ -3678,6 +3685,12 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         assert err.startswith('error: ') and needle in err and 'Traceback' not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'o7').exists()  # refused before the run folder is made
+    assert not (tmp_path / 'o11').exists() and not (tmp_path / 'o12').exists()
+    # At 32 VGG-16 trains; AlexNet and the ResNets pad their strided layers and take any crop.
+    assert colorize.fill_defaults(colorize.parse_args(tiny_args(train, val, tmp_path / 'o13')), torch.device('cpu'), 1)
+    for arch in ('alexnet', 'resnet50'):
+        colorize.fill_defaults(colorize.parse_args(['-a', arch, '--crop', '2', '--short-side', '2', '2', '--border',
+                                                    '0', '--points', '1']), torch.device('cpu'), 1)
     assert not (tmp_path / 'o1').exists()  # refused in it, having written nothing there: removed, its .lock too
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(os.urandom(1000))
@@ -6434,6 +6447,14 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
                     '--device', 'cpu', '--out', str(tmp_path / 'p')]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --points 65: a 8 crop has only 64 pixels') and len(err.strip().splitlines()) == 1
+    # A crop too small for VGG-16 (32 = 2 ** 5, its five 2x2 poolings) stopped at the first forward pass with
+    # models.py's ValueError: refused before the devkit (missing here) is read, and before -a from --init.
+    for task in ('cls', 'seg'):
+        assert ft.main(['--task', task, '--init', 'random', '-a', 'vgg16', '--crop', '31', '--width', '0.0625',
+                        '--fc-dim', '16', '--voc-root', str(tmp_path / 'novoc'), '--device', 'cpu', '--out', str(tmp_path / task)]) == 2
+        err = capsys.readouterr().err
+        assert err == ('error: --crop 31 is too small for -a vgg16: its trunk needs inputs of at least 32 pixels on '
+                       'each side; use --crop 32 or more\n')
     # Refused in the run folder it made, having written nothing there but its .lock: the folder is removed.
     assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'q')]) == 2
     assert 'novoc' in capsys.readouterr().err and not (tmp_path / 'q').exists()
