@@ -1471,16 +1471,20 @@ def packed_entry(path):
     return reader, i
 
 
-VERIFY_SHOWN = 100  # failed images named one per line by verify_pack; the rest counted by shard
+# Failed images named one per line by verify_pack, and kept in its result; the rest only counted, by shard.
+# At least 1: its result is empty only for a pack that verified (data.py verify's exit status).
+VERIFY_SHOWN = 100
 
 
 def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
     """Check the complete pack `root` against what `pack` recorded, after copying it, say: each shard's
     size, the CRC32s of index.npy, names.bin and names-offsets.npy, and each stored image's CRC32 (a
     pack of format version 1 has none: its images are decoded instead). Logs a line per failed file
-    and image (source path, shard), progress every `log_every` s, and a summary; returns the failures,
-    [(file name, entry i or None, what)]. An index.npy that fails its CRC32 leaves the images unchecked:
-    their places and CRC32s are read from it. A pack it cannot open at all raises PackReader's ValueError.
+    and image (source path, shard), progress every `log_every` s, and a summary; returns the failures it
+    named, [(file name, entry i or None, what)]: every failed file and the first VERIFY_SHOWN failed images
+    (the others are only counted, per shard: kept, a pack whose images all fail took ~300 bytes per image,
+    1 GB for 3.7M, to say no more). Empty if and only if the pack verified. An index.npy that fails its
+    CRC32 leaves the images unchecked: their places and CRC32s are read from it. A pack it cannot open at all raises PackReader's ValueError.
     `workers` processes (default usable_cores(); 1 = in this process) take `task_size` images a task."""
     try:
         reader = PackReader(root, check_shards=False)
@@ -1492,7 +1496,9 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
     failed = _verify_files(reader)
     for _, _, what in failed:
         log(f'failed: {what}')
-    n, workers, shown = len(reader), workers or usable_cores(), 0
+    n, workers = len(reader), workers or usable_cores()
+    per_shard = collections.Counter()  # failed images per shard, all of them (`failed` keeps the first few)
+    images_failed = 0
     index_failed = any(name == _PACK_INDEX for name, _, _ in failed)  # would blame sound shards for its errors
     spans = [] if index_failed else [(a, min(a + task_size, n)) for a in range(0, n, task_size)]
     pool = _process_pool(workers) if workers > 1 and len(spans) > 1 else None
@@ -1500,19 +1506,22 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
         found = _ordered_map(_verify_task, ((reader.root, a, b) for a, b in spans), pool, 4 * workers)
         for (_, b), problems in zip(spans, found):
             for i, what in problems:
-                failed.append((_shard_name(int(reader.index[i, 0])), i, what))
-                shown += 1
-                if shown <= VERIFY_SHOWN:
-                    log(f'failed: entry {i} ({reader.source(i)}) in {failed[-1][0]}: {what}')
+                shard = _shard_name(int(reader.index[i, 0]))
+                per_shard[shard] += 1
+                images_failed += 1
+                if images_failed <= VERIFY_SHOWN:
+                    failed.append((shard, i, what))
+                    log(f'failed: entry {i} ({reader.source(i)}) in {shard}: {what}')
             now = time.perf_counter()
             if now - t_log >= log_every:
                 t_log, rate = now, b / max(now - t_start, 1e-9)
+                files = sum(i is None for _, i, _ in failed)
                 log(f'verify: {b:,}/{n:,} images ({100 * b / n:.1f}%), {rate:,.0f} img/s, '
-                    f'ETA {_duration((n - b) / rate)}, {len(failed):,} failed')
+                    f'ETA {_duration((n - b) / rate)}, {files + images_failed:,} failed')
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    log(_verify_summary(reader, failed, time.perf_counter() - t_start))
+    log(_verify_summary(reader, failed, per_shard, time.perf_counter() - t_start))
     return failed
 
 
@@ -1542,11 +1551,11 @@ def _verify_task(task):
     return [(i, what) for i, what in ((i, reader.problem(i)) for i in range(a, b)) if what]
 
 
-def _verify_summary(reader, failed, seconds):
+def _verify_summary(reader, failed, per_file, seconds):
+    """verify_pack's last line; `failed` holds every failed file, `per_file` counts the failed images per shard."""
     n, stored = len(reader), int((reader.index[:, 2] > 0).sum())
     if failed:
-        per_file = collections.Counter(name for name, i, _ in failed if i is not None)
-        images, names = sum(per_file.values()), sorted({name for name, _, _ in failed})
+        images, names = sum(per_file.values()), sorted({name for name, _, _ in failed} | set(per_file))
         more = f' ({images - VERIFY_SHOWN:,} not named above)' if images > VERIFY_SHOWN else ''
         checked = (f'{images:,} of {n:,} images{more}' if _PACK_INDEX not in names else
                    f'its {n:,} images not checked ({_PACK_INDEX} says where they are and their CRC32s)')
