@@ -1896,9 +1896,10 @@ def log_gone(log, path):
 
 
 def log_line(log, entry):
-    """Append `entry` to the open log.jsonl `log` as a line, flushed. A full disk names the file."""
+    """Append `entry` to the open log.jsonl `log` as a line (data.json_text: NaN and inf as null), flushed.
+    A full disk names the file."""
     with data.naming(log.name, 'appending to it; the checkpoints written are unchanged'):
-        log.write(json.dumps(entry) + '\n')
+        log.write(data.json_text(entry) + '\n')
         log.flush()
 
 

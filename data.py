@@ -403,11 +403,29 @@ def write_png(path, array):
     atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 
+def json_safe(obj):
+    """obj with each float NaN or inf in it (in dicts, lists, tuples) replaced by None. JSON has no such
+    numbers: json.dumps writes NaN / Infinity, which Python reads back but strict readers (jq, JavaScript,
+    most languages' parsers) refuse, the whole file. They arise from a diverging run (the evaluation just
+    after the step that made the weights NaN) or a flag typed as nan or inf."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent=None):
+    """obj as strict JSON text: json_safe's null for each NaN or inf. TypeError for an object JSON cannot hold."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path, obj, indent=None):
-    """obj as JSON at `path`, atomically (atomic_write). As json.dumps writes it: a float NaN or inf
-    becomes NaN / Infinity, which Python reads back but strict JSON readers refuse. TypeError for an
+    """obj as JSON at `path` (json_text: NaN and inf as null), atomically (atomic_write). TypeError for an
     object JSON cannot hold, the file at `path` left as it was."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
+    atomic_write(path, lambda f: f.write(json_text(obj, indent).encode()))
 
 
 def subset(paths, n, seed=0):

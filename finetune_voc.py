@@ -1627,16 +1627,8 @@ def run_feature_shift(model, initial_state, test_items, args, device):
 
 
 def write_json(path, obj):
-    """Atomic JSON; nan (no AP / IoU for a class) becomes null."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    data.write_json(path, clean(obj), indent=2)
+    """Atomic JSON, indented; nan (no AP / IoU for a class) becomes null (data.write_json)."""
+    data.write_json(path, obj, indent=2)
 
 
 SUMMARY_METRICS = {'cls': ('map_voc07_11point', 'map_noninterpolated'), 'seg': ('miou', 'pixel_acc')}

@@ -2793,7 +2793,8 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
             return (total * float('nan'), parts) if len(calls) >= 3 else (total, parts)
         return wrapped
 
-    monkeypatch.setattr(colorize, 'train_step', nan_from_third(colorize.train_step))
+    real_train_step = colorize.train_step
+    monkeypatch.setattr(colorize, 'train_step', nan_from_third(real_train_step))
     out = tmp_path / 'run'  # progress lines at 2, 4; checkpoints at 3, 6: the one at 3 meets it
     assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--save-every', '3')) == 2
     err = capsys.readouterr().err
@@ -2808,6 +2809,34 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     assert [e['step'] for e in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if e.get('eval')] == [0]
     assert (out / 'samples' / 'step_0000000.png').exists() and not (out / 'samples' / 'step_0000003.png').exists()
     assert not (out / 'checkpoint.pt').exists()
+    calls.clear()
+
+    def nan_weights_after_third(step):  # step 3's loss is finite; the weights it leaves are not
+        def wrapped(model, *a, **k):
+            calls.append(1)
+            result = step(model, *a, **k)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float('nan'))
+            return result
+        return wrapped
+
+    # The evaluation at step 3 scores those NaN weights (the loss of step 4 stops the run): log.jsonl holds
+    # null there, strict JSON (NaN, which json.dumps writes, is no JSON: jq and JavaScript refuse the file).
+    monkeypatch.setattr(colorize, 'train_step', nan_weights_after_third(real_train_step))
+    out = tmp_path / 'run-nan-eval'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--eval-every', '3')) == 2
+    assert 'training loss is nan at step 4' in capsys.readouterr().err
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+    log = [json.loads(line, parse_constant=refuse) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [(e['step'], e['loss']) for e in log if e.get('eval')][1] == (3, None)
+    # So does any JSON file the scripts write (run.json's args hold a flag typed as nan or inf, say).
+    data.write_json(tmp_path / 'x.json', dict(lr=float('nan'), parts=[float('inf'), 0.5], m={'a': (-float('inf'),)}))
+    assert json.loads((tmp_path / 'x.json').read_text(), parse_constant=refuse) == dict(lr=None, parts=[None, 0.5],
+                                                                                      m={'a': [None]})
     calls.clear()
 
     def nan_loss(loss_fn):
