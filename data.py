@@ -1234,9 +1234,47 @@ def pack_short_side(root):
 def _incomplete_pack_error(root):
     progress = _read_json(os.path.join(root, _PACK_PROGRESS))
     _check_progress(root, progress)  # damaged: that line (delete it, pack again), not a KeyError below
-    return ValueError(f'pack {root} is incomplete ({progress["done"]:,} of '
-                      f'{progress["total"]:,} images packed): run `'
-                      f'{_pack_command(root, progress["params"])}` again to finish it')
+    done = f'{progress["done"]:,} of {progress["total"]:,} images packed'
+    writer = _pack_writer(root)
+    if writer is not None:  # its command run again would be refused: the pack is in use
+        return ValueError(f'pack {root} is incomplete and still being written by {writer} ({done} so far): '
+                          f'wait for that `data.py pack` to finish')
+    return ValueError(f'pack {root} is incomplete ({done}): run `{_pack_command(root, progress["params"])}` '
+                      f'again to finish it')
+
+
+def _unstarted_pack_error(root):
+    """The ValueError for a folder with no pack in it (_pack_state None) that `data.py pack` has begun, or None:
+    its lock held (the pack lists its images, which can take minutes, then lays out its files), or pack files
+    there, and nothing else, without the progress.json that a started pack records (stopped before it)."""
+    writer = _pack_writer(root)
+    if writer is not None:
+        return ValueError(f'pack {root} is being started by {writer} (listing its images or laying out its '
+                          f'files): wait for that `data.py pack` to finish')
+    names = os.listdir(root) if os.path.isdir(root) else []
+    if names and all(n.split('.tmp-')[0] in _PACK_FILES or _is_shard_name(n) for n in names):  # as _lock_pack
+        return ValueError(f'pack {root} is unfinished: its `data.py pack` stopped before it recorded its '
+                          f'progress ({_PACK_PROGRESS}); run that command again to pack it')
+    return None
+
+
+def _pack_writer(root):
+    """'pid N on HOST' (what exclusive_lock wrote) while a process holds the lock of the pack `root`, else
+    None (also where flock is missing or unsupported). Takes no lock itself and writes nothing."""
+    try:
+        import fcntl
+        f = open(os.path.join(root, _PACK_LOCK))
+    except (ImportError, OSError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or 'another process'
+        except OSError:
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
 
 
 def _source_tail(source):
@@ -1272,8 +1310,8 @@ class PackReader:
         if state == 'incomplete':
             raise _incomplete_pack_error(self.root)
         if state is None:
-            raise ValueError(f'{self.root} is not a pack: expected a folder written by '
-                             '`python data.py pack`')
+            raise _unstarted_pack_error(self.root) or ValueError(
+                f'{self.root} is not a pack: expected a folder written by `python data.py pack`')
         self.info = info = _read_json(os.path.join(self.root, _PACK_COMPLETE))
         self.version = info.get('version')
         if not (type(self.version) is int and self.version in _PACK_COLUMNS):

@@ -7749,6 +7749,30 @@ def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, ca
             verify(name, damage, workers)
         err = capsys.readouterr().err
         assert exit.value.code == 2 and said in err and 'a copy' not in err, err
+    # One that a `pack` still writes (holds its lock: here this process, on another open file) is to be waited
+    # for: its command run again would be refused ("being written by"). Before, verify said to run it again,
+    # and while the pack listed its images (the folder holds only its lock), that the folder is no pack.
+    writer = f'pid {os.getpid()} on {socket.gethostname()}'
+    (tmp_path / 'starting').mkdir()
+    for name, said in (('unfinished', f'is incomplete and still being written by {writer} (6 of 6 images packed '
+                                      'so far): wait for that `data.py pack` to finish'),
+                       ('starting', f'is being started by {writer} (listing its images or laying out its files): '
+                                    'wait for that `data.py pack` to finish')):
+        lock, _ = data.exclusive_lock(tmp_path / name / 'lock')
+        try:
+            with pytest.raises(SystemExit) as exit:
+                data.main(['verify', str(tmp_path / name)])
+        finally:
+            lock.close()
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f'pack {tmp_path / name} {said}' in err and 'again' not in err, err
+    # Stopped before its first progress.json (the lock, say, or names.bin too): the command to run again.
+    for files in (['lock'], ['lock', 'names.bin']):
+        for f in files:
+            (tmp_path / 'starting' / f).touch()
+        with pytest.raises(SystemExit) as exit:
+            data.main(['verify', str(tmp_path / 'starting')])
+        assert 'stopped before it recorded its progress (progress.json); run that command again' in capsys.readouterr().err
     # A pack of format version 1: no checksums; each stored image decodes (one without its JPEG start does not).
     old = _as_format_1(pack, tmp_path / 'old')
     failed = data.verify_pack(old, workers=1, log=_quiet)
