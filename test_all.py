@@ -3722,7 +3722,9 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
                                                     '0', '--points', '1']), torch.device('cpu'), 1)
     assert not (tmp_path / 'o1').exists()  # refused in it, having written nothing there: removed, its .lock too
     corrupt = tmp_path / 'corrupt.pt'
-    corrupt.write_bytes(os.urandom(1000))
+    whole = io.BytesIO()
+    torch.save({'model': {'w': torch.zeros(300)}}, whole)
+    corrupt.write_bytes(whole.getvalue()[:1000])  # a copy cut short (random bytes: sometimes a pickle warning)
     assert colorize.main(['--colorize', str(val), '--checkpoint', str(corrupt)]) == 2
     assert 'could not be read' in capsys.readouterr().err
     # A file that would run code when unpickled (its __reduce__ calls open(marker, 'w')): refused,
