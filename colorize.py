@@ -1585,7 +1585,7 @@ def _train(args, run_lock):
             evaluate_and_show(raw_model, val, args, device, log, 0)
 
         progress, step, stopping = Progress(args.batch_size * world), start, False
-        saved = resume_path  # the checkpoint that holds the run's latest state
+        saved, saved_step = resume_path, start  # the checkpoint that holds the run's latest state, and its step
         if ckpt is not None:
             progress.restore(ckpt.get('progress'), device, rank)
         if master and args.compile and start < args.steps:
@@ -1635,11 +1635,16 @@ def _train(args, run_lock):
                     problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
                     if problem:  # in the steps since the last progress line: neither evaluate nor save them
                         raise UserError(problem)
+                if save:  # rank 0's weights are the ones saved (the replicas' are the same): every rank stops with it
+                    problem = rank0_problem(nonfinite_weights(raw_model, optimizer, step, lr_at(step - 1, args), saved,
+                                                              saved_step) if master else None)
+                    if problem:  # the last good checkpoint stays
+                        raise UserError(problem)
                 if master and show:
                     evaluate_and_show(raw_model, val, args, device, log, step)
                 if save:
                     counts_by_rank = gather_counts(counter, world, device)
-                    saved = args.out / 'checkpoint.pt'
+                    saved, saved_step = args.out / 'checkpoint.pt', step
                     if master:
                         save_checkpoint(saved, raw_model, optimizer, step, args, counts_by_rank, train_list, window,
                                         held_out)
@@ -1876,6 +1881,31 @@ def diverged(values, step, lr):
     return (f'the training loss is {next(v for v in values if not math.isfinite(v))} at step {step} (over the '
             f'steps since the last check): training diverged (lr {lr:g}); no checkpoint was written after it. '
             f'Lower --lr (given with --resume, it applies from the checkpoint on) or check the init')
+
+
+def nonfinite_weights(model, optimizer, step, lr, saved, saved_step):
+    """The one line that stops a run before it saves weights that are no longer finite, or None.
+
+    The loss of a step is computed before its update, so the step that makes the weights NaN (or inf)
+    still has a finite loss (diverged() sees it only at the next check); a checkpoint at that step
+    would replace the last good one. Checks the model's parameters and buffers and the optimizer's
+    state on their device with one host-device sync (a checkpoint's, which is rare). saved, saved_step:
+    the run's latest checkpoint and its step (None before the first).
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    named = list(model.state_dict().items()) + [
+        (f'{names.get(id(p), "a parameter")} ({key})', t)  # its momentum buffer, say
+        for p, state in optimizer.state.items() for key, t in state.items()]
+    named = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    flags = [torch.isfinite(t).all() for _, t in named]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []  # the one sync
+    if all(finite):
+        return None
+    name = next(name for (name, _), ok in zip(named, finite) if not ok)
+    where = f'{saved} still holds step {saved_step}, left as it was' if saved else 'no checkpoint was written'
+    return (f'the weights are no longer finite after step {step} ({name} holds NaN or inf; that step\'s training '
+            f'loss was still finite): training diverged (lr {lr:g}); {where}. Lower --lr (given with --resume, it '
+            f'applies from the checkpoint on) or check the init')
 
 
 def log_gone(log, path):

@@ -51,11 +51,11 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       autocast, checkpoint_fields_error, diverged, environment, error_text, flag_name, fork_run,
                       format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
-                      merge_resumed_args, note_moved_lr, note_other_commit, parameter_groups, peak_memory_gb,
-                      plain_args, progress_line, read_torch_file, refuse_crop_below_min, refuse_fewer_steps,
-                      refuse_milestones_outside, refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals,
-                      rng_state, setup_device, step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning,
-                      worker_options)
+                      merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
+                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
+                      refuse_fewer_steps, refuse_milestones_outside, refuse_to_overwrite, remove_if_unused,
+                      resume_flags, resume_intervals, rng_state, setup_device, step_seed, stop_status, trim_log,
+                      trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -1311,6 +1311,8 @@ def train(model, train_set, args, device, init_info, ckpt=None):
     if start:
         trim_log(args.out / 'log.jsonl', start)  # the lines the killed run wrote after its checkpoint
     progress, step = Progress(args.batch_size), start
+    saved = args.resume_path if ckpt is not None else None  # the run's latest checkpoint (its step: saved_step)
+    saved_step = start
     if ckpt is not None:
         progress.restore(ckpt.get('progress'), device)
     set_train_mode(model, args.freeze)
@@ -1351,9 +1353,13 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                 problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
                 if problem:  # in the steps since the last progress line: save none of them
                     raise UserError(problem)
+                problem = nonfinite_weights(model, optimizer, step, lr_at(step - 1, args), saved, saved_step)
+                if problem:  # that step's loss was finite, its update was not: the last good checkpoint stays
+                    raise UserError(problem)
                 with progress.paused():  # saving does not count against img/s
                     save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
                                     window)
+                saved, saved_step = args.out / 'checkpoint.pt', step
             if exit_now:
                 break
     # Also at the last step, or during its save: the test that follows would not finish before the

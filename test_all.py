@@ -2822,11 +2822,12 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
             return result
         return wrapped
 
-    # The evaluation at step 3 scores those NaN weights (the loss of step 4 stops the run): log.jsonl holds
-    # null there, strict JSON (NaN, which json.dumps writes, is no JSON: jq and JavaScript refuse the file).
+    # The evaluation at step 3, where no checkpoint is due, scores those NaN weights (the loss of step 4 stops
+    # the run): log.jsonl holds null there, strict JSON (NaN, which json.dumps writes, is no JSON: jq and
+    # JavaScript refuse the file).
     monkeypatch.setattr(colorize, 'train_step', nan_weights_after_third(real_train_step))
     out = tmp_path / 'run-nan-eval'
-    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--eval-every', '3')) == 2
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--eval-every', '3', '--save-every', '6')) == 2
     assert 'training loss is nan at step 4' in capsys.readouterr().err
 
     def refuse(constant):
@@ -2837,6 +2838,21 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     data.write_json(tmp_path / 'x.json', dict(lr=float('nan'), parts=[float('inf'), 0.5], m={'a': (-float('inf'),)}))
     assert json.loads((tmp_path / 'x.json').read_text(), parse_constant=refuse) == dict(lr=None, parts=[None, 0.5],
                                                                                       m={'a': [None]})
+    calls.clear()
+
+    def finite(state):
+        return all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+
+    # A checkpoint at the step that made the weights NaN (its loss still finite) is not written: the one of
+    # step 2 stays. Before, checkpoint.pt and the kept copy held NaN weights, and the run either ended as done
+    # (step 3 the last) or stopped at the next step's loss, saying that no checkpoint was written after it.
+    out = tmp_path / 'run-nan-save'  # checkpoints at 2 and 3 (the last, and one to keep)
+    assert colorize.main(tiny_args(train, val, out, '--steps', '3', '--save-every', '2', '--keep-every', '3')) == 2
+    err = capsys.readouterr().err
+    assert 'the weights are no longer finite after step 3' in err and 'diverged' in err and '--lr' in err
+    assert f'{out / "checkpoint.pt"} still holds step 2' in err and err.count('\n') == 1
+    assert [p.name for p in out.glob('*.pt')] == ['checkpoint.pt']
+    assert _state(out / 'checkpoint.pt')['step'] == 2 and finite(_state(out / 'checkpoint.pt'))
     calls.clear()
 
     def nan_loss(loss_fn):
@@ -2855,6 +2871,46 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     assert 'training loss is nan at step 3' in err
     assert _state(out / 'checkpoint.pt')['step'] == 2
     assert not (out / 'results.json').exists()
+    calls.clear()
+    monkeypatch.undo()
+
+    def nan_after_third_update(update):  # as nan_weights_after_third: the loss of step 3 is finite
+        def wrapped(optimizer, *a, **k):
+            calls.append(1)
+            result = update(optimizer, *a, **k)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    for group in optimizer.param_groups:
+                        for p in group['params']:
+                            p.fill_(float('nan'))
+            return result
+        return wrapped
+
+    monkeypatch.setattr(torch.optim.SGD, 'step', nan_after_third_update(torch.optim.SGD.step))
+    out = tmp_path / 'ft-nan-save'  # checkpoints at 2 and 3 (--exit-after, as a SIGTERM's); progress lines at 4
+    assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(out), '--steps', '4',
+                    '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '0',
+                    '--log-every', '4', '--save-every', '2', '--exit-after', '3', '--test-crops', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'the weights are no longer finite after step 3' in err and f'{out / "checkpoint.pt"} still holds step 2' in err
+    assert _state(out / 'checkpoint.pt')['step'] == 2 and finite(_state(out / 'checkpoint.pt'))
+    monkeypatch.undo()
+
+    # What it checks: parameters, buffers (BatchNorm's running statistics) and the optimizer's state.
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 2)).sum().backward()
+    optimizer.step()
+    assert colorize.nonfinite_weights(model, optimizer, 5, 0.1, None, None) is None
+    for tensor, name in [(model[1].running_var, '1.running_var'), (model[0].bias, '0.bias'),
+                         (optimizer.state[model[0].weight]['momentum_buffer'], '0.weight (momentum_buffer)')]:
+        with torch.no_grad():
+            kept = tensor.clone()
+            tensor.view(-1)[0] = float('inf')
+            problem = colorize.nonfinite_weights(model, optimizer, 5, 0.1, None, None)
+            assert problem.startswith(f'the weights are no longer finite after step 5 ({name} holds')
+            assert 'no checkpoint was written' in problem
+            tensor.copy_(kept)
 
 
 
