@@ -112,6 +112,29 @@ def stop_status(e, resume=None, out=None, fresh=False):
 
 # --- Arguments ----------------------------------------------------------------------------------
 
+def finite_float(text):
+    """The argparse type of the float flags (both scripts): float() without nan and inf, which a run
+    would take in silence (--max-bad-share nan never stops it, finetune_voc.py's --clip-grad nan never
+    clips) or only find at the first progress line (--lr nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'invalid float value: {text!r}') from None  # argparse's own words
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+    return value
+
+
+def refuse_non_finite(args):
+    """fill_defaults (both scripts): a float flag that is nan or inf, which only a resumed run can have
+    here (finite_float refuses it typed): its checkpoint's args, written before that refusal."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f'{flag_name(name)} is {v} in the checkpoint\'s args, not a finite number: give '
+                                f'a finite {flag_name(name)} with --resume')
+
+
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-a', '--arch', default='vgg16', choices=sorted(MODELS), help='trunk architecture')
@@ -137,13 +160,14 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, help='training steps; default: 16M images / global batch with --data '
                    '(the paper), 2000 (GPU) or 100 (CPU) on the demo')
     p.add_argument('--batch-size', type=int, help='images per GPU per step (default 128 on GPU, 8 on CPU)')
-    p.add_argument('--lr', type=float, help='peak learning rate; default 1e-3 * global batch / 8 '
+    p.add_argument('--lr', type=finite_float, help='peak learning rate; default 1e-3 * global batch / 8 '
                    '(the paper used 1e-3 at batch 8)')
-    p.add_argument('--lr-milestones', type=float, nargs='+', default=[0.5, 0.75, 0.875],
+    p.add_argument('--lr-milestones', type=finite_float, nargs='+', default=[0.5, 0.75, 0.875],
                    help='fractions of --steps where the lr drops x0.1 (the paper: 1.0M, 1.5M, 1.75M of 2M)')
     p.add_argument('--warmup', type=int, help='linear lr warm-up steps (default 2%% of --steps)')
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default %(default)s)')
-    p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay, not on biases (default %(default)s)')
+    p.add_argument('--momentum', type=finite_float, default=0.9, help='SGD momentum (default %(default)s)')
+    p.add_argument('--weight-decay', type=finite_float, default=5e-4,
+                   help='weight decay, not on biases (default %(default)s)')
     p.add_argument('--crop', type=int, help='training crop side (default 224 on GPU, 64 on CPU)')
     p.add_argument('--short-side', type=int, nargs=2, metavar=('LO', 'HI'),
                    help='random short-side resize range before cropping (default crop x [1, 600 / 352], the '
@@ -156,10 +180,11 @@ def parse_args(argv=None):
     p.add_argument('--lightness-weight', action='store_true',
                    help="weight each pixel's loss by w(L) = min(3L, 1, 3(1-L)) as the original Caffe code did "
                         '(huechroma: the chroma term)')
-    p.add_argument('--fc-dropout', type=float, default=0.0, metavar='P',
+    p.add_argument('--fc-dropout', type=finite_float, default=0.0, metavar='P',
                    help='dropout after the ReLU of fc6 and fc7 (vgg16, alexnet), which the hypercolumn then reads; '
                         "the original Caffe recipe used 0.5 (default %(default)s)")
-    p.add_argument('--width', type=float, default=1.0, help='channel width multiplier (< 1 only for smoke tests)')
+    p.add_argument('--width', type=finite_float, default=1.0,
+                   help='channel width multiplier (< 1 only for smoke tests)')
     p.add_argument('--fc-dim', type=int, help='fc6/fc7 channels of VGG-16 and AlexNet (default 4096; 1024 on CPU)')
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
@@ -184,7 +209,7 @@ def parse_args(argv=None):
                    help='also keep the checkpoint of every N-th step as checkpoint-stepNNNNNNN.pt (a hard link: no '
                         'extra write), to fine-tune from several points of one run (default, or 0: keep only the '
                         'latest)')
-    p.add_argument('--max-bad-share', type=float, default=0.01,
+    p.add_argument('--max-bad-share', type=finite_float, default=0.01,
                    help='stop when more than this share of images is unreadable '
                    '(default %(default)s)')
     p.add_argument('--exit-after', type=int, help='stop after this step as if killed (for testing --resume)')
@@ -300,6 +325,7 @@ def cpu_note(args, world=1):
 def fill_defaults(args, device, world):
     """Machine- and data-dependent defaults (smaller ones on a CPU, which train() then says)."""
     cores = cores_of_this_process()  # first: under DDP a collective, which every rank must reach
+    refuse_non_finite(args)
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
     for name in ('steps', 'batch_size', 'points', 'crop', 'fc_dim', 'holdout', 'log_every', 'eval_every',
                  'save_every', 'subset', 'workers', 'warmup', 'bench_warmup', 'bench_steps'):

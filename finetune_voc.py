@@ -48,14 +48,14 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, checkpoint_fields_error, diverged, environment, error_text, flag_name, fork_run,
-                      format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
+                      autocast, checkpoint_fields_error, diverged, environment, error_text, finite_float, flag_name,
+                      fork_run, format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
-                      refuse_fewer_steps, refuse_milestones_outside, refuse_to_overwrite, remove_if_unused,
-                      resume_flags, resume_intervals, rng_state, setup_device, step_seed, stop_status, trim_log,
-                      trunk_kwargs, unread_fc_dim_warning, worker_options)
+                      refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite, refuse_to_overwrite,
+                      remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device, step_seed, stop_status,
+                      trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -119,20 +119,20 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, help='training iterations (default 80k cls, 40k seg; on the demo world '
                    '2000, on a CPU 100 cls / 50 seg); the lr milestones scale with it')
     p.add_argument('--batch-size', type=int, help='images per step (default 16 cls, 10 seg; 8 / 4 on a CPU)')
-    p.add_argument('--lr', type=float, help='initial learning rate (default 1e-3)')
-    p.add_argument('--lr-milestones', type=float, nargs='+', metavar='FRAC',
+    p.add_argument('--lr', type=finite_float, help='initial learning rate (default 1e-3)')
+    p.add_argument('--lr-milestones', type=finite_float, nargs='+', metavar='FRAC',
                    help='fractions of --steps where the lr is multiplied by --lr-gamma '
                         '(default cls 1/8, 2/8, ..., 7/8; seg 0.5625, 0.75)')
-    p.add_argument('--lr-gamma', type=float, help='lr factor at each milestone (default 0.5 cls, 0.1 seg)')
-    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default %(default)s)')
-    p.add_argument('--weight-decay', type=float, help='weight decay, not on biases (default 1e-6 cls, 5e-4 seg)')
-    p.add_argument('--bias-lr-mult', type=float, help="biases' lr as a multiple of --lr (default 2 cls, 1 seg)")
-    p.add_argument('--clip-grad', type=float, help='gradient-norm clip, 0 = off (default 10 cls, off seg)')
-    p.add_argument('--dropout', type=float, default=0.5,
+    p.add_argument('--lr-gamma', type=finite_float, help='lr factor at each milestone (default 0.5 cls, 0.1 seg)')
+    p.add_argument('--momentum', type=finite_float, default=0.9, help='SGD momentum (default %(default)s)')
+    p.add_argument('--weight-decay', type=finite_float, help='weight decay, not on biases (default 1e-6 cls, 5e-4 seg)')
+    p.add_argument('--bias-lr-mult', type=finite_float, help="biases' lr as a multiple of --lr (default 2 cls, 1 seg)")
+    p.add_argument('--clip-grad', type=finite_float, help='gradient-norm clip, 0 = off (default 10 cls, off seg)')
+    p.add_argument('--dropout', type=finite_float, default=0.5,
                    help='dropout on fc6/fc7 (cls, AlexNet/VGG) or in the hypercolumn head (seg); '
                         'default %(default)s')
     p.add_argument('--crop', type=int, help='training crop side (default 224 cls, 448 seg; 64 / 128 on a CPU)')
-    p.add_argument('--scale', type=float, nargs=2, metavar=('LO', 'HI'),
+    p.add_argument('--scale', type=finite_float, nargs=2, metavar=('LO', 'HI'),
                    help='random image scale factor range before cropping (default: cls 0.5 2 times '
                         '--crop / 224, so that a smaller crop sees as much of the image as the protocol\'s '
                         '224 crop and keeps seeing the labelled objects; seg 1 1, no scaling, as the authors\' '
@@ -146,11 +146,11 @@ def parse_args(argv=None):
                    help='seg: hidden width of the hypercolumn head (default %(default)s)')
     p.add_argument('--extended-fov', action='store_true',
                    help='two extra trunk layers (2x2 pool, 3x3 conv 1024, twice), tapped, newly initialised')
-    p.add_argument('--width', type=float, help='channel width multiplier for --init random (default 1); taken '
+    p.add_argument('--width', type=finite_float, help='channel width multiplier for --init random (default 1); taken '
                    'from a checkpoint, where a different value is refused')
     p.add_argument('--fc-dim', type=int, help="fc6/fc7 channels for --init random (default: colorize.py's, "
                    '4096 on CUDA, 1024 on a CPU); taken from a checkpoint, where a different value is refused')
-    p.add_argument('--label-fraction', type=float, help='RQ3: train on this fixed random share of the '
+    p.add_argument('--label-fraction', type=finite_float, help='RQ3: train on this fixed random share of the '
                    'training images (chosen by --label-seed, not --seed)')
     p.add_argument('--label-seed', type=int, default=0, help='seed of the --label-fraction subset')
     p.add_argument('--feature-shift', action=argparse.BooleanOptionalAction, default=False,
@@ -219,6 +219,7 @@ def unread_flags_problem(args):
 
 def fill_defaults(args, device):
     """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges."""
+    refuse_non_finite(args)
     args.task = args.task or 'cls'
     task, cpu = TASK_DEFAULTS[args.task], CPU_DEFAULTS[args.task] if device.type != 'cuda' else {}
     for name in ('train_split', 'test_split', 'lr', 'lr_milestones', 'lr_gamma', 'weight_decay', 'bias_lr_mult',

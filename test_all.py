@@ -2834,7 +2834,7 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
         raise ValueError(f'{constant} is not JSON')
     log = [json.loads(line, parse_constant=refuse) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert [(e['step'], e['loss']) for e in log if e.get('eval')][1] == (3, None)
-    # So does any JSON file the scripts write (run.json's args hold a flag typed as nan or inf, say).
+    # So does any JSON file the scripts write (any metric that is not finite, say).
     data.write_json(tmp_path / 'x.json', dict(lr=float('nan'), parts=[float('inf'), 0.5], m={'a': (-float('inf'),)}))
     assert json.loads((tmp_path / 'x.json').read_text(), parse_constant=refuse) == dict(lr=None, parts=[None, 0.5],
                                                                                       m={'a': [None]})
@@ -3696,6 +3696,11 @@ def test_ranks_refuse_to_shard_lists_that_differ():
     (colorize.main, ['--steps', 'many'], "invalid int value: 'many'"),
     (ft.main, ['--task', 'detection'], "invalid choice: 'detection'"),
     (data.main, ['pack', '--data', 'x'], 'the following arguments are required: --out'),
+    (colorize.main, ['--max-bad-share', 'nan'], "argument --max-bad-share: 'nan' is not a finite number"),
+    (colorize.main, ['--resume', '--lr', 'inf'], "argument --lr: 'inf' is not a finite number"),
+    (colorize.main, ['--momentum', 'x'], "argument --momentum: invalid float value: 'x'"),
+    (ft.main, ['--clip-grad', 'nan'], "argument --clip-grad: 'nan' is not a finite number"),
+    (ft.main, ['--resume', '--scale', '0.5', '1e999'], "argument --scale: '1e999' is not a finite number"),
 ])
 def test_usage_errors_are_one_line(main, argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -3703,6 +3708,25 @@ def test_usage_errors_are_one_line(main, argv, expected, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and expected in err and '--help' in err
+
+
+def test_float_flags_refuse_nan_and_inf(capsys):
+    # argparse's float takes nan and inf, and a run took them: --max-bad-share nan never stopped it,
+    # --clip-grad nan never clipped, --lr nan stopped at the first progress line. Every float flag of
+    # both scripts (from their --help), each spelling of a number that is not finite.
+    floats = {colorize.parse_args: ['--lr', '--lr-milestones', '--momentum', '--weight-decay', '--fc-dropout',
+                                    '--width', '--max-bad-share'],
+              ft.parse_args: ['--lr', '--lr-milestones', '--lr-gamma', '--momentum', '--weight-decay',
+                              '--bias-lr-mult', '--clip-grad', '--dropout', '--scale', '--width', '--label-fraction']}
+    for parse, flags in floats.items():
+        for flag in flags:
+            assert getattr(parse([flag, '0.25', '0.5'] if flag == '--scale' else [flag, '0.25']),
+                           flag[2:].replace('-', '_')) in (0.25, [0.25, 0.5], [0.25])
+            several = flag in ('--scale', '--lr-milestones')
+            for text in ('nan', 'NaN', 'inf', 'Infinity', '1e999') + (() if several else ('-inf',)):
+                with pytest.raises(SystemExit):  # (argparse reads -inf alone as a flag: --lr=-inf)
+                    parse([flag, '0.25', text] if several else [f'{flag}={text}'])
+                assert f"argument {flag}: '{text}' is not a finite number" in capsys.readouterr().err, (flag, text)
 
 
 def test_fc_dropout_flag_drops_fc6_fc7_in_training_and_is_kept_in_the_checkpoint(folders, tmp_path):
@@ -3736,8 +3760,20 @@ def test_fc_dropout_cannot_change_when_resuming_a_run_from_before_the_flag(folde
     assert 'was trained with --fc-dropout 0.0' in capsys.readouterr().err
     assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume', '--objective', 'classify')) == 2
     assert 'was trained with --objective colorize' in capsys.readouterr().err
-    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume')) == 0
+    # A run started before nan and inf were refused (finite_float) may hold one in its args: --max-bad-share
+    # nan never stopped it. Its resume is refused until a finite one is given.
+    ckpt['args']['max_bad_share'] = float('nan')
+    torch.save(ckpt, out / 'checkpoint.pt')
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume')) == 2
+    assert "--max-bad-share is nan in the checkpoint's args" in capsys.readouterr().err
+    assert colorize.main(tiny_args(train, val, out, '--steps', '2', '--resume', '--max-bad-share', '0.01')) == 0
     assert _state(out / 'checkpoint.pt')['args']['fc_dropout'] == 0.0
+    assert _state(out / 'checkpoint.pt')['args']['max_bad_share'] == 0.01
+    # finetune_voc.py the same (--clip-grad nan never clipped).
+    args = ft.parse_args(['--init', 'random'])
+    args.clip_grad = float('nan')
+    with pytest.raises(colorize.UserError, match="--clip-grad is nan in the checkpoint's args"):
+        ft.fill_defaults(args, torch.device('cpu'))
 
 
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
