@@ -703,9 +703,10 @@ def _resized_crop(rgb, crop, short_side, top, left):
     """The crop x crop window of `rgb` resized (bilinear) to short side `short_side` and zero-padded
     (centred) to at least crop x crop; top(room) and left(room) place it, room = padded side - crop.
 
-    Only the window is resampled, from the source pixels under it (Pillow's resize with a box),
-    never the whole resized image: a 2 x 3000 banner at short side 600 would be 1.6 GB. Values
-    match resizing the whole image and cropping to within 1-2 levels of 255 (fixed-point rounding).
+    Only the resized pixels from the window's nearer edges through the window are computed (at most
+    twice the window's, else the window alone: _resampled_window), never the whole resized image: a
+    2 x 3000 banner at short side 600 would be 1.6 GB. Values match resizing the whole image with
+    Pillow and cropping to within 1-2 levels of 255 (fixed-point rounding).
     `rgb`: uint8 (H, W, 3), or a Pillow image in mode RGB (resized as it is: the same pixels)."""
     image = rgb if isinstance(rgb, Image.Image) else None
     w, h = image.size if image is not None else rgb.shape[1::-1]
@@ -715,10 +716,53 @@ def _resized_crop(rgb, crop, short_side, top, left):
     if (nh, nw) == (h, w):
         window = (rgb if image is None else np.asarray(image))[y0:y0 + ch, x0:x0 + cw]
     else:
-        sy, sx = h / nh, w / nw
-        window = np.asarray((Image.fromarray(rgb) if image is None else image).resize(
-            (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
+        window = _resampled_window(rgb if image is None else image, h, w, nh, nw, y0, x0, ch, cw)
     return _pad_to(window, crop)
+
+
+def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
+    """Rows [y0, y0 + ch) and columns [x0, x0 + cw) of `rgb` (h x w) resized whole to nh x nw by Pillow's
+    bilinear filter (widened by the scale when shrinking): uint8 (ch, cw, 3), possibly a read-only view.
+
+    torch's uint8 antialiased bilinear resize gives Pillow's pixels (within 1-2 levels) in about half
+    Pillow's time, but it places output pixel i at (i + 0.5) * scale from its input's first pixel, with
+    no fractional offset such as Pillow's box=. So it resizes the source from the window's nearer edge
+    of each axis (mirrored when that is the far edge: the filter is symmetric) through the window, and
+    the window is sliced out of that. Pillow resamples the window alone, from the source under it, where
+    that would be over twice the window's pixels (a window far into a long banner), or where `rgb` is a
+    Pillow image and the source to resize over 16 times the window's pixels (a large photo shrunk over
+    about 4 times: copying it out of Pillow would cost more than Pillow's resize)."""
+    (ry, fy, oh, ty), (rx, fx, ow, tx) = _axis_plan(h, nh, y0, ch), _axis_plan(w, nw, x0, cw)
+    image, source = not isinstance(rgb, np.ndarray), (ry.stop - ry.start) * (rx.stop - rx.start)
+    if oh * ow > 2 * ch * cw or (image and source > 16 * ch * cw):
+        sy, sx = h / nh, w / nw
+        return np.asarray((rgb if image else Image.fromarray(rgb)).resize(
+            (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
+    # A dense, writable copy of the source slice (torch's fast path; np.asarray of an image is read-only),
+    # through Pillow's crop where the slice is a small part of a Pillow image (a large PNG, say)
+    if not image or 2 * source > h * w:
+        t = torch.from_numpy(np.array(np.asarray(rgb)[ry, rx]))
+    else:
+        t = torch.from_numpy(np.array(rgb.crop((rx.start, ry.start, rx.stop, ry.stop))))
+    flips = [d for d, f in ((0, fy), (1, fx)) if f]
+    t = t.flip(flips) if flips else t
+    out = torch.ops.aten._upsample_bilinear2d_aa(t.permute(2, 0, 1)[None], [oh, ow], False, nh / h, nw / w)
+    out = out[0].permute(1, 2, 0)[ty:ty + ch, tx:tx + cw].numpy()
+    return out[::-1 if fy else 1, ::-1 if fx else 1]
+
+
+def _axis_plan(n, nn, start, length):
+    """_resampled_window's plan for one axis, n source pixels resized to nn, of which [start, start + length)
+    are wanted: (the source slice to resize, whether mirrored, the output length, where the wanted part
+    starts in that output)."""
+    scale = n / nn
+    mirrored = start > nn - start - length  # nearer the far edge: resize from there
+    start = nn - start - length if mirrored else start
+    out = start + length
+    m = min(n, math.ceil(out * scale + max(scale, 1)) + 1)  # the source under the output, with the filter's reach
+    if m == out:  # torch leaves an axis whose input and output lengths are equal as it is, whatever the scale
+        m, out = (m + 1, out) if m < n else (m, out + 1)
+    return (slice(n - m, n) if mirrored else slice(0, m)), mirrored, out, start
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1855,6 +1855,50 @@ def test_crops_resample_only_the_window_like_a_whole_resize(size, short):
     assert np.abs(got.astype(int) - want).max() <= 2
 
 
+def test_resized_window_is_pillows_whole_resize_then_crop(monkeypatch):
+    """The loader resamples with torch from the window's nearer edge of each axis (the source mirrored when
+    that is the far edge) through the window; against Pillow resizing the whole image, then slicing: within
+    2 levels, on noise (a window off by a fraction of a pixel is tens of levels off), at each corner and
+    inside, up- and downscaled, near 1:1, an axis whose torch input and output would be equally long
+    (torch leaves such an axis as it is, whatever the scale), a side padded, a numpy array or a Pillow
+    image. Pillow resizes (its box: the window alone) only a window far into a long banner, and a Pillow
+    image shrunk over about 4 times."""
+    resize, boxes = Image.Image.resize, []
+    monkeypatch.setattr(Image.Image, 'resize', lambda im, *a, **k: boxes.append(k.get('box')) or resize(im, *a, **k))
+    rng = np.random.default_rng(0)
+    cases = [((27, 36), 30, 24), ((36, 27), 30, 24),  # upscaled 0.9: at top 1 (left 1) the equal lengths
+             ((40, 60), 33, 24), ((60, 40), 25, 24),  # downscaled, and just above the crop
+             ((29, 31), 30, 24), ((31, 29), 30, 24),  # near 1:1
+             ((12, 30), 20, 24)]                      # upscaled, the short side padded
+    for (h, w), short, crop in cases:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+        whole = _pad_centred(np.asarray(resize(Image.fromarray(rgb), (nw, nh), Image.BILINEAR)), crop)
+        H, W = whole.shape[:2]
+        for top, left in ((0, 0), (1, 1), (H - crop, W - crop), (0, W - crop), (H - crop - 1, 0),
+                          ((H - crop) // 2, (W - crop) // 2 + 1)):
+            top, left = min(max(top, 0), H - crop), min(max(left, 0), W - crop)
+            want = whole[top:top + crop, left:left + crop].astype(int)
+            for source in (rgb, Image.fromarray(rgb)):
+                got = data._resized_crop(source, crop, short, lambda room: top, lambda room: left)
+                assert got.shape == (crop, crop, 3) and got.dtype == np.uint8
+                diff = np.abs(got.astype(int) - want)
+                assert diff.max() <= 2 and diff.mean() < 0.5, ((h, w), short, (top, left), diff.max(), diff.mean())
+    assert boxes == []  # torch resampled every window above
+    banner = rng.integers(0, 256, (4, 120, 3), dtype=np.uint8)  # at short side 8: 8 x 240
+    whole = np.asarray(resize(Image.fromarray(banner), (240, 8), Image.BILINEAR)).astype(int)
+    for left, by_pillow in ((0, False), (232, False), (100, True)):  # 100: 108 columns from the nearer edge
+        got = data._resized_crop(banner, 8, 8, lambda room: 0, lambda room: left)
+        assert np.abs(got.astype(int) - whole[:, left:left + 8]).max() <= 2
+        assert (boxes.pop() is not None) if by_pillow else boxes == []
+    photo = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)  # shrunk 5 times: copying it out of Pillow costs more
+    whole = np.asarray(resize(Image.fromarray(photo), (24, 20), Image.BILINEAR)).astype(int)
+    for source, by_pillow in ((photo, False), (Image.fromarray(photo), True)):
+        got = data._resized_crop(source, 16, 20, lambda room: 2, lambda room: 3)
+        assert np.abs(got.astype(int) - whole[2:18, 3:19]).max() <= 2
+        assert (boxes.pop() is not None) if by_pillow else boxes == []
+
+
 def _pad_centred(rgb, crop):
     h, w = rgb.shape[:2]
     ph, pw = max(0, crop - h), max(0, crop - w)
@@ -1899,19 +1943,15 @@ def test_color_images_statuses_and_workers(tmp_path, capsys):
 
 def _crop_by_hand(rgb, crop, short, place, flip):
     """ColorImages' view of uint8 (H, W, 3) rgb, (3, crop, crop), from its definition: Pillow's bilinear
-    resize of the window under the crop (box in source pixels), centred zero padding, offsets
-    place(room) for (top, left), a numpy mirror; no resize when the short side is already `short`."""
+    resize of the whole image, the window sliced out of it, centred zero padding, offsets place(room)
+    for (top, left), a numpy mirror; no resize when the short side is already `short`."""
     h, w = rgb.shape[:2]
     nh, nw = (h, w) if min(h, w) == short else (
         (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short))
     y0, x0 = place[0](max(nh, crop) - crop), place[1](max(nw, crop) - crop)
     ch, cw = min(nh, crop), min(nw, crop)
-    if (nh, nw) == (h, w):
-        window = rgb[y0:y0 + ch, x0:x0 + cw]
-    else:
-        sy, sx = h / nh, w / nw
-        window = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.BILINEAR,
-                                                        box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
+    whole = rgb if (nh, nw) == (h, w) else np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    window = whole[y0:y0 + ch, x0:x0 + cw]
     ph, pw = crop - ch, crop - cw
     out = np.pad(window, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
     return torch.from_numpy(np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1)))
@@ -1920,7 +1960,8 @@ def _crop_by_hand(rgb, crop, short, place, flip):
 def test_color_images_pixels_are_the_crop_of_load_rgb_by_hand(tmp_path):
     """ColorImages resizes the decoded Pillow image as it is (no copy to numpy and back) and flips in
     its transpose copy: for every mode the decoding converts, from files and from a pack, its pixels are
-    those of load_rgb's array cropped by hand (resized, sliced when the short side is kept, padded)."""
+    those of random_crop and center_crop of load_rgb's array, and within 2 levels of that array cropped by
+    hand (resized whole by Pillow, sliced; exact where the short side is kept; padded)."""
     rng = np.random.default_rng(0)
     src = tmp_path / 'src'
     exif = Image.Exif()
@@ -1959,9 +2000,15 @@ def test_color_images_pixels_are_the_crop_of_load_rgb_by_hand(tmp_path):
                     u = draws.random(3)
                     place = (lambda room: int(u[0] * (room + 1)), lambda room: int(u[1] * (room + 1)))
                     want = _crop_by_hand(rgb, crop, short, place, u[2] < 0.5)
-                    assert torch.equal(train[(i, seed)][0], want), (path, crop, sides, seed)
+                    got = train[(i, seed)][0]
+                    same = data.random_crop(rgb, crop, sides, True, np.random.default_rng(seed)).transpose(2, 0, 1)
+                    assert torch.equal(got, torch.from_numpy(same.copy())), (path, crop, sides, seed)
+                    assert (got.int() - want.int()).abs().max() <= (2 if short != min(rgb.shape[:2]) else 0)
                 want = _crop_by_hand(rgb, crop, sides[0], (lambda room: room // 2,) * 2, False)
-                assert torch.equal(val[i][0], want), (path, crop, sides)
+                got = val[i][0]
+                same = data.center_crop(rgb, crop, sides[0]).transpose(2, 0, 1)
+                assert torch.equal(got, torch.from_numpy(same.copy()))
+                assert (got.int() - want.int()).abs().max() <= (2 if sides[0] != min(rgb.shape[:2]) else 0)
 
 
 def test_infinite_sampler_ranks_resume_epochs():

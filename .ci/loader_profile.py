@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 PARTS = ('index to pack entry (path, status)', 'read the bytes (PackReader.jpeg)', 'JPEG decode (open + load)',
-         'EXIF orientation', 'np.random.default_rng(seed)', 'draws + resized crop (Pillow resize, asarray)',
+         'EXIF orientation', 'np.random.default_rng(seed)', 'draws + resized crop (torch resize, to numpy)',
          'flip + HWC->CHW copy', 'collate (stack into the slot)')
 
 
