@@ -729,12 +729,15 @@ def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
     no fractional offset such as Pillow's box=. So it resizes the source from the window's nearer edge
     of each axis (mirrored when that is the far edge: the filter is symmetric) through the window, and
     the window is sliced out of that. Pillow resamples the window alone, from the source under it, where
-    that would be over twice the window's pixels (a window far into a long banner), or where `rgb` is a
+    that would be over twice the window's pixels (a window far into a long banner), where `rgb` is a
     Pillow image and the source to resize over 16 times the window's pixels (a large photo shrunk over
-    about 4 times: copying it out of Pillow would cost more than Pillow's resize)."""
+    about 4 times: copying it out of Pillow would cost more than Pillow's resize), and where torch's
+    output would be one column wide (short side 1, or crop 1 at an edge): torch's plain kernel, which
+    CPUs without AVX2 (ARM) run, shrinks a width to 1 wrongly when the height changes too (tens of
+    levels off; torch 2.4-2.13)."""
     (ry, fy, oh, ty), (rx, fx, ow, tx) = _axis_plan(h, nh, y0, ch), _axis_plan(w, nw, x0, cw)
     image, source = not isinstance(rgb, np.ndarray), (ry.stop - ry.start) * (rx.stop - rx.start)
-    if oh * ow > 2 * ch * cw or (image and source > 16 * ch * cw):
+    if ow == 1 or oh * ow > 2 * ch * cw or (image and source > 16 * ch * cw):
         sy, sx = h / nh, w / nw
         return np.asarray((rgb if image else Image.fromarray(rgb)).resize(
             (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))

@@ -1861,8 +1861,8 @@ def test_resized_window_is_pillows_whole_resize_then_crop(monkeypatch):
     2 levels, on noise (a window off by a fraction of a pixel is tens of levels off), at each corner and
     inside, up- and downscaled, near 1:1, an axis whose torch input and output would be equally long
     (torch leaves such an axis as it is, whatever the scale), a side padded, a numpy array or a Pillow
-    image. Pillow resizes (its box: the window alone) only a window far into a long banner, and a Pillow
-    image shrunk over about 4 times."""
+    image. Pillow resizes (its box: the window alone) only a window far into a long banner, a Pillow
+    image shrunk over about 4 times, and a window whose torch output would be 1 wide."""
     resize, boxes = Image.Image.resize, []
     monkeypatch.setattr(Image.Image, 'resize', lambda im, *a, **k: boxes.append(k.get('box')) or resize(im, *a, **k))
     rng = np.random.default_rng(0)
@@ -1891,6 +1891,12 @@ def test_resized_window_is_pillows_whole_resize_then_crop(monkeypatch):
         got = data._resized_crop(banner, 8, 8, lambda room: 0, lambda room: left)
         assert np.abs(got.astype(int) - whole[:, left:left + 8]).max() <= 2
         assert (boxes.pop() is not None) if by_pillow else boxes == []
+    thin = rng.integers(0, 256, (9, 4, 3), dtype=np.uint8)  # at short side 1: 2 x 1; torch's plain kernel (no AVX2)
+    whole = np.asarray(resize(Image.fromarray(thin), (1, 2), Image.BILINEAR)).astype(int)  # shrinks to 1 wide wrongly
+    for source in (thin, Image.fromarray(thin)):
+        got = data._resized_crop(source, 2, 1, lambda room: 0, lambda room: 0)
+        assert np.abs(got[:, :1].astype(int) - whole).max() <= 2 and not got[:, 1:].any()
+        assert boxes.pop() is not None
     photo = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)  # shrunk 5 times: copying it out of Pillow costs more
     whole = np.asarray(resize(Image.fromarray(photo), (24, 20), Image.BILINEAR)).astype(int)
     for source, by_pillow in ((photo, False), (Image.fromarray(photo), True)):
