@@ -3827,6 +3827,9 @@ def test_fc_dropout_cannot_change_when_resuming_a_run_from_before_the_flag(folde
     args.clip_grad = float('nan')
     with pytest.raises(colorize.UserError, match="--clip-grad is nan in the checkpoint's args"):
         ft.fill_defaults(args, torch.device('cpu'))
+    args.clip_grad, args.scale = 10.0, [0.5, float('inf')]  # a flag of several values (--lr-milestones too)
+    with pytest.raises(colorize.UserError, match="--scale is inf in the checkpoint's args"):
+        ft.fill_defaults(args, torch.device('cpu'))
 
 
 def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
@@ -3860,6 +3863,10 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'o7').exists()  # refused before the run folder is made
     assert not (tmp_path / 'o11').exists() and not (tmp_path / 'o12').exists()
+    # The trunk min_crop builds to read the least size leaves the random numbers as they were.
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert colorize.min_crop('vgg16') == 2 ** 5 and torch.equal(torch.get_rng_state(), state)
     # At 32 VGG-16 trains; AlexNet and the ResNets pad their strided layers and take any crop.
     assert colorize.fill_defaults(colorize.parse_args(tiny_args(train, val, tmp_path / 'o13')), torch.device('cpu'), 1)
     for arch in ('alexnet', 'resnet50'):
