@@ -749,6 +749,9 @@ def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
         t = torch.from_numpy(np.array(rgb.crop((rx.start, ry.start, rx.stop, ry.stop))))
     flips = [d for d, f in ((0, fy), (1, fx)) if f]
     t = t.flip(flips) if flips else t
+    # The op under F.interpolate(mode='bilinear', antialias=True), which cannot give it both: with size= the
+    # scale is the slice's over the output's (not h / nh), with scale_factor= the output is floor(input x
+    # scale), one short for some sizes at the whole axis (7 -> 61 rows: 60).
     out = torch.ops.aten._upsample_bilinear2d_aa(t.permute(2, 0, 1)[None], [oh, ow], False, nh / h, nw / w)
     out = out[0].permute(1, 2, 0)[ty:ty + ch, tx:tx + cw].numpy()
     return out[::-1 if fy else 1, ::-1 if fx else 1]
