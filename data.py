@@ -737,7 +737,7 @@ def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
     levels off; torch 2.4-2.13)."""
     (ry, fy, oh, ty), (rx, fx, ow, tx) = _axis_plan(h, nh, y0, ch), _axis_plan(w, nw, x0, cw)
     image, source = not isinstance(rgb, np.ndarray), (ry.stop - ry.start) * (rx.stop - rx.start)
-    if ow == 1 or oh * ow > 2 * ch * cw or (image and source > 16 * ch * cw):
+    if _TORCH_AA is None or ow == 1 or oh * ow > 2 * ch * cw or (image and source > 16 * ch * cw):
         sy, sx = h / nh, w / nw
         return np.asarray((rgb if image else Image.fromarray(rgb)).resize(
             (cw, ch), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)))
@@ -752,9 +752,13 @@ def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
     # The op under F.interpolate(mode='bilinear', antialias=True), which cannot give it both: with size= the
     # scale is the slice's over the output's (not h / nh), with scale_factor= the output is floor(input x
     # scale), one short for some sizes at the whole axis (7 -> 61 rows: 60).
-    out = torch.ops.aten._upsample_bilinear2d_aa(t.permute(2, 0, 1)[None], [oh, ow], False, nh / h, nw / w)
+    out = _TORCH_AA(t.permute(2, 0, 1)[None], [oh, ow], False, nh / h, nw / w)
     out = out[0].permute(1, 2, 0)[ty:ty + ch, tx:tx + cw].numpy()
     return out[::-1 if fy else 1, ::-1 if fx else 1]
+
+
+# A private op (there since torch 1.11): were a later torch to drop it, Pillow resizes every window (slower).
+_TORCH_AA = getattr(torch.ops.aten, '_upsample_bilinear2d_aa', None)
 
 
 def _axis_plan(n, nn, start, length):
@@ -1914,7 +1918,11 @@ def exclusive_lock(path):
     lock = open(path, 'a+')
     try:
         import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # once more: a reader's probe (_pack_writer) holds it for microseconds
+            time.sleep(0.05)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.locked = True
     except BlockingIOError:
         lock.seek(0)

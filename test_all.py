@@ -1897,6 +1897,12 @@ def test_resized_window_is_pillows_whole_resize_then_crop(monkeypatch):
         got = data._resized_crop(source, 2, 1, lambda room: 0, lambda room: 0)
         assert np.abs(got[:, :1].astype(int) - whole).max() <= 2 and not got[:, 1:].any()
         assert boxes.pop() is not None
+    # A torch without the private op: Pillow's box resize, every window (within 2 levels of the whole resize too).
+    monkeypatch.setattr(data, '_TORCH_AA', None)
+    got = data._resized_crop(banner, 8, 8, lambda room: 0, lambda room: 0)
+    whole = np.asarray(resize(Image.fromarray(banner), (240, 8), Image.BILINEAR)).astype(int)
+    assert np.abs(got.astype(int) - whole[:, :8]).max() <= 2 and boxes.pop() is not None
+    monkeypatch.setattr(data, '_TORCH_AA', torch.ops.aten._upsample_bilinear2d_aa)
     photo = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)  # shrunk 5 times: copying it out of Pillow costs more
     whole = np.asarray(resize(Image.fromarray(photo), (24, 20), Image.BILINEAR)).astype(int)
     for source, by_pillow in ((photo, False), (Image.fromarray(photo), True)):
@@ -3625,9 +3631,16 @@ def test_exclusive_lock_refuses_a_second_holder_and_goes_on_where_flock_is_unsup
     again, holder = data.exclusive_lock(path)  # let go when the first was closed
     again.close()
     assert holder is None and path.read_text() == me + '\n'  # the holder's line replaced, not appended to
-    # A file system without flock (some network mounts: ENOLCK): the run and the pack go on unlocked.
+    # A verify's or a training run's probe of a pack's lock (a shared flock, held for microseconds) at the
+    # moment a `pack` starts: the pack waits 50 ms and tries once more, not refused naming the last holder.
     import fcntl
-
+    probe = open(path)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.01, probe.close).start()
+    after, holder = data.exclusive_lock(path)
+    assert holder is None
+    after.close()
+    # A file system without flock (some network mounts: ENOLCK): the run and the pack go on unlocked.
     def unsupported(*args):
         raise OSError(errno.ENOLCK, 'No locks available')
     monkeypatch.setattr(fcntl, 'flock', unsupported)
