@@ -4071,7 +4071,7 @@ def test_an_icc_profile_keeps_a_transparency_key_and_converts_palette_and_gray_w
     Image.fromarray(rgb).convert('P', palette=Image.Palette.ADAPTIVE, colors=16).save(palette, icc_profile=_linear_icc())
     gray = tmp_path / 'gray.png'
     alpha = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
-    Image.fromarray(np.dstack([rgb[..., 0], alpha]), 'LA').save(gray, icc_profile=_linear_icc(gray=True))
+    Image.fromarray(np.dstack([rgb[..., 0], alpha])).save(gray, icc_profile=_linear_icc(gray=True))
     got = data.load_rgb(str(key), to_srgb=True, alpha=True)
     assert got.shape == (4, 4, 4) and got[..., 3].tolist() == [[0 if (i, j) == (1, 2) else 255 for j in range(4)]
                                                                for i in range(4)]
