@@ -713,11 +713,20 @@ def _resized_crop(rgb, crop, short_side, top, left):
     nh, nw = (h, w) if min(h, w) == short_side else _short_side_size(h, w, short_side)
     y0, x0 = top(max(nh, crop) - crop), left(max(nw, crop) - crop)
     ch, cw = min(nh, crop), min(nw, crop)  # a side shorter than the crop is padded, not cut
-    if (nh, nw) == (h, w):
-        window = (rgb if image is None else np.asarray(image))[y0:y0 + ch, x0:x0 + cw]
-    else:
-        window = _resampled_window(rgb if image is None else image, h, w, nh, nw, y0, x0, ch, cw)
-    return _pad_to(window, crop)
+    return _pad_to(resized_window(rgb, (nh, nw), y0, x0, ch, cw), crop)
+
+
+def resized_window(rgb, size, top, left, height, width):
+    """Rows [top, top + height) and columns [left, left + width) of `rgb` resized whole to size = (h, w)
+    by Pillow's bilinear filter (widened by the scale when shrinking), computing only the window and what
+    lies between it and the nearer edges (_resampled_window): within 2 levels of Pillow's whole resize,
+    sliced. `rgb`: uint8 (H, W, 3), or a Pillow image in mode RGB. Returns uint8 (height, width, 3),
+    possibly a read-only view of `rgb`. The training crops of both scripts are cut this way."""
+    image = rgb if isinstance(rgb, Image.Image) else None
+    w, h = image.size if image is not None else rgb.shape[1::-1]
+    if tuple(size) == (h, w):
+        return (rgb if image is None else np.asarray(image))[top:top + height, left:left + width]
+    return _resampled_window(rgb, h, w, size[0], size[1], top, left, height, width)
 
 
 def _resampled_window(rgb, h, w, nh, nw, y0, x0, ch, cw):
