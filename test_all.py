@@ -7065,22 +7065,27 @@ def test_scale_crop_flip_is_numpys_mirror_of_the_unflipped_crop():
 def test_scale_crop_is_pillows_whole_resize_then_crop():
     # Only the window is resampled (data.resized_window); against Pillow resizing the whole image by s, then
     # cropping where the draws say: within 2 levels on noise (a window off by a fraction of a pixel is tens
-    # of levels off), scaled up and down, larger and smaller than the crop (mid-grey padding around it).
-    img = np.random.default_rng(5).integers(0, 256, (30, 41, 3), dtype=np.uint8)
-    for seed in range(40):
-        got, _ = ft.random_scale_crop(img, None, 24, (0.5, 2.0), rng(seed), flip=False)
-        draws = rng(seed)
-        s, (u_y, u_x, _) = draws.uniform(0.5, 2.0), draws.random(3)
-        h, w = round(30 * s), round(41 * s)
-        whole = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)).astype(int)
-        want = np.full((24, 24, 3), lab.GRAY_SRGB8, int)
-        y = int(u_y * (h - 24 + 1)) if h >= 24 else 0  # the source offset, or the destination's when smaller
-        x = int(u_x * (w - 24 + 1)) if w >= 24 else 0
-        dy = 0 if h >= 24 else int(u_y * (24 - h + 1))
-        dx = 0 if w >= 24 else int(u_x * (24 - w + 1))
-        part = whole[y:y + 24, x:x + 24]
-        want[dy:dy + part.shape[0], dx:dx + part.shape[1]] = part
-        assert np.abs(got.astype(int) - want).max() <= 2, (seed, s)
+    # of levels off), scaled up and down, larger and smaller than the crop (mid-grey padding around it),
+    # one side kept (9 x 101 at s in [0.95, 1.05]: 9 rows, 96-106 columns; and transposed), one side
+    # scaled to a single pixel (3 x 41 at s in [0.2, 0.3]).
+    cases = [((30, 41), (0.5, 2.0), range(40)), ((9, 101), (0.95, 1.05), range(6)),
+             ((101, 9), (0.95, 1.05), range(6)), ((3, 41), (0.2, 0.3), range(4))]
+    for (H, W), scale, seeds in cases:
+        img = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
+        for seed in seeds:
+            got, _ = ft.random_scale_crop(img, None, 24, scale, rng(seed), flip=False)
+            draws = rng(seed)
+            s, (u_y, u_x, _) = draws.uniform(*scale), draws.random(3)
+            h, w = round(H * s), round(W * s)
+            whole = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)).astype(int)
+            want = np.full((24, 24, 3), lab.GRAY_SRGB8, int)
+            y = int(u_y * (h - 24 + 1)) if h >= 24 else 0  # the source offset, or the destination's when smaller
+            x = int(u_x * (w - 24 + 1)) if w >= 24 else 0
+            dy = 0 if h >= 24 else int(u_y * (24 - h + 1))
+            dx = 0 if w >= 24 else int(u_x * (24 - w + 1))
+            part = whole[y:y + 24, x:x + 24]
+            want[dy:dy + part.shape[0], dx:dx + part.shape[1]] = part
+            assert np.abs(got.astype(int) - want).max() <= 2, (seed, s)
 
 
 def test_padding_centres_with_the_odd_pixel_below_and_right():
