@@ -1911,15 +1911,16 @@ def _lock_pack(out):
             raise ValueError(f'{out} exists and holds files that are not part of a pack (e.g. '
                              f'{foreign[0]}): pack into a new or empty folder')
     os.makedirs(out, exist_ok=True)
-    lock, holder = exclusive_lock(os.path.join(out, _PACK_LOCK))
+    lock, holder = exclusive_lock(os.path.join(out, _PACK_LOCK), retry=0.05)  # readers probe it: _pack_writer
     if lock is None:
         raise ValueError(f'pack {out} is being written by {holder}: wait for it to finish (run the same '
                          'command again afterwards to check that it is complete)')
     return lock
 
 
-def exclusive_lock(path):
-    """Take an exclusive flock on the file `path` without waiting, and write 'pid N on HOST' into it.
+def exclusive_lock(path, retry=None):
+    """Take an exclusive flock on the file `path` without waiting (or, with `retry` seconds, trying once
+    more after them: for a lock that others probe for microseconds), and write 'pid N on HOST' into it.
     Returns (the open file, which holds the lock until it is closed, None), or, where another process
     holds it, (None, what that process wrote). Where flock is missing (not POSIX) or unsupported (some
     network mounts), the file is returned unlocked: the work goes on without the guard. The file's
@@ -1929,8 +1930,10 @@ def exclusive_lock(path):
         import fcntl
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # once more: a reader's probe (_pack_writer) holds it for microseconds
-            time.sleep(0.05)
+        except BlockingIOError:
+            if retry is None:
+                raise
+            time.sleep(retry)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.locked = True
     except BlockingIOError:
