@@ -1213,7 +1213,19 @@ def load_checkpoint(path):
     wrong = checkpoint_fields_error(ckpt)
     if wrong:
         raise UserError(f'{path} is not a checkpoint as the scripts write them: {wrong}')
+    refuse_diverged_weights(ckpt['model'], f'checkpoint {path}')
     return ckpt
+
+
+def refuse_diverged_weights(state, what):
+    """A UserError where a floating-point tensor of the state_dict `state` holds NaN or inf (both scripts, on
+    loading): the weights of a run that diverged, saved before the scripts checked them (nonfinite_weights),
+    which would colorize every photo gray, or fine-tune to a NaN loss at step 1 without saying why."""
+    bad = next((name for name, t in state.items()
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f'{what} holds weights that are not finite ({bad} has NaN or inf): the weights of a run '
+                        f'that diverged; use an earlier checkpoint of it (--keep-every) or train again')
 
 
 def load_mismatch(error, model, state):

@@ -53,7 +53,8 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
                       merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
-                      refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite, refuse_to_overwrite,
+                      refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite,
+                      refuse_to_overwrite,
                       remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device, step_seed, stop_status,
                       trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
@@ -676,6 +677,7 @@ def initial_trunk(args, random_fc_dim=4096):
         wrong = checkpoint_fields_error(obj)
         if wrong:
             raise UserError(f'--init {args.init} is not a checkpoint as colorize.py writes them: {wrong}')
+        refuse_diverged_weights(obj['model'], f'--init {args.init}')
         state, config = colorization_trunk(obj, f'--init {args.init}')
         resolve(args, 'arch', config['arch'], args.init)
         resolve(args, 'width', config['width'], args.init)
@@ -685,6 +687,7 @@ def initial_trunk(args, random_fc_dim=4096):
         return state, dict(kind=kind, path=str(args.init), config=config, step=obj.get('step'),
                            pretraining=pretraining_data(obj))
     if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
+        refuse_diverged_weights(obj, f'--init {args.init}')
         state, arch = trunk_from_torchvision(obj, args.arch, f'--init {args.init}')
         conv1 = state[torchvision_key_map(arch)[0][0] + '.weight']
         width = conv1.shape[0] / 64

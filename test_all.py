@@ -5622,6 +5622,19 @@ def test_wrong_checkpoint_fails_with_clear_message(tmp_path):
     args = argparse.Namespace(weight_decay=0.0, lr=0.1, momentum=0.9, bias_lr_mult=1.0, resume_path='r/checkpoint.pt')
     with pytest.raises(colorize.UserError, match=r'r/checkpoint.pt does not match.*hypercolumn of 301 channels.*give 297'):
         ft.train(model, None, args, torch.device('cpu'), {}, dict(model=state))
+    # A checkpoint of a run that diverged, saved before the scripts checked the weights (a NaN here): one line
+    # on loading it, to colorize, resume or fine-tune from, or a torchvision state_dict with an inf.
+    ckpt = torch.load(tmp_path / 'c.pt', weights_only=True)
+    ckpt['model']['trunk.conv3_1.conv.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(ckpt, tmp_path / 'nan.pt')
+    with pytest.raises(colorize.UserError, match=r'nan\.pt holds weights that are not finite \(trunk\.conv3_1\.conv'
+                                                 r'\.weight has NaN or inf\): the weights of a run that diverged'):
+        colorize.load_checkpoint(tmp_path / 'nan.pt')
+    tv = {'features.0.weight': torch.zeros(2), 'features.2.bias': torch.tensor([0.0, float('inf')])}
+    torch.save(tv, tmp_path / 'tv.pt')
+    for init, name in (('nan.pt', 'trunk.conv3_1.conv.weight'), ('tv.pt', 'features.2.bias')):
+        with pytest.raises(colorize.UserError, match=f'--init .*{init} holds weights that are not finite \\({name}'):
+            ft.initial_trunk(argparse.Namespace(init=str(tmp_path / init), arch=None, width=None, fc_dim=None))
     # An AlexNet checkpoint for a VGG-16 flag: one line, says what to do.
     colorize_checkpoint(tmp_path / 'a.pt', 'alexnet')
     args = ft.parse_args(['--init', str(tmp_path / 'a.pt'), '-a', 'vgg16'])
