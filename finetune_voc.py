@@ -54,9 +54,8 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
                       refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite,
-                      refuse_to_overwrite,
-                      remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device, step_seed, stop_status,
-                      trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
+                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device,
+                      step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
