@@ -1603,7 +1603,8 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
     named, [(file name, entry i or None, what)]: every failed file and the first VERIFY_SHOWN failed images
     (the others are only counted, per shard: kept, a pack whose images all fail took ~300 bytes per image,
     1 GB for 3.7M, to say no more). Empty if and only if the pack verified. An index.npy that fails its
-    CRC32 leaves the images unchecked: their places and CRC32s are read from it. A pack it cannot open at all raises PackReader's ValueError.
+    CRC32 leaves the images unchecked: their places and CRC32s are read from it. A pack it cannot open
+    at all raises PackReader's ValueError.
     `workers` processes (default usable_cores(); 1 = in this process) take `task_size` images a task."""
     try:
         reader = PackReader(root, check_shards=False)
@@ -1613,6 +1614,7 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
         raise ValueError(f'{e} (a copy: copy it again from the original pack)') from None
     t_start = t_log = time.perf_counter()
     failed = _verify_files(reader)
+    files_failed = len(failed)  # the images' failures come after
     for _, _, what in failed:
         log(f'failed: {what}')
     n, workers = len(reader), workers or usable_cores()
@@ -1634,9 +1636,8 @@ def verify_pack(root, workers=None, task_size=256, log=print, log_every=5.0):
             now = time.perf_counter()
             if now - t_log >= log_every:
                 t_log, rate = now, b / max(now - t_start, 1e-9)
-                files = sum(i is None for _, i, _ in failed)
                 log(f'verify: {b:,}/{n:,} images ({100 * b / n:.1f}%), {rate:,.0f} img/s, '
-                    f'ETA {_duration((n - b) / rate)}, {files + images_failed:,} failed')
+                    f'ETA {_duration((n - b) / rate)}, {files_failed + images_failed:,} failed')
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
