@@ -1648,15 +1648,32 @@ SUMMARY_SHOWN = ('task', 'arch', 'input', 'steps', 'label_fraction', 'freeze', '
 SUMMARY_GROUP = tuple(k for k in RUN_FLAGS + SCHEDULE_FLAGS
                       if k not in ('init', 'seed', 'log_every', 'save_every', 'demo_root', 'feature_shift',
                                    'shift_images', 'shift_pool'))
+# Of those, the ones a resume may change that shape the training (the test's apply to the whole test).
+SUMMARY_TRAINING = tuple(k for k in SCHEDULE_FLAGS if k in SUMMARY_GROUP and not k.startswith('test_'))
+
+
+def schedule_changes(resumptions):
+    """'at step S: flag old->new, ...; at step ...' of the resumes that changed the training's schedule
+    (args.resumptions), or None: such a run trained otherwise than its final flags say. (A change
+    typed on resuming a finished run, which only tests, trained nothing, but the final flags hold it.)"""
+    parts = []
+    for entry in resumptions or ():
+        changed = {k: v for k, v in sorted((entry.get('changed') or {}).items()) if k in SUMMARY_TRAINING}
+        if changed:
+            parts.append(f"at step {entry['step']}: " + ', '.join(f'{k} {json.dumps(a)}->{json.dumps(b)}'
+                                                                 for k, (a, b) in changed.items()))
+    return '; '.join(parts) or None
 
 
 def summarize(paths):
     """Mean +- sample std over seeds of each group of finished runs (same init and flags but --seed).
 
-    Every flag that shapes a result (SUMMARY_GROUP) must match within a group; the printed line
-    names the usual ones and any other flag that differs between the groups. A second run of a seed
-    already in its group (the same run given twice, or a repeat) is left out with a warning: it is
-    not an independent sample.
+    Every flag that shapes a result (SUMMARY_GROUP) must match within a group, and so must the
+    changes of the training's schedule made on resuming (schedule_changes: a run trained 2,000
+    steps at one --lr and resumed to 4,000 at another is not a 4,000-step run at the latter); the
+    printed line names the usual flags, any other flag that differs between the groups, and such
+    changes. A second run of a seed already in its group (the same run given twice, or a repeat) is
+    left out with a warning: it is not an independent sample.
     """
     groups, seen, unfinished, records = {}, {}, [], []
     for path in paths:
@@ -1674,6 +1691,7 @@ def summarize(paths):
             digest = r['init'].get('digest')  # the weights themselves: a file replaced by another run's
             flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
                                    keywords=('random',))
+            flags['resumed'] = schedule_changes(r['args'].get('resumptions'))
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
@@ -1722,6 +1740,8 @@ def summarize(paths):
         rows.append(row)
         shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task])
                          if row[k] is not None and row[k] is not False)  # 0 is a value to show
+        if row['resumed']:
+            shown += f' (resumed with another schedule {row["resumed"]})'
         metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
                              for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
         print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')

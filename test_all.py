@@ -6735,6 +6735,33 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
         ft.summarize([tmp_path])
 
 
+def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, capsys):
+    # A run trained 2 steps at lr 1e-3 and resumed to 4 at 1e-2 ends with the flags of a straight
+    # 4-step 1e-2 run (args.resumptions as read_resume writes it); it trained otherwise. A resume that
+    # changed only the test (or nothing) leaves a run with its group; one that changed the schedule of a
+    # finished run (which trained nothing) keeps the change in its final flags, so it is kept apart too.
+    # (test_crops is a flag of the group: 'retested' is one of the runs tested with 10.)
+    def result(name, seed, value, resumptions=()):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='random', path=None),
+            args=dict(task='cls', arch='alexnet', input='lab', steps=4, lr=0.01, seed=seed, test_crops=10,
+                      resumptions=list(resumptions)),
+            metrics=dict(map_voc07_11point=value, map_noninterpolated=value))))
+        return tmp_path / name
+    lr_changed = dict(step=2, changed={'steps': [2, 4], 'lr': [0.001, 0.01]}, trained_by=None)
+    late = result('late', 3, 0.9, [dict(step=4, changed={'lr': [0.1, 0.01]})])  # trained at 0.1
+    rows = ft.summarize([result('straight', 0, 0.2), result('crashed', 1, 0.4, [dict(step=2, changed={})]),
+                         result('retested', 2, 0.6, [dict(step=4, changed={'test_crops': [2, 10]})]),
+                         result('lr-a', 0, 0.5, [lr_changed]), result('lr-b', 1, 0.7, [lr_changed]), late])
+    assert sorted((r['runs'], r['map_voc07_11point'][0]) for r in rows) == [(1, pytest.approx(90.0)),
+                                                                             (2, pytest.approx(60.0)),
+                                                                             (3, pytest.approx(40.0))]
+    out = capsys.readouterr().out
+    assert ('steps=4 (resumed with another schedule at step 2: lr 0.001->0.01, steps 2->4) | '
+            'map_voc07_11point 60.0') in out
+
+
 def test_results_record_the_pretraining_subset_of_the_init(tmp_path, folders, voc):
     # RQ3: a table over the pre-training subset N must be readable from the fine-tuning runs.
     train, val = folders
