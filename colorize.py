@@ -944,15 +944,14 @@ def gray_rgb(lab_img):
     return lab.lab_to_rgb(torch.cat([lab_img[:, :1], torch.zeros_like(lab_img[:, 1:])], 1))
 
 
-def prepare(images, args, device, points=None, generator=None):
+def prepare(images, args, device, generator=None):
     """uint8 (B, 3, H, W) on the host -> (network input, sampled pixels, their targets, the Lab
     image), all on the device."""
     rgb = images.to(device, non_blocking=True)
     lab_img = lab.rgb_to_lab(rgb)
     x = model_input(lab_img)
-    if points is None:
-        B, _, H, W = rgb.shape
-        points = sample_points(B, H, W, args.points, args.border, generator=generator, device=device)
+    B, _, H, W = rgb.shape
+    points = sample_points(B, H, W, args.points, args.border, generator=generator, device=device)
     targets = lab.make_targets(args.loss, lab_img, points, window=args.target_window)
     return x, points, targets, lab_img
 
