@@ -544,16 +544,16 @@ def new_layer_keys(model):
     return {k for k in model.state_dict() if not k.startswith('trunk.') or _is_new_trunk_layer(k[len('trunk.'):])}
 
 
-def check_keys(missing, unexpected, expected_missing, source, expected_unexpected=()):
-    """The explicit key assert of a transfer load: missing and unexpected keys must be exactly the expected."""
-    missing, unexpected = set(missing), set(unexpected)
-    if missing != set(expected_missing) or unexpected != set(expected_unexpected):
+def check_keys(missing, unexpected, expected_missing, source):
+    """The explicit key assert of a transfer load: the missing keys must be exactly the expected, and no
+    key may be unexpected."""
+    missing, unexpected = set(missing), sorted(set(unexpected))
+    if missing != set(expected_missing) or unexpected:
         wrong_missing = sorted(missing - set(expected_missing))
         not_missing = sorted(set(expected_missing) - missing)
-        wrong_unexpected = sorted(unexpected - set(expected_unexpected))
         raise UserError(f'{source} does not fit the model: keys it lacks {wrong_missing[:4]} '
-                        f'({len(wrong_missing)}), keys it has that the model does not {wrong_unexpected[:4]} '
-                        f'({len(wrong_unexpected)}), new layers it unexpectedly provides {not_missing[:4]}; '
+                        f'({len(wrong_missing)}), keys it has that the model does not {unexpected[:4]} '
+                        f'({len(unexpected)}), new layers it unexpectedly provides {not_missing[:4]}; '
                         f'is it for this --arch and trunk?')
 
 
