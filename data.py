@@ -2157,22 +2157,20 @@ def train_aug_half_there(voc2012_root):
             f'{lists[0]} (or {lists[1]})')
 
 
-def voc_segmentation(voc2012_root, split, augmented=False):
+def voc_segmentation(voc2012_root, split):
     """VOC2012 segmentation set: list of (image path, label PNG path).
 
     split 'train', 'val', 'trainval': ImageSets/Segmentation/<split>.txt and SegmentationClass/.
-    split 'train_aug' (or 'train' with augmented=True): the SBD-augmented set in its common form,
-    SegmentationClassAug/<id>.png and the list ImageSets/Segmentation/train_aug.txt (or
-    train_aug.txt at the VOC2012 root), whose lines are ids or '/JPEGImages/x.jpg
-    /SegmentationClassAug/x.png' pairs. train_aug must not overlap val.
+    split 'train_aug': the SBD-augmented set in its common form, SegmentationClassAug/<id>.png and
+    the list ImageSets/Segmentation/train_aug.txt (or train_aug.txt at the VOC2012 root), whose
+    lines are ids or '/JPEGImages/x.jpg /SegmentationClassAug/x.png' pairs. train_aug must not
+    overlap val.
     FileNotFoundError for a missing list or listed file; ValueError for a list with a line of another
     form, no lines or an image twice, or a train_aug that holds val images. Masks are not read: a mask
     of another size than its image, or with values that are no class, is not found here (load_label
     reads one; finetune_voc.py checks sizes from the headers before training).
     """
     root = _voc_dir(voc2012_root, 2012)
-    if augmented and split == 'train':
-        split = 'train_aug'
     if split == 'train_aug':
         lists = _train_aug_lists(root)
         list_path = next((p for p in lists if os.path.exists(p)), None)

@@ -2153,7 +2153,7 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     args.train_split = 'trainval'  # then testing on val tests on training images
     with pytest.raises(colorize.UserError, match='share 1 images'):
         ft.voc_sets(args)
-    aug = data.voc_segmentation(voc12, 'train', augmented=True)
+    aug = data.voc_segmentation(voc12, 'train_aug')
     assert [os.path.basename(os.path.dirname(lab)) for _, lab in aug] == ['SegmentationClassAug'] * 2
     assert np.array_equal(data.load_label(aug[0][1]), label)
     (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
