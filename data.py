@@ -936,9 +936,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def bad_share_exceeded(n_bad, n_seen, max_share, min_seen=200):
-    """True when more than `max_share` of the images seen were bad files (after `min_seen`
-    images, so that one early bad file does not stop a run)."""
+def bad_share_exceeded(n_bad, n_seen, max_share, min_seen):
+    """True when more than `max_share` of the images seen were bad files (once `min_seen` images
+    have been seen, so that one early bad file does not stop a run)."""
     return n_seen >= min_seen and n_bad > max_share * n_seen
 
 

@@ -2065,9 +2065,10 @@ def test_status_counter_and_bad_share():
     d = data.StatusCounter()
     d.load_state_dict(c.state_dict())
     assert d.counts == c.counts
-    assert not data.bad_share_exceeded(5, 100, 0.01)  # too few seen to judge
-    assert data.bad_share_exceeded(30, 1000, 0.01)
-    assert not data.bad_share_exceeded(10, 1000, 0.01)
+    assert not data.bad_share_exceeded(5, 99, 0.01, min_seen=100)  # too few seen to judge
+    assert data.bad_share_exceeded(2, 100, 0.01, min_seen=100)  # 2% > 1%, judged at 100
+    assert data.bad_share_exceeded(30, 1000, 0.01, min_seen=100)
+    assert not data.bad_share_exceeded(10, 1000, 0.01, min_seen=100)  # exactly 1% is not more
 
 
 # ----------------------------------------------------------------------------------------------
