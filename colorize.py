@@ -124,6 +124,20 @@ def finite_float(text):
     return value
 
 
+def seed_int(text, least=-2 ** 63, most=2 ** 64 - 1):
+    """The argparse type of the seed flags (both scripts): an int from `least` to `most` (None: any above), by
+    default the range torch.manual_seed takes; finetune_voc.py's --label-seed, which seeds numpy, takes 0 up.
+    A seed outside its range ended the run in a traceback, after the listing and the run folder were made."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'invalid int value: {text!r}') from None  # argparse's own words
+    if value < least or most is not None and value > most:
+        span = f'from {least} to {most}' if most is not None else f'at least {least}'
+        raise argparse.ArgumentTypeError(f'{value} is not a seed: it must be {span}')
+    return value
+
+
 def refuse_non_finite(args):
     """fill_defaults (both scripts): a float flag that is nan or inf, which only a resumed run can have
     here (finite_float refuses it typed): its checkpoint's args, written before that refusal."""
@@ -188,7 +202,7 @@ def parse_args(argv=None):
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on for CUDA, off on CPU)')
-    p.add_argument('--seed', type=int, default=0,
+    p.add_argument('--seed', type=seed_int, default=0,
                    help='seed of the initial weights, data order, augmentation, pixels and dropout')
     p.add_argument('--workers', type=int, help='data loader processes per GPU (default: the cores this process may '
                    'use, its CPU affinity, split among the ranks of its node that share them, less one, at most '

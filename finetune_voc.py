@@ -54,8 +54,9 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
                       peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
                       refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite,
-                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, setup_device,
-                      step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning, worker_options)
+                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, seed_int,
+                      setup_device, step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning,
+                      worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -152,7 +153,8 @@ def parse_args(argv=None):
                    '4096 on CUDA, 1024 on a CPU); taken from a checkpoint, where a different value is refused')
     p.add_argument('--label-fraction', type=finite_float, help='RQ3: train on this fixed random share of the '
                    'training images (chosen by --label-seed, not --seed)')
-    p.add_argument('--label-seed', type=int, default=0, help='seed of the --label-fraction subset')
+    p.add_argument('--label-seed', type=lambda text: seed_int(text, least=0, most=None), default=0,
+                   help='seed of the --label-fraction subset')
     p.add_argument('--feature-shift', action=argparse.BooleanOptionalAction, default=False,
                    help='RQ4: after training, linear CKA per trunk layer between the initial and the '
                         'fine-tuned network on held-out images (--no-feature-shift: not, on --resume)')
@@ -167,7 +169,7 @@ def parse_args(argv=None):
     p.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model for training (default: on for CUDA, off on CPU)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the init, data order, augmentation and pixels')
+    p.add_argument('--seed', type=seed_int, default=0, help='seed of the init, data order, augmentation and pixels')
     p.add_argument('--workers', type=int, help='data loader processes (default min(8, cores) on CUDA, 1 on CPU)')
     p.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
                    help='continue from CKPT (default: <out>/checkpoint.pt, which needs --out) with its flags; a run '

@@ -3801,6 +3801,31 @@ def test_float_flags_refuse_nan_and_inf(capsys):
                 assert f"argument {flag}: '{text}' is not a finite number" in capsys.readouterr().err, (flag, text)
 
 
+def test_seed_flags_take_what_torch_and_numpy_take(capsys):
+    # A --seed outside torch.manual_seed's range (or a --label-seed below numpy's 0) ended the run in a
+    # traceback, after the listing and the run folder; argparse's int took it. The reference is torch's and
+    # numpy's own acceptance of each value, asked here directly.
+    def takes(seed_fn, value):
+        try:
+            seed_fn(value)
+            return True
+        except (ValueError, RuntimeError, OverflowError):
+            return False
+    edges = [-2 ** 63 - 1, -2 ** 63, -1, 0, 2 ** 31, 2 ** 63, 2 ** 64 - 1, 2 ** 64]
+    flags = [(colorize.parse_args, '--seed', torch.Generator().manual_seed), (ft.parse_args, '--seed',
+             torch.Generator().manual_seed), (ft.parse_args, '--label-seed', np.random.default_rng)]
+    for parse, flag, seed_fn in flags:
+        for value in edges:
+            if takes(seed_fn, value):
+                assert getattr(parse([f'{flag}={value}']), flag[2:].replace('-', '_')) == value, (flag, value)
+            else:
+                with pytest.raises(SystemExit):
+                    parse([f'{flag}={value}'])
+                err = capsys.readouterr().err
+                assert f'argument {flag}: {value} is not a seed' in err and err.count('\n') == 1, (flag, value)
+    assert takes(np.random.default_rng, 2 ** 64) and ft.parse_args(['--label-seed', str(2 ** 70)]).label_seed == 2 ** 70
+
+
 def test_fc_dropout_flag_drops_fc6_fc7_in_training_and_is_kept_in_the_checkpoint(folders, tmp_path):
     # The original Caffe recipe dropped out fc6 and fc7 (p = 0.5) in pre-training, and the hypercolumn
     # read the dropped-out maps. Same seed, data, pixels: only the dropout differs, so every weight
