@@ -156,7 +156,11 @@ def find_images(roots, cache_dir=None, log=print):
                              '(scanned recursively) or a .txt file with one image path per line')
         log(f'{len(found):,} images {how} in {root} ({time.perf_counter() - t0:.1f} s)')
         paths.extend(found)
-    return sorted(set(paths))
+    # Sorted as listed, then de-duplicated: each root's listing comes sorted or nearly (a pack's; a scan's, depth
+    # first in name order), which Python's sort takes in about a pass, where sorting a set's order took 7 of the
+    # 10 s that 3.7M paths took to list from their cache (and a 134 MB hash table), on every rank.
+    paths.sort()
+    return [p for i, p in enumerate(paths) if not i or p != paths[i - 1]]
 
 
 def write_list(txt, paths):
