@@ -1561,10 +1561,16 @@ def pseudo_path_parts(path):
     PACK/index.npy/<i>/<folder>/<name> (see pack_paths), else None. The shape only: no file is read."""
     if _PACK_INDEX not in path:  # most paths, at once (millions are checked when a run starts)
         return None
-    rest, name = os.path.split(path)
-    rest, folder = os.path.split(rest)
-    head, digits = os.path.split(rest)
-    root, index_name = os.path.split(head)
+    parts = path.rsplit(os.sep, 4)
+    if len(parts) == 5 and all(parts) and not parts[0].endswith(os.sep) and not os.altsep:
+        # A pack's pseudo-paths, at a fifth of the cost of four os.path.split (3.5 us: 12 s for 3.7M), which
+        # give the same parts where no two separators meet and the root is no drive or '/'
+        root, index_name, digits, folder, name = parts
+    else:
+        rest, name = os.path.split(path)
+        rest, folder = os.path.split(rest)
+        head, digits = os.path.split(rest)
+        root, index_name = os.path.split(head)
     if index_name != _PACK_INDEX or not (digits.isascii() and digits.isdigit()):
         return None
     return root, digits, folder, name
