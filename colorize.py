@@ -1088,9 +1088,15 @@ def summed(counts_by_rank):
     return [sum(c) for c in zip(*counts_by_rank)]
 
 
-def data_identity(paths):
-    """(count, sha1 of the list): the data order of a run is a function of its image list."""
-    return dict(count=len(paths), sha1=hashlib.sha1(b'\n'.join(map(os.fsencode, paths))).hexdigest())
+def data_identity(paths, chunk=1 << 16):
+    """(count, sha1 of the list, its paths joined by newlines): the data order of a run is a function of
+    its image list. Hashed `chunk` paths at a time, where the joined list of 3.7M paths took 0.4 GB more
+    at each start on every rank; the same digest."""
+    digest = hashlib.sha1()
+    for i in range(0, len(paths), chunk):
+        digest.update(b'\n' if i else b'')
+        digest.update(b'\n'.join(map(os.fsencode, paths[i:i + chunk])))
+    return dict(count=len(paths), sha1=digest.hexdigest())
 
 
 def resume_flags(out):
