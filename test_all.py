@@ -6864,7 +6864,8 @@ def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, caps
     # 4-step 1e-2 run (args.resumptions as read_resume writes it); it trained otherwise. A resume that
     # changed only the test (or nothing) leaves a run with its group; one that changed the schedule of a
     # finished run (which trained nothing) keeps the change in its final flags, so it is kept apart too.
-    # (test_crops is a flag of the group: 'retested' is one of the runs tested with 10.)
+    # (test_crops is a flag of the group: 'retested' is one of the runs tested with 10; logging, saving and
+    # the feature shift, measured after the metrics, are no flags of it: 'relogged' changed them mid-run.)
     def result(name, seed, value, resumptions=()):
         (tmp_path / name).mkdir()
         (tmp_path / name / 'results.json').write_text(json.dumps(dict(
@@ -6877,10 +6878,13 @@ def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, caps
     late = result('late', 3, 0.9, [dict(step=4, changed={'lr': [0.1, 0.01]})])  # trained at 0.1
     rows = ft.summarize([result('straight', 0, 0.2), result('crashed', 1, 0.4, [dict(step=2, changed={})]),
                          result('retested', 2, 0.6, [dict(step=4, changed={'test_crops': [2, 10]})]),
+                         result('relogged', 4, 0.4, [dict(step=2, changed={'log_every': [1, 2], 'save_every': [1, 3],
+                                                                           'feature_shift': [False, True],
+                                                                           'shift_images': [8, 16]})]),
                          result('lr-a', 0, 0.5, [lr_changed]), result('lr-b', 1, 0.7, [lr_changed]), late])
     assert sorted((r['runs'], r['map_voc07_11point'][0]) for r in rows) == [(1, pytest.approx(90.0)),
                                                                              (2, pytest.approx(60.0)),
-                                                                             (3, pytest.approx(40.0))]
+                                                                             (4, pytest.approx(40.0))]
     out = capsys.readouterr().out
     assert ('steps=4 (resumed with another schedule at step 2: lr 0.001->0.01, steps 2->4) | '
             'map_voc07_11point 60.0') in out
