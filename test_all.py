@@ -1486,6 +1486,9 @@ def test_find_images_sorts_listings_that_come_sorted_in_about_a_pass(tmp_path, m
     monkeypatch.setattr(data, '_read_list', lambda txt: listed[:n // 2] + listed[n // 4:])  # a quarter twice
     found = data.find_images([lst], log=lambda s: None)
     assert found == sorted(set(map(str, listed))) and compared[0] < 3 * n, compared[0]
+    for one in (['/d/a.jpg'], ['/d/a.jpg', '/d/a.jpg']):  # the first path is kept, also where it is the last
+        monkeypatch.setattr(data, '_read_list', lambda txt: list(one))
+        assert data.find_images([lst, lst], log=lambda s: None) == ['/d/a.jpg'], one
 
 
 def test_find_images_follows_symlinked_folders_once(tmp_path):
