@@ -3925,6 +3925,20 @@ def test_seed_flags_take_what_torch_and_numpy_take(capsys):
                 err = capsys.readouterr().err
                 assert f'argument {flag}: {value} is not a seed' in err and err.count('\n') == 1, (flag, value)
     assert takes(np.random.default_rng, 2 ** 64) and ft.parse_args(['--label-seed', str(2 ** 70)]).label_seed == 2 ** 70
+    # The text a seed is read from, as argparse's type=int read it (the reference: such a parser).
+    plain = argparse.ArgumentParser(prog='x')
+    plain.add_argument('--seed', type=int)
+    for parse, flag, _ in flags:
+        for text in (' 5', '+3', '1_000', '007', '0x10', '1e3', '5.0', ''):
+            try:
+                expected = plain.parse_args([f'--seed={text}']).seed
+            except SystemExit:
+                expected = capsys.readouterr().err.splitlines()[-1].split('argument --seed: ', 1)[1]
+            try:
+                got = getattr(parse([f'{flag}={text}']), flag[2:].replace('-', '_'))
+            except SystemExit:
+                got = capsys.readouterr().err.splitlines()[-1].split(f'argument {flag}: ', 1)[1].split(' (`')[0]
+            assert got == expected, (flag, text, got, expected)
 
 
 def test_fc_dropout_flag_drops_fc6_fc7_in_training_and_is_kept_in_the_checkpoint(folders, tmp_path):
