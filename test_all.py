@@ -6898,8 +6898,10 @@ def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, caps
                          result('relogged', 4, 0.4, [dict(step=2, changed={'log_every': [1, 2], 'save_every': [1, 3],
                                                                            'feature_shift': [False, True],
                                                                            'shift_images': [8, 16]})]),
-                         result('lr-a', 0, 0.5, [lr_changed]), result('lr-b', 1, 0.7, [lr_changed]), late])
-    assert sorted((r['runs'], r['map_voc07_11point'][0]) for r in rows) == [(1, pytest.approx(90.0)),
+                         result('lr-a', 0, 0.5, [lr_changed]), result('lr-b', 1, 0.7, [lr_changed]), late,
+                         result('lr-early', 2, 0.1, [dict(lr_changed, step=1)])])  # the same change a step sooner
+    assert sorted((r['runs'], r['map_voc07_11point'][0]) for r in rows) == [(1, pytest.approx(10.0)),
+                                                                             (1, pytest.approx(90.0)),
                                                                              (2, pytest.approx(60.0)),
                                                                              (4, pytest.approx(40.0))]
     out = capsys.readouterr().out
