@@ -150,7 +150,8 @@ def parse_args(argv=None):
     p.add_argument('--width', type=finite_float, help='channel width multiplier for --init random (default 1); taken '
                    'from a checkpoint, where a different value is refused')
     p.add_argument('--fc-dim', type=int, help="fc6/fc7 channels for --init random (default: colorize.py's, "
-                   '4096 on CUDA, 1024 on a CPU); taken from a checkpoint, where a different value is refused')
+                   '4096 on CUDA, 1024 on a CPU); taken from a checkpoint, where a different value is refused '
+                   '(a ResNet has no fc6/fc7: a warning that it changes nothing)')
     p.add_argument('--label-fraction', type=finite_float, help='RQ3: train on this fixed random share of the '
                    'training images (chosen by --label-seed, not --seed)')
     p.add_argument('--label-seed', type=lambda text: seed_int(text, least=0, most=None), default=0,
@@ -304,9 +305,8 @@ def derive_intervals(args):
 
 
 def warn_unread_fc_dim(args):
-    """--fc-dim typed with --init random for a trunk without fc6/fc7 changes nothing: a warning (run, --export)."""
-    if (args.init == 'random' and 'fc_dim' in getattr(args, 'typed_flags', ()) and args.arch is not None
-            and not has_fc(args.arch)):
+    """--fc-dim typed for a trunk without fc6/fc7 (any --init) changes nothing: a warning (run, --export)."""
+    if 'fc_dim' in getattr(args, 'typed_flags', ()) and args.arch is not None and not has_fc(args.arch):
         print(unread_fc_dim_warning(args.arch), file=sys.stderr)
 
 
@@ -682,7 +682,7 @@ def initial_trunk(args, random_fc_dim=4096):
         state, config = colorization_trunk(obj, f'--init {args.init}')
         resolve(args, 'arch', config['arch'], args.init)
         resolve(args, 'width', config['width'], args.init)
-        resolve(args, 'fc_dim', config['fc_dim'], args.init)
+        resolve_fc_dim(args, config['fc_dim'])
         # colorize.py --objective classify trains the supervised baseline (RQ1) in the same format.
         kind = 'classification' if config.get('objective') == 'classify' else 'colorization'
         return state, dict(kind=kind, path=str(args.init), config=config, step=obj.get('step'),
@@ -695,7 +695,7 @@ def initial_trunk(args, random_fc_dim=4096):
         resolve(args, 'arch', arch, args.init)
         resolve(args, 'width', width, args.init)
         fc = torchvision_key_map(arch)[-1][0] + '.weight' if has_fc(arch) else None
-        resolve(args, 'fc_dim', state[fc].shape[0] if fc else 4096, args.init)
+        resolve_fc_dim(args, state[fc].shape[0] if fc else 4096)
         return state, dict(kind='torchvision', path=str(args.init))
     raise UserError(f'--init {args.init} is neither a colorize.py checkpoint (a dict with "model" and "config") '
                     f'nor a state_dict of tensors')
@@ -752,6 +752,15 @@ def resumed_init(saved, current, args):
                         f'resume with --no-feature-shift')
     print(f'note: {why}; the run goes on from its checkpoint, and results.json names the init it started from')
     return saved
+
+
+def resolve_fc_dim(args, value):
+    """--fc-dim from the --init source (after its arch): checked where the trunk has fc6/fc7; for another
+    trunk a typed --fc-dim changes nothing, so it gets warn_unread_fc_dim's warning, not a contradiction."""
+    if has_fc(args.arch):
+        resolve(args, 'fc_dim', value, args.init)
+    else:
+        args.fc_dim = value
 
 
 def resolve(args, name, value, source):

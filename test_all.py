@@ -5983,6 +5983,19 @@ def test_fc_dim_follows_the_factory(monkeypatch, capsys, tmp_path):
                              '16', '--width', '0.0625']))
     warning = 'warning: --fc-dim sets the channels of fc6 and fc7, which resnet50 does not have: it changes nothing'
     assert capsys.readouterr().err.count(warning) == 3
+    # So with a ResNet file as --init: a torchvision one (the export above) and a colorize.py checkpoint (fc_dim
+    # 16 in its config) were refused with "--fc-dim N contradicts ..., which has 4096" (or 16), where a
+    # ResNet has no fc6/fc7 for the flag to contradict. A trunk with fc6/fc7 is still checked.
+    colorize_checkpoint(tmp_path / 'r50-color.pt', 'resnet50')
+    colorize_checkpoint(tmp_path / 'alex-color.pt', 'alexnet')
+    for init in ('r50.pth', 'r50-color.pt'):
+        args = ft.parse_args(['--init', str(tmp_path / init), '--fc-dim', '32'])
+        ft.initial_trunk(args)
+        assert (args.arch, args.fc_dim) == ('resnet50', 4096 if init == 'r50.pth' else 16)
+        ft.fill_defaults(args, torch.device('cpu'))
+    assert capsys.readouterr().err.count(warning) == 2
+    with pytest.raises(colorize.UserError, match='--fc-dim 32 contradicts .*alex-color.pt, which has 16'):
+        ft.initial_trunk(ft.parse_args(['--init', str(tmp_path / 'alex-color.pt'), '--fc-dim', '32']))
     colorize.fill_defaults(colorize.parse_args(['-a', 'vgg16x', '--fc-dim', '16']), torch.device('cpu'), 1)
     transfer('-a', 'vgg16x')
     assert capsys.readouterr().err == ''
