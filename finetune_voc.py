@@ -1703,6 +1703,8 @@ def summarize(paths):
             flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
                                    keywords=('random',))
             flags['resumed'] = schedule_changes(r['args'].get('resumptions'))
+            if flags.get('arch') in MODELS and not has_fc(flags['arch']):
+                flags['fc_dim'] = None  # no fc6/fc7 (a ResNet): its --fc-dim, typed or not, shaped nothing
             metrics = r['metrics']
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None

@@ -7532,6 +7532,22 @@ def test_summarize_keeps_other_test_crops_apart(tmp_path):
     assert sorted(r['runs'] for r in rows) == [1, 2]
 
 
+def test_summarize_groups_resnet_runs_whatever_their_fc_dim(tmp_path, capsys):
+    # --init random -a resnet50 with and without --fc-dim (which it warns changes nothing) records fc_dim 16
+    # and the CPU default 1024: the same network, so one group of two seeds, not two groups of one. For
+    # VGG-16 the width of fc6/fc7 is the network's: two groups.
+    def result(name, arch, seed, fc_dim):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='random'), args=dict(task='cls', arch=arch, seed=seed, fc_dim=fc_dim),
+            metrics=dict(map_voc07_11point=0.5, map_noninterpolated=0.5))))
+        return tmp_path / name
+    assert [r['runs'] for r in ft.summarize([result('a', 'resnet50', 0, 16), result('b', 'resnet50', 1, 1024)])] == [2]
+    assert 'fc_dim' not in capsys.readouterr().out
+    assert [r['runs'] for r in ft.summarize([result('c', 'vgg16', 0, 16), result('d', 'vgg16', 1, 1024)])] == [1, 1]
+    assert 'fc_dim=16 |' in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- lab.lab_input
 
 def test_lab_input_by_hand():
