@@ -639,7 +639,10 @@ def merge_resumed_args(args, saved, run_flags, schedule_flags, path, log=print, 
         if name not in saved:
             continue
         given, was = given_args[name], saved[name]
-        if name not in args.typed_flags or given == was:
+        # A trunk without fc6/fc7 (a ResNet) reads no --fc-dim: a typed one keeps its warning (fill_defaults), not
+        # a refusal for changing the run
+        unread = name == 'fc_dim' and saved.get('arch') in MODELS and not has_fc(saved['arch'])
+        if name not in args.typed_flags or given == was or unread:
             setattr(args, name, Path(was) if isinstance(getattr(args, name), Path) and was is not None else was)
             continue
         flag = flag_name(name)

@@ -7739,6 +7739,22 @@ def test_the_cpu_note_speaks_of_the_demo_only_for_the_demo():
     assert 'small crop and batch' in note and 'test crops' not in note, note
 
 
+def test_resume_takes_a_resnets_typed_fc_dim_as_unread_not_as_a_change():
+    """A ResNet has no fc6/fc7, so --fc-dim typed on resuming one changes nothing: it is the warning it gets
+    on a fresh run (both scripts), where it was refused as 'trained with --fc-dim 1024' (VGG-16 still is)."""
+    for script, base in ((colorize, []), (ft, ['--task', 'cls', '--init', 'random'])):
+        for arch, refused in (('resnet50', False), ('vgg16', True)):
+            fresh = script.parse_args([*base, '-a', arch])
+            fresh.fc_dim = 1024
+            saved = colorize.plain_args(fresh)
+            args = script.parse_args([*base, '-a', arch, '--fc-dim', '32', '--resume'])
+            if refused:
+                with pytest.raises(colorize.UserError, match='trained with --fc-dim 1024'):
+                    colorize.merge_resumed_args(args, saved, script.RUN_FLAGS, script.SCHEDULE_FLAGS, 'ckpt', log=None)
+            else:
+                colorize.merge_resumed_args(args, saved, script.RUN_FLAGS, script.SCHEDULE_FLAGS, 'ckpt', log=None)
+                assert args.fc_dim == 1024, script.__name__
+
 def test_transfer_lr_schedules_of_the_protocols():
     """README: segmentation x0.1 at 22.5k and 30k of 40k (at 563 and 750 of --steps 1000);
     classification halved every 10k of 80k."""
