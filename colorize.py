@@ -1777,7 +1777,9 @@ def note_other_commit(before, now, step):
     """Say so when a run is resumed at `step` by another commit than `before`, which ran the steps
     before it (a git pull between; None where a commit is not known)."""
     if before and now and before != now:
-        print(f'note: the steps before {step} ran commit {before[:12]}, this is {now[:12]}: what the code changed '
+        # '-dirty' kept: the one may be the other with uncommitted edits
+        short = [c[:12] + ('-dirty' if c.endswith('-dirty') else '') for c in (before, now)]
+        print(f'note: the steps before {step} ran commit {short[0]}, this is {short[1]}: what the code changed '
               f'between them (data, sampling, targets, loss) applies from here on')
 
 

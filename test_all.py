@@ -3215,6 +3215,9 @@ def test_resume_note_names_the_commit_that_trained_the_steps_before(tmp_path, ca
     assert 'note:' not in capsys.readouterr().out
     info = json.loads((tmp_path / 'run.json').read_text())
     assert info['git_commit'] == a and [p['step'] for p in info['resumed']] == [4, 2, 5]
+    # The same commit with uncommitted edits: the note names both, which it printed as one ('ran bbbb, this is bbbb')
+    colorize.note_other_commit(b, b + '-dirty', 7)
+    assert f'the steps before 7 ran commit {b[:12]}, this is {b[:12]}-dirty:' in capsys.readouterr().out
 
 
 def test_resume_with_a_run_json_edited_by_hand_warns_and_writes_it_anew(tmp_path, capsys):
