@@ -7778,7 +7778,7 @@ def test_evaluation_colour_figures_by_hand():
     net = colorize.make_model(dict(arch='vgg16', objective='colorize', loss='l2', width=0.0625, fc_dim=16))
     torch.nn.init.zeros_(net.head.out.weight)
     with torch.no_grad():
-        net.head.out.bias.copy_(torch.tensor([10.0, -10.0]) / lab.L2_SCALE)  # l2 logits are ab / L2_SCALE
+        net.head.out.bias.copy_(torch.tensor([10.0, -10.0]) / 128)  # l2 logits are ab / 128 (lab.L2_SCALE)
     images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     images[0, 0] = images[1, 2] = 255
     args = argparse.Namespace(loss='l2', points=16, border=4, target_window=7, lightness_weight=False)
@@ -7795,7 +7795,8 @@ def test_evaluation_colour_figures_by_hand():
     assert m['psnr'] != pytest.approx(m['psnr_gray'], abs=0.1)
     # The validation loss: l2 on (a, b) / 128, the same at every sampled pixel of an image, averaged
     # over the two images.
-    l2 = (((a_r - 10) ** 2 + (b_r + 10) ** 2) + ((a_b - 10) ** 2 + (b_b + 10) ** 2)) / 2 / lab.L2_SCALE ** 2
+    # (128 written out: with lab.L2_SCALE on both sides, a wrong scale cancelled out here and nowhere showed.)
+    l2 = (((a_r - 10) ** 2 + (b_r + 10) ** 2) + ((a_b - 10) ** 2 + (b_b + 10) ** 2)) / 2 / 128 ** 2
     assert m['loss'] == pytest.approx(l2, rel=1e-4)
 
 
