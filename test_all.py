@@ -378,6 +378,21 @@ def test_ab_gamut_cells_are_reached_by_srgb():
     assert lookup[offset + 12, offset + 12] == -1  # (a, b) = (120, 120) is beyond sRGB
     assert lookup[offset, offset] >= 0 and 200 < len(centres) < 400
     assert lab.output_dim('ab') == len(centres)
+    # The cells, by the second formula: those of the cube's six faces at every 8-bit level are exactly
+    # the gamut's, 261 of them (the README's count; enumerated every 5th level the faces gave fewer, and
+    # the bounds above passed); every 5th level of the whole cube falls inside them.
+    def cells_of(rgb):  # (3, N) sRGB -> sorted distinct cell keys
+        ab = (_lab_second_formula(rgb.reshape(3, -1, 1))[1:, :, 0] / 10).round().long()
+        return torch.unique((ab[0] + offset) * (2 * offset + 1) + ab[1] + offset)
+    v = torch.arange(256, dtype=torch.float64) / 255
+    u, w = (t.flatten() for t in torch.meshgrid(v, v, indexing='ij'))
+    faces = torch.cat([torch.stack([u, w][:axis] + [torch.full_like(u, side)] + [u, w][axis:])
+                       for axis in range(3) for side in (0.0, 1.0)], 1)
+    ours = torch.sort((centres[:, 0] / 10).round().long() * (2 * offset + 1) + (centres[:, 1] / 10).round().long()
+                      + offset * (2 * offset + 2)).values
+    assert torch.equal(cells_of(faces), ours) and len(ours) == 261
+    v = torch.arange(0, 256, 5, dtype=torch.float64) / 255
+    assert torch.isin(cells_of(torch.stack([t.flatten() for t in torch.meshgrid(v, v, v, indexing='ij')])), ours).all()
     centres.zero_()  # the caller's copy: the module's tables are untouched
     assert lab.ab_gamut()[0].abs().max() > 50
     lab._AB_GAMUT.clear()  # built anew below, as in a fresh process
