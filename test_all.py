@@ -655,6 +655,10 @@ def test_histogram_median_by_hand():
     # row 0: cdf 0.1, 0.3, 0.7 -> crosses in bin 2 at (0.5 - 0.3) / 0.4 = 0.5 -> 2.5
     # row 1: all mass in bin 2 -> 2.5; row 2: cdf hits 0.5 exactly at the end of bin 0 -> 1.0
     torch.testing.assert_close(lab.histogram_median(p), torch.tensor([2.5, 2.5, 1.0]))
+    # A crossing bin of little mass: cdf 0.4999, 0.5001 -> half-way through bin 1 (0.0001 / 0.0002), 1.5;
+    # the 1e-12 guard against an empty bin must not reach such a bin (a guard of 1e-3 gave 1.1).
+    thin = torch.tensor([[0.4999, 0.0002, 0.4999]], dtype=torch.float64)
+    torch.testing.assert_close(lab.histogram_median(thin), torch.tensor([1.5], dtype=torch.float64))
 
 
 # ================================================================================================
