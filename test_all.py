@@ -4982,6 +4982,30 @@ def test_grayscale_images_weigh_nothing_in_a_training_step():
     assert loss(images, [ok, ok, ok, bad]) != pytest.approx(loss(other, [ok, ok, ok, bad]), rel=1e-3)
 
 
+def test_classify_step_weighs_gray_photos_and_not_unreadable_ones():
+    """--objective classify trains on grayscale photos (README: its loss weighs only unreadable ones by zero):
+    the step's loss is the mean cross-entropy over the OK and GRAY images, by hand from the model's logits;
+    what a BAD one holds changes nothing. (Weighing only OK images, as colorization does, passed every test.)"""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 2, 1, 1])
+    torch.manual_seed(0)
+    model = colorize.Classifier(alexnet(width=1 / 16, fc_dim=16), classes=3).eval()
+    with torch.no_grad():
+        logits = model(lab.lightness_input(lab.rgb_to_lab(images)))
+    ce = [-torch.log_softmax(logits[i], 0)[labels[i]].item() for i in range(4)]
+
+    def loss(batch, status):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return colorize.classify_step(model, opt, batch, torch.tensor(status), labels, None, torch.device('cpu'))[0].item()
+    ok, gray, bad = data.STATUS_OK, data.STATUS_GRAY, data.STATUS_BAD
+    assert loss(images, [ok, gray, gray, bad]) == pytest.approx((ce[0] + ce[1] + ce[2]) / 3, rel=1e-5)
+    assert loss(images, [bad, ok, bad, bad]) == pytest.approx(ce[1], rel=1e-5)
+    other = images.clone()
+    other[3] = 255 - other[3]
+    assert loss(images, [ok, gray, gray, bad]) == loss(other, [ok, gray, gray, bad])
+
+
 def test_loss_norm_under_ddp(monkeypatch):
     # Two replicas with 5 and 1 valid pixels: each divides its sum by 6 / 2 = 3, so the average of
     # their gradients is that of the mean over the 6 pixels.
