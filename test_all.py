@@ -7645,6 +7645,13 @@ def test_sample_grid_columns_are_gray_prediction_truth(tmp_path):
     def lightness(a):
         return _lab_second_formula(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).double() / 255)[0]
     assert (lightness(left) - lightness(right)).abs().max() < 0.5
+    # Each gray level is the truth's L* sRGB-encoded by hand (the CIE inverse: Y = ((L* + 16) / 116)^3 above
+    # L* = 8, L* / (24389 / 27) below), rounded to the nearest level: truncated, about half the pixels of
+    # the gray and predicted columns were a level darker, and the checks above passed.
+    L = lightness(right).numpy()
+    y = np.where(L > 8, ((L + 16) / 116) ** 3, L / (24389 / 27))
+    srgb = 255 * np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055)
+    assert np.abs(left - srgb[..., None]).max() <= 0.5 + 1e-3
 
 
 class _NoColour(torch.nn.Module):
