@@ -1305,6 +1305,29 @@ def test_sparse_gradients_reach_every_parameter_and_tap(arch):
         assert block.branch2c.bn.weight.grad.abs().sum() > 0 and block.branch1.conv.weight.grad.abs().sum() > 0
 
 
+def test_initialisation_is_the_readme_s():
+    """README (Where pre-training differs): Kaiming normal for the trunk's convs (fan-out, ReLU gain: std
+    sqrt(2 / (out x kh x kw))) and fc1 (fan-in: std sqrt(2 / in)), N(0, 0.01) for the output layer, zero
+    biases; the sample std of each layer of at least 500 weights within 12% (a 4% standard error at 500).
+    Fan-in convs, or fc1 without the ReLU gain (std off by sqrt 2 either way), passed every test."""
+    torch.manual_seed(0)
+    for arch in ('vgg16', 'alexnet'):
+        model = build_model(arch, 5, head_dim=256, width=1 / 8, fc_dim=32)
+        judged = 0
+        for name, m in model.trunk.named_modules():
+            if isinstance(m, nn.Conv2d):
+                out, _, kh, kw = m.weight.shape
+                assert not m.bias.any(), name
+                if m.weight.numel() >= 500:
+                    judged += 1
+                    assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (out * kh * kw)), rel=0.12), name
+        assert judged >= 5, arch
+        fc1, head_out = model.head.fc1, model.head.out
+        assert fc1.weight.std().item() == pytest.approx(math.sqrt(2 / fc1.in_features), rel=0.05)
+        assert head_out.weight.std().item() == pytest.approx(0.01, rel=0.12)
+        assert not fc1.bias.any() and not head_out.bias.any()
+
+
 def test_fc_dropout_is_applied_to_fc_taps():
     torch.manual_seed(0)
     trunk = vgg16(width=1 / 16, fc_dim=16).train()
