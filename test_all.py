@@ -608,6 +608,22 @@ def test_ab_soft_target_by_hand():
     assert all(lookup[offset + a // 10, offset + b // 10] >= 0 for a, b in w)  # all in gamut
     for (a, b), v in w.items():
         assert t[cell[(float(a), float(b))]].item() == pytest.approx(v / sum(w.values())), (a, b)
+    # At the gamut's edge, sRGB blue (the published table): of the 3x3 cells around its own, (80, -110),
+    # only (70 or 80, -110 or -100) are in the gamut; the weights are theirs alone, renormalised (giving
+    # the others' to a class, as their lookup of -1 read as class 0 would, passed every test).
+    L, a, b = SRGB_LAB_TABLE[2][1]
+    t = lab.make_targets('ab', _uniform_lab(1, 4, 4, L, a, b), torch.tensor([[[2, 2]]]), window=1)['ab'][0, 0]
+    w = {(ca, cb): math.exp(-((ca - a) ** 2 + (cb - b) ** 2) / 50) for ca in (70, 80) for cb in (-110, -100)}
+    assert [lookup[offset + ca // 10, offset + cb // 10] >= 0 for ca in (70, 80, 90) for cb in (-120, -110, -100)] == [
+        False, True, True, False, True, True, False, False, False]
+    for (ca, cb), v in w.items():
+        assert t[cell[(float(ca), float(cb))]].item() == pytest.approx(v / sum(w.values()), rel=1e-5), (ca, cb)
+    assert t.sum().item() == pytest.approx(1.0)
+    # A colour beyond sRGB, (120, 120), has no gamut cell around it: all of it goes to the gamut cell nearest
+    # its own, by hand (80, 70) at distance sqrt(40^2 + 50^2) (the next, (70, 70), at sqrt(50^2 + 50^2)).
+    t = lab.make_targets('ab', _uniform_lab(1, 4, 4, 50, 120, 120), torch.tensor([[[2, 2]]]), window=1)['ab'][0, 0]
+    assert ((centres - torch.tensor([120.0, 120.0])) ** 2).sum(1).sort().values[:2].tolist() == [4100, 5000]
+    assert t[cell[(80.0, 70.0)]].item() == 1.0 and t.sum().item() == 1.0
 
 
 def test_decode_ab_trains_after_a_first_call_in_inference_mode():
