@@ -1740,6 +1740,11 @@ def test_decode_modes(tmp_path):
     i16b = Image.frombytes('I;16B', (4, 1), v16.astype('>u2').tobytes())
     assert data.pil_to_rgb(i16b)[0, :, 0].tolist() == [0, 100, 200, 255]
     assert roundtrip(i16b, 'i16b.tif')[0, :, 0].tolist() == [0, 100, 200, 255]
+    # 32-bit integers (mode I, as 16-bit PNGs open in some Pillow versions) in 0..255 as they are, in
+    # 0..65535 as 16-bit levels (v / 257: 51400 -> 200, where v / 256 would give 201); neither range was
+    # read here (this Pillow opens the 16-bit PNG above as I;16), and a change to either passed every test.
+    assert roundtrip(Image.fromarray(np.array([[0, 100, 255]], np.int32)), 'i8.tif')[0, :, 0].tolist() == [0, 100, 255]
+    assert roundtrip(Image.fromarray(v16.astype(np.int32)), 'i32-16.tif')[0, :, 0].tolist() == [0, 100, 200, 255]
     # 32-bit integers beyond 16 bits and floats: stretched by their range.
     i32 = Image.fromarray(np.array([[0, 250000, 1000000]], np.int32))
     assert roundtrip(i32, 'i32.tif')[0, :, 0].tolist() == [0, 64, 255]  # 255 * 0.25 = 63.75
