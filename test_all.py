@@ -3151,6 +3151,19 @@ def test_lightness_weight_applies_to_the_validation_loss_too(folders, tmp_path, 
     assert len(seen) >= 4 and all(seen)  # 2 training steps, evaluations at steps 0 and 2: same weighting
 
 
+def test_each_step_trains_at_its_own_learning_rate(folders, tmp_path, monkeypatch):
+    """The optimizer holds lr_at(step) during step `step`: --lr 0.02, --warmup 2, a milestone at half of 3 steps
+    give 0.01, 0.02, then 0.002, by hand. Setting the next step's rate (one step early: 0.02, 0.002, 0.002)
+    passed every test: test_lr_schedule_by_hand reads lr_at, the log line its own lr_at(step - 1)."""
+    train, val = folders
+    rates, step = [], colorize.train_step
+    monkeypatch.setattr(colorize, 'train_step',
+                        lambda model, opt, *a: rates.append([g['lr'] for g in opt.param_groups]) or step(model, opt, *a))
+    assert colorize.main(tiny_args(train, val, tmp_path / 'run', '--steps', '3', '--lr', '0.02', '--warmup', '2',
+                                   '--lr-milestones', '0.5')) == 0
+    assert rates == [[pytest.approx(0.01)] * 2, [pytest.approx(0.02)] * 2, [pytest.approx(0.002)] * 2]
+
+
 def test_a_file_name_that_is_not_utf8_trains_like_any_other(folders, tmp_path, monkeypatch):
     """Old cameras and archives write Latin-1 names; Python keeps their bytes as surrogate escapes."""
     train, val = folders
