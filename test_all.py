@@ -2246,7 +2246,7 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     assert [os.path.basename(os.path.dirname(lab)) for _, lab in aug] == ['SegmentationClassAug'] * 2
     assert np.array_equal(data.load_label(aug[0][1]), label)
     (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
-    with pytest.raises(ValueError, match='val'):
+    with pytest.raises(ValueError, match=r'train_aug\.txt contains 1 images of the val set \(e\.g\. 2011_000002\)'):
         data.voc_segmentation(voc12, 'train_aug')
     # A val.txt saved with a byte-order mark and CRLF (a Windows editor): its first id read as '\ufeff2011_000002'
     # and the leak of that image passed unseen.
