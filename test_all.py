@@ -5569,6 +5569,22 @@ def test_validation_from_a_larger_folder_is_a_fixed_random_choice(monkeypatch):
     assert colorize.load_val_images(paths, 8, limit=20)[1] == used  # the same images at every evaluation
     assert colorize.load_val_images(paths[:20], 8, limit=20)[1] == list(range(20))  # a holdout of --holdout
     assert colorize.load_val_images(paths, 8, limit=20, first=True)[1] == list(range(20))  # runs from before
+    # Unreadable images and grayscale ones (no colour to predict) are skipped, the gray ones kept for classify
+    # (keep_gray); each image is its centre crop at short side `crop`, here an 8 x 12 image's columns 2..9.
+    # Neither the skipping of gray images nor the crop's scale was seen by any test.
+    colour = {i: rng(i).integers(0, 256, (8, 12, 3), dtype=np.uint8) for i in range(6)}
+    colour[3] = np.repeat(colour[3][..., :1], 3, axis=2)
+
+    def load(path, min_short_side=None):
+        if path.endswith('01.JPEG'):
+            raise data.BadImage(path, 'truncated')
+        return colour[int(path[-7:-5])]
+    monkeypatch.setattr(data, 'load_rgb', load)
+    paths = [f'/val/{i:02d}.JPEG' for i in range(6)]
+    images, used = colorize.load_val_images(paths, 8, limit=20)
+    assert used == [0, 2, 4, 5] and torch.equal(images, torch.from_numpy(np.stack(
+        [colour[i][:, 2:10] for i in used])).permute(0, 3, 1, 2))
+    assert colorize.load_val_images(paths, 8, limit=20, keep_gray=True)[1] == [0, 2, 3, 4, 5]
 
 
 def test_a_run_from_before_the_random_validation_choice_keeps_its_validation_images(folders, tmp_path, monkeypatch):
