@@ -6309,6 +6309,15 @@ def test_feature_shift_sees_only_the_changed_layer():
     assert shift['fc7'] < 0.99
 
 
+def test_feature_shift_images_are_centre_crops_at_the_crop_size(tmp_path):
+    """The images CKA is measured on: each test image's centre crop at short side --crop, an 8 x 12 image's
+    columns 2..9 for crop 8, by hand (cropping at another short side passed every test)."""
+    a = rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / 'a.png')
+    got = ft.held_out_images([str(tmp_path / 'a.png')], 8)
+    assert torch.equal(got, torch.from_numpy(a[:, 2:10]).permute(2, 0, 1)[None])
+
+
 def test_feature_shift_of_identical_models_is_one():
     torch.manual_seed(0)
     trunk = MODELS['vgg16'](in_channels=1, batchnorm=False, **TINY)
