@@ -5650,8 +5650,13 @@ def test_evaluate_classifier_top1_by_hand():
             return torch.stack([-m, m], 1) * 10
     images = torch.stack([torch.full((3, 8, 8), v, dtype=torch.uint8) for v in (10, 20, 240, 250)])
     labels = torch.tensor([0, 1, 1, 1])  # the second is mislabelled: 3 of 4 right
-    metrics = colorize.evaluate_classifier(Fixed(), images, labels, None, torch.device('cpu'))
+    model = Fixed()
+    metrics = colorize.evaluate_classifier(model, images, labels, None, torch.device('cpu'))
     assert metrics['top1'] == 0.75
+    # Training goes on in train mode after an evaluation: left in eval mode, --objective classify trained
+    # on after its step-0 evaluation with BatchNorm's running statistics (no sample grid follows to reset
+    # it, as for colorization), and every test passed.
+    assert model.training
 
 
 # ================================================================================================
@@ -7934,6 +7939,7 @@ def test_evaluation_colour_figures_by_hand():
     images[0, 0] = images[1, 2] = 255
     args = argparse.Namespace(loss='l2', points=16, border=4, target_window=7, lightness_weight=False)
     m = colorize.evaluate(net, images, args, torch.device('cpu'))
+    assert net.training  # back in train mode (the run's sample grid after it reset the mode, hiding a miss)
     (L_r, a_r, b_r), (L_b, a_b, b_b) = SRGB_LAB_TABLE[0][1], SRGB_LAB_TABLE[2][1]
 
     def gray_psnr(L):  # CIE L* -> Y, sRGB-encoded; against a primary: one channel at 1, two at 0
