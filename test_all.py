@@ -5061,6 +5061,14 @@ def test_classify_step_weighs_gray_photos_and_not_unreadable_ones():
     other = images.clone()
     other[3] = 255 - other[3]
     assert loss(images, [ok, gray, gray, bad]) == loss(other, [ok, gray, gray, bad])
+    # Each step's gradient is its own batch's, not summed over the steps before (four ran above):
+    # autograd of the mean cross-entropy of the 3 counted images, on a copy. (Without the zero_grad, every
+    # test passed.)
+    ref = copy.deepcopy(model)
+    ref.zero_grad()
+    F.cross_entropy(ref(lab.lightness_input(lab.rgb_to_lab(other)))[:3], labels[:3]).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_loss_norm_under_ddp(monkeypatch):
