@@ -5071,6 +5071,19 @@ def test_classify_step_weighs_gray_photos_and_not_unreadable_ones():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_both_classifiers_average_pool_the_deepest_tap():
+    """colorize.Classifier (--objective classify) and finetune_voc.VOCClassifier: the deepest tap, averaged over
+    its cells (F.adaptive_avg_pool2d to 1 x 1), then the linear layer. Max-pooling instead passed every test."""
+    torch.manual_seed(0)
+    trunk = alexnet(width=1 / 16, fc_dim=16).eval()
+    x = torch.randn(2, 1, 64, 64)
+    for model, linear in ((colorize.Classifier(trunk, classes=3), 'fc'), (ft.VOCClassifier(trunk), 'classifier')):
+        with torch.no_grad():
+            deepest = trunk(x)[-1]
+            assert deepest.shape[-2:] == (2, 2)
+            torch.testing.assert_close(model(x), getattr(model, linear)(F.adaptive_avg_pool2d(deepest, 1).flatten(1)))
+
+
 def test_loss_norm_under_ddp(monkeypatch):
     # Two replicas with 5 and 1 valid pixels: each divides its sum by 6 / 2 = 3, so the average of
     # their gradients is that of the mean over the 6 pixels.
