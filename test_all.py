@@ -6868,6 +6868,19 @@ def test_segmentation_loss_counts_only_labelled_points():
     images = torch.zeros(1, 3, 12, 12, dtype=torch.uint8)
     loss = ft.train_loss(model, (images, labels), args, torch.device('cpu'))
     assert loss.item() == pytest.approx(math.log(21))
+    # Each point is scored against the label at its own (y, x): one labelled pixel, (2, 7) of a 6 x 10 map,
+    # where the model says class 3 with logit 1 (0 elsewhere): -log(e / (e + 20)), by hand; a label read at
+    # another pixel (here (y, x) swapped) is void, and the loss 0.
+    labels = torch.full((1, 6, 10), ft.IGNORE, dtype=torch.uint8)
+    labels[0, 2, 7] = 3
+
+    def model(x, points):
+        logits = torch.zeros(*points.shape[:2], 21)
+        logits[..., 3] = ((points[..., 0] == 2) & (points[..., 1] == 7)).float()
+        return logits
+    args.points = 4
+    loss = ft.train_loss(model, (torch.zeros(1, 3, 6, 10, dtype=torch.uint8), labels), args, torch.device('cpu'))
+    assert loss.item() == pytest.approx(math.log(math.e + 20) - 1)
 
 
 def test_segmentation_prediction_reads_cells_at_their_centres():
