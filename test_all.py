@@ -6998,16 +6998,21 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     assert 'novoc' in capsys.readouterr().err and (tmp_path / 'mine').is_dir()
 
 
+def _finished_cls_run(folder, init, args, map_11point, map_area=None):
+    """A finished classification run's folder as --summarize reads it: results.json with `init`, `args` and the
+    two mAPs (the area one: the 11-point one unless given)."""
+    folder.mkdir()
+    (folder / 'results.json').write_text(json.dumps(dict(init=init, args=args, metrics=dict(
+        map_voc07_11point=map_11point, map_noninterpolated=map_11point if map_area is None else map_area))))
+    return folder
+
 def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
     def result(folder, init, seed, value, lr=0.001, step=None, dropout=0.5):
-        folder.mkdir()
-        (folder / 'results.json').write_text(json.dumps(dict(
-            init=dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init,
-                      **({} if step is None else dict(step=step, digest=f'{step:016x}'))),
-            args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
-                      extended_fov=False, seed=seed, lr=lr, scale=[0.5, 2.0], dropout=dropout),
-            metrics=dict(map_voc07_11point=value, map_noninterpolated=value / 2))))
-        return folder
+        return _finished_cls_run(
+            folder, dict(kind='colorization' if init != 'random' else 'random', path=None if init == 'random' else init,
+                         **({} if step is None else dict(step=step, digest=f'{step:016x}'))),
+            dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
+                 extended_fov=False, seed=seed, lr=lr, scale=[0.5, 2.0], dropout=dropout), value, value / 2)
     runs = [result(tmp_path / f'c{i}', 'c.pt', i, v) for i, v in enumerate((0.50, 0.60, 0.70))]
     runs += [result(tmp_path / f'r{i}', 'random', i, v) for i, v in enumerate((0.20, 0.30))]
     rows = ft.summarize(runs)
@@ -7064,13 +7069,9 @@ def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, caps
     # (test_crops is a flag of the group: 'retested' is one of the runs tested with 10; logging, saving and
     # the feature shift, measured after the metrics, are no flags of it: 'relogged' changed them mid-run.)
     def result(name, seed, value, resumptions=()):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
-            init=dict(kind='random', path=None),
-            args=dict(task='cls', arch='alexnet', input='lab', steps=4, lr=0.01, seed=seed, test_crops=10,
-                      resumptions=list(resumptions)),
-            metrics=dict(map_voc07_11point=value, map_noninterpolated=value))))
-        return tmp_path / name
+        return _finished_cls_run(tmp_path / name, dict(kind='random', path=None), dict(
+            task='cls', arch='alexnet', input='lab', steps=4, lr=0.01, seed=seed, test_crops=10,
+            resumptions=list(resumptions)), value)
     lr_changed = dict(step=2, changed={'steps': [2, 4], 'lr': [0.001, 0.01]}, trained_by=None)
     late = result('late', 3, 0.9, [dict(step=4, changed={'lr': [0.1, 0.01]})])  # trained at 0.1
     rows = ft.summarize([result('straight', 0, 0.2), result('crashed', 1, 0.4, [dict(step=2, changed={})]),
@@ -7109,14 +7110,11 @@ def test_summarize_keeps_other_weights_at_one_init_path_apart(tmp_path, capsys):
     # A pre-training folder redone (another --loss or --subset, the same step count): the fine-tuning
     # runs name one file and step, but their digests say they started from other weights.
     def result(name, digest, seed, value, loss):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
-            init=dict(kind='colorization', path='pre/checkpoint.pt', step=20, digest=digest,
-                      config=dict(arch='vgg16', loss=loss)),
-            args=dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
-                      extended_fov=False, seed=seed),
-            metrics=dict(map_voc07_11point=value, map_noninterpolated=value))))
-        return tmp_path / name
+        return _finished_cls_run(
+            tmp_path / name, dict(kind='colorization', path='pre/checkpoint.pt', step=20, digest=digest,
+                                  config=dict(arch='vgg16', loss=loss)),
+            dict(task='cls', arch='vgg16', input='lab', steps=10, label_fraction=None, freeze=False,
+                 extended_fov=False, seed=seed), value)
     runs = [result('hc0', 'a' * 16, 0, 0.30, 'huechroma'), result('hc2', 'a' * 16, 2, 0.50, 'huechroma'),
             result('l2-1', 'b' * 16, 1, 0.90, 'l2')]
     rows = ft.summarize(runs)
@@ -7704,11 +7702,8 @@ def test_summarize_groups_resnet_runs_whatever_their_fc_dim(tmp_path, capsys):
     # and the CPU default 1024: the same network, so one group of two seeds, not two groups of one. For
     # VGG-16 the width of fc6/fc7 is the network's: two groups.
     def result(name, arch, seed, fc_dim):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
-            init=dict(kind='random'), args=dict(task='cls', arch=arch, seed=seed, fc_dim=fc_dim),
-            metrics=dict(map_voc07_11point=0.5, map_noninterpolated=0.5))))
-        return tmp_path / name
+        return _finished_cls_run(tmp_path / name, dict(kind='random'),
+                                 dict(task='cls', arch=arch, seed=seed, fc_dim=fc_dim), 0.5)
     assert [r['runs'] for r in ft.summarize([result('a', 'resnet50', 0, 16), result('b', 'resnet50', 1, 1024)])] == [2]
     assert 'fc_dim' not in capsys.readouterr().out
     assert [r['runs'] for r in ft.summarize([result('c', 'vgg16', 0, 16), result('d', 'vgg16', 1, 1024)])] == [1, 1]
