@@ -1089,18 +1089,20 @@ class VOCClassification(torch.utils.data.Dataset):
 
     views=None (training): dataset[(index, sample_seed)] -> (uint8 (3, crop, crop), int8 (20,)).
     views=V (test): dataset[index] -> (uint8 (V, 3, crop, crop), int8 (20,)), V random crops drawn
-    with a seed fixed per image (EVAL_SEED), the same in every run.
+    with a seed fixed per image (EVAL_SEED and `ids[index]`, the image's place in the whole test split,
+    default its place here), the same in every run, --test-images or not.
     """
 
-    def __init__(self, paths, labels, crop, scale, views=None):
+    def __init__(self, paths, labels, crop, scale, views=None, ids=None):
         self.paths, self.labels = list(paths), torch.from_numpy(labels)
         self.crop, self.scale, self.views = crop, scale, views
+        self.ids = list(range(len(self.paths))) if ids is None else list(ids)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, item):
-        index, seed = item if self.views is None else (item, (EVAL_SEED, item))
+        index, seed = item if self.views is None else (item, (EVAL_SEED, self.ids[item]))
         rgb = _load(self.paths[index])
         rng = np.random.default_rng(seed)
         crops = [random_scale_crop(rgb, None, self.crop, self.scale, rng)[0] for _ in range(self.views or 1)]
@@ -1135,7 +1137,9 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
 
 def voc_sets(args):
-    """(training set, test set) for the task, after --label-fraction; UserError for missing data."""
+    """(training set, test set, test ids) for the task, after --label-fraction and --test-images; the
+    ids are the test images' places in the whole --test-split (their crops' seeds); UserError for
+    missing data."""
     if args.voc_root is None:
         try:
             demo = data.ensure_demo(args.demo_root)
@@ -1187,22 +1191,25 @@ def voc_sets(args):
     if 0 < args.test_images < len(test):
         print(f'evaluating on {args.test_images} of the {len(test)} {args.test_split} images (--test-images; '
               f'0 = all, as the paper)')
-        keep = set(data.subset(range(len(test)), args.test_images, seed=EVAL_SEED))
-        test = [test[i] for i in sorted(keep)]
+        test_ids = sorted(data.subset(range(len(test)), args.test_images, seed=EVAL_SEED))
+        test = [test[i] for i in test_ids]
+    else:
+        test_ids = list(range(len(test)))
     if len(train) < args.batch_size:
         raise UserError(f'{len(train)} training images are fewer than one batch of {args.batch_size}; '
                         f'use a smaller --batch-size or a larger --label-fraction')
-    return train, test
+    return train, test, test_ids
 
 
 def _paths_and_labels(items):
     return [p for p, _ in items], np.stack([labels for _, labels in items]).astype(np.int8)  # (N, 20)
 
 
-def make_datasets(args, train, test):
+def make_datasets(args, train, test, test_ids=None):
     if args.task == 'cls':
         return (VOCClassification(*_paths_and_labels(train), args.crop, tuple(args.scale)),
-                VOCClassification(*_paths_and_labels(test), args.crop, tuple(args.scale), views=args.test_crops))
+                VOCClassification(*_paths_and_labels(test), args.crop, tuple(args.scale), views=args.test_crops,
+                                  ids=test_ids))
     return (VOCSegmentation(train, args.crop, tuple(args.scale), train=True), VOCSegmentation(test, train=False))
 
 
@@ -1572,8 +1579,8 @@ def _run(args, run_lock):
     refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
     if args.resume:
         fork_run(args.resume_path, args.out, ('log.jsonl',))
-    train_items, test_items = voc_sets(args)
-    train_set, test_set = make_datasets(args, train_items, test_items)
+    train_items, test_items, test_ids = voc_sets(args)
+    train_set, test_set = make_datasets(args, train_items, test_items, test_ids)
     print(f'{args.task}: {len(train_set)} training images ({args.train_split}'
           + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
           + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init'

@@ -6951,6 +6951,23 @@ def test_label_fraction_is_fixed_by_its_own_seed(voc):
     assert set(subset(0, 0, 0.25)) <= set(half)  # nested for one label seed
 
 
+def test_test_crops_of_an_image_do_not_depend_on_test_images(voc):
+    """An image's test crops are drawn from its place in the whole test split: the same with
+    --test-images N as in a full run (a seed by its place in the shorter list would move them)."""
+    def test_set(*flags):
+        args = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', voc, '--test-crops', '3',
+                                               '--batch-size', '2', *flags]), torch.device('cpu'))
+        return ft.make_datasets(args, *ft.voc_sets(args))[1]
+    full, part = test_set(), test_set('--test-images', '3')
+    assert len(part) == 3 < len(full)
+    # The documented draw, by hand: the sorted first 3 of default_rng(EVAL_SEED)'s permutation of the split.
+    places = sorted(np.random.default_rng(ft.EVAL_SEED).permutation(len(full))[:3].tolist())
+    assert places != [0, 1, 2] and part.paths == [full.paths[i] for i in places]
+    for k, i in enumerate(places):
+        assert torch.equal(part[k][0], full[i][0]) and torch.equal(part[k][1], full[i][1])
+    assert not torch.equal(full[places[-1]][0], full[2][0])  # the crops differ between images
+
+
 def test_label_fraction_warns_of_classes_it_leaves_without_a_positive(voc, capsys):
     # The share is random, not stratified: a small one can leave a class with no positive image.
     args = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', voc, '--label-fraction', '0.25',
