@@ -40,8 +40,9 @@ RGB_TO_XYZ = (  # linear sRGB (D65) -> XYZ, IEC 61966-2-1
     (0.2126729, 0.7151522, 0.0721750),
     (0.0193339, 0.1191920, 0.9503041),
 )
-LAB_EPSILON = (6.0 / 29.0) ** 3  # f(t) switches from cube root to the linear segment here
-LAB_KAPPA = 3.0 * (6.0 / 29.0) ** 2  # slope denominator of the linear segment: t / KAPPA + 4/29
+LAB_DELTA = 6.0 / 29.0  # CIE delta: f is a cube root above LAB_DELTA^3, f^-1 a cube above LAB_DELTA
+LAB_EPSILON = LAB_DELTA ** 3  # f(t) switches from cube root to the linear segment here
+LAB_KAPPA = 3.0 * LAB_DELTA ** 2  # slope denominator of the linear segment: t / KAPPA + 4/29
 
 L_CENTER, L_SCALE = 50.0, 50.0  # network input: (L - 50) / 50, L in [0, 100] -> [-1, 1]
 AB_SCALE = 50.0  # a*, b* fed as input (finetune --input lab) are divided by this
@@ -107,6 +108,8 @@ def _no_autocast(x):
 
 
 class _Null:
+    """A context manager that does nothing (contextlib.nullcontext, without a third import to copy along)."""
+
     def __enter__(self):
         return None
 
@@ -137,11 +140,14 @@ def linear_to_srgb(c):
 
 
 def _f(t):
+    """CIE 1976 f(t) of XYZ / white (any shape): t^(1/3) above LAB_EPSILON, else t / LAB_KAPPA + 4/29.
+    Clamped inside the cube root so that torch.where never differentiates t^(-2/3) at t <= 0."""
     return torch.where(t > LAB_EPSILON, t.clamp(min=LAB_EPSILON) ** (1.0 / 3.0), t / LAB_KAPPA + 4.0 / 29.0)
 
 
 def _f_inv(t):
-    return torch.where(t > 6.0 / 29.0, t ** 3, LAB_KAPPA * (t - 4.0 / 29.0))
+    """The exact inverse of _f (any shape): t^3 above LAB_DELTA (= f(LAB_EPSILON)), else LAB_KAPPA (t - 4/29)."""
+    return torch.where(t > LAB_DELTA, t ** 3, LAB_KAPPA * (t - 4.0 / 29.0))
 
 
 def rgb_to_lab(rgb):
