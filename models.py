@@ -482,13 +482,13 @@ class HypercolumnNet(nn.Module):
             return self._dense(x, stride)
         tile = -(-tile // align) * align  # origins on every map's grid and on the output grid
         out = None
-        for y in range(0, H, tile):
+        for y0 in range(0, H, tile):
             for x0 in range(0, W, tile):
-                top, left = max(0, y - margin), max(0, x0 - margin)
-                part = self._dense(x[..., top:min(H, y + tile + margin), left:min(W, x0 + tile + margin)], stride)
+                top, left = max(0, y0 - margin), max(0, x0 - margin)
+                part = self._dense(x[..., top:min(H, y0 + tile + margin), left:min(W, x0 + tile + margin)], stride)
                 if out is None:
                     out = part.new_empty(*part.shape[:2], -(-H // stride), -(-W // stride))
-                rows = slice(y // stride, -(-min(H, y + tile) // stride))  # the cells of this tile
+                rows = slice(y0 // stride, -(-min(H, y0 + tile) // stride))  # the cells of this tile
                 cols = slice(x0 // stride, -(-min(W, x0 + tile) // stride))
                 out[..., rows, cols] = part[..., rows.start - top // stride:rows.stop - top // stride,
                                             cols.start - left // stride:cols.stop - left // stride]
@@ -501,7 +501,7 @@ class HypercolumnNet(nn.Module):
         stride); finer taps are resampled first."""
         H, W = x.shape[-2:]
         grid_size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
-        fc1, out = self.head.fc1, self.head.out
+        fc1, fc_out = self.head.fc1, self.head.out
         # Taps of one stride and map size are concatenated (with their column blocks), so that
         # each stride costs one conv and, for the coarse ones, one resampling of its head_dim-
         # channel result. Finer taps all go to the grid first and share one conv.
@@ -529,7 +529,7 @@ class HypercolumnNet(nn.Module):
             hidden = part.to(torch.promote_types(part.dtype, torch.float32)) if hidden is None else hidden.add_(part)
         hidden = hidden.add_(fc1.bias.view(1, -1, 1, 1))
         hidden = self.head.dropout(self.head.relu(hidden))
-        return F.conv2d(hidden.to(out.weight.dtype), out.weight[:, :, None, None], out.bias)
+        return F.conv2d(hidden.to(fc_out.weight.dtype), fc_out.weight[:, :, None, None], fc_out.bias)
 
 
 def receptive_field(trunk):
