@@ -2647,10 +2647,10 @@ def _wnid(k):
 def _image_labels(instances):
     """VOC image-level labels (20,) from instances: 1 if a non-difficult instance is present,
     0 if only difficult ones, -1 if none."""
-    lab = np.full(len(VOC_CLASSES), -1, np.int8)
+    labels = np.full(len(VOC_CLASSES), -1, np.int8)
     for k, _, difficult in instances:
-        lab[k] = 1 if not difficult else max(lab[k], 0)
-    return lab
+        labels[k] = 1 if not difficult else max(labels[k], 0)
+    return labels
 
 
 def _void_band(label, radius):
@@ -2691,10 +2691,12 @@ def _render_job(job):
 
 
 def _run_jobs(kind, out_dir, seed, stream, n, size_range, quality, pool, chunk=64):
+    """Render scenes [0, n) of `stream` as `kind` (see _render_job), `chunk` scenes per job, in `pool` if
+    given. Returns the image labels, one int8 (20,) row per scene in scene order, for 'voc07'; [] otherwise."""
     jobs = [(kind, out_dir, seed, stream, i, min(i + chunk, n), size_range, quality)
             for i in range(0, n, chunk)]
     results = pool.map(_render_job, jobs) if pool is not None else map(_render_job, jobs)
-    return [lab for labels in results for lab in labels]
+    return [row for rows in results for row in rows]
 
 
 def make_demo_world(root, n_train=4000, n_val=200, seed=0, size_range=(160, 256), quality=90,
