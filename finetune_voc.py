@@ -405,7 +405,7 @@ def multilabel_loss(logits, labels):
     return loss / logits.shape[0]
 
 
-def confusion_matrix(pred, label, num_classes=21, ignore=255):
+def confusion_matrix(pred, label, num_classes=len(SEG_CLASSES), ignore=IGNORE):
     """Confusion counts (num_classes, num_classes), rows = true class, columns = predicted class.
 
     pred, label: integer arrays of the same shape (torch tensors on any device, or numpy arrays);
@@ -1057,11 +1057,11 @@ def _load_label(path):
         label = data.load_label(path)
     except ValueError as e:  # BadImage: missing, truncated, not an image, another mode
         raise UserError(f'cannot read VOC mask {e}; re-extract the dataset') from None
-    wrong = np.unique(label[(label > len(data.VOC_CLASSES)) & (label != 255)])
+    wrong = np.unique(label[(label > len(data.VOC_CLASSES)) & (label != IGNORE)])
     if wrong.size:
         raise UserError(f'VOC mask {path} holds {"values" if wrong.size > 1 else "value"} '
                         f'{", ".join(map(str, wrong[:5].tolist()))}{", ..." if wrong.size > 5 else ""}, where a '
-                        f'mask holds class indices 0..{len(data.VOC_CLASSES)} and 255 (void): map them to those')
+                        f'mask holds class indices 0..{len(data.VOC_CLASSES)} and {IGNORE} (void): map them to those')
     return label
 
 
