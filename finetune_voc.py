@@ -220,6 +220,10 @@ def unread_flags_problem(args):
     return None
 
 
+# The intervals that fill_defaults derives from --steps (recorded as in colorize.py, STEP_INTERVALS there).
+STEP_INTERVALS = ('log_every', 'save_every')
+
+
 def fill_defaults(args, device):
     """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges."""
     refuse_non_finite(args)
@@ -270,10 +274,6 @@ def fill_defaults(args, device):
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
     warn_unread_fc_dim(args)  # last: a run refused above prints its error alone
     return args
-
-
-# The intervals that fill_defaults derives from --steps (recorded as in colorize.py, STEP_INTERVALS there).
-STEP_INTERVALS = ('log_every', 'save_every')
 
 
 def cpu_note(args):
