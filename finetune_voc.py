@@ -1202,10 +1202,13 @@ def voc_sets(args):
 
 
 def _paths_and_labels(items):
+    """[(path, int8 (20,) labels)] -> (paths, int8 (N, 20)), as VOCClassification takes them."""
     return [p for p, _ in items], np.stack([labels for _, labels in items]).astype(np.int8)  # (N, 20)
 
 
 def make_datasets(args, train, test, test_ids=None):
+    """(training dataset, test dataset) of the task from voc_sets' items: VOCClassification (the test with
+    --test-crops views per image, seeded by `test_ids`) or VOCSegmentation (the test on whole images)."""
     if args.task == 'cls':
         return (VOCClassification(*_paths_and_labels(train), args.crop, tuple(args.scale)),
                 VOCClassification(*_paths_and_labels(test), args.crop, tuple(args.scale), views=args.test_crops,
@@ -1232,10 +1235,10 @@ def train_loss(model, batch, args, device):
             logits = model(x)
         return multilabel_loss(logits.float(), target)
     points = sample_labelled_points(target, args.points)  # (B, P, 2)
-    labels = target.long()[torch.arange(len(target), device=device)[:, None], points[..., 0], points[..., 1]]
+    labels = target.long()[torch.arange(len(target), device=device)[:, None], points[..., 0], points[..., 1]]  # (B, P)
     with autocast(device):
         logits = model(x, points)  # (B, P, 21)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),  # (B*P, 21), (B*P,)
                            ignore_index=IGNORE, reduction='sum')
     return loss / (labels != IGNORE).sum().clamp(min=1)
 
@@ -1632,6 +1635,8 @@ def _run(args, run_lock):
 
 
 def run_feature_shift(model, initial_state, test_items, args, device):
+    """--feature-shift (RQ4): linear CKA per tap between the trunk at `initial_state` and the fine-tuned
+    `model`, on --shift-images held-out test images; printed, written to feature_shift.json and returned."""
     before = copy.deepcopy(model)
     before.load_state_dict(initial_state)
     chosen = held_out_paths(test_items, args.shift_images)
