@@ -2179,6 +2179,46 @@ def test_lab_and_models_stand_alone():
     assert not roots & {p.stem for p in HERE.glob('*.py')}, roots
 
 
+def test_lab_and_models_run_copied_alone(tmp_path):
+    """STYLE.md practice 1 by trial: lab.py and models.py, each copied alone into an empty folder, run the
+    README's first "Using lab.py and models.py" block (VGG-16 at width 1/16 so that it takes seconds) and
+    lab.py's docstring example in a fresh interpreter that cannot see this repository, and load no other
+    file of it."""
+    text = (HERE / 'README.md').read_text()
+    block = re.search(r'## Using lab\.py and models\.py in your own code\n.*?```python\n(import torch, lab\n.*?)```',
+                      text, re.S)
+    assert block, 'README: the first block of "Using lab.py and models.py" is gone'
+    full = "build_model('vgg16', lab.output_dim('huechroma'))"
+    assert full in block.group(1), 'README: the block no longer builds the VGG-16 this test shrinks'
+    (tmp_path / 'example.py').write_text(block.group(1).replace(full, full[:-1] + ', width=1 / 16, fc_dim=32)'))
+    for name, folder in (('lab.py', 'a'), ('models.py', 'b')):
+        (tmp_path / folder).mkdir()
+        shutil.copy(HERE / name, tmp_path / folder / name)
+    script = textwrap.dedent(f"""
+        import json, sys, textwrap
+        sys.path[:0] = [{str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}]
+        scope = {{}}
+        exec(open({str(tmp_path / 'example.py')!r}).read(), scope)
+        import lab, models
+        lines = lab.__doc__.split('\\n')
+        start = lines.index('    import torch')
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith('    '))
+        exec(textwrap.dedent('\\n'.join(lines[start:end])), {{}})
+        print(json.dumps(dict(files=[lab.__file__, models.__file__], modules=sorted(sys.modules),
+                              logits=list(scope['logits'].shape), ab=list(scope['ab'].shape),
+                              loss=scope['loss'].item(), folded=type(scope['deploy']).__name__)))
+        """)
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONSTARTUP')}
+    run = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out['files'] == [str(tmp_path / 'a' / 'lab.py'), str(tmp_path / 'b' / 'models.py')]
+    assert set(out['modules']) & {p.stem for p in HERE.glob('*.py')} == {'lab', 'models'}
+    assert out['logits'] == [4, 128, 64] and out['ab'] == [4, 2, 56, 56] and math.isfinite(out['loss'])
+    assert out['folded'] == 'HypercolumnNet'
+
+
 def test_voc_palette_standard_values():
     # Values of the VOC devkit colour map (VOClabelcolormap.m), as published.
     table = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
