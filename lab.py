@@ -224,7 +224,7 @@ def lightness_input(lab):
 
 def lab_input(lab):
     """Colour network input for transfer: ((L - 50) / 50, a / 50, b / 50), shape (..., 3, H, W); for sRGB
-    colours a / 50 is in [-1.72, 1.97] and b / 50 in [-2.16, 1.89]. Float32 (float64 for float64)."""
+    colours a / 50 is in [-1.73, 1.97] and b / 50 in [-2.16, 1.89]. Float32 (float64 for float64)."""
     L, a, b = _float(_image(lab, 'lab_input', 'L*a*b*')).unbind(-3)
     return torch.stack([(L - L_CENTER) / L_SCALE, a / AB_SCALE, b / AB_SCALE], dim=-3)
 
