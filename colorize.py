@@ -1061,6 +1061,16 @@ def kept_path(path, step):
     return path.with_name(f'{path.stem}-step{step:07d}.pt')
 
 
+def kept_checkpoints(out):
+    """The kept checkpoints (kept_path) in the run folder `out`, in step order, read from their names: the
+    step's 7 digits grow to 8 from step 10,000,000 on, which a sort by name would put before step 2,000,000.
+    A name with no step in it (checkpoint-step*.pt by hand) comes last."""
+    def step(path):
+        match = KEPT_NAME.fullmatch(path.name)
+        return (0, int(match[1]), path.name) if match else (1, 0, path.name)
+    return sorted(Path(out).glob('checkpoint-step*.pt'), key=step)
+
+
 def keep_checkpoint(path, step):
     """A second name for the checkpoint just written at `path`, kept_path(path, step), which
     later checkpoints leave alone: a hard link (no copy; the next checkpoint.pt replaces its own name
@@ -1113,7 +1123,7 @@ def refuse_to_overwrite(out, resume_path=None):
     checkpoint being continued (None for a fresh run), the only one that `out` may hold."""
     path = Path(out) / 'checkpoint.pt'
     if not path.exists():
-        kept = sorted(Path(out).glob('checkpoint-step*.pt'))  # --keep-every's, of a run whose checkpoint.pt is gone
+        kept = kept_checkpoints(out)  # --keep-every's, of a run whose checkpoint.pt is gone
         if kept:
             raise UserError(f'--out {out} holds kept checkpoints of an earlier run ({kept[0].name}, ...), which '
                             f'this run could replace: choose another --out (or move them away)')
@@ -1132,7 +1142,7 @@ def refuse_to_overwrite(out, resume_path=None):
 RUN_LOCK = '.lock'  # in a run folder: held (flock) by the process that trains into it
 # What runs write into their folder (results.json, feature_shift.json: finetune_voc.py), and kept_path's names.
 RUN_FILES = ('checkpoint.pt', 'log.jsonl', 'run.json', 'results.json', 'feature_shift.json')
-KEPT_NAME = re.compile(r'checkpoint-step\d+\.pt')
+KEPT_NAME = re.compile(r'checkpoint-step(\d+)\.pt')
 
 
 def lock_run(out):

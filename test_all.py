@@ -6430,6 +6430,23 @@ def test_keep_every_keeps_checkpoints_to_fine_tune_from(folders, tmp_path, voc, 
     assert (tmp_path / 'runs' / 'voc-cls-vgg16-pre-step0000002-seed1' / 'checkpoint.pt').exists()
 
 
+def test_kept_checkpoints_are_in_step_order_on_both_sides_of_ten_million_steps(tmp_path):
+    # From step 10,000,000 on a kept name has 8 digits, and sorts by name before step 2,000,000's 7.
+    assert colorize.kept_path(tmp_path / 'checkpoint.pt', 10_000_000).name == 'checkpoint-step10000000.pt'
+    steps = ['checkpoint-step0000002.pt', 'checkpoint-step2000000.pt', 'checkpoint-step9999999.pt',
+             'checkpoint-step10000000.pt', 'checkpoint-step12000000.pt', 'checkpoint-step100000000.pt']
+    for name in [*steps[::-1], 'checkpoint-stepbest.pt', 'checkpoint.pt.tmp-x', 'log.jsonl']:
+        (tmp_path / name).write_bytes(b'')
+    assert [p.name for p in colorize.kept_checkpoints(tmp_path)] == [*steps, 'checkpoint-stepbest.pt']
+    # A folder of kept files alone is refused, and the message names its first step, not its first name.
+    late = tmp_path / 'late'
+    late.mkdir()
+    for name in ('checkpoint-step10000000.pt', 'checkpoint-step2000000.pt'):
+        (late / name).write_bytes(b'')
+    with pytest.raises(colorize.UserError, match=r'\(checkpoint-step2000000\.pt, \.\.\.\)'):
+        colorize.refuse_to_overwrite(late)
+
+
 def test_default_finetune_folder_names_what_sets_the_run_apart():
     def name(task='cls', **given):
         flags = dict(input=None, extended_fov=False, label_fraction=None, label_seed=0, freeze=False, seed=0)
