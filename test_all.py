@@ -8266,6 +8266,66 @@ def test_resume_drops_a_garbled_log_line(folders, tmp_path):
     assert [e['step'] for e in lines if not e.get('eval')] == [2, 4]
 
 
+def _trim_log_whole(path, step):
+    """trim_log as it was before it streamed (it read the whole log into memory): the reference."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_bytes().decode('utf-8', 'replace').splitlines():
+        try:
+            if json.loads(line)['step'] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    data.atomic_write(path, lambda f: f.write(''.join(line + '\n' for line in kept).encode()))
+
+
+def test_trim_log_streams_and_writes_what_the_whole_file_version_wrote(tmp_path, monkeypatch):
+    lines = [
+        b'{"step": 1, "loss": 3.5}', b'{"eval": true, "step": 1, "psnr": 21.0}', b'',
+        b'{"step": 2, "loss": 3.4}\r', b'{"step": 2.5}\r\n{"step": 3, "x": "a\xc3\xa9"}',  # \r and \r\n breaks
+        b'{"step": 2, "note": "caf\xff\xfe"}', b'{"step": 3, "cut": "\xe2\x82', b'\xac"}',  # bad / split UTF-8
+        b'{"step": 1}\xc2\x85{"step": 2}\xe2\x80\xa8{"step": 3}\x0b{"step": 1}\x1c{"step": 9}',  # other breaks
+        b'{"step": 99, "step": 1}', b'{"step": 1, "step": 99}', b'{"step": true}', b'{"step": "1"}',
+        b'{"step": null}', b'[1, 2]', b'7', b'{"loss": 1}', b'{"step": NaN}', b'{"step": -Infinity}',
+        b'{"step": 4, "loss": 3.1}', b'{"step": 5, "loss": 3.0}', b'{"eval": true, "step": 5}',  # later steps
+        b'{"step": 3, "lo\xff\xfe\x00\x00 garbage', b'\x00' * 40, b'{"step": 3, "loss": 2.9',  # a crash's end
+    ]
+    log = tmp_path / 'log.jsonl'
+    for step in (0, 3, 4, 99):
+        for end in (b'', b'\n'):
+            for name, trim in (('whole', _trim_log_whole), ('stream', colorize.trim_log)):
+                (tmp_path / name).write_bytes(b'\n'.join(lines) + end)
+                trim(tmp_path / name, step)
+            assert (tmp_path / 'stream').read_bytes() == (tmp_path / 'whole').read_bytes()
+    # By hand, at step 3: what a reader of the log sees.
+    log.write_bytes(b'\n'.join(lines))
+    colorize.trim_log(log, 3)
+    assert log.read_bytes().decode().splitlines() == [
+        '{"step": 1, "loss": 3.5}', '{"eval": true, "step": 1, "psnr": 21.0}', '{"step": 2, "loss": 3.4}',
+        '{"step": 2.5}', '{"step": 3, "x": "a\u00e9"}', '{"step": 2, "note": "caf\ufffd\ufffd"}',
+        '{"step": 1}', '{"step": 2}', '{"step": 3}', '{"step": 1}', '{"step": 99, "step": 1}', '{"step": true}',
+        '{"step": -Infinity}']
+    colorize.trim_log(tmp_path / 'missing.jsonl', 3)
+    assert not (tmp_path / 'missing.jsonl').exists()
+    # Written atomically (a temp file renamed over the log), and in memory that does not grow with the log.
+    written = []
+    monkeypatch.setattr(data, 'atomic_write', lambda path, write: written.append(path) or _atomic(path, write))
+    entry = data.json_text(dict(step=1, loss=3.25, lr=1e-3, img_per_s=1234.5, peak_mem_gb=1.5, bad=0, gray=0))
+    log.write_bytes((entry + '\n').encode() * 30_000)  # 3 MB
+    tracemalloc.start()
+    try:
+        colorize.trim_log(log, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written == [log] and log.read_bytes() == (entry + '\n').encode() * 30_000
+    assert peak < 0.5e6, f'{peak / 1e6:.1f} MB'  # 12.5 MB when it read the whole log (3 MB), 0.01 MB now
+
+
+_atomic = data.atomic_write
+
+
 def test_a_truncated_mask_is_one_line_naming_it(tmp_path, voc, capsys):
     # A mask cut short past its header passed the size check, then load_label's OSError('image file is
     # truncated') came out of the training loop (or a loader process) as a traceback naming no file; one cut
