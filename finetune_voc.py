@@ -993,8 +993,12 @@ def export(args):
              f'leaves exactly {final}.weight, {final}.bias missing' if not off else
              f'NOT loadable by torchvision.models.{args.arch}(): {" and ".join(off)}; the names are its own, so a '
              f'network built with these sizes loads it')
-    print(f'wrote {args.export} ({info["kind"]} init, BatchNorm folded): {loads}. '
-          f'Input: RGB in [0, 1] normalised with mean {IMAGENET_MEAN}, std {IMAGENET_STD}; conv1 folds '
+    # Folded: the BatchNorm of colorize.py's trunks and of torchvision's ResNets ('conv_bn'); a random trunk is
+    # made without, and torchvision's AlexNet and VGG-16 have none.
+    folded = info['kind'] in ('colorization', 'classification') or info['kind'] == 'torchvision' and any(
+        kind == 'conv_bn' for _, _, kind in torchvision_key_map(args.arch))
+    print(f'wrote {args.export} ({info["kind"]} init, {"BatchNorm folded" if folded else "no BatchNorm to fold"}): '
+          f'{loads}. Input: RGB in [0, 1] normalised with mean {IMAGENET_MEAN}, std {IMAGENET_STD}; conv1 folds '
           f'L* ~ {L_FROM_RGB[0]:.2f} + {L_FROM_RGB[1]:.2f} R + {L_FROM_RGB[2]:.2f} G + {L_FROM_RGB[3]:.2f} B.')
 
 

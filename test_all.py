@@ -6405,6 +6405,22 @@ def test_exported_conv1_sees_rgb(arch, stride, pad):
     assert not torch.allclose(tv[..., :1, :], ours_approx[..., :1, :], atol=1e-6)
 
 
+def test_export_says_whether_it_folded_batchnorm(tmp_path, capsys):
+    # A random trunk is made without BatchNorm, and torchvision's AlexNet has none: nothing was folded.
+    def said(name, *argv):
+        assert ft.main(['--export', str(tmp_path / name), *argv]) == 0
+        return capsys.readouterr().out.split(': ', 1)[0]
+    tiny = ['--width', '0.0625', '--fc-dim', '16']
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
+    assert said('a.pth', '--init', str(tmp_path / 'c.pt')) == \
+        f'wrote {tmp_path / "a.pth"} (colorization init, BatchNorm folded)'
+    assert said('b.pth', '--init', str(tmp_path / 'a.pth')).endswith('(torchvision init, no BatchNorm to fold)')
+    assert said('r.pth', '--init', 'random', '-a', 'alexnet', *tiny).endswith('(random init, no BatchNorm to fold)')
+    assert said('r50.pth', '--init', 'random', '-a', 'resnet50', '--width', '0.0625').endswith(
+        '(random init, no BatchNorm to fold)')
+    assert said('s50.pth', '--init', str(tmp_path / 'r50.pth')).endswith('(torchvision init, BatchNorm folded)')
+
+
 def test_export_command_writes_loadable_state_dict(tmp_path, capsys):
     colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
     assert ft.main(['--export', str(tmp_path / 'tv.pth'), '--init', str(tmp_path / 'c.pt')]) == 0
