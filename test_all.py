@@ -7142,8 +7142,10 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     assert ft.main(['--init', str(tmp_path / 'junk.pt'), '--voc-root', voc, '--device', 'cpu']) == 2
     assert 'could not be read' in capsys.readouterr().err
-    # Segmentation samples its pixels without replacement: no more than a crop holds.
-    assert ft.main(['--task', 'seg', '--init', 'random', '--crop', '8', '--points', '65', '--voc-root', voc,
+    # Segmentation samples its pixels without replacement: no more than a crop holds. (A tiny random trunk
+    # here and below: each of these runs builds it before it refuses, a full-width VGG-16 about 0.8 s.)
+    small = ['--width', '0.0625', '--fc-dim', '16']
+    assert ft.main(['--task', 'seg', '--init', 'random', *small, '--crop', '8', '--points', '65', '--voc-root', voc,
                     '--device', 'cpu', '--out', str(tmp_path / 'p')]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --points 65: a 8 crop has only 64 pixels') and len(err.strip().splitlines()) == 1
@@ -7156,10 +7158,10 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
         assert err == ('error: --crop 31 is too small for -a vgg16: its trunk needs inputs of at least 32 pixels on '
                        'each side; use --crop 32 or more\n')
     # Refused in the run folder it made, having written nothing there but its .lock: the folder is removed.
-    assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'q')]) == 2
+    assert ft.main(['--init', 'random', *small, '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'q')]) == 2
     assert 'novoc' in capsys.readouterr().err and not (tmp_path / 'q').exists()
     (tmp_path / 'mine').mkdir()  # a folder the user made stays
-    assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'mine')]) == 2
+    assert ft.main(['--init', 'random', *small, '--voc-root', str(tmp_path / 'novoc'), '--out', str(tmp_path / 'mine')]) == 2
     assert 'novoc' in capsys.readouterr().err and (tmp_path / 'mine').is_dir()
 
 
