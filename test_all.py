@@ -446,6 +446,31 @@ def test_loss_and_decode_refuse_logits_of_another_size():
                 lab.decode(kind, torch.zeros(bad), dim=dim)
 
 
+def test_an_unknown_loss_kind_is_refused_by_name():
+    # lab.py's loss functions, called from other code with a kind of loss they do not know (a typo, or
+    # the name of another formulation): a ValueError naming the kind and the three known ones, not None.
+    img = torch.stack([torch.full((1, 8, 8), 50.0), torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)], 1)
+    targets = lab.make_targets('l2', img, torch.full((1, 2, 2), 4))
+    calls = [lambda k: lab.output_dim(k), lambda k: lab.make_targets(k, img, torch.full((1, 2, 2), 4)),
+             lambda k: lab.color_loss(k, torch.zeros(1, 2, 2), targets), lambda k: lab.decode(k, torch.zeros(1, 2, 2))]
+    for call in calls:
+        for kind in ('hue_chroma', 'L2', ''):
+            with pytest.raises(ValueError, match=re.escape(f"unknown loss {kind!r}; expected one of "
+                                                           "('huechroma', 'l2', 'ab')")):
+                call(kind)
+
+
+def test_colour_conversions_run_on_a_device_without_autocast():
+    # The meta device (shapes only, used to plan memory) has no autocast: lab.py turns autocast off only
+    # where a device has it (torch.autocast('meta', enabled=False) raises a RuntimeError).
+    assert not torch.amp.is_autocast_available('meta')
+    rgb = torch.empty(2, 3, 5, 4, device='meta')
+    for f in (lab.rgb_to_lab, lab.lab_to_rgb, lab.lab_to_lch, lab.lch_to_lab):
+        out = f(rgb)
+        assert out.device.type == 'meta' and out.shape == (2, 3, 5, 4) and out.dtype == torch.float32, f
+    assert lab.decode('ab', torch.empty(2, 6, lab.output_dim('ab'), device='meta')).shape == (2, 6, 2)
+
+
 def test_kl_loss_with_a_masked_class():
     # A logit of -inf (a class masked out) where the target is 0 adds nothing: 0 log 0 = 0 (it was
     # 0 x -inf = NaN, the whole loss NaN). Hand value: hue one-hot on bin 3, uniform over the other 31
@@ -1410,6 +1435,34 @@ def test_fold_batchnorm_formula():
     synced = fold_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(block))
     torch.testing.assert_close(synced.conv.bias, folded.conv.bias)
     assert isinstance(synced.bn, nn.Identity)
+
+
+def test_fold_batchnorm_refuses_what_it_cannot_fold():
+    # A BatchNorm without running statistics has no sigma to fold; one outside a ConvBN has no conv to
+    # fold into. Each is refused by name and the model is left as it was (a silent skip would export a
+    # network that computes something else).
+    torch.manual_seed(0)
+    block = ConvBN(2, 3, 1)
+    block.bn = nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    weight = block.conv.weight.clone()
+    with pytest.raises(ValueError, match=re.escape('cannot fold a BatchNorm without running statistics '
+                                                   '(track_running_stats=False)')):
+        fold_batchnorm(block)
+    assert torch.equal(block.conv.weight, weight) and isinstance(block.bn, nn.BatchNorm2d)
+    loose = nn.Sequential(ConvBN(2, 3, 1), nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match=re.escape("BatchNorm layers ['1'] do not follow a conv inside a ConvBN")):
+        fold_batchnorm(loose)
+    assert isinstance(loose[0].bn, nn.BatchNorm2d)
+
+
+def test_sample_bilinear_refuses_points_of_another_shape():
+    # points (B, P, 2) as (y, x): (P, 2) for one image, (B, P, 3), or another batch size were read in silence
+    # or failed deep inside a gather.
+    feature = torch.zeros(2, 3, 4, 4)
+    assert sample_bilinear(feature, torch.zeros(2, 5, 2), 1).shape == (2, 5, 3)
+    for bad in ((5, 2), (2, 5, 3), (1, 5, 2), (2, 5, 2, 1)):
+        with pytest.raises(ValueError, match=re.escape(f'points must be (B=2, P, 2) pixel coordinates (y, x), got {bad}')):
+            sample_bilinear(feature, torch.zeros(bad), 1)
 
 
 # ---------------------------------------------------------------- registry, compile
@@ -5912,6 +5965,30 @@ def test_ap_matches_brute_force_thresholds():
             ap += (recall - last_recall) * precision
             last_recall = recall
         assert ft.average_precision(scores, labels) == pytest.approx(ap)
+
+
+def test_scores_refuse_inputs_they_would_misread():
+    # Functions another script may import and call: inputs of mismatched shapes would broadcast or pair
+    # up wrongly in silence, a label 2 is not VOC's, and one nan score would make the ranking, and so
+    # the AP, arbitrary: each is a ValueError that names what it found.
+    with pytest.raises(ValueError, match=re.escape('scores (3,) and labels (4,) must have the same shape')):
+        ft.average_precision([0.3, 0.2, 0.1], [1, -1, 1, -1])
+    with pytest.raises(ValueError, match=re.escape('scores (2, 3) and labels (3, 2) must have the same shape')):
+        ft.average_precision(np.zeros((2, 3)), np.ones((3, 2), int))
+    with pytest.raises(ValueError, match=re.escape('labels must be 1, -1 or 0 (difficult), found [-1, 1, 2]')):
+        ft.average_precision([0.3, 0.2, 0.1], [1, 2, -1])
+    with pytest.raises(ValueError, match=re.escape('labels must be 1, -1 or 0 (difficult), found [-1, 1, 2]')):
+        ft.average_precision(np.zeros((3, 2)), np.array([[1, 1], [-1, 2], [1, -1]]))  # checked per column too
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match='scores contain nan or inf'):
+            ft.average_precision([0.3, bad, 0.1], [1, -1, 1])
+    with pytest.raises(ValueError, match=re.escape('pred (2, 3) and label (3, 2) must have the same shape')):
+        ft.confusion_matrix(np.zeros((2, 3), int), np.zeros((3, 2), int), num_classes=3)
+    with pytest.raises(ValueError, match=re.escape('pred (6,) and label (2, 3) must have the same shape')):
+        ft.confusion_matrix(torch.zeros(6, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), num_classes=3)
+    for x, y in (((5, 3), (4, 3)), ((5, 3, 1), (5, 3)), ((5,), (5, 2))):
+        with pytest.raises(ValueError, match=re.escape(f'linear_cka needs (N, D) matrices with the same N, got {x} and {y}')):
+            ft.linear_cka(torch.zeros(x), np.zeros(y))
 
 
 def test_multilabel_loss_ignores_difficult():
