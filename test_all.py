@@ -6373,6 +6373,43 @@ def test_torchvision_resnet_batchnorm_import():
         ft.trunk_from_torchvision(sd, 'vgg16')
 
 
+def test_torchvision_import_reads_a_ddp_save_and_both_directions_refuse_what_they_cannot_map(monkeypatch):
+    # A state_dict saved from DataParallel / DDP (every key prefixed 'module.') is read as the plain one.
+    torch.manual_seed(0)
+    state = MODELS['alexnet'](in_channels=1, batchnorm=False, **TINY).state_dict()
+    sd = ft.export_torchvision(state, 'alexnet')
+    plain, arch = ft.trunk_from_torchvision(sd)
+    wrapped, wrapped_arch = ft.trunk_from_torchvision({f'module.{k}': v for k, v in sd.items()})
+    assert arch == wrapped_arch == 'alexnet' and list(wrapped) == list(plain)
+    assert all(torch.equal(wrapped[k], plain[k]) for k in plain)
+    # A prefix on some keys only is no such save: the keys are not torchvision's.
+    with pytest.raises(colorize.UserError, match='is neither a colorize.py checkpoint nor a torchvision'):
+        ft.trunk_from_torchvision({('module.' if k.startswith('features') else '') + k: v for k, v in sd.items()})
+    with pytest.raises(colorize.UserError, match=re.escape("x.pth is neither a colorize.py checkpoint nor a torchvision "
+                                                           "alexnet/resnet152/resnet50/vgg16 state_dict (first keys: "
+                                                           "['conv.weight', 'conv.bias'])")):
+        ft.trunk_from_torchvision({'conv.weight': torch.zeros(1), 'conv.bias': torch.zeros(1)}, source='x.pth')
+    # conv1 must see RGB (torchvision's input) on import and lightness on export.
+    gray = dict(sd, **{'features.0.weight': sd['features.0.weight'][:, :1]})
+    with pytest.raises(colorize.UserError, match=re.escape('x.pth: conv1 has 1 input channels, expected RGB (3)')):
+        ft.trunk_from_torchvision(gray, source='x.pth')
+    rgb = dict(state, **{'conv1.conv.weight': state['conv1.conv.weight'].expand(-1, 3, -1, -1)})
+    with pytest.raises(colorize.UserError, match='export expects a lightness .1-channel. conv1, found 3 input channels'):
+        ft.export_torchvision(rgb, 'alexnet')
+    # Layers torchvision's network lacks (the extended field of view's) are named, not dropped.
+    wide = MODELS['alexnet'](in_channels=1, batchnorm=False, extended_fov=True, **TINY).state_dict()
+    with pytest.raises(colorize.UserError, match=re.escape("does not match torchvision alexnet: missing [], unexpected ['fov1.conv.bias', "
+                                                      "'fov1.conv.weight', 'fov2.conv.bias', 'fov2.conv.weight'] "
+                                                      "(an --extended-fov or BatchNorm trunk?)")):
+        ft.export_torchvision(wide, 'alexnet')
+    # A trunk added to models.MODELS that is neither AlexNet, VGG-16 nor a ResNet (here a VGG-16 under
+    # another name) has no key map to guess: the error says where to write one.
+    monkeypatch.setitem(MODELS, 'vgg19', vgg16)
+    with pytest.raises(ValueError, match=re.escape("no torchvision key map for 'vgg19': there is one for alexnet, "
+                                                   "vgg16 and the ResNets (models._resnet); write its entries")):
+        ft.torchvision_key_map('vgg19')
+
+
 @pytest.mark.parametrize('arch', ['vgg16', 'resnet50'])
 def test_torchvision_weights_through_init_and_export(arch):
     # README (Inits, input and export), as measured with the real torchvision (.ci/torchvision_check.py):
