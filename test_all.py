@@ -7279,6 +7279,28 @@ def test_user_errors_are_one_line(tmp_path, voc, capsys):
     assert 'novoc' in capsys.readouterr().err and (tmp_path / 'mine').is_dir()
 
 
+def test_transfer_flags_out_of_range_and_resumes_of_the_wrong_file_are_one_line(tmp_path, capsys):
+    # Each refused before the devkit is read (there is none here) or any folder is made.
+    for flags, message in ((['--test-images', '-1'], '--test-images must be >= 0 (0 = all), got -1'),
+                           (['--scale', '2', '1'], '--scale 2.0 1.0: need 0 < LO <= HI'),
+                           (['--scale', '0', '1'], '--scale 0.0 1.0: need 0 < LO <= HI'),
+                           (['--label-fraction', '0'], '--label-fraction must be in (0, 1], got 0.0'),
+                           (['--label-fraction', '1.5'], '--label-fraction must be in (0, 1], got 1.5'),
+                           (['--resume'], '--resume needs --out DIR (the run folder) or the checkpoint path: --resume CKPT'),
+                           (['--resume', str(tmp_path / 'gone.pt')], f'--resume: {tmp_path / "gone.pt"} does not exist; '
+                            'start the run without --resume (or pass --out of a run)')):
+        assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--device', 'cpu', *flags]) == 2, flags
+        assert capsys.readouterr().err == f'error: {message}\n', flags
+    ft.fill_defaults(ft.parse_args(['--init', 'random', '--scale', '1', '1', '--label-fraction', '1', '--test-images', '0']),
+                     torch.device('cpu'))  # the edges of each range are taken
+    # A pre-training checkpoint is an --init, not a run to resume.
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
+    assert ft.main(['--resume', str(tmp_path / 'c.pt'), '--voc-root', str(tmp_path / 'novoc'), '--device', 'cpu']) == 2
+    assert capsys.readouterr().err == (f'error: --resume {tmp_path / "c.pt"} is not a finetune_voc.py checkpoint; '
+                                       'pass it as --init instead\n')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['c.pt']
+
+
 def _finished_cls_run(folder, init, args, map_11point, map_area=None):
     """A finished classification run's folder as --summarize reads it: results.json with `init`, `args` and the
     two mAPs (the area one: the 11-point one unless given)."""
