@@ -4779,6 +4779,31 @@ def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     img = _write_images(tmp_path / 'x', 1, 9)
     assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
     assert 'does not match the model' in capsys.readouterr().err
+    # Names that do not fit (here one weight renamed, as an edit of the model's code would), not shapes.
+    ckpt = _state(trained)
+    ckpt['model']['head.out.extra'] = ckpt['model'].pop('head.out.bias')
+    torch.save(ckpt, bad)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {bad} does not match the model: missing ['head.out.bias']..., "
+                                       "unexpected ['head.out.extra']... (1 missing, 1 unexpected)\n")
+    # Not a dict of "model" and "config"; a checkpoint of --objective classify (no colour head).
+    torch.save([torch.zeros(1)], bad)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
+    assert capsys.readouterr().err == (f'error: {bad} is not a colorize.py checkpoint (expected a dict with "model" '
+                                       'and "config")\n')
+    ckpt = _state(trained)
+    ckpt['config']['objective'] = 'classify'
+    torch.save(ckpt, bad)
+    assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
+    assert capsys.readouterr().err == f'error: {bad} was trained for classify, not colorization\n'
+    # The good checkpoint with an input that is not there, or a negative --net-short-side: nothing is written.
+    out = tmp_path / 'out'
+    for argv, message in (([str(img), str(tmp_path / 'gone.jpg')], f'--colorize {tmp_path / "gone.jpg"}: no such file or folder'),
+                          ([str(img), '--net-short-side', '-1'], "--net-short-side must be 0 (the photo's own size) or "
+                                                                 'positive, got -1')):
+        assert colorize.main(['--colorize', *argv, '--checkpoint', str(trained), '--output', str(out)]) == 2
+        assert capsys.readouterr().err == f'error: {message}\n'
+    assert not out.exists()
 
 
 def test_peak_memory_is_since_the_last_progress_line(monkeypatch):
