@@ -4174,6 +4174,8 @@ def test_errors_are_one_actionable_line(folders, tmp_path, capsys):
         (tiny_args(train, val, tmp_path / 'o6', '--steps', '1', '--batch-size', '30'), 'fewer than one batch'),
         (tiny_args(train, val, tmp_path / 'o7', '--steps', '1', '--target-window', '4'), '--target-window must be odd'),
         (tiny_args(train, val, tmp_path / 'o8', '--steps', '1', '--border', '-1'), '--border must be at least 0'),
+        (tiny_args(train, val, tmp_path / 'o8', '--steps', '1', '--short-side', '60', '40'),
+         '--short-side 60 40: LO must not exceed HI'),
         (tiny_args(train, val, tmp_path / 'o9', '--steps', '1', '--fc-dropout', '1'), '--fc-dropout is a probability'),
         (tiny_args(train, val, tmp_path / 'o10', '--steps', '1', '-a', 'resnet50', '--fc-dropout', '0.5'),
          'which resnet50 does not have'),
@@ -5688,6 +5690,13 @@ def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
         'alexnet-classify'  # not the colorization run's folder, whose checkpoint would refuse it
     with pytest.raises(colorize.UserError, match='--classes 1: give 2 to 3'):
         colorize.class_labels(colorize.parse_args(['--classes', '1']), labels['train_paths'], labels['val_paths'])
+    # Images all in one folder (no classes), and held-out images of no training class (nothing to score).
+    with pytest.raises(colorize.UserError, match=re.escape('--objective classify needs images in one folder per class '
+                                                           '(ImageNet train layout); found 1 folder(s) under --data')):
+        colorize.class_labels(colorize.parse_args([]), ['/d/all/0.jpg', '/d/all/1.jpg'], ['/v/all/0.jpg'])
+    with pytest.raises(colorize.UserError, match=re.escape('--objective classify: no held-out image belongs to the '
+                                                           'training classes; give --val-data with the same class')):
+        colorize.class_labels(colorize.parse_args([]), ['/d/cat/0.jpg', '/d/dog/0.jpg'], ['/v/cow/0.jpg'])
     # Resuming after the class folders changed would remap the labels: refused.
     (root / 'train' / 'n00000002').rename(root / 'train' / 'n00000009')
     capsys.readouterr()
