@@ -1676,6 +1676,17 @@ def test_find_images_errors(tmp_path):
     bad_list.write_text('missing/a.jpg\n')
     with pytest.raises(ValueError, match='does not exist'):
         data.find_images(bad_list, log=lambda s: None)
+    # A list of blank and comment lines only (an editor's template), a file that is no list, no roots at all.
+    bad_list.write_text('# one image path per line\n\n   \n')
+    with pytest.raises(ValueError, match=re.escape(f'image list {bad_list} holds no paths: expected one image path per '
+                                                   "line (relative to the list's folder), found only blank or # lines")):
+        data.find_images(bad_list, log=lambda s: None)
+    photo = tmp_path / 'photo.jpg'
+    photo.write_bytes(b'')
+    with pytest.raises(ValueError, match=re.escape(f'image root {photo} is a file but not a .txt list: expected a folder')):
+        data.find_images(photo, log=lambda s: None)
+    with pytest.raises(ValueError, match='find_images: expected at least one image folder or .txt list, got none'):
+        data.find_images([], log=lambda s: None)
 
 
 def test_a_listing_cache_edited_by_hand_is_rescanned_with_a_line(tmp_path):
@@ -7656,6 +7667,9 @@ def test_voc_lists_with_odd_lines_are_refused_in_one_line_naming_the_line(tmp_pa
     cls_lists('')
     with pytest.raises(ValueError, match=r'aeroplane_test\.txt lists no images'):
         data.voc_classification(tmp_path / 'VOC2007', 'test')
+    cls_lists('000001 1\n000002 2\n')  # a label that is not VOC's 1, -1 or 0 (difficult)
+    with pytest.raises(ValueError, match=r'aeroplane_test\.txt:2: expected "<image id> <1\|-1\|0>", found .000002 2.$'):
+        data.voc_classification(tmp_path / 'VOC2007', 'test')
     cls_lists('000001 1\n000002 -1\n000001 0\n')
     with pytest.raises(ValueError, match=r'aeroplane_test\.txt:3: 000001 is listed again \(first on line 1\)'):
         data.voc_classification(tmp_path / 'VOC2007', 'test')
@@ -7680,6 +7694,17 @@ def test_voc_lists_with_odd_lines_are_refused_in_one_line_naming_the_line(tmp_pa
         data.voc_segmentation(v12, 'train')
     (seg / 'train.txt').write_text('a\nb\n', encoding='utf-8-sig')
     assert [os.path.basename(p) for p, _ in data.voc_segmentation(v12, 'train')] == ['a.jpg', 'b.jpg']
+    # A list of no ids, ids whose files are not there, a split with no list.
+    (seg / 'val.txt').write_text('\n')
+    with pytest.raises(ValueError, match=r'val\.txt lists no images$'):
+        data.voc_segmentation(v12, 'val')
+    (seg / 'val.txt').write_text('a\nc\nd\n')
+    with pytest.raises(FileNotFoundError, match=re.escape(f"4 files listed in {seg / 'val.txt'} are missing, e.g. "
+                                                          f"{v12 / 'JPEGImages' / 'c.jpg'}; the images go in JPEGImages/")):
+        data.voc_segmentation(v12, 'val')
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{seg / 'trainval.txt'} not found: expected the VOC2012 "
+                                                          'devkit layout <root>/ImageSets/Segmentation/trainval.txt')):
+        data.voc_segmentation(v12, 'trainval')
 
 
 def test_voc_classification_refuses_class_files_listing_other_images(tmp_path):
@@ -7704,13 +7729,13 @@ def _extract_as_advised(message, members):
         target.write_text(text)
 
 
-@pytest.mark.parametrize('form', ['above', 'VOCdevkit', 'VOCdevkit/VOC2007', 'renamed', 'empty'])
+@pytest.mark.parametrize('form', ['above', 'VOCdevkit', 'VOCdevkit/VOC2007', 'renamed', 'empty', 'empty VOCdevkit'])
 def test_voc_missing_split_advice_fills_the_folder_given(tmp_path, form):
     """The advice of a missing split's error, followed literally, makes the same --voc-root work,
     whatever the form of the root (a devkit folder moved out of VOCdevkit/ and renamed included)."""
     devkit = {'above': 'VOCdevkit/VOC2007', 'VOCdevkit': 'VOCdevkit/VOC2007', 'VOCdevkit/VOC2007': 'VOCdevkit/VOC2007',
-              'renamed': 'voc07', 'empty': None}[form]
-    root = tmp_path / {'above': '.', 'renamed': 'voc07', 'empty': 'voc'}.get(form, form)
+              'renamed': 'voc07', 'empty': None, 'empty VOCdevkit': None}[form]
+    root = tmp_path / {'above': '.', 'renamed': 'voc07', 'empty': 'voc', 'empty VOCdevkit': 'VOCdevkit'}.get(form, form)
     root.mkdir(parents=True, exist_ok=True)
     if devkit:  # the trainval tar is there, the test tar is not
         main = tmp_path / devkit / 'ImageSets' / 'Main'
