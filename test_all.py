@@ -6074,6 +6074,32 @@ def test_confusion_and_miou_by_hand():
 
 # ---------------------------------------------------------------- loading colorization checkpoints
 
+def test_init_files_that_hold_no_usable_trunk_are_one_line(tmp_path):
+    # Each a UserError naming the file and what to pass instead (they were a traceback's KeyError or
+    # RuntimeError, or a fine-tuned checkpoint read as if it were pre-trained).
+    def init(obj, *flags):
+        torch.save(obj, tmp_path / 'x.pt')
+        return ft.initial_trunk(ft.parse_args(['--init', str(tmp_path / 'x.pt'), *flags]))
+    x = tmp_path / 'x.pt'
+    with pytest.raises(colorize.UserError, match=re.escape(f'--init {x} is neither a colorize.py checkpoint (a dict with '
+                                                           '"model" and "config") nor a state_dict of tensors')):
+        init([torch.zeros(1)])
+    colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
+    ckpt = torch.load(tmp_path / 'c.pt', weights_only=True)
+    assert init(ckpt)[1]['kind'] == 'colorization'  # as written: the edits below alone make it unusable
+    with pytest.raises(colorize.UserError, match=re.escape(f'--init {x} is a voc-cls checkpoint (fine-tuned by this '
+                                                           'script), not a pre-training one; pass the checkpoint.pt')):
+        init(dict(ckpt, config=dict(ckpt['config'], objective='voc-cls')))
+    with pytest.raises(colorize.UserError, match=re.escape(f"--init {x}: its config describes no model (") + r".*\): "
+                                                 r"KeyError: 'googlenet'$"):
+        init(dict(ckpt, config=dict(ckpt['config'], arch='googlenet')))
+    # A trunk state of another width than the transfer model's: the first mismatched layer is named.
+    state, _ = init(ckpt)
+    with pytest.raises(colorize.UserError, match=re.escape('ckpt does not fit a alexnet trunk of width 0.125: size '
+                                                           'mismatch for trunk.conv1.conv.weight')):
+        ft.make_finetune_model('cls', 'alexnet', state, 'ckpt', width=0.125, fc_dim=16)
+
+
 @pytest.mark.parametrize('arch', ['alexnet', 'vgg16', 'resnet50'])
 def test_colorize_checkpoint_folds_batchnorm(tmp_path, arch):
     reference = colorize_checkpoint(tmp_path / 'c.pt', arch)
@@ -7273,6 +7299,27 @@ def test_test_crops_of_an_image_do_not_depend_on_test_images(voc):
     for k, i in enumerate(places):
         assert torch.equal(part[k][0], full[i][0]) and torch.equal(part[k][1], full[i][1])
     assert not torch.equal(full[places[-1]][0], full[2][0])  # the crops differ between images
+
+
+def test_voc_sets_refuse_missing_images_and_fewer_images_than_a_batch(voc, tmp_path):
+    def sets(root, *flags):
+        return ft.voc_sets(ft.fill_defaults(ft.parse_args(['--task', 'cls', '--init', 'random', '--voc-root', str(root),
+                                                            *flags]), torch.device('cpu')))
+    # The devkit's 16 trainval images, or a quarter of them (round(0.25 x 16) = 4), against a batch of more.
+    with pytest.raises(colorize.UserError, match=re.escape('16 training images are fewer than one batch of 17; use a '
+                                                           'smaller --batch-size or a larger --label-fraction')):
+        sets(voc, '--batch-size', '17')
+    with pytest.raises(colorize.UserError, match='^4 training images are fewer than one batch of 5;'):
+        sets(voc, '--batch-size', '5', '--label-fraction', '0.25')
+    assert len(sets(voc, '--batch-size', '16')[0]) == 16 and len(sets(voc, '--batch-size', '4', '--label-fraction',
+                                                                      '0.25')[0]) == 4
+    # A listed JPEG that is not there (an extraction cut short): named, before any training.
+    shutil.copytree(Path(voc) / 'VOC2007', tmp_path / 'VOCdevkit' / 'VOC2007')
+    gone = sorted((tmp_path / 'VOCdevkit' / 'VOC2007' / 'JPEGImages').iterdir())[3]
+    gone.unlink()
+    with pytest.raises(colorize.UserError, match=re.escape(f'1 images listed in the VOC sets are missing, e.g. {gone}; '
+                                                           'extract JPEGImages completely')):
+        sets(tmp_path / 'VOCdevkit', '--batch-size', '2')
 
 
 def test_label_fraction_warns_of_classes_it_leaves_without_a_positive(voc, capsys):
