@@ -7454,6 +7454,16 @@ def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
         ft.summarize([tmp_path / 'killed'])
     with pytest.raises(ft.UserError, match='does not exist'):  # a folder of runs, not a run
         ft.summarize([tmp_path])
+    # The command line: the same table; a results.json of something else (or cut short) is one line.
+    capsys.readouterr()
+    assert ft.main(['--summarize', str(runs[3]), str(runs[4])]) == 0
+    assert 'init=random arch=vgg16 input=lab steps=10 | map_voc07_11point 25.0 +- 7.1 |' in capsys.readouterr().out
+    for text in ('{"metrics": {}}', '[1, 2]', '{"init": {"kind": "random"}, "args": {"ta'):
+        (tmp_path / 'other').mkdir(exist_ok=True)
+        (tmp_path / 'other' / 'results.json').write_text(text)
+        assert ft.main(['--summarize', str(runs[3]), str(tmp_path / 'other')]) == 2, text
+        assert capsys.readouterr().err == (f"error: --summarize: {tmp_path / 'other' / 'results.json'} is not a "
+                                           'results.json written by finetune_voc.py\n'), text
 
 
 def test_summarize_keeps_runs_resumed_with_another_schedule_apart(tmp_path, capsys):
