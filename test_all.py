@@ -2499,6 +2499,31 @@ def _quiet(_):
     pass
 
 
+def test_pack_progress_lines_count_images_as_packed(tmp_path):
+    # A line per task with log_every=0: images done of the total, the share, the bad and gray so far,
+    # counted by hand over a colour, a gray, a broken and a colour file, packed in that (name) order.
+    src = tmp_path / 'src'
+    _write_rgb(src / 'a.png')
+    _write_rgb(src / 'b.png', np.full((6, 8, 3), 90, np.uint8))
+    (src / 'c.jpg').write_bytes(b'not a JPEG')
+    _write_rgb(src / 'd.png')
+    lines = []
+    info = data.pack_images(str(src), tmp_path / 'pack', short_side=4, workers=1, chunk=2, task_size=1,
+                            log=lines.append, log_every=0)  # (one root as a str, not a list)
+    assert info['total'] == 4 and info['params']['roots'] == [str(src)]
+    progress = [re.sub(r', [\d,]+ img/s, ETA [^,]+,', ',', line) for line in lines if line.startswith('pack: ')]
+    assert progress == ['pack: 1/4 images (25.0%), 0 bad, 0 gray', 'pack: 2/4 images (50.0%), 0 bad, 1 gray',
+                        'pack: 3/4 images (75.0%), 1 bad, 1 gray', 'pack: 4/4 images (100.0%), 1 bad, 1 gray']
+    # The durations these lines and the summaries print, by hand (rounded to the second).
+    assert [data._duration(s) for s in (0, 59.4, 59.6, 61, 3599, 3600, 3725, 90061)] == [
+        '0 s', '59 s', '1 min 00 s', '1 min 01 s', '59 min 59 s', '1 h 00 min', '1 h 02 min', '25 h 01 min']
+    for short_side, quality in ((0, 85), (4, 0), (4, 101)):
+        with pytest.raises(ValueError, match=re.escape(f'pack: expected short_side >= 1 and quality in 1..100, got '
+                                                       f'{short_side} and {quality}')):
+            data.pack_images(src, tmp_path / 'p2', short_side=short_side, quality=quality, workers=1, log=_quiet)
+    assert not (tmp_path / 'p2').exists()
+
+
 def _reference_packed_jpeg(path, short_side, quality):
     """The bytes a pack should hold for `path`, by the Pillow calls pack_images documents: draft
     a JPEG to a 1/2^k scale with short side >= short_side, EXIF transpose, RGB,
