@@ -2091,6 +2091,9 @@ def test_color_images_statuses_and_workers(tmp_path, capsys):
         ds[0]
     val = data.ColorImages(paths, crop=32, short_side_range=40, train=False)
     assert torch.equal(val[0][0], val[(0, 99)][0])  # validation view ignores the seed
+    for lo_hi in ((48, 36), (0, 40), 0):  # a range given HI first, a short side of 0
+        with pytest.raises(ValueError, match=re.escape('short_side_range must be (lo, hi) with 0 < lo <= hi, got ')):
+            data.ColorImages(paths, 32, lo_hi)
     # Same batches whatever the number of workers.
     two = data.ColorImages(paths[:2], 32, (36, 48))
     sampler = data.InfiniteSampler(len(two), batch_size=2, seed=1)
@@ -2205,6 +2208,9 @@ def test_infinite_sampler_ranks_resume_epochs():
     assert data.InfiniteSampler(n, b, seed=8).batch(0) != data.InfiniteSampler(n, b, seed=7).batch(0)
     with pytest.raises(ValueError, match='fewer than one batch'):
         data.InfiniteSampler(10, 4, world_size=3)
+    for rank in (-1, 3):  # a rank of another world (RANK and WORLD_SIZE mixed up)
+        with pytest.raises(ValueError, match=re.escape(f'rank must be in [0, 3), got {rank}')):
+            data.InfiniteSampler(30, 4, rank=rank, world_size=3)
 
 
 def test_status_counter_and_bad_share():
