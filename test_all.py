@@ -8096,6 +8096,17 @@ def test_git_commit_says_when_the_code_had_uncommitted_changes(tmp_path, monkeyp
     assert colorize.git_commit() == head + '-dirty'
 
 
+def test_git_commit_is_none_without_git_or_when_git_hangs(tmp_path, monkeypatch):
+    # A machine without git (a container): the run records no commit (null in run.json), not an error.
+    monkeypatch.setenv('PATH', str(tmp_path))  # no git on it
+    assert shutil.which('git') is None and colorize.git_commit() is None
+    monkeypatch.undo()
+    def hangs(*args, **kwargs):  # a git waiting on a lock of a network file system, past the timeout
+        raise subprocess.TimeoutExpired(args[0], kwargs.get('timeout'))
+    monkeypatch.setattr(subprocess, 'run', hangs)
+    assert colorize.git_commit() is None
+
+
 def test_resumed_init_of_a_checkpoint_from_before_digests(capsys):
     """Older checkpoints recorded the init's path as typed and its step, no digest: the step decides."""
     args = argparse.Namespace(init='/r/c.pt', freeze=False, feature_shift=False)
