@@ -5775,6 +5775,10 @@ def test_validation_from_a_larger_folder_is_a_fixed_random_choice(monkeypatch):
     assert used == [0, 2, 4, 5] and torch.equal(images, torch.from_numpy(np.stack(
         [colour[i][:, 2:10] for i in used])).permute(0, 3, 1, 2))
     assert colorize.load_val_images(paths, 8, limit=20, keep_gray=True)[1] == [0, 2, 3, 4, 5]
+    # Held-out images all gray or unreadable: nothing to validate on, said (torch.stack of none would be a traceback).
+    for keep_gray, picked, word in ((False, ['01', '03'], 'colour '), (True, ['01'], '')):
+        with pytest.raises(colorize.UserError, match=f'^no usable {word}images among the {len(picked)} held-out images$'):
+            colorize.load_val_images([f'/val/{i}.JPEG' for i in picked], 8, keep_gray=keep_gray)
 
 
 def test_a_run_from_before_the_random_validation_choice_keeps_its_validation_images(folders, tmp_path, monkeypatch):
