@@ -449,6 +449,7 @@ def test_loss_and_decode_refuse_logits_of_another_size():
 def test_an_unknown_loss_kind_is_refused_by_name():
     # lab.py's loss functions, called from other code with a kind of loss they do not know (a typo, or
     # the name of another formulation): a ValueError naming the kind and the three known ones, not None.
+    # (color_loss and decode check the logits' size against output_dim first, which raises it.)
     img = torch.stack([torch.full((1, 8, 8), 50.0), torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)], 1)
     targets = lab.make_targets('l2', img, torch.full((1, 2, 2), 4))
     calls = [lambda k: lab.output_dim(k), lambda k: lab.make_targets(k, img, torch.full((1, 2, 2), 4)),
