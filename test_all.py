@@ -4831,6 +4831,17 @@ def test_colorize_rejects_mismatched_checkpoint(trained, tmp_path, capsys):
     assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
     assert capsys.readouterr().err == (f"error: checkpoint {bad} does not match the model: missing ['head.out.bias']..., "
                                        "unexpected ['head.out.extra']... (1 missing, 1 unexpected)\n")
+    for missing, unexpected in ((['head.out.bias'], []), ([], ['head.out.extra'])):  # each alone is refused too
+        ckpt = _state(trained)
+        for key in missing:
+            del ckpt['model'][key]
+        for key in unexpected:
+            ckpt['model'][key] = torch.zeros(1)
+        torch.save(ckpt, bad)
+        assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
+        assert capsys.readouterr().err == (f'error: checkpoint {bad} does not match the model: missing {missing}..., '
+                                           f'unexpected {unexpected}... ({len(missing)} missing, {len(unexpected)} '
+                                           'unexpected)\n')
     # Not a dict of "model" and "config"; a checkpoint of --objective classify (no colour head).
     torch.save([torch.zeros(1)], bad)
     assert colorize.main(['--colorize', str(img), '--checkpoint', str(bad)]) == 2
@@ -7841,6 +7852,7 @@ def test_voc_missing_split_advice_fills_the_folder_given(tmp_path, form):
                                        for cls in data.VOC_CLASSES})
     paths, labels = data.voc_classification(root, 'test')
     assert [os.path.basename(p) for p in paths] == ['000001.jpg'] and labels.shape == (1, 20)
+    assert not (tmp_path / 'VOCdevkit' / 'VOCdevkit').exists()  # (extracted in the VOCdevkit given, it works, nested)
 
 
 # ---------------------------------------------------------------- demo world
