@@ -8931,6 +8931,15 @@ def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, ca
         with pytest.raises(SystemExit) as exit:
             data.main(['verify', str(tmp_path / 'starting')])
         assert 'stopped before it recorded its progress (progress.json); run that command again' in capsys.readouterr().err
+    # ... and run again it packs there: the files of the stopped start go (a shard and bad image reasons of
+    # another listing, say), and the pack is the one made in a new folder, file for file.
+    (tmp_path / 'starting' / 'shard-00007.bin').write_bytes(b'x')
+    (tmp_path / 'starting' / 'bad.jsonl').write_text('{"index": 0, "reason": "of another listing"}\n')
+    assert data.pack_images([root], tmp_path / 'starting', short_side=32, workers=1, log=_quiet)['total'] == 6
+    assert data.verify_pack(tmp_path / 'starting', workers=1, log=_quiet) == []
+    assert sorted(os.listdir(tmp_path / 'starting')) == sorted(os.listdir(pack))
+    for name in ('names.bin', 'bad.jsonl', 'shard-00000.bin'):
+        assert (tmp_path / 'starting' / name).read_bytes() == (pack / name).read_bytes(), name
     # A pack of format version 1: no checksums; each stored image decodes (one without its JPEG start does not).
     old = _as_format_1(pack, tmp_path / 'old')
     failed = data.verify_pack(old, workers=1, log=_quiet)
