@@ -7369,6 +7369,25 @@ def test_voc_sets_refuse_missing_images_and_fewer_images_than_a_batch(voc, tmp_p
         sets(tmp_path / 'VOCdevkit', '--batch-size', '2')
 
 
+def test_voc_sets_without_voc_root_read_the_demo_world_at_demo_root(voc, tmp_path, monkeypatch, capsys):
+    # No --voc-root: the VOC-layout sets of the demo world at --demo-root (made on first use; here the
+    # tiny devkit stands in for it), the same sets as --voc-root of that folder; a foreign folder there is one line.
+    made = []
+    monkeypatch.setattr(data, 'ensure_demo', lambda root: made.append(root) or dict(root=os.path.dirname(voc)))
+    def sets(*flags):
+        return ft.voc_sets(ft.fill_defaults(ft.parse_args(['--task', 'seg', '--init', 'random', '--batch-size', '2',
+                                                            *flags]), torch.device('cpu')))
+    demo = sets('--demo-root', str(tmp_path / 'world'))
+    assert made == [tmp_path / 'world'] and demo == sets('--voc-root', voc)
+    assert capsys.readouterr().out == (f"no --voc-root given: using the demo world's VOC-layout set in {voc} "
+                                       '(generated on first use)\n')
+    def foreign(root):
+        raise ValueError(f'{root} exists and is not empty, but holds no complete demo world')
+    monkeypatch.setattr(data, 'ensure_demo', foreign)
+    with pytest.raises(colorize.UserError, match=f'^{re.escape(str(tmp_path))}/x exists and is not empty, but holds'):
+        sets('--demo-root', str(tmp_path / 'x'))
+
+
 def test_label_fraction_warns_of_classes_it_leaves_without_a_positive(voc, capsys):
     # The share is random, not stratified: a small one can leave a class with no positive image.
     args = ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', voc, '--label-fraction', '0.25',
