@@ -7447,7 +7447,8 @@ def test_transfer_flags_out_of_range_and_resumes_of_the_wrong_file_are_one_line(
                            (['--resume'], '--resume needs --out DIR (the run folder) or the checkpoint path: --resume CKPT'),
                            (['--resume', str(tmp_path / 'gone.pt')], f'--resume: {tmp_path / "gone.pt"} does not exist; '
                             'start the run without --resume (or pass --out of a run)')):
-        assert ft.main(['--init', 'random', '--voc-root', str(tmp_path / 'novoc'), '--device', 'cpu', *flags]) == 2, flags
+        assert ft.main(['--init', 'random', '--width', '0.0625', '--fc-dim', '16', '--voc-root', str(tmp_path / 'novoc'),
+                        '--device', 'cpu', *flags]) == 2, flags
         assert capsys.readouterr().err == f'error: {message}\n', flags
     ft.fill_defaults(ft.parse_args(['--init', 'random', '--scale', '1', '1', '--label-fraction', '1', '--test-images', '0']),
                      torch.device('cpu'))  # the edges of each range are taken
