@@ -3214,7 +3214,23 @@ def test_training_stops_when_the_loss_diverges(folders, voc, tmp_path, capsys, m
     assert _state(out / 'checkpoint.pt')['step'] == 2
     assert not (out / 'results.json').exists()
     calls.clear()
+    # No progress line before the checkpoint at 4: the NaN of step 3 is met in the checkpoint's window, and
+    # the checkpoint of step 2 stays as it was; the run goes on from it with --resume (here without the NaN).
+    out = tmp_path / 'ft-window'
+    argv = ['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(out), '--steps', '6', '--width',
+            '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '0', '--log-every', '6',
+            '--save-every', '2', '--test-crops', '1']
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err
+    assert 'training loss is nan at step 4 (over the steps since the last check)' in err
+    assert 'no checkpoint was written after it' in err and err.count('\n') == 1
+    assert _state(out / 'checkpoint.pt')['step'] == 2 and finite(_state(out / 'checkpoint.pt'))
+    assert len(calls) == 4 and not (out / 'results.json').exists()
     monkeypatch.undo()
+    assert ft.main([*argv, '--resume']) == 0
+    assert 'resumed from' in capsys.readouterr().out
+    assert _state(out / 'checkpoint.pt')['step'] == 6 and (out / 'results.json').exists()
+    calls.clear()
 
     def nan_after_third_update(update):  # as nan_weights_after_third: the loss of step 3 is finite
         def wrapped(optimizer, *a, **k):
