@@ -8091,6 +8091,14 @@ def test_a_mask_that_does_not_match_its_image_stops_the_run_before_training(tmp_
                     '--voc-root', str(root), '--steps', '2', '--batch-size', '2', '--crop', '32', '--workers', '0',
                     '--device', 'cpu', '--out', str(out)]) == 2
     assert 'cannot read VOC image or mask' in capsys.readouterr().err and not (out / 'checkpoint.pt').exists()
+    # A mask replaced after that check (mid-training, say) is found where it is read, as (width x height) each.
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / 'a.jpg')
+    Image.fromarray(np.zeros((24, 36), np.uint8)).save(tmp_path / 'a.png')
+    for train in (True, False):
+        dataset = ft.VOCSegmentation([(tmp_path / 'a.jpg', tmp_path / 'a.png')], 32, (1, 1), train=train)
+        with pytest.raises(ft.UserError, match=re.escape(f'{tmp_path / "a.png"} is 36x24 but {tmp_path / "a.jpg"} is '
+                                                         f'40x30; labels must match their images')):
+            dataset[(0, 0) if train else 0]
 
 
 def test_resume_after_the_init_file_changed(tmp_path, voc, capsys, monkeypatch):
