@@ -6988,6 +6988,19 @@ def test_classification_fc6_is_fully_connected_at_224(arch, fc6_cells):
     assert not ft.unpad_fc6(ft.build_transfer_model('cls', 'resnet50', **TINY).trunk, 224)  # no fc6
 
 
+def test_a_classification_run_says_when_fc6_runs_unpadded(tmp_path, voc, capsys):
+    # AlexNet's pool5 is crop / 32 (exact strides): 6 at a 192 crop, its fc6 kernel's size, so unpadded
+    # (one cell); 5 at 160, smaller than the kernel, so the padded conv stays, without the note.
+    note = ("fc6 runs unpadded at a 192 crop, as the protocol's fully connected fc6 (where pool5 is larger than its "
+            'kernel, at more than one position, averaged)')
+    for crop, said in (('192', True), ('160', False)):
+        assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                        '--voc-root', voc, '--steps', '1', '--batch-size', '2', '--workers', '0', '--test-crops', '1',
+                        '--test-images', '1', '--device', 'cpu', '--crop', crop, '--out', str(tmp_path / crop)]) == 0
+        out = capsys.readouterr().out
+        assert (note in out) == said and ('fc6 runs unpadded' in out) == said, crop
+
+
 def test_check_frozen_fails_loudly():
     torch.manual_seed(0)
     model = ft.build_transfer_model('cls', 'alexnet', **TINY)
