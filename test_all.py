@@ -5756,6 +5756,16 @@ def test_objective_classify_runs_with_folder_labels(tmp_path, capsys):
     merged = colorize.class_labels(colorize.parse_args([]), nested + ['/p/a/abbey/0.jpg'], nested[:1])
     assert merged['names'] == ['abbey', 'outdoor'] and merged['merged'] == {
         'outdoor': ['/p/a/apartment/outdoor', '/p/a/church/outdoor']}
+    # What a run says of it: a class split over two --data roots, its images one class.
+    shutil.copytree(root / 'train' / 'n00000001', tmp_path / 'more' / 'n00000001')
+    args = colorize.parse_args(['--data', str(root / 'train'), str(tmp_path / 'more'), '--val-data', str(root / 'val'),
+                                '--objective', 'classify', '--out', str(tmp_path / 'two-roots')])
+    capsys.readouterr()
+    train_paths, _, split, _, _ = colorize.training_data(args, None, None, True)
+    assert ('warning: 1 class folder name(s) occur in more than one place, and each is one class (the label is the '
+            f'folder name): e.g. n00000001 in {root / "train" / "n00000001"} and {tmp_path / "more" / "n00000001"}. '
+            'Right for a class split') in capsys.readouterr().out
+    assert [k for p, k in zip(train_paths, split['train']) if Path(p).parent.name == 'n00000001'] == [1] * 16
     assert colorize.default_out(colorize.parse_args(['-a', 'alexnet', '--objective', 'classify'])).name == \
         'alexnet-classify'  # not the colorization run's folder, whose checkpoint would refuse it
     with pytest.raises(colorize.UserError, match='--classes 1: give 2 to 3'):
