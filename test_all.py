@@ -3750,12 +3750,22 @@ def _torchrun(processes, args, log_dir):
 def test_torchrun_two_cpu_processes(folders, tmp_path):
     train, val = folders
     out = tmp_path / 'ddp'
-    result = _torchrun(2, tiny_args(train, val, out, '--steps', '4', '--batch-size', '2'), tmp_path / 'logs')
+    # Progress lines at 2 and 4, a checkpoint kept at 3: it holds the open window of step 3 (one step).
+    result = _torchrun(2, tiny_args(train, val, out, '--steps', '4', '--batch-size', '2', '--keep-every', '3'),
+                       tmp_path / 'logs')
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'world 2 (gloo DDP)' in result.stdout and 'step 4/4' in result.stdout
     assert json.loads((out / 'run.json').read_text())['world_size'] == 2
     ckpt = _state(out / 'checkpoint.pt')
     assert ckpt['step'] == 4 and ckpt['world'] == 2
+    assert ckpt['progress'] == dict(sums_by_rank=None, steps=0)  # the line of step 4 closed its window
+    # The window of step 3 as both ranks had it, gathered: one (loss, chroma, hue) each, loss = chroma + hue
+    # (the huechroma loss), the two ranks' different (their own images and pixels).
+    window = _state(out / 'checkpoint-step0000003.pt')['progress']
+    assert window['steps'] == 1 and len(window['sums_by_rank']) == 2
+    for total, chroma, hue in window['sums_by_rank']:
+        assert total == pytest.approx(chroma + hue, rel=1e-5) and chroma > 0 and hue > 0
+    assert window['sums_by_rank'][0] != window['sums_by_rank'][1]
     # Each rank read its own 4 x 2 images; the checkpoint and the last line count all 16.
     assert [sum(c) for c in ckpt['counts_by_rank']] == [8, 8] and sum(ckpt['counts']['counts']) == 16
     assert 'images 16:' in result.stdout
