@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -2496,6 +2497,31 @@ def test_ensure_demo_idempotent_and_atomic(demo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.ensure_demo(root, n_train=4, n_val=1, log=lines.append, **SMALL_VOC)
     assert not root.exists() and os.listdir(tmp_path) == []  # no half world, no temp folder
+
+
+def test_demo_rendered_by_two_processes_is_the_same_byte_for_byte(tmp_path, monkeypatch):
+    # One scene per job (not 64), so that the two worker processes take turns within each stream.
+    monkeypatch.setattr(data, '_run_jobs', functools.partial(data._run_jobs, chunk=1))
+    counts = dict(n_train=3, n_val=1, n_trainval_2007=2, n_test_2007=1, n_train_2012=2, n_val_2012=1)
+    one = data.ensure_demo(tmp_path / 'one' / 'demo', workers=1, log=_quiet, **counts)['root']
+    # Temp folders that a killed generation left: a dead process's is removed, a live one's kept, and names
+    # whose "pid" is no pid (too large for one, a digit that int() refuses) are left alone.
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    parent = tmp_path / 'two'
+    prefix = f'.demo.tmp-{socket.gethostname()}-'
+    for pid in (dead.pid, os.getppid(), 10 ** 20, '\u00b2'):
+        (parent / f'{prefix}{pid}').mkdir(parents=True)
+        (parent / f'{prefix}{pid}' / 'train').mkdir()
+    two = data.ensure_demo(parent / 'demo', workers=2, log=_quiet, **counts)['root']
+    assert sorted(os.listdir(parent)) == sorted(['demo', f'{prefix}{os.getppid()}', f'{prefix}{10 ** 20}',
+                                                 f'{prefix}\u00b2'])
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob('*') if p.is_file()}
+    made = files(one)
+    assert len([name for name in made if name.endswith(('.JPEG', '.jpg'))]) == sum(counts.values())
+    assert files(two) == made
 
 
 # ----------------------------------------------------------------------------------------------
