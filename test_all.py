@@ -8980,6 +8980,13 @@ def test_verify_names_the_damaged_files_and_images_of_a_copied_pack(tmp_path, ca
     rc, out = verify('lost', lambda c: os.remove(c / 'shard-00000.bin'))
     assert rc == 1 and out.out.count('cannot read shard-00000.bin (No such file or directory)') == 5
     assert out.out.splitlines()[0] == f'failed: {tmp_path / "lost" / "shard-00000.bin"} is missing'
+    # A complete.json of format version 2 without the files' CRC32s (edited by hand): said, the images still checked.
+    rc, out = verify('no_crc32', lambda c: (c / 'complete.json').write_text(json.dumps(
+        {k: v for k, v in json.loads((c / 'complete.json').read_text()).items() if k != 'crc32'})))
+    assert rc == 1 and out.out.splitlines() == [
+        f'failed: {tmp_path / "no_crc32" / "complete.json"} lacks the CRC32s of the files (its "crc32")',
+        f'pack {tmp_path / "no_crc32"} FAILED verification: 0 of 6 images; files to copy again from the original '
+        'pack: complete.json; then verify again (0 s)']
     # The files without a CRC32 of their own: index.npy (a status ok turned gray reads, but is wrong), names.bin.
     for name, damage in {'index.npy': lambda c: np.save(c / 'index.npy', index + np.array([0, 0, 0, 2, 0]) * (index[:, 3:4] == 0)),
                          'names.bin': lambda c: (c / 'names.bin').write_bytes((c / 'names.bin').read_bytes().replace(b'03.jpg', b'03.jpf'))}.items():
@@ -9139,6 +9146,15 @@ def test_a_damaged_pack_is_refused_in_one_line_and_a_lost_reason_is_not_fatal(tm
         'complete_no_params': (lambda c: (c / 'complete.json').write_text(json.dumps(
             {k: v for k, v in json.loads((c / 'complete.json').read_text()).items() if k != 'params'})),
             r'complete\.json lacks its parameters'),
+        'complete_cut': (lambda c: os.truncate(c / 'complete.json', 10), r'complete\.json is not valid JSON \('),
+        'complete_no_shards': (lambda c: (c / 'complete.json').write_text(json.dumps(
+            {k: v for k, v in json.loads((c / 'complete.json').read_text()).items() if k != 'shards'})),
+            r'complete\.json lacks its image count or shard lengths'),
+        'complete_count_text': (lambda c: (c / 'complete.json').write_text(json.dumps(
+            {**json.loads((c / 'complete.json').read_text()), 'total': '5'})), 'lacks its image count'),
+        'index_a_row_short': (lambda c: np.save(c / 'index.npy', np.load(pack / 'index.npy')[:4]),  # 5 images
+                              r'complete\.json says 5 images, but index\.npy has shape \(4, 5\) \(int64\) and '
+                              r'names-offsets\.npy \(6,\) \(int64\)'),
     }
     for name, (damage, message) in cases.items():
         with pytest.raises(ValueError, match=message) as err:
