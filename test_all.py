@@ -8758,6 +8758,27 @@ def test_a_full_disk_while_logging_or_packing_names_the_file(folders, tmp_path, 
     assert len(data.PackReader(pack)) == 24 and data.PackReader(pack).load_rgb(23).ndim == 3
 
 
+def test_ctrl_c_stops_pack_and_verify_with_the_shell_s_status(folders, tmp_path, monkeypatch, capsys):
+    # Ctrl-C: one line, no traceback, and status 130 (128 + SIGINT, as a shell reports a process that SIGINT
+    # ended), so that a script running `data.py pack` stops too; the same command goes on with the pack.
+    train, _ = folders
+    pack = tmp_path / 'pack'
+    argv = ['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '1']
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, '_pack_task', ctrl_c)
+    assert data.main(argv) == 130
+    assert capsys.readouterr().err == 'interrupted: run the same command again to continue\n'
+    assert not (pack / 'complete.json').exists()
+    monkeypatch.setattr(data, 'verify_pack', ctrl_c)
+    assert data.main(['verify', str(pack)]) == 130
+    assert capsys.readouterr().err == 'interrupted\n'
+    monkeypatch.undo()
+    assert data.main(argv) == 0
+    assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
+
+
 def test_resume_drops_a_garbled_log_line(folders, tmp_path):
     # A machine crash can leave garbage (not UTF-8) at the end of log.jsonl; trim_log read it with
     # read_text() and the resume died with a UnicodeDecodeError traceback.
