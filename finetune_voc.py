@@ -1118,7 +1118,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
     """VOC2012 (image, label) pairs.
 
     train=True: dataset[(index, sample_seed)] -> (uint8 (3, crop, crop), uint8 (crop, crop)),
-    random scale (none by default), crop (image padded with mid grey, label with 255) and flip.
+    random scale in `scale` = (lo, hi) (the script's default (1, 1): none), crop (image padded with mid grey,
+    label with 255) and flip.
     train=False: dataset[index] -> the whole image uint8 (3, H, W) and its label uint8 (H, W).
     """
 
