@@ -6708,6 +6708,10 @@ def test_export_says_whether_it_folded_batchnorm(tmp_path, capsys):
     colorize_checkpoint(tmp_path / 'c.pt', 'alexnet')
     assert said('a.pth', '--init', str(tmp_path / 'c.pt')) == \
         f'wrote {tmp_path / "a.pth"} (colorization init, BatchNorm folded)'
+    # colorize.py --objective classify's trunk (the supervised baseline) has colorize.py's BatchNorm too.
+    config = dict(arch='alexnet', objective='classify', loss='huechroma', classes=['a', 'b'], **TINY)
+    torch.save(dict(model=colorize.make_model(config).state_dict(), config=config), tmp_path / 'k.pt')
+    assert said('k.pth', '--init', str(tmp_path / 'k.pt')).endswith('(classification init, BatchNorm folded)')
     assert said('b.pth', '--init', str(tmp_path / 'a.pth')).endswith('(torchvision init, no BatchNorm to fold)')
     assert said('r.pth', '--init', 'random', '-a', 'alexnet', *tiny).endswith('(random init, no BatchNorm to fold)')
     assert said('r50.pth', '--init', 'random', '-a', 'resnet50', '--width', '0.0625').endswith(
