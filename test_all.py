@@ -6174,6 +6174,10 @@ def test_confusion_and_miou_by_hand():
     assert scores['pixel_acc'] == pytest.approx(5 / 7)
     torch_conf = ft.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), num_classes=3)
     np.testing.assert_array_equal(torch_conf.numpy(), expected)
+    # The defaults are VOC's: 21 classes (background and the 20 object classes), 255 void.
+    voc = ft.confusion_matrix(pred, label)
+    assert voc.shape == (21, 21) and voc.sum() == 7
+    np.testing.assert_array_equal(voc[:3, :3], expected)
     # A class never present nor predicted has no IoU and is left out of the mean.
     scores4 = ft.segmentation_scores(np.pad(expected, ((0, 1), (0, 1))))
     assert math.isnan(scores4['iou'][3]) and scores4['miou'] == pytest.approx(scores['miou'])
