@@ -7429,6 +7429,14 @@ def test_test_crops_of_an_image_do_not_depend_on_test_images(voc):
     for k, i in enumerate(places):
         assert torch.equal(part[k][0], full[i][0]) and torch.equal(part[k][1], full[i][1])
     assert not torch.equal(full[places[-1]][0], full[2][0])  # the crops differ between images
+    # A full run's crops are as before the places were passed (VOCClassification's default, its place there):
+    # image i's 3 crops drawn in turn from default_rng((EVAL_SEED, i)), on the image as Pillow reads it.
+    before = ft.VOCClassification(full.paths, full.labels.numpy(), full.crop, full.scale, views=3)
+    for i in (0, places[-1], len(full) - 1):
+        rng, rgb = np.random.default_rng((ft.EVAL_SEED, i)), np.asarray(Image.open(full.paths[i]).convert('RGB'))
+        crops = np.stack([ft.random_scale_crop(rgb, None, full.crop, full.scale, rng)[0] for _ in range(3)])
+        assert torch.equal(full[i][0], torch.from_numpy(crops).permute(0, 3, 1, 2))  # (3, 3, crop, crop)
+        assert torch.equal(before[i][0], full[i][0])
 
 
 def test_voc_sets_refuse_missing_images_and_fewer_images_than_a_batch(voc, tmp_path):
