@@ -1094,7 +1094,7 @@ def kept_path(path, step):
 
 def kept_checkpoints(out):
     """The kept checkpoints (kept_path) in the run folder `out`, in step order, read from their names: the
-    step's 7 digits grow to 8 from step 10,000,000 on, which a sort by name would put before step 2,000,000.
+    step has more than 7 digits from step 10,000,000 on, which a sort by name would put before step 2,000,000.
     A name with no step in it (checkpoint-step*.pt by hand) comes last."""
     def step(path):
         match = KEPT_NAME.fullmatch(path.name)
