@@ -51,6 +51,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -1218,8 +1219,30 @@ def _process_pool(workers):
     killed `pack` leaves none behind)."""
     fork = 'fork' in multiprocessing.get_all_start_methods() and sys.platform != 'darwin'
     ctx = multiprocessing.get_context('fork' if fork else 'spawn')
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_start,
                                                   initargs=(os.getpid(),))
+    if fork and hasattr(signal, 'pthread_sigmask'):
+        # The workers are forked now (on the first task), with SIGINT held back: a Ctrl-C that landed while
+        # os.fork ran its at-fork hooks would be lost (CPython ignores exceptions there) and the work go on.
+        # Held, it arrives as the mask is restored, a KeyboardInterrupt here.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            try:
+                pool.submit(int).result()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return pool
+
+
+def _pool_worker_start(parent):
+    """A forked pool worker's start: SIGINT unblocked (_process_pool forks with it held back), and
+    exit_with_parent(parent)."""
+    if hasattr(signal, 'pthread_sigmask'):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    exit_with_parent(parent)
 
 
 PARENT_CHECK_S = 1.0  # seconds between exit_with_parent's looks at the parent process

@@ -3023,7 +3023,8 @@ def test_pack_paths_are_joined_as_os_path_join_does_without_calling_it_per_image
 def test_pack_pools_fork_except_on_macos(monkeypatch):
     # Python's own default start method: spawn on macOS since 3.8 (fork may crash in the system
     # libraries' threads there), fork on Linux before 3.14 (the pool avoids 3.14's forkserver: a
-    # spawned worker imports torch). No worker starts: the pool starts them on its first task.
+    # spawned worker imports torch). A forked pool starts its workers at once (SIGINT held back: see
+    # test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost); a spawned one on its first task.
     fork = 'fork' if 'fork' in torch.multiprocessing.get_all_start_methods() else 'spawn'  # (Windows: no fork)
     for platform, method in (('linux', fork), ('darwin', 'spawn')):
         monkeypatch.setattr(sys, 'platform', platform)
@@ -8795,6 +8796,24 @@ def test_ctrl_c_stops_pack_and_verify_with_the_shell_s_status(folders, tmp_path,
     assert capsys.readouterr().err == 'interrupted\n'
     monkeypatch.undo()
     assert data.main(argv) == 0
+    assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
+
+
+def test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost(folders, tmp_path):
+    # A Ctrl-C that lands while the pool forks its workers arrives inside os.fork's at-fork hooks, where
+    # CPython prints "Exception ignored" and drops the KeyboardInterrupt: the pack ran on to the end with
+    # status 0. Simulated exactly: a hook (in a child Python: hooks cannot be removed) sends the SIGINT.
+    train, _ = folders
+    pack = tmp_path / 'pack'
+    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data\n"
+              "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+              "sys.exit(data.main(['pack', '--data', sys.argv[2], '--out', sys.argv[3], '--short-side', '32', "
+              "'--workers', '2']))\n")
+    run = subprocess.run([sys.executable, '-c', script, str(HERE), str(train), str(pack)], capture_output=True,
+                         text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (130, 'interrupted: run the same command again to continue\n')
+    assert not (pack / 'complete.json').exists()
+    assert data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '2']) == 0
     assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
 
 
