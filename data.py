@@ -1222,13 +1222,14 @@ def _process_pool(workers):
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_start,
                                                   initargs=(os.getpid(),))
     if fork and hasattr(signal, 'pthread_sigmask'):
-        # The workers are forked now (on the first task), with SIGINT held back: a Ctrl-C that landed while
-        # os.fork ran its at-fork hooks would be lost (CPython ignores exceptions there) and the work go on.
-        # Held, it arrives as the mask is restored, a KeyboardInterrupt here.
+        # The workers are forked now (by submit, in this thread: all of them, on a fork pool's first task), with
+        # SIGINT held back: a Ctrl-C that landed while os.fork ran its at-fork hooks would be lost (CPython
+        # ignores exceptions there) and the work go on. Held, it arrives as the mask is restored, a
+        # KeyboardInterrupt here. Not held while anything waits on the workers: Ctrl-C always stops a wait.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             try:
-                pool.submit(int).result()
+                pool.submit(int)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except BaseException:
