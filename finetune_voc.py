@@ -1211,7 +1211,7 @@ def _paths_and_labels(items):
     return [p for p, _ in items], np.stack([labels for _, labels in items]).astype(np.int8)  # (N, 20)
 
 
-def make_datasets(args, train, test, test_ids=None):
+def make_datasets(args, train, test, test_ids):
     """(training dataset, test dataset) of the task from voc_sets' items: VOCClassification (the test with
     --test-crops views per image, seeded by `test_ids`) or VOCSegmentation (the test on whole images)."""
     if args.task == 'cls':
