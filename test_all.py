@@ -774,7 +774,13 @@ def test_live_children_sees_a_child_but_not_the_pools_that_serve_the_process():
     own = subprocess.Popen(sleep)
     pool = subprocess.Popen(sleep + ['/site-packages/torch/_inductor/compile_worker/__main__.py'])
     try:
-        live = _live_children()  # Popen returns once the child has exec'd: its command line is its own
+        # Popen returns at the child's exec, but /proc's command line can be empty for a moment after
+        # that (seen on Python 3.13, about 3 in 100): wait until both read as their own.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+                Path(f'/proc/{p.pid}/cmdline').read_bytes() for p in (own, pool)):
+            time.sleep(0.01)
+        live = _live_children()
         assert own.pid in live and pool.pid not in live
     finally:
         for p in (own, pool):
