@@ -1647,25 +1647,10 @@ def _train(args, run_lock):
     ckpt, resume_path = open_run(args, device, world, master, run_lock)
     train_paths, val_paths, labels, held_out, train_list = training_data(args, ckpt, resume_path, master)
     if master:
-        task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
-        ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
-        print(f'{len(train_paths)} training images, {len(val_paths)} held-out; device {device}, world {world}{ddp}; '
-              f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
-              f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args, world)))
-
-    torch.manual_seed(args.seed)
-    model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    start, counter = 0, data.StatusCounter()
-    if ckpt is not None:
-        start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
-        if master:
-            print(f'resumed from {resume_path} at step {start}')
-        own = args.out / 'checkpoint.pt'
-        if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
-                and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
-            keep_checkpoint(own, start)
-    raw_model = model  # unwrapped: what is evaluated and saved (no 'module.' or '_orig_mod.' prefixes)
+        print(run_summary(args, device, world, len(train_paths), len(val_paths)))
+    raw_model, optimizer, counter, start = build_training(args, ckpt, resume_path, device, rank)
+    # raw_model stays unwrapped: what is evaluated and saved (no 'module.' or '_orig_mod.' prefixes)
+    model = raw_model
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     fast_model = torch.compile(model) if args.compile else model  # what the training steps run
@@ -1714,35 +1699,18 @@ def _train(args, run_lock):
             if log_now or step in (10, 100):  # early too: a broken dataset stops in seconds (all ranks, same steps)
                 check_bad_share(counter, args, world, device)
             if log_now:
-                # Every rank takes part: the replicas' mean is the loss over all their pixels (loss_norm).
-                means, rate = progress.take(all_reduce=dist.is_initialized())
-                problem = diverged(means, step, lr_at(step - 1, args))
-                if problem:
-                    raise UserError(problem)
-                if master:
-                    # lr_at(step - 1): the lr of the step just taken (`step` counts it already).
-                    entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
-                                 **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
-                                 bad=counter.bad, gray=counter.gray)
-                    print(progress_line(entry, args.steps, args.batch_size * world, parts), flush=True)
-                    log_line(log, entry)
+                log_progress(log, progress, counter, parts, step, args, device)
             with progress.paused():  # evaluation and saving do not count against img/s
                 keep = args.keep_every and step % args.keep_every == 0
                 save = step % args.save_every == 0 or last or keep or stopping
                 show = step % args.eval_every == 0 or last
                 if save or show:  # the sample grid too would make the folder anew (all ranks, same steps)
-                    problem = rank0_problem(log_gone(log, args.out / 'log.jsonl') if master else None)
-                    if problem:
-                        raise UserError(problem if master else f'rank 0: {problem}')
-                    window = progress.state(world)  # (every rank: the replicas' sums are gathered)
-                    problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
-                    if problem:  # in the steps since the last progress line: neither evaluate nor save them
-                        raise UserError(problem)
+                    # In the steps since the last progress line: neither evaluate nor save them.
+                    window = checked_window(log, args.out / 'log.jsonl', progress, step, lr_at(step - 1, args),
+                                            world, master)
                 if save:  # rank 0's weights are the ones saved (the replicas' are the same): every rank stops with it
-                    problem = rank0_problem(nonfinite_weights(raw_model, optimizer, step, lr_at(step - 1, args), saved,
-                                                              saved_step) if master else None)
-                    if problem:  # the last good checkpoint stays
-                        raise UserError(problem)
+                    refuse_nonfinite_weights(raw_model, optimizer, step, lr_at(step - 1, args), saved, saved_step,
+                                             master)
                 if master and show:
                     evaluate_and_show(raw_model, val, args, device, log, step)
                 if save:
@@ -1770,6 +1738,84 @@ def _train(args, run_lock):
         if dist.is_initialized():
             dist.barrier()
     return raw_model
+
+
+def log_progress(log, progress, counter, parts, step, args, device):
+    """The progress line of `step` (stdout and log.jsonl) over the steps since the last one; stops the run
+    (every rank at the same step) when their mean loss is not finite. Every rank calls it: the replicas' mean,
+    all-reduced (progress.take), is the loss over all their pixels (loss_norm). `log`: rank 0's open
+    log.jsonl, None on the other ranks, which print nothing. parts: the names of the loss parts (train_step)."""
+    means, rate = progress.take(all_reduce=dist.is_initialized())
+    problem = diverged(means, step, lr_at(step - 1, args))
+    if problem:
+        raise UserError(problem)
+    if log is not None:
+        # lr_at(step - 1): the lr of the step just taken (`step` counts it already).
+        entry = dict(step=step, loss=means[0], lr=lr_at(step - 1, args), img_per_s=rate,
+                     **dict(zip(parts, means[1:])), peak_mem_gb=peak_memory_gb(device),
+                     bad=counter.bad, gray=counter.gray)
+        # progress.images_per_step: args.batch_size x world, the global batch
+        print(progress_line(entry, args.steps, progress.images_per_step, parts), flush=True)
+        log_line(log, entry)
+
+
+def run_summary(args, device, world, n_train, n_val):
+    """The run's first line (rank 0 prints it): images, device and world, arch, task, crop, batch, steps, lr,
+    and on a CPU what its small defaults mean (cpu_note)."""
+    task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
+    ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
+    return (f'{n_train} training images, {n_val} held-out; device {device}, world {world}{ddp}; '
+            f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
+            f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args, world)))
+
+
+def build_training(args, ckpt, resume_path, device, rank):
+    """The model (unwrapped, on `device`, channels_last), its SGD optimizer and the image status counter, fresh
+    from --seed or restored from the --resume checkpoint `ckpt`; returns (model, optimizer, counter, start step).
+    Resuming in the run's own folder at a --keep-every step, it keeps the checkpoint that a stop between its
+    save and its keep left unkept. No collectives: DDP wraps the model after (its broadcast is train's)."""
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    start, counter = 0, data.StatusCounter()
+    if ckpt is not None:
+        start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
+        if master:
+            print(f'resumed from {resume_path} at step {start}')
+        own = args.out / 'checkpoint.pt'
+        if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
+                and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
+            keep_checkpoint(own, start)
+    return model, optimizer, counter, start
+
+
+def checked_window(log, path, progress, step, lr, world=1, master=True):
+    """The checks before a checkpoint (or a sample grid) is written at `step`, on every rank at the same
+    steps; returns the open window, progress.state(world), to save with it. Raises UserError (every rank
+    the same) when the log file `log` is no longer the file at `path` (the run folder removed: a checkpoint
+    would make it anew, without the run's log), or when the window's loss is not finite (diverged since the
+    last progress line: neither evaluate nor save those steps). `lr`: the lr of the step just taken.
+    Collectives in this order: rank0_problem's broadcast, then progress.state's all-gather (world > 1).
+    Shared by colorize.py and finetune_voc.py (one process: world 1, master), so the checks do not drift."""
+    problem = rank0_problem(log_gone(log, path) if master else None)
+    if problem:
+        raise UserError(problem if master else f'rank 0: {problem}')
+    window = progress.state(world)  # (every rank: the replicas' sums are gathered)
+    problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr)
+    if problem:
+        raise UserError(problem)
+    return window
+
+
+def refuse_nonfinite_weights(model, optimizer, step, lr, saved, saved_step, master=True):
+    """Raise UserError on every rank, the last good checkpoint `saved` (of `saved_step`) left as it is, when
+    rank 0's weights or optimizer state are no longer finite (nonfinite_weights); `lr`: the lr of the step
+    just taken. Rank 0's weights are the ones saved (the replicas' are the same), so it alone checks, and
+    every rank stops with it (rank0_problem: a collective, which every rank must reach)."""
+    problem = rank0_problem(nonfinite_weights(model, optimizer, step, lr, saved, saved_step) if master else None)
+    if problem:
+        raise UserError(problem)
 
 
 def check_bad_share(counter, args, world, device):
