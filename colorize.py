@@ -681,52 +681,15 @@ def image_sources(args, master, hold_out=True, held=None):
     hold_out=False (the benchmark, which never validates): without --val-data, no --holdout is set
     aside, and val is empty. held: the paths a resumed run set aside (its checkpoint's
     data.held_out), kept as they are when the listing has changed since (images added)."""
-    cache = args.out / 'cache'
     log = print if master else (lambda *a, **k: None)  # one listing line per root, from rank 0
     if args.data is None:
-        def make_demo():
-            try:
-                data.ensure_demo(args.demo_root)
-            except (ValueError, OSError) as e:  # a foreign folder where the demo should be, a full disk
-                return str(e)
-        problem = rank0_problem(make_demo() if master else None)  # every rank learns it (and none waits forever)
-        if problem:
-            raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
-        if dist.is_initialized():
-            # Another node may not see rank 0's demo world (a --demo-root on its own disk, /tmp say):
-            # the first rank of each node makes it there too, at once done where it is (a shared one).
-            first_on_node = not master and os.environ.get('LOCAL_RANK', '0') == '0'
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, make_demo() if first_on_node else None)
-            problem = next((f'rank {r} could not prepare the demo world: {p}' for r, p in enumerate(every) if p), None)
-            if problem:
-                raise UserError(problem)
+        prepare_demo_world(args, master)
         if master:
             print(f'no --data given: training on the demo world in {args.demo_root}')
         train = data.find_images([args.demo_root / 'train'], log=log)
         val = data.find_images([args.demo_root / 'val'], log=log)
     else:
-        def scan():
-            try:
-                return (data.find_images(args.data, cache_dir=cache, log=log),
-                        data.find_images(args.val_data, cache_dir=cache, log=log) if args.val_data else None), None
-            except (ValueError, FileNotFoundError) as e:
-                return None, str(e)
-        # Rank 0 scans (millions of files) and writes the listing cache; the other ranks then read it.
-        found, problem = scan() if master else (None, None)
-        if dist.is_initialized():
-            problem = rank0_problem(problem)  # also the barrier before the others read the cache
-            if not master and problem is None:
-                found, problem = scan()
-            # The ranks shard one list: a folder that changed between rank 0's scan and another's
-            # (no cache is written for a folder changed in the last seconds) would split different ones.
-            mine = None if problem else [data_identity(found[0]), found[1] and data_identity(found[1])]
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, (mine, problem))
-            problem = problem or listing_problem(every)
-        if problem:
-            raise UserError(problem)
-        train, val = found
+        train, val = listed_images(args, master, log)
         train = leave_out_run_folder(train, args.data, args.out, '--data', master)
         val = val and leave_out_run_folder(val, args.val_data, args.out, '--val-data', master)
         packed_twice(args, train + (val or []), master)
@@ -741,26 +704,89 @@ def image_sources(args, master, hold_out=True, held=None):
         if val is None and not hold_out:
             val = []
         elif val is None:
-            if args.objective == 'classify' and args.classes is not None:
-                # Held out from the chosen classes: drawn from all, most would be dropped with their class.
-                names = set(chosen_classes(args, train))
-                train = [p for p in train if class_folder(p) in names]
-                if held is not None:  # a run from before, held out from all classes: the others' were dropped
-                    held = [p for p in held if class_folder(p) in names] or held
-            if held is not None:  # the random choice below depends on the whole listing
-                kept = set(held) & set(train)
-                if master and len(kept) < len(held):
-                    print(f'warning: {len(held) - len(kept)} of the run\'s {len(held)} held-out images are no '
-                          f'longer in --data: ' + (f'it validates on the other {len(kept)}' if kept else
-                                                   'it validates on a new choice, not comparable with before'))
-                held = kept or None
-            if held is None:
-                if len(train) <= 2 * args.holdout:
-                    raise UserError(f'--data has {len(train)} images: too few to hold out --holdout '
-                                    f'{args.holdout} for validation; pass --val-data or a smaller --holdout')
-                held = set(data.subset(train, args.holdout, seed=HOLDOUT_SEED))
-            val = sorted(held)
-            train = [p for p in train if p not in held]
+            train, val = hold_out_val(args, train, held, master)
+    return train, val
+
+
+def prepare_demo_world(args, master):
+    """No --data: make the demo world in --demo-root (data.ensure_demo) where every rank can read it. Rank 0
+    makes it; under DDP the first rank of each other node too, as another node may not see rank 0's (a
+    --demo-root on its own disk, /tmp say; a shared one is then found done at once). Raises UserError on
+    every rank when one could not. Every rank must call it (collectives: rank0_problem's broadcast, then
+    all_gather_object under DDP)."""
+    def make_demo():
+        try:
+            data.ensure_demo(args.demo_root)
+        except (ValueError, OSError) as e:  # a foreign folder where the demo should be, a full disk
+            return str(e)
+    problem = rank0_problem(make_demo() if master else None)  # every rank learns it (and none waits forever)
+    if problem:
+        raise UserError(problem if master else f'rank 0 could not prepare the demo world: {problem}')
+    if dist.is_initialized():
+        first_on_node = not master and os.environ.get('LOCAL_RANK', '0') == '0'
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, make_demo() if first_on_node else None)
+        problem = next((f'rank {r} could not prepare the demo world: {p}' for r, p in enumerate(every) if p), None)
+        if problem:
+            raise UserError(problem)
+
+
+def listed_images(args, master, log):
+    """The listings of --data and --val-data: (train paths, val paths or None without --val-data), the same
+    on every rank. Rank 0 scans (millions of files) and writes the listing cache (in the run folder); under
+    DDP the other ranks then read it, and all compare theirs. Raises UserError on every rank when a rank
+    could not list, or listed other images. Every rank must call it (collectives under DDP: rank0_problem's
+    broadcast, then all_gather_object). log: where the listing lines go (rank 0's print)."""
+    cache = args.out / 'cache'
+
+    def scan():
+        try:
+            return (data.find_images(args.data, cache_dir=cache, log=log),
+                    data.find_images(args.val_data, cache_dir=cache, log=log) if args.val_data else None), None
+        except (ValueError, FileNotFoundError) as e:
+            return None, str(e)
+    found, problem = scan() if master else (None, None)
+    if dist.is_initialized():
+        problem = rank0_problem(problem)  # also the barrier before the others read the cache
+        if not master and problem is None:
+            found, problem = scan()
+        # The ranks shard one list: a folder that changed between rank 0's scan and another's
+        # (no cache is written for a folder changed in the last seconds) would split different ones.
+        mine = None if problem else [data_identity(found[0]), found[1] and data_identity(found[1])]
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (mine, problem))
+        problem = problem or listing_problem(every)
+    if problem:
+        raise UserError(problem)
+    return found
+
+
+def hold_out_val(args, train, held, master):
+    """--data without --val-data: set --holdout of the `train` paths aside for validation; returns (train
+    paths without them, val paths sorted). A fixed random choice (HOLDOUT_SEED) from the whole listing, or
+    for --objective classify --classes from the chosen classes' (the others dropped from train here). held:
+    the paths a resumed run set aside (its checkpoint's data.held_out), kept as far as they are still listed
+    (a warning for those that are not), so that images added to --data since do not change the choice."""
+    if args.objective == 'classify' and args.classes is not None:
+        # Held out from the chosen classes: drawn from all, most would be dropped with their class.
+        names = set(chosen_classes(args, train))
+        train = [p for p in train if class_folder(p) in names]
+        if held is not None:  # a run from before, held out from all classes: the others' were dropped
+            held = [p for p in held if class_folder(p) in names] or held
+    if held is not None:  # the random choice below depends on the whole listing
+        kept = set(held) & set(train)
+        if master and len(kept) < len(held):
+            print(f'warning: {len(held) - len(kept)} of the run\'s {len(held)} held-out images are no '
+                  f'longer in --data: ' + (f'it validates on the other {len(kept)}' if kept else
+                                           'it validates on a new choice, not comparable with before'))
+        held = kept or None
+    if held is None:
+        if len(train) <= 2 * args.holdout:
+            raise UserError(f'--data has {len(train)} images: too few to hold out --holdout '
+                            f'{args.holdout} for validation; pass --val-data or a smaller --holdout')
+        held = set(data.subset(train, args.holdout, seed=HOLDOUT_SEED))
+    val = sorted(held)
+    train = [p for p in train if p not in held]
     return train, val
 
 
