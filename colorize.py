@@ -336,7 +336,8 @@ def cpu_note(args, world=1):
 
 
 def fill_defaults(args, device, world):
-    """Machine- and data-dependent defaults (smaller ones on a CPU, which train() then says)."""
+    """Machine- and data-dependent defaults (smaller ones on a CPU, which train() then says); then the
+    settings refused (refuse_invalid_settings) and the flags that change nothing warned of."""
     cores = cores_of_this_process()  # first: under DDP a collective, which every rank must reach
     refuse_non_finite(args)
     d = GPU_DEFAULTS if device.type == 'cuda' else CPU_DEFAULTS
@@ -365,9 +366,20 @@ def fill_defaults(args, device, world):
     if getattr(args, 'sample_digits', None) is None:  # a fresh run; resume_settings sets a resumed one's
         args.sample_digits = max(SAMPLE_DIGITS, len(str(args.steps)))
     args.out = args.out or default_out(args)
+    refuse_invalid_settings(args)
+    # Warnings last, once no check above refuses the run (its error is then the one line to read).
+    warn_flags_that_change_nothing(args)
+    return args
+
+
+def refuse_invalid_settings(args):
+    """UserError for the first of the settings (after fill_defaults' defaults) that a run cannot use: a value
+    out of its range, or flags that contradict each other or that the run would ignore in silence (--val-data
+    without --data, --target-window with --loss l2, ...). Checked in a fixed order: a run with two of them
+    stops with the same one each time."""
+    typed = getattr(args, 'typed_flags', frozenset())
     if not 0 <= args.fc_dropout < 1:
         raise UserError(f'--fc-dropout is a probability in [0, 1), got {args.fc_dropout}')
-    typed = getattr(args, 'typed_flags', frozenset())
     if args.data is None and 'val_data' in typed:
         raise UserError('--val-data without --data: a run without --data trains and validates on the demo world '
                         '(its own val set), which would ignore --val-data; give the training images with --data')
@@ -398,8 +410,13 @@ def fill_defaults(args, device, world):
     if args.short_side[0] < args.crop:
         raise UserError(f'--short-side {args.short_side[0]} {args.short_side[1]}: LO must be at least --crop '
                         f'{args.crop}, or crops would need padding (and colour targets for the padding)')
-    # Warnings last, once no check above refuses the run (its error is then the one line to read).
-    # Not refusals: these change nothing, and a script may pass the same flags to every -a and objective.
+
+
+def warn_flags_that_change_nothing(args):
+    """Warnings (rank 0, stderr) for typed flags that this run does not read: the colour targets' flags under
+    --objective classify, --fc-dim for a trunk without fc6/fc7. Not refusals: they change nothing, and a
+    script may pass the same flags to every -a and objective."""
+    typed = getattr(args, 'typed_flags', frozenset())
     unread = sorted(typed & COLOR_TARGET_FLAGS) if args.objective == 'classify' else []
     unread_fc_dim = 'fc_dim' in typed and not has_fc(args.arch)
     if (unread or unread_fc_dim) and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -408,7 +425,6 @@ def fill_defaults(args, device, world):
                   f'targets\' flags): they change nothing here', file=sys.stderr)
         if unread_fc_dim:
             print(unread_fc_dim_warning(args.arch), file=sys.stderr)
-    return args
 
 
 # The intervals that fill_defaults derives from --steps. A run records those that its first start did not
