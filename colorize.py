@@ -1854,7 +1854,8 @@ def refuse_nonfinite_weights(model, optimizer, step, lr, saved, saved_step, mast
     """Raise UserError on every rank, the last good checkpoint `saved` (of `saved_step`) left as it is, when
     rank 0's weights or optimizer state are no longer finite (nonfinite_weights); `lr`: the lr of the step
     just taken. Rank 0's weights are the ones saved (the replicas' are the same), so it alone checks, and
-    every rank stops with it (rank0_problem: a collective, which every rank must reach)."""
+    every rank stops with it (rank0_problem: a collective, which every rank must reach). finetune_voc.py uses
+    it too (one process: master)."""
     problem = rank0_problem(nonfinite_weights(model, optimizer, step, lr, saved, saved_step) if master else None)
     if problem:
         raise UserError(problem)

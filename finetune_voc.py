@@ -48,15 +48,15 @@ import data
 import lab
 from colorize import CPU_DEFAULTS as COLORIZE_CPU_DEFAULTS, GPU_DEFAULTS as COLORIZE_GPU_DEFAULTS
 from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, UserError, absolute_paths, atomic_save,
-                      autocast, checkpoint_fields_error, diverged, environment, error_text, finite_float, flag_name,
-                      fork_run, format_seconds, git_commit, has_fc, load_checkpoint, load_mismatch, load_model_state,
-                      load_optimizer_state, lock_run, log_gone, log_line, make_model as make_colorization_model,
-                      merge_resumed_args, nonfinite_weights, note_moved_lr, note_other_commit, parameter_groups,
-                      peak_memory_gb, plain_args, progress_line, read_torch_file, refuse_crop_below_min,
-                      refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside, refuse_non_finite,
-                      refuse_to_overwrite, remove_if_unused, resume_flags, resume_intervals, rng_state, seed_int,
-                      setup_device, step_seed, stop_status, trim_log, trunk_kwargs, unread_fc_dim_warning,
-                      worker_options)
+                      autocast, checked_window, checkpoint_fields_error, diverged, environment, error_text,
+                      finite_float, flag_name, fork_run, format_seconds, git_commit, has_fc, load_checkpoint,
+                      load_mismatch, load_model_state, load_optimizer_state, lock_run, log_line,
+                      make_model as make_colorization_model, merge_resumed_args, note_moved_lr, note_other_commit,
+                      parameter_groups, peak_memory_gb, plain_args, progress_line, read_torch_file,
+                      refuse_crop_below_min, refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside,
+                      refuse_non_finite, refuse_nonfinite_weights, refuse_to_overwrite, remove_if_unused, resume_flags,
+                      resume_intervals, rng_state, seed_int, setup_device, step_seed, stop_status, trim_log,
+                      trunk_kwargs, unread_fc_dim_warning, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -1376,16 +1376,10 @@ def train(model, train_set, args, device, init_info, ckpt=None):
                 log_line(log, entry)
             exit_now = stop.agreed(step) or (args.exit_after is not None and step >= args.exit_after)
             if step % args.save_every == 0 or step == args.steps or exit_now:
-                problem = log_gone(log, args.out / 'log.jsonl')
-                if problem:  # the run folder removed: not made anew, without its log
-                    raise UserError(problem)
-                window = progress.state()
-                problem = diverged(sum(window['sums_by_rank'] or [], []), step, lr_at(step - 1, args))
-                if problem:  # in the steps since the last progress line: save none of them
-                    raise UserError(problem)
-                problem = nonfinite_weights(model, optimizer, step, lr_at(step - 1, args), saved, saved_step)
-                if problem:  # that step's loss was finite, its update was not: the last good checkpoint stays
-                    raise UserError(problem)
+                # The run folder still there (not made anew without its log), the loss finite since the last
+                # progress line and the weights finite: else stop, and the last good checkpoint stays.
+                window = checked_window(log, args.out / 'log.jsonl', progress, step, lr_at(step - 1, args))
+                refuse_nonfinite_weights(model, optimizer, step, lr_at(step - 1, args), saved, saved_step)
                 with progress.paused():  # saving does not count against img/s
                     save_checkpoint(args.out / 'checkpoint.pt', model, optimizer, step, args, init_info,
                                     window)
