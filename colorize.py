@@ -1782,6 +1782,37 @@ def _train(args, run_lock):
     return raw_model
 
 
+def run_summary(args, device, world, n_train, n_val):
+    """The run's first line (rank 0 prints it): images, device and world, arch, task, crop, batch, steps, lr,
+    and on a CPU what its small defaults mean (cpu_note)."""
+    task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
+    ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
+    return (f'{n_train} training images, {n_val} held-out; device {device}, world {world}{ddp}; '
+            f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
+            f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args, world)))
+
+
+def build_training(args, ckpt, resume_path, device, rank):
+    """The model (unwrapped, on `device`, channels_last), its SGD optimizer and the image status counter, fresh
+    from --seed or restored from the --resume checkpoint `ckpt`; returns (model, optimizer, counter, start step).
+    Resuming in the run's own folder at a --keep-every step, it keeps the checkpoint that a stop between its
+    save and its keep left unkept. No collectives: DDP wraps the model after (its broadcast is _train's)."""
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    start, counter = 0, data.StatusCounter()
+    if ckpt is not None:
+        start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
+        if master:
+            print(f'resumed from {resume_path} at step {start}')
+        own = args.out / 'checkpoint.pt'
+        if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
+                and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
+            keep_checkpoint(own, start)
+    return model, optimizer, counter, start
+
+
 def log_progress(log, progress, counter, parts, step, args, device):
     """The progress line of `step` (stdout and log.jsonl) over the steps since the last one; stops the run
     (every rank at the same step) when their mean loss is not finite. Every rank calls it: the replicas' mean,
@@ -1799,37 +1830,6 @@ def log_progress(log, progress, counter, parts, step, args, device):
         # progress.images_per_step: args.batch_size x world, the global batch
         print(progress_line(entry, args.steps, progress.images_per_step, parts), flush=True)
         log_line(log, entry)
-
-
-def run_summary(args, device, world, n_train, n_val):
-    """The run's first line (rank 0 prints it): images, device and world, arch, task, crop, batch, steps, lr,
-    and on a CPU what its small defaults mean (cpu_note)."""
-    task = f'loss {args.loss}' if args.objective == 'colorize' else f'classify {len(args.class_names)} classes'
-    ddp = f' ({dist.get_backend()} DDP)' if dist.is_initialized() else ''
-    return (f'{n_train} training images, {n_val} held-out; device {device}, world {world}{ddp}; '
-            f'arch {args.arch}, {task}, crop {args.crop}, batch {args.batch_size}x{world}, '
-            f'{args.steps} steps, lr {args.lr:g}' + ('' if device.type == 'cuda' else cpu_note(args, world)))
-
-
-def build_training(args, ckpt, resume_path, device, rank):
-    """The model (unwrapped, on `device`, channels_last), its SGD optimizer and the image status counter, fresh
-    from --seed or restored from the --resume checkpoint `ckpt`; returns (model, optimizer, counter, start step).
-    Resuming in the run's own folder at a --keep-every step, it keeps the checkpoint that a stop between its
-    save and its keep left unkept. No collectives: DDP wraps the model after (its broadcast is train's)."""
-    master = rank == 0
-    torch.manual_seed(args.seed)
-    model = make_model(model_config(args)).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    start, counter = 0, data.StatusCounter()
-    if ckpt is not None:
-        start = restore_training(ckpt, resume_path, model, optimizer, counter, args, device, rank)
-        if master:
-            print(f'resumed from {resume_path} at step {start}')
-        own = args.out / 'checkpoint.pt'
-        if (master and args.keep_every and start % args.keep_every == 0 and not kept_path(own, start).exists()
-                and Path(resume_path).resolve() == own.resolve()):  # stopped between its save and its keep
-            keep_checkpoint(own, start)
-    return model, optimizer, counter, start
 
 
 def checked_window(log, path, progress, step, lr, world=1, master=True):
