@@ -3868,6 +3868,34 @@ def test_the_first_rank_of_each_node_prepares_the_demo_world_it_sees(tmp_path):
     assert 'Traceback' not in err0 + err1
 
 
+def test_the_progress_line_s_eta_counts_every_rank_s_images(monkeypatch, capsys, tmp_path):
+    # Under DDP img/s counts the images of all ranks (batch x world), so the time left is the steps left x
+    # batch x world / img/s. By hand: batch 4 x world 2, one step in 2 s: 8 / 2 = 4 img/s; 9 steps left:
+    # 9 x 8 / 4 = 18 s (per rank's batch, 9 s: half the time left).
+    clock = iter([0.0, 2.0, 2.0])
+    monkeypatch.setattr(time, 'perf_counter', lambda: next(clock))
+    monkeypatch.setattr(colorize, 'lr_at', lambda step, args: 0.1)
+    progress = colorize.Progress(4 * 2)
+    progress.add(torch.tensor([1.5, 1.5]))
+    args = argparse.Namespace(steps=10, batch_size=4)
+    with open(tmp_path / 'log.jsonl', 'w') as log:
+        colorize.log_progress(log, progress, data.StatusCounter(), ('l2',), 1, args, torch.device('cpu'))
+    line = capsys.readouterr().out
+    assert '4.0 img/s | ETA 0:00:18' in line, line
+    assert json.loads((tmp_path / 'log.jsonl').read_text())['img_per_s'] == 4.0
+
+
+def test_two_ranks_of_one_node_train_on_the_demo_world(tmp_path):
+    # One node, LOCAL_RANK 0 and 1: rank 1 makes no demo world of its own, but still takes part in the
+    # ranks' exchange about it (all_gather_object): a rank that skipped it would leave rank 0 waiting there.
+    root = _fake_complete_demo(tmp_path / 'demo')
+    args = ['--demo-root', str(root), '--out', str(tmp_path / 'out'), '--device', 'cpu', '--steps', '1',
+            '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '0']
+    (code0, err0), (code1, err1) = _ranks(2, args)
+    assert code0 == code1 == 0, err0[-2000:] + err1[-2000:]
+    assert _state(tmp_path / 'out' / 'checkpoint.pt')['step'] == 1
+
+
 def test_rank_0_and_the_first_rank_of_each_other_node_prepare_the_demo_world(tmp_path, monkeypatch):
     # Not every rank: eight ranks of a node rendering the same demo world at once (each in up to 8
     # processes) would only race to one rename. In-process, as each kind of rank, its peers' answers by hand.
@@ -6886,6 +6914,34 @@ def test_keep_every_keeps_a_step_whose_keep_was_interrupted(folders, tmp_path, m
     kept = sorted(p.name for p in out.glob('checkpoint-step*'))
     assert kept == ['checkpoint-step0000002.pt', 'checkpoint-step0000004.pt']
     assert _state(out / kept[0])['step'] == 2
+
+
+def test_a_kept_checkpoint_continued_in_another_folder_keeps_nothing_at_its_start(folders, tmp_path, capsys):
+    """--resume CKPT --out NEW at a --keep-every step: that step's checkpoint is CKPT, in the first run's
+    folder. NEW has no checkpoint.pt yet, so the keep of a step whose keep was interrupted (above) is not
+    for it: the run trains on and keeps the later steps, and the first folder stays as it was."""
+    train, val = folders
+    first, fork = tmp_path / 'first', tmp_path / 'fork'
+    assert colorize.main(tiny_args(train, val, first, '--steps', '4', '--keep-every', '2')) == 0
+    before = sorted(p.name for p in first.iterdir())
+    assert colorize.main(['--resume', str(first / 'checkpoint-step0000002.pt'), '--out', str(fork), '--steps', '6',
+                          '--workers', '0', '--device', 'cpu']) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in fork.glob('checkpoint-step*')) == ['checkpoint-step0000004.pt',
+                                                                     'checkpoint-step0000006.pt']
+    assert sorted(p.name for p in first.iterdir()) == before
+    assert _state(first / 'checkpoint-step0000002.pt')['step'] == 2
+
+
+def test_a_resume_at_a_kept_step_does_not_keep_it_again(folders, tmp_path, monkeypatch):
+    """--resume at a --keep-every step whose kept copy is there: nothing to redo (where the file system has no
+    hard links, a copy of gigabytes); the steps after it are kept as usual."""
+    train, val = folders
+    out = tmp_path / 'pre'
+    assert colorize.main(tiny_args(train, val, out, '--steps', '4', '--keep-every', '2')) == 0
+    keep, kept = colorize.keep_checkpoint, []
+    monkeypatch.setattr(colorize, 'keep_checkpoint', lambda path, step: kept.append(step) or keep(path, step))
+    assert colorize.main(tiny_args(train, val, out, '--steps', '6', '--resume')) == 0
+    assert kept == [6]
 
 
 def test_compiled_runs_say_that_the_first_step_compiles(folders, tmp_path, voc, capsys, monkeypatch):
