@@ -2213,6 +2213,23 @@ def voc_segmentation(voc2012_root, split):
     reads one; finetune_voc.py checks sizes from the headers before training).
     """
     root = _voc_dir(voc2012_root, 2012)
+    list_path, label_dir = _segmentation_list(root, voc2012_root, split)
+    pairs = _segmentation_pairs(root, list_path, label_dir)
+    missing = [p for pair in pairs for p in pair if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f'{len(missing)} files listed in {list_path} are missing, e.g. '
+                                f'{missing[0]}; the images go in JPEGImages/, labels in '
+                                f'{label_dir}/')
+    if split == 'train_aug':
+        _refuse_val_in_train_aug(root, list_path, pairs)
+    return pairs
+
+
+def _segmentation_list(root, voc2012_root, split):
+    """(list file, label folder name) of segmentation set `split` in the VOC2012 folder `root` (the
+    `voc2012_root` given, as _voc_dir resolved it): train_aug's list and SegmentationClassAug/, or
+    ImageSets/Segmentation/<split>.txt and SegmentationClass/. FileNotFoundError, saying what to get or
+    extract, where they are not there."""
     if split == 'train_aug':
         lists = _train_aug_lists(root)
         list_path = next((p for p in lists if os.path.exists(p)), None)
@@ -2222,17 +2239,22 @@ def voc_segmentation(voc2012_root, split):
                 f'{os.path.join(root, "SegmentationClassAug")}/; '
                 'get SegmentationClassAug and train_aug.txt (SBD-augmented VOC, 10,582 images) and '
                 'put them there, or use split "train"')
-        label_dir = 'SegmentationClassAug'
-    else:
-        list_path = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
-        if not os.path.exists(list_path):
-            raise FileNotFoundError(
-                f'{list_path} not found: expected the VOC2012 devkit layout <root>/ImageSets/'
-                f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; '
-                f'{_extract_advice(root, 2012, "VOCtrainval_11-May-2012.tar")}, '
-                f'or use the demo world\'s {os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py '
-                'demo` writes it)')
-        label_dir = 'SegmentationClass'
+        return list_path, 'SegmentationClassAug'
+    list_path = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
+    if not os.path.exists(list_path):
+        raise FileNotFoundError(
+            f'{list_path} not found: expected the VOC2012 devkit layout <root>/ImageSets/'
+            f'Segmentation/{split}.txt under {os.fspath(voc2012_root)}; '
+            f'{_extract_advice(root, 2012, "VOCtrainval_11-May-2012.tar")}, '
+            f'or use the demo world\'s {os.path.join(DEFAULT_DEMO_ROOT, "VOCdevkit")} (`python data.py '
+            'demo` writes it)')
+    return list_path, 'SegmentationClass'
+
+
+def _segmentation_pairs(root, list_path, label_dir):
+    """[(image path, label path)] of the list file `list_path` in the order listed: a line is an id (its
+    JPEGImages/<id>.jpg and <label_dir>/<id>.png under `root`) or a '/JPEGImages/x.jpg /<label_dir>/x.png'
+    pair relative to `root`. ValueError for a line of another form, no lines, or an image listed twice."""
     pairs, numbered = [], []
     for lineno, parts in _voc_list_lines(list_path):
         if len(parts) == 2:
@@ -2247,22 +2269,22 @@ def voc_segmentation(voc2012_root, split):
     if not pairs:
         raise ValueError(f'{list_path} lists no images')
     _refuse_repeats(list_path, numbered)
-    missing = [p for pair in pairs for p in pair if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f'{len(missing)} files listed in {list_path} are missing, e.g. '
-                                f'{missing[0]}; the images go in JPEGImages/, labels in '
-                                f'{label_dir}/')
-    if split == 'train_aug':
-        val_list = os.path.join(root, 'ImageSets', 'Segmentation', 'val.txt')
-        if os.path.exists(val_list):
-            val_ids = {parts[0] for _, parts in _voc_list_lines(val_list)}  # as read for a split: BOM, CRLF
-            aug_ids = {os.path.splitext(os.path.basename(img))[0] for img, _ in pairs}
-            overlap = aug_ids & val_ids
-            if overlap:
-                raise ValueError(f'{list_path} contains {len(overlap)} images of the val set (e.g. '
-                                 f'{sorted(overlap)[0]}): training on them would inflate val mIU; '
-                                 'use the standard train_aug list, which excludes VOC2012 val')
     return pairs
+
+
+def _refuse_val_in_train_aug(root, list_path, pairs):
+    """ValueError where the train_aug `pairs` (read from `list_path`) hold images of VOC2012 val (when
+    its list is in `root`): training on them would inflate val mIU. Images are matched by id, the file
+    name without its extension."""
+    val_list = os.path.join(root, 'ImageSets', 'Segmentation', 'val.txt')
+    if os.path.exists(val_list):
+        val_ids = {parts[0] for _, parts in _voc_list_lines(val_list)}  # as read for a split: BOM, CRLF
+        aug_ids = {os.path.splitext(os.path.basename(img))[0] for img, _ in pairs}
+        overlap = aug_ids & val_ids
+        if overlap:
+            raise ValueError(f'{list_path} contains {len(overlap)} images of the val set (e.g. '
+                             f'{sorted(overlap)[0]}): training on them would inflate val mIU; '
+                             'use the standard train_aug list, which excludes VOC2012 val')
 
 
 def load_label(path):

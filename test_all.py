@@ -2363,6 +2363,12 @@ def test_voc_readers_on_handwritten_devkit(tmp_path):
     aug = data.voc_segmentation(voc12, 'train_aug')
     assert [os.path.basename(os.path.dirname(lab)) for _, lab in aug] == ['SegmentationClassAug'] * 2
     assert np.array_equal(data.load_label(aug[0][1]), label)
+    # The list's other form, bare ids: the labels are still SBD's, in SegmentationClassAug/ (SegmentationClass/
+    # holds masks of these ids too, so only the folder tells them apart).
+    (voc12 / 'train_aug.txt').write_text('2007_000032\n2008_000001\n')
+    assert data.voc_segmentation(voc12, 'train_aug') == [
+        (str(voc12 / 'JPEGImages' / f'{i}.jpg'), str(voc12 / 'SegmentationClassAug' / f'{i}.png'))
+        for i in ('2007_000032', '2008_000001')]
     (voc12 / 'train_aug.txt').write_text('2007_000032\n2011_000002\n')  # leaks a val image
     with pytest.raises(ValueError, match=r'train_aug\.txt contains 1 images of the val set \(e\.g\. 2011_000002\)'):
         data.voc_segmentation(voc12, 'train_aug')
