@@ -1145,32 +1145,54 @@ def voc_sets(args):
     """(training set, test set, test ids) for the task, after --label-fraction and --test-images; the
     ids are the test images' places in the whole --test-split (their crops' seeds); UserError for
     missing data."""
-    if args.voc_root is None:
-        try:
-            demo = data.ensure_demo(args.demo_root)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        root = os.path.join(demo['root'], 'VOCdevkit')
-        print(f"no --voc-root given: using the demo world's VOC-layout set in {root} (generated on first use)")
-    else:
-        root = args.voc_root
+    root = _voc_root(args)
+    train, test = _read_voc_splits(args, root)
+    _check_voc_sets(args, train, test)
+    if args.label_fraction is not None:
+        train = _label_fraction_share(args, train)
+    test, test_ids = _test_images_share(args, test)
+    if len(train) < args.batch_size:
+        raise UserError(f'{len(train)} training images are fewer than one batch of {args.batch_size}; '
+                        f'use a smaller --batch-size or a larger --label-fraction')
+    return train, test, test_ids
+
+
+def _voc_root(args):
+    """--voc-root, or without it the demo world's VOCdevkit at --demo-root (generated on first use)."""
+    if args.voc_root is not None:
+        return args.voc_root
+    try:
+        demo = data.ensure_demo(args.demo_root)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    root = os.path.join(demo['root'], 'VOCdevkit')
+    print(f"no --voc-root given: using the demo world's VOC-layout set in {root} (generated on first use)")
+    return root
+
+
+def _read_voc_splits(args, root):
+    """(training items, test items) of --train-split and --test-split in the devkit `root`: (path, int8 (20,)
+    labels) for cls, (image path, label path) for seg. For seg without --train-split, args.train_split
+    becomes train_aug where SBD is there, else train (with a warning where only half of SBD is)."""
     try:
         if args.task == 'cls':
             train_paths, train_labels = data.voc_classification(root, args.train_split)
             test_paths, test_labels = data.voc_classification(root, args.test_split)
-            train = list(zip(train_paths, train_labels))
-            test = list(zip(test_paths, test_labels))
-        else:
-            if args.train_split is None:  # the protocol: train + SBD (10,582 images) when it is there
-                args.train_split = 'train_aug' if data.has_train_aug(root) else 'train'
-                half = data.train_aug_half_there(root)
-                if half:
-                    print(f'warning: {half}; training on train (a seventh of its images), not train_aug: put '
-                          f'both there, or pass --train-split train to silence this')
-            train = data.voc_segmentation(root, args.train_split)
-            test = data.voc_segmentation(root, args.test_split)
+            return list(zip(train_paths, train_labels)), list(zip(test_paths, test_labels))
+        if args.train_split is None:  # the protocol: train + SBD (10,582 images) when it is there
+            args.train_split = 'train_aug' if data.has_train_aug(root) else 'train'
+            half = data.train_aug_half_there(root)
+            if half:
+                print(f'warning: {half}; training on train (a seventh of its images), not train_aug: put '
+                      f'both there, or pass --train-split train to silence this')
+        return data.voc_segmentation(root, args.train_split), data.voc_segmentation(root, args.test_split)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
+
+
+def _check_voc_sets(args, train, test):
+    """UserError, before any training, for listed images that are not there, splits that share images,
+    or (seg) a mask of another size than its image."""
     missing = [p for p, _ in train + test if not os.path.exists(p)]
     if missing:
         raise UserError(f'{len(missing)} images listed in the VOC sets are missing, e.g. {missing[0]}; '
@@ -1183,27 +1205,33 @@ def voc_sets(args):
                         f'train_aug/val for seg)')
     if args.task == 'seg':
         check_label_sizes(train + test)
-    if args.label_fraction is not None:
-        n = max(1, round(args.label_fraction * len(train)))
-        keep = set(data.subset(range(len(train)), n, seed=args.label_seed))
-        train = [train[i] for i in sorted(keep)]
-        if args.task == 'cls':  # a random share, not stratified: a small one can miss a class entirely
-            absent = [c for c, k in zip(data.VOC_CLASSES, np.stack([y for _, y in train]).T) if not (k == 1).any()]
-            if absent:
-                print(f'warning: --label-fraction {args.label_fraction:g} (a random share of the images, not '
-                      f'stratified by class) left {len(absent)} class(es) without a positive training image: '
-                      f'{", ".join(absent)}; their test AP measures nothing learnt from labels')
+
+
+def _label_fraction_share(args, train):
+    """The --label-fraction share of the training items (RQ3), drawn by --label-seed alone (so that runs of
+    other seeds train on the same images), in the listing's order; for cls, a warning naming the classes
+    left without a positive image."""
+    n = max(1, round(args.label_fraction * len(train)))
+    keep = set(data.subset(range(len(train)), n, seed=args.label_seed))
+    train = [train[i] for i in sorted(keep)]
+    if args.task == 'cls':  # a random share, not stratified: a small one can miss a class entirely
+        absent = [c for c, k in zip(data.VOC_CLASSES, np.stack([y for _, y in train]).T) if not (k == 1).any()]
+        if absent:
+            print(f'warning: --label-fraction {args.label_fraction:g} (a random share of the images, not '
+                  f'stratified by class) left {len(absent)} class(es) without a positive training image: '
+                  f'{", ".join(absent)}; their test AP measures nothing learnt from labels')
+    return train
+
+
+def _test_images_share(args, test):
+    """(test items, their places in the whole test split): --test-images of them drawn by EVAL_SEED, in the
+    listing's order, or all of them."""
     if 0 < args.test_images < len(test):
         print(f'evaluating on {args.test_images} of the {len(test)} {args.test_split} images (--test-images; '
               f'0 = all, as the paper)')
         test_ids = sorted(data.subset(range(len(test)), args.test_images, seed=EVAL_SEED))
-        test = [test[i] for i in test_ids]
-    else:
-        test_ids = list(range(len(test)))
-    if len(train) < args.batch_size:
-        raise UserError(f'{len(train)} training images are fewer than one batch of {args.batch_size}; '
-                        f'use a smaller --batch-size or a larger --label-fraction')
-    return train, test, test_ids
+        return [test[i] for i in test_ids], test_ids
+    return test, list(range(len(test)))
 
 
 def _paths_and_labels(items):

@@ -7530,6 +7530,14 @@ def test_voc_sets_refuse_missing_images_and_fewer_images_than_a_batch(voc, tmp_p
     with pytest.raises(colorize.UserError, match=re.escape(f'1 images listed in the VOC sets are missing, e.g. {gone}; '
                                                            'extract JPEGImages completely')):
         sets(tmp_path / 'VOCdevkit', '--batch-size', '2')
+    # A test image missing is named as well: the run would otherwise train, then fail in the test.
+    shutil.copy(Path(voc) / 'VOC2007' / 'JPEGImages' / gone.name, gone)
+    last = (tmp_path / 'VOCdevkit' / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt').read_text().split()[-1]
+    gone = tmp_path / 'VOCdevkit' / 'VOC2007' / 'JPEGImages' / f'{last}.jpg'
+    gone.unlink()
+    with pytest.raises(colorize.UserError, match=re.escape(f'1 images listed in the VOC sets are missing, e.g. {gone}; '
+                                                           'extract JPEGImages completely')):
+        sets(tmp_path / 'VOCdevkit', '--batch-size', '2')
 
 
 def test_voc_sets_without_voc_root_read_the_demo_world_at_demo_root(voc, tmp_path, monkeypatch, capsys):
@@ -7549,6 +7557,24 @@ def test_voc_sets_without_voc_root_read_the_demo_world_at_demo_root(voc, tmp_pat
     monkeypatch.setattr(data, 'ensure_demo', foreign)
     with pytest.raises(colorize.UserError, match=f'^{re.escape(str(tmp_path))}/x exists and is not empty, but holds'):
         sets('--demo-root', str(tmp_path / 'x'))
+
+
+def test_label_fraction_counts_a_difficult_label_as_no_positive(tmp_path, capsys):
+    # The warning's classes without a positive: a class whose only training label is 'difficult' (0, ignored in
+    # the loss) has none. By hand: cat is the one class labelled 1 in trainval; dog is only difficult there.
+    voc07 = tmp_path / 'VOC2007'
+    main = voc07 / 'ImageSets' / 'Main'
+    main.mkdir(parents=True)
+    splits = {'trainval': {'000001': {'cat': 1}, '000002': {'cat': 1, 'dog': 0}}, 'test': {'000003': {'dog': 1}}}
+    for split, images in splits.items():
+        for i in images:
+            _write_rgb(voc07 / 'JPEGImages' / f'{i}.jpg', fmt='JPEG')
+        for cls in data.VOC_CLASSES:
+            (main / f'{cls}_{split}.txt').write_text(''.join(f'{i} {images[i].get(cls, -1):2d}\n' for i in images))
+    ft.voc_sets(ft.fill_defaults(ft.parse_args(['--task', 'cls', '--voc-root', str(voc07), '--label-fraction', '1',
+                                                '--batch-size', '2']), torch.device('cpu')))
+    absent = [c for c in data.VOC_CLASSES if c != 'cat']
+    assert f'left 19 class(es) without a positive training image: {", ".join(absent)};' in capsys.readouterr().out
 
 
 def test_label_fraction_warns_of_classes_it_leaves_without_a_positive(voc, capsys):
