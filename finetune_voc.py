@@ -1725,29 +1725,54 @@ def summarize(paths):
     changes. A second run of a seed already in its group (the same run given twice, or a repeat) is
     left out with a warning: it is not an independent sample.
     """
-    groups, seen, unfinished, records = {}, {}, [], []
+    records, unfinished = [], []
     for path in paths:
         if path.is_dir() and not (path / 'results.json').exists() and (path / 'checkpoint.pt').exists():
             unfinished.append(path)  # a run still going, or killed
             continue
-        path = path / 'results.json' if path.is_dir() else path
-        if not path.is_file():
-            raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
-        try:
-            r = json.loads(path.read_text())
-            # Paths absolute (older runs saved them as typed, relative to the folder run from: this one).
-            init = os.path.abspath(r['init']['path']) if r['init'].get('path') else r['init']['kind']
-            step = r['init'].get('step')  # one checkpoint file at another pre-training step: another init
-            digest = r['init'].get('digest')  # the weights themselves: a file replaced by another run's
-            flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
-                                   keywords=('random',))
-            flags['resumed'] = schedule_changes(r['args'].get('resumptions'))
-            if flags.get('arch') in MODELS and not has_fc(flags['arch']):
-                flags['fc_dim'] = None  # no fc6/fc7 (a ResNet): its --fc-dim, typed or not, shaped nothing
-            metrics = r['metrics']
-        except (ValueError, KeyError, AttributeError, TypeError):
-            raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
-        records.append((path, init, step, digest, flags, r['args'].get('seed'), metrics))
+        records.append(_summary_record(path))
+    groups = _summary_groups(records)
+    if unfinished:
+        print(f'warning: --summarize leaves out {len(unfinished)} unfinished run(s) (a checkpoint, no '
+              f'results.json): {" ".join(map(str, unfinished))}')
+    if not groups:
+        raise UserError('--summarize: none of the runs named has finished (results.json)')
+    ambiguous = {i for i in {g[0] for g in groups.values()}  # one init path at several pre-training steps
+                 if len({g[3] for g in groups.values() if g[0] == i}) > 1}
+    varying = _varying_flags(groups)
+    return [_summary_row(groups[key], ambiguous, varying)
+            for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k))]
+
+
+def _summary_record(path):
+    """(results.json path, init, pre-training step, weights digest, flags, seed, metrics) of the run folder or
+    results.json `path`, as summarize groups it: the init's path absolute (or its kind), the SUMMARY_GROUP
+    flags with paths absolute, `resumed` (schedule_changes) and no --fc-dim for an arch without fc6/fc7.
+    UserError for a path that is not there or a file that is not a results.json of this script."""
+    path = path / 'results.json' if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f'--summarize: {path} does not exist (expected a run folder holding results.json)')
+    try:
+        r = json.loads(path.read_text())
+        # Paths absolute (older runs saved them as typed, relative to the folder run from: this one).
+        init = os.path.abspath(r['init']['path']) if r['init'].get('path') else r['init']['kind']
+        step = r['init'].get('step')  # one checkpoint file at another pre-training step: another init
+        digest = r['init'].get('digest')  # the weights themselves: a file replaced by another run's
+        flags = absolute_paths({k: {**LEGACY_ARGS, **r['args']}.get(k) for k in SUMMARY_GROUP}, PATH_FLAGS,
+                               keywords=('random',))
+        flags['resumed'] = schedule_changes(r['args'].get('resumptions'))
+        if flags.get('arch') in MODELS and not has_fc(flags['arch']):
+            flags['fc_dim'] = None  # no fc6/fc7 (a ResNet): its --fc-dim, typed or not, shaped nothing
+        metrics = r['metrics']
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise UserError(f'--summarize: {path} is not a results.json written by finetune_voc.py') from None
+    return path, init, step, digest, flags, r['args'].get('seed'), metrics
+
+
+def _summary_groups(records):
+    """{key: (init, flags, [metrics of each run], step, weights)} of _summary_record's records, in the
+    order first seen: one group per init, pre-training step, weights (where they tell runs of one init
+    apart) and flags. A second run of a seed already in its group is left out with a warning."""
     # One init file at one pre-training step can still hold other weights (a pre-training run redone
     # into the same folder: another --loss, --subset, seed): where the runs record different digests
     # there, each digest is an init of its own. (A run from before digests joins none of them.)
@@ -1755,6 +1780,7 @@ def summarize(paths):
     for _, init, step, digest, *_ in records:
         digests.setdefault((init, step), set()).add(digest)
     replaced = {k for k, d in digests.items() if len(d - {None}) > 1}
+    groups, seen = {}, {}
     for path, init, step, digest, flags, seed, metrics in records:
         weights = digest if (init, step) in replaced else None
         key = json.dumps([init, step, weights, flags], sort_keys=True)  # lists (scale, milestones) too
@@ -1763,41 +1789,45 @@ def summarize(paths):
             continue
         seen[key, seed] = path
         groups.setdefault(key, (init, flags, [], step, weights))[2].append(metrics)
-    if unfinished:
-        print(f'warning: --summarize leaves out {len(unfinished)} unfinished run(s) (a checkpoint, no '
-              f'results.json): {" ".join(map(str, unfinished))}')
-    if not groups:
-        raise UserError('--summarize: none of the runs named has finished (results.json)')
-    ambiguous = {i for i in {g[0] for g in groups.values()}  # one init path at several pre-training steps
-                 if len({g[3] for g in groups.values() if g[0] == i}) > 1}
-    varying = {}  # per task: the flags not normally shown that tell its groups apart
+    return groups
+
+
+def _varying_flags(groups):
+    """{task: [the flags not normally shown (SUMMARY_SHOWN) that tell the task's groups apart]}."""
+    varying = {}
     for task in {g[1]['task'] for g in groups.values()}:
         flags = [g[1] for g in groups.values() if g[1]['task'] == task]
         varying[task] = [k for k in SUMMARY_GROUP
                          if k not in SUMMARY_SHOWN and len({json.dumps(f[k]) for f in flags}) > 1]
-    rows = []
-    for key in sorted(groups, key=lambda k: (groups[k][1]['task'], str(groups[k][0]), k)):
-        init, flags, runs, step, weights = groups[key]
-        task = flags['task']
-        if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
-            init = os.path.relpath(init)  # saved absolute; shown as typed from here
-        if groups[key][0] in ambiguous and step is not None:
-            init += f' (step {step})'
-        if weights is not None:
-            init += f' (weights {weights})'
-        row = dict(init=init, **flags, runs=len(runs))
-        for name in SUMMARY_METRICS[task]:
-            values = np.array([m[name] for m in runs], dtype=np.float64) * 100
-            row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
-        rows.append(row)
-        shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task])
-                         if row[k] is not None and row[k] is not False)  # 0 is a value to show
-        if row['resumed']:
-            shown += f' (resumed with another schedule {row["resumed"]})'
-        metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
-                             for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
-        print(f'{task} init={init} {shown} | {metrics} (n={len(runs)})')
-    return rows
+    return varying
+
+
+def _summary_row(group, ambiguous, varying):
+    """The row of one of _summary_groups' groups: its init as typed from here (with its pre-training step
+    where that init path is in `ambiguous`, its weights digest where those tell it apart), its flags, the
+    number of runs, and (mean, sample std) in percent of each SUMMARY_METRICS of its task; printed as one
+    line, with the flags of `varying` for its task."""
+    init, flags, runs, step, weights = group
+    task = flags['task']
+    shown_init = init
+    if os.path.isabs(init) and not os.path.relpath(init).startswith('..'):
+        shown_init = os.path.relpath(init)  # saved absolute; shown as typed from here
+    if init in ambiguous and step is not None:
+        shown_init += f' (step {step})'
+    if weights is not None:
+        shown_init += f' (weights {weights})'
+    row = dict(init=shown_init, **flags, runs=len(runs))
+    for name in SUMMARY_METRICS[task]:
+        values = np.array([m[name] for m in runs], dtype=np.float64) * 100
+        row[name] = (values.mean(), values.std(ddof=1) if len(values) > 1 else float('nan'))
+    shown = ' '.join(f'{k}={row[k]}' for k in (*SUMMARY_SHOWN[1:], *varying[task])
+                     if row[k] is not None and row[k] is not False)  # 0 is a value to show
+    if row['resumed']:
+        shown += f' (resumed with another schedule {row["resumed"]})'
+    metrics = ' | '.join(f'{name} {m:.1f}' + (f' +- {sd:.1f}' if len(runs) > 1 else '')  # one run: no spread
+                         for name, (m, sd) in ((n, row[n]) for n in SUMMARY_METRICS[task]))
+    print(f'{task} init={shown_init} {shown} | {metrics} (n={len(runs)})')
+    return row
 
 
 def main(argv=None):

@@ -7786,7 +7786,10 @@ def test_summarize_keeps_other_weights_at_one_init_path_apart(tmp_path, capsys):
     assert f'(weights {"a" * 16})' in out and f'(weights {"b" * 16})' in out
     # One set of weights (one digest) at that path stays one group, its line unchanged.
     rows = ft.summarize(runs[:2])
-    assert [r['runs'] for r in rows] == [1 + 1] and '(weights' not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert [r['runs'] for r in rows] == [1 + 1] and '(weights' not in out
+    # Its runs name one pre-training step (20) of that path: nothing to tell apart, so no '(step 20)' either.
+    assert out.startswith(f'cls init={os.path.join("pre", "checkpoint.pt")} arch=vgg16 input=lab steps=10 | ')
     # A run from before digests (none recorded) beside one set of weights: one init, three seeds.
     rows = ft.summarize(runs[:2] + [result('old', None, 4, 0.40, 'huechroma')])
     assert [r['runs'] for r in rows] == [3] and rows[0]['map_voc07_11point'][0] == pytest.approx(40.0)
@@ -8403,6 +8406,27 @@ def test_summarize_groups_resnet_runs_whatever_their_fc_dim(tmp_path, capsys):
     assert 'fc_dim' not in capsys.readouterr().out
     assert [r['runs'] for r in ft.summarize([result('c', 'vgg16', 0, 16), result('d', 'vgg16', 1, 1024)])] == [1, 1]
     assert 'fc_dim=16 |' in capsys.readouterr().out
+
+
+def test_summarize_names_a_flag_only_where_it_tells_groups_of_one_task_apart(tmp_path, capsys):
+    # A cls run at crop 224 and a seg run at crop 448: each task has one group, so neither line names the
+    # crop (it differs only between tables of other metrics); two cls runs at other crops name it.
+    def result(name, task, crop, metrics):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'results.json').write_text(json.dumps(dict(
+            init=dict(kind='random'), args=dict(task=task, arch='vgg16', input='lab', steps=10, seed=0, crop=crop),
+            metrics=metrics)))
+        return tmp_path / name
+    cls = result('cls', 'cls', 224, dict(map_voc07_11point=0.5, map_noninterpolated=0.25))
+    seg = result('seg', 'seg', 448, dict(miou=0.4, pixel_acc=0.8))
+    ft.summarize([cls, seg])
+    assert capsys.readouterr().out.splitlines() == [
+        'cls init=random arch=vgg16 input=lab steps=10 | map_voc07_11point 50.0 | map_noninterpolated 25.0 (n=1)',
+        'seg init=random arch=vgg16 input=lab steps=10 | miou 40.0 | pixel_acc 80.0 (n=1)']
+    ft.summarize([cls, seg, result('cls-small', 'cls', 64, dict(map_voc07_11point=0.3, map_noninterpolated=0.1))])
+    assert [line.split(' | ')[0] for line in capsys.readouterr().out.splitlines()] == [
+        'cls init=random arch=vgg16 input=lab steps=10 crop=224', 'cls init=random arch=vgg16 input=lab steps=10 crop=64',
+        'seg init=random arch=vgg16 input=lab steps=10']
 
 
 # ---------------------------------------------------------------- lab.lab_input
