@@ -1594,50 +1594,13 @@ def _run(args, run_lock):
     init_info['digest' if init_info['kind'] != 'random' else 'random_digest'] = weights_digest(trunk_state)
     if ckpt is not None:
         init_info = resumed_init(ckpt.get('init'), init_info, args)
-    init_name = init_info['kind']
-    if init_name in ('colorization', 'classification'):  # the colorize.py run folder, e.g. vgg16-huechroma,
-        init_name = Path(args.init).parent.name or init_name  # and a kept step: vgg16-huechroma-step0010000
-        kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
-        init_name += f'-{kept.group(1)}' if kept else ''
+    init_name = _init_name(args, init_info)
     args.out = args.out or HERE / 'runs' / f'voc-{args.task}-{args.arch}-{init_name}{variant_name(args)}'
-    made = not args.out.exists()
-    args.out.mkdir(parents=True, exist_ok=True)
-    # Before the checks below: a run still training there is not joined.
-    run_lock.enter_context(lock_run(args.out))
-    if made:  # only once locked (a run refused by another's lock would remove its .lock), and run
-        run_lock.callback(remove_if_unused, args.out)  # before the lock is let go (last in, first out)
-    refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
-    if args.resume:
-        fork_run(args.resume_path, args.out, ('log.jsonl',))
+    _open_run_folder(args, run_lock)
     train_items, test_items, test_ids = voc_sets(args)
     train_set, test_set = make_datasets(args, train_items, test_items, test_ids)
-    print(f'{args.task}: {len(train_set)} training images ({args.train_split}'
-          + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
-          + f'), {len(test_set)} test ({args.test_split}); {args.arch} from {init_info["kind"]} init'
-          + (f' (pre-trained on --subset {init_info["pretraining"]["subset"]})'
-             if (init_info.get('pretraining') or {}).get('subset') else '') + ', '
-          f'input {args.input}'
-          + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
-          + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
-          + ('' if device.type == 'cuda' else cpu_note(args)))
-
-    model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', input_kind=args.input,
-                                width=args.width, fc_dim=args.fc_dim, extended_fov=args.extended_fov,
-                                head_dim=args.head_dim, dropout=args.dropout, seed=args.seed)
-    if args.task == 'cls' and unpad_fc6(model.trunk, args.crop):
-        print(f'fc6 runs unpadded at a {args.crop} crop, as the protocol\'s fully connected fc6 (where pool5 is '
-              f'larger than its kernel, at more than one position, averaged)')
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if args.freeze:
-        freeze_pretrained(model)
-        if args.input == 'lab':
-            print("--freeze --input lab: conv1's a*, b* weights start at zero and stay there, so the trunk's "
-                  'features see lightness only' + (" (the new head also reads each pixel's own a*, b* through "
-                                                  'the input tap)' if args.task == 'seg' and model.trunk.tap_input
-                                                  else ''))
-    model = model.to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
+    print(_run_line(args, init_info, device, len(train_set), len(test_set)))
+    model, initial_state = _transfer_model(args, trunk_state, device)
     step = train(model, train_set, args, device, init_info, ckpt)
     if args.exit_after is not None and step < args.steps:
         print(f'stopped at step {step} (--exit-after); continue with {resume_flags(args.out)}')
@@ -1659,6 +1622,70 @@ def _run(args, run_lock):
     write_json(args.out / 'results.json', results)
     print(f'results in {args.out / "results.json"}')
     return results
+
+
+def _init_name(args, init_info):
+    """The init's part of the default run folder's name: the colorize.py run folder of --init (e.g.
+    vgg16-huechroma), with a kept step (vgg16-huechroma-step0010000), or the init's kind (random, ...)."""
+    init_name = init_info['kind']
+    if init_name in ('colorization', 'classification'):
+        init_name = Path(args.init).parent.name or init_name
+        kept = re.fullmatch(r'checkpoint-(step\d+)', Path(args.init).stem)
+        init_name += f'-{kept.group(1)}' if kept else ''
+    return init_name
+
+
+def _open_run_folder(args, run_lock):
+    """Make --out and lock it for the rest of the run (held by `run_lock`, which also removes a folder this
+    made if the run leaves nothing in it); refuse a finished or foreign folder there, and copy the
+    --resume run's log into it when resuming from another folder."""
+    made = not args.out.exists()
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Before the checks below: a run still training there is not joined.
+    run_lock.enter_context(lock_run(args.out))
+    if made:  # only once locked (a run refused by another's lock would remove its .lock), and run
+        run_lock.callback(remove_if_unused, args.out)  # before the lock is let go (last in, first out)
+    refuse_to_overwrite(args.out, args.resume_path if args.resume else None)
+    if args.resume:
+        fork_run(args.resume_path, args.out, ('log.jsonl',))
+
+
+def _run_line(args, init_info, device, n_train, n_test):
+    """The line that opens a run's output: its data, init, input, model variant, device and schedule."""
+    return (f'{args.task}: {n_train} training images ({args.train_split}'
+            + (f', label fraction {args.label_fraction:g} by seed {args.label_seed}' if args.label_fraction else '')
+            + f'), {n_test} test ({args.test_split}); {args.arch} from {init_info["kind"]} init'
+            + (f' (pre-trained on --subset {init_info["pretraining"]["subset"]})'
+               if (init_info.get('pretraining') or {}).get('subset') else '') + ', '
+            f'input {args.input}'
+            + (', frozen pre-trained trunk' if args.freeze else '') + (', extended FOV' if args.extended_fov else '')
+            + f'; device {device}, crop {args.crop}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}'
+            + ('' if device.type == 'cuda' else cpu_note(args)))
+
+
+def _transfer_model(args, trunk_state, device):
+    """(the model to fine-tune on `device`, its initial state_dict on the CPU): the task's network on the
+    trunk weights `trunk_state`, fc6 unpadded for cls where the protocol's fully connected fc6 needs it, the
+    pre-trained part frozen with --freeze. The initial state is what check_frozen and --feature-shift
+    compare the fine-tuned model with."""
+    model = make_finetune_model(args.task, args.arch, trunk_state, f'--init {args.init}', input_kind=args.input,
+                                width=args.width, fc_dim=args.fc_dim, extended_fov=args.extended_fov,
+                                head_dim=args.head_dim, dropout=args.dropout, seed=args.seed)
+    if args.task == 'cls' and unpad_fc6(model.trunk, args.crop):
+        print(f'fc6 runs unpadded at a {args.crop} crop, as the protocol\'s fully connected fc6 (where pool5 is '
+              f'larger than its kernel, at more than one position, averaged)')
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.freeze:
+        freeze_pretrained(model)
+        if args.input == 'lab':
+            print("--freeze --input lab: conv1's a*, b* weights start at zero and stay there, so the trunk's "
+                  'features see lightness only' + (" (the new head also reads each pixel's own a*, b* through "
+                                                  'the input tap)' if args.task == 'seg' and model.trunk.tap_input
+                                                  else ''))
+    model = model.to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return model, initial_state
 
 
 def run_feature_shift(model, initial_state, test_items, args, device):

@@ -4731,6 +4731,13 @@ def test_a_run_folder_in_use_by_another_process_is_refused(folders, trained, tmp
             # How to continue names the folder: finetune_voc.py refuses --resume alone.
             assert 'is in use by' in err and f'continue with --resume --out {busy}' in err
             assert not (busy / 'checkpoint.pt').exists()
+            # Once that run has saved a checkpoint there, the lock is still what is named: not 'continue it with
+            # --resume', which would join the run training there.
+            (busy / 'checkpoint.pt').write_bytes(b'the other run saves here')
+            assert ft.main(['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(busy), '--steps', '1',
+                            '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2']) == 2
+            err = capsys.readouterr().err
+            assert 'is in use by' in err and 'exists (an earlier run)' not in err
     # Once the other process is gone, the run continues, and lets go of its folder when it ends.
     assert colorize.main(['--out', str(run), '--resume', '--steps', '6']) == 0
     assert _state(run / 'checkpoint.pt')['step'] == 6
@@ -7127,6 +7134,30 @@ def test_a_classification_run_says_when_fc6_runs_unpadded(tmp_path, voc, capsys)
         assert (note in out) == said and ('fc6 runs unpadded' in out) == said, crop
 
 
+def test_feature_shift_compares_with_the_weights_before_fine_tuning(tmp_path, voc):
+    # Two steps at lr 0.01 move fc7 enough for its CKA to drop below 0.9999 (0.9990 measured); compared
+    # with the fine-tuned weights themselves (a copy of the initial state missed), every layer would give 1.
+    assert ft.main(['--task', 'cls', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', voc, '--steps', '2', '--batch-size', '2', '--workers', '0', '--test-images', '4',
+                    '--test-crops', '1', '--device', 'cpu', '--crop', '32', '--lr', '0.01', '--feature-shift',
+                    '--shift-images', '4', '--out', str(tmp_path / 'run')]) == 0
+    cka = json.loads((tmp_path / 'run' / 'feature_shift.json').read_text())['cka']
+    assert min(cka.values()) < 0.9999 and max(cka.values()) <= 1 + 1e-9
+
+
+def test_a_segmentation_run_keeps_fc6_padded_and_names_its_label_seed(tmp_path, voc, capsys):
+    # Segmentation keeps fc6 padded (a dense map, as the authors' fully convolutional one) at the crop where
+    # classification unpads it; its line says which label share it trained on: --label-seed's, not --seed's.
+    assert ft.main(['--task', 'seg', '--init', 'random', '-a', 'alexnet', '--width', '0.0625', '--fc-dim', '16',
+                    '--voc-root', voc, '--steps', '1', '--batch-size', '2', '--workers', '0', '--test-images', '1',
+                    '--device', 'cpu', '--crop', '192', '--label-fraction', '0.5', '--label-seed', '7', '--seed', '1',
+                    '--out', str(tmp_path / 'seg')]) == 0
+    out = capsys.readouterr().out
+    assert 'fc6 runs unpadded' not in out
+    assert out.startswith('evaluating on 1 of the 6 val images (--test-images; 0 = all, as the paper)\n'
+                          'seg: 6 training images (train, label fraction 0.5 by seed 7), 1 test (val); ')  # 12 x 0.5
+
+
 def test_check_frozen_fails_loudly():
     torch.manual_seed(0)
     model = ft.build_transfer_model('cls', 'alexnet', **TINY)
@@ -7188,6 +7219,10 @@ def test_resume_is_exact(tmp_path, voc, capsys, monkeypatch):
     # The log line at step 3 averages steps 1-3 across the checkpoint at 2, as in the run never stopped.
     logs = [[json.loads(line)['loss'] for line in (tmp_path / r / 'log.jsonl').read_text().splitlines()] for r in 'abc']
     assert len(logs[0]) == 2 and logs[0] == logs[1] == logs[2]
+    # A fork of a run that has logged takes its log along (d tells the whole run): here b, finished, only tested.
+    assert ft.main(['--resume', str(tmp_path / 'b' / 'checkpoint.pt'), '--out', str(tmp_path / 'd'),
+                    '--workers', '0', '--device', 'cpu']) == 0
+    assert (tmp_path / 'd' / 'log.jsonl').read_text() == (tmp_path / 'b' / 'log.jsonl').read_text() != ''
     # Starting afresh into a finished run's folder would replace its checkpoint: refused.
     before = (tmp_path / 'a' / 'checkpoint.pt').read_bytes()
     assert ft.main([*base, '--out', str(tmp_path / 'a')]) == 2
