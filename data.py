@@ -1998,35 +1998,10 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
     complete = _complete_pack(out, params, log)  # by a run that held the lock before this one
     if complete is not None:
         return complete
-    progress = _read_json(os.path.join(out, _PACK_PROGRESS))
-    if progress is not None:
-        _check_progress(out, progress)
-        _check_pack_params(out, progress, params)
-        log(f'resuming the pack in {out} at {progress["done"]:,}/{progress["total"]:,} images '
-            '(the image list saved when it started)')
-    else:
-        paths = find_images(params['roots'], cache_dir, log)
-        progress = _pack_start(out, params, paths)
-        del paths
+    progress = _resume_or_start_pack(out, params, cache_dir, log)
     total, start = progress['total'], progress['done']
-    try:  # an interrupted copy of an unfinished pack
-        offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
-        names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
-        index = np.load(os.path.join(out, _PACK_INDEX), mmap_mode='r')
-        if index.shape != (total, len(_PACK_COLUMNS[progress['version']])) or offsets.shape != (total + 1,):
-            raise ValueError(f'{_PACK_INDEX} has shape {index.shape}, {_PACK_NAME_OFFSETS} {offsets.shape}; '
-                             f'{_PACK_PROGRESS} says {total} images')
-        del index
-        if int(offsets[-1]) != len(names):
-            raise ValueError(f'{_PACK_NAMES} holds {len(names)} bytes, {int(offsets[-1])} expected')
-    except (OSError, ValueError, EOFError, IndexError) as e:
-        if isinstance(e, OSError) and os_error_text(e) is not None:  # unreadable: the user's to fix
-            raise
-        raise ValueError(f'the unfinished pack in {out} is damaged ({e}): delete {out} and pack again') from None
-    # Tasks never straddle chunks: the end of a task may be the end of a chunk, to commit.
-    spans = [(t0, min(t0 + task_size, c0 + chunk, total), min(c0 + chunk, total))
-             for c0 in range(start, total, chunk)
-             for t0 in range(c0, min(c0 + chunk, total), task_size)]
+    offsets, names = _pack_names(out, progress)
+    spans = _pack_spans(start, total, chunk, task_size)
     tasks = (([_decode_string(offsets, names, i) for i in range(t0, t1)], short_side, quality)
              for t0, t1, _ in spans)
     workers = workers or usable_cores()
@@ -2056,14 +2031,64 @@ def _pack(out, params, short_side, quality, workers, cache_dir, chunk, task_size
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         writer.close()
+    return _finish_pack(out, params, progress, writer, t_start, log)
+
+
+def _resume_or_start_pack(out, params, cache_dir, log):
+    """The progress dict of the unfinished pack in `out` (checked, and made with `params`), or, where none
+    was begun, of a new one laid out for the images that find_images lists under params['roots'] now."""
+    progress = _read_json(os.path.join(out, _PACK_PROGRESS))
+    if progress is not None:
+        _check_progress(out, progress)
+        _check_pack_params(out, progress, params)
+        log(f'resuming the pack in {out} at {progress["done"]:,}/{progress["total"]:,} images '
+            '(the image list saved when it started)')
+        return progress
+    return _pack_start(out, params, find_images(params['roots'], cache_dir, log))
+
+
+def _pack_names(out, progress):
+    """(int64 offsets (N + 1,), uint8 names) of the source paths saved when the unfinished pack in `out`
+    started, memory-mapped, after checking that they and index.npy hold progress['total'] images: a
+    ValueError for a damaged copy, an OSError for an unreadable file."""
+    total = progress['total']
+    try:  # an interrupted copy of an unfinished pack
+        offsets = np.load(os.path.join(out, _PACK_NAME_OFFSETS), mmap_mode='r')
+        names = np.memmap(os.path.join(out, _PACK_NAMES), np.uint8, 'r')
+        index = np.load(os.path.join(out, _PACK_INDEX), mmap_mode='r')
+        if index.shape != (total, len(_PACK_COLUMNS[progress['version']])) or offsets.shape != (total + 1,):
+            raise ValueError(f'{_PACK_INDEX} has shape {index.shape}, {_PACK_NAME_OFFSETS} {offsets.shape}; '
+                             f'{_PACK_PROGRESS} says {total} images')
+        del index
+        if int(offsets[-1]) != len(names):
+            raise ValueError(f'{_PACK_NAMES} holds {len(names)} bytes, {int(offsets[-1])} expected')
+    except (OSError, ValueError, EOFError, IndexError) as e:
+        if isinstance(e, OSError) and os_error_text(e) is not None:  # unreadable: the user's to fix
+            raise
+        raise ValueError(f'the unfinished pack in {out} is damaged ({e}): delete {out} and pack again') from None
+    return offsets, names
+
+
+def _pack_spans(start, total, chunk, task_size):
+    """[(first image, end of the task, end of its chunk)] of the tasks that pack images [start, total): chunks
+    of `chunk` images from `start`, each cut into tasks of `task_size`. Tasks never straddle chunks: the
+    end of a task may be the end of a chunk, to commit."""
+    return [(t0, min(t0 + task_size, c0 + chunk, total), min(c0 + chunk, total))
+            for c0 in range(start, total, chunk)
+            for t0 in range(c0, min(c0 + chunk, total), task_size)]
+
+
+def _finish_pack(out, params, progress, writer, t_start, log):
+    """Write complete.json for the pack in `out` that `writer` has written to the end (with the CRC32s of
+    its index and names for format version 2 and later), log its summary and return complete.json's dict."""
     counts = dict(zip(STATUS_NAMES, writer.counts))
-    info = {'version': progress['version'], 'params': params, 'total': total,
+    info = {'version': progress['version'], 'params': params, 'total': progress['total'],
             'shards': writer.shards, 'counts': counts}
     if progress['version'] >= 2:
         info['crc32'] = {name: _file_crc32(os.path.join(out, name)) for name in _PACK_CRC_FILES}
     write_json(os.path.join(out, _PACK_COMPLETE), info)
     bad_note = f' (reasons in {os.path.join(out, _PACK_BAD)})' if counts['bad'] else ''
-    log(f'packed {total:,} images into {out} in {_duration(time.perf_counter() - t_start)}: '
+    log(f'packed {progress["total"]:,} images into {out} in {_duration(time.perf_counter() - t_start)}: '
         f'{counts["ok"]:,} ok, {counts["gray"]:,} gray, {counts["bad"]:,} bad{bad_note}; '
         f'{sum(writer.shards) / 1e9:.2f} GB in {len(writer.shards)} shard(s). '
         f'Train with --data {shlex.quote(out)}')

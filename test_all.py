@@ -2559,6 +2559,16 @@ def test_pack_progress_lines_count_images_as_packed(tmp_path):
     progress = [re.sub(r', [\d,]+ img/s, ETA [^,]+,', ',', line) for line in lines if line.startswith('pack: ')]
     assert progress == ['pack: 1/4 images (25.0%), 0 bad, 0 gray', 'pack: 2/4 images (50.0%), 0 bad, 1 gray',
                         'pack: 3/4 images (75.0%), 1 bad, 1 gray', 'pack: 4/4 images (100.0%), 1 bad, 1 gray']
+    # The closing line: the counts, and where the reasons are when there are bad files (only then).
+    pack = tmp_path / 'pack'
+    assert re.fullmatch(rf'packed 4 images into {re.escape(str(pack))} in \d+ s: 2 ok, 1 gray, 1 bad \(reasons in '
+                        rf'{re.escape(str(pack / "bad.jsonl"))}\); 0\.00 GB in 1 shard\(s\)\. Train with --data '
+                        rf'{re.escape(shlex.quote(str(pack)))}', lines[-1]), lines[-1]
+    (src / 'c.jpg').unlink()
+    (src / 'd.png').unlink()
+    lines.clear()
+    data.pack_images(src, tmp_path / 'no-bad', short_side=4, workers=1, log=lines.append)
+    assert ': 1 ok, 1 gray, 0 bad; 0.00 GB in 1 shard(s).' in lines[-1] and 'reasons' not in lines[-1]
     # The durations these lines and the summaries print, by hand (rounded to the second).
     assert [data._duration(s) for s in (0, 59.4, 59.6, 61, 3599, 3600, 3725, 90061)] == [
         '0 s', '59 s', '1 min 00 s', '1 min 01 s', '59 min 59 s', '1 h 00 min', '1 h 02 min', '25 h 01 min']
@@ -9423,6 +9433,9 @@ def test_a_damaged_unfinished_pack_is_one_line_when_packing_goes_on(tmp_path):
              'index_lost': (lambda c: os.remove(c / 'index.npy'), r'is damaged \(.*No such file.*index\.npy'),
              'index_cut': (lambda c: os.truncate(c / 'index.npy', 100), 'is damaged'),
              'names_cut': (lambda c: os.truncate(c / 'names.bin', 10), r'names\.bin holds 10 bytes'),
+             'names_longer': (lambda c: open(c / 'names.bin', 'ab').write(b'extra'),  # garbage after the last name
+                              rf'names\.bin holds {os.path.getsize(pack / "names.bin") + 5} bytes, '
+                              rf'{os.path.getsize(pack / "names.bin")} expected'),
              'shard_lost': (lambda c: os.remove(c / 'shard-00000.bin'), r'shard-00000\.bin is missing \(by progress'),
              'counts_short': (lambda c: (c / 'progress.json').write_text(json.dumps({**progress, 'counts': [3]})),
                               r'progress\.json is damaged \(its done, shards, counts\)'),
