@@ -2861,11 +2861,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
     if os.path.exists(root) and os.listdir(root):
         raise ValueError(f'{root} exists and is not empty, but holds no complete demo world '
                          f'({_DEMO_MARKER} missing); delete it or pick another folder')
-    parent, name = os.path.split(root)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(parent, f'.{name}.tmp-{socket.gethostname()}-')
-    tmp = os.path.join(parent, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _demo_temp(root)
     total = n_train + n_val + n_trainval_2007 + n_test_2007 + n_train_2012 + n_val_2012
     if workers is None:
         workers = min(usable_cores(), 8) if total >= 1000 else 1
@@ -2882,14 +2878,7 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
         make_demo_world(tmp, n_train, n_val, seed=seed, pool=pool)
         make_demo_voc(tmp, n_trainval_2007, n_test_2007, n_train_2012, n_val_2012, seed=seed + 1,
                       pool=pool)
-        write_json(os.path.join(tmp, _DEMO_MARKER), params)
-        if os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _demo_complete(root, params):  # not a concurrent call that finished first
-                raise
+        _publish_demo(tmp, root, params)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -2899,6 +2888,31 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
         f'trainval + {n_test_2007} test, VOC2012 segmentation {n_train_2012} train + '
         f'{n_val_2012} val')
     return paths
+
+
+def _demo_temp(root):
+    """A fresh, absent temporary folder beside `root` to generate the demo world in, named for this host
+    and process (after removing those of this host whose process is gone: killed generations)."""
+    parent, name = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temps(parent, f'.{name}.tmp-{socket.gethostname()}-')
+    tmp = os.path.join(parent, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _publish_demo(tmp, root, params):
+    """Mark the world generated in `tmp` complete (its marker, holding `params`, written last) and rename
+    it to `root` (where an empty folder may stand). A rename that fails because a concurrent call's
+    complete world is there already is fine; any other failure raises."""
+    write_json(os.path.join(tmp, _DEMO_MARKER), params)
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not _demo_complete(root, params):  # not a concurrent call that finished first
+            raise
 
 
 def _demo_complete(root, params):

@@ -2511,6 +2511,26 @@ def test_ensure_demo_idempotent_and_atomic(demo, tmp_path, monkeypatch):
     assert not root.exists() and os.listdir(tmp_path) == []  # no half world, no temp folder
 
 
+def test_demo_finished_first_by_a_concurrent_call_is_taken(tmp_path, monkeypatch):
+    # Two processes generating one demo world: the one whose rename comes second finds the other's complete
+    # world at root (the rename fails: root is not empty) and returns it, its own temp removed. The temp is
+    # named for this host and process (what _remove_stale_temps reads back).
+    counts = dict(n_train=2, n_val=1, n_trainval_2007=1, n_test_2007=1, n_train_2012=1, n_val_2012=1)
+    other = data.ensure_demo(tmp_path / 'other' / 'demo', workers=1, log=_quiet, **counts)['root']
+    root, temps = tmp_path / 'world' / 'demo', []
+    real = data.make_demo_voc
+
+    def voc_then_the_other_finishes(tmp, *args, **kwargs):
+        temps.append(tmp)
+        result = real(tmp, *args, **kwargs)
+        shutil.copytree(other, root)  # its rename won
+        return result
+    monkeypatch.setattr(data, 'make_demo_voc', voc_then_the_other_finishes)
+    assert data.ensure_demo(root, workers=1, log=_quiet, **counts)['root'] == str(root)
+    assert temps == [str(tmp_path / 'world' / f'.demo.tmp-{socket.gethostname()}-{os.getpid()}')]
+    assert os.listdir(tmp_path / 'world') == ['demo'] and (root / 'DEMO_COMPLETE.json').is_file()
+
+
 def test_demo_rendered_by_two_processes_is_the_same_byte_for_byte(tmp_path, monkeypatch):
     # One scene per job (not 64), so that the two worker processes take turns within each stream.
     monkeypatch.setattr(data, '_run_jobs', functools.partial(data._run_jobs, chunk=1))
