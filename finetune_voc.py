@@ -250,17 +250,13 @@ def fill_defaults(args, device):
     typed = getattr(args, 'typed_flags', frozenset())
     if args.voc_root is not None and 'demo_root' in typed:
         raise UserError('--demo-root is where the demo world goes, which a run with --voc-root does not use: drop it')
-    for name, why in unread_training_flags(args):
-        if name in typed:
-            raise UserError(f'{flag_name(name)} {why}, so this run would ignore it: drop it')
+    refuse_unread_training_flags(args)
     refuse_milestones_outside(args.lr_milestones)
     if args.test_images < 0:
         raise UserError(f'--test-images must be >= 0 (0 = all), got {args.test_images}')
     if args.task == 'seg' and args.points > args.crop ** 2:
         raise UserError(f'--points {args.points}: a {args.crop} crop has only {args.crop ** 2} pixels to sample '
                         f'(without replacement)')
-    if args.arch is not None:  # resolved from --init before (initial_trunk)
-        refuse_crop_below_min(args.arch, args.crop)
     if args.scale is None and args.task == 'seg':
         args.scale = [1.0, 1.0]  # the authors' segmentation code: pad to the crop, crop, flip; no scaling
     elif args.scale is None:
@@ -272,8 +268,27 @@ def fill_defaults(args, device):
         raise UserError(f'--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI')
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
-    warn_unread_fc_dim(args)  # last: a run refused above prints its error alone
+    if args.arch is not None:  # typed (-a), or resolved from --init before (initial_trunk); else _run checks later
+        check_arch_flags(args)
     return args
+
+
+def check_arch_flags(args):
+    """fill_defaults' checks that need the arch: --dropout on a trunk without fc6/fc7, the crop's minimum, and
+    last (a run refused above prints its error alone) the --fc-dim warning. Without -a, _run calls this once
+    --init has resolved the arch (initial_trunk builds or reads a trunk: seconds), after fill_defaults' cheap
+    checks, so that a mistyped flag is refused first."""
+    refuse_unread_training_flags(args)
+    refuse_crop_below_min(args.arch, args.crop)
+    warn_unread_fc_dim(args)
+
+
+def refuse_unread_training_flags(args):
+    """UserError for the first typed flag that unread_training_flags names."""
+    typed = getattr(args, 'typed_flags', frozenset())
+    for name, why in unread_training_flags(args):
+        if name in typed:
+            raise UserError(f'{flag_name(name)} {why}, so this run would ignore it: drop it')
 
 
 def cpu_note(args):
@@ -1585,10 +1600,15 @@ def _run(args, run_lock):
     args.git_commit = git_commit()  # saved with the checkpoint's args, for the next resumption's trained_by
     ckpt = read_resume(args) if args.resume else None
     args.task = args.task or 'cls'
+    # The cheap checks first, so a mistyped flag is refused before --init builds or reads a trunk (seconds); those
+    # that need the arch wait for --init to resolve it, unless -a is typed (or resumed).
+    arch_known = args.arch is not None
+    fill_defaults(args, device)
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
     trunk_state, init_info = initial_trunk(args, colorize_defaults['fc_dim'])
-    fill_defaults(args, device)
+    if not arch_known:
+        check_arch_flags(args)
     # The weights' digest; for --init random apart from 'digest' (--summarize groups runs by that, and
     # each seed's random weights differ), so that a resume sees when the code builds others now.
     init_info['digest' if init_info['kind'] != 'random' else 'random_digest'] = weights_digest(trunk_state)

@@ -5086,6 +5086,36 @@ def test_finetune_flags_that_the_run_does_not_read_are_refused(tmp_path, capsys)
     assert '--label-seed' in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
+def test_finetune_refuses_a_mistyped_flag_before_it_builds_the_init_trunk(tmp_path, capsys, monkeypatch):
+    # _run built the --init trunk (seconds for a full VGG-16) before fill_defaults' one-line checks, because
+    # --init can set the arch; the checks that do not need the arch now come first.
+    base = ['--device', 'cpu', '--out', str(tmp_path / 'run')]
+
+    def built(*a, **k):
+        raise AssertionError('the --init trunk was built before the flags were checked')
+    with monkeypatch.context() as m:
+        m.setattr(ft, 'random_trunk', built)
+        m.setattr(ft, 'read_weights', built)
+        for argv, named in ((['--init', 'random', '--task', 'cls', '--points', '8'], '--points applies to --task seg'),
+                            (['--init', 'random', '--task', 'seg', '--crop', '4', '--points', '17'],
+                             '--points 17: a 4 crop has only 16 pixels'),
+                            (['--init', str(tmp_path / 'x.pt'), '--scale', '2', '1'], '--scale 2.0 1.0'),
+                            (['--init', 'random', '--voc-root', 'VOC', '--demo-root', 'demo'], '--demo-root is where')):
+            assert ft.main(argv + base) == 2
+            assert named in capsys.readouterr().err
+    # The checks that need the arch still run, once --init has resolved it (no -a typed), in the same words.
+    colorize_checkpoint(tmp_path / 'r50-color.pt', 'resnet50')
+    assert ft.main(['--init', str(tmp_path / 'r50-color.pt'), '--task', 'cls', '--dropout', '0.3'] + base) == 2
+    assert 'error: --dropout applies to fc6 and fc7 in --task cls, which resnet50 does not have' in \
+        capsys.readouterr().err
+    least = colorize.min_crop('vgg16')
+    assert ft.main(['--init', 'random', '--width', '0.0625', '--fc-dim', '16', '--crop', str(least - 1)] + base) == 2
+    assert f'--crop {least - 1} is too small for -a vgg16' in capsys.readouterr().err
+    assert ft.main(['--init', str(tmp_path / 'r50-color.pt'), '--fc-dim', '32', '--points', '8'] + base) == 2
+    assert capsys.readouterr().err.startswith('error: --points')  # refused alone, without the --fc-dim warning
+    assert not (tmp_path / 'run').exists()
+
+
 def test_data_flags_that_the_run_does_not_read_are_refused():
     """--val-data without --data was ignored in silence (the demo world's own val set validated the run), and
     --demo-root beside --data (--voc-root) too."""
