@@ -448,14 +448,18 @@ def subset(paths, n, seed=0):
 # Decoding
 
 class BadImage(ValueError):
-    """A file that cannot be decoded into an image; `path` and `reason` say which and why."""
+    """A file that cannot be decoded into an image; `path` and `reason` say which and why.
 
-    def __init__(self, path, reason):
-        super().__init__(f'{path}: {reason}')
-        self.path, self.reason = path, reason
+    BadImage(message), one argument, is how torch's DataLoader re-raises one from a worker process (the
+    type called with a text that ends with the worker's traceback; a type that needs two arguments came
+    back as a RuntimeError): the text names the file and the reason, and `path` and `reason` are None."""
 
-    def __reduce__(self):  # pickled as its two arguments: a process pool's worker sends it back whole
-        return type(self), (self.path, self.reason)
+    def __init__(self, path, reason=None):
+        super().__init__(path if reason is None else f'{path}: {reason}')
+        self.path, self.reason = (None, None) if reason is None else (path, reason)
+
+    def __reduce__(self):  # pickled as its arguments: a process pool's worker sends it back whole
+        return type(self), (self.path, self.reason) if self.reason is not None else self.args
 
 
 def load_rgb(path, min_short_side=None, exif_orientation=True, to_srgb=False, alpha=False):

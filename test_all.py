@@ -1901,6 +1901,35 @@ def test_bad_files_raise_bad_image(tmp_path, monkeypatch):
     assert str(back) == '/d/a.jpg: empty file (0 bytes)'
 
 
+class _BadImageDataset(torch.utils.data.Dataset):
+    """A user's own Dataset whose image cannot be read."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        raise data.BadImage('/d/a: b.jpg', 'truncated')
+
+
+def test_bad_image_from_a_dataloader_worker_stays_bad_image():
+    # torch re-raises a worker's exception as its type called with one text (the worker's traceback); a
+    # BadImage took two arguments, so it came back as a RuntimeError that `except data.BadImage` missed.
+    try:
+        next(iter(torch.utils.data.DataLoader(_BadImageDataset(), num_workers=1)))
+    except Exception as e:
+        e.__traceback__ = e.__context__ = None  # (they hold the iterator, whose worker runs on until collected)
+        err = e
+    assert type(err) is data.BadImage and 'in DataLoader worker process 0' in str(err)
+    assert str(err).rstrip().endswith('BadImage: /d/a: b.jpg: truncated')
+    assert (err.path, err.reason) == (None, None)  # only the text says which file, and why
+    back = pickle.loads(pickle.dumps(err))  # (and it pickles as such)
+    assert type(back) is data.BadImage and str(back) == str(err) and (back.path, back.reason) == (None, None)
+    # The two-argument form is as it was.
+    e = data.BadImage('/d/a: b.jpg', 'truncated')
+    assert (str(e), e.path, e.reason, e.args) == ('/d/a: b.jpg: truncated', '/d/a: b.jpg', 'truncated',
+                                                  ('/d/a: b.jpg: truncated',))
+
+
 def test_is_grayscale():
     rng = np.random.default_rng(0)
     gray = np.repeat(rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), 3, axis=2)
