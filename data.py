@@ -591,12 +591,14 @@ def _icc_transform(icc, mode):
 def pil_to_rgb(im, alpha=False):
     """RGB uint8 (H, W, 3) from a loaded PIL image of any mode.
 
-    1, L, P, RGB, CMYK, YCbCr: Pillow's own conversion. LA, La, PA, RGBA, RGBa, and P or L or RGB
+    1, L, P, RGB, CMYK, YCbCr, LAB: Pillow's own conversion (LAB, an 8-bit CIELab TIFF: L*a*b* relative
+    to D50, as Photoshop and libtiff take them; through LittleCMS). LA, La, PA, RGBA, RGBa, and P or L or RGB
     with a transparency key: composited over white, or with alpha=True returned as RGBA (H, W, 4) as
     Pillow converts them (straight, not premultiplied, colour; a key's colour gets alpha 0).
-    I;16* (16-bit): v / 257, i.e. the 16-bit range mapped onto 0..255 without clipping. I (32-bit)
-    and F: 0..1 -> x255 (F only), 0..255 as is, 0..65535 -> /257, any other range min-max stretched
-    to 0..255.
+    I;16* (16-bit): v / 257, i.e. the 16-bit range mapped onto 0..255 without clipping. I (32-bit: 16-bit
+    PGM, which Pillow scales to 0..65535, and 32-bit TIFFs) and F have no fixed range, so the values'
+    range decides: 0..1 -> x255 (F only), 0..255 as is, 0..65535 -> /257, any other range min-max
+    stretched to 0..255.
     """
     mode = im.mode
     if mode.startswith('I;16'):

@@ -1826,6 +1826,50 @@ def test_decode_modes(tmp_path):
     assert out.shape == (3, 4, 3) and out.dtype == np.uint8 and out[0, 0].tolist() == [1, 2, 3]
 
 
+def _cielab_tiff(path, samples):
+    """An uncompressed 8-bit CIELab TIFF (PhotometricInterpretation 8), one row, written by hand (TIFF 6.0,
+    section 23): samples (N, 3) uint8 of L* * 255 / 100 and a*, b* as signed bytes."""
+    ifd, n = 8, len(samples)
+    bits_at = ifd + 2 + 10 * 12 + 4
+    pixels_at = bits_at + 6
+    tags = [(256, 3, n), (257, 3, 1), (258, 3, bits_at), (259, 3, 1), (262, 3, 8), (273, 4, pixels_at),
+            (277, 3, 3), (278, 3, 1), (279, 4, 3 * n), (284, 3, 1)]  # (tag, SHORT 3 / LONG 4, value)
+    head = b'II*\x00' + struct.pack('<IH', ifd, len(tags))
+    head += b''.join(struct.pack('<HHI', tag, kind, 1 if tag != 258 else 3) + struct.pack('<I', value)
+                     for tag, kind, value in tags)  # little-endian: a SHORT sits in the slot's first 2 bytes
+    Path(path).write_bytes(head + struct.pack('<I', 0) + struct.pack('<3H', 8, 8, 8) + samples.tobytes())
+
+
+def test_cielab_tiff_decodes_as_d50_lab(tmp_path):
+    # Pillow opens an 8-bit CIELab TIFF as mode LAB and converts it with LittleCMS, taking L*a*b* relative to
+    # D50, as Photoshop and libtiff do (TIFF 6.0 names no white point for it). Reference by hand: sRGB ->
+    # XYZ (D65) -> Bradford to D50 -> L*a*b*, on a 6^3 grid of colours; back through load_rgb, the colour
+    # differs by at most 2.5 dE76 (quantising to the file's 8 bits alone moves it up to 0.8).
+    g = np.linspace(0, 1, 6)
+    rgb = np.stack(np.meshgrid(g, g, g, indexing='ij'), -1).reshape(-1, 3)
+    srgb = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    bradford = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+    d65, d50 = np.array([0.95047, 1.0, 1.08883]), np.array([0.96422, 1.0, 0.82521])
+    to_d50 = np.linalg.inv(bradford) @ np.diag(bradford @ d50 / (bradford @ d65)) @ bradford
+
+    def lab_d50(c):  # (N, 3) sRGB in [0, 1] -> (N, 3) L*a*b* relative to D50
+        lin = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+        t = lin @ (to_d50 @ srgb).T / d50
+        f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+        return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], -1)
+    want = lab_d50(rgb)
+    samples = np.empty((len(rgb), 3), np.uint8)
+    samples[:, 0] = np.round(want[:, 0] * 2.55)
+    samples[:, 1:] = np.round(want[:, 1:]).astype(np.int8).view(np.uint8)  # sRGB's a*, b* lie within +-127
+    _cielab_tiff(tmp_path / 'lab.tif', samples)
+    with Image.open(tmp_path / 'lab.tif') as im:
+        assert im.mode == 'LAB'
+    stored = np.concatenate([samples[:, :1] / 2.55, samples[:, 1:].view(np.int8)], 1)  # the file's L*a*b*
+    got = data.load_rgb(tmp_path / 'lab.tif')
+    assert got.shape == (1, len(rgb), 3)
+    assert np.linalg.norm(lab_d50(got[0] / 255.0) - stored, axis=1).max() < 3
+
+
 def test_exif_orientation_applied(tmp_path):
     rgb = np.zeros((20, 40, 3), np.uint8)
     rgb[:, :20] = (255, 0, 0)  # left half red
