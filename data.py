@@ -56,6 +56,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -510,12 +511,22 @@ def _decode(source, name, min_short_side=None, exif_orientation=True, as_image=F
             return im if im.mode == 'RGB' and 'transparency' not in im.info else Image.fromarray(pil_to_rgb(im))
 
 
+# warnings.filters' entry of filterwarnings('ignore', category=Image.DecompressionBombWarning)
+_QUIET_BOMB_WARNING = ('ignore', None, Image.DecompressionBombWarning, None, 0)
+
+
 @contextlib.contextmanager
 def decoding(name):
     """Decode with Pillow inside: any failure but running out of memory comes out as BadImage naming
     `name`. Truncated files fail too: Pillow would otherwise pad one with gray as if it were whole.
-    (So it sets Pillow's process-wide ImageFile.LOAD_TRUNCATED_IMAGES to False, for other code too.)"""
+    (So it sets Pillow's process-wide ImageFile.LOAD_TRUNCATED_IMAGES to False, for other code too.)
+    Images of Image.MAX_IMAGE_PIXELS (89 MP) to twice that are decoded without Pillow's two-line
+    DecompressionBombWarning, which came in the middle of the progress lines (a researcher's own large
+    photos are no attack; those over twice the limit Pillow refuses, a BadImage): that warning is ignored
+    from then on in this process, for other code too."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if _QUIET_BOMB_WARNING not in warnings.filters:  # (a context such as warnings.catch_warnings drops it)
+        warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
     try:
         yield
     except BadImage:

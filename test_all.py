@@ -32,6 +32,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -1824,6 +1825,26 @@ def test_decode_modes(tmp_path):
     assert roundtrip(f, 'f.tif')[0, :, 0].tolist() == [0, 64, 255]
     out = roundtrip(Image.new('RGB', (4, 3), (1, 2, 3)), 'rgb.png')
     assert out.shape == (3, 4, 3) and out.dtype == np.uint8 and out[0, 0].tolist() == [1, 2, 3]
+
+
+def test_large_images_decode_without_pillows_bomb_warning(tmp_path, monkeypatch, capfd):
+    # Between Pillow's MAX_IMAGE_PIXELS (89 MP) and twice that, Pillow opens an image with a two-line
+    # DecompressionBombWarning (once per size and process), which came in the middle of the progress lines;
+    # a researcher's own large photos are decoded without it. Over twice the limit Pillow refuses them: a
+    # BadImage, counted like any unreadable file. (The limit lowered to 1,000 pixels for small files.)
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb[:, :40]).save(tmp_path / 'large.png')  # 1,600 pixels: over the limit, under twice it
+    Image.fromarray(rgb).save(tmp_path / 'huge.png')  # 2,400: over twice
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')  # (what Python's default does for a first occurrence)
+        assert (data.load_rgb(tmp_path / 'large.png') == rgb[:, :40]).all()
+        batch = data.ColorImages([str(tmp_path / 'large.png')], 32, 40, train=False, min_colorful=False)[0]
+        assert batch[1] == data.STATUS_OK
+        with pytest.raises(data.BadImage, match='huge.png: cannot decode .DecompressionBombError'):
+            data.load_rgb(tmp_path / 'huge.png')
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ''
 
 
 def _cielab_tiff(path, samples):
