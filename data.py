@@ -1236,30 +1236,59 @@ def _process_pool(workers):
     killed `pack` leaves none behind)."""
     fork = 'fork' in multiprocessing.get_all_start_methods() and sys.platform != 'darwin'
     ctx = multiprocessing.get_context('fork' if fork else 'spawn')
+    deferred = SigintDeferred() if fork else None
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_start,
-                                                  initargs=(os.getpid(),))
-    if fork and hasattr(signal, 'pthread_sigmask'):
+                                                  initargs=(os.getpid(), deferred))
+    if fork:
         # The workers are forked now (by submit, in this thread: all of them, on a fork pool's first task), with
-        # SIGINT held back: a Ctrl-C that landed while os.fork ran its at-fork hooks would be lost (CPython
-        # ignores exceptions there) and the work go on. Held, it arrives as the mask is restored, a
-        # KeyboardInterrupt here. Not held while anything waits on the workers: Ctrl-C always stops a wait.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # a Ctrl-C deferred (SigintDeferred): one that landed while os.fork ran its at-fork hooks was lost, and
+        # the work went on. Not deferred while anything waits on the workers: Ctrl-C always stops a wait.
         try:
-            try:
+            with deferred:
                 pool.submit(int)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     return pool
 
 
-def _pool_worker_start(parent):
-    """A forked pool worker's start: SIGINT unblocked (_process_pool forks with it held back), and
-    exit_with_parent(parent)."""
-    if hasattr(signal, 'pthread_sigmask'):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+class SigintDeferred:
+    """`with SigintDeferred():` around a fork: a Ctrl-C (SIGINT) inside is recorded, not raised, and goes to
+    the SIGINT handler of before as the block ends (a KeyboardInterrupt there, by default). Raised inside
+    os.fork's at-fork hooks (Python code: logging registers some), CPython would print "Exception ignored"
+    and drop it, and the run went on. (Holding SIGINT back with pthread_sigmask was not enough: it holds it
+    from this thread only, another thread takes it, and its handler still runs in this one's hooks.)
+
+    A child forked inside starts with the recording handler: restore() puts the one of before back, and
+    `got` then says whether a Ctrl-C reached it meanwhile. Handlers run in the main thread only, so in
+    another thread this changes nothing (and a KeyboardInterrupt cannot land in its hooks)."""
+
+    def __init__(self):
+        self.got, self.previous = [], None
+
+    def _record(self, signum, frame):
+        self.got.append(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._record)  # None: a handler set outside Python
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        if self.got:
+            signal.raise_signal(signal.SIGINT)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _pool_worker_start(parent, deferred):
+    """A pool worker's start: the SIGINT handler of before (_process_pool forks it in a SigintDeferred, None
+    for a spawned one), and exit_with_parent(parent)."""
+    if deferred is not None:
+        deferred.restore()
     exit_with_parent(parent)
 
 

@@ -9112,7 +9112,10 @@ def test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost(folders, tmp_path)
     # status 0. Simulated exactly: a hook (in a child Python: hooks cannot be removed) sends the SIGINT.
     train, _ = folders
     pack = tmp_path / 'pack'
-    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data\n"
+    # With a second thread running, as torch's or a watcher's may: SIGINT held back from this thread alone
+    # (pthread_sigmask) went to that one, and its handler still ran in the hooks.
+    script = ("import os, signal, sys, threading; sys.path.insert(0, sys.argv[1]); import data\n"
+              "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
               "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))\n"
               "sys.exit(data.main(['pack', '--data', sys.argv[2], '--out', sys.argv[3], '--short-side', '32', "
               "'--workers', '2']))\n")
@@ -9122,6 +9125,18 @@ def test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost(folders, tmp_path)
     assert not (pack / 'complete.json').exists()
     assert data.main(['pack', '--data', str(train), '--out', str(pack), '--short-side', '32', '--workers', '2']) == 0
     assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
+
+
+def test_pool_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
+    # The workers are forked while a Ctrl-C is only recorded (data.SigintDeferred): each puts the handler of
+    # before back as it starts, or a Ctrl-C would be recorded there and ignored for good.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    pool = data._process_pool(1)
+    try:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) is signal.default_int_handler
+    finally:
+        pool.shutdown()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_drops_a_garbled_log_line(folders, tmp_path):
