@@ -2036,17 +2036,24 @@ def worker_options(workers):
     signals every process of the job, and the training process decides when to stop, so:
     - worker_init_fn: the workers ignore SIGTERM and SIGUSR1 (they used to die of it, ending the run
       in a traceback);
-    - multiprocessing_context: 'fork' where Python would start them from a forkserver (3.14's
-      default on Linux): the signal kills the forkserver, and torch's workers stop once their parent
-      is gone, while a DDP rank still reads batches up to its next exchange;
+    - multiprocessing_context (worker_context): fork where Python would start them from a forkserver
+      (3.14's default on Linux): the signal kills the forkserver, and torch's workers stop once their
+      parent is gone, while a DDP rank still reads batches up to its next exchange;
     - at the interpreter's exit the daemonic children still alive get SIGKILL (registered once,
       however many loaders): multiprocessing's own exit handler, which runs after, sends them
       SIGTERM and waits without a limit, so a run that ended in a traceback (which keeps its loader
       alive until then) never exited."""
     atexit.unregister(_kill_daemonic_children)
     atexit.register(_kill_daemonic_children)
-    fork = workers and torch.multiprocessing.get_start_method() == 'forkserver'
-    return dict(worker_init_fn=ignore_stop_signals, multiprocessing_context='fork' if fork else None)
+    return dict(worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context(workers))
+
+
+def worker_context(workers):
+    """A DataLoader's multiprocessing_context for `workers` processes: where Python forks them or starts
+    them from a forkserver (Linux; see worker_options), a fork context that forks each with a Ctrl-C
+    deferred (data.SigintDeferredForkContext: one at that moment was lost); None elsewhere (spawn)."""
+    fork = workers and torch.multiprocessing.get_start_method() in ('fork', 'forkserver')
+    return data.SIGINT_DEFERRED_FORK if fork else None
 
 
 def ignore_stop_signals(worker_id=None):

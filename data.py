@@ -1284,6 +1284,30 @@ class SigintDeferred:
             signal.signal(signal.SIGINT, self.previous)
 
 
+if sys.platform != 'win32':  # (multiprocessing has no fork there)
+    class SigintDeferredForkProcess(multiprocessing.context.ForkProcess):
+        """A forked process whose start defers a Ctrl-C (SigintDeferred) while it forks: a DataLoader forks its
+        workers at its first batch, and a Ctrl-C then was lost (training went on). A child that a Ctrl-C
+        reached meanwhile ends at once, quietly: the parent stops too."""
+
+        def start(self):
+            self._sigint = SigintDeferred()
+            with self._sigint:
+                super().start()
+
+        def run(self):
+            self._sigint.restore()
+            if not self._sigint.got:
+                super().run()
+
+    class SigintDeferredForkContext(multiprocessing.context.ForkContext):
+        """multiprocessing's fork context, its processes SigintDeferredForkProcess: a DataLoader's
+        multiprocessing_context (colorize.worker_context)."""
+        Process = SigintDeferredForkProcess
+
+    SIGINT_DEFERRED_FORK = SigintDeferredForkContext()  # (one, as multiprocessing has one of each context)
+
+
 def _pool_worker_start(parent, deferred):
     """A pool worker's start: the SIGINT handler of before (_process_pool forks it in a SigintDeferred, None
     for a spawned one), and exit_with_parent(parent)."""

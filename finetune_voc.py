@@ -56,7 +56,7 @@ from colorize import (COMPILE_NOTE, DEMO_ROOT, Progress, StopSignals, Stopped, U
                       refuse_crop_below_min, refuse_diverged_weights, refuse_fewer_steps, refuse_milestones_outside,
                       refuse_non_finite, refuse_nonfinite_weights, refuse_to_overwrite, remove_if_unused, resume_flags,
                       resume_intervals, rng_state, seed_int, setup_device, step_seed, stop_status, trim_log,
-                      trunk_kwargs, unread_fc_dim_warning, worker_options)
+                      trunk_kwargs, unread_fc_dim_warning, worker_context, worker_options)
 from models import MODELS, Bottleneck, ConvBN, HypercolumnNet, fold_batchnorm, receptive_field
 
 HERE = Path(__file__).resolve().parent
@@ -1471,7 +1471,8 @@ class EvalProgress:
 def evaluate_classification(model, test_set, args, device):
     """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""
     model.eval()
-    loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers,
+                                         multiprocessing_context=worker_context(args.workers))
     scores, labels = [], []
     progress = EvalProgress(len(test_set), f'testing on VOC2007 {args.test_split}')
     for images, target in data.watch_stalls(loader):
@@ -1525,7 +1526,8 @@ def evaluate_segmentation(model, test_set, args, device):
     model.eval()
     # Every image size would trigger a new cuDNN autotuning round: slower than it saves here.
     autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-    loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers,
+                                         multiprocessing_context=worker_context(args.workers))
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
     progress = EvalProgress(len(test_set), f'testing on VOC2012 {args.test_split}')
     try:

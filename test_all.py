@@ -7449,7 +7449,8 @@ def test_loader_options_under_forkserver_start_workers_by_fork_and_none_without_
     # Python 3.14's default start method on Linux: a loader without workers takes no start method
     # (DataLoader refuses one: "multiprocessing_context can only be used with multi-process loading").
     monkeypatch.setattr(torch.multiprocessing, 'get_start_method', lambda *args, **kwargs: 'forkserver')
-    assert colorize.worker_options(1)['multiprocessing_context'] == 'fork'
+    context = colorize.worker_options(1)['multiprocessing_context']  # fork, a Ctrl-C deferred while it forks
+    assert context.get_start_method() == 'fork' and context is data.SIGINT_DEFERRED_FORK
     loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, **colorize.worker_options(0))
     assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
 
@@ -9127,6 +9128,40 @@ def test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost(folders, tmp_path)
     assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
 
 
+def test_ctrl_c_while_a_loader_starts_its_workers_is_not_lost(folders, voc, tmp_path):
+    # The same for a DataLoader's workers, forked at its first batch: the Ctrl-C was dropped and training
+    # (colorize.py) or the test after it (finetune_voc.py's own loader) ran on to the end with status 0.
+    # Simulated as for the pack: a hook sends SIGINT at each fork (finetune_voc.py: in the test only).
+    train, val = folders
+    hook = ("import os, signal, sys, traceback; sys.path.insert(0, sys.argv[1]); import colorize, finetune_voc\n"
+            "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT) if sys.argv[2] in "
+            "[f.name for f in traceback.extract_stack()] else None)\n"
+            "sys.exit(%s.main(sys.argv[3:]))\n")
+    for script, where, argv in (
+            ('colorize', '_launch', tiny_args(train, val, tmp_path / 'run', '--steps', '2', '--workers', '1')),
+            ('finetune_voc', 'evaluate_classification',
+             ['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(tmp_path / 'ft'), '--steps', '2',
+              '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '1',
+              '--test-crops', '1', '--device', 'cpu'])):
+        run = subprocess.run([sys.executable, '-c', hook % script, str(HERE), where, *argv], capture_output=True,
+                             text=True, timeout=120)
+        assert (run.returncode, run.stderr) == (130, (
+            f'interrupted: the last checkpoint written is intact; continue with --resume --out {tmp_path / "ft"}\n'
+            if script == 'finetune_voc' else
+            "interrupted before the run's first checkpoint: nothing to resume; run the same command again\n"))
+    assert not (tmp_path / 'ft' / 'results.json').exists()
+
+
+class _SigintHandlerDataset(torch.utils.data.Dataset):
+    """What a loader worker's SIGINT handler is."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_pool_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
     # The workers are forked while a Ctrl-C is only recorded (data.SigintDeferred): each puts the handler of
     # before back as it starts, or a Ctrl-C would be recorded there and ignored for good.
@@ -9136,6 +9171,15 @@ def test_pool_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
         assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) is signal.default_int_handler
     finally:
         pool.shutdown()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_loader_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
+    # The same for a DataLoader's (colorize.worker_context: data.SigintDeferredForkProcess).
+    loader = torch.utils.data.DataLoader(_SigintHandlerDataset(), num_workers=1,
+                                         multiprocessing_context=colorize.worker_context(1))
+    assert loader.multiprocessing_context is data.SIGINT_DEFERRED_FORK
+    assert list(loader) == [torch.tensor([True])]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
