@@ -9137,18 +9137,25 @@ def test_ctrl_c_while_a_loader_starts_its_workers_is_not_lost(folders, voc, tmp_
             "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT) if sys.argv[2] in "
             "[f.name for f in traceback.extract_stack()] else None)\n"
             "sys.exit(%s.main(sys.argv[3:]))\n")
-    for script, where, argv in (
-            ('colorize', '_launch', tiny_args(train, val, tmp_path / 'run', '--steps', '2', '--workers', '1')),
-            ('finetune_voc', 'evaluate_classification',
-             ['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(tmp_path / 'ft'), '--steps', '2',
-              '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '1',
-              '--test-crops', '1', '--device', 'cpu'])):
-        run = subprocess.run([sys.executable, '-c', hook % script, str(HERE), where, *argv], capture_output=True,
-                             text=True, timeout=120)
-        assert (run.returncode, run.stderr) == (130, (
-            f'interrupted: the last checkpoint written is intact; continue with --resume --out {tmp_path / "ft"}\n'
-            if script == 'finetune_voc' else
-            "interrupted before the run's first checkpoint: nothing to resume; run the same command again\n"))
+    runs = {script: subprocess.Popen([sys.executable, '-c', hook % script, str(HERE), where, *argv], text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for script, where, argv in (  # both at once (each is mostly a torch import: seconds)
+                ('colorize', '_launch', tiny_args(train, val, tmp_path / 'run', '--steps', '2', '--workers', '1')),
+                ('finetune_voc', 'evaluate_classification',
+                 ['--task', 'cls', '--init', 'random', '--voc-root', voc, '--out', str(tmp_path / 'ft'), '--steps',
+                  '2', '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '1',
+                  '--test-crops', '1', '--device', 'cpu']))}
+    try:
+        for script, run in runs.items():
+            _, err = run.communicate(timeout=120)
+            assert (run.returncode, err) == (130, (
+                f'interrupted: the last checkpoint written is intact; continue with --resume --out {tmp_path / "ft"}\n'
+                if script == 'finetune_voc' else
+                "interrupted before the run's first checkpoint: nothing to resume; run the same command again\n"))
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
     assert not (tmp_path / 'ft' / 'results.json').exists()
 
 
