@@ -4015,15 +4015,38 @@ def test_the_progress_line_s_eta_counts_every_rank_s_images(monkeypatch, capsys,
     assert json.loads((tmp_path / 'log.jsonl').read_text())['img_per_s'] == 4.0
 
 
-def test_two_ranks_of_one_node_train_on_the_demo_world(tmp_path):
-    # One node, LOCAL_RANK 0 and 1: rank 1 makes no demo world of its own, but still takes part in the
-    # ranks' exchange about it (all_gather_object): a rank that skipped it would leave rank 0 waiting there.
-    root = _fake_complete_demo(tmp_path / 'demo')
-    args = ['--demo-root', str(root), '--out', str(tmp_path / 'out'), '--device', 'cpu', '--steps', '1',
-            '--width', '0.0625', '--fc-dim', '16', '--crop', '32', '--batch-size', '2', '--workers', '0']
-    (code0, err0), (code1, err1) = _ranks(2, args)
-    assert code0 == code1 == 0, err0[-2000:] + err1[-2000:]
-    assert _state(tmp_path / 'out' / 'checkpoint.pt')['step'] == 1
+def test_every_rank_of_a_node_joins_the_demo_world_exchanges(monkeypatch, tmp_path):
+    # prepare_demo_world under DDP: rank 0 makes the demo world, the first rank of each other node too, and
+    # every rank, LOCAL_RANK 1 included, takes part in both exchanges in the same order (rank0_problem's
+    # broadcast, then all_gather_object): a rank that skipped the all_gather left rank 0 waiting there.
+    # The collectives by hand, this process playing each rank of a world of 2 (the real two-process runs
+    # above cover a failing rank 0 and a second node).
+    import torch.distributed as dist
+    calls = []
+
+    def broadcast(objects, src):
+        calls.append(('broadcast', src, list(objects)))
+        objects[0] = None  # rank 0's answer: it made the demo world
+
+    def all_gather(every, mine):
+        calls.append(('all_gather', mine))
+        every[:] = [None, None]
+
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(dist, 'broadcast_object_list', broadcast)
+    monkeypatch.setattr(dist, 'all_gather_object', all_gather)
+    monkeypatch.setattr(data, 'ensure_demo', lambda root: calls.append(('ensure_demo', root)))
+    root = tmp_path / 'demo'
+    made = [('ensure_demo', root)]
+    for master, local_rank, expected in (
+            (True, '0', made + [('broadcast', 0, [None]), ('all_gather', None)]),  # rank 0
+            (False, '1', [('broadcast', 0, [None]), ('all_gather', None)]),  # rank 1 of the same node
+            (False, '0', [('broadcast', 0, [None])] + made + [('all_gather', None)])):  # rank 1 of another node
+        calls.clear()
+        monkeypatch.setenv('LOCAL_RANK', local_rank)
+        colorize.prepare_demo_world(argparse.Namespace(demo_root=root), master)
+        assert calls == expected, (master, local_rank)
 
 
 def test_rank_0_and_the_first_rank_of_each_other_node_prepare_the_demo_world(tmp_path, monkeypatch):
