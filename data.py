@@ -1261,7 +1261,9 @@ class SigintDeferred:
 
     A child forked inside starts with the recording handler: restore() puts the one of before back, and
     `got` then says whether a Ctrl-C reached it meanwhile. Handlers run in the main thread only, so in
-    another thread this changes nothing (and a KeyboardInterrupt cannot land in its hooks)."""
+    another thread this changes nothing (and a KeyboardInterrupt cannot land in its hooks); nor where the
+    SIGINT handler was set outside Python (signal.getsignal None: an embedding program's), which
+    signal.signal could not put back."""
 
     def __init__(self):
         self.got, self.previous = [], None
@@ -1270,8 +1272,8 @@ class SigintDeferred:
         self.got.append(signum)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._record)  # None: a handler set outside Python
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
+            self.previous = signal.signal(signal.SIGINT, self._record)
         return self
 
     def __exit__(self, *exc):

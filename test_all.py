@@ -9204,6 +9204,17 @@ def test_pool_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigint_deferred_leaves_a_handler_set_outside_python_alone(monkeypatch):
+    # signal.getsignal says None for a SIGINT handler that Python did not set (an embedding program's): the
+    # recording handler put in its place could not be taken out again (signal.signal cannot put that one
+    # back), and every later Ctrl-C was recorded and dropped. So SigintDeferred does not touch it.
+    real = signal.getsignal
+    monkeypatch.setattr(signal, 'getsignal', lambda signum: None if signum == signal.SIGINT else real(signum))
+    with data.SigintDeferred():
+        assert real(signal.SIGINT) is signal.default_int_handler
+    assert real(signal.SIGINT) is signal.default_int_handler
+
+
 def test_loader_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
     # The same for a DataLoader's (colorize.worker_context: data.SigintDeferredForkProcess).
     loader = torch.utils.data.DataLoader(_SigintHandlerDataset(), num_workers=1,
