@@ -1259,14 +1259,15 @@ class SigintDeferred:
     and drop it, and the run went on. (Holding SIGINT back with pthread_sigmask was not enough: it holds it
     from this thread only, another thread takes it, and its handler still runs in this one's hooks.)
 
-    A child forked inside starts with the recording handler: restore() puts the one of before back, and
-    `got` then says whether a Ctrl-C reached it meanwhile. Handlers run in the main thread only, so in
-    another thread this changes nothing (and a KeyboardInterrupt cannot land in its hooks); nor where the
-    SIGINT handler was set outside Python (signal.getsignal None: an embedding program's), which
-    signal.signal could not put back."""
+    A child forked inside starts with the recording handler: restore_in_child() puts back the one outside
+    every SigintDeferred (nested, the one of before is the outer block's recorder, which would drop the
+    child's Ctrl-C for good), and `got` then says whether a Ctrl-C reached it meanwhile. Handlers run in
+    the main thread only, so in another thread this changes nothing (and a KeyboardInterrupt cannot land
+    in its hooks); nor where the SIGINT handler was set outside Python (signal.getsignal None: an
+    embedding program's), which signal.signal could not put back."""
 
     def __init__(self):
-        self.got, self.previous = [], None
+        self.got, self.previous, self.outside = [], None, None
 
     def _record(self, signum, frame):
         self.got.append(signum)
@@ -1274,6 +1275,8 @@ class SigintDeferred:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
             self.previous = signal.signal(signal.SIGINT, self._record)
+            outer = getattr(self.previous, '__self__', None)
+            self.outside = outer.outside if isinstance(outer, SigintDeferred) else self.previous
         return self
 
     def __exit__(self, *exc):
@@ -1282,8 +1285,14 @@ class SigintDeferred:
             signal.raise_signal(signal.SIGINT)
 
     def restore(self):
+        """The SIGINT handler of before the block back (in the process that entered it)."""
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+    def restore_in_child(self):
+        """In a child forked inside the block: the SIGINT handler outside every SigintDeferred back."""
+        if self.outside is not None:
+            signal.signal(signal.SIGINT, self.outside)
 
 
 if sys.platform != 'win32':  # (multiprocessing has no fork there)
@@ -1298,7 +1307,7 @@ if sys.platform != 'win32':  # (multiprocessing has no fork there)
                 super().start()
 
         def run(self):
-            self._sigint.restore()
+            self._sigint.restore_in_child()
             if not self._sigint.got:
                 super().run()
 
@@ -1311,10 +1320,10 @@ if sys.platform != 'win32':  # (multiprocessing has no fork there)
 
 
 def _pool_worker_start(parent, deferred):
-    """A pool worker's start: the SIGINT handler of before (_process_pool forks it in a SigintDeferred, None
-    for a spawned one), and exit_with_parent(parent)."""
+    """A pool worker's start: the SIGINT handler of before _process_pool's SigintDeferred (`deferred`, which it
+    forks the workers in; None for a spawned one) back, and exit_with_parent(parent)."""
     if deferred is not None:
-        deferred.restore()
+        deferred.restore_in_child()
     exit_with_parent(parent)
 
 

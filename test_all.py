@@ -9222,6 +9222,13 @@ def test_loader_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
     assert loader.multiprocessing_context is data.SIGINT_DEFERRED_FORK
     assert list(loader) == [torch.tensor([True])]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Forked inside another SigintDeferred too (nested: a loader's iterator built in one):
+    # the worker's handler is the one outside both, not the outer block's recorder, which would drop its Ctrl-C.
+    with data.SigintDeferred():
+        assert list(torch.utils.data.DataLoader(_SigintHandlerDataset(), num_workers=1,
+                                                multiprocessing_context=colorize.worker_context(1))) == [
+            torch.tensor([True])]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_drops_a_garbled_log_line(folders, tmp_path):
