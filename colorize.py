@@ -1015,7 +1015,7 @@ def make_loader(paths, args, rank, world, start_step, device, labels=None, stop_
     # Workers hand batches over through shared memory set aside once (data.SlotBatches), not per batch.
     slots = None if args.workers == 0 or args.handover == 'torch' else data.SlotBatches(
         args.workers, LOADER_PREFETCH + 1, args.batch_size, (3, args.crop, args.crop))
-    loader = torch.utils.data.DataLoader(
+    loader = data.SigintDeferredLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=slots.collate if slots else None, pin_memory=device.type == 'cuda', drop_last=True,
         persistent_workers=args.workers > 0, prefetch_factor=LOADER_PREFETCH if args.workers > 0 else None,

@@ -1319,6 +1319,19 @@ if sys.platform != 'win32':  # (multiprocessing has no fork there)
     SIGINT_DEFERRED_FORK = SigintDeferredForkContext()  # (one, as multiprocessing has one of each context)
 
 
+class SigintDeferredLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose iterator is built whole (its workers forked, its queues and pinning thread made)
+    before a Ctrl-C that came meanwhile is raised (SigintDeferred). Raised in torch's loop that starts the
+    workers (from SigintDeferredForkProcess.start of any worker but the first), it left a half-built
+    iterator, whose __del__ printed an AttributeError traceback after the run's "interrupted" line. Only
+    the building is deferred, not a persistent loader's next epoch, which waits for its workers: Ctrl-C
+    always stops a wait."""
+
+    def _get_iterator(self):
+        with SigintDeferred():
+            return super()._get_iterator()
+
+
 def _pool_worker_start(parent, deferred):
     """A pool worker's start: the SIGINT handler of before _process_pool's SigintDeferred (`deferred`, which it
     forks the workers in; None for a spawned one) back, and exit_with_parent(parent)."""

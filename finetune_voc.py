@@ -1363,7 +1363,7 @@ def read_resume(args):
 def make_loader(dataset, args, device, start_step):
     sampler = data.InfiniteSampler(len(dataset), args.batch_size, seed=args.seed, start_step=start_step,
                                    stop_step=args.steps)  # no reads of steps that will not run
-    return torch.utils.data.DataLoader(
+    return data.SigintDeferredLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=args.workers > 0,
         **worker_options(args.workers))
@@ -1471,8 +1471,8 @@ class EvalProgress:
 def evaluate_classification(model, test_set, args, device):
     """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""
     model.eval()
-    loader = torch.utils.data.DataLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers,
-                                         multiprocessing_context=worker_context(args.workers))
+    loader = data.SigintDeferredLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers,
+                                       multiprocessing_context=worker_context(args.workers))
     scores, labels = [], []
     progress = EvalProgress(len(test_set), f'testing on VOC2007 {args.test_split}')
     for images, target in data.watch_stalls(loader):
@@ -1526,8 +1526,8 @@ def evaluate_segmentation(model, test_set, args, device):
     model.eval()
     # Every image size would trigger a new cuDNN autotuning round: slower than it saves here.
     autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-    loader = torch.utils.data.DataLoader(test_set, batch_size=1, num_workers=args.workers,
-                                         multiprocessing_context=worker_context(args.workers))
+    loader = data.SigintDeferredLoader(test_set, batch_size=1, num_workers=args.workers,
+                                       multiprocessing_context=worker_context(args.workers))
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
     progress = EvalProgress(len(test_set), f'testing on VOC2012 {args.test_split}')
     try:
