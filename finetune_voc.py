@@ -224,8 +224,9 @@ def unread_flags_problem(args):
 STEP_INTERVALS = ('log_every', 'save_every')
 
 
-def fill_defaults(args, device):
-    """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges."""
+def fill_defaults(args, device, warn=True):
+    """Task-, machine- and data-dependent defaults (a CPU and the demo world get smaller ones); checks ranges.
+    warn=False: without the --fc-dim warning of check_arch_flags (_run gives it once --init is read)."""
     refuse_non_finite(args)
     args.task = args.task or 'cls'
     task, cpu = TASK_DEFAULTS[args.task], CPU_DEFAULTS[args.task] if device.type != 'cuda' else {}
@@ -269,18 +270,19 @@ def fill_defaults(args, device):
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
         raise UserError(f'--label-fraction must be in (0, 1], got {args.label_fraction}')
     if args.arch is not None:  # typed (-a), or resolved from --init before (initial_trunk); else _run checks later
-        check_arch_flags(args)
+        check_arch_flags(args, warn)
     return args
 
 
-def check_arch_flags(args):
+def check_arch_flags(args, warn=True):
     """fill_defaults' checks that need the arch: --dropout on a trunk without fc6/fc7, the crop's minimum, and
-    last (a run refused above prints its error alone) the --fc-dim warning. Without -a, _run calls this once
-    --init has resolved the arch (initial_trunk builds or reads a trunk: seconds), after fill_defaults' cheap
-    checks, so that a mistyped flag is refused first."""
+    last (a run refused above prints its error alone) the --fc-dim warning, unless warn=False. Without -a, _run
+    calls this once --init has resolved the arch (initial_trunk builds or reads a trunk: seconds), after
+    fill_defaults' cheap checks, so that a mistyped flag is refused first."""
     refuse_unread_training_flags(args)
     refuse_crop_below_min(args.arch, args.crop)
-    warn_unread_fc_dim(args)
+    if warn:
+        warn_unread_fc_dim(args)
 
 
 def refuse_unread_training_flags(args):
@@ -1603,13 +1605,16 @@ def _run(args, run_lock):
     ckpt = read_resume(args) if args.resume else None
     args.task = args.task or 'cls'
     # The cheap checks first, so a mistyped flag is refused before --init builds or reads a trunk (seconds); those
-    # that need the arch wait for --init to resolve it, unless -a is typed (or resumed).
+    # that need the arch wait for --init to resolve it, unless -a is typed (or resumed). The --fc-dim warning comes
+    # after --init is read in any case: a run refused there (-a contradicting it, say) prints its error alone.
     arch_known = args.arch is not None
-    fill_defaults(args, device)
+    fill_defaults(args, device, warn=False)
     # --init random gets colorize.py's fc6/fc7 width on this device, so RQ1 compares equal networks.
     colorize_defaults = COLORIZE_GPU_DEFAULTS if device.type == 'cuda' else COLORIZE_CPU_DEFAULTS
     trunk_state, init_info = initial_trunk(args, colorize_defaults['fc_dim'])
-    if not arch_known:
+    if arch_known:
+        warn_unread_fc_dim(args)
+    else:
         check_arch_flags(args)
     # The weights' digest; for --init random apart from 'digest' (--summarize groups runs by that, and
     # each seed's random weights differ), so that a resume sees when the code builds others now.

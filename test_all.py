@@ -5230,6 +5230,10 @@ def test_finetune_refuses_a_mistyped_flag_before_it_builds_the_init_trunk(tmp_pa
     assert f'--crop {least - 1} is too small for -a vgg16' in capsys.readouterr().err
     assert ft.main(['--init', str(tmp_path / 'r50-color.pt'), '--fc-dim', '32', '--points', '8'] + base) == 2
     assert capsys.readouterr().err.startswith('error: --points')  # refused alone, without the --fc-dim warning
+    # With -a typed too (its checks then come first): a refusal of --init's reading still prints alone.
+    assert ft.main(['--init', str(tmp_path / 'r50-color.pt'), '-a', 'resnet50', '--fc-dim', '32', '--width',
+                    str(TINY['width'] * 2)] + base) == 2
+    assert capsys.readouterr().err.startswith('error: --width')
     assert not (tmp_path / 'run').exists()
 
 
