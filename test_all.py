@@ -9155,6 +9155,8 @@ def test_ctrl_c_while_the_pack_starts_its_workers_is_not_lost(folders, tmp_path)
     assert len(data.PackReader(pack)) == 24 and data.verify_pack(pack, workers=1, log=_quiet) == []
 
 
+@pytest.mark.skipif(torch.multiprocessing.get_start_method() not in ('fork', 'forkserver'),
+                    reason="spawned workers start without os.fork, whose at-fork hooks are the window")
 def test_ctrl_c_while_a_loader_starts_its_workers_is_not_lost(folders, voc, tmp_path):
     # The same for a DataLoader's workers, forked at its first batch: the Ctrl-C was dropped and training
     # (colorize.py) or the test after it (finetune_voc.py's own loader) ran on to the end with status 0.
