@@ -9226,16 +9226,18 @@ def test_sigint_deferred_leaves_a_handler_set_outside_python_alone(monkeypatch):
 
 def test_loader_workers_forked_with_ctrl_c_deferred_keep_the_sigint_handler():
     # The same for a DataLoader's (colorize.worker_context: data.SigintDeferredForkProcess).
+    # Where workers are spawned (macOS's and Windows' start method), no fork: the default context.
+    spawned = torch.multiprocessing.get_start_method() not in ('fork', 'forkserver')
+    assert colorize.worker_context(1) is (None if spawned else data.SIGINT_DEFERRED_FORK)
     loader = torch.utils.data.DataLoader(_SigintHandlerDataset(), num_workers=1,
-                                         multiprocessing_context=colorize.worker_context(1))
-    assert loader.multiprocessing_context is data.SIGINT_DEFERRED_FORK
+                                         multiprocessing_context=data.SIGINT_DEFERRED_FORK)
     assert list(loader) == [torch.tensor([True])]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # Forked inside another SigintDeferred too (nested: a loader's iterator built in one):
     # the worker's handler is the one outside both, not the outer block's recorder, which would drop its Ctrl-C.
     with data.SigintDeferred():
         assert list(torch.utils.data.DataLoader(_SigintHandlerDataset(), num_workers=1,
-                                                multiprocessing_context=colorize.worker_context(1))) == [
+                                                multiprocessing_context=data.SIGINT_DEFERRED_FORK)) == [
             torch.tensor([True])]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
