@@ -1473,6 +1473,8 @@ class EvalProgress:
 def evaluate_classification(model, test_set, args, device):
     """Mean logits over each image's test crops -> per-class AP (11-point and non-interpolated) and mAPs."""
     model.eval()
+    # Not worker_options: its workers ignore SIGTERM and SIGUSR1 for a training loop that stops itself (StopSignals).
+    # No handler is set during the test, so the signal ends this process at once, and the workers with it.
     loader = data.SigintDeferredLoader(test_set, batch_size=max(1, args.batch_size), num_workers=args.workers,
                                        multiprocessing_context=worker_context(args.workers))
     scores, labels = [], []
@@ -1528,6 +1530,7 @@ def evaluate_segmentation(model, test_set, args, device):
     model.eval()
     # Every image size would trigger a new cuDNN autotuning round: slower than it saves here.
     autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    # Not worker_options (see evaluate_classification).
     loader = data.SigintDeferredLoader(test_set, batch_size=1, num_workers=args.workers,
                                        multiprocessing_context=worker_context(args.workers))
     conf = torch.zeros(len(SEG_CLASSES), len(SEG_CLASSES), dtype=torch.long, device=device)
