@@ -2036,9 +2036,11 @@ def worker_options(workers):
     signals every process of the job, and the training process decides when to stop, so:
     - worker_init_fn: the workers ignore SIGTERM and SIGUSR1 (they used to die of it, ending the run
       in a traceback);
-    - multiprocessing_context (worker_context): fork where Python would start them from a forkserver
-      (3.14's default on Linux): the signal kills the forkserver, and torch's workers stop once their
-      parent is gone, while a DDP rank still reads batches up to its next exchange;
+    - multiprocessing_context (worker_context): where Python forks them, or would start them from a
+      forkserver (3.14's default on Linux), a fork that defers a Ctrl-C while it forks (one at that
+      moment was lost, and training went on). Fork rather than the forkserver: the signal kills the
+      forkserver, and torch's workers stop once their parent is gone, while a DDP rank still reads
+      batches up to its next exchange. None without workers or under spawn (macOS, Windows);
     - at the interpreter's exit the daemonic children still alive get SIGKILL (registered once,
       however many loaders): multiprocessing's own exit handler, which runs after, sends them
       SIGTERM and waits without a limit, so a run that ended in a traceback (which keeps its loader
