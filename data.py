@@ -568,9 +568,10 @@ def icc_to_srgb(im, name):
     palette image, or an L or RGB one with a transparency key, is first made RGB, RGBA or LA as
     pil_to_rgb reads it (the transform would drop a key's alpha; it takes no palette). A profile that
     cannot be used (unreadable, or of another colour space than the pixels) leaves the pixels as
-    stored, with a warning naming `name`."""
+    stored, with a warning naming `name`. A LAB image (a CIELab TIFF) is returned as it is: its values are
+    L*a*b*, which pil_to_rgb converts to sRGB itself, so a profile it carries is not needed."""
     icc = im.info.get('icc_profile')
-    if not icc:
+    if not icc or im.mode == 'LAB':
         return im
     key = im.mode in ('P', 'L', 'RGB') and 'transparency' in im.info
     if im.mode in ('P', 'PA') or key:

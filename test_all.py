@@ -1891,6 +1891,21 @@ def test_cielab_tiff_decodes_as_d50_lab(tmp_path):
     assert np.linalg.norm(lab_d50(got[0] / 255.0) - stored, axis=1).max() < 3
 
 
+def test_cielab_tiff_with_an_icc_profile_is_colorized_without_a_warning(tmp_path, capfd):
+    # Its values are L*a*b*, which Pillow converts itself (test_cielab_tiff_decodes_as_d50_lab checks that
+    # against a hand formula): the profile changes nothing. A warning said its pixels were taken as sRGB.
+    from PIL import ImageCms
+    _cielab_tiff(tmp_path / 'lab.tif', np.array([[128, 20, 236], [200, 0, 0], [255, 0, 0]], np.uint8))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile('LAB')).tobytes()
+    with Image.open(tmp_path / 'lab.tif') as im:
+        im.save(tmp_path / 'lab-icc.tif', icc_profile=icc)
+    with Image.open(tmp_path / 'lab-icc.tif') as im:
+        assert im.mode == 'LAB' and im.info['icc_profile'] == icc
+    want = data.load_rgb(tmp_path / 'lab.tif', to_srgb=True)
+    assert np.array_equal(data.load_rgb(tmp_path / 'lab-icc.tif', to_srgb=True), want)
+    assert capfd.readouterr().err == ''
+
+
 def test_exif_orientation_applied(tmp_path):
     rgb = np.zeros((20, 40, 3), np.uint8)
     rgb[:, :20] = (255, 0, 0)  # left half red
