@@ -2973,11 +2973,15 @@ def ensure_demo(root=DEFAULT_DEMO_ROOT, n_train=4000, n_val=200, n_trainval_2007
         make_demo_world(tmp, n_train, n_val, seed=seed, pool=pool)
         make_demo_voc(tmp, n_trainval_2007, n_test_2007, n_train_2012, n_val_2012, seed=seed + 1,
                       pool=pool)
-        _publish_demo(tmp, root, params)
+        published = _publish_demo(tmp, root, params)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    if not published:
+        log(f'took the demo world in {root} that another process finished first (the same world; this '
+            f"process's copy, {time.perf_counter() - t0:.1f} s, was discarded)")
+        return paths
     log(f'generated the demo world in {root} ({time.perf_counter() - t0:.1f} s): '
         f'{n_train} train + {n_val} val images (ImageNet layout), VOC2007 {n_trainval_2007} '
         f'trainval + {n_test_2007} test, VOC2012 segmentation {n_train_2012} train + '
@@ -2998,8 +3002,8 @@ def _demo_temp(root):
 
 def _publish_demo(tmp, root, params):
     """Mark the world generated in `tmp` complete (its marker, holding `params`, written last) and rename
-    it to `root` (where an empty folder may stand). A rename that fails because a concurrent call's
-    complete world is there already is fine; any other failure raises."""
+    it to `root` (where an empty folder may stand); True. A rename that fails because a concurrent call's
+    complete world is there already is fine: False (that world is taken); any other failure raises."""
     write_json(os.path.join(tmp, _DEMO_MARKER), params)
     if os.path.isdir(root) and not os.listdir(root):
         os.rmdir(root)
@@ -3008,6 +3012,8 @@ def _publish_demo(tmp, root, params):
     except OSError:
         if not _demo_complete(root, params):  # not a concurrent call that finished first
             raise
+        return False
+    return True
 
 
 def _demo_complete(root, params):

@@ -2623,7 +2623,8 @@ def test_ensure_demo_idempotent_and_atomic(demo, tmp_path, monkeypatch):
 def test_demo_finished_first_by_a_concurrent_call_is_taken(tmp_path, monkeypatch):
     # Two processes generating one demo world: the one whose rename comes second finds the other's complete
     # world at root (the rename fails: root is not empty) and returns it, its own temp removed. The temp is
-    # named for this host and process (what _remove_stale_temps reads back).
+    # named for this host and process (what _remove_stale_temps reads back). Its line says so, not that it
+    # generated the world.
     counts = dict(n_train=2, n_val=1, n_trainval_2007=1, n_test_2007=1, n_train_2012=1, n_val_2012=1)
     other = data.ensure_demo(tmp_path / 'other' / 'demo', workers=1, log=_quiet, **counts)['root']
     root, temps = tmp_path / 'world' / 'demo', []
@@ -2635,7 +2636,9 @@ def test_demo_finished_first_by_a_concurrent_call_is_taken(tmp_path, monkeypatch
         shutil.copytree(other, root)  # its rename won
         return result
     monkeypatch.setattr(data, 'make_demo_voc', voc_then_the_other_finishes)
-    assert data.ensure_demo(root, workers=1, log=_quiet, **counts)['root'] == str(root)
+    lines = []
+    assert data.ensure_demo(root, workers=1, log=lines.append, **counts)['root'] == str(root)
+    assert len(lines) == 1 and lines[0].startswith(f'took the demo world in {root} that another process finished')
     assert temps == [str(tmp_path / 'world' / f'.demo.tmp-{socket.gethostname()}-{os.getpid()}')]
     assert os.listdir(tmp_path / 'world') == ['demo'] and (root / 'DEMO_COMPLETE.json').is_file()
 
